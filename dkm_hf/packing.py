@@ -1,0 +1,51 @@
+"""Pack and unpack b-bit indices (1 <= b <= 8) into uint8 bytes.
+
+Every 8 indices become exactly b bytes. Index j of a block of 8 occupies bits [j*b, (j+1)*b) of the block read as
+a little-endian integer, so for b = 3:
+
+    byte:     |        0        |        1        |        2        |
+    bit:       0 1 2 3 4 5 6 7   0 1 2 3 4 5 6 7   0 1 2 3 4 5 6 7
+    index:     0 0 0 1 1 1 2 2   2 3 3 3 4 4 4 5   5 5 6 6 6 7 7 7
+
+The last block is zero-padded, so n indices take ceil(n / 8) * b bytes: the information content plus < b bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def packed_size(n: int, bits: int) -> int:
+    return -(-n // 8) * bits
+
+
+def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer indices in [0, 2**bits) of any shape -> 1-D uint8 tensor of `packed_size(numel, bits)` bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    flat = indices.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
+        raise ValueError(f"indices must lie in [0, {2**bits - 1}] to pack into {bits} bits")
+    pad = (-flat.numel()) % 8
+    blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, 8)
+    shifts = torch.arange(8, device=flat.device) * bits
+    value = (blocks << shifts).sum(1)  # < 2**64, wraps into int64's sign bit at 8 bits: masked below
+    byte_shifts = torch.arange(bits, device=flat.device) * 8
+    return ((value.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).view(-1)
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of `pack_indices`: the first n indices as int64."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in [1, 8], got {bits}")
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(
+            f"packed indices must be a 1-D uint8 tensor, got {packed.dtype} with shape {tuple(packed.shape)}"
+        )
+    if packed.numel() != packed_size(n, bits):
+        raise ValueError(f"{n} indices at {bits} bits take {packed_size(n, bits)} bytes, got {packed.numel()}")
+    blocks = packed.to(torch.int64).view(-1, bits)
+    byte_shifts = torch.arange(bits, device=packed.device) * 8
+    value = (blocks << byte_shifts).sum(1)
+    shifts = torch.arange(8, device=packed.device) * bits
+    return ((value.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)[:n]
