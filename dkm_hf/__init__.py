@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from . import checkpoint
 from .config import DKMConfig
 from .layers import DKMMixin, dkm_modules
 from .model import dequantize, finalize, get_dkm_config, prepare, set_inference_mode
@@ -79,3 +80,4 @@ def _patch_from_pretrained() -> None:
 
 _register()
 _patch_from_pretrained()
+checkpoint.install()

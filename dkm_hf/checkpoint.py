@@ -9,3 +9,8 @@ def check_palettized_files(files, config) -> None:
 
 def check_loaded_palettized(model, config) -> None:
     return None
+
+
+def install() -> None:
+    """Hooks dkm_hf adds to transformers' saving (atomic palettized saves, model card)."""
+    return None
