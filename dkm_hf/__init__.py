@@ -18,22 +18,27 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from . import checkpoint
 from .config import DKMConfig
 from .layers import DKMMixin, dkm_modules
-from .model import dequantize, finalize, get_dkm_config, prepare, set_inference_mode
+from .model import dequantize, finalize, get_dkm_config, palettized_view, prepare, set_inference_mode
 from .palettized import PalettizedMixin, palettized_modules
 from .quantizer import DKMHfQuantizer, inference_mode_var
+from .trainer import DKMCallback, DKMTrainer, DKMTrainingArguments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DKMCallback",
     "DKMConfig",
     "DKMHfQuantizer",
     "DKMMixin",
+    "DKMTrainer",
+    "DKMTrainingArguments",
     "PalettizedMixin",
     "dequantize",
     "dkm_modules",
     "finalize",
     "get_dkm_config",
     "palettized_modules",
+    "palettized_view",
     "prepare",
     "set_inference_mode",
 ]

@@ -107,7 +107,7 @@ def _clone_as(cls: type, module: nn.Module) -> nn.Module:
 
 
 # Attributes and buffers a DKM module adds to the module it replaces.
-DKM_ATTRS = ("spec", "geometry", "dkm_seed", "dkm_enabled", "dkm_ready", "tied_source", "_start", "_hard")
+DKM_ATTRS = ("spec", "geometry", "dkm_seed", "dkm_enabled", "dkm_ready", "soft_eval", "tied_source", "_start", "_hard")
 DKM_BUFFERS = ("centroids", "weight_scale")
 
 
@@ -133,8 +133,9 @@ class DKMMixin:
             new.register_buffer("weight_scale", torch.ones(geometry.channels, 1, device=device, dtype=torch.float32))
         new.dkm_enabled = True
         new.dkm_ready = False
+        new.soft_eval = False
         new.tied_source = None
-        new._start = None  # (weight version, centroids) the soft weight of this weight version starts from
+        new._start = None  # centroids the last forward started from (reused when backward recomputes it)
         new._hard = None  # (cache key, hard weight)
         return new
 
@@ -171,6 +172,12 @@ class DKMMixin:
         self.dkm_ready = True
         self._start = self._hard = None
 
+    def train(self, mode: bool = True):
+        # Fused optimisers update weights without bumping their version counter: a mode switch (the boundary
+        # between training and evaluation) always drops the cached hard weight.
+        self._hard = None
+        return super().train(mode)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "centroids" in state_dict:
@@ -186,29 +193,39 @@ class DKMMixin:
             return self.weight
         if not self.dkm_ready:
             self.init_centroids()
-        return self.soft_weight() if self.training else self.hard_weight()
+        if self.training:
+            return self.soft_weight()
+        return self.soft_weight(update=False) if self.soft_eval else self.hard_weight()
 
-    def soft_weight(self) -> torch.Tensor:
-        # Every forward of one weight version (gradient accumulation, activation recomputation) starts from the same
-        # centroids, so recomputation reproduces the original forward exactly.
-        version = (self.weight._version, self.weight.data_ptr())
-        if self._start is None or self._start[0] != version:
-            self._start = (version, self.centroids.detach().clone())
+    def soft_weight(self, update: bool = True) -> torch.Tensor:
+        """W~ = A C, starting from the current centroids. With `update`, C_T becomes the next start.
+
+        A forward recomputed during backward (activation checkpointing) starts from the same centroids as the
+        original forward did, so it reproduces it exactly.
+        """
+        recomputing = torch._C._current_graph_task_id() != -1
+        if recomputing and self._start is not None:
+            start, update = self._start, False
+        else:
+            start = self.centroids.detach().clone()
+            if update:
+                self._start = start
         weight = self.weight
         bucket_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else None
         vectors = self.geometry.to_vectors(self._scaled_rows(weight.float()))
         soft, centroids = dkm_cluster(
             vectors,
-            self._start[1],
+            start,
             self.spec.tau,
             self.spec.max_iters,
             self.spec.epsilon,
             self.implementation,
             bucket_dtype=bucket_dtype,
         )
-        with torch.no_grad():
-            self.centroids.copy_(centroids)
-        self._hard = None
+        if update:
+            with torch.no_grad():
+                self.centroids.copy_(centroids)
+            self._hard = None
         return self._unscaled_weight(soft).to(weight.dtype)
 
     @torch.no_grad()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -88,3 +90,35 @@ def dequantize(model: nn.Module) -> nn.Module:
     to_dense(model)
     model.__dict__.pop("dkm_config", None)
     return model
+
+
+@contextlib.contextmanager
+def palettized_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily palettize a DKM model (e.g. to save it) and restore the trainable DKM modules afterwards.
+
+    No weight is copied: the palettized modules share biases and every other tensor with the DKM modules.
+    """
+    config = get_dkm_config(model)
+    if config is None or not dkm_modules(model):
+        yield model
+        return
+    originals = dkm_modules(model)
+    saved_fields = (config.format, copy.deepcopy(config.modules))
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    quantizer = getattr(model, "hf_quantizer", None)
+    pre_quantized = getattr(quantizer, "pre_quantized", None)
+    was_training = model.training
+    try:
+        replace.finalize(model, config)
+        if quantizer is not None:
+            quantizer.pre_quantized = True
+        yield model
+    finally:
+        for name, module in originals:
+            model.set_submodule(name, module)
+        config.format, config.modules = saved_fields
+        if tied:
+            model.all_tied_weights_keys.update(tied)
+        if quantizer is not None:
+            quantizer.pre_quantized = pre_quantized
+        model.train(was_training)

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+)
+
+TINY = {
+    "bert": (
+        BertForSequenceClassification,
+        lambda: BertConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            num_labels=3,
+        ),
+    ),
+    "gpt2": (
+        GPT2LMHeadModel,
+        lambda: GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
+    ),
+    "llama": (
+        LlamaForCausalLM,
+        lambda: LlamaConfig(
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        ),
+    ),
+    "mobilenet_v2": (
+        MobileNetV2ForImageClassification,
+        lambda: MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.35, num_labels=5),
+    ),
+}
+
+
+def save_tiny(name: str, path) -> str:
+    cls, make_config = TINY[name]
+    torch.manual_seed(0)
+    model = cls(make_config())
+    model.save_pretrained(path)
+    return str(path)
+
+
+def tiny_inputs(name: str, batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(1)
+    if name == "mobilenet_v2":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    return {"input_ids": torch.randint(1, 99, (batch, 9), generator=g)}
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    return lambda name: save_tiny(name, tmp_path / name)

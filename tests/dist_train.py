@@ -1,0 +1,57 @@
+"""Run by test_trainer under `torch.distributed.run --nproc_per_node 2`: DKM training on gloo, CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+import torch
+from toy import ToyDataset
+from transformers import AutoModelForSequenceClassification, TrainerCallback
+
+import dkm_hf
+
+model_path, out = sys.argv[1], sys.argv[2]
+rank = int(os.environ["RANK"])
+
+
+def digest(model) -> str:
+    h = hashlib.sha256()
+    for name, module in dkm_hf.dkm_modules(model):
+        h.update(module.centroids.numpy().tobytes())
+        h.update(module.weight.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Record(TrainerCallback):
+    def __init__(self):
+        self.per_step = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.per_step.append(digest(model))
+
+
+model = AutoModelForSequenceClassification.from_pretrained(
+    model_path, dkm_config=dkm_hf.DKMConfig(bits=3, tau=2e-5, weight_threshold=1000)
+)
+args = dkm_hf.DKMTrainingArguments(
+    output_dir=out,
+    per_device_train_batch_size=8,
+    learning_rate=3e-3,
+    max_steps=4,
+    logging_steps=2,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+)
+record = Record()
+trainer = dkm_hf.DKMTrainer(model=model, args=args, train_dataset=ToyDataset(128), callbacks=[record])
+assert torch.distributed.get_world_size() == 2
+trainer.train()
+trainer.save_model(os.path.join(out, "final"))
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"per_step": record.per_step}, f)

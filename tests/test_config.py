@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForSequenceClassification
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoQuantizationConfig
+
+import dkm_hf
+from dkm_hf import DKMConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"bits": 0}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"bits": 2.5}, "bits"),
+        ({"cluster_dim": 0}, "cluster_dim"),
+        ({"tau": 0}, "tau"),
+        ({"tau": -1e-4}, "tau"),
+        ({"epsilon": 0}, "epsilon"),
+        ({"max_iters": 0}, "max_iters"),
+        ({"granularity": "per_block"}, "granularity"),
+        ({"granularity": "per_grouped_channel"}, "group_size"),
+        ({"granularity": "per_grouped_channel", "group_size": 0}, "group_size"),
+        ({"group_size": 4}, "group_size"),
+        ({"implementation": "fast"}, "implementation"),
+        ({"implementation": "uniquified", "cluster_dim": 2}, "uniquified"),
+        ({"format": "gguf"}, "format"),
+        ({"format_version": 99}, "format_version"),
+        ({"lut_dtype": "int8"}, "lut_dtype"),
+        ({"overrides": {".*query": {"bits": 12}}}, "bits"),
+        ({"overrides": {".*query": {"speed": 1}}}, "speed"),
+        ({"overrides": {"(": {"bits": 2}}}, "overrides"),
+        ({"target_modules": ["["]}, "target_modules"),
+    ],
+)
+def test_invalid_values_name_the_field_and_value(kwargs, field):
+    with pytest.raises(ValueError, match=field) as err:
+        DKMConfig(**kwargs)
+    if field in kwargs and not isinstance(kwargs[field], (dict, list)):
+        assert repr(kwargs[field]) in str(err.value)
+
+
+def test_round_trip_exact():
+    config = DKMConfig(
+        bits=3,
+        cluster_dim=2,
+        tau=3e-5,
+        granularity="per_grouped_channel",
+        group_size=8,
+        per_channel_scale=True,
+        overrides={r".*embeddings.*": {"bits": 2, "cluster_dim": 1}},
+        target_modules=["query", "key"],
+        milestone=5,
+    )
+    as_dict = config.to_dict()
+    assert as_dict["quant_method"] == "dkm"
+    assert DKMConfig.from_dict(as_dict) == config
+    assert DKMConfig.from_dict(json.loads(config.to_json_string())) == config
+    assert AutoQuantizationConfig.from_dict(as_dict) == config
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["dkm"] is DKMConfig
+
+
+def test_unknown_field_in_dict_is_an_error():
+    with pytest.raises(ValueError, match="nbits"):
+        DKMConfig.from_dict({"quant_method": "dkm", "nbits": 4})
+
+
+def test_override_resolution():
+    config = DKMConfig(bits=4, overrides={r".*\.value": {"bits": 2}, "classifier": {"cluster_dim": 2}})
+    assert config.spec_for("bert.encoder.layer.0.attention.self.value").bits == 2
+    assert config.spec_for("bert.encoder.layer.0.attention.self.query").bits == 4
+    assert config.spec_for("classifier").cluster_dim == 2
+
+
+def test_dkm_config_and_quantization_config_are_the_same(tiny_dir):
+    path = tiny_dir("bert")
+    a = AutoModelForSequenceClassification.from_pretrained(path, dkm_config=DKMConfig(bits=2))
+    b = AutoModelForSequenceClassification.from_pretrained(path, quantization_config=DKMConfig(bits=2))
+    assert isinstance(a.config.quantization_config, DKMConfig)
+    assert [n for n, _ in dkm_hf.dkm_modules(a)] == [n for n, _ in dkm_hf.dkm_modules(b)]
+    with pytest.raises(ValueError, match="not both"):
+        AutoModelForSequenceClassification.from_pretrained(
+            path, dkm_config=DKMConfig(), quantization_config=DKMConfig()
+        )
+
+
+def test_config_json_carries_the_config(tiny_dir, tmp_path):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=DKMConfig(bits=3))
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "dkm" and saved["bits"] == 3 and saved["format"] == "train"
+
+
+def test_callers_config_is_not_mutated(tiny_dir):
+    config = DKMConfig(bits=2)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=config)
+    dkm_hf.finalize(model)
+    assert config.format == "train" and config.modules == {}
+    assert model.config.quantization_config.format == "palettized"

@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import TINY, tiny_inputs
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+
+import dkm_hf
+from dkm_hf import DKMConfig
+from dkm_hf.layers import SUPPORTED_TYPES, DKMMixin
+
+AUTO = {
+    "bert": AutoModelForSequenceClassification,
+    "gpt2": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+    "mobilenet_v2": AutoModelForImageClassification,
+}
+# Modules clustered with weight_threshold=0: every Linear/Conv/Conv1D/Embedding, a tied lm_head counted once more.
+EXPECTED_ALL = {"bert": 17, "gpt2": 11, "llama": 16}
+
+
+def _count_supported(model: nn.Module, threshold: int) -> int:
+    return sum(
+        1
+        for name, m in model.named_modules()
+        if name and isinstance(m, SUPPORTED_TYPES) and m.weight.numel() >= threshold
+    )
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("threshold", [0, 2048])
+def test_replacement_count(tiny_dir, name, threshold):
+    path = tiny_dir(name)
+    plain = AUTO[name].from_pretrained(path)
+    model = AUTO[name].from_pretrained(path, dkm_config=DKMConfig(bits=2, weight_threshold=threshold))
+    replaced = dkm_hf.dkm_modules(model)
+    assert len(replaced) == _count_supported(plain, threshold)
+    if threshold == 0 and name in EXPECTED_ALL:
+        assert len(replaced) == EXPECTED_ALL[name]
+    assert all(isinstance(m, DKMMixin) and m.dkm_ready == (m.tied_source is None) for _, m in replaced)
+    model.eval()
+    with torch.no_grad():
+        out = model(**tiny_inputs(name)).logits
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_tied_embeddings_clustered_once_and_stay_tied(tiny_dir, name):
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.tied_source is embed and head.weight is embed.weight
+    assert "centroids" not in dict(head.named_buffers())
+    model.eval()
+    assert torch.equal(head.clustered_weight(), embed.clustered_weight())
+    dkm_hf.finalize(model)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.tied_source is embed and torch.equal(head.weight, embed.weight)
+    assert not any(k.startswith("lm_head") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("cluster_dim", [1, 2])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])
+def test_freeze_has_at_most_2_pow_b_values_per_group(bits, cluster_dim, granularity):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48)
+    group_size = 16 if granularity == "per_grouped_channel" else None
+    config = DKMConfig(
+        bits=bits, cluster_dim=cluster_dim, granularity=granularity, group_size=group_size, weight_threshold=0
+    )
+    model = dkm_hf.prepare(nn.Sequential(layer), config)
+    frozen = model[0].freeze()
+    weight = frozen.weight
+    for g in range(48 // (group_size or 48)):
+        rows = weight[g * (group_size or 48) : (g + 1) * (group_size or 48)]
+        vectors = rows.reshape(-1, cluster_dim)
+        assert torch.unique(vectors, dim=0).shape[0] <= 2**bits
+
+
+def test_conv_variants_and_embedding_via_prepare():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(50, 16),
+        nn.Conv1d(16, 32, 3, padding=1),
+        nn.Conv1d(32, 32, 3, groups=32),  # depthwise
+        nn.Conv2d(8, 16, 3, groups=2),  # grouped
+        nn.Conv3d(4, 8, 2),
+        Conv1D(24, 16),
+        nn.Linear(16, 8),
+    )
+    dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
+    assert all(isinstance(m, DKMMixin) for m in model)
+    model.eval()
+    assert model[0](torch.tensor([[1, 2]])).shape == (1, 2, 16)
+    assert model[1](torch.randn(1, 16, 5)).shape == (1, 32, 5)
+    assert model[2](torch.randn(1, 32, 5)).shape == (1, 32, 3)
+    assert model[3](torch.randn(1, 8, 5, 5)).shape == (1, 16, 3, 3)
+    assert model[4](torch.randn(1, 4, 3, 3, 3)).shape == (1, 8, 2, 2, 2)
+    assert model[5](torch.randn(2, 16)).shape == (2, 24)
+    for m in model:
+        assert torch.unique(m.clustered_weight()).numel() <= 4
+
+
+def test_subclass_of_supported_type_is_clustered():
+    class MyLinear(nn.Linear):
+        pass
+
+    model = dkm_hf.prepare(nn.Sequential(MyLinear(64, 64)), DKMConfig(bits=2, weight_threshold=0))
+    assert isinstance(model[0], DKMMixin) and isinstance(model[0], nn.Linear)
+
+
+def test_soft_in_train_hard_in_eval_and_cache():
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=2, tau=1e-3, weight_threshold=0))
+    layer = model[0]
+    model.train()
+    soft = layer.clustered_weight()
+    assert soft.requires_grad and torch.unique(soft.detach()).numel() > 4
+    model.eval()
+    hard = layer.clustered_weight()
+    assert torch.unique(hard).numel() <= 4
+    assert layer.clustered_weight() is hard  # cached
+    with torch.no_grad():
+        layer.weight.add_(0.01)
+    assert layer.clustered_weight() is not hard  # weight changed: recomputed
+
+
+def test_gradients_reach_weight_and_centroids_move():
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(128, 64)), DKMConfig(bits=3, tau=1e-3, weight_threshold=0))
+    layer = model[0]
+    before = layer.centroids.clone()
+    model.train()
+    model(torch.randn(4, 128)).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.weight.add_(layer.weight.grad, alpha=-0.1)
+    model(torch.randn(4, 128)).sum().backward()
+    assert not torch.equal(before, layer.centroids)
+
+
+def test_activation_checkpointing_recomputes_the_same_forward():
+    import copy
+
+    torch.manual_seed(0)
+    plain = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=2, tau=1e-3, weight_threshold=0))
+    checkpointed = copy.deepcopy(plain)
+    x = torch.randn(4, 64)
+    plain.train()(x).square().sum().backward()
+    out = torch.utils.checkpoint.checkpoint(checkpointed.train(), x, use_reentrant=False)
+    out.square().sum().backward()
+    assert torch.equal(plain[0].weight.grad, checkpointed[0].weight.grad)
+    assert torch.equal(plain[0].centroids, checkpointed[0].centroids)
+
+
+def test_hard_weight_follows_a_fused_optimizer_step():
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=2, tau=1e-3, weight_threshold=0))
+    model.eval()
+    before = model[0].clustered_weight().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)  # does not bump version counters
+    model.train()
+    model(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    model.eval()
+    expected = gather(model[0])
+    assert not torch.equal(before, model[0].clustered_weight())
+    assert torch.equal(model[0].clustered_weight(), expected)
+
+
+def gather(layer):
+    from dkm_hf.clustering import gather_centroids, hard_assign
+
+    vectors = layer.weight.detach().reshape(1, -1, 1)
+    return gather_centroids(hard_assign(vectors, layer.centroids), layer.centroids).reshape(layer.weight.shape)
+
+
+def test_per_channel_scale_and_bfloat16():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight[0] *= 100  # an outlier channel
+    model = dkm_hf.prepare(nn.Sequential(layer), DKMConfig(bits=3, per_channel_scale=True, weight_threshold=0))
+    model.eval()
+    hard = model[0].clustered_weight()
+    rel = (hard - model[0].weight).norm(dim=1) / model[0].weight.norm(dim=1)
+    assert rel.max() < 0.2  # every channel, the outlier one included, is reconstructed
+    model = model.to(torch.bfloat16).train()
+    out = model(torch.randn(2, 64, dtype=torch.bfloat16))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and model[0].weight.grad.abs().sum() > 0
+
+
+def test_bad_geometry_names_module_and_value():
+    with pytest.raises(ValueError, match=r"cluster_dim=3 .* 0"):
+        dkm_hf.prepare(nn.Sequential(nn.Linear(64, 32)), DKMConfig(cluster_dim=3, weight_threshold=0))
+    with pytest.raises(ValueError, match=r"group_size=5 .* 0"):
+        dkm_hf.prepare(
+            nn.Sequential(nn.Linear(64, 32)),
+            DKMConfig(granularity="per_grouped_channel", group_size=5, weight_threshold=0),
+        )
+    with pytest.raises(ValueError, match=r"overrides: pattern 'decoder'"):
+        dkm_hf.prepare(nn.Sequential(nn.Linear(64, 32)), DKMConfig(overrides={"decoder": {"bits": 2}}))
+
+
+def test_skips_and_warning_when_nothing_replaced(caplog):
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(4, 4))
+    dkm_hf.prepare(model, DKMConfig(weight_threshold=100, modules_to_not_convert=["1"]))
+    assert [type(m).__name__ for m in model] == ["DKMLinear", "Linear", "Linear"]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        dkm_hf.prepare(nn.Sequential(nn.Linear(4, 4)), DKMConfig())
+    assert "no module was replaced" in caplog.text
+
+
+def test_mixed_precision_overrides(tiny_dir):
+    config = DKMConfig(
+        bits=4, weight_threshold=0, overrides={r".*embeddings.*": {"bits": 2}, r".*\.value": {"bits": 3}}
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=config)
+    bits = {name: m.spec.bits for name, m in dkm_hf.dkm_modules(model)}
+    assert bits["bert.embeddings.word_embeddings"] == 2
+    assert bits["bert.encoder.layer.1.attention.self.value"] == 3
+    assert bits["bert.encoder.layer.1.attention.self.query"] == 4

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from toy import ToyDataset, accuracy, save_toy_bert
+from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+
+import dkm_hf
+from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
+from dkm_hf.trainer import tau_at
+
+CONFIG = dict(bits=3, tau=2e-5, weight_threshold=1000)  # tau fits weights of std 0.02
+
+
+def _args(tmp_path, cls=DKMTrainingArguments, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        max_steps=12,
+        lr_scheduler_type="linear",
+    )
+    base.update(kw)
+    return cls(**base)
+
+
+@pytest.fixture(scope="module")
+def toy_path(tmp_path_factory):
+    return save_toy_bert(tmp_path_factory.mktemp("toy") / "bert")
+
+
+def _model(path, **overrides):
+    return AutoModelForSequenceClassification.from_pretrained(path, dkm_config=DKMConfig(**{**CONFIG, **overrides}))
+
+
+def test_plain_trainer_updates_every_clustered_weight_and_centroids(toy_path, tmp_path):
+    model = _model(toy_path)
+    before = {n: (m.weight.detach().clone(), m.centroids.clone()) for n, m in dkm_hf.dkm_modules(model)}
+    trainer = Trainer(model=model, args=_args(tmp_path, TrainingArguments, max_steps=4), train_dataset=ToyDataset(64))
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    for name, module in dkm_hf.dkm_modules(model):
+        assert not torch.equal(before[name][0], module.weight), name
+        assert not torch.equal(before[name][1], module.centroids), name
+
+
+def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
+    model = _model(toy_path)
+    args = _args(
+        tmp_path,
+        max_steps=30,
+        tau_schedule="linear",
+        tau_start=4e-5,
+        tau_end=1e-5,
+        eval_soft=True,
+        eval_strategy="steps",
+        eval_steps=30,
+    )
+    trainer = DKMTrainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(480),
+        eval_dataset=ToyDataset(128, seed=1),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 30
+    taus = [entry["dkm_tau"] for entry in logs]
+    assert taus == pytest.approx([tau_at(s, 0, 30, "linear", 4e-5, 1e-5) for s in range(30)])
+    assert all(math.isfinite(e["loss"]) for e in logs)
+    assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
+    assert all("dkm_entropy" in e and "dkm_empty_clusters" in e for e in logs)
+    evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert evals and "eval_soft_accuracy" in evals[-1]
+    assert evals[-1]["eval_accuracy"] > 0.6
+
+
+def test_milestone_trains_dense_then_clusters(toy_path, tmp_path):
+    model = _model(toy_path)
+    seen = []
+
+    class Probe(torch.nn.Module):
+        pass
+
+    layer = dict(dkm_hf.dkm_modules(model))["bert.encoder.layer.0.intermediate.dense"]
+    original = layer.clustered_weight
+
+    def spy():
+        w = original()
+        seen.append(torch.unique(w.detach()).numel())
+        return w
+
+    layer.clustered_weight = spy
+    trainer = DKMTrainer(model=model, args=_args(tmp_path, max_steps=6, dkm_milestone=3), train_dataset=ToyDataset(96))
+    trainer.train()
+    assert len(seen) == 6
+    assert all(n > 1000 for n in seen[:3])  # dense weights: every value distinct
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["dkm_enabled"] for e in logs] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    model.eval()
+    assert torch.unique(layer.hard_weight()).numel() <= 8
+
+
+def _losses(trainer):
+    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+
+def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path):
+    def run(out, max_steps=8, resume=None):
+        model = _model(toy_path)
+        args = _args(tmp_path, output_dir=str(out), max_steps=8, save_strategy="steps", save_steps=4)
+        trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(256))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    full, full_model = run(tmp_path / "full")
+    _, _ = run(tmp_path / "cut")
+    checkpoint = tmp_path / "cut" / "checkpoint-4"
+    saved = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    assert saved["format"] == "train"
+    resumed, resumed_model = run(tmp_path / "cut", resume=str(checkpoint))
+    assert _losses(resumed)[4:] == _losses(full)[4:]
+    for (n, a), (_, b) in zip(dkm_hf.dkm_modules(full_model), dkm_hf.dkm_modules(resumed_model)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.centroids, b.centroids), n
+
+
+def test_plain_trainer_with_callback_and_palettized_save(toy_path, tmp_path):
+    model = _model(toy_path, milestone=2)
+    callback = DKMCallback(tau_schedule="cosine", tau_start=4e-5, tau_end=1e-5)
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, TrainingArguments, max_steps=6),
+        train_dataset=ToyDataset(96),
+        callbacks=[callback],
+    )
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["dkm_enabled"] for e in logs] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert logs[2]["dkm_tau"] == pytest.approx(4e-5) and logs[-1]["dkm_tau"] < 1.5e-5
+
+    dkm = DKMTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=ToyDataset(32))
+    dkm.save_model(str(tmp_path / "final"))
+    assert dkm_hf.dkm_modules(model)  # still trainable
+    saved = json.loads((tmp_path / "final" / "config.json").read_text())["quantization_config"]
+    assert saved["format"] == "palettized" and saved["modules"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "final"))
+    model.eval()
+    batch = ToyDataset(8, seed=3)[:8]
+    expected = dkm_hf.finalize(model)(input_ids=batch["input_ids"]).logits
+    assert torch.equal(reloaded(input_ids=batch["input_ids"]).logits, expected)
+
+
+def test_bf16_gradient_accumulation_and_checkpointing(toy_path, tmp_path):
+    model = _model(toy_path)
+    args = _args(tmp_path, max_steps=3, bf16=True, gradient_accumulation_steps=2, activation_checkpointing=True)
+    trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(96))
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+
+
+def test_torch_compile_is_refused_at_start(tmp_path):
+    with pytest.raises(ValueError, match="torch_compile"):
+        _args(tmp_path, torch_compile=True)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="gloo on POSIX")
+def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "dist_train.py")
+    out = tmp_path / "dist"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        script,
+        toy_path,
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert digests[0]["per_step"] == digests[1]["per_step"]
+    assert len(digests[0]["per_step"]) == 4
+    saved = sorted(p.name for p in (out / "final").iterdir())
+    assert saved.count("model.safetensors") == 1 and "config.json" in saved
+    assert json.loads((out / "final" / "config.json").read_text())["quantization_config"]["format"] == "palettized"
