@@ -13,26 +13,25 @@ import dkm_hf
 from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
 from dkm_hf.trainer import tau_at
 
-CONFIG = dict(bits=3, tau=2e-5, weight_threshold=1000)  # tau fits weights of std 0.02
+CONFIG = {"bits": 3, "tau": 2e-5, "weight_threshold": 1000}  # tau fits weights of std 0.02
 
 
 def _args(tmp_path, cls=DKMTrainingArguments, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=16,
-        learning_rate=3e-3,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        max_steps=12,
-        lr_scheduler_type="linear",
-    )
-    base.update(kw)
-    return cls(**base)
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 16,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "max_steps": 12,
+        "lr_scheduler_type": "linear",
+    }
+    return cls(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
