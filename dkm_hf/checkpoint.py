@@ -230,24 +230,25 @@ def module_layout(name: str, record: Any) -> ModuleLayout:
     return layout
 
 
-def channels_candidates(layout: ModuleLayout, tensors: dict[str, TensorEntry], model: nn.Module | None) -> set[int]:
-    """The output-channel count(s) the per-channel scale may have.
+def output_channels(layout: ModuleLayout, tensors: dict[str, TensorEntry], model: nn.Module | None) -> int:
+    """The output-channel count of a palettized weight: the length its per-channel scale must have.
 
-    Exact when the model is known. From the file alone a 2-D weight is ambiguous (transformers' Conv1D stores
-    (in, out)), and the module's bias settles it: Conv1D always has one, of length `out`.
+    Exact with the model at hand. From the file alone a 2-D weight is ambiguous (transformers' Conv1D stores
+    (in, out), nn.Linear (out, in)), and the module's bias settles it: Conv1D always has one, of length `out`.
     """
     if model is not None:
-        try:
-            from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D
 
+        try:
             module = model.get_submodule(layout.name)
-            return {layout.shape[1] if isinstance(module, Conv1D) else layout.shape[0]}
         except AttributeError:
-            pass
-    bias = tensors.get(layout.name + ".bias")
-    if len(layout.shape) == 2 and bias is not None and bias.shape in ((layout.shape[1],), (layout.shape[0],)):
-        return {bias.shape[0]}
-    return {layout.shape[0]}
+            module = None
+        if module is not None:
+            return layout.shape[1] if isinstance(module, Conv1D) else layout.shape[0]
+    bias = find_tensor(tensors, layout.name + ".bias")
+    if len(layout.shape) == 2 and bias is not None and bias.shape == (layout.shape[1],):
+        return layout.shape[1]
+    return layout.shape[0]
 
 
 def find_tensor(tensors: dict[str, TensorEntry], key: str) -> TensorEntry | None:
@@ -311,15 +312,14 @@ def check_palettized_files(
             "weight_indices": ("U8", (layout.packed_bytes,)),
         }
         scale = find_tensor(tensors, f"{name}.weight_scale")
-        channels = channels_candidates(layout, tensors, model)
-        if not any(c % layout.groups == 0 for c in channels):
+        channels = output_channels(layout, tensors, model)
+        if channels % layout.groups:
             raise PalettizedCheckpointError(
-                f"config.json: module {name!r} has groups={layout.groups}, which divides none of its channel counts "
-                f"{sorted(channels)}"
+                f"config.json: module {name!r} has groups={layout.groups}, which does not divide its {channels} "
+                "output channels"
             )
         if layout.per_channel_scale:
-            fits = scale is not None and any(scale.shape == (c, 1) for c in channels)
-            expected["weight_scale"] = (lut_dtype, scale.shape if fits else (min(channels), 1))
+            expected["weight_scale"] = (lut_dtype, (channels, 1))
         elif scale is not None:
             raise PalettizedCheckpointError(
                 f"{scale.name}: module {name!r} has per_channel_scale=False in config.json but the file stores a scale"
@@ -382,9 +382,6 @@ def check_loaded_palettized(model: nn.Module, config: DKMConfig) -> None:
             if value is not None and not bool(torch.isfinite(value).all()):
                 bad = int((~torch.isfinite(value)).sum())
                 raise PalettizedCheckpointError(f"{name}.{buffer}: {bad} value(s) are NaN or infinite")
-        scale = module._buffers.get("weight_scale")
-        if scale is not None and bool((scale == 0).any()):
-            raise PalettizedCheckpointError(f"{name}.weight_scale: zero channel scale(s)")
         g = module.geometry
         n = g.groups * g.vectors_per_group
         packed = module.weight_indices
@@ -498,7 +495,9 @@ def summarize(directory: str | os.PathLike) -> CheckpointSummary:
 
 
 # -- atomic saving -------------------------------------------------------------------------------------------------
-def atomic_save(save_directory: str | os.PathLike, write: Callable[[str], Any], finish: Callable[[str], None]) -> Any:
+def atomic_save(
+    save_directory: str | os.PathLike, write: Callable[[str], Any], finish: Callable[[str], None] | None = None
+) -> Any:
     """Run `write(tmp)` in a fresh sibling directory and move the result into `save_directory` once it is complete.
 
     If `write` raises, the temporary directory is removed and `save_directory` is untouched. An existing directory
@@ -515,7 +514,8 @@ def atomic_save(save_directory: str | os.PathLike, write: Callable[[str], Any], 
         if target.is_dir():
             _carry_over(target, tmp)
             shutil.copymode(target, tmp)
-        finish(str(tmp))
+        if finish is not None:
+            finish(str(tmp))
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -591,15 +591,16 @@ def install() -> None:
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             return original(self, save_directory, *args, **kwargs)
-        if kwargs.get("push_to_hub"):
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
         from .hub import write_model_card
 
-        return atomic_save(
-            save_directory,
-            lambda tmp: original(self, tmp, *args, **kwargs),
-            lambda tmp: write_model_card(self, tmp, repo=os.fspath(save_directory)),
-        )
+        def finish(tmp: str) -> None:
+            write_model_card(self, tmp, repo=os.fspath(save_directory))
+
+        if kwargs.get("push_to_hub"):
+            # transformers names the repo after the directory; the card was written before the upload
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            finish = None
+        return atomic_save(save_directory, lambda tmp: original(self, tmp, *args, **kwargs), finish)
 
     save_pretrained._dkm_hf_patched = True
     PreTrainedModel.save_pretrained = save_pretrained

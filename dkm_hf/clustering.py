@@ -175,35 +175,37 @@ def bucket_dtype_for(w: torch.Tensor) -> torch.dtype:
 
 
 def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
-    """Distinct 16-bit values per group of w (G, n) -> (values (G, U), counts (G, U), inverse (G, n)).
+    """Distinct 16-bit values per group of w (G, n).
 
-    Groups with fewer than U distinct values are padded with value 0 and count 0.
+    Returns values (G, U), counts (G, U) and `inverse` (G * n,): the index of each weight's bucket in the flattened
+    (G * U) rows. Groups with fewer than U distinct values are padded with value 0 and count 0.
     """
     G, n = w.shape
-    keys = w.detach().to(bucket_dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    device = w.device
+    keys = w.detach().to(bucket_dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     if G == 1:
         counts = torch.bincount(keys.view(-1), minlength=65536)
         present = counts.nonzero().squeeze(1)
-        table = torch.empty(65536, dtype=torch.int64, device=w.device)
-        table[present] = torch.arange(present.numel(), device=w.device)
-        inverse = table[keys]
+        table = torch.empty(65536, dtype=torch.int64, device=device)
+        table[present] = torch.arange(present.numel(), device=device)
+        inverse = table[keys.view(-1)]
         uniq_keys, uniq_counts = present.unsqueeze(0), counts[present].unsqueeze(0)
     else:
-        flat = keys + torch.arange(G, device=w.device).unsqueeze(1) * 65536
+        flat = keys.to(torch.int64) + torch.arange(G, device=device).unsqueeze(1) * 65536
         uk, inv, cnt = torch.unique(flat.view(-1), return_inverse=True, return_counts=True)
         group = uk // 65536
         per_group = torch.bincount(group, minlength=G)
         first = torch.cumsum(per_group, 0) - per_group
-        pos = torch.arange(uk.numel(), device=w.device) - first[group]
+        pos = torch.arange(uk.numel(), device=device) - first[group]
         umax = int(per_group.max())
-        uniq_keys = torch.zeros(G, umax, dtype=torch.int64, device=w.device)
-        uniq_counts = torch.zeros(G, umax, dtype=torch.int64, device=w.device)
+        uniq_keys = torch.zeros(G, umax, dtype=torch.int64, device=device)
+        uniq_counts = torch.zeros(G, umax, dtype=torch.int64, device=device)
         uniq_keys[group, pos] = uk % 65536
         uniq_counts[group, pos] = cnt
-        inverse = pos[inv].view(G, n)
+        inverse = (group * umax + pos)[inv]
     signed = torch.where(uniq_keys >= 32768, uniq_keys - 65536, uniq_keys).to(torch.int16)
     values = signed.view(bucket_dtype).to(w.dtype)
-    values = torch.where(uniq_counts > 0, values, torch.zeros((), dtype=w.dtype, device=w.device))
+    values = torch.where(uniq_counts > 0, values, torch.zeros((), dtype=w.dtype, device=device))
     return values, uniq_counts, inverse
 
 
@@ -216,7 +218,7 @@ class _UniquifiedDKM(torch.autograd.Function):
             weight = counts.to(w.dtype)
             history, masses = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
             out_u = _soft_output(u, history, tau)
-            out = torch.gather(out_u.squeeze(-1), 1, inverse).unsqueeze(-1)
+            out = out_u.view(-1).index_select(0, inverse).view_as(w)
         ctx.save_for_backward(u, weight, inverse, *history, *masses)
         ctx.tau, ctx.T = tau, len(masses)
         c_final = history[-1].clone()
@@ -229,11 +231,13 @@ class _UniquifiedDKM(torch.autograd.Function):
         u, weight, inverse = saved[:3]
         history, masses = list(saved[3 : ctx.T + 4]), list(saved[ctx.T + 4 :])
         with torch.no_grad():
-            g = grad_out.squeeze(-1)
-            g_rows = torch.zeros_like(u.squeeze(-1)).scatter_add_(1, inverse, g).unsqueeze(-1)
+            g = grad_out.reshape(-1)
+            g_rows = torch.zeros(u.numel(), dtype=g.dtype, device=g.device).index_add_(0, inverse, g).view_as(u)
             b, a = _backward(u, history, masses, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
-            grad_w = torch.gather(a.squeeze(-1), 1, inverse) * g + torch.gather(b.squeeze(-1), 1, inverse)
-        return grad_w.unsqueeze(-1), None, None, None, None, None
+            # one gather of (a, b) per weight: dL/dw_i = a(u_i) * g_i + b(u_i)
+            ab = torch.stack([a.view(-1), b.view(-1)], 1).index_select(0, inverse)
+            grad_w = torch.addcmul(ab[:, 1], ab[:, 0], g)
+        return grad_w.view_as(grad_out), None, None, None, None, None
 
 
 def dkm_cluster(

@@ -13,8 +13,8 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 
 import dkm_hf
 
-model_path, out = sys.argv[1], sys.argv[2]
-rank = int(os.environ["RANK"])
+model_path, out, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rank = int(os.environ.get("RANK", 0))
 
 
 def digest(model) -> str:
@@ -38,10 +38,13 @@ model = AutoModelForSequenceClassification.from_pretrained(
 )
 args = dkm_hf.DKMTrainingArguments(
     output_dir=out,
-    per_device_train_batch_size=8,
-    learning_rate=3e-3,
+    per_device_train_batch_size=batch_size,
+    learning_rate=0.1,
     max_steps=4,
     logging_steps=2,
+    optim="sgd",
+    # Sequence classification losses are batch means: transformers' token averaging would scale them by world size.
+    average_tokens_across_devices=False,
     report_to=[],
     save_strategy="no",
     use_cpu=True,
@@ -50,8 +53,9 @@ args = dkm_hf.DKMTrainingArguments(
 )
 record = Record()
 trainer = dkm_hf.DKMTrainer(model=model, args=args, train_dataset=ToyDataset(128), callbacks=[record])
-assert torch.distributed.get_world_size() == 2
 trainer.train()
 trainer.save_model(os.path.join(out, "final"))
+world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+weights = {name: module.weight.detach().tolist() for name, module in dkm_hf.dkm_modules(model)}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump({"per_step": record.per_step}, f)
+    json.dump({"per_step": record.per_step, "world": world, "weights": weights}, f)

@@ -174,31 +174,31 @@ def test_torch_compile_is_refused_at_start(tmp_path):
         _args(tmp_path, torch_compile=True)
 
 
-@pytest.mark.skipif(os.name == "nt", reason="gloo on POSIX")
 def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
+    """torchrun, 2 ranks on gloo: identical weights and centroids on every rank after every step, one checkpoint,
+    and the same model as one process with the same global batch (up to floating-point reduction order)."""
     import subprocess
     import sys
 
     script = os.path.join(os.path.dirname(__file__), "dist_train.py")
-    out = tmp_path / "dist"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        script,
-        toy_path,
-        str(out),
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    dist, single = tmp_path / "dist", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    proc = subprocess.run(
+        [*cmd, script, toy_path, str(dist), "8"], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    digests = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert digests[0]["per_step"] == digests[1]["per_step"]
-    assert len(digests[0]["per_step"]) == 4
-    saved = sorted(p.name for p in (out / "final").iterdir())
+    proc = subprocess.run(
+        [sys.executable, script, toy_path, str(single), "16"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((dist / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["world"] == 2 and len(ranks[0]["per_step"]) == 4
+    assert ranks[0]["per_step"] == ranks[1]["per_step"]
+    one = json.loads((single / "rank0.json").read_text())
+    for name, weight in one["weights"].items():
+        torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), torch.tensor(weight), rtol=1e-4, atol=1e-6)
+    assert sorted(p.name for p in dist.iterdir()) == ["final", "rank0.json", "rank1.json"]
+    saved = sorted(p.name for p in (dist / "final").iterdir())
     assert saved.count("model.safetensors") == 1 and "config.json" in saved
-    assert json.loads((out / "final" / "config.json").read_text())["quantization_config"]["format"] == "palettized"
+    assert json.loads((dist / "final" / "config.json").read_text())["quantization_config"]["format"] == "palettized"
