@@ -235,6 +235,8 @@ class DKMMixin:
 
     @torch.no_grad()
     def hard_weight(self) -> torch.Tensor:
+        if self.tied_source is not None:
+            return self.tied_source.hard_weight().reshape(self.weight.shape)
         key = (self.weight._version, self.weight.data_ptr(), self.centroids._version, self.centroids.data_ptr())
         if self._hard is None or self._hard[0] != key:
             snapped = gather_centroids(self.assignments(), self.centroids)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_inputs
+from test_layers import AUTO
+
+import dkm_hf
+from dkm_hf import DKMConfig
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("finalized", [True, False])
+def test_dequantized_model_loads_without_dkm_hf(tiny_dir, tmp_path, name, finalized):
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
+    if finalized:
+        dkm_hf.finalize(model)
+    inputs = tiny_inputs(name)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    plain = dkm_hf.dequantize(model)
+    assert not dkm_hf.dkm_modules(plain) and not dkm_hf.palettized_modules(plain)
+    assert getattr(plain.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, expected, rtol=0, atol=1e-6 if finalized else 1e-3)
+    plain.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    torch.save(inputs, tmp_path / "inputs.pt")
+    torch.save(plain(**inputs).logits.detach(), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+cls = AutoModelForCausalLM if {name!r} == "gpt2" else AutoModelForSequenceClassification
+model, info = cls.from_pretrained({str(tmp_path / "plain")!r}, output_loading_info=True)
+assert "dkm_hf" not in sys.modules
+assert not info["missing_keys"] and not info["unexpected_keys"], info
+out = model(**torch.load({str(tmp_path / "inputs.pt")!r})).logits
+assert torch.equal(out, torch.load({str(tmp_path / "expected.pt")!r}))
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
