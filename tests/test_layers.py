@@ -228,3 +228,21 @@ def test_mixed_precision_overrides(tiny_dir):
     assert bits["bert.embeddings.word_embeddings"] == 2
     assert bits["bert.encoder.layer.1.attention.self.value"] == 3
     assert bits["bert.encoder.layer.1.attention.self.query"] == 4
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_training_checkpoint_round_trip_keeps_centroids(tiny_dir, tmp_path, name):
+    config = DKMConfig(bits=3, weight_threshold=0, per_channel_scale=True)
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=config)
+    model.train()
+    model(**tiny_inputs(name)).logits.sum().backward()  # move the centroids away from their initial values
+    model.save_pretrained(tmp_path / "train")
+    loaded, info = AUTO[name].from_pretrained(tmp_path / "train", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for (n, a), (_, b) in zip(dkm_hf.dkm_modules(model), dkm_hf.dkm_modules(loaded)):
+        if a.tied_source is None:
+            assert torch.equal(a.centroids, b.centroids) and torch.equal(a.weight_scale, b.weight_scale), n
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**tiny_inputs(name)).logits, loaded(**tiny_inputs(name)).logits)
