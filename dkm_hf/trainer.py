@@ -44,40 +44,35 @@ def tau_at(step: int, milestone: int, max_steps: int, schedule: str, tau_start: 
     return tau_end + (tau_start - tau_end) * (1 + math.cos(math.pi * progress)) / 2
 
 
+def _cluster_sizes(assign: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros(assign.shape[0], k, dtype=torch.int64).scatter_add_(1, assign, torch.ones_like(assign))
+
+
 @torch.no_grad()
-def cluster_health(module: DKMMixin, previous: torch.Tensor | None, sample: int = 4096) -> dict[str, float]:
-    """Entropy of the attention on a fixed sample of weights, empty clusters, changed assignments."""
-    assign = module.assignments()
-    k = module.spec.n_clusters
-    counts = torch.zeros(assign.shape[0], k, dtype=torch.int64).scatter_add_(1, assign, torch.ones_like(assign))
+def cluster_health(module: DKMMixin, assign: torch.Tensor, previous: torch.Tensor | None, sample: int = 4096):
+    """Mean attention entropy on a fixed sample of weights, empty clusters, fraction of changed assignments."""
     vectors = module.geometry.to_vectors(module._scaled_rows(module.weight.detach().float()))
-    step = max(1, vectors.shape[1] // sample)
-    a = attention(vectors[:, ::step], module.centroids, module.spec.tau)
-    entropy = -(a * a.clamp_min(1e-30).log()).sum(-1).mean().item()
-    changed = float((assign != previous).float().mean()) if previous is not None else 0.0
+    a = attention(vectors[:, :: max(1, vectors.shape[1] // sample)], module.centroids, module.spec.tau)
     return {
-        "entropy": entropy,
-        "empty": int((counts == 0).sum()),
-        "changed": changed,
-        "assign": assign.to(torch.uint8),
+        "entropy": -(a * a.clamp_min(1e-30).log()).sum(-1).mean().item(),
+        "empty": int((_cluster_sizes(assign, module.spec.n_clusters) == 0).sum()),
+        "changed": float((assign != previous).float().mean()) if previous is not None else 0.0,
     }
 
 
 @torch.no_grad()
-def reseed_dead_centroids(module: DKMMixin, counts: torch.Tensor | None = None) -> int:
-    """Move empty or duplicate centroids onto the weights that are farthest from their nearest centroid."""
-    assign = module.assignments()
+def reseed_dead_centroids(module: DKMMixin, assign: torch.Tensor | None = None) -> int:
+    """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid."""
+    assign = module.assignments() if assign is None else assign
     k = module.spec.n_clusters
-    if counts is None:
-        counts = torch.zeros(assign.shape[0], k, dtype=torch.int64).scatter_add_(1, assign, torch.ones_like(assign))
+    sizes = _cluster_sizes(assign, k)
     vectors = module.geometry.to_vectors(module._scaled_rows(module.weight.detach().float()))
     reseeded = 0
     for g in range(assign.shape[0]):
         c = module.centroids[g]
-        dup = torch.zeros(k, dtype=torch.bool)
         same = (c.unsqueeze(0) - c.unsqueeze(1)).abs().amax(-1) == 0
-        dup[1:] = torch.triu(same, diagonal=1).any(0)[1:]
-        dead = ((counts[g] == 0) | dup).nonzero().squeeze(1)
+        duplicate = torch.triu(same, diagonal=1).any(0)
+        dead = ((sizes[g] == 0) | duplicate).nonzero().squeeze(1)
         if dead.numel() == 0:
             continue
         error = (vectors[g] - c[assign[g]]).square().sum(-1)
@@ -85,7 +80,7 @@ def reseed_dead_centroids(module: DKMMixin, counts: torch.Tensor | None = None) 
         module.centroids[g, dead[: far.numel()]] = vectors[g, far]
         reseeded += far.numel()
     if reseeded:
-        module._start = module._hard = None
+        module._hard = None
     return reseeded
 
 
@@ -161,15 +156,16 @@ class DKMCallback(TrainerCallback):
             return
         entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
         for name, module in self._modules(model):
-            stats = cluster_health(module, self._previous.get(name))
+            assign = module.assignments()
+            stats = cluster_health(module, assign, self._previous.get(name))
             entropy.append(stats["entropy"])
             changed.append(stats["changed"])
             empty += stats["empty"]
-            self._previous[name] = stats["assign"]
+            self._previous[name] = assign.to(torch.uint8)
             if name in self._centroids:
                 drift.append((module.centroids - self._centroids[name]).abs().mean().item())
             if self.reseed:
-                reseeded += reseed_dead_centroids(module)
+                reseeded += reseed_dead_centroids(module, assign)
             self._centroids[name] = module.centroids.detach().clone()
         if self.log_cluster_health:
             self.pending.update(

@@ -202,3 +202,19 @@ def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
     saved = sorted(p.name for p in (dist / "final").iterdir())
     assert saved.count("model.safetensors") == 1 and "config.json" in saved
     assert json.loads((dist / "final" / "config.json").read_text())["quantization_config"]["format"] == "palettized"
+
+
+def test_dead_and_duplicate_centroids_are_reseeded():
+    from torch import nn
+
+    from dkm_hf.trainer import reseed_dead_centroids
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=2, weight_threshold=0))
+    layer = model[0]
+    with torch.no_grad():
+        layer.centroids[0, 1] = layer.centroids[0, 0]  # duplicate
+        layer.centroids[0, 3] = 100.0  # far away: empty
+    assert reseed_dead_centroids(layer) == 2
+    sizes = torch.bincount(layer.assignments().view(-1), minlength=4)
+    assert (sizes > 0).all() and torch.unique(layer.centroids).numel() == 4
