@@ -32,6 +32,7 @@ class LayerSpec:
     max_iters: int
     epsilon: float
     implementation: str
+    lut_dtype: str = "float16"
 
     @property
     def n_clusters(self) -> int:
@@ -154,7 +155,7 @@ class DKMConfig(QuantizationConfigMixin):
         for pattern, override in self.overrides.items():
             if name_matches(pattern, module_name):
                 values.update(override)
-        return LayerSpec(**values, epsilon=self.epsilon, implementation=self.implementation)
+        return LayerSpec(**values, epsilon=self.epsilon, implementation=self.implementation, lut_dtype=self.lut_dtype)
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from .config import LayerSpec
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.Embedding)
 # Below this many weights the exact chunked path is as fast as the uniquified one (benchmarks/run.py --suite layer).
 UNIQUIFY_MIN_WEIGHTS = 1 << 14
+LUT_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SCALE_FLOOR = 1e-12
 
 
@@ -151,10 +152,10 @@ class DKMMixin:
         rows = self.geometry.to_rows(weight)
         return rows / self.weight_scale if self.spec.per_channel_scale else rows
 
-    def _unscaled_weight(self, vectors: torch.Tensor) -> torch.Tensor:
+    def _unscaled_weight(self, vectors: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.geometry.from_vectors(vectors)
         if self.spec.per_channel_scale:
-            rows = rows * self.weight_scale
+            rows = rows * (self.weight_scale if scale is None else scale)
         return self.geometry.from_rows(rows)
 
     @torch.no_grad()
@@ -239,8 +240,11 @@ class DKMMixin:
             return self.tied_source.hard_weight().reshape(self.weight.shape)
         key = (self.weight._version, self.weight.data_ptr(), self.centroids._version, self.centroids.data_ptr())
         if self._hard is None or self._hard[0] != key:
-            snapped = gather_centroids(self.assignments(), self.centroids)
-            self._hard = (key, self._unscaled_weight(snapped).to(self.weight.dtype))
+            # Rounded to the LUT dtype: evaluation sees exactly the weights the palettized checkpoint will hold.
+            lut_dtype = LUT_TORCH_DTYPES[self.spec.lut_dtype]
+            snapped = gather_centroids(self.assignments(), self.centroids.to(lut_dtype).float())
+            scale = self.weight_scale.to(lut_dtype).float() if self.spec.per_channel_scale else None
+            self._hard = (key, self._unscaled_weight(snapped, scale).to(self.weight.dtype).contiguous())
         return self._hard[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,11 +254,11 @@ class DKMMixin:
         """The original module type holding the hard-clustered weight (or the dense one if clustering is off)."""
         return plain_module(self, self.hard_weight() if self.dkm_enabled else self.weight)
 
-    def freeze(self, lut_dtype: torch.dtype = torch.float16) -> nn.Module:
+    def freeze(self, lut_dtype: torch.dtype | None = None) -> nn.Module:
         """The palettized inference module of this layer (LUT + packed indices); this module is left unchanged."""
         from .palettized import palettize
 
-        return palettize(self, lut_dtype)
+        return palettize(self, lut_dtype or LUT_TORCH_DTYPES[self.spec.lut_dtype])
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers.utils import logging
 
 from .config import DKMConfig, name_matches
-from .layers import DKMMixin, Geometry, dkm_class_for, dkm_modules, geometry_for
+from .layers import LUT_TORCH_DTYPES, DKMMixin, Geometry, dkm_class_for, dkm_modules, geometry_for
 from .palettized import PalettizedMixin, palettize, palettized_class_for
 
 logger = logging.get_logger(__name__)
-
-LUT_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def tied_pairs(model: nn.Module) -> dict[str, str]:

@@ -176,7 +176,8 @@ def gather(layer):
     from dkm_hf.clustering import gather_centroids, hard_assign
 
     vectors = layer.weight.detach().reshape(1, -1, 1)
-    return gather_centroids(hard_assign(vectors, layer.centroids), layer.centroids).reshape(layer.weight.shape)
+    lut = layer.centroids.half().float()  # the LUT dtype of the checkpoint
+    return gather_centroids(hard_assign(vectors, layer.centroids), lut).reshape(layer.weight.shape)
 
 
 def test_per_channel_scale_and_bfloat16():
@@ -246,3 +247,13 @@ def test_training_checkpoint_round_trip_keeps_centroids(tiny_dir, tmp_path, name
     loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(**tiny_inputs(name)).logits, loaded(**tiny_inputs(name)).logits)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_eval_measures_exactly_the_model_that_ships(tiny_dir, name):
+    config = DKMConfig(bits=3, weight_threshold=0, per_channel_scale=name == "llama")
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=config).eval()
+    with torch.no_grad():
+        hard = model(**tiny_inputs(name)).logits
+        shipped = dkm_hf.finalize(model)(**tiny_inputs(name)).logits
+    assert torch.equal(hard, shipped)
