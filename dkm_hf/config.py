@@ -115,7 +115,7 @@ class DKMConfig(QuantizationConfigMixin):
             self.modules_to_not_convert = [self.modules_to_not_convert]
         if self.quant_method != "dkm":
             raise ValueError(f"DKMConfig.quant_method must be 'dkm', but the value passed is {self.quant_method!r}")
-        _check_layer_fields("DKMConfig", {f: getattr(self, f) for f in OVERRIDABLE} | {"epsilon": self.epsilon})
+        _check_layer_fields("", {f: getattr(self, f) for f in OVERRIDABLE} | {"epsilon": self.epsilon})
         _check_int("weight_threshold", self.weight_threshold, 0)
         _check_int("milestone", self.milestone, 0)
         _check_int("seed", self.seed, 0)
@@ -143,7 +143,7 @@ class DKMConfig(QuantizationConfigMixin):
                     f"DKMConfig.overrides[{pattern!r}] has unknown field(s) {unknown}; allowed: {list(OVERRIDABLE)}"
                 )
             merged = {f: getattr(self, f) for f in OVERRIDABLE} | values
-            _check_layer_fields(f"DKMConfig.overrides[{pattern!r}]", merged | {"epsilon": self.epsilon})
+            _check_layer_fields(f"overrides[{pattern!r}].", merged | {"epsilon": self.epsilon})
         for name in ("target_modules", "modules_to_not_convert"):
             for pattern in getattr(self, name) or []:
                 _compile(name, pattern)
@@ -206,27 +206,24 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"DKMConfig.{name} must be one of {list(choices)}, but the value passed is {value!r}")
 
 
-def _check_layer_fields(where: str, v: dict[str, Any]) -> None:
-    prefix = where.removeprefix("DKMConfig") + ("." if where != "DKMConfig" else "")
-    _check_int(f"{prefix}bits".lstrip("."), v["bits"], 1, 8)
-    _check_int(f"{prefix}cluster_dim".lstrip("."), v["cluster_dim"], 1)
-    _check_int(f"{prefix}max_iters".lstrip("."), v["max_iters"], 1)
+def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:
+    """Check the per-layer fields; `prefix` is "" for the defaults or "overrides['pattern']." for an override."""
+    _check_int(f"{prefix}bits", v["bits"], 1, 8)
+    _check_int(f"{prefix}cluster_dim", v["cluster_dim"], 1)
+    _check_int(f"{prefix}max_iters", v["max_iters"], 1)
     for name in ("tau", "epsilon"):
         value = v[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(
-                f"DKMConfig.{prefix.lstrip('.')}{name} must be a number > 0, but the value passed is {value!r}"
-            )
-    _check_choice(f"{prefix}granularity".lstrip("."), v["granularity"], GRANULARITIES)
+            raise ValueError(f"DKMConfig.{prefix}{name} must be a number > 0, but the value passed is {value!r}")
+    _check_choice(f"{prefix}granularity", v["granularity"], GRANULARITIES)
     if v["granularity"] == "per_grouped_channel":
-        _check_int(f"{prefix}group_size".lstrip("."), v["group_size"], 1)
+        _check_int(f"{prefix}group_size", v["group_size"], 1)
     elif v["group_size"] is not None:
         raise ValueError(
-            f"DKMConfig.{prefix.lstrip('.')}group_size is only used with granularity="
-            f"'per_grouped_channel', but it is {v['group_size']!r} with granularity {v['granularity']!r}"
+            f"DKMConfig.{prefix}group_size is only used with granularity='per_grouped_channel', but it is "
+            f"{v['group_size']!r} with granularity {v['granularity']!r}"
         )
     if not isinstance(v["per_channel_scale"], bool):
         raise ValueError(
-            f"DKMConfig.{prefix.lstrip('.')}per_channel_scale must be a bool, "
-            f"but the value passed is {v['per_channel_scale']!r}"
+            f"DKMConfig.{prefix}per_channel_scale must be a bool, but the value passed is {v['per_channel_scale']!r}"
         )
