@@ -1,4 +1,4 @@
-"""Palettized checkpoints on disk: validation before and after loading, atomic saving, size accounting.
+"""Palettized checkpoints on disk: validation before and after loading, and size accounting.
 
 Loading never unpickles: a palettized checkpoint is safetensors only. Its JSON headers are read and checked against
 `quantization_config.modules` before a single weight is loaded, so a damaged or tampered file fails with a
@@ -10,25 +10,19 @@ without checksums can tell those apart.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import re
-import shutil
 import struct
-import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from .config import FORMAT_VERSION, DKMConfig
-from .model import get_dkm_config
 from .packing import packed_size, unpack_indices
 from .palettized import palettized_modules
 
@@ -40,8 +34,6 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 LUT_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 PALETTIZED_SUFFIXES = ("weight_lut", "weight_indices", "weight_scale")
-# Files of an older checkpoint that a new save replaces (never carried over into the new directory).
-_WEIGHT_FILE = re.compile(r"(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index\.json)?")
 
 
 class PalettizedCheckpointError(ValueError):
@@ -409,6 +401,8 @@ class LayerSummary:
     per_channel_scale: bool
     bytes_on_disk: int
     tied_to: str | None = None
+    packed_bytes: int = 0
+    tensor_names: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -420,8 +414,6 @@ class LayerSummary:
         if self.tied_to is not None:
             return 0.0
         return self.numel * self.bits / (8 * self.cluster_dim) + self.bytes_on_disk - self.packed_bytes
-
-    packed_bytes: int = 0
 
 
 @dataclass
@@ -443,7 +435,7 @@ class CheckpointSummary:
 
     def dense_bytes(self, float_bytes: int) -> int:
         """The model's size with every float tensor (clustered weights decoded) stored at `float_bytes` per value."""
-        clustered = {f"{layer.name}.{s}" for layer in self.layers for s in PALETTIZED_SUFFIXES}
+        clustered = {name for layer in self.layers for name in layer.tensor_names}
         total = sum(layer.numel * float_bytes for layer in self.layers if layer.tied_to is None)
         for name, entry in self.tensors.items():
             if name not in clustered:
@@ -490,129 +482,13 @@ def summarize(directory: str | os.PathLike) -> CheckpointSummary:
             sum(e.nbytes for e in entries if e is not None),
         )
         layer.packed_bytes = entries[1].nbytes if entries[1] is not None else 0
+        layer.tensor_names = tuple(e.name for e in entries if e is not None)
         layers.append(layer)
     return CheckpointSummary(layers, tensors, config, files)
 
 
-# -- atomic saving -------------------------------------------------------------------------------------------------
-def atomic_save(
-    save_directory: str | os.PathLike, write: Callable[[str], Any], finish: Callable[[str], None] | None = None
-) -> Any:
-    """Run `write(tmp)` in a fresh sibling directory and move the result into `save_directory` once it is complete.
-
-    If `write` raises, the temporary directory is removed and `save_directory` is untouched. An existing directory
-    keeps its other files (tokenizer, training checkpoints...: hard-linked, not copied) except the weights of the
-    checkpoint being replaced; it is swapped for the new one with two renames, so at no moment does it hold a mix of
-    old and new weights. `finish(tmp)` runs after the carry-over (e.g. to add a model card if none exists).
-    """
-    target = Path(os.path.realpath(save_directory))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.dkm-tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        result = write(str(tmp))
-        if target.is_dir():
-            _carry_over(target, tmp)
-            shutil.copymode(target, tmp)
-        if finish is not None:
-            finish(str(tmp))
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return result
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    present = set(os.listdir(new))
-    for entry in os.scandir(old):
-        if entry.name in present or _WEIGHT_FILE.fullmatch(entry.name) or ".dkm-tmp-" in entry.name:
-            continue
-        destination = new / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), destination)
-        elif entry.is_dir():
-            shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry.path, destination)
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    backup = target.parent / f".{target.name}.dkm-old-{uuid.uuid4().hex[:12]}"
-    try:
-        os.rename(target, backup)
-    except OSError:
-        _replace_files(tmp, target)  # e.g. a mount point: file by file, weights first, config.json last
-        return
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
-
-
-def _replace_files(tmp: Path, target: Path) -> None:
-    names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
-    for name in os.listdir(target):
-        if _WEIGHT_FILE.fullmatch(name) and name not in names:
-            os.remove(target / name)
-    for name in names:
-        destination = target / name
-        if destination.is_dir() and not destination.is_symlink():
-            shutil.rmtree(destination)
-        os.replace(tmp / name, destination)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def is_palettized(model: nn.Module) -> bool:
-    config = get_dkm_config(model)
-    return config is not None and config.format == "palettized"
-
-
 def install() -> None:
-    """Wrap `PreTrainedModel.save_pretrained` (atomic palettized saves with a model card) and the hub upload."""
-    original = PreTrainedModel.save_pretrained
-    if getattr(original, "_dkm_hf_patched", False):
-        return
+    """Hooks dkm_hf adds to transformers' saving: atomic palettized saves with a model card (see `hub`)."""
+    from .hub import install_save_hooks
 
-    @functools.wraps(original)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        is_main = kwargs.get("is_main_process", args[0] if args else True)
-        if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
-            return original(self, save_directory, *args, **kwargs)
-        from .hub import write_model_card
-
-        def finish(tmp: str) -> None:
-            write_model_card(self, tmp, repo=os.fspath(save_directory))
-
-        if kwargs.get("push_to_hub"):
-            # transformers names the repo after the directory; the card was written before the upload
-            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
-            finish = None
-        return atomic_save(save_directory, lambda tmp: original(self, tmp, *args, **kwargs), finish)
-
-    save_pretrained._dkm_hf_patched = True
-    PreTrainedModel.save_pretrained = save_pretrained
-
-    upload = PreTrainedModel._upload_modified_files
-
-    @functools.wraps(upload)
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        if is_palettized(self):
-            from .hub import write_model_card
-
-            write_model_card(self, working_dir, repo=repo_id, replace_generated=True)
-        return upload(self, working_dir, repo_id, *args, **kwargs)
-
-    PreTrainedModel._upload_modified_files = _upload_modified_files
+    install_save_hooks()

@@ -193,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             names = plot(args.directory, args.out, args.layers, args.original)
             print(f"wrote {args.out} ({len(names)} layer(s))")
-    except (PalettizedCheckpointError, OSError) as err:
+    except (ValueError, OSError) as err:  # PalettizedCheckpointError is a ValueError
         print(f"dkm-hf {args.command}: {err}", file=sys.stderr)
         return 2
     return 0

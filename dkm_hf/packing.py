@@ -44,8 +44,15 @@ def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if packed.numel() != packed_size(n, bits):
         raise ValueError(f"{n} indices at {bits} bits take {packed_size(n, bits)} bytes, got {packed.numel()}")
-    blocks = packed.to(torch.int64).view(-1, bits)
+    return unpack_range(packed, bits, 0, n)
+
+
+def unpack_range(packed: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
+    """Indices [start, stop) as int64, reading only their bytes; `start` must be a multiple of 8."""
+    if start % 8:
+        raise ValueError(f"start must be a multiple of 8, got {start}")
+    blocks = packed[start // 8 * bits : -(-stop // 8) * bits].to(torch.int64).view(-1, bits)
     byte_shifts = torch.arange(bits, device=packed.device) * 8
     value = (blocks << byte_shifts).sum(1)
     shifts = torch.arange(8, device=packed.device) * bits
-    return ((value.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)[:n]
+    return ((value.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)[: stop - start]

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .clustering import gather_centroids
 from .layers import DKM_ATTRS, DKM_BUFFERS, DKMMixin, Geometry, _clone_as, functional_forward, plain_module
-from .packing import pack_indices, packed_size, unpack_indices
+from .packing import pack_indices, packed_size, unpack_indices, unpack_range
 
 MODES = ("dense", "packed")
+DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
 
 
 class PalettizedMixin:
@@ -57,6 +57,8 @@ class PalettizedMixin:
             if per_channel_scale:
                 new.register_buffer("weight_scale", torch.empty(geometry.channels, 1, dtype=lut_dtype, device=device))
         new.register_buffer("_dense_weight", None, persistent=False)
+        # Filled by the checkpoint, never by transformers' `_init_weights` (which would decode `weight` to init it).
+        new._is_hf_initialized = True
         return new
 
     @property
@@ -69,14 +71,23 @@ class PalettizedMixin:
         return unpack_indices(self.weight_indices, self.bits, n).view(g.groups, g.vectors_per_group)
 
     def decode(self) -> torch.Tensor:
-        """The dense weight, in `compute_dtype`."""
+        """The dense weight, in `compute_dtype`, decoded in slices so temporaries stay small."""
         if self.tied_source is not None:
             return self.tied_source.weight.reshape(self.geometry.shape)
-        vectors = gather_centroids(self.indices(), self.weight_lut.float())
-        rows = self.geometry.from_vectors(vectors)
+        g = self.geometry
+        k, n, per_group = 2**self.bits, g.groups * g.vectors_per_group, g.vectors_per_group
+        lut = self.weight_lut.float().reshape(-1, g.cluster_dim)  # (G * k, d)
+        vectors = torch.empty(n, g.cluster_dim, dtype=torch.float32, device=lut.device)
+        for start in range(0, n, DECODE_SLICE):
+            stop = min(n, start + DECODE_SLICE)
+            idx = unpack_range(self.weight_indices, self.bits, start, stop)
+            if g.groups > 1:
+                idx += torch.arange(start, stop, device=idx.device).div_(per_group, rounding_mode="floor") * k
+            torch.index_select(lut, 0, idx, out=vectors[start:stop])
+        rows = g.from_vectors(vectors)
         if self.has_scale:
-            rows = rows * self.weight_scale.float()
-        return self.geometry.from_rows(rows).to(self.compute_dtype).contiguous()
+            rows.mul_(self.weight_scale.float())
+        return g.from_rows(rows).to(self.compute_dtype).contiguous()
 
     @property
     def weight(self) -> torch.Tensor:

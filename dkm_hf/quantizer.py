@@ -52,7 +52,7 @@ class DKMHfQuantizer(HfQuantizer):
         if self.palettized:
             from .checkpoint import check_palettized_files
 
-            check_palettized_files(self.checkpoint_files, config)
+            check_palettized_files(self.checkpoint_files, config, model)
             replace_with_palettized_modules(model, config)
             return model
         replace_with_dkm_modules(model, config)

@@ -8,6 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny tensors: with several threads, thread wake-ups dominate every op on a small shared machine.
+torch.set_num_threads(1)
 
 from transformers import (  # noqa: E402
     BertConfig,
