@@ -173,10 +173,14 @@ class _ChunkedDKM(torch.autograd.Function):
 
 
 def bucket_dtype_for(w: torch.Tensor) -> torch.dtype:
-    """16-bit dtype whose bit pattern indexes a bucket: the weight's own if 16-bit, else float16 if it fits."""
+    """16-bit dtype whose bit pattern indexes a bucket: the weight's own if 16-bit, else float16 (bfloat16 for
+    weights beyond float16's range)."""
     if w.dtype in (torch.float16, torch.bfloat16):
         return w.dtype
     return torch.float16 if w.detach().abs().max().item() < 6.0e4 else torch.bfloat16
+
+
+_FP16_INF = (0x7C00, 0xFC00)
 
 
 def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
@@ -187,15 +191,20 @@ def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
     """
     G, n = w.shape
     device = w.device
-    keys = w.detach().to(bucket_dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    keys = w.detach().to(bucket_dtype).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
     if G == 1:
         counts = torch.bincount(keys.view(-1), minlength=65536)
+        if bucket_dtype == torch.float16 and w.dtype != torch.float16 and counts[list(_FP16_INF)].any():
+            return unique_buckets(w, torch.bfloat16)  # beyond float16's range
         present = counts.nonzero().squeeze(1)
-        table = torch.empty(65536, dtype=torch.int64, device=device)
-        table[present] = torch.arange(present.numel(), device=device)
-        inverse = table[keys.view(-1)]
+        table = torch.empty(65536, dtype=torch.int32, device=device)
+        table[present] = torch.arange(present.numel(), dtype=torch.int32, device=device)
+        inverse = table.index_select(0, keys.view(-1))
         uniq_keys, uniq_counts = present.unsqueeze(0), counts[present].unsqueeze(0)
     else:
+        if bucket_dtype == torch.float16 and w.dtype != torch.float16:
+            if torch.isin(keys, torch.tensor(_FP16_INF, dtype=keys.dtype, device=device)).any():
+                return unique_buckets(w, torch.bfloat16)
         flat = keys.to(torch.int64) + torch.arange(G, device=device).unsqueeze(1) * 65536
         uk, inv, cnt = torch.unique(flat.view(-1), return_inverse=True, return_counts=True)
         group = uk // 65536
@@ -207,7 +216,7 @@ def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
         uniq_counts = torch.zeros(G, umax, dtype=torch.int64, device=device)
         uniq_keys[group, pos] = uk % 65536
         uniq_counts[group, pos] = cnt
-        inverse = (group * umax + pos)[inv]
+        inverse = (group * umax + pos).to(torch.int32)[inv]
     signed = torch.where(uniq_keys >= 32768, uniq_keys - 65536, uniq_keys).to(torch.int16)
     values = signed.view(bucket_dtype).to(w.dtype)
     values = torch.where(uniq_counts > 0, values, torch.zeros((), dtype=w.dtype, device=device))
@@ -264,7 +273,9 @@ def dkm_cluster(
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
-        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
+        if bucket_dtype is None:
+            bucket_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype)
     if implementation != "chunked":
         raise ValueError(f"unknown DKM implementation {implementation!r}; use 'chunked' or 'uniquified'")
     return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon)

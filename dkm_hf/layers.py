@@ -21,7 +21,7 @@ from .config import LayerSpec
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.Embedding)
 # Below this many weights the exact chunked path is as fast as the uniquified one (benchmarks/run.py --suite layer).
-UNIQUIFY_MIN_WEIGHTS = 1 << 14
+UNIQUIFY_MIN_WEIGHTS = 1 << 13
 LUT_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _SCALE_FLOOR = 1e-12
 

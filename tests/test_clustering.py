@@ -104,3 +104,10 @@ def test_kmeans_init_fewer_distinct_values_than_clusters():
     assert c.shape == (1, 8, 1) and torch.isfinite(c).all()
     distance_to_data = torch.minimum((c - 0.1).abs(), (c - 0.2).abs())
     assert distance_to_data.max().item() < 1e-3  # duplicated data values, no invented ones
+
+
+def test_uniquified_falls_back_to_bfloat16_beyond_float16_range():
+    w = torch.tensor([1e5, -2e5, 0.5, 0.25] * 8).view(1, 32, 1)
+    values, counts, inverse = unique_buckets(w.squeeze(-1), torch.float16)
+    assert torch.isfinite(values).all() and values.abs().max() > 6e4
+    assert torch.equal(values.view(-1)[inverse.long()], w.view(-1).to(torch.bfloat16).float())
