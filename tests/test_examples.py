@@ -1,0 +1,181 @@
+"""The example scripts end to end on tiny models and data built here (a few training steps each).
+
+What is asserted: results.json / results.md are written, each compressed variant's checkpoint on disk is
+palettized (LUT + packed indices), and the accuracy the script reports for it is the accuracy of that checkpoint
+reloaded with a plain `from_pretrained` (recomputed here).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    MobileNetV2Config,
+    MobileNetV2ForImageClassification,
+)
+
+import dkm_hf  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "good great fine nice bad awful poor sad the a movie film plot cast was is very really".split()
+
+
+def load_script(relative: str):
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_compressed(results: dict, out: Path, bits: list[int]) -> None:
+    assert (out / "results.json").is_file() and (out / "results.md").is_file()
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    markdown = (out / "results.md").read_text()
+    assert [v["bits"] for v in results["variants"]] == bits
+    for variant in results["variants"]:
+        folder = Path(variant["checkpoint"])
+        assert folder.parent == out
+        config = json.loads((folder / "config.json").read_text())
+        assert config["quantization_config"]["format"] == "palettized"
+        assert config["quantization_config"]["bits"] == variant["bits"]
+        assert variant["checkpoint_format"] == "palettized"
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert any(k.endswith("weight_lut") for k in keys) and any(k.endswith("weight_indices") for k in keys)
+        assert variant["bytes"] == (folder / "model.safetensors").stat().st_size
+        assert variant["bytes"] < results["dense"]["bytes"]
+        assert variant["compression"] == pytest.approx(results["dense"]["bytes"] / variant["bytes"])
+        assert f"DKM {variant['bits']}-bit" in markdown
+        assert 0.0 <= variant["accuracy"] <= 1.0
+
+
+# -- GLUE-style text classification ----------------------------------------------------------------------------------
+def tiny_text_model(folder: Path) -> str:
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=2
+    )
+    model_dir = folder / "tiny-bert"
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def sentiment_csv(path: Path, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["negative", "positive"])
+        mood = WORDS[:4] if label == "positive" else WORDS[4:8]
+        text = " ".join(rng.choice(WORDS[8:]) for _ in range(4)) + " " + rng.choice(mood)
+        rows.append({"text": text, "label": label})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def test_glue_example(tmp_path):
+    glue = load_script("examples/glue/run_glue_dkm.py")
+    model = tiny_text_model(tmp_path)
+    sentiment_csv(tmp_path / "train.csv", 48, seed=0)
+    validation = sentiment_csv(tmp_path / "validation.csv", 24, seed=1)
+    out = tmp_path / "out"
+    # The tiny model's Linear layers have 1,024-1,184 weights: cluster them too.
+    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.csv'} "
+    argv += f"--validation_file {tmp_path / 'validation.csv'} --output_dir {out} --weight_threshold 512 "
+    argv += "--bits 4 --tau 1e-3 --dense_num_train_epochs 1 --num_train_epochs 1 --per_device_train_batch_size 16 "
+    argv += "--max_seq_length 16 --logging_steps 1 --eval_soft false"
+    results = glue.main(argv.split())
+    check_compressed(results, out, [4])
+    assert results["dense"]["checkpoint"] == str(out / "dense")
+    assert "control" in results and 0.0 <= results["control"]["accuracy"] <= 1.0
+
+    # The reported accuracy is that of the palettized checkpoint reloaded from disk.
+    folder = results["variants"][0]["checkpoint"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert dkm_hf.palettized_modules(reloaded) and not dkm_hf.dkm_modules(reloaded)
+    assert reloaded.config.label2id == {"negative": 0, "positive": 1}
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(
+        [r["text"] for r in validation], padding=True, truncation=True, max_length=16, return_tensors="pt"
+    )
+    with torch.no_grad():
+        predictions = reloaded(**batch).logits.argmax(-1)
+    labels = torch.tensor([reloaded.config.label2id[r["label"]] for r in validation])
+    assert results["variants"][0]["accuracy"] == pytest.approx((predictions == labels).float().mean().item())
+
+
+# -- image classification ---------------------------------------------------------------------------------------------
+def tiny_vision_model(folder: Path) -> str:
+    torch.manual_seed(0)
+    config = MobileNetV2Config(
+        depth_multiplier=0.25, finegrained_output=False, image_size=32, tf_padding=False, num_labels=5
+    )
+    model_dir = folder / "tiny-mobilenet"
+    MobileNetV2ForImageClassification(config).save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def image_folder(root: Path, per_class: int, seed: int) -> None:
+    """Two classes: reddish and bluish noise, as PNG files in root/<label>/."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(["blue", "red"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 120, (20, 20, 3), dtype=np.uint8)
+            pixels[..., 2 * (1 - c)] += 120
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+
+
+def test_vision_example(tmp_path):
+    vision = load_script("examples/vision/run_image_classification_dkm.py")
+    model = tiny_vision_model(tmp_path)
+    image_folder(tmp_path / "train", 12, seed=0)
+    image_folder(tmp_path / "val", 6, seed=1)
+    out = tmp_path / "out"
+    argv = f"--model_name_or_path {model} --train_dir {tmp_path / 'train'} --validation_dir {tmp_path / 'val'} "
+    argv += f"--output_dir {out} --image_size 32 --bits 4 2 --weight_threshold 512 --tau 1e-3 --control false "
+    argv += "--dense_num_train_epochs 1 --num_train_epochs 1 --per_device_train_batch_size 8 --logging_steps 1"
+    argv += " --eval_soft false"
+    results = vision.main(argv.split())
+    check_compressed(results, out, [4, 2])
+    assert "control" not in results
+
+    # Recompute the 2-bit accuracy from the checkpoint on disk (the script's preprocessing: resize + ImageNet norm).
+    folder = results["variants"][1]["checkpoint"]
+    reloaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert dkm_hf.palettized_modules(reloaded)
+    assert reloaded.config.id2label == {0: "blue", 1: "red"}
+    mean, std = np.array(vision.IMAGENET_MEAN, np.float32), np.array(vision.IMAGENET_STD, np.float32)
+    pixels, labels = [], []
+    for c, name in enumerate(["blue", "red"]):
+        for path in sorted((tmp_path / "val" / name).glob("*.png")):
+            image = Image.open(path).convert("RGB").resize((32, 32), Image.BILINEAR)
+            pixels.append(((np.asarray(image, np.float32) / 255 - mean) / std).transpose(2, 0, 1))
+            labels.append(c)
+    with torch.no_grad():
+        predictions = reloaded(torch.from_numpy(np.stack(pixels))).logits.argmax(-1)
+    expected = (predictions == torch.tensor(labels)).float().mean().item()
+    assert results["variants"][1]["accuracy"] == pytest.approx(expected)
