@@ -95,13 +95,15 @@ class DKMHfQuantizer(HfQuantizer):
     def is_serializable(self, safe_serialization=None) -> bool:
         return True
 
+    # True for palettized models too, so a Trainer can evaluate them; their LUTs and indices are buffers, so
+    # training one only updates its float parameters (biases, norms, unclustered layers).
     @property
     def is_trainable(self) -> bool:
-        return not self.palettized
+        return True
 
     @property
     def is_qat_trainable(self) -> bool:
-        return not self.palettized
+        return True
 
     @property
     def is_compileable(self) -> bool:

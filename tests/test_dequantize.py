@@ -44,3 +44,15 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_trainer_evaluates_a_reloaded_palettized_model(tiny_dir, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = AUTO["bert"].from_pretrained(tiny_dir("bert"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.finalize(model).save_pretrained(tmp_path / "pal")
+    reloaded = AUTO["bert"].from_pretrained(tmp_path / "pal")
+    data = [{"input_ids": torch.randint(1, 99, (9,)), "labels": torch.tensor(i % 3)} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True)
+    metrics = Trainer(model=reloaded, args=args, eval_dataset=data).evaluate()
+    assert metrics["eval_loss"] > 0
