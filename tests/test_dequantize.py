@@ -33,6 +33,7 @@ def test_dequantized_model_loads_without_dkm_hf(tiny_dir, tmp_path, name, finali
     torch.save(plain(**inputs).logits.detach(), tmp_path / "expected.pt")
     script = f"""
 import sys, torch, transformers
+torch.set_num_threads(1)  # the same reduction order as the test process
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 cls = AutoModelForCausalLM if {name!r} == "gpt2" else AutoModelForSequenceClassification
 model, info = cls.from_pretrained({str(tmp_path / "plain")!r}, output_loading_info=True)
