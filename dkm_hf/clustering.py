@@ -173,11 +173,9 @@ class _ChunkedDKM(torch.autograd.Function):
 
 
 def bucket_dtype_for(w: torch.Tensor) -> torch.dtype:
-    """16-bit dtype whose bit pattern indexes a bucket: the weight's own if 16-bit, else float16 (bfloat16 for
-    weights beyond float16's range)."""
-    if w.dtype in (torch.float16, torch.bfloat16):
-        return w.dtype
-    return torch.float16 if w.detach().abs().max().item() < 6.0e4 else torch.bfloat16
+    """16-bit dtype whose bit pattern indexes a bucket: the weight's own if 16-bit, else float16 (`unique_buckets`
+    falls back to bfloat16 for weights beyond float16's range)."""
+    return w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
 _FP16_INF = (0x7C00, 0xFC00)
@@ -273,9 +271,7 @@ def dkm_cluster(
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
-        if bucket_dtype is None:
-            bucket_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype)
+        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
     if implementation != "chunked":
         raise ValueError(f"unknown DKM implementation {implementation!r}; use 'chunked' or 'uniquified'")
     return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon)

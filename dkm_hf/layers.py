@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .clustering import dkm_cluster, gather_centroids, hard_assign, kmeans_init
+from .clustering import bucket_dtype_for, dkm_cluster, gather_centroids, hard_assign, kmeans_init
 from .config import LayerSpec
 
 SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D, nn.Embedding)
@@ -212,7 +212,6 @@ class DKMMixin:
             if update:
                 self._start = start
         weight = self.weight
-        bucket_dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else None
         vectors = self.geometry.to_vectors(self._scaled_rows(weight.float()))
         soft, centroids = dkm_cluster(
             vectors,
@@ -221,7 +220,7 @@ class DKMMixin:
             self.spec.max_iters,
             self.spec.epsilon,
             self.implementation,
-            bucket_dtype=bucket_dtype,
+            bucket_dtype=bucket_dtype_for(weight),  # of the weight's own dtype, before the float32 copy
         )
         if update:
             with torch.no_grad():

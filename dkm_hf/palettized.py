@@ -16,7 +16,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .layers import DKM_ATTRS, DKM_BUFFERS, DKMMixin, Geometry, _clone_as, functional_forward, plain_module
-from .packing import pack_indices, packed_size, unpack_indices, unpack_range
+from .packing import pack_indices, packed_size, unpack_range
 
 MODES = ("dense", "packed")
 DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
@@ -64,11 +64,6 @@ class PalettizedMixin:
     @property
     def has_scale(self) -> bool:
         return "weight_scale" in self._buffers
-
-    def indices(self) -> torch.Tensor:
-        g = self.geometry
-        n = g.groups * g.vectors_per_group
-        return unpack_indices(self.weight_indices, self.bits, n).view(g.groups, g.vectors_per_group)
 
     def decode(self) -> torch.Tensor:
         """The dense weight, in `compute_dtype`, decoded in slices so temporaries stay small."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
+from .checkpoint import module_layout
 from .config import DKMConfig, name_matches
-from .layers import LUT_TORCH_DTYPES, DKMMixin, Geometry, dkm_class_for, dkm_modules, geometry_for
+from .layers import LUT_TORCH_DTYPES, DKMMixin, Geometry, dkm_class_for, dkm_modules
 from .palettized import PalettizedMixin, palettize, palettized_class_for
 
 logger = logging.get_logger(__name__)
@@ -161,29 +163,22 @@ def replace_with_palettized_modules(model: nn.Module, config: DKMConfig) -> dict
 
 
 def _recorded_geometry(name: str, module: nn.Module, record: dict) -> Geometry:
-    required = {"bits": int, "cluster_dim": int, "groups": int, "shape": list, "per_channel_scale": bool}
-    for key, kind in required.items():
-        if not isinstance(record.get(key), kind) or (kind is int and isinstance(record.get(key), bool)):
-            raise ValueError(
-                f"config.json: palettized module {name!r} needs {key!r} of type {kind.__name__}, "
-                f"got {record.get(key)!r}"
-            )
-    if not 1 <= record["bits"] <= 8:
-        raise ValueError(f"config.json: palettized module {name!r} has bits={record['bits']}, outside [1, 8]")
+    """The Geometry config.json records for `module` (fields checked by `module_layout`), checked against the model."""
+    layout = module_layout(name, record)
     shape = tuple(module.weight.shape)
-    if tuple(record["shape"]) != shape:
+    if layout.shape != shape:
         raise ValueError(
-            f"config.json: palettized module {name!r} has shape {record['shape']}, the model's weight is {list(shape)}"
+            f"config.json: palettized module {name!r} has shape {list(layout.shape)}, the model's weight is "
+            f"{list(shape)}"
         )
-    spec_like = type("Spec", (), {"cluster_dim": record["cluster_dim"], "granularity": "per_tensor"})
-    geometry = geometry_for(module, spec_like, name)
-    groups = record["groups"]
-    if groups < 1 or geometry.channels % groups:
+    geometry = Geometry(shape, isinstance(module, Conv1D), layout.groups, layout.cluster_dim)
+    if geometry.features % layout.cluster_dim or geometry.channels % layout.groups:
         raise ValueError(
-            f"config.json: palettized module {name!r} has groups={groups}, which does not divide its "
+            f"config.json: palettized module {name!r} has cluster_dim={layout.cluster_dim} and "
+            f"groups={layout.groups}, which do not divide its {geometry.features} features and "
             f"{geometry.channels} channels"
         )
-    return Geometry(shape, geometry.transposed, groups, record["cluster_dim"])
+    return geometry
 
 
 def _untie(model: nn.Module, targets: list[str]) -> None:

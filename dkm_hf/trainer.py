@@ -139,13 +139,14 @@ class DKMCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         milestone = self._milestone(model)
         step = state.global_step
+        taus = []
         for name, module in self._modules(model):
             if step == milestone and not module.dkm_enabled:
                 module.init_centroids()
             module.dkm_enabled = step >= milestone
             module.spec.tau = self._tau(name, step, milestone, state.max_steps)
-        modules = dkm_modules(model)
-        self.pending["dkm_tau"] = modules[0][1].spec.tau if modules else 0.0
+            taus.append(module.spec.tau)
+        self.pending["dkm_tau"] = taus[0]  # the first module's: one schedule, all modules
         self.pending["dkm_enabled"] = float(step >= milestone)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -24,21 +24,25 @@ def test_gradcheck_chunked_float64():
     torch.autograd.gradcheck(lambda x: dkm_cluster(x, c0, 5e-3, 3, 0.0, "chunked")[0], (w,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("d", [1, 2, 4])
-@pytest.mark.parametrize("bits", [2, 4])
-def test_chunked_matches_naive_reference(groups, d, bits):
-    w = _weights(groups, 640, d)
-    c0 = kmeans_init(w, 2**bits, seed=1)
+def _assert_matches_reference(w: torch.Tensor, bits: int, iters: int, implementation: str, seed: int) -> None:
+    """Values, final centroids and gradients of a fast path within 1e-4 relative of naive autograd."""
+    c0 = kmeans_init(w, 2**bits, seed=seed)
     grad = torch.randn_like(w)
     fast, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
-    y_fast, c_fast = dkm_cluster(fast, c0, 1e-3, 5, 0.0, "chunked")
-    y_ref, c_ref = naive_dkm(ref, c0, 1e-3, 5, 0.0)
+    y_fast, c_fast = dkm_cluster(fast, c0, 1e-3, iters, 0.0, implementation)
+    y_ref, c_ref = naive_dkm(ref, c0, 1e-3, iters, 0.0)
     (y_fast * grad).sum().backward()
     (y_ref * grad).sum().backward()
     assert _rel(y_fast, y_ref) < 1e-4
     assert _rel(c_fast, c_ref) < 1e-4
     assert _rel(fast.grad, ref.grad) < 1e-4
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("d", [1, 2, 4])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_chunked_matches_naive_reference(groups, d, bits):
+    _assert_matches_reference(_weights(groups, 640, d), bits, 5, "chunked", seed=1)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
@@ -46,16 +50,7 @@ def test_chunked_matches_naive_reference(groups, d, bits):
 def test_uniquified_matches_naive_reference(groups, bits):
     w = _weights(groups, 3000, 1)  # float16-representable, with many repeated values
     assert unique_buckets(w.squeeze(-1), torch.float16)[0].shape[1] < 3000
-    c0 = kmeans_init(w, 2**bits, seed=2)
-    grad = torch.randn_like(w)
-    fast, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
-    y_fast, c_fast = dkm_cluster(fast, c0, 1e-3, 4, 0.0, "uniquified")
-    y_ref, c_ref = naive_dkm(ref, c0, 1e-3, 4, 0.0)
-    (y_fast * grad).sum().backward()
-    (y_ref * grad).sum().backward()
-    assert _rel(y_fast, y_ref) < 1e-4
-    assert _rel(c_fast, c_ref) < 1e-4
-    assert _rel(fast.grad, ref.grad) < 1e-4
+    _assert_matches_reference(w, bits, 4, "uniquified", seed=2)
 
 
 def test_uniquified_gradient_is_per_weight_not_per_bucket():
