@@ -55,8 +55,7 @@ COREMLTOOLS_ANCHORS = (
 
 
 ACCURACY_COREMLTOOLS_NOTE = (
-    "coremltools DKM on all-MiniLM-L6-v2 not run: at 4 bits it was measured before at 375 s for the first step and "
-    "11 GB (batch 16 x 128), so its 4- and 2-bit runs do not fit this suite's budget."
+    "coremltools is not installed (pip install coremltools==9.0): its accuracy rows are skipped."
 )
 
 
@@ -467,8 +466,9 @@ def evaluate(model, tokenizer, rows, max_len) -> float:
     return 100.0 * correct / len(rows)
 
 
-def train(model, tokenizer, rows, epochs, lr, batch_size, max_len, seed) -> float:
-    """AdamW, linear decay to 0 (no warm-up): a plain loop; DKM modules need nothing else. Returns seconds."""
+def train(model, tokenizer, rows, epochs, lr, batch_size, max_len, seed, step_hook=None) -> float:
+    """AdamW, linear decay to 0 (no warm-up): a plain loop; DKM modules need nothing else (coremltools' palettizer
+    wants `step_hook`, its `step()`, after every optimiser step). Returns seconds."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -485,6 +485,8 @@ def train(model, tokenizer, rows, epochs, lr, batch_size, max_len, seed) -> floa
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            if step_hook is not None:
+                step_hook()
     return time.perf_counter() - start
 
 
@@ -516,6 +518,9 @@ def child_accuracy(spec: dict) -> None:
         from ptq_kmeans import palettize_post_training
 
         palettize_post_training(model)
+    elif method == "coremltools":
+        model = coremltools_dkm(model, tokenizer, train_rows, test_rows, spec, result)
+        config = dkm_hf.get_dkm_config(model)
     elif method != "none":
         result["train_s"] = train(
             model, tokenizer, train_rows, spec["epochs"], spec["lr"], spec["batch"], spec["max_len"], spec["seed"]
@@ -529,6 +534,62 @@ def child_accuracy(spec: dict) -> None:
         reloaded = AutoModelForSequenceClassification.from_pretrained(save_dir)
         result["accuracy"] = evaluate(reloaded, tokenizer, test_rows, spec["max_len"])
     emit(result)
+
+
+def coremltools_dkm(model, tokenizer, train_rows, test_rows, spec: dict, result: dict):
+    """Train `model` with coremltools' DKMPalettizer (same loop, data and optimiser as the dkm_hf rows), finalize it,
+    and return it as a dkm_hf model ready to save palettized.
+
+    coremltools' `finalize` leaves dense weights that take at most 2^bits values per tensor; they are written into a
+    dkm_hf model by the post-training k-means of `ptq_kmeans`, which recovers those values exactly (up to the
+    float16 LUT), so the accuracy reported is that of the reloaded palettized checkpoint like every other row.
+    `result` gets the in-memory accuracy of coremltools' own finalized model and the largest weight change of the
+    conversion, so the two can be compared.
+    """
+    import tempfile
+
+    from coremltools.optimize.torch.palettization import (
+        DKMPalettizer,
+        DKMPalettizerConfig,
+        ModuleDKMPalettizerConfig,
+    )
+    from ptq_kmeans import palettize_post_training
+    from transformers import AutoModelForSequenceClassification
+
+    import dkm_hf
+
+    # coremltools palettizes modules with more than weight_threshold weights, dkm_hf those with at least as many.
+    ct = {"weight_threshold": dkm_hf.DKMConfig().weight_threshold - 1} | spec["ct"]
+    palettizer = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(**ct)))
+    prepared = palettizer.prepare(inplace=True)
+    result["train_s"] = train(
+        prepared,
+        tokenizer,
+        train_rows,
+        spec["epochs"],
+        spec["lr"],
+        spec["batch"],
+        spec["max_len"],
+        spec["seed"],
+        step_hook=palettizer.step,
+    )
+    final = palettizer.finalize(inplace=True)
+    result["accuracy_coremltools_in_memory"] = evaluate(final, tokenizer, test_rows, spec["max_len"])
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v for k, v in final.state_dict().items() if "_COREML_" not in k}  # its export metadata
+        final.save_pretrained(tmp, state_dict=state)
+        dkm = dkm_hf.DKMConfig(bits=spec["ct"]["n_bits"])
+        model = AutoModelForSequenceClassification.from_pretrained(tmp, dkm_config=dkm)
+    palettize_post_training(model)
+    dense = dict(final.named_parameters())
+    result["conversion_max_abs_change"] = max(
+        (module.hard_weight() - dense[name + ".weight"]).abs().max().item()
+        for name, module in dkm_hf.dkm_modules(model)
+    )
+    result["coremltools_max_values_per_tensor"] = max(
+        dense[name + ".weight"].unique().numel() for name, _ in dkm_hf.dkm_modules(model)
+    )
+    return model
 
 
 def suite_accuracy(quick: bool) -> dict:
@@ -576,18 +637,6 @@ def suite_accuracy(quick: bool) -> dict:
         ("DKM 3 bits", {"bits": 3, "tau": 5e-5}),
         ("DKM 2 bits", {"bits": 2, "tau": 3e-5}),  # 1e-4 gave 68.7 vs 69.4 in the quick run (RESULTS.md)
     ]
-    if quick:
-        data["notes"].append(
-            "DKM 4/2 is not run with --quick: cluster_dim 2 takes the chunked path (no uniquification), about 15x "
-            "the step time of cluster_dim 1 (layer suite), i.e. well over the ~10 minute budget on this model."
-        )
-    else:
-        settings += [
-            ("DKM 4/2 (2 bits/weight)", {"bits": 4, "cluster_dim": 2, "tau": 1e-4}),
-            ("DKM 2 bits, per-channel scale", {"bits": 2, "per_channel_scale": True, "tau": 5e-3}),
-            ("DKM 4 bits, tau 1e-4", {"bits": 4, "tau": 1e-4}),
-            ("DKM 2 bits, tau 1e-4", {"bits": 2, "tau": 1e-4}),
-        ]
     for label, dkm in settings:
         run(label, phase | {"method": "dkm", "dkm": dkm})
     for bits in (4, 3, 2):
@@ -595,7 +644,21 @@ def suite_accuracy(quick: bool) -> dict:
             f"post-training k-means {bits} bits",
             {"method": "ptq", "src": str(dense_dir), "out": None, "dkm": {"bits": bits}},
         )
-    data["notes"].append(ACCURACY_COREMLTOOLS_NOTE)
+    if have_coremltools():
+        # Same loop, data, optimiser, schedule and tau as the dkm_hf rows of the same bit width.
+        for bits, tau in ((2, 3e-5), (4, 2e-5)):
+            spec = phase | {"method": "coremltools", "ct": {"n_bits": bits, "palett_tau": tau}}
+            run(f"coremltools DKM {bits} bits", spec, timeout=5400)
+    else:
+        data["notes"].append(ACCURACY_COREMLTOOLS_NOTE)
+    run("DKM 4/2 (2 bits/weight)", phase | {"method": "dkm", "dkm": {"bits": 4, "cluster_dim": 2, "tau": 1e-4}})
+    if not quick:
+        for label, dkm in [
+            ("DKM 2 bits, per-channel scale", {"bits": 2, "per_channel_scale": True, "tau": 5e-3}),
+            ("DKM 4 bits, tau 1e-4", {"bits": 4, "tau": 1e-4}),
+            ("DKM 2 bits, tau 1e-4", {"bits": 2, "tau": 1e-4}),
+        ]:
+            run(label, phase | {"method": "dkm", "dkm": dkm})
     return data
 
 
@@ -604,7 +667,8 @@ def report_accuracy(data: dict) -> str:
     dense_acc = next((r["result"].get("accuracy") for r in data["runs"] if r["label"] == "dense fine-tune"), None)
     for r in data["runs"]:
         res = r["result"]
-        dkm = r["spec"].get("dkm", {})
+        ct = r["spec"].get("ct")
+        dkm = {"bits": ct["n_bits"], "tau": ct["palett_tau"]} if ct else r["spec"].get("dkm", {})
         ok = res["status"] == "ok"
         bits = f"{dkm.get('bits', 32)}/{dkm.get('cluster_dim', 1)}" if dkm else "32 (float)"
         rows.append(
@@ -618,6 +682,20 @@ def report_accuracy(data: dict) -> str:
                 res.get("train_s"),
             ]
         )
+    conversions = [
+        f"{r['label']}: coremltools' own finalized model {r['result']['accuracy_coremltools_in_memory']:.1f}%, "
+        f"at most {r['result']['coremltools_max_values_per_tensor']} values per tensor, largest weight change on "
+        f"conversion to the dkm_hf checkpoint {r['result']['conversion_max_abs_change']:.1e}"
+        for r in data["runs"]
+        if r["spec"].get("method") == "coremltools" and r["result"]["status"] == "ok"
+    ]
+    conversion_note = (
+        "\ncoremltools rows: trained by `DKMPalettizer` in the same loop, finalized by coremltools, converted to a "
+        "dkm_hf palettized checkpoint (k-means on <= 2^bits distinct values recovers them exactly, up to the float16 "
+        "LUT) and reloaded from it. " + "; ".join(conversions) + ".\n"
+        if conversions
+        else ""
+    )
     recipe = data["recipe"]
     header = ["method", "bits/dim", "tau", "test accuracy (%)", "vs dense (points)", "checkpoint MB", "train (s)"]
     return (
@@ -629,6 +707,7 @@ def report_accuracy(data: dict) -> str:
         "model reloaded from its saved checkpoint (palettized for DKM and k-means rows).\n\n"
         + markdown_table(header, rows)
         + "\n"
+        + conversion_note
     )
 
 
