@@ -140,6 +140,7 @@ def machine_description() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "coremltools": ct,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 

@@ -1,11 +1,14 @@
 """dkm_hf benchmarks: speed, memory and accuracy against plain training and coremltools' DKMPalettizer.
 
     python benchmarks/run.py --suite layer|model|accuracy|size|all [--quick]
+    python benchmarks/run.py --suite layer --device cuda [--quick]     # where a GPU is available
 
 Suites:
   layer     Sequential(Linear(768, 3072), ReLU, Linear(3072, 10)), batch 64, SGD; 2/4/8 bits, cluster_dim 1 and 2,
             3 and 5 DKM iterations: first step (including centroid initialisation), median steady step, peak RSS
             increase. dkm_hf vs coremltools (if installed) vs the plain model; one fresh process per variant.
+            With --device cuda: the same on the GPU (peak is then the increase of torch.cuda.max_memory_allocated),
+            written to results/layer_cuda.json.
   model     all-MiniLM-L6-v2 (BertForSequenceClassification), batch 16 x 128, AdamW, 4 bits: dkm_hf vs plain
             fine-tuning; MPNet-base (all-mpnet-base-v2) the same, as the BERT-base-size case.
   accuracy  all-MiniLM-L6-v2 on tweet sentiment (3 classes): dense fine-tune, then DKM at 4, 3, 2 and 4/2 bits from
@@ -124,8 +127,10 @@ def child_layer(spec: dict) -> None:
     from torch import nn
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(768, 3072), nn.ReLU(), nn.Linear(3072, 10))
-    x, y = torch.randn(64, 768), torch.randint(0, 10, (64,))
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
+    model = nn.Sequential(nn.Linear(768, 3072), nn.ReLU(), nn.Linear(3072, 10)).to(device)
+    x, y = torch.randn(64, 768, device=device), torch.randint(0, 10, (64,), device=device)
     impl, bits, cdim, iters = spec["impl"], spec.get("bits"), spec.get("cluster_dim"), spec.get("iters")
     # Libraries are imported before the peak-RSS reset: their import is not part of the training memory.
     if impl == "dkm_hf":
@@ -138,6 +143,16 @@ def child_layer(spec: dict) -> None:
         )
     step_hook = None
     warm_up_torch()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:  # the GPU's own peak: allocations over the plain model and its data
+        (torch.ones(8, device=device) * 2).sum().item()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
     base = reset_peak_rss()
     start = time.perf_counter()
     if impl == "dkm_hf":
@@ -150,6 +165,7 @@ def child_layer(spec: dict) -> None:
         palettizer = DKMPalettizer(model, DKMPalettizerConfig(global_config=module_config))
         model = palettizer.prepare()
         step_hook = palettizer.step
+    sync()
     prepare_s = time.perf_counter() - start
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -161,20 +177,20 @@ def child_layer(spec: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step_hook is not None:
             step_hook()
+        sync()
 
     times = []
     for _ in range(spec["steps"] + 1):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    emit(
-        {
-            "prepare_s": prepare_s,
-            "first_s": prepare_s + times[0],
-            "step_s": median(times[1:]),
-            "peak_increase_mb": peak_rss_mb() - base,
-        }
-    )
+    result = {"prepare_s": prepare_s, "first_s": prepare_s + times[0], "step_s": median(times[1:])}
+    if cuda:
+        result["peak_increase_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+        result["host_peak_increase_mb"] = peak_rss_mb() - base
+    else:
+        result["peak_increase_mb"] = peak_rss_mb() - base
+    emit(result)
 
 
 def layer_variants(quick: bool) -> list[dict]:
@@ -194,18 +210,19 @@ def layer_variants(quick: bool) -> list[dict]:
     return variants
 
 
-def suite_layer(quick: bool) -> dict:
+def suite_layer(quick: bool, device: str = "cpu") -> dict:
     steps, slow_steps = (4, 2) if quick else (10, 3)  # slow: coremltools and cluster_dim 2
     ct = have_coremltools()
     notes = [] if ct else ["coremltools is not installed (pip install coremltools==9.0): its columns are skipped."]
-    plain = run_child([SCRIPT, "--child", "layer", json.dumps({"impl": "plain", "steps": steps})], timeout_s=300)
+    plain_spec = {"impl": "plain", "steps": steps, "device": device}
+    plain = run_child([SCRIPT, "--child", "layer", json.dumps(plain_spec)], timeout_s=300)
     print("plain", plain, flush=True)
     runs = []
     for v in layer_variants(quick):
         if v["impl"] == "coremltools" and not ct:
             continue
         slow = v["impl"] == "coremltools" or v["cluster_dim"] > 1
-        spec = v | {"steps": slow_steps if slow else steps}
+        spec = v | {"steps": slow_steps if slow else steps, "device": device}
         big = v["impl"] == "coremltools" and v["bits"] == 8
         timeout = 120 if big else (900 if v["impl"] == "coremltools" else 600)
         res = run_child([SCRIPT, "--child", "layer", json.dumps(spec)], timeout_s=timeout, rss_cap_gb=8 if big else 20)
@@ -219,6 +236,7 @@ def suite_layer(quick: bool) -> dict:
         "steps": steps,
         "slow_steps": slow_steps,
         "threads": CHILD_THREADS,
+        "device": device,
         "notes": notes,
     }
 
@@ -281,12 +299,22 @@ def report_layer(data: dict) -> str:
         if plain["status"] == "ok"
         else f"Plain model: {plain['status']}"
     )
+    device = data.get("device", "cpu")
+    memory = (
+        "Peak increase is of torch.cuda.max_memory_allocated over the plain model with its data"
+        if device == "cuda"
+        else "Peak RSS increase is over the RSS of the plain model with its data"
+    )
     return (
-        "Sequential(Linear(768, 3072), ReLU, Linear(3072, 10)), batch 64, SGD(momentum 0.9), tau 1e-4, "
+        f"Device: {device}. Sequential(Linear(768, 3072), ReLU, Linear(3072, 10)), batch 64, SGD(momentum 0.9), "
+        "tau 1e-4, "
         f"{data['steps']} steady steps (coremltools and cluster_dim 2: {data.get('slow_steps', 3)}), "
         f"{data.get('threads', 1)} thread(s). First step includes preparing the model "
-        "(centroid initialisation). Peak RSS increase is over the RSS of the plain model with its data, "
-        "one fresh process per row.\n\n" + markdown_table(header, rows) + "\n\n" + plain_line + "\n"
+        f"(centroid initialisation). {memory}, one fresh process per row.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
+        + plain_line
+        + "\n"
     )
 
 
@@ -376,8 +404,9 @@ def suite_model(quick: bool) -> dict:
                     + f"; {COREMLTOOLS_ANCHORS}."
                 )
             else:
-                spec = {"impl": "coremltools", "path": str(path), "steps": 2}
-                res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=180, rss_cap_gb=16)
+                # Its first step alone took 375 s here before (centroid initialisation on 22.7M weights).
+                spec = {"impl": "coremltools", "path": str(path), "steps": 3}
+                res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=1500, rss_cap_gb=20)
                 runs.append({"model": name, "impl": "coremltools", "result": res})
     return {"runs": runs, "notes": notes, "batch": "16 x 128"}
 
@@ -713,7 +742,7 @@ def report_accuracy(data: dict) -> str:
 
 # -- RESULTS.md -------------------------------------------------------------------------------------------------------
 
-REPORTERS = {"layer": report_layer, "model": report_model, "accuracy": report_accuracy}
+REPORTERS = {"layer": report_layer, "layer_cuda": report_layer, "model": report_model, "accuracy": report_accuracy}
 
 
 def write_results_md() -> None:
@@ -722,7 +751,7 @@ def write_results_md() -> None:
         "Regenerated by `python benchmarks/run.py --report-only` (and at the end of every suite) from "
         "`benchmarks/results/*.json`. Each section names the command that produced it and the machine it ran on.\n",
     ]
-    for name in ("dkm_paths", "layer", "model", "accuracy", "size"):
+    for name in ("dkm_paths", "layer", "layer_cuda", "model", "accuracy", "size"):
         path = RESULTS / f"{name}.json"
         if not path.exists():
             continue
@@ -774,10 +803,18 @@ def main() -> None:
     parser.add_argument("--suite", choices=["layer", "model", "accuracy", "size", "all"], default="all")
     parser.add_argument("--quick", action="store_true", help="a few minutes per suite (accuracy: ~10 minutes)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
+    parser.add_argument("--device", default="cpu", help="layer suite only: cpu (default) or cuda")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return CHILDREN[args.child[0]](json.loads(args.child[1]))
+    if args.device != "cpu":
+        if args.suite != "layer":
+            parser.error(f"--device {args.device} is for --suite layer only (got --suite {args.suite})")
+        import torch
+
+        if args.device != "cuda" or not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: only cpu and cuda (with a visible GPU) are supported")
     RESULTS.mkdir(exist_ok=True)
     if not args.report_only:
         suites = ["layer", "model", "accuracy", "size"] if args.suite == "all" else [args.suite]
@@ -787,7 +824,11 @@ def main() -> None:
                 run_size_suite(args.quick, command)
                 continue
             start = time.perf_counter()
-            data = SUITES[suite](args.quick)
+            if args.device == "cpu":
+                name, data = suite, SUITES[suite](args.quick)
+            else:
+                command += f" --device {args.device}"
+                name, data = f"{suite}_{args.device}", suite_layer(args.quick, args.device)
             payload = {
                 "command": command,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -795,8 +836,8 @@ def main() -> None:
                 "machine": machine_description(),
                 "data": data,
             }
-            (RESULTS / f"{suite}.json").write_text(json.dumps(payload, indent=2) + "\n")
-            print(REPORTERS[suite](data))
+            (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+            print(REPORTERS[name](data))
     write_results_md()
 
 
