@@ -4,6 +4,7 @@ import pytest
 import torch
 from reference import naive_dkm
 
+from dkm_hf import clustering
 from dkm_hf.clustering import dkm_cluster, gather_centroids, hard_assign, kmeans_init, unique_buckets
 
 
@@ -106,3 +107,12 @@ def test_uniquified_falls_back_to_bfloat16_beyond_float16_range():
     values, counts, inverse = unique_buckets(w.squeeze(-1), torch.float16)
     assert torch.isfinite(values).all() and values.abs().max() > 6e4
     assert torch.equal(values.view(-1)[inverse.long()], w.view(-1).to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 16, 32])
+def test_softmax_matches_torch_for_every_centroid_count(k):
+    # Below 16 centroids the softmax runs over a transposed copy (faster on CPU); the values must not change.
+    z = torch.randn(3, 257, k, generator=torch.Generator().manual_seed(k)) * 40
+    out = clustering._softmax(z)
+    assert out.shape == z.shape and out.is_contiguous()
+    torch.testing.assert_close(out, torch.softmax(z, dim=-1), rtol=0, atol=1e-6)
