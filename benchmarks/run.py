@@ -740,6 +740,30 @@ def report_accuracy(data: dict) -> str:
     )
 
 
+def retry_failed_accuracy() -> None:
+    """Rerun, one at a time, the rows of results/accuracy.json that did not finish (say, killed for memory while
+    another job shared the machine), keep every other row, and say in the notes which rows were rerun and why."""
+    path = RESULTS / "accuracy.json"
+    payload = json.loads(path.read_text())
+    data = payload["data"]
+    recipe = {k: data["recipe"][k] for k in ("tokenizer", "train_size", "max_len", "batch", "seed")}
+    for r in data["runs"]:
+        if r["result"]["status"] == "ok":
+            continue
+        before = _outcome(r["result"])
+        timeout = 5400 if r["spec"]["method"] == "coremltools" else 1800
+        r["result"] = run_child([SCRIPT, "--child", "accuracy", json.dumps(recipe | r["spec"])], timeout_s=timeout)
+        print(r["label"], {k: v for k, v in r["result"].items() if k != "log_tail"}, flush=True)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        data["notes"].append(
+            f"{r['label']}: {before} in the suite run; rerun alone with `--retry-failed` ({when}), same spec: "
+            + (_outcome(r["result"]) or "ok")
+            + "."
+        )
+    payload["command"] += " (failed rows rerun by `python benchmarks/run.py --suite accuracy --retry-failed`)"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
 # -- RESULTS.md -------------------------------------------------------------------------------------------------------
 
 REPORTERS = {"layer": report_layer, "layer_cuda": report_layer, "model": report_model, "accuracy": report_accuracy}
@@ -804,10 +828,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few minutes per suite (accuracy: ~10 minutes)")
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     parser.add_argument("--device", default="cpu", help="layer suite only: cpu (default) or cuda")
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="accuracy suite: rerun only the rows of its results that failed"
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return CHILDREN[args.child[0]](json.loads(args.child[1]))
+    if args.retry_failed:
+        if args.suite != "accuracy":
+            parser.error("--retry-failed is for --suite accuracy only")
+        retry_failed_accuracy()
+        return write_results_md()
     if args.device != "cpu":
         if args.suite != "layer":
             parser.error(f"--device {args.device} is for --suite layer only (got --suite {args.suite})")
