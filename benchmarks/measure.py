@@ -19,6 +19,7 @@ import tempfile
 import time
 
 RESULT_PREFIX = "BENCH_RESULT "
+PROGRESS_PREFIX = "BENCH_PROGRESS "
 
 
 def _status_kb(field: str) -> int:
@@ -61,6 +62,11 @@ def timed(fn) -> float:
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def progress(message: str) -> None:
+    """A line the parent keeps if the child does not finish (first-step time of a run that later times out)."""
+    print(PROGRESS_PREFIX + message, flush=True)
 
 
 def emit(result: dict) -> None:
@@ -109,6 +115,8 @@ def run_child(argv: list[str], timeout_s: float, rss_cap_gb: float | None = None
         "status": status or "failed",
         "wall_s": elapsed,
         "child_peak_rss_mb": peak_kb / 1024,
+        "returncode": proc.returncode,  # -9 without a timeout or cap of ours: the kernel's out-of-memory killer
+        "progress": [line for line in lines if line.startswith(PROGRESS_PREFIX)][-5:],
         "log_tail": "\n".join(lines[-15:]),
     }
 

@@ -43,6 +43,7 @@ from measure import (  # noqa: E402
     markdown_table,
     median,
     peak_rss_mb,
+    progress,
     reset_peak_rss,
     run_child,
     warm_up_torch,
@@ -244,8 +245,18 @@ def suite_layer(quick: bool, device: str = "cpu") -> dict:
 def _outcome(res: dict) -> str | None:
     if res["status"] == "ok":
         return None
+    done = "; ".join(line.split(" ", 1)[1] for line in res.get("progress", []))
     if res["status"] == "timeout":
-        return f"did not finish in {res['wall_s']:.0f} s (peak RSS {res['child_peak_rss_mb'] / 1024:.1f} GB)"
+        return (
+            f"did not finish in {res['wall_s']:.0f} s (peak RSS {res['child_peak_rss_mb'] / 1024:.1f} GB"
+            + (f"; {done}" if done else "")
+            + ")"
+        )
+    if res.get("returncode") == -9:
+        return (
+            f"killed by the kernel's out-of-memory killer after {res['wall_s']:.0f} s at "
+            f"{res['child_peak_rss_mb'] / 1024:.1f} GB RSS"
+        )
     if res["status"] == "rss_cap":
         return f"exceeded {res['child_peak_rss_mb'] / 1024:.1f} GB RSS after {res['wall_s']:.0f} s (killed)"
     last = [line for line in res.get("log_tail", "").splitlines() if line.strip()][-1:]
@@ -365,6 +376,7 @@ def child_model(spec: dict) -> None:
         if step_hook is not None:
             step_hook()
         times.append(time.perf_counter() - t)
+        progress(f"step {len(times)} took {times[-1]:.1f} s (load {load_s:.1f} s)")
     emit(
         {
             "load_s": load_s,
