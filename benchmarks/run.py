@@ -402,11 +402,9 @@ def suite_model(quick: bool) -> dict:
         steps = 3 if quick and "mpnet" in str(path) else (5 if quick else 10)
         impls = ["plain", "dkm_hf", "plain", "dkm_hf"] if not quick else ["plain", "dkm_hf"]
         for impl in impls:  # alternating, so a slower phase of the shared machine hits both
-            res = run_child(
-                [SCRIPT, "--child", "model", json.dumps({"impl": impl, "path": str(path), "steps": steps})],
-                timeout_s=900,
-            )
-            runs.append({"model": name, "impl": impl, "result": res})
+            spec = {"impl": impl, "path": str(path), "steps": steps}
+            res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=900)
+            runs.append({"model": name, "impl": impl, "spec": spec, "timeout_s": 900, "result": res})
             print(name, impl, res, flush=True)
         if "MiniLM" in name:
             if quick or not have_coremltools():
@@ -419,7 +417,10 @@ def suite_model(quick: bool) -> dict:
                 # Its first step alone took 375 s here before (centroid initialisation on 22.7M weights).
                 spec = {"impl": "coremltools", "path": str(path), "steps": 3}
                 res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=1500, rss_cap_gb=20)
-                runs.append({"model": name, "impl": "coremltools", "result": res})
+                runs.append(
+                    {"model": name, "impl": "coremltools", "spec": spec, "timeout_s": 1500, "rss_cap_gb": 20}
+                    | {"result": res}
+                )
     return {"runs": runs, "notes": notes, "batch": "16 x 128"}
 
 
@@ -752,27 +753,36 @@ def report_accuracy(data: dict) -> str:
     )
 
 
-def retry_failed_accuracy() -> None:
-    """Rerun, one at a time, the rows of results/accuracy.json that did not finish (say, killed for memory while
-    another job shared the machine), keep every other row, and say in the notes which rows were rerun and why."""
-    path = RESULTS / "accuracy.json"
+def retry_failed(suite: str) -> None:
+    """Rerun, one at a time, the runs of results/<suite>.json (accuracy or model) that did not finish (say, killed
+    for memory while another job shared the machine), keep every other run, and say in the notes which runs were
+    rerun and why."""
+    path = RESULTS / f"{suite}.json"
     payload = json.loads(path.read_text())
     data = payload["data"]
-    recipe = {k: data["recipe"][k] for k in ("tokenizer", "train_size", "max_len", "batch", "seed")}
     for r in data["runs"]:
         if r["result"]["status"] == "ok":
             continue
         before = _outcome(r["result"])
-        timeout = 5400 if r["spec"]["method"] == "coremltools" else 1800
-        r["result"] = run_child([SCRIPT, "--child", "accuracy", json.dumps(recipe | r["spec"])], timeout_s=timeout)
-        print(r["label"], {k: v for k, v in r["result"].items() if k != "log_tail"}, flush=True)
+        if suite == "accuracy":
+            recipe = {k: data["recipe"][k] for k in ("tokenizer", "train_size", "max_len", "batch", "seed")}
+            spec, label = recipe | r["spec"], r["label"]
+            timeout, cap = (5400 if r["spec"]["method"] == "coremltools" else 1800), None
+        else:
+            ct = r["impl"] == "coremltools"
+            model_path = minilm_path() if "MiniLM" in r["model"] else mpnet_path()
+            spec = r.get("spec") or {"impl": r["impl"], "path": str(model_path), "steps": 3 if ct else 10}
+            label = f"{r['model']} {r['impl']}"
+            timeout, cap = r.get("timeout_s", 1500 if ct else 900), r.get("rss_cap_gb", 20 if ct else None)
+        r["result"] = run_child([SCRIPT, "--child", suite, json.dumps(spec)], timeout_s=timeout, rss_cap_gb=cap)
+        print(label, {k: v for k, v in r["result"].items() if k != "log_tail"}, flush=True)
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         data["notes"].append(
-            f"{r['label']}: {before} in the suite run; rerun alone with `--retry-failed` ({when}), same spec: "
+            f"{label}: {before} in the suite run; rerun alone with `--retry-failed` ({when}), same spec: "
             + (_outcome(r["result"]) or "ok")
             + "."
         )
-    payload["command"] += " (failed rows rerun by `python benchmarks/run.py --suite accuracy --retry-failed`)"
+    payload["command"] += f" (failed runs rerun by `python benchmarks/run.py --suite {suite} --retry-failed`)"
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -841,16 +851,16 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     parser.add_argument("--device", default="cpu", help="layer suite only: cpu (default) or cuda")
     parser.add_argument(
-        "--retry-failed", action="store_true", help="accuracy suite: rerun only the rows of its results that failed"
+        "--retry-failed", action="store_true", help="accuracy and model suites: rerun only the runs that failed"
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return CHILDREN[args.child[0]](json.loads(args.child[1]))
     if args.retry_failed:
-        if args.suite != "accuracy":
-            parser.error("--retry-failed is for --suite accuracy only")
-        retry_failed_accuracy()
+        if args.suite not in ("accuracy", "model"):
+            parser.error("--retry-failed is for --suite accuracy or model")
+        retry_failed(args.suite)
         return write_results_md()
     if args.device != "cpu":
         if args.suite != "layer":
