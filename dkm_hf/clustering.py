@@ -74,6 +74,21 @@ def attention(w: torch.Tensor, c: torch.Tensor, tau: float) -> torch.Tensor:
     return _softmax(torch.baddbmm(bias, w, c.transpose(1, 2), beta=-1.0 / tau, alpha=2.0 / tau))
 
 
+def _t_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b for a (G, m, k) and b (G, m, d) -> (G, k, d), computed as (b^T a)^T.
+
+    CPU matmul kernels handle the long inner dimension much better in this orientation when d is small: 0.19 ms
+    against 2.6 ms for m = 8192, k = 256, d = 2 at one thread; never slower in the sizes DKM uses.
+    """
+    return (b.transpose(1, 2) @ a).transpose(1, 2)
+
+
+def _matmul_narrow(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a c for a (G, m, k) and a narrow c (G, k, d) -> (G, m, d), computed as (c^T a^T)^T (2.3x faster for d = 2,
+    as fast or faster for d = 1). The result is a transposed view."""
+    return (c.transpose(1, 2) @ a.transpose(1, 2)).transpose(1, 2)
+
+
 def _softmax_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return a * (grad - (a * grad).sum(-1, keepdim=True))
 
@@ -81,8 +96,8 @@ def _softmax_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 def _distance_backward(dz: torch.Tensor, w: torch.Tensor, c: torch.Tensor, tau: float):
     """Pull dL/dz back through z_ij = -||w_i - c_j||^2 / tau. Returns (dL/dw, dL/dc summed over rows)."""
     row_sum = dz.sum(-1, keepdim=True)  # (G, m, 1)
-    dw = (dz @ c - w * row_sum) * (2.0 / tau)
-    dc = (dz.transpose(1, 2) @ w - c * dz.sum(1).unsqueeze(-1)) * (2.0 / tau)
+    dw = (_matmul_narrow(dz, c) - w * row_sum) * (2.0 / tau)
+    dc = (_t_matmul(dz, w) - c * dz.sum(1).unsqueeze(-1)) * (2.0 / tau)
     return dw, dc
 
 
@@ -100,7 +115,7 @@ def _iterate(w, c0, tau, max_iters, epsilon, weight=None):
             a = attention(w[:, sl], c, tau)
             if weight is not None:
                 a = a * weight[:, sl, None]
-            s += a.transpose(1, 2) @ w[:, sl]
+            s += _t_matmul(a, w[:, sl])
             m += a.sum(1)
         alive = m > _TINY
         c_new = torch.where(alive.unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
@@ -118,7 +133,7 @@ def _soft_output(w, history, tau):
     step = _rows_per_chunk(history[-1].shape[1], d, G)
     out = torch.empty_like(w)
     for sl in _chunks(n, step):
-        out[:, sl] = attention(w[:, sl], history[-2], tau) @ history[-1]
+        out[:, sl] = _matmul_narrow(attention(w[:, sl], history[-2], tau), history[-1])
     return out
 
 
@@ -139,7 +154,7 @@ def _backward(w, history, masses, tau, grad_rows, weight=None, direct_per_unit=F
     # dL/dC_T from W~ = A_T C_T
     dc = torch.zeros_like(c_last)
     for sl in _chunks(n, step):
-        dc += attention(w[:, sl], history[-2], tau).transpose(1, 2) @ grad_rows[:, sl]
+        dc += _t_matmul(attention(w[:, sl], history[-2], tau), grad_rows[:, sl])
 
     b = torch.zeros_like(w)
     a_direct = torch.zeros_like(w) if direct_per_unit else None
@@ -155,7 +170,7 @@ def _backward(w, history, masses, tau, grad_rows, weight=None, direct_per_unit=F
             a = attention(wc, c_prev, tau)
             dz_cent = _softmax_backward(a, wc @ ds.transpose(1, 2) + dm)
             dw_cent, _ = _distance_backward(dz_cent, wc, c_prev, tau)
-            b[:, sl] += a @ ds + dw_cent
+            b[:, sl] += _matmul_narrow(a, ds) + dw_cent
             dz_total = dz_cent if weight is None else dz_cent * weight[:, sl, None]
             if t == T:
                 dz_dir = _softmax_backward(a, grad_rows[:, sl] @ c_t.transpose(1, 2))
