@@ -847,7 +847,11 @@ CHILDREN = {"layer": child_layer, "model": child_model, "accuracy": child_accura
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["layer", "model", "accuracy", "size", "all"], default="all")
-    parser.add_argument("--quick", action="store_true", help="a few minutes per suite (accuracy: ~10 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="shorter runs: minutes per suite; accuracy ~25 minutes, plus 25-60 minutes per coremltools row",
+    )
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     parser.add_argument("--device", default="cpu", help="layer suite only: cpu (default) or cuda")
     parser.add_argument(
