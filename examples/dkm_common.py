@@ -60,6 +60,27 @@ def checkpoint_format(folder: str) -> str:
     return config.get("quantization_config", {}).get("format", "dense")
 
 
+def record_variant(results: dict, bits: int, accuracy: float, metrics: dict, compressed_dir: str, seconds: float):
+    """Add one compressed variant (accuracy of the reloaded checkpoint, in-memory metrics, size) to `results`."""
+    size = checkpoint_bytes(compressed_dir)
+    variant = {
+        "bits": bits,
+        "accuracy": accuracy,
+        "accuracy_in_memory": metrics.get("eval_accuracy"),
+        "accuracy_soft": metrics.get("eval_soft_accuracy"),
+        "checkpoint": compressed_dir,
+        "checkpoint_format": checkpoint_format(compressed_dir),
+        "bytes": size,
+        "compression": results["dense"]["bytes"] / size,
+        "seconds": seconds,
+    }
+    results["variants"].append(variant)
+    print(
+        f"{bits}-bit: accuracy {accuracy:.4f} (reloaded from {compressed_dir}), "
+        f"{size / 2**20:.2f} MiB, {variant['compression']:.1f}x smaller"
+    )
+
+
 def write_results(results: dict, out: Path) -> str:
     """Write results.json and results.md into `out`; return the Markdown."""
     dense = results["dense"]

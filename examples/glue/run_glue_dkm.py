@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dk
 import datasets  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from dkm_common import DKMArguments, accuracy_metric, checkpoint_bytes, checkpoint_format, write_results  # noqa: E402
+from dkm_common import DKMArguments, accuracy_metric, checkpoint_bytes, record_variant, write_results  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -288,22 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         reloaded = AutoModelForSequenceClassification.from_pretrained(compressed_dir)  # plain from_pretrained
         accuracy = accuracy_of(reloaded, data["validation"], collator, training_args.per_device_eval_batch_size)
-        variant = {
-            "bits": bits,
-            "accuracy": accuracy,
-            "accuracy_in_memory": soft_and_hard.get("eval_accuracy"),
-            "accuracy_soft": soft_and_hard.get("eval_soft_accuracy"),
-            "checkpoint": compressed_dir,
-            "checkpoint_format": checkpoint_format(compressed_dir),
-            "bytes": checkpoint_bytes(compressed_dir),
-            "compression": results["dense"]["bytes"] / checkpoint_bytes(compressed_dir),
-            "seconds": time.time() - t0,
-        }
-        results["variants"].append(variant)
-        print(
-            f"{bits}-bit: accuracy {accuracy:.4f} (reloaded from {compressed_dir}), "
-            f"{variant['bytes'] / 2**20:.2f} MiB, {variant['compression']:.1f}x smaller"
-        )
+        record_variant(results, bits, accuracy, soft_and_hard, compressed_dir, time.time() - t0)
         del reloaded
 
     results["wall_seconds"] = time.time() - start

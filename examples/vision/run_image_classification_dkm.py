@@ -40,7 +40,7 @@ from dkm_common import (  # noqa: E402
     DKMArguments,
     accuracy_metric,
     checkpoint_bytes,
-    checkpoint_format,
+    record_variant,
     write_results,
 )
 from PIL import Image  # noqa: E402
@@ -318,22 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         reloaded = AutoModelForImageClassification.from_pretrained(compressed_dir)  # plain from_pretrained
         accuracy = accuracy_of(reloaded)
-        variant = {
-            "bits": bits,
-            "accuracy": accuracy,
-            "accuracy_in_memory": in_memory.get("eval_accuracy"),
-            "accuracy_soft": in_memory.get("eval_soft_accuracy"),
-            "checkpoint": compressed_dir,
-            "checkpoint_format": checkpoint_format(compressed_dir),
-            "bytes": checkpoint_bytes(compressed_dir),
-            "compression": results["dense"]["bytes"] / checkpoint_bytes(compressed_dir),
-            "seconds": time.time() - t0,
-        }
-        results["variants"].append(variant)
-        print(
-            f"{bits}-bit: accuracy {accuracy:.4f} (reloaded from {compressed_dir}), "
-            f"{variant['bytes'] / 2**20:.2f} MiB, {variant['compression']:.1f}x smaller"
-        )
+        record_variant(results, bits, accuracy, in_memory, compressed_dir, time.time() - t0)
         del reloaded
 
     results["wall_seconds"] = time.time() - start
