@@ -791,7 +791,10 @@ def retry_failed(suite: str) -> None:
             + (_outcome(r["result"]) or "ok")
             + "."
         )
-    payload["command"] += f" (failed runs rerun by `python benchmarks/run.py --suite {suite} --retry-failed`)"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    payload.setdefault("reruns", []).append(
+        {"command": f"python benchmarks/run.py --suite {suite} --retry-failed", "date": when}
+    )
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -814,6 +817,8 @@ def write_results_md() -> None:
         parts.append(
             f"## {name}\n\nCommand: `{payload.get('command')}` ({payload.get('date', 'date not recorded')})\n"
         )
+        for rerun in payload.get("reruns", []):
+            parts.append(f"Failed runs rerun: `{rerun['command']}` ({rerun['date']})\n")
         if payload.get("machine"):
             parts.append("Machine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".\n")
         if name in REPORTERS:
