@@ -387,9 +387,13 @@ def child_model(spec: dict) -> None:
     )
 
 
-# coremltools' first MiniLM step (centroid initialisation of 22.7M weights) took 1,880 s alone at one thread here
-# (the accuracy suite's child; 375 s in an earlier two-thread run): its model run gets an hour.
+# Child time limits, shared by the suites and `--retry-failed`. coremltools' first MiniLM step (centroid
+# initialisation of 22.7M weights) took 1,880 s alone at one thread here (375 s in an earlier two-thread run), and its
+# 4-bit accuracy row 4,881 s of training.
+MODEL_TIMEOUT_S = 900
 COREMLTOOLS_MODEL_TIMEOUT_S = 3600
+ACCURACY_TIMEOUT_S = 1800
+COREMLTOOLS_ACCURACY_TIMEOUT_S = 9000
 
 
 def suite_model(quick: bool) -> dict:
@@ -408,8 +412,8 @@ def suite_model(quick: bool) -> dict:
         impls = ["plain", "dkm_hf", "plain", "dkm_hf"] if not quick else ["plain", "dkm_hf"]
         for impl in impls:  # alternating, so a slower phase of the shared machine hits both
             spec = {"impl": impl, "path": str(path), "steps": steps}
-            res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=900)
-            runs.append({"model": name, "impl": impl, "spec": spec, "timeout_s": 900, "result": res})
+            res = run_child([SCRIPT, "--child", "model", json.dumps(spec)], timeout_s=MODEL_TIMEOUT_S)
+            runs.append({"model": name, "impl": impl, "spec": spec, "timeout_s": MODEL_TIMEOUT_S, "result": res})
             print(name, impl, res, flush=True)
         if "MiniLM" in name:
             if quick or not have_coremltools():
@@ -667,7 +671,7 @@ def suite_accuracy(quick: bool) -> dict:
         "notes": [],
     }
 
-    def run(label, spec, timeout=1800):
+    def run(label, spec, timeout=ACCURACY_TIMEOUT_S):
         res = run_child([SCRIPT, "--child", "accuracy", json.dumps(recipe | spec)], timeout_s=timeout)
         data["runs"].append({"label": label, "spec": spec, "result": res})
         print(label, {k: v for k, v in res.items() if k != "log_tail"}, flush=True)
@@ -698,7 +702,7 @@ def suite_accuracy(quick: bool) -> dict:
         # Same loop, data, optimiser, schedule and tau as the dkm_hf rows of the same bit width.
         for bits, tau in ((2, 3e-5), (4, 2e-5)):
             spec = phase | {"method": "coremltools", "ct": {"n_bits": bits, "palett_tau": tau}}
-            run(f"coremltools DKM {bits} bits", spec, timeout=9000)
+            run(f"coremltools DKM {bits} bits", spec, timeout=COREMLTOOLS_ACCURACY_TIMEOUT_S)
     else:
         data["notes"].append(ACCURACY_COREMLTOOLS_NOTE)
     run("DKM 4/2 (2 bits/weight)", phase | {"method": "dkm", "dkm": {"bits": 4, "cluster_dim": 2, "tau": 1e-4}})
@@ -775,13 +779,14 @@ def retry_failed(suite: str) -> None:
         if suite == "accuracy":
             recipe = {k: data["recipe"][k] for k in ("tokenizer", "train_size", "max_len", "batch", "seed")}
             spec, label = recipe | r["spec"], r["label"]
-            timeout, cap = (9000 if r["spec"]["method"] == "coremltools" else 1800), None
+            ct = r["spec"]["method"] == "coremltools"
+            timeout, cap = (COREMLTOOLS_ACCURACY_TIMEOUT_S if ct else ACCURACY_TIMEOUT_S), None
         else:
             ct = r["impl"] == "coremltools"
             model_path = minilm_path() if "MiniLM" in r["model"] else mpnet_path()
             spec = r.get("spec") or {"impl": r["impl"], "path": str(model_path), "steps": 3 if ct else 10}
             label = f"{r['model']} {r['impl']}"
-            timeout = max(r.get("timeout_s") or 0, COREMLTOOLS_MODEL_TIMEOUT_S if ct else 900)
+            timeout = max(r.get("timeout_s") or 0, COREMLTOOLS_MODEL_TIMEOUT_S if ct else MODEL_TIMEOUT_S)
             cap = r.get("rss_cap_gb", 20 if ct else None)
         r["result"] = run_child([SCRIPT, "--child", suite, json.dumps(spec)], timeout_s=timeout, rss_cap_gb=cap)
         print(label, {k: v for k, v in r["result"].items() if k != "log_tail"}, flush=True)
