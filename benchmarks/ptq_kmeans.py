@@ -2,7 +2,7 @@
 
 Every weight that dkm_hf would cluster gets a per-tensor k-means (scikit-learn, on the histogram of its distinct
 float16 values weighted by their counts, so outliers are seen) and is snapped to its nearest centroid. The centroids
-are written into the model's DKM modules, so the result goes through the same finalize / save_pretrained /
+are written into the model's DKM modules, so the result goes through the same palettize / save_pretrained /
 from_pretrained path as a DKM-trained model.
 """
 
@@ -28,9 +28,9 @@ def kmeans_1d(weight: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
 def palettize_post_training(model: torch.nn.Module) -> torch.nn.Module:
     """Set the centroids of every (per-tensor, cluster_dim 1, unscaled) DKM module by post-training k-means."""
     for name, module in dkm_hf.dkm_modules(model):
-        spec = module.spec
-        if spec.cluster_dim != 1 or module.geometry.groups != 1 or spec.per_channel_scale:
+        layout = module.layout
+        if layout.cluster_dim != 1 or layout.groups != 1 or layout.per_channel_scale:
             raise ValueError(f"{name}: the post-training baseline handles per-tensor cluster_dim 1 LUTs only")
-        module.centroids.copy_(kmeans_1d(module.weight, spec.n_clusters).view(1, -1, 1))
+        module.centroids.copy_(kmeans_1d(module.weight, layout.n_clusters).view(1, -1, 1))
         module.dkm_ready = True
     return model

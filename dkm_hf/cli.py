@@ -1,8 +1,12 @@
 """`dkm-hf`: look into palettized checkpoints without building the model.
 
-dkm-hf inspect DIR                      per-layer table (shape, bits, LUT layout, distinct values, bytes) + totals
+dkm-hf inspect DIR [--json]             per-layer table (shape, bits, LUT layout, distinct values, bytes) + totals;
+                                        LUTs with NaN/inf, set padding bits and checksum mismatches are flagged
 dkm-hf plot DIR --out FILE.png [--layers REGEX] [--original DENSE_DIR]
                                         weight histograms with the LUT centroids marked
+
+Exit status: 0 on success, 1 when `inspect` flags a damaged layer, 2 when the input cannot be read (one line on
+stderr names the file and the problem).
 """
 
 from __future__ import annotations
@@ -15,72 +19,104 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging
 
-from .checkpoint import (
-    CheckpointSummary,
-    LayerSummary,
-    PalettizedCheckpointError,
-    checkpoint_files,
-    summarize,
-)
-from .hub import human_bytes
-from .packing import unpack_indices
+from .errors import PalettizedCheckpointError
+from .integrations.checkpoint_checks import CHECKSUM_PREFIX, check_palettized_headers, checksum
+from .integrations.model_card import human_bytes
+from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files
+from .integrations.summary import CheckpointSummary, summarize
+from .nn.layout import Layout
+from .ops.packing import unpack_indices
 
 MAX_PLOTS = 16
 
 
-def _tensor(summary: CheckpointSummary, key: str) -> torch.Tensor | None:
-    entry = summary.tensors.get(key)
+def load_summary(directory: str) -> CheckpointSummary:
+    """`summarize`, plus the header checks a load would make (so every stored tensor the table reads exists)."""
+    summary = summarize(directory)
+    lut_dtype = summary.config["quantization_config"].get("lut_dtype", "float16")
+    if lut_dtype not in ("float16", "bfloat16", "float32"):
+        raise PalettizedCheckpointError(f"{directory}/config.json: unknown lut_dtype {lut_dtype!r}")
+    check_palettized_headers(SafetensorsHeader(summary.tensors, summary.metadata), summary.layouts, lut_dtype)
+    return summary
+
+
+def _tensor(summary: CheckpointSummary, name: str, buffer: str) -> torch.Tensor | None:
+    entry = summary.stored(name).get(buffer)
     if entry is None:
         return None
     with safe_open(entry.file, framework="pt") as f:
-        return f.get_tensor(key)
+        return f.get_tensor(entry.name)
 
 
-def _indices(summary: CheckpointSummary, layer: LayerSummary) -> torch.Tensor:
-    n = layer.numel // layer.cluster_dim
-    packed = _tensor(summary, f"{layer.name}.weight_indices")
-    return unpack_indices(packed, layer.bits, n).view(layer.groups, -1)
+def _indices(summary: CheckpointSummary, name: str) -> torch.Tensor:
+    layout = summary.layouts[name]
+    packed = _tensor(summary, name, "weight_indices")
+    return unpack_indices(packed, layout.bits, layout.vectors).view(layout.groups, -1)
 
 
-def distinct_values(summary: CheckpointSummary, layer: LayerSummary) -> int:
+def distinct_values(summary: CheckpointSummary, name: str) -> int:
     """How many distinct centroids (values, or vectors when cluster_dim > 1) the layer's weights actually use."""
-    lut = _tensor(summary, f"{layer.name}.weight_lut")
-    indices = _indices(summary, layer)
-    used = lut[torch.arange(layer.groups).unsqueeze(1), indices]
-    return int(torch.unique(used.reshape(-1, layer.cluster_dim), dim=0).shape[0])
+    layout = summary.layouts[name]
+    lut = _tensor(summary, name, "weight_lut")
+    used = lut[torch.arange(layout.groups).unsqueeze(1), _indices(summary, name)]
+    return int(torch.unique(used.reshape(-1, layout.cluster_dim), dim=0).shape[0])
 
 
-def inspect_table(summary: CheckpointSummary, with_distinct: bool = True) -> str:
-    """The Markdown table `dkm-hf inspect` prints."""
-    header = "| module | shape | bits | cluster_dim | granularity | scale | distinct | bytes on disk | vs fp16 |"
-    lines = [header, "|---|---|---:|---:|---|---|---:|---:|---:|"]
-    layers = summary.layers
-    for layer in logging.tqdm(layers, desc="dkm-hf: reading indices", delay=2.0, leave=False):
-        shape = "x".join(map(str, layer.shape))
-        if layer.tied_to is not None:
-            lines.append(f"| {layer.name} | {shape} | | | tied to {layer.tied_to} | | | 0 | |")
+def problems(summary: CheckpointSummary, name: str) -> list[str]:
+    """What is wrong with a layer's stored values: non-finite LUT / scale, set padding bits, checksum mismatches."""
+    layout, found = summary.layouts[name], []
+    for buffer in ("weight_lut", "weight_scale"):
+        value = _tensor(summary, name, buffer)
+        if value is not None and not bool(torch.isfinite(value.float()).all()):
+            found.append(f"{int((~torch.isfinite(value.float())).sum())} NaN/inf in {buffer}")
+    packed = _tensor(summary, name, "weight_indices")
+    used = layout.vectors % 8
+    if used and bool(unpack_indices(packed[-layout.bits :], layout.bits, 8)[used:].any()):
+        found.append("padding bits set")
+    for buffer, entry in summary.stored(name).items():
+        recorded = summary.metadata.get(f"{CHECKSUM_PREFIX}{entry.name}")
+        if recorded is not None and checksum(_tensor(summary, name, buffer)) != recorded:
+            found.append(f"{buffer} checksum mismatch")
+    return found
+
+
+def inspect_table(summary: CheckpointSummary, with_distinct: bool = True) -> tuple[str, int]:
+    """The Markdown table `dkm-hf inspect` prints, and the number of layers flagged as damaged."""
+    header = (
+        "| module | shape | bits | cluster_dim | granularity | scale | distinct | bytes on disk | vs fp16 | check |"
+    )
+    lines = [header, "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+    flagged = 0
+    for name, layout in logging.tqdm(summary.layouts.items(), desc="dkm-hf: reading", delay=2.0, leave=False):
+        shape = "x".join(map(str, layout.shape))
+        if layout.tied_to is not None:
+            lines.append(f"| {name} | {shape} | | | tied to {layout.tied_to} | | | 0 | | |")
             continue
-        granularity = "per_tensor" if layer.groups == 1 else f"grouped ({layer.groups} LUTs)"
-        distinct = distinct_values(summary, layer) if with_distinct else ""
+        granularity = "per_tensor" if layout.groups == 1 else f"grouped ({layout.groups} LUTs)"
+        found = problems(summary, name)
+        flagged += bool(found)
+        distinct = distinct_values(summary, name) if with_distinct and not found else ""
+        on_disk = summary.bytes_on_disk(name)
         lines.append(
-            f"| {layer.name} | {shape} | {layer.bits} | {layer.cluster_dim} | {granularity} | "
-            f"{'yes' if layer.per_channel_scale else 'no'} | {distinct} | {layer.bytes_on_disk:,} | "
-            f"{layer.numel * 2 / layer.bytes_on_disk:.2f}x |"
+            f"| {name} | {shape} | {layout.bits} | {layout.cluster_dim} | {granularity} | "
+            f"{'yes' if layout.per_channel_scale else 'no'} | {distinct} | {on_disk:,} | "
+            f"{layout.numel * 2 / on_disk:.2f}x | {'DAMAGED: ' + '; '.join(found) if found else 'ok'} |"
         )
     total, fp32, fp16 = summary.total_bytes, summary.dense_bytes(4), summary.dense_bytes(2)
-    clustered = sum(layer.numel for layer in layers if layer.tied_to is None)
+    clustered = sum(layout.numel for layout in summary.owners.values())
     lines += [
         "",
-        f"clustered layers: {len([x for x in layers if x.tied_to is None])} ({clustered:,} weights) in "
-        f"{summary.clustered_bytes:,} bytes",
+        f"clustered layers: {len(summary.owners)} ({clustered:,} weights) in {summary.clustered_bytes:,} bytes",
         f"checkpoint: {total:,} bytes ({human_bytes(total)}) in {len(summary.files)} file(s)",
         f"dense fp32: {fp32:,} bytes ({human_bytes(fp32)}), compression {fp32 / total:.2f}x",
         f"dense fp16: {fp16:,} bytes ({human_bytes(fp16)}), compression {fp16 / total:.2f}x",
     ]
-    return "\n".join(lines)
+    if flagged:
+        lines.append(f"{flagged} layer(s) DAMAGED: their stored values cannot be what dkm_hf wrote")
+    return "\n".join(lines), flagged
 
 
 def _original_weight(directory: str, name: str) -> torch.Tensor | None:
@@ -88,32 +124,10 @@ def _original_weight(directory: str, name: str) -> torch.Tensor | None:
     for path in checkpoint_files(directory):
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
-            match = (
-                key if key in keys else next((k for k in keys if k.endswith("." + key) or key.endswith("." + k)), None)
-            )
+            match = next((k for k in keys if k == key or k.endswith("." + key) or key.endswith("." + k)), None)
             if match is not None:
                 return f.get_tensor(match).float()
     return None
-
-
-def _channel_rows(directory: str, name: str, weight: torch.Tensor, channels: int) -> torch.Tensor:
-    """`weight` as (channels, features) rows: transformers' Conv1D stores (in, out), so ask the model's class."""
-    transposed = weight.dim() == 2 and weight.shape[0] != channels
-    if weight.dim() == 2 and weight.shape[0] == weight.shape[1]:
-        transposed = _is_conv1d(directory, name)
-    return weight.t() if transposed else weight.reshape(channels, -1)
-
-
-def _is_conv1d(directory: str, name: str) -> bool:
-    import transformers
-    from transformers import AutoConfig
-    from transformers.pytorch_utils import Conv1D
-
-    config = AutoConfig.from_pretrained(directory)
-    architecture = getattr(transformers, (config.architectures or ["AutoModel"])[0])
-    with torch.device("meta"):
-        model = architecture(config)
-    return isinstance(model.get_submodule(name), Conv1D)
 
 
 def plot(directory: str, out: str, layers: str | None = None, original: str | None = None) -> list[str]:
@@ -127,9 +141,12 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(directory)
-    pattern = re.compile(layers) if layers else None
-    chosen = [x for x in summary.layers if x.tied_to is None and (pattern is None or pattern.search(x.name))]
+    summary = load_summary(directory)
+    try:
+        pattern = re.compile(layers) if layers else None
+    except re.error as err:
+        raise ValueError(f"--layers {layers!r} is not a valid regex ({err})") from None
+    chosen = [n for n in summary.owners if pattern is None or pattern.search(n)]
     if not chosen:
         raise PalettizedCheckpointError(f"no palettized layer matches {layers!r}")
     if len(chosen) > MAX_PLOTS:
@@ -138,23 +155,24 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
     cols = min(4, len(chosen))
     rows = -(-len(chosen) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, layer in zip(axes.flat, logging.tqdm(chosen, desc="dkm-hf: plotting", delay=2.0, leave=False)):
-        lut = _tensor(summary, f"{layer.name}.weight_lut").float()
-        scale = _tensor(summary, f"{layer.name}.weight_scale")
-        dense = _original_weight(original, layer.name) if original else None
-        if dense is not None:
+    for ax, name in zip(axes.flat, logging.tqdm(chosen, desc="dkm-hf: plotting", delay=2.0, leave=False)):
+        layout: Layout = summary.layouts[name]
+        lut = _tensor(summary, name, "weight_lut").float()
+        scale = _tensor(summary, name, "weight_scale")
+        dense = _original_weight(original, name) if original else None
+        if dense is not None and dense.numel() == layout.numel:
             if scale is not None:
-                dense = _channel_rows(original, layer.name, dense, scale.shape[0]) / scale.float()
+                rows_ = dense.t() if layout.transposed else dense.reshape(layout.channels, -1)
+                dense = rows_ / scale.float()
             values, label = dense.reshape(-1), "original"
         else:
-            indices = _indices(summary, layer)
-            values = lut[torch.arange(layer.groups).unsqueeze(1), indices].reshape(-1)
+            values = lut[torch.arange(layout.groups).unsqueeze(1), _indices(summary, name)].reshape(-1)
             label = "palettized"
         ax.hist(values.numpy(), bins=120, color="tab:blue", alpha=0.7, label=label)
         for c in lut.reshape(-1).unique().tolist():
-            ax.axvline(c, color="tab:red", linewidth=0.6, alpha=0.6 if layer.groups == 1 else 0.25)
+            ax.axvline(c, color="tab:red", linewidth=0.6, alpha=0.6 if layout.groups == 1 else 0.25)
         unit = " / channel scale" if scale is not None else ""
-        ax.set_title(f"{layer.name}\n{layer.bits} bits, d={layer.cluster_dim}, {layer.groups} LUT(s)", fontsize=8)
+        ax.set_title(f"{name}\n{layout.bits} bits, d={layout.cluster_dim}, {layout.groups} LUT(s)", fontsize=8)
         ax.set_xlabel(f"weight{unit}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
@@ -164,7 +182,7 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    return [x.name for x in chosen]
+    return chosen
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,20 +199,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
-            summary = summarize(args.directory)
-            print(inspect_table(summary))
+            summary = load_summary(args.directory)
+            table, flagged = inspect_table(summary)
+            print(table)
             if args.json:
                 totals = {
                     "checkpoint_bytes": summary.total_bytes,
                     "dense_fp32_bytes": summary.dense_bytes(4),
                     "dense_fp16_bytes": summary.dense_bytes(2),
+                    "damaged_layers": flagged,
                 }
                 print(json.dumps(totals))
-        else:
-            names = plot(args.directory, args.out, args.layers, args.original)
-            print(f"wrote {args.out} ({len(names)} layer(s))")
-    except (ValueError, OSError) as err:  # PalettizedCheckpointError is a ValueError
-        print(f"dkm-hf {args.command}: {err}", file=sys.stderr)
+            return 1 if flagged else 0
+        names = plot(args.directory, args.out, args.layers, args.original)
+        print(f"wrote {args.out} ({len(names)} layer(s))")
+    except (ValueError, OSError, SafetensorError) as err:  # PalettizedCheckpointError is a ValueError
+        message = " ".join(str(err).split())
+        print(f"dkm-hf {args.command}: {args.directory}: {message}", file=sys.stderr)
         return 2
     return 0
 

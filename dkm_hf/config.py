@@ -1,42 +1,58 @@
-"""`DKMConfig`: every knob of DKM clustering, validated, and serialisable into a model's config.json."""
+"""`DKMConfig` (how to cluster: settings, validated) and `CheckpointRecord` (what a saved checkpoint holds: state).
+
+Both are serialised together as config.json's `quantization_config`: the settings' fields plus `format`,
+`format_version` and `modules` (one `Layout` record per palettized module) from the record.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .nn.layout import LUT_DTYPES, ClusterSettings, Layout
+from .ops.dkm import IMPLEMENTATIONS
+
 FORMAT_VERSION = 1
-GRANULARITIES = ("per_tensor", "per_grouped_channel")
 FORMATS = ("train", "palettized")
-IMPLEMENTATIONS = ("auto", "chunked", "uniquified")
-LUT_DTYPES = ("float16", "bfloat16", "float32")
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # Fields a per-module override may change.
 OVERRIDABLE = ("bits", "cluster_dim", "tau", "granularity", "group_size", "per_channel_scale", "max_iters")
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
-class LayerSpec:
-    """The resolved clustering settings for one module (the config's defaults with any override applied)."""
+class CheckpointRecord:
+    """The form of a saved model: `train` (float weights + centroids) or `palettized` (LUTs + packed indices, with
+    each palettized module's `Layout` record in `modules`). Derived from the model's modules when it is saved."""
 
-    bits: int
-    cluster_dim: int
-    tau: float
-    granularity: str
-    group_size: int | None
-    per_channel_scale: bool
-    max_iters: int
-    epsilon: float
-    implementation: str
-    lut_dtype: str = "float16"
+    format: str = "train"
+    format_version: int = FORMAT_VERSION
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def n_clusters(self) -> int:
-        return 2**self.bits
+    KEYS = ("format", "format_version", "modules")
+
+    def __post_init__(self) -> None:
+        _check_choice("format", self.format, FORMATS)
+        if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"DKMConfig.format_version must be {FORMAT_VERSION} (the only checkpoint format this dkm_hf reads), "
+                f"but the value passed is {self.format_version!r}; upgrade dkm_hf to read this checkpoint"
+            )
+        if not isinstance(self.modules, dict):
+            raise ValueError(f"DKMConfig.modules must be a dict of module records, but is {self.modules!r}")
+
+    @classmethod
+    def of(cls, layouts: dict[str, Layout]) -> CheckpointRecord:
+        """The record of a palettized model with these module layouts (an empty dict: a training checkpoint)."""
+        if not layouts:
+            return cls()
+        return cls("palettized", FORMAT_VERSION, {name: layouts[name].to_record() for name in sorted(layouts)})
 
 
 @dataclass
@@ -78,7 +94,8 @@ class DKMConfig(QuantizationConfigMixin):
         default=None, metadata={"help": "Names or regexes of modules to cluster; None clusters every supported one."}
     )
     modules_to_not_convert: list[str] | None = field(
-        default=None, metadata={"help": "Names or regexes of modules to leave untouched."}
+        default=None,
+        metadata={"help": "Modules left untouched, with everything under them (transformers' matching rules)."},
     )
     overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict,
@@ -92,41 +109,36 @@ class DKMConfig(QuantizationConfigMixin):
     implementation: str = field(
         default="auto",
         metadata={
-            "help": "`auto`, `chunked` (exact, O(N) memory, any cluster_dim) or `uniquified` (eDKM, "
-            "cluster_dim 1: attention per distinct 16-bit value)."
+            "help": "`auto`, `chunked` (exact, O(N) memory, any cluster_dim) or `uniquified` (eDKM, cluster_dim 1: "
+            "attention per distinct 16-bit value; exact for bf16/fp16 weights, float32 weights are bucketed by their "
+            "float16 rounding). `auto`: uniquified for cluster_dim 1 with >= 8,192 weights per LUT, else chunked."
         },
     )
     lut_dtype: str = field(default="float16", metadata={"help": "dtype of the stored lookup tables."})
     seed: int = field(default=0, metadata={"help": "Seed of the k-means initialisation."})
-    format: str = field(default="train", metadata={"help": "`train` (float weights + centroids) or `palettized`."})
-    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "Version of the palettized format."})
-    modules: dict[str, dict[str, Any]] = field(
-        default_factory=dict, metadata={"help": "Filled on finalisation: per-module bits, shape, groups."}
-    )
     quant_method: str = "dkm"
 
     def __post_init__(self) -> None:
+        self.record = CheckpointRecord()
         self.post_init()
 
     def post_init(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
-        if isinstance(self.modules_to_not_convert, str):
-            self.modules_to_not_convert = [self.modules_to_not_convert]
+        for name in ("target_modules", "modules_to_not_convert"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif isinstance(value, (tuple, set)):
+                setattr(self, name, list(value))
         if self.quant_method != "dkm":
             raise ValueError(f"DKMConfig.quant_method must be 'dkm', but the value passed is {self.quant_method!r}")
-        _check_layer_fields("", {f: getattr(self, f) for f in OVERRIDABLE} | {"epsilon": self.epsilon})
+        _check_layer_fields("", {f: getattr(self, f) for f in OVERRIDABLE})
+        _check_number("epsilon", self.epsilon)
         _check_int("weight_threshold", self.weight_threshold, 0)
         _check_int("milestone", self.milestone, 0)
-        _check_int("seed", self.seed, 0)
-        _check_choice("implementation", self.implementation, IMPLEMENTATIONS)
-        _check_choice("lut_dtype", self.lut_dtype, LUT_DTYPES)
-        _check_choice("format", self.format, FORMATS)
-        if not isinstance(self.format_version, int) or self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"DKMConfig.format_version must be {FORMAT_VERSION} (the only palettized format this dkm_hf reads), "
-                f"but the value passed is {self.format_version!r}; upgrade dkm_hf to read this checkpoint"
-            )
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        _check_bool("cluster_embeddings", self.cluster_embeddings)
+        _check_choice("implementation", self.implementation, ("auto", *IMPLEMENTATIONS))
+        _check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
         if self.implementation == "uniquified" and self.cluster_dim != 1:
             raise ValueError(
                 f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
@@ -134,7 +146,7 @@ class DKMConfig(QuantizationConfigMixin):
         if not isinstance(self.overrides, dict):
             raise ValueError(f"DKMConfig.overrides must be a dict of regex -> settings, but is {self.overrides!r}")
         for pattern, values in self.overrides.items():
-            _compile(f"overrides[{pattern!r}]", pattern)
+            _check_pattern(f"overrides[{pattern!r}]", pattern)
             if not isinstance(values, dict):
                 raise ValueError(f"DKMConfig.overrides[{pattern!r}] must be a dict, but is {values!r}")
             unknown = sorted(set(values) - set(OVERRIDABLE))
@@ -142,35 +154,57 @@ class DKMConfig(QuantizationConfigMixin):
                 raise ValueError(
                     f"DKMConfig.overrides[{pattern!r}] has unknown field(s) {unknown}; allowed: {list(OVERRIDABLE)}"
                 )
-            merged = {f: getattr(self, f) for f in OVERRIDABLE} | values
-            _check_layer_fields(f"overrides[{pattern!r}].", merged | {"epsilon": self.epsilon})
+            _check_layer_fields(f"overrides[{pattern!r}].", {f: getattr(self, f) for f in OVERRIDABLE} | values)
         for name in ("target_modules", "modules_to_not_convert"):
-            for pattern in getattr(self, name) or []:
-                _compile(name, pattern)
+            patterns = getattr(self, name)
+            if patterns is not None and not isinstance(patterns, list):
+                raise ValueError(f"DKMConfig.{name} must be a list of strings, but the value passed is {patterns!r}")
+            for pattern in patterns or []:
+                _check_pattern(name, pattern)
 
     # -- per-module resolution -------------------------------------------------------------------------------------
-    def spec_for(self, module_name: str) -> LayerSpec:
-        """The settings for `module_name`: defaults, then every matching override in order."""
+    def _values_for(self, module_name: str) -> dict[str, Any]:
         values = {f: getattr(self, f) for f in OVERRIDABLE}
         for pattern, override in self.overrides.items():
             if name_matches(pattern, module_name):
                 values.update(override)
-        return LayerSpec(**values, epsilon=self.epsilon, implementation=self.implementation, lut_dtype=self.lut_dtype)
+        return values
+
+    def layout_for(self, module_name: str, shape: tuple[int, ...], transposed: bool = False) -> Layout:
+        """The layout of `module_name`'s weight: defaults, then every matching override in order."""
+        v = self._values_for(module_name)
+        group_size = v["group_size"] if v["granularity"] == "per_grouped_channel" else None
+        return Layout.for_weight(
+            shape, v["bits"], v["cluster_dim"], group_size, v["per_channel_scale"], transposed, module_name
+        )
+
+    def settings_for(self, module_name: str) -> ClusterSettings:
+        v = self._values_for(module_name)
+        return ClusterSettings(v["tau"], v["max_iters"], self.epsilon, self.implementation, self.lut_dtype)
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(asdict(self))
+        settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        return copy.deepcopy(settings | asdict(self.record))
 
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
+    def __iter__(self):
+        yield from self.to_dict().items()
+
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config_dict) - known)
+        unknown = sorted(set(config_dict) - known - set(CheckpointRecord.KEYS))
         if unknown:
             raise ValueError(f"DKMConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
-        return super().from_dict(dict(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        record = CheckpointRecord(**{k: config_dict[k] for k in CheckpointRecord.KEYS if k in config_dict})
+        settings = {k: v for k, v in config_dict.items() if k in known}
+        result = super().from_dict(settings, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        config = result[0] if return_unused_kwargs else result
+        config.record = record
+        return result
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -186,7 +220,7 @@ def name_matches(pattern: str, name: str) -> bool:
         return False
 
 
-def _compile(field_name: str, pattern: str) -> None:
+def _check_pattern(field_name: str, pattern: Any) -> None:
     if not isinstance(pattern, str):
         raise ValueError(f"DKMConfig.{field_name} must hold strings, but the value passed is {pattern!r}")
     try:
@@ -201,6 +235,16 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         raise ValueError(f"DKMConfig.{name} must be {bound}, but the value passed is {value!r}")
 
 
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"DKMConfig.{name} must be a finite number > 0, but the value passed is {value!r}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"DKMConfig.{name} must be a bool (True or False), but the value passed is {value!r}")
+
+
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"DKMConfig.{name} must be one of {list(choices)}, but the value passed is {value!r}")
@@ -211,10 +255,7 @@ def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:
     _check_int(f"{prefix}bits", v["bits"], 1, 8)
     _check_int(f"{prefix}cluster_dim", v["cluster_dim"], 1)
     _check_int(f"{prefix}max_iters", v["max_iters"], 1)
-    for name in ("tau", "epsilon"):
-        value = v[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"DKMConfig.{prefix}{name} must be a number > 0, but the value passed is {value!r}")
+    _check_number(f"{prefix}tau", v["tau"])
     _check_choice(f"{prefix}granularity", v["granularity"], GRANULARITIES)
     if v["granularity"] == "per_grouped_channel":
         _check_int(f"{prefix}group_size", v["group_size"], 1)
@@ -223,7 +264,4 @@ def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:
             f"DKMConfig.{prefix}group_size is only used with granularity='per_grouped_channel', but it is "
             f"{v['group_size']!r} with granularity {v['granularity']!r}"
         )
-    if not isinstance(v["per_channel_scale"], bool):
-        raise ValueError(
-            f"DKMConfig.{prefix}per_channel_scale must be a bool, but the value passed is {v['per_channel_scale']!r}"
-        )
+    _check_bool(f"{prefix}per_channel_scale", v["per_channel_scale"])

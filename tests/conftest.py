@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -57,6 +60,14 @@ TINY = {
         MobileNetV2ForImageClassification,
         lambda: MobileNetV2Config(num_channels=3, image_size=32, depth_multiplier=0.35, num_labels=5),
     ),
+}
+
+
+AUTO = {
+    "bert": AutoModelForSequenceClassification,
+    "gpt2": AutoModelForCausalLM,
+    "llama": AutoModelForCausalLM,
+    "mobilenet_v2": AutoModelForImageClassification,
 }
 
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
 
 import dkm_hf
-from dkm_hf.checkpoint import read_header
 from dkm_hf.cli import main
+from dkm_hf.integrations.safetensors_files import read_header
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -39,7 +39,7 @@ def checkpoint(tmp_path_factory):
             r".*mlp\.c_fc": {"bits": 2, "cluster_dim": 2, "granularity": "per_grouped_channel", "group_size": 8}
         },
     )
-    model = dkm_hf.finalize(AutoModelForCausalLM.from_pretrained(dense, dkm_config=config))
+    model = dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(dense, dkm_config=config))
     out = tmp_path_factory.mktemp("palettized")
     model.save_pretrained(out)
     return out, dense

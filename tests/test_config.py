@@ -27,8 +27,6 @@ from dkm_hf import DKMConfig
         ({"group_size": 4}, "group_size"),
         ({"implementation": "fast"}, "implementation"),
         ({"implementation": "uniquified", "cluster_dim": 2}, "uniquified"),
-        ({"format": "gguf"}, "format"),
-        ({"format_version": 99}, "format_version"),
         ({"lut_dtype": "int8"}, "lut_dtype"),
         ({"overrides": {".*query": {"bits": 12}}}, "bits"),
         ({"overrides": {".*query": {"speed": 1}}}, "speed"),
@@ -69,10 +67,20 @@ def test_unknown_field_in_dict_is_an_error():
 
 
 def test_override_resolution():
-    config = DKMConfig(bits=4, overrides={r".*\.value": {"bits": 2}, "classifier": {"cluster_dim": 2}})
-    assert config.spec_for("bert.encoder.layer.0.attention.self.value").bits == 2
-    assert config.spec_for("bert.encoder.layer.0.attention.self.query").bits == 4
-    assert config.spec_for("classifier").cluster_dim == 2
+    config = DKMConfig(bits=4, overrides={r".*\.value": {"bits": 2, "tau": 3e-5}, "classifier": {"cluster_dim": 2}})
+    assert config.layout_for("bert.encoder.layer.0.attention.self.value", (8, 8)).bits == 2
+    assert config.settings_for("bert.encoder.layer.0.attention.self.value").tau == 3e-5
+    assert config.layout_for("bert.encoder.layer.0.attention.self.query", (8, 8)).bits == 4
+    assert config.settings_for("bert.encoder.layer.0.attention.self.query").tau == 1e-4
+    assert config.layout_for("classifier", (8, 8)).cluster_dim == 2
+
+
+@pytest.mark.parametrize(
+    ("record", "field"), [({"format": "gguf"}, "format"), ({"format_version": 99}, "format_version")]
+)
+def test_invalid_checkpoint_record_names_the_field(record, field):
+    with pytest.raises(ValueError, match=field):
+        DKMConfig.from_dict({"quant_method": "dkm", **record})
 
 
 def test_dkm_config_and_quantization_config_are_the_same(tiny_dir):
@@ -94,9 +102,10 @@ def test_config_json_carries_the_config(tiny_dir, tmp_path):
     assert saved["quant_method"] == "dkm" and saved["bits"] == 3 and saved["format"] == "train"
 
 
-def test_callers_config_is_not_mutated(tiny_dir):
+def test_callers_config_is_not_mutated(tiny_dir, tmp_path):
     config = DKMConfig(bits=2)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=config)
-    dkm_hf.finalize(model)
-    assert config.format == "train" and config.modules == {}
-    assert model.config.quantization_config.format == "palettized"
+    dkm_hf.palettize(model)
+    model.save_pretrained(tmp_path / "out")
+    assert config.record.format == "train" and config.record.modules == {}
+    assert model.config.quantization_config.record.format == "palettized"

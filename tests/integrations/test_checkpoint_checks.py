@@ -27,13 +27,12 @@ from transformers import (
 from transformers.utils import logging
 
 import dkm_hf
-from dkm_hf.checkpoint import (
-    PalettizedCheckpointError,
-    check_palettized_files,
-    read_header,
-    summarize,
-)
-from dkm_hf.packing import packed_size
+from dkm_hf import PalettizedCheckpointError
+from dkm_hf.integrations.checkpoint_checks import check_palettized_headers
+from dkm_hf.integrations.safetensors_files import read_header, read_headers
+from dkm_hf.integrations.summary import summarize
+from dkm_hf.nn.layout import layouts_from_records
+from dkm_hf.ops.packing import packed_size
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -96,7 +95,7 @@ def _palettized(dense_dir, arch, **config):
     _, auto, _, skip = ARCHS[arch]
     config = {"weight_threshold": 0, "modules_to_not_convert": skip, **config}
     model = auto.from_pretrained(dense_dir, dkm_config=dkm_hf.DKMConfig(**config))
-    return dkm_hf.finalize(model)
+    return dkm_hf.palettize(model)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -116,7 +115,7 @@ def test_round_trip_is_exact(dense_dirs, tmp_path, arch, granularity, cluster_di
     assert all(not keys for keys in (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]))
     with torch.no_grad():
         assert torch.equal(_output(reloaded.eval(), inputs), expected)
-    modules = reloaded.config.quantization_config.modules
+    modules = reloaded.config.quantization_config.record.modules
     layers = [r for r in modules.values() if "tied_to" not in r]
     assert layers and all(r["bits"] == bits and r["cluster_dim"] == cluster_dim for r in layers)
     if granularity == "per_grouped_channel":
@@ -138,9 +137,9 @@ def test_size_on_disk_matches_information_content(tmp_path, bits, cluster_dim):
     model = AutoModel.from_pretrained(
         dense, dkm_config=dkm_hf.DKMConfig(bits=bits, cluster_dim=cluster_dim, target_modules=targets)
     )
-    dkm_hf.finalize(model).save_pretrained(tmp_path / "out")
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "out")
     header = read_header(tmp_path / "out" / "model.safetensors").tensors
-    modules = model.config.quantization_config.modules
+    modules = model.config.quantization_config.record.modules
     assert len(modules) == 4  # attention.output.dense matches output.dense too
     for name, record in modules.items():
         n = math.prod(record["shape"])
@@ -270,7 +269,7 @@ def test_padding_bits_must_be_zero(tmp_path):
         BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     ).save_pretrained(tmp_path / "dense")
     config = dkm_hf.DKMConfig(bits=3, cluster_dim=16, weight_threshold=0, target_modules=["intermediate.dense"])
-    model = dkm_hf.finalize(AutoModel.from_pretrained(tmp_path / "dense", dkm_config=config))
+    model = dkm_hf.palettize(AutoModel.from_pretrained(tmp_path / "dense", dkm_config=config))
     model.save_pretrained(tmp_path / "ok")
     key = "encoder.layer.0.intermediate.dense.weight_indices"
     assert load_file(tmp_path / "ok" / "model.safetensors")[key].numel() == packed_size(74, 3) == 30
@@ -307,10 +306,13 @@ def test_unclustered_shapes_are_checked_against_the_model(gpt2_checkpoint, tmp_p
     config = gpt2_checkpoint[1].config
     with torch.device("meta"):
         meta = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"}))
-    files = [str(path / "model.safetensors")]
-    check_palettized_files(files, config.quantization_config)  # without the model it cannot tell
+    header = read_headers([str(path / "model.safetensors")])
+    layouts = layouts_from_records(
+        config.quantization_config.record.modules, lambda name: "attn" in name or "mlp" in name
+    )
+    check_palettized_headers(header, layouts, "float16")  # without the model it cannot tell
     with pytest.raises(PalettizedCheckpointError, match=r"transformer\.ln_f\.bias: shape \[4, 8\] in the checkpoint"):
-        check_palettized_files(files, config.quantization_config, meta)
+        check_palettized_headers(header, layouts, "float16", meta)
 
 
 def test_config_version_is_checked(gpt2_checkpoint, tmp_path):

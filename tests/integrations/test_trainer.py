@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 import dkm_hf
 from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
-from dkm_hf.trainer import tau_at
+from dkm_hf.integrations.callback import tau_at
 
 CONFIG = {"bits": 3, "tau": 2e-5, "weight_threshold": 1000}  # tau fits weights of std 0.02
 
@@ -157,7 +157,7 @@ def test_plain_trainer_with_callback_and_palettized_save(toy_path, tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "final"))
     model.eval()
     batch = ToyDataset(8, seed=3)[:8]
-    expected = dkm_hf.finalize(model)(input_ids=batch["input_ids"]).logits
+    expected = dkm_hf.palettize(model)(input_ids=batch["input_ids"]).logits
     assert torch.equal(reloaded(input_ids=batch["input_ids"]).logits, expected)
 
 
@@ -180,7 +180,7 @@ def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
     import subprocess
     import sys
 
-    script = os.path.join(os.path.dirname(__file__), "dist_train.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist, single = tmp_path / "dist", tmp_path / "single"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
@@ -207,7 +207,7 @@ def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
 def test_dead_and_duplicate_centroids_are_reseeded():
     from torch import nn
 
-    from dkm_hf.trainer import reseed_dead_centroids
+    from dkm_hf.integrations.callback import reseed_dead_centroids
 
     torch.manual_seed(0)
     model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(bits=2, weight_threshold=0))

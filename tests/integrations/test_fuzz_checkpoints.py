@@ -32,7 +32,8 @@ from transformers import AutoModel, BertConfig, BertModel
 from transformers.utils import logging
 
 import dkm_hf
-from dkm_hf.checkpoint import SAFETENSORS_DTYPES, PalettizedCheckpointError
+from dkm_hf import PalettizedCheckpointError
+from dkm_hf.integrations.safetensors_files import SAFETENSORS_DTYPES
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -60,7 +61,7 @@ class Checkpoint:
                 r".*word_embeddings": {"per_channel_scale": False, "cluster_dim": 2},
             },
         )
-        model = dkm_hf.finalize(AutoModel.from_pretrained(dense, dkm_config=config))
+        model = dkm_hf.palettize(AutoModel.from_pretrained(dense, dkm_config=config))
         self.valid = root / "valid"
         model.save_pretrained(self.valid)
         self.inputs = torch.randint(0, 99, (2, 7))
@@ -223,12 +224,18 @@ def test_fuzzed_checkpoints_many(ckpt):
     run()
 
 
-def test_every_padding_bit_is_checked(ckpt):
-    """74 3-bit indices: the last block uses bits 0-5; flipping one of those changes a weight, any other is refused."""
+@pytest.mark.parametrize("with_checksums", [True, False])
+def test_every_padding_bit_is_checked(ckpt, with_checksums):
+    """74 3-bit indices: the last block uses bits 0-5. Without checksums (files written before they existed)
+    flipping one of those changes a weight and any other is refused; with checksums every flip is refused."""
+    header = json.loads(json.dumps(ckpt.header))
+    if not with_checksums:
+        header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if not k.startswith("dkm_crc32")}
     results = {}
     for bit in range(24):
         try:
-            results[bit] = ckpt.check(ckpt.write(ckpt.header, _flip(ckpt, bit)))
+            results[bit] = ckpt.check(ckpt.write(header, _flip(ckpt, bit)))
         except AssertionError:
             results[bit] = "different weights"
-    assert results == {b: "different weights" if b < 6 else "refused" for b in range(24)}
+    expected = "refused" if with_checksums else "different weights"
+    assert results == {b: expected if b < 6 else "refused" for b in range(24)}

@@ -4,21 +4,15 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY, tiny_inputs
+from conftest import AUTO, TINY, tiny_inputs
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 import dkm_hf
 from dkm_hf import DKMConfig
-from dkm_hf.layers import SUPPORTED_TYPES, DKMMixin
+from dkm_hf.nn import DKMMixin, supported_types
 
-AUTO = {
-    "bert": AutoModelForSequenceClassification,
-    "gpt2": AutoModelForCausalLM,
-    "llama": AutoModelForCausalLM,
-    "mobilenet_v2": AutoModelForImageClassification,
-}
 # Modules clustered with weight_threshold=0: every Linear/Conv/Conv1D/Embedding, a tied lm_head counted once more.
 EXPECTED_ALL = {"bert": 17, "gpt2": 11, "llama": 16}
 
@@ -27,7 +21,7 @@ def _count_supported(model: nn.Module, threshold: int) -> int:
     return sum(
         1
         for name, m in model.named_modules()
-        if name and isinstance(m, SUPPORTED_TYPES) and m.weight.numel() >= threshold
+        if name and isinstance(m, supported_types()) and m.weight.numel() >= threshold
     )
 
 
@@ -41,7 +35,8 @@ def test_replacement_count(tiny_dir, name, threshold):
     assert len(replaced) == _count_supported(plain, threshold)
     if threshold == 0 and name in EXPECTED_ALL:
         assert len(replaced) == EXPECTED_ALL[name]
-    assert all(isinstance(m, DKMMixin) and m.dkm_ready == (m.tied_source is None) for _, m in replaced)
+    assert all(isinstance(m, DKMMixin) and m.dkm_ready for _, m in replaced)
+    assert all(("centroids" in m._buffers) == (m.tied_source is None) for _, m in replaced)
     model.eval()
     with torch.no_grad():
         out = model(**tiny_inputs(name)).logits
@@ -56,7 +51,7 @@ def test_tied_embeddings_clustered_once_and_stay_tied(tiny_dir, name):
     assert "centroids" not in dict(head.named_buffers())
     model.eval()
     assert torch.equal(head.clustered_weight(), embed.clustered_weight())
-    dkm_hf.finalize(model)
+    dkm_hf.palettize(model)
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     assert head.tied_source is embed and torch.equal(head.weight, embed.weight)
     assert not any(k.startswith("lm_head") for k in model.state_dict())
@@ -73,8 +68,7 @@ def test_freeze_has_at_most_2_pow_b_values_per_group(bits, cluster_dim, granular
         bits=bits, cluster_dim=cluster_dim, granularity=granularity, group_size=group_size, weight_threshold=0
     )
     model = dkm_hf.prepare(nn.Sequential(layer), config)
-    frozen = model[0].freeze()
-    weight = frozen.weight
+    weight = model[0].eval().hard_weight()
     for g in range(48 // (group_size or 48)):
         rows = weight[g * (group_size or 48) : (g + 1) * (group_size or 48)]
         vectors = rows.reshape(-1, cluster_dim)
@@ -173,7 +167,7 @@ def test_hard_weight_follows_a_fused_optimizer_step():
 
 
 def gather(layer):
-    from dkm_hf.clustering import gather_centroids, hard_assign
+    from dkm_hf.ops.attention import gather_centroids, hard_assign
 
     vectors = layer.weight.detach().reshape(1, -1, 1)
     lut = layer.centroids.half().float()  # the LUT dtype of the checkpoint
@@ -225,7 +219,7 @@ def test_mixed_precision_overrides(tiny_dir):
         bits=4, weight_threshold=0, overrides={r".*embeddings.*": {"bits": 2}, r".*\.value": {"bits": 3}}
     )
     model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=config)
-    bits = {name: m.spec.bits for name, m in dkm_hf.dkm_modules(model)}
+    bits = {name: m.layout.bits for name, m in dkm_hf.dkm_modules(model)}
     assert bits["bert.embeddings.word_embeddings"] == 2
     assert bits["bert.encoder.layer.1.attention.self.value"] == 3
     assert bits["bert.encoder.layer.1.attention.self.query"] == 4
@@ -255,5 +249,5 @@ def test_eval_measures_exactly_the_model_that_ships(tiny_dir, name):
     model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=config).eval()
     with torch.no_grad():
         hard = model(**tiny_inputs(name)).logits
-        shipped = dkm_hf.finalize(model)(**tiny_inputs(name)).logits
+        shipped = dkm_hf.palettize(model)(**tiny_inputs(name)).logits
     assert torch.equal(hard, shipped)

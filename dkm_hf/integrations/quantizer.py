@@ -1,0 +1,172 @@
+"""`DKMHfQuantizer`: transformers' HfQuantizer hooks for DKM, and the transformers-aware `prepare` / `dequantize`.
+
+Hook order in `from_pretrained`: validate_environment -> _process_model_before_weight_loading (model on the meta
+device: check the files' headers, swap in DKM or empty palettized modules so state-dict keys match) -> weights load
+-> _process_model_after_weight_loading (check the loaded values; k-means initialisation for a dense checkpoint).
+On `save_pretrained`, `get_state_dict_and_metadata` runs before config.json is written: it records what the model's
+modules now are (training or palettized checkpoint) in the config and the files' metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import replace
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers.base import HfQuantizer
+
+from ..config import DKMConfig
+from ..errors import PalettizedCheckpointError
+from ..nn.dkm import dkm_modules
+from ..nn.layout import LUT_DTYPES, Layout, layouts_from_records
+from ..surgery import model as surgery
+from ..surgery.convert import init_centroids, is_transposed, to_dense, to_dkm, to_shells
+from .checkpoint_checks import (
+    carries_training_state,
+    check_format,
+    check_loaded,
+    check_palettized_headers,
+    save_metadata,
+)
+from .model_card import TAGS
+from .safetensors_files import SafetensorsHeader, check_inside, read_headers
+from .transformers_patches import mark_initialized, untie
+
+
+class DKMHfQuantizer(HfQuantizer):
+    """Swaps modules for DKM modules (training) or palettized modules (loading a compressed checkpoint)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: DKMConfig, **kwargs):
+        # A private copy: saving records the checkpoint's layout in the config, which must not leak into the caller's.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        self.file_metadata: dict[str, str] = {}
+        self.init_after_load = not self.pre_quantized
+
+    def validate_environment(self, *args, **kwargs) -> None:
+        if self.quantization_config.record.format == "palettized" and not self.pre_quantized:
+            raise ValueError(
+                "this DKMConfig describes a saved palettized checkpoint (format='palettized'); to compress a model "
+                "pass a plain DKMConfig(...)"
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        model.add_model_tags(TAGS)
+        if not self.pre_quantized:
+            to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
+            return model
+        header = self._read_files(model, list(checkpoint_files or []))
+        check_format(header, config.record)
+        self.file_metadata = header.metadata
+        if config.record.format == "palettized":
+            layouts = layouts_from_records(config.record.modules, lambda name: _transposed(model, name))
+            check_palettized_headers(header, layouts, config.lut_dtype, model)
+            for module in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
+                mark_initialized(module)
+            untie(model, [name for name, layout in layouts.items() if layout.tied_to is not None])
+            return model
+        modules = to_dkm(model, config, with_state=True)
+        names = {id(m): n for n, m in modules.items()}
+        layouts = {
+            n: m.layout if m.tied_source is None else _tied(m.layout, names[id(m.tied_source)])
+            for n, m in modules.items()
+        }
+        self.init_after_load = not carries_training_state(header, layouts)
+        if self.init_after_load:  # a dense checkpoint whose config.json declares DKM
+            for module in modules.values():
+                module.drop_state()
+        return model
+
+    def _read_files(self, model, files: list[str]) -> SafetensorsHeader:
+        if self.quantization_config.record.format == "palettized":
+            for path in files:
+                if not path.endswith(".safetensors"):
+                    raise PalettizedCheckpointError(
+                        f"{os.path.basename(path)}: palettized checkpoints load from safetensors only; dkm_hf never "
+                        "unpickles (.bin / pickle) weight files. Re-save the model with save_pretrained."
+                    )
+        files = [f for f in files if f.endswith(".safetensors")]
+        if not files:
+            return SafetensorsHeader({}, {})
+        source = getattr(model.config, "name_or_path", "")
+        check_inside(source if os.path.isdir(source) else os.path.dirname(files[0]), files)
+        return read_headers(files)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        check_loaded(model, self.file_metadata)
+        if self.init_after_load:
+            init_centroids(model)
+        else:
+            for _, module in dkm_modules(model):
+                module.dkm_ready = True
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        record = surgery.record_of(model)
+        self.quantization_config.record = record  # config.json is written after this hook
+        config = surgery.get_dkm_config(model)
+        if config is not None:
+            config.record = record
+        return None, save_metadata(model, record)
+
+    def _dequantize(self, model, dtype=None):
+        to_dense(model)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    # True for palettized models too, so a Trainer can evaluate them; their LUTs and indices are buffers, so
+    # training one only updates its float parameters (biases, norms, unclustered layers).
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def _transposed(model: nn.Module, name: str) -> bool:
+    try:
+        return is_transposed(model.get_submodule(name))
+    except AttributeError:
+        return False  # reported by to_shells, naming the module
+
+
+def _tied(layout: Layout, source: str) -> Layout:
+    return replace(layout, tied_to=source)
+
+
+def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module:
+    """Swap the target modules of any torch model for DKM modules (in place) and initialise their centroids.
+
+    The same replacement `from_pretrained(..., dkm_config=config)` does; use it for models built in code. A
+    transformers model also gets the quantizer, so `save_pretrained` and `from_pretrained` know it.
+    """
+    surgery.prepare(model, config, init)
+    if isinstance(model, PreTrainedModel):
+        config = model.dkm_config
+        model.hf_quantizer = DKMHfQuantizer(config, pre_quantized=False)
+        model.hf_quantizer.quantization_config = config
+        model.config.quantization_config = config
+        model.is_quantized, model.quantization_method = True, "dkm"
+        model.add_model_tags(TAGS)
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """A plain model with dense weights that saves and loads without dkm_hf (transformers' `model.dequantize()`)."""
+    if isinstance(model, PreTrainedModel) and getattr(model, "hf_quantizer", None) is not None:
+        model = model.dequantize()
+    return surgery.dequantize(model)

@@ -1,0 +1,227 @@
+"""Reading a checkpoint's safetensors files without trusting them: headers parsed and checked before any tensor data
+is read, shard indexes resolved only to files inside the checkpoint directory.
+
+Loading never unpickles. A header the safetensors parser itself would reject (duplicate keys, sizes past 2^64,
+invalid UTF-8, overlapping offsets) fails here with a `PalettizedCheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import PalettizedCheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+MAX_BYTES = 2**63  # file offsets and sizes beyond this cannot be real
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Set to 1 to follow a shard index or symlink out of the checkpoint directory (e.g. a hand-made layout).
+ALLOW_OUTSIDE_ENV = "DKM_HF_ALLOW_FILES_OUTSIDE_CHECKPOINT"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: where its bytes are, without reading them."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        duplicate = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return dict(pairs)
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and check the header of one safetensors file (8-byte little-endian length, then JSON), reading no data.
+
+    Offsets must tile the data section exactly, as safetensors itself requires, so a truncated or padded file is
+    reported here with the byte counts instead of failing later.
+    """
+    path = os.fspath(path)
+    where = os.path.basename(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise PalettizedCheckpointError(
+                    f"{where}: {size} bytes, too short for a safetensors header (truncated)"
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or 8 + length > size:
+                raise PalettizedCheckpointError(
+                    f"{where}: header length {length} does not fit in the {size}-byte file (truncated or not "
+                    "safetensors)"
+                )
+            raw = f.read(length)
+    except OSError as err:
+        raise PalettizedCheckpointError(f"{where}: cannot read the file ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw.decode("utf-8", errors="strict"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise PalettizedCheckpointError(f"{where}: the safetensors header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise PalettizedCheckpointError(f"{where}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise PalettizedCheckpointError(f"{where}: __metadata__ must map strings to strings, got {metadata!r}")
+    for name in [*header, *metadata]:
+        _check_text(where, name)
+    tensors = {name: _entry(where, path, name, info) for name, info in header.items()}
+    data_bytes = size - 8 - length
+    position = 0
+    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != position:
+            raise PalettizedCheckpointError(
+                f"{where}: tensor {entry.name!r} starts at byte {entry.begin} of the data section, expected "
+                f"{position} (overlapping or gapped offsets)"
+            )
+        position = entry.end
+    if position > data_bytes:
+        raise PalettizedCheckpointError(
+            f"{where}: the header describes {position} bytes of tensor data but the file holds {data_bytes} "
+            "(truncated)"
+        )
+    if position < data_bytes:
+        raise PalettizedCheckpointError(
+            f"{where}: {data_bytes - position} bytes after the last tensor that no header entry describes"
+        )
+    return SafetensorsHeader(tensors, dict(metadata))
+
+
+def _check_text(where: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PalettizedCheckpointError(f"{where}: header name {text!r} is not valid UTF-8") from None
+
+
+def _entry(where: str, path: str, name: str, info: Any) -> TensorEntry:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise PalettizedCheckpointError(f"{where}: tensor {name!r} has a malformed header entry {info!r}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise PalettizedCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise PalettizedCheckpointError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise PalettizedCheckpointError(f"{where}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype]
+    if expected >= MAX_BYTES or end - begin != expected:
+        raise PalettizedCheckpointError(
+            f"{where}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes but its data_offsets "
+            f"{offsets} span {end - begin}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), begin, end, path)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_BYTES
+
+
+def read_headers(files: Iterable[str | os.PathLike]) -> SafetensorsHeader:
+    """The headers of all shards of one checkpoint, merged; a tensor stored in two shards is an error.
+
+    Metadata keys starting with `dkm_format` must agree between shards; other keys are merged.
+    """
+    tensors: dict[str, TensorEntry] = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        header = read_header(path)
+        for name, entry in header.tensors.items():
+            if name in tensors:
+                raise PalettizedCheckpointError(
+                    f"tensor {name!r} is stored twice: in {os.path.basename(tensors[name].file)} and "
+                    f"{os.path.basename(entry.file)}"
+                )
+            tensors[name] = entry
+        for key, value in header.metadata.items():
+            if metadata.setdefault(key, value) != value and key.startswith("dkm_format"):
+                raise PalettizedCheckpointError(
+                    f"{os.path.basename(path)}: metadata {key}={value!r} differs from the other shards' "
+                    f"{metadata[key]!r}"
+                )
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """The checkpoint directory, and for a Hub cache snapshot (.../snapshots/<rev>) the repo's blobs/ folder its
+    files link into."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
+def check_inside(directory: str | os.PathLike, files: Iterable[str | os.PathLike]) -> None:
+    """Refuse files that lie outside `directory` (an index naming '../x' or an absolute path, or a symlink leaving
+    it), unless the environment variable DKM_HF_ALLOW_FILES_OUTSIDE_CHECKPOINT=1 allows them."""
+    if os.environ.get(ALLOW_OUTSIDE_ENV) == "1":
+        return
+    directory = Path(directory)
+    roots = _allowed_roots(directory)
+    for file in files:
+        resolved = Path(file).resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            raise PalettizedCheckpointError(
+                f"{directory}: weight file {os.fspath(file)!r} lies outside the checkpoint directory (it resolves to "
+                f"{resolved}); refusing to read it. Set {ALLOW_OUTSIDE_ENV}=1 to allow it."
+            )
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[str]:
+    """The safetensors files of a saved model directory, following the shard index when there is one."""
+    directory = Path(directory)
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+            raise PalettizedCheckpointError(
+                f"{index.name}: not a valid shard index (a JSON object with a 'weight_map' of tensor -> file): {err!r}"
+            ) from None
+        if not all(isinstance(n, str) and n for n in names):
+            raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {names!r}")
+        files = [str(directory / n) for n in names]
+    elif (directory / SINGLE_NAME).is_file():
+        files = [str(directory / SINGLE_NAME)]
+    else:
+        raise PalettizedCheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
+    check_inside(directory, files)
+    return files

@@ -1,0 +1,122 @@
+"""Fine-tuning with DKM: `DKMTrainingArguments` and `DKMTrainer` (a `Trainer` with `DKMCallback`, hard and soft
+evaluation, and palettized saving).
+
+    saving      checkpoints written during training keep float weights + centroids (resumable exactly); a user's
+                `trainer.save_model(dir)` and `trainer.push_to_hub()` write the palettized checkpoint (LUT + packed
+                indices) while the in-memory model stays trainable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Trainer, TrainingArguments
+
+from ..nn.dkm import dkm_modules
+from ..surgery.model import get_dkm_config, palettized_view
+from .callback import TAU_SCHEDULES, DKMCallback
+
+
+@dataclass
+class DKMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the DKM schedule. Milestone and tau default to the model's DKMConfig."""
+
+    dkm_milestone: int | None = field(default=None, metadata={"help": "Step at which clustering starts."})
+    tau_schedule: str = field(default="constant", metadata={"help": "constant, linear or cosine."})
+    tau_start: float | None = field(default=None, metadata={"help": "tau at the milestone (default: config's)."})
+    tau_end: float | None = field(default=None, metadata={"help": "tau at the last step (default: tau_start)."})
+    eval_soft: bool = field(default=False, metadata={"help": "Also evaluate the soft model (eval_soft_* metrics)."})
+    palettize_on_save: bool = field(
+        default=True, metadata={"help": "save_model()/push_to_hub() write the palettized checkpoint."}
+    )
+    log_cluster_health: bool = field(default=True, metadata={"help": "Log entropy, empty clusters, drift."})
+    reseed_dead_centroids: bool = field(default=True, metadata={"help": "Re-seed empty/duplicate centroids."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
+        if self.torch_compile:
+            raise ValueError(
+                "torch_compile=True is not supported with DKM: the clustering loop stops early on a "
+                "data-dependent test and runs outside the compiled graph; train without it"
+            )
+
+
+class DKMTrainer(Trainer):
+    """A `Trainer` for DKM models: adds `DKMCallback`, hard + soft evaluation and palettized saving."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if get_dkm_config(self.model) is None or not dkm_modules(self.model):
+            raise ValueError(
+                "DKMTrainer needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
+                "dkm_hf.prepare(model, DKMConfig(...))"
+            )
+        a = self.args
+        options = {
+            "milestone": getattr(a, "dkm_milestone", None),
+            "tau_schedule": getattr(a, "tau_schedule", "constant"),
+            "tau_start": getattr(a, "tau_start", None),
+            "tau_end": getattr(a, "tau_end", None),
+            "log_cluster_health": getattr(a, "log_cluster_health", True),
+            "reseed_dead_centroids": getattr(a, "reseed_dead_centroids", True),
+        }
+        self.dkm_callback = DKMCallback(**options)
+        self.add_callback(self.dkm_callback)
+        self._palettize_next_save = False
+        self._soft_metrics: dict = {}
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self.dkm_callback.pending}
+        if self._soft_metrics and any(key in logs for key in self._soft_metrics["_anchor"]):
+            logs = {**logs, **{k: v for k, v in self._soft_metrics.items() if k != "_anchor"}}
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Metrics of the hard (palettized) model, the one that ships; with `eval_soft`, the soft model's next to them
+        as `{prefix}_soft_*`, in the same log entry."""
+        soft = {}
+        if getattr(self.args, "eval_soft", False):
+            soft = self._evaluate_soft(eval_dataset, ignore_keys, metric_key_prefix)
+        self._soft_metrics = {**soft, "_anchor": (f"{metric_key_prefix}_loss", f"{metric_key_prefix}_runtime")}
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._soft_metrics = {}
+        return {**metrics, **soft}
+
+    def _evaluate_soft(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            return {}
+        modules = dkm_modules(self.model)
+        for _, module in modules:
+            module.soft_eval = True
+        try:
+            output = self.evaluation_loop(
+                self.get_eval_dataloader(dataset),
+                description="Evaluation (soft DKM weights)",
+                prediction_loss_only=True if self.compute_metrics is None else None,
+                ignore_keys=ignore_keys,
+                metric_key_prefix=f"{metric_key_prefix}_soft",
+            )
+        finally:
+            for _, module in modules:
+                module.soft_eval = False
+        return {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        palettize = getattr(self.args, "palettize_on_save", True) and (not _internal_call or self._palettize_next_save)
+        if not palettize:
+            return super().save_model(output_dir, _internal_call)
+        with palettized_view(self.accelerator.unwrap_model(self.model)):
+            super().save_model(output_dir, _internal_call)
+
+    def push_to_hub(self, *args, **kwargs):
+        self._palettize_next_save = True
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            self._palettize_next_save = False

@@ -1,0 +1,143 @@
+"""Everything dkm_hf changes in transformers or relies on beyond its public hooks, in one place.
+
+The public hooks (HfQuantizer's methods, `register_quantization_config` / `register_quantizer`, `add_model_tags`)
+cover most of the integration; what they do not cover is below, each with the reason. tests/integrations/
+test_transformers_patches.py checks every assumption and fails naming the patch when a transformers release changes
+what it relies on.
+
+1. `from_pretrained(..., dkm_config=, dkm_inference_mode=)`: transformers passes keyword arguments it does not know to
+   the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first.
+2. `save_pretrained`: a palettized save is atomic (see `saving`) and writes a model card; there is no hook around the
+   whole save, so `PreTrainedModel.save_pretrained` is wrapped.
+3. `push_to_hub`'s card: transformers writes its placeholder README.md after `save_pretrained`, just before the
+   upload; its private `_upload_modified_files` is the last point where dkm_hf's card can replace it.
+4. `untie`: palettized tied modules share LUT buffers, not a `weight` parameter; loading would look the parameter up
+   (`mark_tied_weights_as_initialized`, `tie_weights`) through the model's `all_tied_weights_keys`.
+5. `mark_initialized`: palettized modules are filled by the checkpoint; without transformers' private
+   `_is_hf_initialized` flag, `_init_weights` would decode their `weight` only to initialise a temporary.
+6. `register`: registering a quantization method twice raises; `importlib.reload(dkm_hf)` re-registers by replacing
+   the entries of transformers' AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+from ..config import DKMConfig
+from ..nn.dkm import dkm_modules
+from ..nn.palettized import MODES, palettized_modules
+from ..surgery.model import set_inference_mode
+from .model_card import write_model_card
+from .saving import atomic_save
+
+_MARK = "_dkm_hf_patched"
+
+
+def register(config_cls: type, quantizer_cls: type) -> None:
+    """(6) Register the "dkm" quantization method with transformers."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get("dkm") is not config_cls:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop("dkm", None)
+        register_quantization_config("dkm")(config_cls)
+    if AUTO_QUANTIZER_MAPPING.get("dkm") is not quantizer_cls:
+        AUTO_QUANTIZER_MAPPING.pop("dkm", None)
+        register_quantizer("dkm")(quantizer_cls)
+
+
+def untie(model: nn.Module, names: list[str]) -> None:
+    """(4) Drop `<name>.weight` of these (palettized, tied) modules from transformers' tie map."""
+    declared = getattr(model, "all_tied_weights_keys", None)
+    if declared:
+        for name in names:
+            declared.pop(f"{name}.weight", None)
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """(5) Tell transformers' weight initialisation to leave `module` alone."""
+    module._is_hf_initialized = True
+
+
+def is_palettized(model: nn.Module) -> bool:
+    return bool(palettized_modules(model)) and not dkm_modules(model)
+
+
+def _patch_from_pretrained() -> None:
+    """(1)"""
+    original = PreTrainedModel.from_pretrained
+    if getattr(original, _MARK, False):
+        return
+    original_func = original.__func__
+
+    @functools.wraps(original_func)
+    def from_pretrained(cls, *args, dkm_config: DKMConfig | None = None, dkm_inference_mode: str | None = None, **kw):
+        if dkm_config is not None:
+            if kw.get("quantization_config") is not None:
+                raise ValueError(
+                    "pass the DKM configuration once: as `dkm_config=` or as `quantization_config=`, not both"
+                )
+            if not isinstance(dkm_config, DKMConfig):
+                raise TypeError(f"dkm_config must be a dkm_hf.DKMConfig, got {type(dkm_config).__name__}")
+            kw["quantization_config"] = dkm_config
+        if dkm_inference_mode is not None and dkm_inference_mode not in MODES:
+            raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
+        result = original_func(cls, *args, **kw)
+        if dkm_inference_mode is not None:
+            set_inference_mode(result[0] if isinstance(result, tuple) else result, dkm_inference_mode)
+        return result
+
+    setattr(from_pretrained, _MARK, True)
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _patch_save_pretrained() -> None:
+    """(2)"""
+    original = PreTrainedModel.save_pretrained
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        is_main = kwargs.get("is_main_process", args[0] if args else True)
+        if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
+            return original(self, save_directory, *args, **kwargs)
+
+        def finish(tmp: str) -> None:
+            write_model_card(self, tmp, repo=os.fspath(save_directory))
+
+        if kwargs.get("push_to_hub"):
+            # transformers names the repo after the directory; the card is written before the upload (3)
+            kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            finish = None
+        return atomic_save(save_directory, lambda tmp: original(self, tmp, *args, **kwargs), finish)
+
+    setattr(save_pretrained, _MARK, True)
+    PreTrainedModel.save_pretrained = save_pretrained
+
+
+def _patch_upload() -> None:
+    """(3)"""
+    upload = PreTrainedModel._upload_modified_files
+    if getattr(upload, _MARK, False):
+        return
+
+    @functools.wraps(upload)
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        if is_palettized(self):
+            write_model_card(self, working_dir, repo=repo_id, replace_generated=True)
+        return upload(self, working_dir, repo_id, *args, **kwargs)
+
+    setattr(_upload_modified_files, _MARK, True)
+    PreTrainedModel._upload_modified_files = _upload_modified_files
+
+
+def install(config_cls: type, quantizer_cls: type) -> None:
+    """Apply every patch (idempotent: importing or reloading dkm_hf twice patches once)."""
+    register(config_cls, quantizer_cls)
+    _patch_from_pretrained()
+    _patch_save_pretrained()
+    _patch_upload()

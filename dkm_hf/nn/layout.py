@@ -1,0 +1,224 @@
+"""`Layout`: how one clustered weight is cut into LUT groups and vectors, and how it is recorded in config.json.
+
+A weight is seen as (channels, features) rows: channels are output channels (rows of a Linear, filters of a Conv,
+columns of transformers' Conv1D, which stores (in, out), tokens of an Embedding). Vectors of `cluster_dim` values
+run along the features of one channel; LUT group g holds channels [g * C/G, (g + 1) * C/G). A palettized weight is
+
+    lut      (groups, 2**bits, cluster_dim)       the centroids
+    indices  groups * vectors_per_group indices   b-bit, packed
+    scale    (channels, 1)                        only with per_channel_scale
+
+The same `Layout` describes a DKM module in training, its palettized module, a record in
+`quantization_config.modules` and a row of `dkm-hf inspect`. `ClusterSettings` holds the rest of a module's
+settings: those of the DKM loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..errors import PalettizedCheckpointError
+from ..ops.packing import packed_size
+
+RECORD_KEYS = ("bits", "cluster_dim", "groups", "shape", "per_channel_scale")
+LUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Layout:
+    shape: tuple[int, ...]
+    bits: int
+    cluster_dim: int = 1
+    groups: int = 1
+    per_channel_scale: bool = False
+    transposed: bool = False  # transformers' Conv1D: the weight is stored (features, channels)
+    tied_to: str | None = None  # the module whose LUT and indices this one shares
+
+    @classmethod
+    def for_weight(
+        cls,
+        shape: tuple[int, ...],
+        bits: int,
+        cluster_dim: int = 1,
+        group_size: int | None = None,
+        per_channel_scale: bool = False,
+        transposed: bool = False,
+        name: str = "",
+    ) -> Layout:
+        """The layout of a weight of `shape`; a ValueError names the module when the geometry does not fit."""
+        layout = cls(tuple(shape), bits, cluster_dim, 1, per_channel_scale, transposed)
+        where = name or "the module"
+        if layout.features % cluster_dim:
+            raise ValueError(
+                f"cluster_dim={cluster_dim} does not divide the {layout.features} features per channel of {where} "
+                f"(weight shape {tuple(shape)})"
+            )
+        if group_size is not None:
+            if layout.channels % group_size:
+                raise ValueError(
+                    f"group_size={group_size} does not divide the {layout.channels} output channels of {where} "
+                    f"(weight shape {tuple(shape)})"
+                )
+            layout = replace(layout, groups=layout.channels // group_size)
+        return layout
+
+    # -- sizes --------------------------------------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if self.transposed else self.shape[0]
+
+    @property
+    def features(self) -> int:
+        return self.numel // self.channels
+
+    @property
+    def n_clusters(self) -> int:
+        return 2**self.bits
+
+    @property
+    def vectors(self) -> int:
+        return self.numel // self.cluster_dim
+
+    @property
+    def vectors_per_group(self) -> int:
+        return self.vectors // self.groups
+
+    @property
+    def lut_shape(self) -> tuple[int, int, int]:
+        return (self.groups, self.n_clusters, self.cluster_dim)
+
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        return (self.channels, 1)
+
+    @property
+    def packed_bytes(self) -> int:
+        return packed_size(self.vectors, self.bits)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.cluster_dim
+
+    # -- views of the weight ------------------------------------------------------------------------------------------
+    def to_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        """(channels, features) view of the weight."""
+        return weight.t() if self.transposed else weight.reshape(self.channels, self.features)
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t() if self.transposed else rows.reshape(self.shape)
+
+    def to_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """(groups, vectors_per_group, cluster_dim) view of the rows."""
+        return rows.reshape(self.groups, -1, self.cluster_dim)
+
+    def from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors.reshape(self.channels, self.features)
+
+    def weight_from_vectors(self, vectors: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight, in its own shape, from its (groups, n, d) vectors and the per-channel scale if any."""
+        rows = self.from_vectors(vectors)
+        if scale is not None:
+            rows = rows * scale
+        return self.from_rows(rows)
+
+    # -- config.json records ------------------------------------------------------------------------------------------
+    def to_record(self) -> dict[str, Any]:
+        if self.tied_to is not None:
+            return {"tied_to": self.tied_to}
+        return {
+            "bits": self.bits,
+            "cluster_dim": self.cluster_dim,
+            "groups": self.groups,
+            "shape": list(self.shape),
+            "per_channel_scale": self.per_channel_scale,
+        }
+
+    @classmethod
+    def from_record(cls, name: str, record: Any, transposed: bool = False) -> Layout:
+        """Check one untied `quantization_config.modules` record; errors name the module and the field."""
+        where = f"config.json: palettized module {name!r}"
+        if not isinstance(record, dict) or set(record) != set(RECORD_KEYS):
+            raise PalettizedCheckpointError(f"{where} has a malformed record {record!r} (expected keys {RECORD_KEYS})")
+        for key in ("bits", "cluster_dim", "groups"):
+            if not _is_count(record[key]) or record[key] < 1:
+                raise PalettizedCheckpointError(f"{where} needs a positive integer {key!r}, got {record[key]!r}")
+        if record["bits"] > 8:
+            raise PalettizedCheckpointError(f"{where} has bits={record['bits']}, above 8")
+        shape = record["shape"]
+        if not isinstance(shape, list) or not shape or not all(_is_count(s) and s > 0 for s in shape):
+            raise PalettizedCheckpointError(f"{where} has invalid shape {shape!r}")
+        if len(shape) < 2 and transposed:
+            raise PalettizedCheckpointError(f"{where} has shape {shape}, which cannot be a transposed Conv1D weight")
+        if not isinstance(record["per_channel_scale"], bool):
+            raise PalettizedCheckpointError(
+                f"{where} needs a bool 'per_channel_scale', got {record['per_channel_scale']!r}"
+            )
+        layout = cls(
+            tuple(shape),
+            record["bits"],
+            record["cluster_dim"],
+            record["groups"],
+            record["per_channel_scale"],
+            transposed,
+        )
+        if layout.features % layout.cluster_dim or layout.channels % layout.groups:
+            raise PalettizedCheckpointError(
+                f"{where} has cluster_dim={layout.cluster_dim} and groups={layout.groups}, which do not divide its "
+                f"{layout.features} features and {layout.channels} channels"
+            )
+        return layout
+
+
+def layouts_from_records(records: Any, transposed=lambda name: False) -> dict[str, Layout]:
+    """Every layout of `quantization_config.modules`, ties resolved (a tied layout copies its source's geometry).
+
+    `transposed(name)` says whether a module stores its weight transposed (transformers' Conv1D); without the model,
+    pass the best guess. Errors name the module.
+    """
+    if not isinstance(records, dict):
+        raise PalettizedCheckpointError(f"config.json: quantization_config.modules must be a dict, got {records!r}")
+    layouts = {}
+    for name, record in records.items():
+        if not (isinstance(record, dict) and "tied_to" in record):
+            layouts[name] = Layout.from_record(name, record, transposed(name))
+    for name, record in records.items():
+        if isinstance(record, dict) and "tied_to" in record:
+            source = record["tied_to"]
+            if set(record) != {"tied_to"} or not isinstance(source, str):
+                raise PalettizedCheckpointError(
+                    f"config.json: palettized module {name!r} has a malformed tie record {record!r}"
+                )
+            if source not in layouts:
+                raise PalettizedCheckpointError(
+                    f"config.json: palettized module {name!r} is tied to {source!r}, which is not a palettized module "
+                    "with its own LUT"
+                )
+            layouts[name] = replace(layouts[source], transposed=transposed(name), tied_to=source)
+    return layouts
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass
+class ClusterSettings:
+    """The DKM loop's settings for one module (the config's values with any override applied)."""
+
+    tau: float
+    max_iters: int = 3
+    epsilon: float = 1e-4
+    implementation: str = "auto"
+    lut_dtype: str = "float16"
+
+    @property
+    def lut_torch_dtype(self) -> torch.dtype:
+        return LUT_DTYPES[self.lut_dtype]

@@ -1,0 +1,8 @@
+"""The mathematics of DKM in plain torch: no nn.Module and no transformers, importable on its own.
+
+attention.py  squared distances, the attention softmax, nearest-centroid assignment
+buckets.py    the distinct 16-bit values of a weight (eDKM's uniquification)
+dkm.py        the DKM loop as memory-lean autograd functions (chunked and uniquified)
+kmeans.py     k-means++ and Lloyd initialisation of the centroids
+packing.py    b-bit index packing
+"""

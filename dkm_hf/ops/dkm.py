@@ -1,0 +1,241 @@
+"""The DKM loop (Cho et al., ICLR 2022, Sec. 3) as autograd functions that keep O(n) memory.
+
+A clustered weight is handled as `w` of shape (G, n, d): G LUT groups, n vectors per group, vectors of
+d = cluster_dim values. Centroids `c` are (G, k, d) with k = 2**bits. One forward, from the previous step's
+(detached) centroids C_0:
+
+    for t = 1..T:                                   T <= max_iters: the first t with max|C_t - C_{t-1}| <= epsilon
+        A_t = softmax_j( -||w_i - C_{t-1,j}||^2 / tau )      attention, rows sum to 1
+        C_t = (A_t^T w) / (A_t^T 1)                          attention-weighted centroid update
+    W~ = A_T C_T                                             soft-clustered weight used by the layer
+
+Gradients flow from W~ through every iteration into w. Autograd would keep every A_t and distance matrix:
+O(T * n * k) floats per layer. These functions save w and the (T+1, k, d) centroid history instead and recompute
+attention chunk by chunk in backward: exact gradients with O(n) extra memory.
+
+On CPU the early stop is checked on the host after each iteration. On other devices the loop runs all max_iters
+iterations without a host synchronisation and picks T on the device; the result is the same (T is defined by the
+same test), the iterations after T are wasted work instead of a stall.
+
+For d = 1 the eDKM "uniquification" (Cho et al., 2023) makes the heavy part independent of n: attention is computed
+once per distinct 16-bit value (bucket, see `buckets`) and gathered. Each weight still gets its own gradient:
+dL/dw_i = a(u_i) * g_i + b(u_i), where g_i is the upstream gradient of weight i, a(u) the derivative of the soft
+weight at bucket u and b(u) the shared path through the centroids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import attention, chunks, matmul_narrow, rows_per_chunk, t_matmul
+from .buckets import bucket_dtype_for, unique_buckets
+
+_TINY = 1e-30
+IMPLEMENTATIONS = ("chunked", "uniquified")
+
+
+def _softmax_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return a * (grad - (a * grad).sum(-1, keepdim=True))
+
+
+def _distance_backward(dz: torch.Tensor, w: torch.Tensor, c: torch.Tensor, tau: float):
+    """Pull dL/dz back through z_ij = -||w_i - c_j||^2 / tau. Returns (dL/dw, dL/dc summed over rows)."""
+    row_sum = dz.sum(-1, keepdim=True)  # (G, m, 1)
+    dw = (matmul_narrow(dz, c) - w * row_sum) * (2.0 / tau)
+    dc = (t_matmul(dz, w) - c * dz.sum(1).unsqueeze(-1)) * (2.0 / tau)
+    return dw, dc
+
+
+def _iterate(w, c0, tau, max_iters, epsilon, weight=None):
+    """The centroid loop without autograd.
+
+    Returns the history [C_0, ..., C_S], the masses [m_1, ..., m_S] and T (S = T on CPU; S = max_iters elsewhere,
+    with T a 0-d device tensor).
+    """
+    G, n, d = w.shape
+    k = c0.shape[1]
+    step = rows_per_chunk(k, d, G)
+    on_host = w.device.type == "cpu"
+    history, masses, moved = [c0], [], []
+    c = c0
+    for _ in range(max_iters):
+        s = torch.zeros_like(c)
+        m = torch.zeros(G, k, dtype=c.dtype, device=c.device)
+        for sl in chunks(n, step):
+            a = attention(w[:, sl], c, tau)
+            if weight is not None:
+                a = a * weight[:, sl, None]
+            s += t_matmul(a, w[:, sl])
+            m += a.sum(1)
+        c_new = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
+        history.append(c_new)
+        masses.append(m)
+        change = (c_new - c).abs().amax() if c.numel() else c.new_zeros(())
+        c = c_new
+        if on_host:
+            if change.item() <= epsilon:
+                break
+        else:
+            moved.append(change)
+    if on_host:
+        return history, masses, len(masses)
+    converged = torch.stack(moved) <= epsilon
+    first = torch.where(converged.any(), converged.int().argmax() + 1, max_iters)
+    return history, masses, first
+
+
+def _select(history, T):
+    """(C_{T-1}, C_T); T is an int or a 0-d device tensor (picked without a host synchronisation)."""
+    if isinstance(T, int):
+        return history[T - 1], history[T]
+    stacked = torch.stack(history)
+    return stacked.index_select(0, (T - 1).view(1))[0], stacked.index_select(0, T.view(1))[0]
+
+
+def _soft_output(w, c_in, c_out, tau):
+    G, n, d = w.shape
+    step = rows_per_chunk(c_out.shape[1], d, G)
+    out = torch.empty_like(w)
+    for sl in chunks(n, step):
+        out[:, sl] = matmul_narrow(attention(w[:, sl], c_in, tau), c_out)
+    return out
+
+
+def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_unit=False):
+    """Reverse pass of `_iterate` + `_soft_output`, chunked.
+
+    `grad_rows` (G, n, d) is dL/dW~ summed over the weights each row stands for (one weight per row in the chunked
+    path; a whole bucket in the uniquified path, where `weight` holds the bucket counts).
+    Returns (b, a): b (G, n, d) is the part of dL/dw shared by every weight of a row; a (G, n, d) is, with
+    `direct_per_unit`, the derivative of the soft weight at the row (d = 1; multiply by each weight's own upstream
+    gradient), otherwise None and the direct part is already inside b.
+
+    Iterations after T (only on devices where the loop ran all max_iters) receive no gradient: their terms vanish.
+    """
+    G, n, d = w.shape
+    S = len(masses)
+    c_in, c_out = _select(history, T)
+    step = rows_per_chunk(c_out.shape[1], d, G)
+
+    # dL/dC_T from W~ = A_T C_T
+    dc_out = torch.zeros_like(c_out)
+    for sl in chunks(n, step):
+        dc_out += t_matmul(attention(w[:, sl], c_in, tau), grad_rows[:, sl])
+
+    b = torch.zeros_like(w)
+    a_direct = torch.zeros_like(w) if direct_per_unit else None
+    dc = torch.zeros_like(c_out)
+    for t in range(S, 0, -1):
+        is_last = T == t  # a bool, or a 0-d device tensor
+        dc = dc + dc_out * is_last
+        c_prev, c_t, m_t = history[t - 1], history[t], masses[t - 1]
+        alive = (m_t > _TINY).unsqueeze(-1)
+        inv_m = (1.0 / m_t.clamp_min(_TINY)).unsqueeze(-1)
+        ds = torch.where(alive, dc * inv_m, 0.0)  # dL/dS_t, S_t = A_t^T w
+        dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0).transpose(1, 2)  # (G, 1, k)
+        dc_prev = torch.where(alive, 0.0, dc)  # dead clusters carry C_{t-1} over unchanged
+        direct = not isinstance(is_last, bool) or is_last
+        for sl in chunks(n, step):
+            wc = w[:, sl]
+            a = attention(wc, c_prev, tau)
+            dz_cent = _softmax_backward(a, wc @ ds.transpose(1, 2) + dm)
+            dw_cent, _ = _distance_backward(dz_cent, wc, c_prev, tau)
+            b[:, sl] += matmul_narrow(a, ds) + dw_cent
+            dz_total = dz_cent if weight is None else dz_cent * weight[:, sl, None]
+            if direct:
+                dz_dir = _softmax_backward(a, grad_rows[:, sl] @ c_t.transpose(1, 2)) * is_last
+                dz_total = dz_total + dz_dir
+                if direct_per_unit:
+                    unit = _softmax_backward(a, c_t.transpose(1, 2).expand_as(a))
+                    a_direct[:, sl] += _distance_backward(unit, wc, c_prev, tau)[0] * is_last
+                else:
+                    b[:, sl] += _distance_backward(dz_dir, wc, c_prev, tau)[0]
+            if t > 1:
+                dc_prev += _distance_backward(dz_total, wc, c_prev, tau)[1]
+        dc = dc_prev
+    return b, a_direct
+
+
+class _ChunkedDKM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, c0, tau, max_iters, epsilon):
+        with torch.no_grad():
+            history, masses, T = _iterate(w, c0, tau, max_iters, epsilon)
+            c_in, c_out = _select(history, T)
+            out = _soft_output(w, c_in, c_out, tau)
+        T_saved = [T] if isinstance(T, torch.Tensor) else []
+        ctx.save_for_backward(w, *history, *masses, *T_saved)
+        ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
+        c_final = c_out.clone()
+        ctx.mark_non_differentiable(c_final)
+        return out, c_final
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_c):
+        saved = ctx.saved_tensors
+        S = ctx.S
+        w, history, masses = saved[0], list(saved[1 : S + 2]), list(saved[S + 2 : 2 * S + 2])
+        T = ctx.T if ctx.T is not None else saved[-1]
+        with torch.no_grad():
+            b, _ = _backward(w, history, masses, T, ctx.tau, grad_out)
+        return b, None, None, None, None
+
+
+class _UniquifiedDKM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, c0, tau, max_iters, epsilon, bucket_dtype):
+        with torch.no_grad():
+            values, counts, inverse = unique_buckets(w.squeeze(-1), bucket_dtype)
+            u = values.unsqueeze(-1)
+            weight = counts.to(w.dtype)
+            history, masses, T = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
+            c_in, c_out = _select(history, T)
+            out_u = _soft_output(u, c_in, c_out, tau)
+            out = out_u.view(-1).index_select(0, inverse).view_as(w)
+        T_saved = [T] if isinstance(T, torch.Tensor) else []
+        ctx.save_for_backward(u, weight, inverse, *history, *masses, *T_saved)
+        ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
+        c_final = c_out.clone()
+        ctx.mark_non_differentiable(c_final)
+        return out, c_final
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_c):
+        saved = ctx.saved_tensors
+        S = ctx.S
+        u, weight, inverse = saved[:3]
+        history, masses = list(saved[3 : S + 4]), list(saved[S + 4 : 2 * S + 4])
+        T = ctx.T if ctx.T is not None else saved[-1]
+        with torch.no_grad():
+            g = grad_out.reshape(-1)
+            g_rows = torch.zeros(u.numel(), dtype=g.dtype, device=g.device).index_add_(0, inverse, g).view_as(u)
+            b, a = _backward(u, history, masses, T, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
+            # one gather of (a, b) per weight: dL/dw_i = a(u_i) * g_i + b(u_i)
+            ab = torch.stack([a.view(-1), b.view(-1)], 1).index_select(0, inverse)
+            grad_w = torch.addcmul(ab[:, 1], ab[:, 0], g)
+        return grad_w.view_as(grad_out), None, None, None, None, None
+
+
+def dkm_cluster(
+    w: torch.Tensor,
+    centroids: torch.Tensor,
+    tau: float,
+    max_iters: int,
+    epsilon: float,
+    implementation: str = "chunked",
+    bucket_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-cluster w (G, n, d) starting from `centroids` (G, k, d).
+
+    Returns (W~, C_T): the differentiable soft weight and the final centroids (detached), to carry to the next step.
+    `implementation` is "chunked" (exact, any d) or "uniquified" (d = 1; attention per distinct 16-bit value of
+    `bucket_dtype`, by default the weight's own dtype if 16-bit, else float16).
+    """
+    c0 = centroids.detach().to(w.dtype)
+    if implementation == "uniquified":
+        if w.shape[-1] != 1:
+            raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
+        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
+    if implementation != "chunked":
+        raise ValueError(f"unknown DKM implementation {implementation!r}; use one of {list(IMPLEMENTATIONS)}")
+    return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon)

@@ -1,0 +1,18 @@
+"""Model surgery: selecting the modules to cluster and converting them between dense, DKM and palettized forms.
+
+select.py   which modules a DKMConfig clusters; which share a weight
+convert.py  the module swaps (dense -> DKM -> palettized -> dense), the one place module types change
+model.py    the model-level operations users call: prepare, palettize, dequantize, palettized_view
+"""
+
+from .model import dequantize, get_dkm_config, palettize, palettized_view, prepare, record_of, set_inference_mode
+
+__all__ = [
+    "dequantize",
+    "get_dkm_config",
+    "palettize",
+    "palettized_view",
+    "prepare",
+    "record_of",
+    "set_inference_mode",
+]

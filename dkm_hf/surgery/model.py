@@ -1,0 +1,98 @@
+"""The model-level operations: prepare (dense -> DKM), palettize (DKM -> palettized), dequantize (-> dense), the
+inference mode of palettized modules, and what a model's saved checkpoint will hold."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+from torch import nn
+
+from ..config import CheckpointRecord, DKMConfig
+from ..nn.dkm import dkm_modules
+from ..nn.palettized import MODES, palettized_modules
+from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
+
+
+def get_dkm_config(model: nn.Module) -> DKMConfig | None:
+    """The DKMConfig a model was prepared or loaded with (None for a model without DKM)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, DKMConfig):
+        return config
+    return model.__dict__.get("dkm_config")
+
+
+def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module:
+    """Swap the modules `config` selects for DKM modules (in place) and initialise their centroids (k-means).
+
+    Keeps a private copy of `config` as `model.dkm_config`. For transformers models use `dkm_hf.prepare`, which also
+    attaches the quantizer so that `save_pretrained` / `from_pretrained` know the model.
+    """
+    if not isinstance(config, DKMConfig):
+        raise TypeError(f"config must be a dkm_hf.DKMConfig, got {type(config).__name__}")
+    if get_dkm_config(model) is not None or dkm_modules(model) or palettized_modules(model):
+        raise ValueError("this model is already prepared for DKM (or palettized)")
+    config = copy.deepcopy(config)
+    to_dkm(model, config)
+    if init:
+        init_centroids(model)
+    model.dkm_config = config
+    return model
+
+
+def palettize(model: nn.Module) -> nn.Module:
+    """Snap every DKM module to its nearest centroids and swap it for its palettized module (in place, then eval).
+
+    After this, `save_pretrained` writes LUTs + packed indices and config.json records each module's layout.
+    """
+    if not dkm_modules(model):
+        if palettized_modules(model):
+            return model
+        raise ValueError("palettize() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
+    to_palettized(model)
+    return model.eval()
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Swap every DKM / palettized module for its original type holding the dense (hard-clustered) weight."""
+    to_dense(model)
+    model.__dict__.pop("dkm_config", None)
+    return model
+
+
+def set_inference_mode(model: nn.Module, mode: str) -> nn.Module:
+    """'dense': decode every palettized weight once, on first use (fastest forward); 'packed': decode per forward
+    (least memory)."""
+    if mode not in MODES:
+        raise ValueError(f"inference mode must be one of {list(MODES)}, got {mode!r}")
+    for _, module in palettized_modules(model):
+        module.set_inference_mode(mode)
+    return model
+
+
+def record_of(model: nn.Module) -> CheckpointRecord:
+    """What saving `model` now writes: a training checkpoint (DKM modules) or a palettized one (with its layouts)."""
+    if dkm_modules(model) and palettized_modules(model):
+        raise ValueError("the model holds both DKM and palettized modules; palettize() it before saving")
+    return CheckpointRecord.of(layouts_of(model))
+
+
+@contextlib.contextmanager
+def palettized_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily palettize a DKM model (e.g. to save it) and put the trainable DKM modules back afterwards.
+
+    No weight is copied: the palettized modules share biases and every other tensor with the DKM modules.
+    """
+    originals = dkm_modules(model)
+    if not originals:
+        yield model
+        return
+    was_training = model.training
+    try:
+        to_palettized(model)
+        yield model
+    finally:
+        for name, module in originals:
+            model.set_submodule(name, module)
+        model.train(was_training)

@@ -1,0 +1,52 @@
+"""b-bit index packing: every bit width 1-8, lengths that are and are not multiples of 8, the documented layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dkm_hf.ops.packing import pack_indices, packed_size, unpack_indices, unpack_range
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 13, 64, 1001])
+def test_round_trip_and_size(bits, n):
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    indices = torch.randint(0, 2**bits, (n,), generator=g)
+    packed = pack_indices(indices, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(n, bits) == -(-n // 8) * bits
+    assert torch.equal(unpack_indices(packed, bits, n), indices)
+    if n % 8:  # the padding after the last index is zero
+        assert not unpack_indices(packed[-bits:], bits, 8)[n % 8 :].any()
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_extreme_values(bits):
+    indices = torch.tensor([0, 2**bits - 1] * 9)
+    assert torch.equal(unpack_indices(pack_indices(indices, bits), bits, 18), indices)
+
+
+def test_bit_layout_of_the_docstring():
+    """For b = 3, index j of a block of 8 occupies bits [3j, 3j + 3) of the block read little-endian."""
+    packed = pack_indices(torch.tensor([1, 0, 0, 0, 0, 0, 0, 7]), 3)
+    assert packed.tolist() == [0b00000001, 0, 0b11100000]
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_unpack_range_reads_a_slice(bits):
+    indices = torch.randint(0, 2**bits, (100,), generator=torch.Generator().manual_seed(0))
+    packed = pack_indices(indices, bits)
+    assert torch.equal(unpack_range(packed, bits, 16, 45), indices[16:45])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        unpack_range(packed, bits, 3, 10)
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        pack_indices(torch.tensor([4]), 2)
+    with pytest.raises(ValueError, match="bits must be in"):
+        pack_indices(torch.tensor([0]), 9)
+    with pytest.raises(ValueError, match="take 3 bytes"):
+        unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 8)
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_indices(torch.zeros(3, dtype=torch.int8), 3, 8)
