@@ -101,3 +101,115 @@ def test_plot_with_no_matching_layer_fails_cleanly(checkpoint, tmp_path, capsys)
     assert main(["plot", str(checkpoint[0]), "--out", str(tmp_path / "x.png"), "--layers", "nope"]) == 2
     assert "no palettized layer matches 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def _damage(src, tmp_path, edit_config=None, edit_tensors=None, index=None):
+    """A copy of the checkpoint with config.json, the tensors or a shard index changed."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "damaged"
+    shutil.copytree(src, path)
+    if edit_config is not None:
+        config = json.loads((path / "config.json").read_text())
+        edit_config(config["quantization_config"])
+        (path / "config.json").write_text(json.dumps(config))
+    if edit_tensors is not None:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(path / "model.safetensors")
+        edit_tensors(tensors, metadata)
+        save_file(tensors, path / "model.safetensors", metadata)
+    if index is not None:
+        (path / "model.safetensors.index.json").write_text(index)
+        (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    return path
+
+
+LUT = "transformer.h.0.attn.c_proj.weight_lut"
+BAD_INPUTS = {
+    "index without weight_map": ({"index": json.dumps({"metadata": {}})}, "not a valid shard index"),
+    "index not json": ({"index": "{oops"}, "not a valid shard index"),
+    "tied_to a list": (
+        {"edit_config": lambda q: q["modules"].__setitem__("lm_head", {"tied_to": ["transformer.wte"]})},
+        "malformed tie record",
+    ),
+    "tied_to unknown": (
+        {"edit_config": lambda q: q["modules"].__setitem__("lm_head", {"tied_to": "nope"})},
+        "is tied to 'nope'",
+    ),
+    "missing LUT": ({"edit_tensors": lambda t, m: t.pop(LUT)}, "weight_lut: missing"),
+    "groups mismatch": (
+        {"edit_config": lambda q: q["modules"]["transformer.h.0.attn.c_proj"].__setitem__("groups", 2)},
+        r"weight_lut: shape \[1, 8, 1\], expected \[2, 8, 1\]",
+    ),
+    "bits not an int": (
+        {"edit_config": lambda q: q["modules"]["transformer.h.0.attn.c_proj"].__setitem__("bits", "3")},
+        "needs a positive integer 'bits'",
+    ),
+    "no config": ({"edit_config": lambda q: q.clear()}, "does not describe a dkm_hf palettized checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("command", ["inspect", "plot"])
+def test_bad_input_exits_2_with_one_line(checkpoint, tmp_path, capsys, case, command):
+    """12.9: every bad input ends in exit status 2 and one line naming the directory and the problem."""
+    kwargs, message = BAD_INPUTS[case]
+    path = _damage(checkpoint[0], tmp_path, **kwargs)
+    args = [command, str(path)] + (["--out", str(tmp_path / "x.png")] if command == "plot" else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and re.search(message, err), err
+
+
+def test_bad_header_and_bad_regex_exit_2(checkpoint, tmp_path, capsys):
+    path = _damage(checkpoint[0], tmp_path)
+    blob = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(blob[:8] + b"{not json" + blob[17:])
+    assert main(["inspect", str(path)]) == 2
+    assert "model.safetensors: the safetensors header is not valid JSON" in capsys.readouterr().err
+    args = ["plot", str(checkpoint[0]), "--out", str(tmp_path / "x.png"), "--layers", "(unclosed"]
+    assert main(args) == 2
+    assert "--layers '(unclosed' is not a valid regex" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["nan", "inf", "checksum"])
+def test_damaged_values_are_flagged_not_printed_as_normal(checkpoint, tmp_path, capsys, damage):
+    """12.9: NaN/inf LUT entries, set padding bits and checksum mismatches: the row says DAMAGED, exit status 1."""
+
+    def edit(tensors, metadata):
+        if damage in ("nan", "inf"):
+            tensors[LUT].view(-1)[0] = float(damage)
+        else:
+            tensors[LUT].view(-1)[1] += 0.5
+
+    path = _damage(checkpoint[0], tmp_path, edit_tensors=edit)
+    assert main(["inspect", str(path), "--json"]) == 1
+    out = capsys.readouterr().out
+    damaged = [line for line in out.splitlines() if "DAMAGED" in line and line.startswith("| ")]
+    assert len(damaged) == 1
+    assert json.loads(out.strip().splitlines()[-1])["damaged_layers"] == 1
+    assert ("checksum mismatch" if damage == "checksum" else "NaN/inf in weight_lut") in damaged[0]
+
+
+def test_set_padding_bits_are_flagged(tmp_path, capsys):
+    """74 3-bit indices leave 18 padding bits in the last block; a set one is flagged (here without checksums, as in
+    a checkpoint written before they existed)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
+    BertModel(config).save_pretrained(tmp_path / "dense")
+    dkm = dkm_hf.DKMConfig(bits=3, cluster_dim=16, weight_threshold=0, target_modules=["intermediate.dense"])
+    dkm_hf.palettize(AutoModel.from_pretrained(tmp_path / "dense", dkm_config=dkm)).save_pretrained(tmp_path / "p")
+    tensors = load_file(tmp_path / "p" / "model.safetensors")
+    tensors["encoder.layer.0.intermediate.dense.weight_indices"][-1] |= 0x80
+    save_file(tensors, tmp_path / "p" / "model.safetensors", {"dkm_format": "palettized", "dkm_format_version": "1"})
+    assert main(["inspect", str(tmp_path / "p")]) == 1
+    assert "DAMAGED: padding bits set" in capsys.readouterr().out

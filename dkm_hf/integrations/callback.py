@@ -44,7 +44,7 @@ def _cluster_sizes(assign: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _sample(n: int, size: int) -> slice:
-    return slice(None, None, max(1, n // size))
+    return slice(None, None, max(1, -(-n // size)))
 
 
 @torch.no_grad()

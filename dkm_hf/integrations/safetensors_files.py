@@ -225,3 +225,33 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
         raise PalettizedCheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
     check_inside(directory, files)
     return files
+
+
+def preflight(pretrained: str | os.PathLike, subfolder: str = "") -> None:
+    """Before transformers opens anything in a local directory: a dkm_hf checkpoint's shard index, file locations and
+    safetensors headers must be sound (errors name the file), so that a damaged checkpoint fails with a
+    `PalettizedCheckpointError` rather than inside transformers' or safetensors' own parsers; and files that dkm_hf
+    wrote as a palettized checkpoint must not load under a config.json that no longer declares them (transformers
+    would build a model with random weights for every clustered layer)."""
+    directory = Path(pretrained) / subfolder
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a local checkpoint directory, or transformers reports its config.json itself
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    has_weights = (directory / INDEX_NAME).is_file() or (directory / SINGLE_NAME).is_file()
+    if isinstance(quant, dict) and quant.get("quant_method") == "dkm":
+        if has_weights:
+            read_headers(checkpoint_files(directory))
+        return
+    try:
+        written = read_headers(checkpoint_files(directory)).metadata.get("dkm_format") if has_weights else None
+    except PalettizedCheckpointError:
+        return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
+    if written == "palettized":
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise PalettizedCheckpointError(
+            f"{directory / 'config.json'}: the weights are a dkm_hf palettized checkpoint but the config's "
+            f"quantization_config does not declare it (quant_method={method!r}); restore "
+            '`"quant_method": "dkm"` or the original config.json'
+        )

@@ -6,7 +6,8 @@ test_transformers_patches.py checks every assumption and fails naming the patch 
 what it relies on.
 
 1. `from_pretrained(..., dkm_config=, dkm_inference_mode=)`: transformers passes keyword arguments it does not know to
-   the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first.
+   the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first. For a
+   local dkm_hf checkpoint it also checks the shard index and headers before transformers parses them.
 2. `save_pretrained`: a palettized save is atomic (see `saving`) and writes a model card; there is no hook around the
    whole save, so `PreTrainedModel.save_pretrained` is wrapped.
 3. `push_to_hub`'s card: transformers writes its placeholder README.md after `save_pretrained`, just before the
@@ -34,6 +35,7 @@ from ..nn.dkm import dkm_modules
 from ..nn.palettized import MODES, palettized_modules
 from ..surgery.model import set_inference_mode
 from .model_card import write_model_card
+from .safetensors_files import preflight
 from .saving import atomic_save
 
 _MARK = "_dkm_hf_patched"
@@ -85,6 +87,8 @@ def _patch_from_pretrained() -> None:
             kw["quantization_config"] = dkm_config
         if dkm_inference_mode is not None and dkm_inference_mode not in MODES:
             raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
+        if args and isinstance(args[0], (str, os.PathLike)) and os.path.isdir(args[0]):
+            preflight(args[0], kw.get("subfolder") or "")
         result = original_func(cls, *args, **kw)
         if dkm_inference_mode is not None:
             set_inference_mode(result[0] if isinstance(result, tuple) else result, dkm_inference_mode)

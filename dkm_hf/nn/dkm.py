@@ -30,7 +30,17 @@ _ATTRS = ("layout", "settings", "dkm_seed", "dkm_enabled", "dkm_ready", "soft_ev
 _SCALE_FLOOR = 1e-12
 
 
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
+def _pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return tensor, tensor._version
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    tensor, version = packed
+    if tensor._version != version:  # the check autograd makes for the tensors it saves itself
+        raise RuntimeError(
+            f"a tensor of shape {tuple(tensor.shape)} saved by the DKM loop for backward was modified in place "
+            "before backward ran (e.g. the weight or the centroids changed between forward and backward)"
+        )
     return tensor
 
 
@@ -156,7 +166,7 @@ class DKMMixin:
         s = self.settings
         # Saved for backward as they are, also under activation checkpointing: a recomputed forward reuses this
         # tensor instead of running the loop again (the loop saves only the weight and a tiny centroid history).
-        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             soft, centroids = dkm_cluster(
                 self.vectors(weight),
                 self.centroids,

@@ -32,6 +32,8 @@ from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
 IMPLEMENTATIONS = ("chunked", "uniquified")
+# Device types whose early stop is checked on the host after each iteration (a cheap synchronisation there).
+HOST_EARLY_STOP = ("cpu",)
 
 
 def _softmax_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ def _iterate(w, c0, tau, max_iters, epsilon, weight=None):
     G, n, d = w.shape
     k = c0.shape[1]
     step = rows_per_chunk(k, d, G)
-    on_host = w.device.type == "cpu"
+    on_host = w.device.type in HOST_EARLY_STOP
     history, masses, moved = [c0], [], []
     c = c0
     for _ in range(max_iters):
@@ -126,15 +128,19 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
     a_direct = torch.zeros_like(w) if direct_per_unit else None
     dc = torch.zeros_like(c_out)
     for t in range(S, 0, -1):
-        is_last = T == t  # a bool, or a 0-d device tensor
-        dc = dc + dc_out * is_last
+        if isinstance(T, int):
+            direct, mask = t == T, None
+            if direct:
+                dc = dc + dc_out
+        else:  # every iteration might be the last one: its direct terms are masked by [t == T]
+            direct, mask = True, (T == t).to(w.dtype)
+            dc = dc + dc_out * mask
         c_prev, c_t, m_t = history[t - 1], history[t], masses[t - 1]
         alive = (m_t > _TINY).unsqueeze(-1)
         inv_m = (1.0 / m_t.clamp_min(_TINY)).unsqueeze(-1)
         ds = torch.where(alive, dc * inv_m, 0.0)  # dL/dS_t, S_t = A_t^T w
         dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0).transpose(1, 2)  # (G, 1, k)
         dc_prev = torch.where(alive, 0.0, dc)  # dead clusters carry C_{t-1} over unchanged
-        direct = not isinstance(is_last, bool) or is_last
         for sl in chunks(n, step):
             wc = w[:, sl]
             a = attention(wc, c_prev, tau)
@@ -143,11 +149,13 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
             b[:, sl] += matmul_narrow(a, ds) + dw_cent
             dz_total = dz_cent if weight is None else dz_cent * weight[:, sl, None]
             if direct:
-                dz_dir = _softmax_backward(a, grad_rows[:, sl] @ c_t.transpose(1, 2)) * is_last
+                grad_c = grad_rows[:, sl] @ c_t.transpose(1, 2)
+                dz_dir = _softmax_backward(a, grad_c if mask is None else grad_c * mask)
                 dz_total = dz_total + dz_dir
                 if direct_per_unit:
                     unit = _softmax_backward(a, c_t.transpose(1, 2).expand_as(a))
-                    a_direct[:, sl] += _distance_backward(unit, wc, c_prev, tau)[0] * is_last
+                    da = _distance_backward(unit, wc, c_prev, tau)[0]
+                    a_direct[:, sl] += da if mask is None else da * mask
                 else:
                     b[:, sl] += _distance_backward(dz_dir, wc, c_prev, tau)[0]
             if t > 1:
@@ -231,7 +239,7 @@ def dkm_cluster(
     `implementation` is "chunked" (exact, any d) or "uniquified" (d = 1; attention per distinct 16-bit value of
     `bucket_dtype`, by default the weight's own dtype if 16-bit, else float16).
     """
-    c0 = centroids.detach().to(w.dtype)
+    c0 = centroids.detach().to(w.dtype, copy=True)  # saved for backward: never the caller's (updated) buffer
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")

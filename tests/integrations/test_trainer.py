@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 import dkm_hf
 from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
-from dkm_hf.integrations.callback import tau_at
+from dkm_hf.integrations.callback import CHANGE_SAMPLE, tau_at
 
 CONFIG = {"bits": 3, "tau": 2e-5, "weight_threshold": 1000}  # tau fits weights of std 0.02
 
@@ -81,6 +81,12 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     assert all(math.isfinite(e["loss"]) for e in logs)
     assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
     assert all("dkm_entropy" in e and "dkm_empty_clusters" in e for e in logs)
+    # 12.12: no change or drift at the first logging step (nothing to compare with yet), then at every one
+    assert "dkm_changed_fraction" not in logs[0] and "dkm_centroid_drift" not in logs[0]
+    assert all(0 <= e["dkm_changed_fraction"] <= 1 and e["dkm_centroid_drift"] >= 0 for e in logs[1:])
+    assert 0 < sum(e["dkm_centroid_drift"] for e in logs[1:])
+    kept = trainer.dkm_callback._previous  # a bounded sample of assignments per module, not one byte per weight
+    assert kept and all(t.numel() <= CHANGE_SAMPLE + 1 for t in kept.values())
     evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
     assert evals and "eval_soft_accuracy" in evals[-1]
     assert evals[-1]["eval_accuracy"] > 0.6
@@ -116,9 +122,13 @@ def _losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path):
+@pytest.mark.parametrize("milestone", [0, 4, 2])
+def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path, milestone):
+    """Resuming from checkpoint-4 equals the uninterrupted run, also when step 4 is the milestone (12.5: the
+    centroids are initialised from the weights of that step, not taken stale from the checkpoint)."""
+
     def run(out, max_steps=8, resume=None):
-        model = _model(toy_path)
+        model = _model(toy_path, milestone=milestone)
         args = _args(tmp_path, output_dir=str(out), max_steps=8, save_strategy="steps", save_steps=4)
         trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(256))
         trainer.train(resume_from_checkpoint=resume)

@@ -251,3 +251,72 @@ def test_eval_measures_exactly_the_model_that_ships(tiny_dir, name):
         hard = model(**tiny_inputs(name)).logits
         shipped = dkm_hf.palettize(model)(**tiny_inputs(name)).logits
     assert torch.equal(hard, shipped)
+
+
+def test_gradients_equal_the_naive_reference_from_the_start_centroids():
+    """The weight's gradient through a DKM layer equals naive autograd DKM from the centroids the step started from
+    (the layer updates its centroid buffer after the forward; backward must not see the update)."""
+    from reference import naive_dkm
+
+    torch.manual_seed(0)
+    layer = dkm_hf.prepare(nn.Sequential(nn.Linear(48, 40)), DKMConfig(bits=3, tau=1e-3, weight_threshold=0))[0]
+    x = torch.randn(6, 48)
+    start = layer.centroids.clone()
+    layer.train()(x).square().sum().backward()
+    assert not torch.equal(start, layer.centroids)  # the buffer moved on
+    w = layer.weight.detach().clone().requires_grad_()
+    soft, _ = naive_dkm(w.reshape(1, -1, 1), start, 1e-3, 3, 1e-4)
+    torch.nn.functional.linear(x, soft.reshape(40, 48), layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_tied_weights_cost_one_dkm_pass_per_step(tiny_dir, monkeypatch):
+    """A weight shared by two modules (Llama's tied embeddings and LM head): one DKM loop per step, both uses see
+    the same soft weight, and the gradient equals a reference where the soft weight is computed once by hand."""
+    from reference import naive_dkm
+
+    from dkm_hf.nn import dkm as nn_dkm
+
+    model = AUTO["llama"].from_pretrained(
+        tiny_dir("llama"),
+        dkm_config=DKMConfig(bits=3, tau=1e-3, weight_threshold=0, target_modules=["embed_tokens", "lm_head"]),
+    )
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert head.tied_source is embed
+    calls, seen = [], {}
+    real = nn_dkm.dkm_cluster
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nn_dkm, "dkm_cluster", counting)
+
+    def record(name):
+        def hook(module, args, output):
+            seen.setdefault(name, module.clustered_weight())
+
+        return hook
+
+    embed.register_forward_hook(record("embed"))
+    head.register_forward_hook(record("head"))
+    start = embed.centroids.clone()
+    inputs = tiny_inputs("llama")
+    model.train()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert len(calls) == 1  # one loop for the shared weight, not one per module
+    # both uses see the same tensor (the head a view of it)
+    assert seen["embed"].data_ptr() == seen["head"].data_ptr() and torch.equal(seen["embed"], seen["head"])
+    loss.backward()
+    # Reference: the soft weight computed once by hand and used by both modules of a plain model.
+    reference = AUTO["llama"].from_pretrained(tiny_dir("llama")).train()
+    ref_w = reference.get_input_embeddings().weight.detach().clone().requires_grad_()
+    soft, _ = naive_dkm(ref_w.reshape(1, -1, 1), start, 1e-3, 3, 1e-4)
+    for module in (reference.get_input_embeddings(), reference.get_output_embeddings()):
+        del module.weight
+        module.weight = soft.reshape(ref_w.shape)
+    reference(**inputs, labels=inputs["input_ids"]).loss.backward()
+    torch.testing.assert_close(embed.weight.grad, ref_w.grad, rtol=1e-4, atol=1e-7)
+    # the next step is a new pass
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert len(calls) == 2

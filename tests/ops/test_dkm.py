@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference import naive_dkm, weights
 
+from dkm_hf.ops import dkm
 from dkm_hf.ops.attention import gather_centroids, hard_assign
 from dkm_hf.ops.buckets import unique_buckets
 from dkm_hf.ops.dkm import dkm_cluster
@@ -77,3 +78,22 @@ def test_early_stop_at_epsilon():
     _, c_one = dkm_cluster(w, c, 1e-3, 1, 0.0, "chunked")
     _, c_many = dkm_cluster(w, c, 1e-3, 50, 1e9, "chunked")  # huge epsilon: stops after the first iteration
     assert torch.equal(c_one, c_many)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3, 1e9])
+def test_device_loop_without_host_synchronisation_matches_the_host_loop(monkeypatch, implementation, epsilon):
+    """On accelerators all max_iters iterations run and T is picked on the device; values, final centroids and
+    gradients equal the host loop's, which stops early (checked here on the CPU by forcing the device path)."""
+    w = weights(2, 3000, 1)
+    c0 = kmeans_init(w, 8, seed=0)
+    grad = torch.randn_like(w)
+    results = []
+    for host in (True, False):
+        monkeypatch.setattr(dkm, "HOST_EARLY_STOP", ("cpu",) if host else ())
+        x = w.clone().requires_grad_()
+        y, c = dkm_cluster(x, c0, 1e-3, 5, epsilon, implementation)
+        (y * grad).sum().backward()
+        results.append((y.detach(), c, x.grad))
+    for host, device in zip(results[0], results[1]):
+        torch.testing.assert_close(device, host, rtol=1e-6, atol=1e-9)

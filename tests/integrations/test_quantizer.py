@@ -1,0 +1,197 @@
+"""Loading through DKMHfQuantizer: every checkpoint whose config and files disagree ends in a clear error or in the
+right model, never in a model with uninitialised or random weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import AUTO, tiny_inputs
+from safetensors.torch import load_file, save_file
+
+import dkm_hf
+from dkm_hf import DKMConfig, PalettizedCheckpointError
+from dkm_hf.integrations.safetensors_files import ALLOW_OUTSIDE_ENV
+
+
+def _edit_config(path: Path, edit) -> None:
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _logits(model, name="llama"):
+    with torch.no_grad():
+        return model.eval()(**tiny_inputs(name)).logits
+
+
+@pytest.fixture
+def training_checkpoint(tiny_dir, tmp_path):
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    model.train()
+    model(**tiny_inputs("llama")).logits.sum().backward()  # centroids move away from their initial values
+    model.save_pretrained(tmp_path / "train")
+    return tmp_path / "train", model
+
+
+def test_training_checkpoint_without_centroids_is_refused(training_checkpoint):
+    """12.1a: a training checkpoint carries its centroids; without them no model with garbage centroids loads."""
+    path, _ = training_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    dropped = "model.layers.0.mlp.up_proj.centroids"
+    save_file({k: v for k, v in tensors.items() if k != dropped}, path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(PalettizedCheckpointError, match=r"without the DKM state of 1 tensor.*up_proj\.centroids"):
+        AUTO["llama"].from_pretrained(path)
+
+
+def test_dkm_written_training_checkpoint_without_any_centroid_is_refused(training_checkpoint):
+    path, _ = training_checkpoint
+    tensors = load_file(path / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.endswith("centroids")}
+    save_file(kept, path / "model.safetensors", {"format": "pt", "dkm_format": "train", "dkm_format_version": "1"})
+    with pytest.raises(PalettizedCheckpointError, match="written by dkm_hf as a training checkpoint but hold no"):
+        AUTO["llama"].from_pretrained(path)
+
+
+def test_training_checkpoint_reloads_its_centroids(training_checkpoint):
+    path, model = training_checkpoint
+    loaded = AUTO["llama"].from_pretrained(path)
+    for (name, a), (_, b) in zip(dkm_hf.dkm_modules(model), dkm_hf.dkm_modules(loaded)):
+        if a.tied_source is None:
+            assert torch.equal(a.centroids, b.centroids), name
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_dense_checkpoint_declaring_dkm_initialises_centroids_from_its_weights(tiny_dir):
+    """12.1b: quantization_config added to a dense config.json by hand: centroids come from the weights."""
+    path = Path(tiny_dir("llama"))
+    _edit_config(path, lambda c: c.__setitem__("quantization_config", {"quant_method": "dkm", "bits": 4}))
+    declared = AUTO["llama"].from_pretrained(path)
+    (path / "config.json").write_text(
+        json.dumps(
+            {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "quantization_config"}
+        )
+    )
+    explicit = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(bits=4))
+    for (name, a), (_, b) in zip(dkm_hf.dkm_modules(declared), dkm_hf.dkm_modules(explicit)):
+        if a.tied_source is None:
+            assert torch.isfinite(a.centroids).all() and torch.equal(a.centroids, b.centroids), name
+    assert torch.equal(_logits(declared), _logits(explicit))
+
+
+@pytest.fixture
+def palettized_checkpoint(tiny_dir, tmp_path):
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    return tmp_path / "pal", model
+
+
+@pytest.mark.parametrize("edit", ["train", "delete"])
+def test_palettized_files_are_never_read_as_a_training_checkpoint(palettized_checkpoint, edit):
+    """12.2: config.json's format and the files' dkm_format metadata must agree."""
+    path, _ = palettized_checkpoint
+    quant = lambda c: c["quantization_config"]  # noqa: E731
+    _edit_config(
+        path, lambda c: quant(c).__setitem__("format", "train") if edit == "train" else quant(c).pop("format")
+    )
+    with pytest.raises(PalettizedCheckpointError, match="format='train' but the safetensors files were written as"):
+        AUTO["llama"].from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    ("tie", "message"),
+    [
+        ({"tied_to": "model.layers.0.mlp.up_proj"}, "but the model does not tie their weights"),
+        ({"tied_to": ["model.embed_tokens"]}, "has a malformed tie record"),
+        ({"tied_to": "model.nope"}, "is tied to 'model.nope', which is not a palettized module"),
+    ],
+)
+def test_ties_must_be_ties_of_the_architecture(palettized_checkpoint, tie, message):
+    """12.3: a `tied_to` record is checked against the model's real tied weights."""
+    path, _ = palettized_checkpoint
+    _edit_config(path, lambda c: c["quantization_config"]["modules"].__setitem__("model.layers.0.mlp.down_proj", tie))
+    tensors = load_file(path / "model.safetensors")
+    metadata = {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
+    kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.0.mlp.down_proj.")}
+    save_file(kept, path / "model.safetensors", metadata)
+    with pytest.raises(PalettizedCheckpointError, match=message):
+        AUTO["llama"].from_pretrained(path)
+
+
+def test_real_tie_reloads_as_one_tensor(palettized_checkpoint):
+    path, model = palettized_checkpoint
+    loaded = AUTO["llama"].from_pretrained(path)
+    assert loaded.lm_head.tied_source is loaded.model.embed_tokens
+    assert not any(k.startswith("lm_head") for k in load_file(path / "model.safetensors"))
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def _shard(path: Path) -> None:
+    """Split model.safetensors into two shards named by an index."""
+    tensors = load_file(path / "model.safetensors")
+    metadata = {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, path / file, metadata)
+    (path / "model.safetensors").unlink()
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "symlink"])
+def test_weight_files_outside_the_checkpoint_are_refused(palettized_checkpoint, tmp_path, monkeypatch, where):
+    """12.11: an index naming ../x or an absolute path, or a symlink leaving the directory."""
+    path, model = palettized_checkpoint
+    _shard(path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    moved = outside / "model-00002-of-00002.safetensors"
+    shutil.move(path / "model-00002-of-00002.safetensors", moved)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    if where == "symlink":
+        os.symlink(moved, path / "model-00002-of-00002.safetensors")
+    else:
+        name = "../elsewhere/model-00002-of-00002.safetensors" if where == "parent" else str(moved)
+        index["weight_map"] = {k: (name if "00002" in v else v) for k, v in index["weight_map"].items()}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(PalettizedCheckpointError, match="lies outside the checkpoint directory"):
+        AUTO["llama"].from_pretrained(path)
+    if where == "symlink":  # the documented opt-out (for a checkpoint assembled from links on purpose)
+        monkeypatch.setenv(ALLOW_OUTSIDE_ENV, "1")
+        assert torch.equal(_logits(AUTO["llama"].from_pretrained(path)), _logits(model))
+
+
+def test_malformed_shard_index_names_the_file(palettized_checkpoint):
+    """12.8: a shard index that is not JSON, or has no weight_map."""
+    path, _ = palettized_checkpoint
+    _shard(path)
+    for text in ("{not json", json.dumps({"metadata": {}})):
+        (path / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(
+            PalettizedCheckpointError, match=r"model\.safetensors\.index\.json: not a valid shard index"
+        ):
+            AUTO["llama"].from_pretrained(path)
+
+
+def test_data_bytes_changed_after_saving_are_detected(palettized_checkpoint):
+    """12.13: a CRC-32 per palettized tensor, checked on load; files written without checksums still load."""
+    path, model = palettized_checkpoint
+    blob = bytearray((path / "model.safetensors").read_bytes())
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    begin, _ = header["model.layers.0.mlp.up_proj.weight_indices"]["data_offsets"]
+    blob[8 + header_len + begin] ^= 0b1  # the lowest bit of the first index
+    (path / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(PalettizedCheckpointError, match=r"up_proj\.weight_indices: checksum .* does not match"):
+        AUTO["llama"].from_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    save_file(
+        tensors, path / "model.safetensors", {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
+    )
+    old_style = AUTO["llama"].from_pretrained(path)  # no checksums recorded: loads (with the flipped bit)
+    assert not torch.equal(_logits(old_style), _logits(model))

@@ -1,0 +1,89 @@
+"""What each patch in dkm_hf/integrations/transformers_patches.py relies on in transformers.
+
+Every assertion names its patch, so an upgrade of transformers that moves one of these points fails here, loudly,
+instead of somewhere deep in a load or a save.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+from conftest import TINY
+from transformers import PreTrainedModel
+from transformers.quantizers import auto as quantizers_auto
+from transformers.utils.hub import PushToHubMixin
+
+import dkm_hf
+from dkm_hf.integrations import transformers_patches
+
+
+def _relies(patch: str, condition: bool, what: str) -> None:
+    assert condition, f"transformers changed what dkm_hf's patch '{patch}' relies on: {what}"
+
+
+def test_patch_1_from_pretrained_takes_the_dkm_arguments_off():
+    source = inspect.getsource(PreTrainedModel.from_pretrained.__func__.__wrapped__)
+    _relies(
+        "from_pretrained", 'kwargs.pop("quantization_config"' in source, "from_pretrained reads quantization_config"
+    )
+    _relies("from_pretrained", getattr(PreTrainedModel.from_pretrained, "_dkm_hf_patched", False), "wrapper installed")
+    with pytest.raises(TypeError, match="dkm_config must be a dkm_hf.DKMConfig"):
+        PreTrainedModel.from_pretrained("unused", dkm_config={"bits": 4})
+    with pytest.raises(ValueError, match="dkm_inference_mode must be one of"):
+        PreTrainedModel.from_pretrained("unused", dkm_inference_mode="fast")
+
+
+def test_patch_2_save_pretrained_signature_and_hook_order():
+    original = PreTrainedModel.save_pretrained.__wrapped__
+    parameters = inspect.signature(original).parameters
+    _relies("save_pretrained", "is_main_process" in parameters and "push_to_hub" in parameters, "its arguments")
+    _relies("save_pretrained", hasattr(PreTrainedModel, "should_save_on_this_rank"), "should_save_on_this_rank()")
+    source = inspect.getsource(original)
+    metadata_hook = source.index("get_state_dict_and_metadata(self)")
+    _relies(
+        "save_pretrained",
+        metadata_hook < source.index("config.save_pretrained(save_directory)"),
+        "the quantizer's get_state_dict_and_metadata runs before config.json is written (the checkpoint record)",
+    )
+
+
+def test_patch_3_push_to_hub_writes_its_card_then_uploads():
+    source = inspect.getsource(PushToHubMixin.push_to_hub)
+    card, upload = (
+        source.find('model_card.save(os.path.join(tmp_dir, "README.md"))'),
+        source.find("self._upload_modified_files("),
+    )
+    _relies("push_to_hub card", 0 <= card < upload, "push_to_hub saves its README.md, then _upload_modified_files")
+    parameters = list(inspect.signature(PreTrainedModel._upload_modified_files.__wrapped__).parameters)
+    _relies("push_to_hub card", parameters[:3] == ["self", "working_dir", "repo_id"], "_upload_modified_files args")
+
+
+def test_patch_4_ties_are_declared_in_all_tied_weights_keys():
+    cls, make_config = TINY["llama"]
+    model = cls(make_config())
+    declared = getattr(model, "all_tied_weights_keys", None)
+    _relies("untie", isinstance(declared, dict), "models declare their ties in all_tied_weights_keys")
+    _relies("untie", declared.get("lm_head.weight") == "model.embed_tokens.weight", f"tie map format: {declared}")
+    source = inspect.getsource(PreTrainedModel.mark_tied_weights_as_initialized)
+    _relies("untie", "all_tied_weights_keys" in source and "get_parameter" in source, "loading looks ties up")
+
+
+def test_patch_5_init_skips_modules_marked_initialized():
+    source = inspect.getsource(PreTrainedModel._initialize_weights)
+    _relies("mark_initialized", 'getattr(module, "_is_hf_initialized", False)' in source, "_initialize_weights flag")
+    module = torch.nn.Linear(2, 2)
+    transformers_patches.mark_initialized(module)
+    assert module._is_hf_initialized is True
+
+
+def test_patch_6_registration_survives_a_reload():
+    _relies("register", isinstance(quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, dict), "config mapping")
+    _relies("register", isinstance(quantizers_auto.AUTO_QUANTIZER_MAPPING, dict), "quantizer mapping")
+    with pytest.raises(ValueError):  # why the patch pops before registering again
+        quantizers_auto.register_quantizer("dkm")(dkm_hf.DKMHfQuantizer)
+    importlib.reload(dkm_hf)
+    assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["dkm"] is dkm_hf.DKMConfig
+    assert quantizers_auto.AUTO_QUANTIZER_MAPPING["dkm"] is dkm_hf.DKMHfQuantizer

@@ -1,0 +1,70 @@
+"""Palettized modules: decoding, the two inference modes, and casts that keep the stored LUT dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dkm_hf
+from dkm_hf.nn.palettized import PalettizedMixin
+
+
+def _palettized(per_channel_scale=False, cluster_dim=1, group_size=None):
+    torch.manual_seed(0)
+    config = dkm_hf.DKMConfig(
+        bits=3,
+        cluster_dim=cluster_dim,
+        per_channel_scale=per_channel_scale,
+        granularity="per_grouped_channel" if group_size else "per_tensor",
+        group_size=group_size,
+        weight_threshold=0,
+    )
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Embedding(40, 16)), config).eval()
+    hard = [model[0].hard_weight().clone(), model[2].hard_weight().clone()]
+    return dkm_hf.palettize(model), hard
+
+
+@pytest.mark.parametrize(("scale", "cluster_dim", "group_size"), [(False, 1, None), (True, 2, None), (True, 1, 8)])
+def test_decoded_weight_is_the_dkm_hard_weight(scale, cluster_dim, group_size):
+    model, hard = _palettized(scale, cluster_dim, group_size)
+    assert isinstance(model[0], PalettizedMixin) and isinstance(model[0], nn.Linear)
+    assert torch.equal(model[0].weight, hard[0]) and torch.equal(model[2].weight, hard[1])
+    assert "weight" not in dict(model[0].named_parameters())
+
+
+def test_packed_mode_decodes_per_forward_and_matches_dense():
+    model, _ = _palettized(True)
+    x = torch.randn(5, 64)
+    dense = model[0](x)
+    dkm_hf.set_inference_mode(model, "packed")
+    assert model[0].inference_mode == "packed" and model[0]._dense is None
+    assert torch.equal(model[0](x), dense) and model[0]._dense is None
+    with pytest.raises(ValueError, match="inference mode must be one of"):
+        dkm_hf.set_inference_mode(model, "sparse")
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "bfloat16", "to_fp16_then_float"])
+def test_casts_follow_the_compute_dtype_and_keep_the_lut(cast):
+    model, hard = _palettized(True)
+    lut, scale = model[0].weight_lut.clone(), model[0].weight_scale.clone()
+    if cast == "to_bf16":
+        model.to(torch.bfloat16)
+        dtype = torch.bfloat16
+    elif cast == "half":
+        model.half()
+        dtype = torch.float16
+    elif cast == "bfloat16":
+        model.bfloat16()
+        dtype = torch.bfloat16
+    else:
+        model.to(torch.float16).float()
+        dtype = torch.float32
+    layer = model[0]
+    assert layer.compute_dtype == dtype and layer.weight.dtype == dtype and layer.bias.dtype == dtype
+    assert layer.weight_lut.dtype == torch.float16 and torch.equal(layer.weight_lut, lut)  # never rounded
+    assert torch.equal(layer.weight_scale, scale)
+    assert torch.equal(layer.weight, hard[0].to(dtype))
+    assert layer(torch.randn(2, 64, dtype=dtype)).dtype == dtype
+    model.to("cpu")  # a device move keeps the compute dtype
+    assert model[0].compute_dtype == dtype

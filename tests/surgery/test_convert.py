@@ -1,0 +1,76 @@
+"""Module swaps: accelerate hooks move with the module, ties stay one tensor, conversions keep the model's output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
+from conftest import AUTO, tiny_inputs
+from torch import nn
+
+import dkm_hf
+from dkm_hf import DKMConfig
+
+
+class CountingHook(ModelHook):
+    def __init__(self):
+        self.calls = 0
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        return args, kwargs
+
+
+def test_a_module_with_an_accelerate_hook_is_clustered_and_keeps_its_hook():
+    """12.4: the hook's instance-level forward must not be copied onto the DKM module (it would run the dense
+    weight of the old module)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    hook = CountingHook()
+    add_hook_to_module(model[0], hook)
+    dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
+    layer = model[0]
+    assert isinstance(layer, dkm_hf.DKMMixin) and layer._hf_hook is hook
+    x = torch.randn(3, 32)
+    out = model.eval()[0](x)
+    assert hook.calls == 1
+    torch.testing.assert_close(out, nn.functional.linear(x, layer.hard_weight(), layer.bias))
+    assert torch.unique(layer.hard_weight()).numel() <= 4
+    dkm_hf.palettize(model)
+    assert model[0]._hf_hook is hook and torch.equal(model[0](x), out) and hook.calls == 2
+
+
+def test_offloaded_modules_are_refused_with_their_name():
+    model = nn.Sequential(nn.Linear(32, 32))
+    add_hook_to_module(model[0], AlignDevicesHook(execution_device="cpu", offload=True))
+    with pytest.raises(ValueError, match=r"cannot convert 0: accelerate offloads its weights"):
+        dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
+
+
+def test_device_map_load_clusters(tiny_dir):
+    """12.4: from_pretrained(..., device_map="cpu", dkm_config=...) trains the soft weight, not the dense one."""
+    model = AUTO["llama"].from_pretrained(
+        tiny_dir("llama"), device_map="cpu", dkm_config=DKMConfig(bits=2, weight_threshold=0)
+    )
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, dkm_hf.DKMMixin)
+    model.eval()
+    assert torch.unique(layer.clustered_weight()).numel() <= 4
+    with torch.no_grad():
+        hard = model(**tiny_inputs("llama")).logits
+    assert torch.equal(dkm_hf.palettize(model)(**tiny_inputs("llama")).logits, hard)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_conversions_keep_ties_as_one_tensor(tiny_dir, name):
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
+    with torch.no_grad():
+        hard = model(**tiny_inputs(name)).logits
+    dkm_hf.palettize(model)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.tied_source is embed and head.weight.data_ptr() == embed.weight.data_ptr()
+    dkm_hf.dequantize(model)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    assert type(head) is nn.Linear and head.weight is embed.weight
+    with torch.no_grad():
+        assert torch.equal(model(**tiny_inputs(name)).logits, hard)
