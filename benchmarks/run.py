@@ -1,7 +1,7 @@
 """dkm_hf benchmarks: speed, memory and accuracy against plain training and coremltools' DKMPalettizer.
 
     python benchmarks/run.py --suite layer|model|accuracy|size|all [--quick]
-    python benchmarks/run.py --suite layer --device cuda [--quick]     # where a GPU is available
+    python benchmarks/run.py --suite layer|model --device cuda [--quick]     # where a GPU is available
 
 Suites:
   layer     Sequential(Linear(768, 3072), ReLU, Linear(3072, 10)), batch 64, SGD; 2/4/8 bits, cluster_dim 1 and 2,
@@ -58,7 +58,13 @@ from suite_model import (  # noqa: E402
 
 SUITES = {"layer": suite_layer, "model": suite_model, "accuracy": suite_accuracy}
 CHILDREN = {"layer": child_layer, "model": child_model, "accuracy": child_accuracy}
-REPORTERS = {"layer": report_layer, "layer_cuda": report_layer, "model": report_model, "accuracy": report_accuracy}
+REPORTERS = {
+    "layer": report_layer,
+    "layer_cuda": report_layer,
+    "model": report_model,
+    "model_cuda": report_model,
+    "accuracy": report_accuracy,
+}
 
 
 def retry_failed(suite: str) -> None:
@@ -143,7 +149,7 @@ def main() -> None:
         help="shorter runs: minutes per suite; accuracy ~25 minutes, plus 25-100 minutes per coremltools row",
     )
     parser.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
-    parser.add_argument("--device", default="cpu", help="layer suite only: cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", help="layer and model suites: cpu (default) or cuda")
     parser.add_argument(
         "--retry-failed", action="store_true", help="accuracy and model suites: rerun only the runs that failed"
     )
@@ -157,8 +163,8 @@ def main() -> None:
         retry_failed(args.suite)
         return write_results_md()
     if args.device != "cpu":
-        if args.suite != "layer":
-            parser.error(f"--device {args.device} is for --suite layer only (got --suite {args.suite})")
+        if args.suite not in ("layer", "model"):
+            parser.error(f"--device {args.device} is for --suite layer or model (got --suite {args.suite})")
         import torch
 
         if args.device != "cuda" or not torch.cuda.is_available():
@@ -176,7 +182,7 @@ def main() -> None:
                 name, data = suite, SUITES[suite](args.quick)
             else:
                 command += f" --device {args.device}"
-                name, data = f"{suite}_{args.device}", suite_layer(args.quick, args.device)
+                name, data = f"{suite}_{args.device}", SUITES[suite](args.quick, args.device)
             payload = {
                 "command": command,
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

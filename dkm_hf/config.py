@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn.layout import LUT_DTYPES, ClusterSettings, Layout
+from .nn.layout import LUT_DTYPES, TAU_SCALES, ClusterSettings, Layout
 from .ops.dkm import IMPLEMENTATIONS
 
 FORMAT_VERSION = 1
@@ -72,14 +72,25 @@ class DKMConfig(QuantizationConfigMixin):
         default=1, metadata={"help": "Length of the vectors that are clustered (d). Must divide each weight's rows."}
     )
     tau: float = field(
-        default=1e-4,
+        default=1e-2,
         metadata={
-            "help": "Softmax temperature of the attention softmax(-||w - c||^2 / tau). An absolute scale against "
-            "squared weight distances (relative to the per-channel scale when `per_channel_scale` is on)."
+            "help": "Softmax temperature of the attention softmax(-||w - c||^2 / tau). With tau_scale='variance' "
+            "(the default) relative to each LUT group's weight variance, so one value suits every layer and model; "
+            "with tau_scale='absolute' a scale against squared weight distances."
+        },
+    )
+    tau_scale: str = field(
+        default="variance",
+        metadata={
+            "help": "`variance`: tau and epsilon are relative to each LUT group's weight variance and standard "
+            "deviation (of the clustered, per-channel-scaled values); `absolute`: used as given."
         },
     )
     max_iters: int = field(default=3, metadata={"help": "DKM iterations per forward pass (paper: 5, coremltools: 3)."})
-    epsilon: float = field(default=1e-4, metadata={"help": "Stop iterating when no centroid moves more than this."})
+    epsilon: float = field(
+        default=1e-3,
+        metadata={"help": "Stop iterating when no centroid moves more than this (x the group's std when relative)."},
+    )
     granularity: str = field(
         default="per_tensor", metadata={"help": "`per_tensor` (one LUT per weight) or `per_grouped_channel`."}
     )
@@ -139,6 +150,7 @@ class DKMConfig(QuantizationConfigMixin):
         _check_bool("cluster_embeddings", self.cluster_embeddings)
         _check_choice("implementation", self.implementation, ("auto", *IMPLEMENTATIONS))
         _check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
+        _check_choice("tau_scale", self.tau_scale, TAU_SCALES)
         if self.implementation == "uniquified" and self.cluster_dim != 1:
             raise ValueError(
                 f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
@@ -180,7 +192,9 @@ class DKMConfig(QuantizationConfigMixin):
 
     def settings_for(self, module_name: str) -> ClusterSettings:
         v = self._values_for(module_name)
-        return ClusterSettings(v["tau"], v["max_iters"], self.epsilon, self.implementation, self.lut_dtype)
+        return ClusterSettings(
+            v["tau"], v["max_iters"], self.epsilon, self.implementation, self.lut_dtype, self.tau_scale
+        )
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

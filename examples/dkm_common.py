@@ -1,4 +1,4 @@
-"""What the GLUE and the vision example share: the DKM command-line arguments, the metric and the results report."""
+"""What the example scripts share: the DKM command-line arguments, the metric, sizes, memory and the results report."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ ACCURACY_SCRIPT = str(Path(__file__).resolve().parent / "metrics" / "accuracy.py
 class DKMArguments:
     bits: list[int] = field(default_factory=lambda: [4], metadata={"help": "Bit width(s), e.g. --bits 4 3 2."})
     cluster_dim: int = field(default=1, metadata={"help": "Length of the clustered vectors (bits/weight = bits/d)."})
-    tau: float = field(default=5e-5, metadata={"help": "DKM softmax temperature (absolute, against squared weights)."})
+    tau: float = field(
+        default=dkm_hf.DKMConfig.tau,
+        metadata={"help": "DKM softmax temperature, relative to each LUT group's weight variance (see --tau_scale)."},
+    )
+    tau_scale: str = field(default="variance", metadata={"help": "`variance` (tau is relative) or `absolute`."})
     max_iters: int = field(default=3, metadata={"help": "DKM iterations per forward pass."})
+    granularity: str = field(default="per_tensor", metadata={"help": "per_tensor or per_grouped_channel LUTs."})
+    group_size: int | None = field(default=None, metadata={"help": "Output channels per LUT (per_grouped_channel)."})
     per_channel_scale: bool = field(default=False, metadata={"help": "Scale each output channel into [-1, 1]."})
     overrides: str = field(
         default="{}", metadata={"help": 'JSON: regex -> settings, e.g. \'{".*embed.*": {"bits": 3}}\''}
@@ -32,7 +38,10 @@ class DKMArguments:
             bits=bits,
             cluster_dim=self.cluster_dim,
             tau=self.tau,
+            tau_scale=self.tau_scale,
             max_iters=self.max_iters,
+            granularity=self.granularity,
+            group_size=self.group_size,
             per_channel_scale=self.per_channel_scale,
             overrides=json.loads(self.overrides),
             weight_threshold=self.weight_threshold,
@@ -47,6 +56,20 @@ def accuracy_metric():
         return metric.compute(predictions=np.argmax(prediction.predictions, axis=-1), references=prediction.label_ids)
 
     return compute_metrics
+
+
+def peak_rss_mb(reset: bool = False) -> float:
+    """The process's peak resident memory in MiB since the last reset (Linux: VmHWM, reset via clear_refs)."""
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def checkpoint_bytes(folder: str) -> int:

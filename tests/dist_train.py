@@ -34,7 +34,7 @@ class Record(TrainerCallback):
 
 
 model = AutoModelForSequenceClassification.from_pretrained(
-    model_path, dkm_config=dkm_hf.DKMConfig(bits=3, tau=2e-5, weight_threshold=1000)
+    model_path, dkm_config=dkm_hf.DKMConfig(bits=3, tau=0.05, weight_threshold=1000)
 )
 args = dkm_hf.DKMTrainingArguments(
     output_dir=out,

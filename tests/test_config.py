@@ -85,7 +85,7 @@ def test_override_resolution():
     assert config.layout_for("bert.encoder.layer.0.attention.self.value", (8, 8)).bits == 2
     assert config.settings_for("bert.encoder.layer.0.attention.self.value").tau == 3e-5
     assert config.layout_for("bert.encoder.layer.0.attention.self.query", (8, 8)).bits == 4
-    assert config.settings_for("bert.encoder.layer.0.attention.self.query").tau == 1e-4
+    assert config.settings_for("bert.encoder.layer.0.attention.self.query").tau == DKMConfig().tau
     assert config.layout_for("classifier", (8, 8)).cluster_dim == 2
 
 

@@ -105,7 +105,7 @@ def test_glue_example(tmp_path):
     # The tiny model's Linear layers have 1,024-1,184 weights: cluster them too.
     argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.csv'} "
     argv += f"--validation_file {tmp_path / 'validation.csv'} --output_dir {out} --weight_threshold 512 "
-    argv += "--bits 4 --tau 1e-3 --dense_num_train_epochs 1 --num_train_epochs 1 --per_device_train_batch_size 16 "
+    argv += "--bits 4 --tau 0.05 --dense_num_train_epochs 1 --num_train_epochs 1 --per_device_train_batch_size 16 "
     argv += "--max_seq_length 16 --logging_steps 1 --eval_soft false"
     results = glue.main(argv.split())
     check_compressed(results, out, [4])
@@ -156,7 +156,7 @@ def test_vision_example(tmp_path):
     image_folder(tmp_path / "val", 6, seed=1)
     out = tmp_path / "out"
     argv = f"--model_name_or_path {model} --train_dir {tmp_path / 'train'} --validation_dir {tmp_path / 'val'} "
-    argv += f"--output_dir {out} --image_size 32 --bits 4 2 --weight_threshold 512 --tau 1e-3 --control false "
+    argv += f"--output_dir {out} --image_size 32 --bits 4 2 --weight_threshold 512 --tau 0.05 --control false "
     argv += "--dense_num_train_epochs 1 --num_train_epochs 1 --per_device_train_batch_size 8 --logging_steps 1"
     argv += " --eval_soft false"
     results = vision.main(argv.split())
@@ -179,3 +179,56 @@ def test_vision_example(tmp_path):
         predictions = reloaded(torch.from_numpy(np.stack(pixels))).logits.argmax(-1)
     expected = (predictions == torch.tensor(labels)).float().mean().item()
     assert results["variants"][1]["accuracy"] == pytest.approx(expected)
+
+
+# -- causal language modelling ---------------------------------------------------------------------------------------
+def tiny_causal_model(folder: Path) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[UNK]", "[EOS]", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    model_dir = folder / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def test_causal_lm_example(tmp_path):
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    model = tiny_causal_model(tmp_path)
+    rng = random.Random(0)
+    for name, n in (("train.txt", 40), ("validation.txt", 10)):
+        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(n)]
+        (tmp_path / name).write_text("\n\n".join(docs))
+    out = tmp_path / "out"
+    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} "
+    argv += f"--validation_file {tmp_path / 'validation.txt'} --output_dir {out} --bits 4 --weight_threshold 512 "
+    argv += "--block_size 16 --eval_tokens 64 --max_steps 3 --logging_steps 1 --new_tokens 4 --prompt good"
+    results = clm.main(argv.split())
+    names = [row["model"] for row in results["rows"]]
+    assert names == ["dense", "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
+    assert (out / "results.json").is_file() and "| DKM 4-bit, reloaded from disk |" in (out / "results.md").read_text()
+    dense, ptq, dkm = results["rows"]
+    assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"]
+    assert all(isinstance(row["generation"], str) for row in results["rows"])
+
+    # The reported perplexity is that of the palettized checkpoint reloaded from disk, on the same held-out blocks.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = out / "compressed-4bit"
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "palettized" and config["modules"]["lm_head"] == {"tied_to": "model.embed_tokens"}
+    assert config["modules"]["model.embed_tokens"]["bits"] == 8  # the recipe's embeddings: 8 bits per tensor
+    assert config["modules"]["model.layers.0.mlp.up_proj"]["groups"] == 64  # per-row LUTs
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    held = clm.to_blocks(tokenizer, clm.documents(str(tmp_path / "validation.txt")), 16)[:4]
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert dkm["perplexity"] == pytest.approx(clm.perplexity(reloaded, held))

@@ -51,9 +51,12 @@ def _sample(n: int, size: int) -> slice:
 def cluster_health(module: DKMMixin, assign: torch.Tensor) -> dict[str, float]:
     """Mean attention entropy on a fixed sample of weights, and the number of empty clusters."""
     vectors = module.vectors()
-    a = attention(vectors[:, _sample(vectors.shape[1], HEALTH_SAMPLE)], module.centroids, module.settings.tau)
+    tau, _ = module.temperature(vectors)
+    if isinstance(tau, torch.Tensor):
+        tau = tau.view(-1, 1, 1)
+    a = attention(vectors[:, _sample(vectors.shape[1], HEALTH_SAMPLE)], module.centroids, tau)
     return {
-        "entropy": -(a * a.clamp_min(1e-30).log()).sum(-1).mean().item(),
+        "entropy": -(a * a.clamp_min(1e-30).log()).sum(1).mean().item(),
         "empty": int((_cluster_sizes(assign, module.layout.n_clusters) == 0).sum()),
     }
 

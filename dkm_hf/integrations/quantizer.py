@@ -30,6 +30,7 @@ from .checkpoint_checks import (
     check_palettized_headers,
     save_metadata,
 )
+from .distributed import full_state_dict, is_sharded
 from .model_card import TAGS
 from .safetensors_files import SafetensorsHeader, check_inside, read_headers
 from .transformers_patches import mark_initialized, untie
@@ -45,6 +46,7 @@ class DKMHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.file_metadata: dict[str, str] = {}
         self.init_after_load = not self.pre_quantized
+        self.state_dict_to_save: dict | None = None  # a `save_pretrained(state_dict=...)` argument, for the hook
 
     def validate_environment(self, *args, **kwargs) -> None:
         if self.quantization_config.record.format == "palettized" and not self.pre_quantized:
@@ -111,7 +113,11 @@ class DKMHfQuantizer(HfQuantizer):
         config = surgery.get_dkm_config(model)
         if config is not None:
             config.record = record
-        return None, save_metadata(model, record)
+        state_dict, self.state_dict_to_save = self.state_dict_to_save, None
+        if state_dict is None and is_sharded(model):
+            # FSDP2: the modules' own state dicts hold shards; save the gathered one (every rank calls save_pretrained)
+            state_dict = full_state_dict(model)
+        return state_dict, save_metadata(model, record)
 
     def _dequantize(self, model, dtype=None):
         to_dense(model)

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
 from .callback import TAU_SCHEDULES, DKMCallback
+from .distributed import full_weights
 
 
 @dataclass
@@ -111,7 +112,7 @@ class DKMTrainer(Trainer):
         palettize = getattr(self.args, "palettize_on_save", True) and (not _internal_call or self._palettize_next_save)
         if not palettize:
             return super().save_model(output_dir, _internal_call)
-        with palettized_view(self.accelerator.unwrap_model(self.model)):
+        with palettized_view(self.accelerator.unwrap_model(self.model), gathered=full_weights):
             super().save_model(output_dir, _internal_call)
 
     def push_to_hub(self, *args, **kwargs):

@@ -9,7 +9,8 @@ what it relies on.
    the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first. For a
    local dkm_hf checkpoint it also checks the shard index and headers before transformers parses them.
 2. `save_pretrained`: a palettized save is atomic (see `saving`) and writes a model card; there is no hook around the
-   whole save, so `PreTrainedModel.save_pretrained` is wrapped.
+   whole save, so `PreTrainedModel.save_pretrained` is wrapped. For a quantized model transformers replaces a
+   `state_dict=` argument by what the quantizer returns; the wrapper hands the argument to the quantizer.
 3. `push_to_hub`'s card: transformers writes its placeholder README.md after `save_pretrained`, just before the
    upload; its private `_upload_modified_files` is the last point where dkm_hf's card can replace it.
 4. `untie`: palettized tied modules share LUT buffers, not a `weight` parameter; loading would look the parameter up
@@ -18,6 +19,8 @@ what it relies on.
    `_is_hf_initialized` flag, `_init_weights` would decode their `weight` only to initialise a temporary.
 6. `register`: registering a quantization method twice raises; `importlib.reload(dkm_hf)` re-registers by replacing
    the entries of transformers' AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING.
+7. `.half()` / `.float()`: transformers refuses them on every quantized model; DKM and palettized models cast safely
+   (centroids and LUTs keep their dtype, the compute dtype follows), as `.to(dtype)` and `.bfloat16()` already do.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from ..config import DKMConfig
 from ..nn.dkm import dkm_modules
 from ..nn.palettized import MODES, palettized_modules
-from ..surgery.model import set_inference_mode
+from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
 from .safetensors_files import preflight
 from .saving import atomic_save
@@ -106,6 +109,11 @@ def _patch_save_pretrained() -> None:
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
+        quantizer = getattr(self, "hf_quantizer", None)
+        if kwargs.get("state_dict") is not None and hasattr(quantizer, "state_dict_to_save"):
+            # transformers replaces `state_dict=` by what the quantizer's hook returns: hand it over (Trainer's FSDP
+            # path passes the gathered state dict this way)
+            quantizer.state_dict_to_save = kwargs["state_dict"]
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             return original(self, save_directory, *args, **kwargs)
@@ -139,9 +147,27 @@ def _patch_upload() -> None:
     PreTrainedModel._upload_modified_files = _upload_modified_files
 
 
+def _patch_casts() -> None:
+    """(7)"""
+    for name in ("half", "float"):
+        original = getattr(PreTrainedModel, name)
+        if getattr(original, _MARK, False):
+            continue
+
+        def cast(self, *args, _name=name, _original=original):
+            if get_dkm_config(self) is not None:
+                return getattr(nn.Module, _name)(self, *args)
+            return _original(self, *args)
+
+        cast = functools.wraps(original)(cast)
+        setattr(cast, _MARK, True)
+        setattr(PreTrainedModel, name, cast)
+
+
 def install(config_cls: type, quantizer_cls: type) -> None:
     """Apply every patch (idempotent: importing or reloading dkm_hf twice patches once)."""
     register(config_cls, quantizer_cls)
     _patch_from_pretrained()
     _patch_save_pretrained()
     _patch_upload()
+    _patch_casts()

@@ -28,6 +28,7 @@ UNIQUIFY_MIN_WEIGHTS = 1 << 13
 STATE_BUFFERS = ("centroids", "weight_scale")  # float32, whatever the weight's dtype
 _ATTRS = ("layout", "settings", "dkm_seed", "dkm_enabled", "dkm_ready", "soft_eval", "tied_source", "_soft", "_hard")
 _SCALE_FLOOR = 1e-12
+_VAR_FLOOR = 1e-24
 
 
 def _pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -154,8 +155,17 @@ class DKMMixin:
         return self.soft_weight(update=False) if self.soft_eval else self.hard_weight()
 
     def _soft_key(self) -> tuple:
-        w, c = self.weight, self.centroids
-        return (w._version, w.data_ptr(), c._version, c.data_ptr(), self.settings.tau)
+        w, c, s = self.weight, self.centroids, self.settings
+        return (w._version, w.data_ptr(), c._version, c.data_ptr(), s.tau, s.tau_scale, s.epsilon, s.max_iters)
+
+    def temperature(self, vectors: torch.Tensor | None = None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(tau, epsilon) of the loop: numbers, or one value per LUT group for `tau_scale="variance"`."""
+        s = self.settings
+        if s.tau_scale == "absolute":
+            return s.tau, s.epsilon
+        v = self.vectors() if vectors is None else vectors.detach()
+        var = (v - v.mean(1, keepdim=True)).square().sum(-1).mean(1).clamp_min(_VAR_FLOOR)  # (G,)
+        return s.tau * var, s.epsilon * var.sqrt()
 
     def soft_weight(self, update: bool = True) -> torch.Tensor:
         """W~ = A C from the current centroids; with `update` (and gradients recorded) C_T becomes the next start."""
@@ -167,12 +177,14 @@ class DKMMixin:
         # Saved for backward as they are, also under activation checkpointing: a recomputed forward reuses this
         # tensor instead of running the loop again (the loop saves only the weight and a tiny centroid history).
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            vectors = self.vectors(weight)
+            tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(
-                self.vectors(weight),
+                vectors,
                 self.centroids,
-                s.tau,
+                tau,
                 s.max_iters,
-                s.epsilon,
+                epsilon,
                 self.implementation,
                 bucket_dtype=bucket_dtype_for(weight),  # of the weight's own dtype, before the float32 copy
             )
@@ -216,9 +228,10 @@ class DKMMixin:
     def extra_repr(self) -> str:
         lay, s = self.layout, self.settings
         tied = f", tied to {type(self.tied_source).__name__}" if self.tied_source is not None else ""
+        tau = f"{s.tau:g}" + (" x var" if s.tau_scale == "variance" else "")
         return (
             f"{super().extra_repr()}, dkm(bits={lay.bits}, cluster_dim={lay.cluster_dim}, groups={lay.groups}, "
-            f"tau={s.tau:g}, per_channel_scale={lay.per_channel_scale}{tied})"
+            f"tau={tau}, per_channel_scale={lay.per_channel_scale}{tied})"
         )
 
 

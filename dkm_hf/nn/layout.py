@@ -209,15 +209,24 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+TAU_SCALES = ("variance", "absolute")
+
+
 @dataclass
 class ClusterSettings:
-    """The DKM loop's settings for one module (the config's values with any override applied)."""
+    """The DKM loop's settings for one module (the config's values with any override applied).
+
+    With `tau_scale="variance"` tau and epsilon are relative: the softmax temperature of LUT group g is
+    tau * var(w_g) and its early-stop threshold epsilon * std(w_g), measured on the group's clustered vectors at
+    every forward (var = mean squared distance to the group's mean vector). With "absolute" they are used as given.
+    """
 
     tau: float
     max_iters: int = 3
     epsilon: float = 1e-4
     implementation: str = "auto"
     lut_dtype: str = "float16"
+    tau_scale: str = "variance"
 
     @property
     def lut_torch_dtype(self) -> torch.dtype:

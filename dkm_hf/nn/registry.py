@@ -98,6 +98,7 @@ def apply_keeping_dtype(
     """Run nn.Module._apply (`apply(fn)`) on `module` but only move the buffers `names` between devices, never cast
     them: `model.to(torch.bfloat16)` must not round centroids or LUTs. Returns what `fn` makes of an empty tensor of
     `probe_dtype`, so the caller can follow the cast elsewhere."""
+    order = list(module._buffers)
     kept = [(name, module._buffers.pop(name)) for name in names if module._buffers.get(name) is not None]
     try:
         apply(fn)
@@ -107,6 +108,8 @@ def apply_keeping_dtype(
             if moved.dtype != tensor.dtype:
                 moved = moved.to(tensor.dtype) if tensor.is_meta else tensor.to(moved.device)
             module._buffers[name] = moved
+        for name in order:  # the state dict keeps its order
+            module._buffers[name] = module._buffers.pop(name)
     device = kept[0][1].device if kept else torch.device("cpu")
     return fn(torch.empty(0, dtype=probe_dtype, device=device))
 

@@ -25,65 +25,103 @@ weight at bucket u and b(u) the shared path through the centroids.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-from .attention import attention, chunks, matmul_narrow, rows_per_chunk, t_matmul
+from .attention import attention, blocks, mix_centroids, outer, reduce_vectors
 from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
 IMPLEMENTATIONS = ("chunked", "uniquified")
 # Device types whose early stop is checked on the host after each iteration (a cheap synchronisation there).
 HOST_EARLY_STOP = ("cpu",)
+ATTENTION_CACHE_BYTES = 1 << 28
 
 
 def _softmax_backward(a: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return a * (grad - (a * grad).sum(-1, keepdim=True))
+    """dL/dz for A = softmax over dim 1 (centroids) of z, given dL/dA = grad; both (g, k, m). Overwrites grad."""
+    return grad.sub_((a * grad).sum(1, keepdim=True)).mul_(a)
 
 
 def _distance_backward(dz: torch.Tensor, w: torch.Tensor, c: torch.Tensor, tau: float):
-    """Pull dL/dz back through z_ij = -||w_i - c_j||^2 / tau. Returns (dL/dw, dL/dc summed over rows)."""
-    row_sum = dz.sum(-1, keepdim=True)  # (G, m, 1)
-    dw = (matmul_narrow(dz, c) - w * row_sum) * (2.0 / tau)
-    dc = (t_matmul(dz, w) - c * dz.sum(1).unsqueeze(-1)) * (2.0 / tau)
+    """Pull dL/dz back through z_ji = -||w_i - c_j||^2 / tau, for dz (g, k, m), w (g, m, d), c (g, k, d).
+
+    Returns (dL/dw (g, m, d), dL/dc (g, k, d) summed over the vectors).
+    """
+    dw = (mix_centroids(dz, c) - w * dz.sum(1).unsqueeze(-1)) * (2.0 / tau)
+    dc = (reduce_vectors(dz, w) - c * dz.sum(2, keepdim=True)) * (2.0 / tau)
     return dw, dc
+
+
+def _group(value, gs: slice):
+    """A per-group setting (a float, or a (G, 1, 1) tensor) for the groups of a block."""
+    return value[gs] if isinstance(value, torch.Tensor) else value
+
+
+class _AttentionCache:
+    """The attention blocks of one pass over a layer, kept (on CPU, up to ATTENTION_CACHE_BYTES) for the next pass
+    that needs the same attention: the soft output after the last iteration, and the last iteration of backward after
+    dL/dC_T. Saves one of every two attention evaluations in each of them."""
+
+    def __init__(self, w: torch.Tensor, k: int):
+        size = w.shape[0] * w.shape[1] * k * w.element_size()
+        self.enabled = w.device.type == "cpu" and size <= ATTENTION_CACHE_BYTES
+        self.blocks: list[torch.Tensor] = []
+
+    def keep(self, a: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            self.blocks.append(a)
+        return a
+
+    def replay(self):
+        """The kept blocks in order, or None for each block when nothing was kept."""
+        return iter(self.blocks) if self.enabled else itertools.repeat(None)
 
 
 def _iterate(w, c0, tau, max_iters, epsilon, weight=None):
     """The centroid loop without autograd.
 
-    Returns the history [C_0, ..., C_S], the masses [m_1, ..., m_S] and T (S = T on CPU; S = max_iters elsewhere,
-    with T a 0-d device tensor).
+    Returns the history [C_0, ..., C_S], the masses [m_1, ..., m_S], T (S = T on CPU; S = max_iters elsewhere, with
+    T a 0-d device tensor) and the attention cache of the last iteration.
     """
     G, n, d = w.shape
     k = c0.shape[1]
-    step = rows_per_chunk(k, d, G)
     on_host = w.device.type in HOST_EARLY_STOP
+    weighted = None if weight is None else (weight.unsqueeze(-1) * w, weight.unsqueeze(-1))
     history, masses, moved = [c0], [], []
     c = c0
     for _ in range(max_iters):
         s = torch.zeros_like(c)
-        m = torch.zeros(G, k, dtype=c.dtype, device=c.device)
-        for sl in chunks(n, step):
-            a = attention(w[:, sl], c, tau)
-            if weight is not None:
-                a = a * weight[:, sl, None]
-            s += t_matmul(a, w[:, sl])
-            m += a.sum(1)
+        m = torch.zeros(G, k, 1, dtype=c.dtype, device=c.device)
+        cache = _AttentionCache(w, k) if on_host else None
+        for gs, ms in blocks(G, n, k):
+            a = attention(w[gs, ms], c[gs], _group(tau, gs))  # (g, k, m)
+            if cache is not None:
+                cache.keep(a)
+            if weighted is None:
+                s[gs] += reduce_vectors(a, w[gs, ms])
+                m[gs] += a.sum(2, keepdim=True)
+            else:
+                s[gs] += reduce_vectors(a, weighted[0][gs, ms])
+                m[gs] += reduce_vectors(a, weighted[1][gs, ms])
+        m = m.squeeze(-1)
         c_new = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
         history.append(c_new)
         masses.append(m)
-        change = (c_new - c).abs().amax() if c.numel() else c.new_zeros(())
+        # the largest centroid move relative to its group's epsilon: converged when <= 1
+        change = ((c_new - c).abs().amax((1, 2), keepdim=True) / epsilon).amax() if c.numel() else c.new_zeros(())
         c = c_new
         if on_host:
-            if change.item() <= epsilon:
+            if change.item() <= 1:
                 break
         else:
             moved.append(change)
     if on_host:
-        return history, masses, len(masses)
-    converged = torch.stack(moved) <= epsilon
+        return history, masses, len(masses), cache
+    converged = torch.stack(moved) <= 1
     first = torch.where(converged.any(), converged.int().argmax() + 1, max_iters)
-    return history, masses, first
+    return history, masses, first, None
 
 
 def _select(history, T):
@@ -94,17 +132,20 @@ def _select(history, T):
     return stacked.index_select(0, (T - 1).view(1))[0], stacked.index_select(0, T.view(1))[0]
 
 
-def _soft_output(w, c_in, c_out, tau):
-    G, n, d = w.shape
-    step = rows_per_chunk(c_out.shape[1], d, G)
+def _soft_output(w, c_in, c_out, tau, cache=None):
+    """W~ = A_T C_T, (G, n, d); A_T from `cache` when the last iteration kept it."""
+    G, n, _ = w.shape
     out = torch.empty_like(w)
-    for sl in chunks(n, step):
-        out[:, sl] = matmul_narrow(attention(w[:, sl], c_in, tau), c_out)
+    kept = cache.replay() if cache is not None else itertools.repeat(None)
+    for (gs, ms), a in zip(blocks(G, n, c_out.shape[1]), kept):
+        if a is None:
+            a = attention(w[gs, ms], c_in[gs], _group(tau, gs))
+        out[gs, ms] = mix_centroids(a, c_out[gs])
     return out
 
 
 def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_unit=False):
-    """Reverse pass of `_iterate` + `_soft_output`, chunked.
+    """Reverse pass of `_iterate` + `_soft_output`, in blocks.
 
     `grad_rows` (G, n, d) is dL/dW~ summed over the weights each row stands for (one weight per row in the chunked
     path; a whole bucket in the uniquified path, where `weight` holds the bucket counts).
@@ -117,12 +158,15 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
     G, n, d = w.shape
     S = len(masses)
     c_in, c_out = _select(history, T)
-    step = rows_per_chunk(c_out.shape[1], d, G)
+    k = c_out.shape[1]
+    assert weight is None or direct_per_unit, "bucket weights come with per-unit direct terms"
 
     # dL/dC_T from W~ = A_T C_T
     dc_out = torch.zeros_like(c_out)
-    for sl in chunks(n, step):
-        dc_out += t_matmul(attention(w[:, sl], c_in, tau), grad_rows[:, sl])
+    cache = _AttentionCache(w, k) if isinstance(T, int) else None
+    for gs, ms in blocks(G, n, k):
+        a = attention(w[gs, ms], c_in[gs], _group(tau, gs))
+        dc_out[gs] += reduce_vectors(cache.keep(a) if cache is not None else a, grad_rows[gs, ms])
 
     b = torch.zeros_like(w)
     a_direct = torch.zeros_like(w) if direct_per_unit else None
@@ -138,28 +182,35 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
         c_prev, c_t, m_t = history[t - 1], history[t], masses[t - 1]
         alive = (m_t > _TINY).unsqueeze(-1)
         inv_m = (1.0 / m_t.clamp_min(_TINY)).unsqueeze(-1)
-        ds = torch.where(alive, dc * inv_m, 0.0)  # dL/dS_t, S_t = A_t^T w
-        dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0).transpose(1, 2)  # (G, 1, k)
+        ds = torch.where(alive, dc * inv_m, 0.0)  # dL/dS_t, S_t = A_t w: (G, k, d)
+        dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0)  # dL/dm_t: (G, k, 1)
         dc_prev = torch.where(alive, 0.0, dc)  # dead clusters carry C_{t-1} over unchanged
-        for sl in chunks(n, step):
-            wc = w[:, sl]
-            a = attention(wc, c_prev, tau)
-            dz_cent = _softmax_backward(a, wc @ ds.transpose(1, 2) + dm)
-            dw_cent, _ = _distance_backward(dz_cent, wc, c_prev, tau)
-            b[:, sl] += matmul_narrow(a, ds) + dw_cent
-            dz_total = dz_cent if weight is None else dz_cent * weight[:, sl, None]
+        combined = direct and not direct_per_unit  # one softmax backward for both paths (it is linear)
+        kept = cache.replay() if cache is not None and t == T else itertools.repeat(None)
+        for (gs, ms), a in zip(blocks(G, n, k), kept):
+            wb, cb, tb = w[gs, ms], c_prev[gs], _group(tau, gs)
+            if a is None:
+                a = attention(wb, cb, tb)  # (g, k, m)
+            grad_a = outer(ds[gs], wb).add_(dm[gs])  # through S_t and m_t
+            if combined:  # through W~ = A_T C_T
+                direct_a = outer(c_t[gs], grad_rows[gs, ms])
+                grad_a.add_(direct_a if mask is None else direct_a.mul_(mask))
+            dz = _softmax_backward(a, grad_a)
+            dw, dc_block = _distance_backward(dz, wb, cb, tb)
+            b[gs, ms] += mix_centroids(a, ds[gs]) + dw
+            if not direct_per_unit:
+                if t > 1:
+                    dc_prev[gs] += dc_block
+                continue
+            dz_total = dz if weight is None else dz * weight[gs, ms].unsqueeze(1)
             if direct:
-                grad_c = grad_rows[:, sl] @ c_t.transpose(1, 2)
-                dz_dir = _softmax_backward(a, grad_c if mask is None else grad_c * mask)
-                dz_total = dz_total + dz_dir
-                if direct_per_unit:
-                    unit = _softmax_backward(a, c_t.transpose(1, 2).expand_as(a))
-                    da = _distance_backward(unit, wc, c_prev, tau)[0]
-                    a_direct[:, sl] += da if mask is None else da * mask
-                else:
-                    b[:, sl] += _distance_backward(dz_dir, wc, c_prev, tau)[0]
+                grad_dir = outer(c_t[gs], grad_rows[gs, ms])
+                dz_total = dz_total + _softmax_backward(a, grad_dir if mask is None else grad_dir.mul_(mask))
+                unit = _softmax_backward(a, c_t[gs].expand_as(a).clone())  # d = 1: dA/dw . C_T
+                da = _distance_backward(unit, wb, cb, tb)[0]
+                a_direct[gs, ms] += da if mask is None else da * mask
             if t > 1:
-                dc_prev += _distance_backward(dz_total, wc, c_prev, tau)[1]
+                dc_prev[gs] += _distance_backward(dz_total, wb, cb, tb)[1]
         dc = dc_prev
     return b, a_direct
 
@@ -168,9 +219,9 @@ class _ChunkedDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, c0, tau, max_iters, epsilon):
         with torch.no_grad():
-            history, masses, T = _iterate(w, c0, tau, max_iters, epsilon)
+            history, masses, T, cache = _iterate(w, c0, tau, max_iters, epsilon)
             c_in, c_out = _select(history, T)
-            out = _soft_output(w, c_in, c_out, tau)
+            out = _soft_output(w, c_in, c_out, tau, cache)
         T_saved = [T] if isinstance(T, torch.Tensor) else []
         ctx.save_for_backward(w, *history, *masses, *T_saved)
         ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
@@ -196,9 +247,9 @@ class _UniquifiedDKM(torch.autograd.Function):
             values, counts, inverse = unique_buckets(w.squeeze(-1), bucket_dtype)
             u = values.unsqueeze(-1)
             weight = counts.to(w.dtype)
-            history, masses, T = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
+            history, masses, T, cache = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
             c_in, c_out = _select(history, T)
-            out_u = _soft_output(u, c_in, c_out, tau)
+            out_u = _soft_output(u, c_in, c_out, tau, cache)
             out = out_u.view(-1).index_select(0, inverse).view_as(w)
         T_saved = [T] if isinstance(T, torch.Tensor) else []
         ctx.save_for_backward(u, weight, inverse, *history, *masses, *T_saved)
@@ -227,19 +278,21 @@ class _UniquifiedDKM(torch.autograd.Function):
 def dkm_cluster(
     w: torch.Tensor,
     centroids: torch.Tensor,
-    tau: float,
+    tau: float | torch.Tensor,
     max_iters: int,
-    epsilon: float,
+    epsilon: float | torch.Tensor,
     implementation: str = "chunked",
     bucket_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-cluster w (G, n, d) starting from `centroids` (G, k, d).
 
     Returns (W~, C_T): the differentiable soft weight and the final centroids (detached), to carry to the next step.
-    `implementation` is "chunked" (exact, any d) or "uniquified" (d = 1; attention per distinct 16-bit value of
-    `bucket_dtype`, by default the weight's own dtype if 16-bit, else float16).
+    `tau` and `epsilon` are numbers or one value per group (G,). `implementation` is "chunked" (exact, any d) or
+    "uniquified" (d = 1; attention per distinct 16-bit value of `bucket_dtype`, by default the weight's own dtype if
+    16-bit, else float16).
     """
     c0 = centroids.detach().to(w.dtype, copy=True)  # saved for backward: never the caller's (updated) buffer
+    tau, epsilon = (x.detach().to(w).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x for x in (tau, epsilon))
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")

@@ -79,10 +79,11 @@ def record_of(model: nn.Module) -> CheckpointRecord:
 
 
 @contextlib.contextmanager
-def palettized_view(model: nn.Module) -> Iterator[nn.Module]:
+def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterator[nn.Module]:
     """Temporarily palettize a DKM model (e.g. to save it) and put the trainable DKM modules back afterwards.
 
     No weight is copied: the palettized modules share biases and every other tensor with the DKM modules.
+    `gathered(model)` is the context the conversion runs in (`dkm_hf.full_weights` for a sharded model).
     """
     originals = dkm_modules(model)
     if not originals:
@@ -90,7 +91,8 @@ def palettized_view(model: nn.Module) -> Iterator[nn.Module]:
         return
     was_training = model.training
     try:
-        to_palettized(model)
+        with gathered(model):
+            to_palettized(model)
         yield model
     finally:
         for name, module in originals:

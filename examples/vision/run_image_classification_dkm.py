@@ -171,7 +171,6 @@ def main(argv: list[str] | None = None) -> dict:
         remove_unused_columns=False,
         eval_soft=True,
         per_channel_scale=True,  # MobileNet's layers differ a lot in scale: cluster each channel scaled into [-1, 1]
-        tau=1e-3,
         bits=[4, 2],
         seed=42,
     )

@@ -13,7 +13,7 @@ import dkm_hf
 from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
 from dkm_hf.integrations.callback import CHANGE_SAMPLE, tau_at
 
-CONFIG = {"bits": 3, "tau": 2e-5, "weight_threshold": 1000}  # tau fits weights of std 0.02
+CONFIG = {"bits": 3, "tau": 0.05, "weight_threshold": 1000}  # relative to each layer's weight variance
 
 
 def _args(tmp_path, cls=DKMTrainingArguments, **kw):
@@ -60,8 +60,8 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
         tmp_path,
         max_steps=30,
         tau_schedule="linear",
-        tau_start=4e-5,
-        tau_end=1e-5,
+        tau_start=0.1,
+        tau_end=0.025,
         eval_soft=True,
         eval_strategy="steps",
         eval_steps=30,
@@ -77,7 +77,7 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 30
     taus = [entry["dkm_tau"] for entry in logs]
-    assert taus == pytest.approx([tau_at(s, 0, 30, "linear", 4e-5, 1e-5) for s in range(30)])
+    assert taus == pytest.approx([tau_at(s, 0, 30, "linear", 0.1, 0.025) for s in range(30)])
     assert all(math.isfinite(e["loss"]) for e in logs)
     assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
     assert all("dkm_entropy" in e and "dkm_empty_clusters" in e for e in logs)
@@ -147,7 +147,7 @@ def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path, milestone):
 
 def test_plain_trainer_with_callback_and_palettized_save(toy_path, tmp_path):
     model = _model(toy_path, milestone=2)
-    callback = DKMCallback(tau_schedule="cosine", tau_start=4e-5, tau_end=1e-5)
+    callback = DKMCallback(tau_schedule="cosine", tau_start=0.1, tau_end=0.025)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, TrainingArguments, max_steps=6),
@@ -157,7 +157,7 @@ def test_plain_trainer_with_callback_and_palettized_save(toy_path, tmp_path):
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["dkm_enabled"] for e in logs] == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
-    assert logs[2]["dkm_tau"] == pytest.approx(4e-5) and logs[-1]["dkm_tau"] < 1.5e-5
+    assert logs[2]["dkm_tau"] == pytest.approx(0.1) and logs[-1]["dkm_tau"] < 0.0375
 
     dkm = DKMTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=ToyDataset(32))
     dkm.save_model(str(tmp_path / "final"))

@@ -87,3 +87,15 @@ def test_patch_6_registration_survives_a_reload():
     importlib.reload(dkm_hf)
     assert quantizers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["dkm"] is dkm_hf.DKMConfig
     assert quantizers_auto.AUTO_QUANTIZER_MAPPING["dkm"] is dkm_hf.DKMHfQuantizer
+
+
+def test_patch_7_half_and_float_of_dkm_models(tiny_dir):
+    from conftest import AUTO
+
+    source = inspect.getsource(PreTrainedModel.half.__wrapped__)
+    _relies("half/float", "is_quantized" in source and "raise ValueError" in source, "quantized models refuse .half()")
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(bits=2))
+    assert model.half().model.layers[0].mlp.up_proj.weight.dtype == torch.float16
+    assert model.float().model.layers[0].mlp.up_proj.centroids.dtype == torch.float32
+    plain = AUTO["llama"].from_pretrained(tiny_dir("llama"))
+    assert plain.half().model.layers[0].mlp.up_proj.weight.dtype == torch.float16  # unchanged for other models

@@ -9,20 +9,34 @@ from dkm_hf.ops import attention
 
 
 @pytest.mark.parametrize("k", [2, 4, 8, 16, 32])
-def test_softmax_matches_torch_for_every_centroid_count(k):
-    # Below 16 centroids the softmax runs over a transposed copy (faster on CPU); the values must not change.
-    z = torch.randn(3, 257, k, generator=torch.Generator().manual_seed(k)) * 40
-    out = attention.softmax_last(z)
-    assert out.shape == z.shape and out.is_contiguous()
-    torch.testing.assert_close(out, torch.softmax(z, dim=-1), rtol=0, atol=1e-6)
+@pytest.mark.parametrize("tau", [1e-4, 1e-2, 10.0])
+def test_attention_is_the_softmax_over_centroids(k, tau):
+    """Centroid-major softmax with clamped logits equals torch's softmax of -||w - c||^2 / tau to float precision,
+    also when most logits are far below the largest (small tau: the clamp only drops weights below 1e-34)."""
+    g = torch.Generator().manual_seed(k)
+    w, c = torch.randn(3, 257, 1, generator=g) * 0.2, torch.randn(3, k, 1, generator=g) * 0.2
+    reference = torch.softmax(-((w - c.transpose(1, 2)) ** 2) / tau, dim=-1).transpose(1, 2)
+    out = attention.attention(w, c, tau)
+    assert out.shape == (3, k, 257) and out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("d", [1, 3])
-def test_attention_rows_sum_to_one_and_hard_assign_is_its_argmax(d):
+def test_attention_columns_sum_to_one_and_hard_assign_is_its_argmax(d):
     g = torch.Generator().manual_seed(d)
     w, c = torch.randn(2, 300, d, generator=g), torch.randn(2, 8, d, generator=g)
     a = attention.attention(w, c, 0.5)
-    torch.testing.assert_close(a.sum(-1), torch.ones(2, 300))
-    assert torch.equal(attention.hard_assign(w, c), a.argmax(-1))
-    direct = ((w.unsqueeze(2) - c.unsqueeze(1)) ** 2).sum(-1)
+    torch.testing.assert_close(a.sum(1), torch.ones(2, 300))
+    assert torch.equal(attention.hard_assign(w, c), a.argmax(1))
+    direct = ((w.unsqueeze(1) - c.unsqueeze(2)) ** 2).sum(-1)
     torch.testing.assert_close(attention.squared_distance(w, c), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_cover_the_grid_once_within_the_size():
+    for groups, m, k in [(1, 10_000_000, 16), (49152, 576, 16), (3, 5, 256), (1000, 1, 2)]:
+        seen = 0
+        for gs, ms in attention.blocks(groups, m, k):
+            size = (gs.stop - gs.start) * (ms.stop - ms.start)
+            assert size * k <= max(attention.CHUNK_ELEMENTS, k)
+            seen += size
+        assert seen == groups * m

@@ -97,3 +97,33 @@ def test_device_loop_without_host_synchronisation_matches_the_host_loop(monkeypa
         results.append((y.detach(), c, x.grad))
     for host, device in zip(results[0], results[1]):
         torch.testing.assert_close(device, host, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
+def test_per_group_tau_and_epsilon_match_the_reference_group_by_group(implementation):
+    """tau and epsilon given per LUT group act as each group's own: every group equals a reference run with its
+    scalar values (the early stop looks at every group's centroid move against its own epsilon)."""
+    w = weights(3, 2000, 1)
+    c0 = kmeans_init(w, 8, seed=0)
+    tau = torch.tensor([1e-3, 4e-3, 2e-4])
+    epsilon = torch.tensor([1e9, 1e9, 1e9])  # every group converged after one iteration
+    y, c = dkm_cluster(w, c0, tau, 5, epsilon, implementation)
+    for g in range(3):
+        y_ref, c_ref = naive_dkm(w[g : g + 1], c0[g : g + 1], float(tau[g]), 1, 0.0)
+        assert _rel(y[g : g + 1], y_ref) < 1e-5 and _rel(c[g : g + 1], c_ref) < 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
+def test_the_attention_cache_changes_nothing(monkeypatch, implementation):
+    w = weights(2, 3000, 1)
+    c0 = kmeans_init(w, 16, seed=0)
+    grad = torch.randn_like(w)
+    results = []
+    for budget in (1 << 30, 0):
+        monkeypatch.setattr(dkm, "ATTENTION_CACHE_BYTES", budget)
+        x = w.clone().requires_grad_()
+        y, c = dkm_cluster(x, c0, 1e-3, 3, 0.0, implementation)
+        (y * grad).sum().backward()
+        results.append((y.detach(), c, x.grad))
+    for cached, recomputed in zip(*results):
+        assert torch.equal(cached, recomputed)

@@ -1,0 +1,45 @@
+"""Several processes: what DKM needs from FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+DKM runs on a layer's whole weight. FSDP2 gathers a sharded unit's parameters before its forward and backward, so a
+DKM module inside a unit (wrap per decoder block) clusters the gathered weight; the centroid buffers are not sharded,
+and every rank updates them identically from the same gathered weights. Outside forward and backward the weights
+are shards: `full_weights` gathers them for what needs the whole model at once (palettizing it, saving it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - older torch: no FSDP2, nothing to gather
+    FSDPModule = ()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of an FSDP2-sharded model, on the CPU (collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside, every parameter of an FSDP2-sharded model is whole on every rank; outside, sharded again. A no-op
+    for a model that is not sharded. Every rank must enter it (the gathering is collective)."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in reversed(units):
+            unit.reshard()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole CUDA check in one go, for a machine with a GPU (a few minutes on one H200):
+#   1. the tests marked `cuda` (core loop vs CPU, no host sync in the loop, modules, bf16 trainer, reload);
+#   2. the layer and model benchmark suites on the GPU, quick variants.
+# On a machine without a GPU every step says so and the script exits 0 (the tests skip themselves).
+# Usage: bash scripts/cuda_check.sh [python]   (default: python3; results and logs under ${OUT:-outputs/cuda_check})
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-python3}
+OUT_DIR=${OUT:-outputs/cuda_check}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'PY'
+import torch
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+PY
+status=0
+"$PY" -m pytest tests/test_cuda.py -m cuda -q -rs -p no:cacheprovider 2>&1 | tee "$OUT_DIR/tests.log" || status=1
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  "$PY" benchmarks/run.py --suite layer --device cuda --quick 2>&1 | tee "$OUT_DIR/layer.log" || status=1
+  "$PY" benchmarks/run.py --suite model --device cuda --quick 2>&1 | tee "$OUT_DIR/model.log" || status=1
+  cp benchmarks/results/*cuda*.json "$OUT_DIR"/ 2>/dev/null
+else
+  echo "no CUDA device: benchmark suites skipped"
+fi
+exit $status
