@@ -4,9 +4,12 @@ dkm-hf inspect DIR [--json]             per-layer table (shape, bits, LUT layout
                                         LUTs with NaN/inf, set padding bits and checksum mismatches are flagged
 dkm-hf plot DIR --out FILE.png [--layers REGEX] [--original DENSE_DIR]
                                         weight histograms with the LUT centroids marked
+dkm-hf export --coreml DIR OUT.mlpackage [--example-shape NAME=1x128 ...] [--target iOS18]
+                                        a Core ML package whose clustered weights are LUT ops holding the
+                                        checkpoint's own LUTs and indices (needs dkm_hf[coreml])
 
-Exit status: 0 on success, 1 when `inspect` flags a damaged layer, 2 when the input cannot be read (one line on
-stderr names the file and the problem).
+Exit status: 0 on success, 1 when `inspect` flags a damaged layer, 2 when the input cannot be read or exported (one
+line on stderr names the file and the problem).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers.utils import logging
 
 from .errors import PalettizedCheckpointError
 from .integrations.checkpoint_checks import CHECKSUM_PREFIX, check_palettized_headers, checksum
+from .integrations.coreml import coreml_target, load_palettized, to_coreml
 from .integrations.model_card import human_bytes
 from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files
 from .integrations.summary import CheckpointSummary, summarize
@@ -185,8 +189,60 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
     return chosen
 
 
+def example_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the `--example-shape NAME=D1xD2...` arguments."""
+    sizes = {}
+    for spec in specs or ():
+        name, _, dims = spec.partition("=")
+        if not re.fullmatch(r"[A-Za-z_]\w*", name) or not re.fullmatch(r"[1-9]\d*(x[1-9]\d*)*", dims):
+            raise ValueError(f"--example-shape {spec!r} is not NAME=D1xD2... (e.g. input_ids=1x128)")
+        sizes[name] = tuple(int(d) for d in dims.split("x"))
+    return sizes
+
+
+def example_inputs(config, sizes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Tensors of these shapes, or input_ids (1, 128) for a text model and pixel_values (1, channels, size, size)
+    for a vision one. Token ids lie below the vocabulary size; masks are ones, other ids zeros."""
+    vocab, image = getattr(config, "vocab_size", None), getattr(config, "image_size", None)
+    if not sizes and vocab:
+        sizes = {"input_ids": (1, min(128, getattr(config, "max_position_embeddings", None) or 128))}
+    elif not sizes and image:
+        side = image if isinstance(image, int) else image[0]
+        sizes = {"pixel_values": (1, getattr(config, "num_channels", 3), side, side)}
+    elif not sizes:
+        raise ValueError("cannot guess the model's inputs: give --example-shape NAME=D1xD2...")
+    g = torch.Generator().manual_seed(0)
+    made = {}
+    for name, size in sizes.items():
+        if name == "input_ids":
+            made[name] = torch.randint(0, vocab or 2, size, generator=g)
+        elif name.endswith("_ids") or name.endswith("_mask"):
+            made[name] = (torch.ones if name.endswith("_mask") else torch.zeros)(size, dtype=torch.long)
+        else:
+            made[name] = torch.randn(size, generator=g)
+    return made
+
+
+def export(args) -> None:
+    if args.format is None:
+        raise ValueError("choose the format: --coreml")
+    sizes = example_shapes(args.example_shape)
+    coreml_target(args.target)
+    model = load_palettized(args.directory)
+    inputs = example_inputs(model.config, sizes)
+    mlmodel = to_coreml(model, inputs, args.out, args.target)
+    ops = [op.op_type for op in mlmodel._mil_program.functions["main"].operations]
+    size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
+    print(
+        f"wrote {args.out} ({size:,} bytes, {human_bytes(size)}): {ops.count('constexpr_lut_to_dense')} "
+        f"constexpr_lut_to_dense, {ops.count('constexpr_blockwise_shift_scale')} constexpr_blockwise_shift_scale; "
+        f"inputs {shapes}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dkm-hf", description="Inspect DKM palettized checkpoints.")
+    parser = argparse.ArgumentParser(prog="dkm-hf", description="Inspect and export DKM palettized checkpoints.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="per-layer table and totals of a palettized checkpoint")
     inspect.add_argument("directory")
@@ -196,8 +252,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     draw.add_argument("--out", required=True, help="PNG file to write")
     draw.add_argument("--layers", default=None, help="regex (re.search) over module names")
     draw.add_argument("--original", default=None, help="directory of the dense model the checkpoint came from")
+    out = commands.add_parser("export", help="a palettized checkpoint as a Core ML package holding its own LUTs")
+    out.add_argument("--coreml", dest="format", action="store_const", const="coreml", help="write an .mlpackage")
+    out.add_argument("directory")
+    out.add_argument("out", help="the .mlpackage to write")
+    out.add_argument("--example-shape", action="append", metavar="NAME=D1xD2", help="an input and its fixed shape")
+    out.add_argument("--target", default="iOS18", help="coremltools minimum_deployment_target (default iOS18)")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export":
+            export(args)
+            return 0
         if args.command == "inspect":
             summary = load_summary(args.directory)
             table, flagged = inspect_table(summary)
@@ -213,8 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if flagged else 0
         names = plot(args.directory, args.out, args.layers, args.original)
         print(f"wrote {args.out} ({len(names)} layer(s))")
-    except (ValueError, OSError, SafetensorError) as err:  # PalettizedCheckpointError is a ValueError
+    except (ValueError, OSError, SafetensorError, ImportError, NotImplementedError) as err:
+        # PalettizedCheckpointError is a ValueError; ImportError: no coremltools; NotImplementedError: an op
+        # coremltools cannot convert
         message = " ".join(str(err).split())
+        if isinstance(err, ImportError) and args.command == "export":
+            message = f"{message} (pip install 'dkm_hf[coreml]')"
         print(f"dkm-hf {args.command}: {args.directory}: {message}", file=sys.stderr)
         return 2
     return 0
