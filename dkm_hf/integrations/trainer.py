@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
 from .callback import TAU_SCHEDULES, DKMCallback
+from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
+from .transformers_patches import checkpoint_initial_model
 
 
 @dataclass
@@ -32,11 +36,30 @@ class DKMTrainingArguments(TrainingArguments):
     )
     log_cluster_health: bool = field(default=True, metadata={"help": "Log entropy, empty clusters, drift."})
     reseed_dead_centroids: bool = field(default=True, metadata={"help": "Re-seed empty/duplicate centroids."})
+    eval_hard_on_start: bool = field(
+        default=True,
+        metadata={
+            "help": "With evaluation on: evaluate the hard model before training (at step 0 it is post-training "
+            "k-means), so that load_best_model_at_end can return to it."
+        },
+    )
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term when a teacher is given."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
+    distill_hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state MSE (every layer) when a teacher is given."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if not (self.distill_temperature > 0 and self.distill_hidden_weight >= 0):
+            raise ValueError(
+                f"distill_temperature must be > 0 and distill_hidden_weight >= 0, got {self.distill_temperature!r} "
+                f"and {self.distill_hidden_weight!r}"
+            )
         if self.torch_compile:
             raise ValueError(
                 "torch_compile=True is not supported with DKM: the clustering loop stops early on a "
@@ -45,9 +68,15 @@ class DKMTrainingArguments(TrainingArguments):
 
 
 class DKMTrainer(Trainer):
-    """A `Trainer` for DKM models: adds `DKMCallback`, hard + soft evaluation and palettized saving."""
+    """A `Trainer` for DKM models: adds `DKMCallback`, hard + soft evaluation, palettized saving and, with
+    `teacher_model`, distillation from the dense model (see `distillation`).
 
-    def __init__(self, *args, **kwargs):
+    Evaluation (with `eval_hard_on_start`) starts at step 0, where the hard model is post-training k-means; with
+    `load_best_model_at_end=True` that model is checkpointed too, so the model a run ends with is never worse, by
+    `metric_for_best_model`, than post-training palettization.
+    """
+
+    def __init__(self, *args, teacher_model: nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if get_dkm_config(self.model) is None or not dkm_modules(self.model):
             raise ValueError(
@@ -65,12 +94,32 @@ class DKMTrainer(Trainer):
         }
         self.dkm_callback = DKMCallback(**options)
         self.add_callback(self.dkm_callback)
+        self.teacher = None
+        self._distill_terms: dict[str, torch.Tensor] = {}
+        if teacher_model is not None:
+            if not isinstance(a, DKMTrainingArguments):
+                raise ValueError("teacher_model needs DKMTrainingArguments (its distill_* fields)")
+            student = next(self.model.parameters())
+            self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
+            self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
+        if getattr(a, "eval_hard_on_start", False) and a.eval_strategy != "no" and self.eval_dataset is not None:
+            a.eval_on_start = True
         self._palettize_next_save = False
         self._soft_metrics: dict = {}
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.teacher is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        a = self.args
+        loss, outputs, terms = distilled_loss(
+            model, self.teacher, inputs, a.distill_alpha, a.distill_temperature, a.distill_hidden_weight
+        )
+        self._distill_terms = terms
+        return (loss, outputs) if return_outputs else loss
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
-            logs = {**logs, **self.dkm_callback.pending}
+            logs = {**logs, **self.dkm_callback.pending, **{k: v.item() for k, v in self._distill_terms.items()}}
         if self._soft_metrics and any(key in logs for key in self._soft_metrics["_anchor"]):
             logs = {**logs, **{k: v for k, v in self._soft_metrics.items() if k != "_anchor"}}
         super().log(logs, *args, **kwargs)
@@ -86,7 +135,10 @@ class DKMTrainer(Trainer):
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._soft_metrics = {}
-        return {**metrics, **soft}
+        metrics = {**metrics, **soft}
+        if self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
+            checkpoint_initial_model(self, metrics)  # post-training k-means: a candidate for the best model
+        return metrics
 
     def _evaluate_soft(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -21,6 +21,9 @@ what it relies on.
    the entries of transformers' AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING.
 7. `.half()` / `.float()`: transformers refuses them on every quantized model; DKM and palettized models cast safely
    (centroids and LUTs keep their dtype, the compute dtype follows), as `.to(dtype)` and `.bfloat16()` already do.
+8. `checkpoint_initial_model`: Trainer's best-model tracking only sees evaluations it runs after a step; the step-0
+   evaluation (`eval_on_start`) of the hard model, which is post-training k-means, is made a candidate through the
+   Trainer's private `_determine_best_metric`, `_save_checkpoint` and `_get_output_dir`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import DKMConfig
 from ..nn.dkm import dkm_modules
@@ -65,6 +69,15 @@ def untie(model: nn.Module, names: list[str]) -> None:
 def mark_initialized(module: nn.Module) -> None:
     """(5) Tell transformers' weight initialisation to leave `module` alone."""
     module._is_hf_initialized = True
+
+
+def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
+    """(8) Record the step-0 metrics for `load_best_model_at_end` and save checkpoint-0 (a training checkpoint)."""
+    if trainer._determine_best_metric(metrics=metrics, trial=None):
+        trainer._save_checkpoint(trainer.model, trial=None)
+        # `_save_checkpoint` takes best_global_step == 0 for "no best yet": name checkpoint-0 itself
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        trainer.state.best_model_checkpoint = os.path.join(trainer._get_output_dir(trial=None), folder)
 
 
 def is_palettized(model: nn.Module) -> bool:

@@ -17,10 +17,13 @@ dtype the weight is decoded to (`compute_dtype`), so a cast model saves the same
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops.packing import unpack_range
+from ..ops.packing import unpack_bytes
 from .layout import Layout
 from .registry import apply_keeping_dtype, functional_forward, module_type, set_tie, swap_class, variant_class
 
@@ -85,23 +88,61 @@ class PalettizedMixin:
     def has_scale(self) -> bool:
         return "weight_scale" in self._buffers
 
+    def _lut_rows(self, idx: torch.Tensor, first_group, per_group: int) -> torch.Tensor:
+        """Turn indices (..., per_group) of consecutive groups starting at `first_group` (an int or a tensor of the
+        first dimension's groups) into rows of the flattened (groups * k, d) LUT."""
+        if self.layout.groups == 1:
+            return idx
+        groups = first_group + torch.arange(idx.shape[0], device=idx.device, dtype=idx.dtype)
+        return idx.add_((groups * self.layout.n_clusters).unsqueeze(-1)) if per_group else idx
+
+    def _decode_dtype(self) -> torch.dtype:
+        """Gather in the compute dtype when that is exact (no scale to multiply), else in float32."""
+        exact = not self.has_scale and self.compute_dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return self.compute_dtype if exact else torch.float32
+
     @torch.no_grad()
     def decode(self) -> torch.Tensor:
         """The dense weight, in `compute_dtype`, decoded in slices so temporaries stay small."""
         if self.tied_source is not None:
             return self.tied_source.weight.view(self.layout.shape)
         lay = self.layout
-        k, n, per_group = lay.n_clusters, lay.vectors, lay.vectors_per_group
-        lut = self.weight_lut.float().reshape(-1, lay.cluster_dim)  # (groups * k, d)
-        vectors = torch.empty(n, lay.cluster_dim, dtype=torch.float32, device=lut.device)
-        for start in range(0, n, DECODE_SLICE):
-            stop = min(n, start + DECODE_SLICE)
-            idx = unpack_range(self.weight_indices, lay.bits, start, stop)
-            if lay.groups > 1:
-                idx += torch.arange(start, stop, device=idx.device).div_(per_group, rounding_mode="floor") * k
+        n, per_group, bits = lay.vectors, lay.vectors_per_group, lay.bits
+        lut = self.weight_lut.to(self._decode_dtype()).reshape(-1, lay.cluster_dim)  # (groups * k, d)
+        vectors = torch.empty(n, lay.cluster_dim, dtype=lut.dtype, device=lut.device)
+        # slices of whole groups (and whole 8-index blocks) when groups are small, so offsets are one add per row
+        unit = math.lcm(8, per_group) if per_group <= DECODE_SLICE else 8
+        step = max(unit, DECODE_SLICE // unit * unit)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            packed = self.weight_indices[start // 8 * bits : -(-stop // 8) * bits]
+            idx = unpack_bytes(packed, bits)[: stop - start].to(torch.int32)
+            if lay.groups > 1 and unit % per_group == 0:
+                idx = self._lut_rows(idx.view(-1, per_group), start // per_group, per_group).view(-1)
+            elif lay.groups > 1:
+                group = torch.arange(start, stop, device=idx.device, dtype=torch.int32) // per_group
+                idx += group * lay.n_clusters
             torch.index_select(lut, 0, idx, out=vectors[start:stop])
         scale = self.weight_scale.float() if self.has_scale else None
         return lay.weight_from_vectors(vectors, scale).to(self.compute_dtype).contiguous()
+
+    @torch.no_grad()
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of an untransposed weight (an Embedding's tokens), (len(rows), features), reading only their
+        indices when a row's indices fill whole bytes; otherwise rows of the whole decoded weight."""
+        lay = self.layout
+        per_row = lay.features // lay.cluster_dim
+        if lay.transposed or self.tied_source is not None or (per_row * lay.bits) % 8:
+            return self.decode().reshape(lay.channels, -1)[rows]
+        packed = self.weight_indices.view(lay.channels, per_row * lay.bits // 8)[rows]
+        idx = unpack_bytes(packed, lay.bits).to(torch.int32)
+        if lay.groups > 1:
+            idx += (rows.to(torch.int32) // (lay.channels // lay.groups) * lay.n_clusters).unsqueeze(-1)
+        lut = self.weight_lut.to(self._decode_dtype()).reshape(-1, lay.cluster_dim)
+        out = torch.index_select(lut, 0, idx.view(-1)).view(len(rows), lay.features)
+        if self.has_scale:
+            out = out * self.weight_scale.float()[rows]
+        return out.to(self.compute_dtype)
 
     def _state_key(self) -> tuple:
         """Changes whenever a buffer is replaced or written (loading a checkpoint does either)."""
@@ -124,6 +165,9 @@ class PalettizedMixin:
         self.inference_mode, self._dense = mode, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference_mode == "packed" and isinstance(self, nn.Embedding) and self.tied_source is None:
+            tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
+            return F.embedding(inverse, self.decode_rows(tokens), None, self.max_norm, self.norm_type)
         return functional_forward(self, x, self.weight)
 
     def extra_repr(self) -> str:

@@ -51,8 +51,23 @@ def unpack_range(packed: torch.Tensor, bits: int, start: int, stop: int) -> torc
     """Indices [start, stop) as int64, reading only their bytes; `start` must be a multiple of 8."""
     if start % 8:
         raise ValueError(f"start must be a multiple of 8, got {start}")
-    blocks = packed[start // 8 * bits : -(-stop // 8) * bits].to(torch.int64).view(-1, bits)
+    return unpack_bytes(packed[start // 8 * bits : -(-stop // 8) * bits], bits)[: stop - start].long()
+
+
+def unpack_bytes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """All the indices of whole 8-index blocks (packed.shape[-1] a multiple of `bits` bytes), over the last
+    dimension: (..., b * m) uint8 -> (..., 8 * m) uint8 (int32 for the generic widths).
+
+    1, 2, 4 and 8 bits keep whole indices inside a byte: a few uint8 shifts and masks. 3, 5, 6 and 7 bits straddle
+    bytes: each 8-index block is read as one integer.
+    """
+    if 8 % bits == 0:
+        if bits == 8:
+            return packed
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+    blocks = packed.to(torch.int64).unflatten(-1, (-1, bits))
     byte_shifts = torch.arange(bits, device=packed.device) * 8
-    value = (blocks << byte_shifts).sum(1)
+    value = (blocks << byte_shifts).sum(-1)
     shifts = torch.arange(8, device=packed.device) * bits
-    return ((value.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)[: stop - start]
+    return ((value.unsqueeze(-1) >> shifts) & (2**bits - 1)).to(torch.int32).flatten(-2)

@@ -99,3 +99,19 @@ def test_patch_7_half_and_float_of_dkm_models(tiny_dir):
     assert model.float().model.layers[0].mlp.up_proj.centroids.dtype == torch.float32
     plain = AUTO["llama"].from_pretrained(tiny_dir("llama"))
     assert plain.half().model.layers[0].mlp.up_proj.weight.dtype == torch.float16  # unchanged for other models
+
+
+def test_patch_8_step_zero_checkpoint_for_the_best_model():
+    from transformers import Trainer
+
+    for name, params in (
+        ("_determine_best_metric", ["self", "metrics", "trial"]),
+        ("_save_checkpoint", ["self", "model", "trial"]),
+        ("_get_output_dir", ["self", "trial"]),
+    ):
+        method = getattr(Trainer, name, None)
+        _relies("checkpoint_initial_model", method is not None, f"Trainer.{name} exists")
+        _relies("checkpoint_initial_model", list(inspect.signature(method).parameters) == params, f"{name} args")
+    source = inspect.getsource(Trainer._save_checkpoint)
+    _relies("checkpoint_initial_model", "self.state.best_global_step" in source, "best checkpoint by best_global_step")
+    _relies("checkpoint_initial_model", "eval_on_start" in inspect.getsource(Trainer), "Trainer has eval_on_start")

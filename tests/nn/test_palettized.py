@@ -68,3 +68,26 @@ def test_casts_follow_the_compute_dtype_and_keep_the_lut(cast):
     assert layer(torch.randn(2, 64, dtype=dtype)).dtype == dtype
     model.to("cpu")  # a device move keeps the compute dtype
     assert model[0].compute_dtype == dtype
+
+
+@pytest.mark.parametrize(
+    ("features", "bits", "cluster_dim", "group_size", "scale"),
+    [(16, 4, 1, None, False), (16, 3, 2, 4, True), (24, 2, 1, 8, False), (10, 3, 1, None, True), (16, 8, 1, 1, False)],
+)
+def test_packed_embedding_decodes_only_the_rows_it_looks_up(features, bits, cluster_dim, group_size, scale):
+    torch.manual_seed(0)
+    config = dkm_hf.DKMConfig(
+        bits=bits,
+        cluster_dim=cluster_dim,
+        per_channel_scale=scale,
+        granularity="per_grouped_channel" if group_size else "per_tensor",
+        group_size=group_size,
+        weight_threshold=0,
+    )
+    model = dkm_hf.palettize(dkm_hf.prepare(nn.Sequential(nn.Embedding(40, features)), config))
+    ids = torch.tensor([[3, 7, 3, 39], [0, 1, 2, 7]])
+    dense = model(ids)
+    layer = model[0]
+    assert torch.equal(layer.decode_rows(torch.tensor([39, 3])), layer.weight[[39, 3]])
+    dkm_hf.set_inference_mode(model, "packed")
+    assert torch.equal(model(ids), dense)

@@ -1,0 +1,61 @@
+"""Distillation from the dense model, the terms `DKMTrainer(teacher_model=...)` adds to the task loss:
+
+    loss = (1 - alpha) * task + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + beta * MSE(h_s, h_t)
+
+z_s, z_t: student and teacher logits (per token for a causal LM, masked by the attention mask); T:
+`distill_temperature`; alpha: `distill_alpha`; beta: `distill_hidden_weight` (MSE of the hidden states, averaged over
+the layers, only computed when beta > 0). The teacher runs in eval mode under no_grad, in the student's dtype and on
+its device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def prepare_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The teacher, frozen, in eval mode, on the student's device and in its floating dtype."""
+    teacher = teacher.to(device=device, dtype=dtype).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kl_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None):
+    """T^2 * KL(teacher || student) of the softened distributions, averaged over examples (or unmasked tokens)."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # (batch,) or (batch, tokens)
+    if mask is not None and kl.dim() == 2:
+        mask = mask.to(kl.dtype)
+        return temperature**2 * (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    return temperature**2 * kl.mean()
+
+
+def hidden_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean squared error between the hidden states of every layer, averaged over layers."""
+    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
+
+
+def distilled_loss(model, teacher, inputs: dict, alpha: float, temperature: float, hidden_weight: float):
+    """(loss, student outputs, {term: detached value}) for one batch with labels."""
+    hidden = hidden_weight > 0
+    outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
+    with torch.no_grad():
+        reference = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=hidden)
+    mask = inputs.get("attention_mask")
+    kl = kl_term(outputs.logits, reference.logits, temperature, mask)
+    loss = (1 - alpha) * outputs.loss + alpha * kl
+    terms = {"distill_task_loss": outputs.loss.detach(), "distill_kl": kl.detach()}
+    if hidden:
+        mse = hidden_term(outputs.hidden_states, reference.hidden_states)
+        loss = loss + hidden_weight * mse
+        terms["distill_hidden_mse"] = mse.detach()
+    return loss, outputs, terms

@@ -1,0 +1,122 @@
+"""Distillation from the dense model (`DKMTrainer(teacher_model=...)`) and the best hard model kept over training."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import AUTO, tiny_inputs
+from toy import ToyDataset, accuracy, save_toy_bert
+from transformers import AutoModelForSequenceClassification
+
+from dkm_hf import DKMConfig, DKMTrainer, DKMTrainingArguments
+from dkm_hf.integrations.distillation import kl_term
+
+
+def _args(tmp_path, **kw):
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "seed": 0,
+        "disable_tqdm": True,
+        "max_steps": 6,
+    }
+    return DKMTrainingArguments(**{**base, **kw})
+
+
+def test_kl_term_is_zero_for_equal_logits_and_masks_tokens():
+    logits = torch.randn(2, 5, 7)
+    assert kl_term(logits, logits, 2.0, None).item() == pytest.approx(0.0, abs=1e-6)
+    other = logits.clone()
+    other[:, -1, 0] += 10  # only the last token's distribution differs
+    mask = torch.ones(2, 5)
+    assert kl_term(other, logits, 2.0, mask).item() > 0
+    mask[:, -1] = 0
+    assert kl_term(other, logits, 2.0, mask).item() == pytest.approx(0.0, abs=1e-6)
+    manual = 4.0 * torch.nn.functional.kl_div(
+        torch.log_softmax(other[0, -1] / 2, -1),
+        torch.log_softmax(logits[0, -1] / 2, -1),
+        log_target=True,
+        reduction="sum",
+    )
+    assert kl_term(other[:1, -1], logits[:1, -1], 2.0, None).item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("hidden", [0.0, 0.5])
+def test_sequence_classification_with_a_teacher(tmp_path, hidden):
+    path = save_toy_bert(tmp_path / "bert")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = AutoModelForSequenceClassification.from_pretrained(
+        path, dkm_config=DKMConfig(bits=2, weight_threshold=1000)
+    )
+    args = _args(tmp_path, distill_alpha=0.7, distill_temperature=3.0, distill_hidden_weight=hidden)
+    trainer = DKMTrainer(model=student, args=args, train_dataset=ToyDataset(64), teacher_model=teacher)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert all(math.isfinite(e["distill_kl"]) and e["distill_kl"] >= 0 for e in logs)
+    assert ("distill_hidden_mse" in logs[-1]) == (hidden > 0)
+    assert logs[0]["dkm_teacher_mb"] > 0
+    # the loss is the mix of the task loss and the KL (and the hidden-state term)
+    last = logs[-1]
+    mix = 0.3 * last["distill_task_loss"] + 0.7 * last["distill_kl"] + hidden * last.get("distill_hidden_mse", 0.0)
+    assert last["loss"] == pytest.approx(mix, rel=1e-3)
+    assert not trainer.teacher.training and all(not p.requires_grad for p in trainer.teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_causal_lm_teacher_follows_the_student_dtype(tiny_dir, tmp_path):
+    path = tiny_dir("llama")
+    student = AUTO["llama"].from_pretrained(path, dtype=torch.bfloat16, dkm_config=DKMConfig(bits=3))
+    ids = tiny_inputs("llama", batch=8)["input_ids"]
+    data = [{"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)} for row in ids]
+    trainer = DKMTrainer(
+        model=student,
+        args=_args(tmp_path, max_steps=2),
+        train_dataset=data,
+        teacher_model=AUTO["llama"].from_pretrained(path),
+    )
+    assert next(trainer.teacher.parameters()).dtype == torch.bfloat16
+    trainer.train()
+    assert all(math.isfinite(e["distill_kl"]) for e in trainer.state.log_history if "loss" in e)
+
+
+def test_best_hard_model_never_worse_than_post_training(tmp_path):
+    """eval starts at step 0 (the hard model is then post-training k-means); a run that only gets worse ends, with
+    load_best_model_at_end, on exactly that model."""
+    path = save_toy_bert(tmp_path / "bert")
+    config = DKMConfig(bits=2, weight_threshold=1000)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dkm_config=config)
+    post_training = copy.deepcopy(model).eval()
+    args = _args(
+        tmp_path,
+        learning_rate=5.0,  # ruins the model
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
+    trainer = DKMTrainer(
+        model=model,
+        args=args,
+        train_dataset=ToyDataset(64),
+        eval_dataset=ToyDataset(32, seed=1),
+        compute_metrics=accuracy,
+    )
+    trainer.train()
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    assert evals[0]["step"] == 0 and len(evals) >= 3
+    assert min(e["eval_loss"] for e in evals[1:]) > evals[0]["eval_loss"]  # training made it worse
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-0")
+    x = ToyDataset(8, seed=2)[:8]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, post_training(x).logits)
