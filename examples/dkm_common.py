@@ -1,15 +1,34 @@
-"""What the example scripts share: the DKM command-line arguments, the metric, sizes, memory and the results report."""
+"""What the example scripts share: the command line, the DKM arguments, data splits, the metric, sizes, memory, the
+report, and the whole flow of the classification examples (`run_classification`).
+
+The classification scripts (glue/, vision/) bring only what is specific to their task: their options and defaults,
+the data, its preprocessing and the model class (a `ClassificationTask`). `run_classification` does the rest:
+
+    dense fine-tune (new head) -> saved to dense/ and evaluated
+    control (optional): the DKM phase's recipe without clustering, from dense/
+    for each bit width: DKM fine-tune from dense/ -> palettized checkpoint compressed-<bits>bit/ -> reloaded from
+                        disk with a plain `from_pretrained` and evaluated (the accuracy the report gives)
+    results.json + results.md
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import datasets
 import evaluate
 import numpy as np
+import torch
+from transformers import AutoConfig, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 import dkm_hf
+from dkm_hf import DKMTrainer, DKMTrainingArguments
 
 # `evaluate.load("accuracy")` downloads its script; this local copy works offline.
 ACCURACY_SCRIPT = str(Path(__file__).resolve().parent / "metrics" / "accuracy.py")
@@ -134,3 +153,189 @@ def write_results(results: dict, out: Path) -> str:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(markdown)
     return markdown
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+def parse_arguments(model_arguments: type, data_arguments: type, training_defaults: dict, argv: list[str] | None):
+    """(model_args, data_args, dkm_args, training_args) from the command line (`argv`, default sys.argv).
+
+    A script's own `model_arguments` and `data_arguments` dataclasses come first, then `DKMArguments` and
+    `DKMTrainingArguments`; `training_defaults` replaces their defaults (the script's DKM recipe). Seeds everything
+    with the parsed seed and creates the output directory.
+    """
+    parser = HfArgumentParser((model_arguments, data_arguments, DKMArguments, DKMTrainingArguments))
+    parser.set_defaults(**training_defaults)
+    model_args, data_args, dkm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)
+    Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+    return model_args, data_args, dkm_args, training_args
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+def with_validation(raw: datasets.DatasetDict, fraction: float, seed: int) -> datasets.DatasetDict:
+    """`raw` itself if it has a validation split; otherwise its train split cut into train and validation."""
+    if "validation" in raw:
+        return raw
+    split = raw["train"].train_test_split(test_size=fraction, seed=seed)
+    return datasets.DatasetDict(train=split["train"], validation=split["test"])
+
+
+def subsample(raw: datasets.DatasetDict, max_train: int | None, max_eval: int | None, seed: int):
+    """Keep a seeded random `max_train` / `max_eval` examples of the train / validation splits (None: all)."""
+    for name, limit in (("train", max_train), ("validation", max_eval)):
+        if limit is not None and len(raw[name]) > limit:
+            raw[name] = raw[name].shuffle(seed=seed).select(range(limit))
+    return raw
+
+
+# -- the flow of the classification examples -------------------------------------------------------------------------
+@dataclass
+class ClassificationTask:
+    """What a classification script hands to `run_classification`: everything specific to its task."""
+
+    model_class: type  # an AutoModelFor...Classification: loads the pretrained, dense, DKM and palettized models
+    model_path: str  # the pretrained model (folder or Hub id); it gets a new head with `label_names`
+    data: datasets.DatasetDict  # "train" and "validation", ready for `collator` (which yields a "labels" tensor)
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]]
+    label_names: list[str]
+    description: str  # what results.json / results.md call the task
+    dense_lr_scheduler_type: str  # the dense fine-tune's schedule (the DKM phase's is --lr_scheduler_type)
+    dense_warmup_steps: float  # the dense fine-tune's warmup (< 1: a fraction of its steps)
+    unit: str = "examples"  # what one example is, for the log: "examples", "images"
+    processor: Any = None  # tokenizer / image processor: every Trainer's `processing_class`, saved with checkpoints
+    details: dict[str, Any] = field(default_factory=dict)  # task options recorded in results.json
+
+
+def run_classification(
+    argv: list[str] | None,
+    model_arguments: type,
+    data_arguments: type,
+    training_defaults: dict,
+    load_task: Callable[[Any, Any, int], ClassificationTask],
+) -> dict:
+    """A classification example from its command line to results.json / results.md; returns the results.
+
+    `model_arguments` must have the fields `model_name_or_path`, `dense_finetune`, `dense_learning_rate`,
+    `dense_num_train_epochs` and `control`; `training_defaults` is the DKM phase's recipe (the dense and control runs
+    copy it, the dense one with its own learning rate, epochs, schedule and warmup). `load_task(model_args,
+    data_args, seed)` loads the model path, the data and its preprocessing. The wall time counts from before it.
+    """
+    model_args, data_args, dkm_args, training_args = parse_arguments(
+        model_arguments, data_arguments, training_defaults, argv
+    )
+    out = Path(training_args.output_dir)
+    start = time.time()
+    task = load_task(model_args, data_args, training_args.seed)
+    train, validation = task.data["train"], task.data["validation"]
+    compute_metrics = accuracy_metric()
+
+    def trainer_for(model, args: TrainingArguments, cls: type = Trainer) -> Trainer:
+        return cls(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+            data_collator=task.collator,
+            processing_class=task.processor,
+            compute_metrics=compute_metrics,
+        )
+
+    print(f"train {len(train)} / validation {len(validation)} {task.unit}; labels {task.label_names}")
+    results = {
+        "model": task.model_path,
+        "task": task.description,
+        "train_samples": len(train),
+        "eval_samples": len(validation),
+        **task.details,
+        "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
+        "dkm_learning_rate": training_args.learning_rate,
+        "dkm_lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "dkm_num_train_epochs": training_args.num_train_epochs,
+        "variants": [],
+    }
+
+    # -- dense fine-tune with a new head --------------------------------------------------------------------------
+    t0 = time.time()
+    dense_dir = str(out / "dense")
+    names = task.label_names
+    config = AutoConfig.from_pretrained(
+        task.model_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
+    model = task.model_class.from_pretrained(task.model_path, config=config, ignore_mismatched_sizes=True)
+    dense_run = phase_arguments(
+        training_args,
+        out / "dense-run",
+        plain=True,
+        learning_rate=model_args.dense_learning_rate,
+        num_train_epochs=model_args.dense_num_train_epochs,
+        lr_scheduler_type=task.dense_lr_scheduler_type,
+        warmup_steps=task.dense_warmup_steps,
+    )
+    trainer = trainer_for(model, dense_run)
+    if model_args.dense_finetune:
+        trainer.train()
+    trainer.save_model(dense_dir)  # with the processor, as every checkpoint below
+    dense_accuracy = trainer.evaluate()["eval_accuracy"]
+    results["dense"] = {
+        "accuracy": dense_accuracy,
+        "checkpoint": dense_dir,
+        "bytes": checkpoint_bytes(dense_dir),
+        "seconds": time.time() - t0,
+    }
+    print(f"dense: accuracy {dense_accuracy:.4f}, {results['dense']['bytes'] / 2**20:.2f} MiB")
+    del model, trainer
+
+    # -- control: the DKM phase's recipe without clustering -------------------------------------------------------
+    if model_args.control:
+        t0 = time.time()
+        model = task.model_class.from_pretrained(dense_dir)
+        trainer = trainer_for(model, phase_arguments(training_args, out / "control-run", plain=True))
+        trainer.train()
+        results["control"] = {"accuracy": trainer.evaluate()["eval_accuracy"], "seconds": time.time() - t0}
+        print(f"control (same recipe, no clustering): accuracy {results['control']['accuracy']:.4f}")
+        del model, trainer
+
+    # -- DKM fine-tune, palettize, reload from disk, evaluate -----------------------------------------------------
+    for bits in dkm_args.bits:
+        t0 = time.time()
+        model = task.model_class.from_pretrained(dense_dir, dkm_config=dkm_args.config(bits))
+        compressed_dir = str(out / f"compressed-{bits}bit")
+        trainer = trainer_for(model, phase_arguments(training_args, out / f"dkm-{bits}bit-run"), DKMTrainer)
+        trainer.train()
+        in_memory = trainer.evaluate()  # hard (snapped) weights, and soft ones with --eval_soft
+        trainer.save_model(compressed_dir)  # palettized: LUTs + packed indices
+        del model, trainer
+
+        reloaded = task.model_class.from_pretrained(compressed_dir)  # plain from_pretrained
+        accuracy = accuracy_of(reloaded, validation, task.collator, training_args.per_device_eval_batch_size)
+        record_variant(results, bits, accuracy, in_memory, compressed_dir, time.time() - t0)
+        del reloaded
+
+    results["wall_seconds"] = time.time() - start
+    print(write_results(results, out))
+    return results
+
+
+def phase_arguments(training_args: TrainingArguments, output_dir: Path, plain: bool = False, **changes):
+    """The arguments of one training run of the flow: `training_args` writing to `output_dir`, with `changes`.
+
+    `plain`: a bare `TrainingArguments` (the DKM-only fields dropped) for the dense and control runs, which use a
+    plain `Trainer`.
+    """
+    values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values.update(output_dir=str(output_dir), **changes)
+    return TrainingArguments(**values) if plain else dataclasses.replace(training_args, **values)
+
+
+@torch.no_grad()
+def accuracy_of(model, dataset, collator, batch_size: int) -> float:
+    """Accuracy of `model` on `dataset` (a Trainer refuses to wrap an already-palettized model, so a plain loop)."""
+    model.eval()
+    correct = 0
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+        labels = batch.pop("labels")
+        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
+    return correct / len(dataset)

@@ -36,20 +36,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded unless the
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dkm_common, causal_lm
 
 import torch  # noqa: E402
-from dkm_common import DKMArguments, checkpoint_bytes, peak_rss_mb  # noqa: E402
+from dkm_common import checkpoint_bytes, parse_arguments, peak_rss_mb  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     default_data_collator,
-    set_seed,
 )
 
 import dkm_hf  # noqa: E402
-from dkm_hf import DKMTrainer, DKMTrainingArguments  # noqa: E402
+from dkm_hf import DKMTrainer  # noqa: E402
 
 EMBEDDINGS_8BIT = {".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}}
+# The DKM recipe: defaults measured on SmolLM2-135M (README, "Decoder LLMs").
+DKM_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/clm_dkm",
+    "bits": [4, 3],
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "max_iters": 1,
+    "overrides": json.dumps(EMBEDDINGS_8BIT),
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "max_steps": 20,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 5,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "dataloader_pin_memory": False,
+    "seed": 42,
+}
 
 
 @dataclass
@@ -116,31 +134,10 @@ def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataArguments, DKMArguments, DKMTrainingArguments))
-    # The DKM recipe: defaults measured on SmolLM2-135M (README, "Decoder LLMs").
-    parser.set_defaults(
-        output_dir="outputs/clm_dkm",
-        bits=[4, 3],
-        granularity="per_grouped_channel",
-        group_size=1,
-        max_iters=1,
-        overrides=json.dumps(EMBEDDINGS_8BIT),
-        learning_rate=1e-4,
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        max_steps=20,
-        per_device_train_batch_size=4,
-        logging_steps=5,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        dataloader_pin_memory=False,
-        seed=42,
+    model_args, data_args, dkm_args, training_args = parse_arguments(
+        ModelArguments, DataArguments, DKM_TRAINING_DEFAULTS, argv
     )
-    model_args, data_args, dkm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    set_seed(training_args.seed)
     out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     # -- data ---------------------------------------------------------------------------------------------------------

