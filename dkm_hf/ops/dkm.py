@@ -95,7 +95,7 @@ def _iterate(w, c0, tau, max_iters, epsilon, weight=None):
         s = torch.zeros_like(c)
         m = torch.zeros(G, k, 1, dtype=c.dtype, device=c.device)
         cache = _AttentionCache(w, k) if on_host else None
-        for gs, ms in blocks(G, n, k):
+        for gs, ms in blocks(G, n, k, w.device):
             a = attention(w[gs, ms], c[gs], _group(tau, gs))  # (g, k, m)
             if cache is not None:
                 cache.keep(a)
@@ -137,7 +137,7 @@ def _soft_output(w, c_in, c_out, tau, cache=None):
     G, n, _ = w.shape
     out = torch.empty_like(w)
     kept = cache.replay() if cache is not None else itertools.repeat(None)
-    for (gs, ms), a in zip(blocks(G, n, c_out.shape[1]), kept):
+    for (gs, ms), a in zip(blocks(G, n, c_out.shape[1], w.device), kept):
         if a is None:
             a = attention(w[gs, ms], c_in[gs], _group(tau, gs))
         out[gs, ms] = mix_centroids(a, c_out[gs])
@@ -164,7 +164,7 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
     # dL/dC_T from W~ = A_T C_T
     dc_out = torch.zeros_like(c_out)
     cache = _AttentionCache(w, k) if isinstance(T, int) else None
-    for gs, ms in blocks(G, n, k):
+    for gs, ms in blocks(G, n, k, w.device):
         a = attention(w[gs, ms], c_in[gs], _group(tau, gs))
         dc_out[gs] += reduce_vectors(cache.keep(a) if cache is not None else a, grad_rows[gs, ms])
 
@@ -187,7 +187,7 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
         dc_prev = torch.where(alive, 0.0, dc)  # dead clusters carry C_{t-1} over unchanged
         combined = direct and not direct_per_unit  # one softmax backward for both paths (it is linear)
         kept = cache.replay() if cache is not None and t == T else itertools.repeat(None)
-        for (gs, ms), a in zip(blocks(G, n, k), kept):
+        for (gs, ms), a in zip(blocks(G, n, k, w.device), kept):
             wb, cb, tb = w[gs, ms], c_prev[gs], _group(tau, gs)
             if a is None:
                 a = attention(wb, cb, tb)  # (g, k, m)

@@ -40,3 +40,10 @@ def test_blocks_cover_the_grid_once_within_the_size():
             assert size * k <= max(attention.CHUNK_ELEMENTS, k)
             seen += size
         assert seen == groups * m
+
+
+def test_accelerator_blocks_are_larger_and_still_cover_the_grid():
+    groups, m, k = 1536, 576, 16  # one per-row 4-bit SmolLM2 MLP matrix: 28 groups per CPU block, one GPU block
+    cpu, gpu = list(attention.blocks(groups, m, k, "cpu")), list(attention.blocks(groups, m, k, "cuda"))
+    assert len(cpu) == 55 and len(gpu) == 1 and gpu[0] == (slice(0, groups), slice(0, m))
+    assert attention.chunk_elements("cuda") == attention.CHUNK_ELEMENTS_ACCELERATOR > attention.CHUNK_ELEMENTS
