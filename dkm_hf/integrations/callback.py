@@ -11,6 +11,8 @@ health      at every logging step: mean attention entropy H = -sum_j A_ij log A_
             step on, the fraction of a fixed sample of weights whose nearest centroid changed since the last log
             and the mean centroid drift |C - C_last|. Empty and duplicate centroids are re-seeded on the weights
             farthest from their centroid.
+FSDP2       these run between steps, when a sharded model's weights are shards: each reads a layer's weights while
+            its unit is gathered (`gathered_by_unit`), one unit at a time; every rank does the same.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers import TrainerCallback
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
+from .distributed import gathered_by_unit
 
 TAU_SCHEDULES = ("constant", "linear", "cosine")
 HEALTH_SAMPLE = 4096  # weights per module whose attention entropy is measured
@@ -135,16 +138,18 @@ class DKMCallback(TrainerCallback):
             # At step == milestone > 0 (a fresh run or a resume from checkpoint-<milestone>) clustering is still off:
             # on_step_begin initialises the centroids from the weights of that moment, then switches it on.
             module.dkm_enabled = state.global_step > milestone or milestone == 0
-            if module.dkm_enabled and not module.dkm_ready:
-                module.init_centroids()
+        uninitialised = [(n, m) for n, m in self._modules(model) if m.dkm_enabled and not m.dkm_ready]
+        for _, module in gathered_by_unit(model, uninitialised):
+            module.init_centroids()
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         milestone = self._milestone(model)
         step = state.global_step
         taus = []
+        starting = [(n, m) for n, m in self._modules(model) if step == milestone and not m.dkm_enabled]
+        for _, module in gathered_by_unit(model, starting):
+            module.init_centroids()
         for name, module in self._modules(model):
-            if step == milestone and not module.dkm_enabled:
-                module.init_centroids()
             module.dkm_enabled = step >= milestone
             module.settings.tau = self._tau(name, step, milestone, state.max_steps)
             taus.append(module.settings.tau)
@@ -158,7 +163,7 @@ class DKMCallback(TrainerCallback):
         if not (state.global_step % max(1, int(args.logging_steps)) == 0 or state.global_step == state.max_steps):
             return
         entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
-        for name, module in self._modules(model):
+        for name, module in gathered_by_unit(model, self._modules(model)):
             assign = module.assignments()
             stats = cluster_health(module, assign)
             entropy.append(stats["entropy"])

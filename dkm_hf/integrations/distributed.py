@@ -3,13 +3,15 @@
 DKM runs on a layer's whole weight. FSDP2 gathers a sharded unit's parameters before its forward and backward, so a
 DKM module inside a unit (wrap per decoder block) clusters the gathered weight; the centroid buffers are not sharded,
 and every rank updates them identically from the same gathered weights. Outside forward and backward the weights
-are shards: `full_weights` gathers them for what needs the whole model at once (palettizing it, saving it).
+are shards: `full_weights` gathers them for what needs the whole model at once (palettizing it, saving it), and
+`gathered_by_unit` one unit at a time for what works layer by layer between steps (DKMCallback: initialising
+centroids at the milestone, cluster health, re-seeding), so that no more than one unit is ever whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -43,3 +45,30 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for unit in reversed(units):
             unit.reshard()
+
+
+def gathered_by_unit(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module]]:
+    """`modules` ((name, module) pairs of `model`) again, grouped by the FSDP2 unit that holds their parameters (the
+    nearest sharded module at or above them), each group while only its unit is whole. Collective: every rank must
+    run it to the end with the same modules. For a model that is not sharded: the modules, nothing gathered."""
+    owner: dict[int, nn.Module | None] = {}
+
+    def walk(module: nn.Module, unit: nn.Module | None) -> None:
+        unit = module if isinstance(module, FSDPModule) else unit
+        owner[id(module)] = unit
+        for child in module.children():
+            walk(child, unit)
+
+    walk(model, None)
+    groups: dict[int, tuple[nn.Module | None, list[tuple[str, nn.Module]]]] = {}
+    for name, module in modules:
+        unit = owner.get(id(module))
+        groups.setdefault(id(unit), (unit, []))[1].append((name, module))
+    for unit, group in groups.values():
+        if unit is not None:
+            unit.unshard()
+        try:
+            yield from group
+        finally:
+            if unit is not None:
+                unit.reshard()

@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard` per decoder block, gloo on CPU): two processes train a tiny Llama with tied embeddings to the
 same losses, weights and centroids as one process with the same global batch; a distributed checkpoint resumes
-exactly; the palettized checkpoint is written once and keeps the tie. (DDP: test_trainer.)"""
+exactly; the palettized checkpoint is written once and keeps the tie. The same through DKMTrainer and accelerate's
+FSDP2 plugin, configured in TrainingArguments (accelerate_fsdp_train.py). (DDP: test_trainer.)"""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from transformers import AutoModelForCausalLM
 
 import dkm_hf
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fsdp_train.py")
+TESTS = os.path.dirname(os.path.dirname(__file__))
+SCRIPT = os.path.join(TESTS, "fsdp_train.py")
 
 
-def _run(args: list[str], processes: int, port: int) -> None:
+def _run(args: list[str], processes: int, port: int, script: str = SCRIPT) -> None:
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, SCRIPT, *args], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -50,3 +52,51 @@ def test_fsdp2_matches_one_process_resumes_and_saves_once(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(sharded / "final")
     assert reloaded.lm_head.tied_source is reloaded.model.embed_tokens
     assert dkm_hf.palettized_modules(reloaded) and not dkm_hf.dkm_modules(reloaded)
+
+
+def test_trainer_with_accelerate_fsdp2_plugin_matches_one_process_and_saves_once(tmp_path):
+    """DKMTrainer with `fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [...]}`: accelerate
+    shards the model itself (its fsdp2_prepare_model: a unit per decoder layer, embeddings + norm + lm_head in one, the
+    root), the DKM schedule (centroids initialised at the milestone, cluster health and re-seeding at every logging
+    step) runs on the gathered layers, and two processes end at the weights and centroids of one process with the
+    same global batch. `trainer.save_model` writes one palettized checkpoint that reloads to the in-memory palettized
+    model exactly.
+
+    On CPU accelerate ignores the FSDP plugin (AcceleratorState admits it for accelerator backends only, not
+    MULTI_CPU) and runs DDP: the script opens that gate; the last run shows the fallback without it."""
+    script = os.path.join(TESTS, "accelerate_fsdp_train.py")
+    model = save_tiny("llama", tmp_path / "llama")
+    single, sharded, gated = tmp_path / "single", tmp_path / "fsdp", tmp_path / "gated"
+    _run([model, str(single), "4"], 1, 0, script)
+    _run([model, str(sharded), "4"], 2, 29563, script)
+    one, two = (json.loads((p / "result.json").read_text()) for p in (single, sharded))
+    assert one["world"] == 1 and not one["units"]
+    assert two["world"] == 2 and two["fsdp_enabled"] and two["distributed_type"] == "DistributedType.FSDP"
+    assert {"", "model.layers.0", "model.layers.1", "model.embed_tokens", "lm_head"} <= set(two["units"])
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
+    initial = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    assert sum(k.endswith("centroids") for k in one["state"]) == 15  # 7 linears x 2 layers + the tied embedding
+    for key, value in one["state"].items():
+        torch.testing.assert_close(torch.tensor(two["state"][key]), torch.tensor(value), rtol=1e-4, atol=1e-5)
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(torch.tensor(one["state"][up]), initial[up])  # it trained
+
+    assert sorted(p.name for p in sharded.iterdir()) == ["final", "result.json"]
+    assert sorted(p.name for p in (sharded / "final").iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "training_args.bin",
+    ]
+    for run, result in ((single, one), (sharded, two)):
+        reloaded = AutoModelForCausalLM.from_pretrained(run / "final")
+        assert reloaded.lm_head.tied_source is reloaded.model.embed_tokens
+        assert len(dkm_hf.palettized_modules(reloaded)) == 16 and not dkm_hf.dkm_modules(reloaded)
+        logits = reloaded(input_ids=torch.arange(1, 21).view(2, 10)).logits
+        assert torch.equal(logits, torch.tensor(result["logits"])), run.name
+
+    _run([model, str(gated), "1", "--keep-cpu-gate"], 2, 29564, script)
+    fallback = json.loads((gated / "result.json").read_text())
+    assert fallback["distributed_type"] == "DistributedType.MULTI_CPU" and not fallback["fsdp_enabled"]
+    assert not fallback["units"]
