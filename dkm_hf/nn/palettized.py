@@ -11,6 +11,12 @@ and the weight is W = from_rows(lut[g, idx] * scale). Two inference modes:
     "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's;
     "packed"  keep only LUT + indices in memory and decode in every forward: the smallest memory.
 
+On CPU the decode runs in the native kernels of `ops.native` when they are available (else in torch): the same
+weight bit for bit, so "dense" mode and large packed-mode inputs give exactly the torch path's outputs. A packed
+Linear (or Conv1D) with float32 input and compute dtype and at most `GEMV_MAX_ROWS` rows of input (batch-1 generation)
+never decodes its weight: the fused LUT matrix-vector product reads the indices directly; its outputs equal the
+decoded weight's within float32 summation-order tolerance (the sums run in another order than the BLAS GEMM).
+
 LUTs and scales keep their stored dtype through `model.to(dtype)`, `.half()`, `.bfloat16()`: the cast sets the
 dtype the weight is decoded to (`compute_dtype`), so a cast model saves the same checkpoint it loaded from.
 """
@@ -18,11 +24,13 @@ dtype the weight is decoded to (`compute_dtype`), so a cast model saves the same
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import native
 from ..ops.packing import unpack_bytes
 from .layout import Layout
 from .registry import apply_keeping_dtype, functional_forward, module_type, set_tie, swap_class, variant_class
@@ -32,6 +40,9 @@ DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
 BUFFERS = ("weight_lut", "weight_indices", "weight_scale")
 _KEPT_DTYPE = ("weight_lut", "weight_scale")
 _ATTRS = ("layout", "inference_mode", "compute_dtype", "tied_source", "_dense")
+GEMV_MAX_ROWS = 8  # packed Linear inputs of at most this many rows use the fused LUT gemv (CPU, float32)
+# module -> (state key, native Palette or None); outside the module so copies and pickles never see ctypes objects
+_PALETTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PalettizedMixin:
@@ -106,6 +117,13 @@ class PalettizedMixin:
         """The dense weight, in `compute_dtype`, decoded in slices so temporaries stay small."""
         if self.tied_source is not None:
             return self.tied_source.weight.view(self.layout.shape)
+        palette = self._native_palette()
+        if palette is not None:
+            return self.layout.from_rows(native.decode_rows(palette)).contiguous()
+        return self._decode_torch()
+
+    def _decode_torch(self) -> torch.Tensor:
+        """`decode` in torch (any device and dtype): the reference of the native kernels."""
         lay = self.layout
         n, per_group, bits = lay.vectors, lay.vectors_per_group, lay.bits
         lut = self.weight_lut.to(self._decode_dtype()).reshape(-1, lay.cluster_dim)  # (groups * k, d)
@@ -132,7 +150,12 @@ class PalettizedMixin:
         indices when a row's indices fill whole bytes; otherwise rows of the whole decoded weight."""
         lay = self.layout
         per_row = lay.features // lay.cluster_dim
-        if lay.transposed or self.tied_source is not None or (per_row * lay.bits) % 8:
+        if lay.transposed or self.tied_source is not None:
+            return self.decode().reshape(lay.channels, -1)[rows]
+        palette = self._native_palette()
+        if palette is not None:
+            return native.decode_rows(palette, rows)
+        if (per_row * lay.bits) % 8:
             return self.decode().reshape(lay.channels, -1)[rows]
         packed = self.weight_indices.view(lay.channels, per_row * lay.bits // 8)[rows]
         idx = unpack_bytes(packed, lay.bits).to(torch.int32)
@@ -143,6 +166,43 @@ class PalettizedMixin:
         if self.has_scale:
             out = out * self.weight_scale.float()[rows]
         return out.to(self.compute_dtype)
+
+    def _native_palette(self) -> native.Palette | None:
+        """The native kernels' view of this module's weight (its tied source's LUT and indices for a tied module),
+        decoding to `compute_dtype`; None off CPU, without the kernels, or for what they do not cover."""
+        source = self.tied_source if self.tied_source is not None else self
+        if source.weight_lut.device.type != "cpu" or not native.enabled():
+            return None
+        key = (self._state_key(), self.compute_dtype)
+        cached = _PALETTES.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        palette = None
+        if native.available() and source.layout.transposed == self.layout.transposed:
+            lay, dtype = source.layout, self.compute_dtype
+            scale = source.weight_scale.reshape(-1) if source.has_scale else None
+            palette = native.make_palette(
+                source.weight_indices, source.weight_lut, scale, lay.bits, lay.channels, lay.features, dtype
+            )
+        _PALETTES[self] = (key, palette)
+        return palette
+
+    def _packed_linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The fused LUT gemv of a packed Linear / Conv1D for a few float32 CPU rows of input, or None."""
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.compute_dtype != torch.float32:
+            return None
+        if x.dim() == 0 or x.numel() > GEMV_MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        kind = module_type(self)
+        if not (kind.base is nn.Linear or kind.transposed):
+            return None
+        palette = self._native_palette()
+        if palette is None or x.shape[-1] != palette.shape[1]:
+            return None
+        bias = self.bias
+        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+            return None
+        return native.lut_gemv(palette, x, bias.detach() if bias is not None else None)
 
     def _state_key(self) -> tuple:
         """Changes whenever a buffer is replaced or written (loading a checkpoint does either)."""
@@ -155,7 +215,8 @@ class PalettizedMixin:
             return self.decode()
         key = self._state_key()
         if self._dense is None or self._dense[0] != (key, self._dense[1]._version):  # also if written in place
-            weight = self.decode()
+            with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
+                weight = self.decode()
             self._dense = ((key, weight._version), weight)
         return self._dense[1]
 
@@ -168,6 +229,10 @@ class PalettizedMixin:
         if self.inference_mode == "packed" and isinstance(self, nn.Embedding) and self.tied_source is None:
             tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
             return F.embedding(inverse, self.decode_rows(tokens), None, self.max_norm, self.norm_type)
+        if self.inference_mode == "packed":
+            out = self._packed_linear(x)
+            if out is not None:
+                return out
         return functional_forward(self, x, self.weight)
 
     def extra_repr(self) -> str:

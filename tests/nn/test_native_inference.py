@@ -1,0 +1,126 @@
+"""Palettized modules on the native CPU kernels: the decoded weight is the torch decode bit for bit, so dense mode
+and large packed inputs give exactly the torch path's outputs; a packed Linear's fused gemv (few rows, float32) equals
+the dense-mode output within float32 summation-order tolerance; DKM_HF_NATIVE=0 keeps the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dkm_hf
+from dkm_hf.nn import palettized as palettized_module
+from dkm_hf.ops import native
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no C compiler?)")
+
+
+def _model(bits=4, scale=False, cluster_dim=1, group_size=None):
+    torch.manual_seed(0)
+    config = dkm_hf.DKMConfig(
+        bits=bits,
+        cluster_dim=cluster_dim,
+        per_channel_scale=scale,
+        granularity="per_grouped_channel" if group_size else "per_tensor",
+        group_size=group_size,
+        weight_threshold=0,
+    )
+    dense = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 30, bias=False), nn.Embedding(48, 64))
+    return dkm_hf.palettize(dkm_hf.prepare(dense, config).eval())
+
+
+CASES = [(4, False, 1, None), (4, False, 1, 1), (3, True, 1, 6), (8, False, 2, None), (2, True, 2, 2)]
+
+
+@needs_native
+@pytest.mark.parametrize(("bits", "scale", "cluster_dim", "group_size"), CASES)
+def test_native_decode_is_the_torch_decode(bits, scale, cluster_dim, group_size):
+    model = _model(bits, scale, cluster_dim, group_size)
+    for m in (model[0], model[2], model[3]):
+        assert m._native_palette() is not None
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            m.compute_dtype = dtype
+            assert torch.equal(m.decode(), m._decode_torch())
+        m.compute_dtype = torch.float32
+    tokens = torch.tensor([3, 47, 3, 0])
+    assert torch.equal(model[3].decode_rows(tokens), model[3]._decode_torch()[tokens])
+
+
+@needs_native
+@pytest.mark.parametrize(("bits", "scale", "cluster_dim", "group_size"), CASES)
+def test_packed_forward_matches_dense(bits, scale, cluster_dim, group_size):
+    model = _model(bits, scale, cluster_dim, group_size)
+    head = nn.Sequential(model[0], model[1], model[2])
+    big, small = torch.randn(3, 7, 64), torch.randn(1, 5, 64)
+    dense_big, dense_small = head(big), head(small)
+    dkm_hf.set_inference_mode(model, "packed")
+    assert torch.equal(head(big), dense_big)  # 21 rows: the weight decoded just in time, the module's own forward
+    got = head(small)  # 5 rows: the fused gemv
+    torch.testing.assert_close(got, dense_small, rtol=1e-5, atol=1e-5)
+    assert model[0]._dense is None and model[2]._dense is None
+
+
+@needs_native
+def test_tied_lm_head_uses_the_embedding_palette():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    cfg = dkm_hf.DKMConfig(
+        bits=4,
+        granularity="per_grouped_channel",
+        group_size=1,
+        weight_threshold=0,
+        overrides={".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}},
+    )
+    model = dkm_hf.palettize(dkm_hf.prepare(model, cfg).eval())
+    assert model.lm_head.tied_source is model.model.embed_tokens
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        dense = model(ids).logits
+        dkm_hf.set_inference_mode(model, "packed")
+        assert model.lm_head._native_palette() is not None
+        packed = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+        dkm_hf.set_inference_mode(model, "dense")
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(packed, dense, rtol=1e-4, atol=1e-4)
+    assert torch.equal(generated, expected)
+
+
+def test_torch_path_when_disabled(monkeypatch):
+    model = _model(3, True, 1, 6)
+    x = torch.randn(2, 64)
+    dense = model[0](x)
+    monkeypatch.setenv("DKM_HF_NATIVE", "0")
+    dkm_hf.set_inference_mode(model, "packed")
+    assert model[0]._native_palette() is None and model[0]._packed_linear(x) is None
+    assert torch.equal(model[0](x), dense)
+    assert torch.equal(model[0].decode(), model[0]._decode_torch())
+    monkeypatch.delenv("DKM_HF_NATIVE")
+    if native.available():  # back on: the cached "no palette" does not stick
+        assert model[0]._native_palette() is not None
+    assert isinstance(palettized_module.GEMV_MAX_ROWS, int)
+
+
+@pytest.mark.parametrize("mode", ["dense", "packed"])
+def test_first_forward_under_inference_mode(mode):
+    """Dense mode keeps the weight it decodes on the first forward: a normal tensor even under inference_mode."""
+    model = _model()
+    x = torch.randn(9, 64)
+    expected = model[0](x)
+    model = _model()
+    dkm_hf.set_inference_mode(model, mode)
+    with torch.inference_mode():
+        assert torch.equal(model[0](x), expected)
+        assert torch.equal(model[0](x), expected)
+    assert torch.equal(model[0](x), expected)

@@ -1,0 +1,152 @@
+"""The native palettized-inference kernels (dkm_hf/ops/lut_kernels.c) against a decode written in torch.
+
+`decode_rows` must equal the torch decode bit for bit (same values in the same dtype); `lut_gemv` must equal
+x @ W^T + bias within float32 summation-order tolerance (its sums run in another order than a BLAS GEMM). Skipped
+where the library cannot be built; the DKM_HF_NATIVE=0 fallback is tested everywhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dkm_hf.ops import native
+from dkm_hf.ops.packing import pack_indices, unpack_indices
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable (no C compiler?)")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _weight(bits, dim, channels, features, groups, scale, lut_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lut = torch.randn(groups, 2**bits, dim, generator=g).to(lut_dtype)
+    idx = torch.randint(0, 2**bits, (channels * features // dim,), generator=g)
+    s = (torch.rand(channels, generator=g) + 0.5).to(lut_dtype) if scale else None
+    return pack_indices(idx, bits), lut, s
+
+
+def _reference(packed, lut, scale, bits, channels, features, value_dtype):
+    """The torch decode of dkm_hf.nn.palettized: float32 LUT values times the scale, rounded once to value_dtype."""
+    groups, _, dim = lut.shape
+    idx = unpack_indices(packed, bits, channels * features // dim).view(channels, -1)
+    group = (torch.arange(channels) // (channels // groups)).unsqueeze(1)
+    rows = lut.float()[group, idx].reshape(channels, features)
+    if scale is not None:
+        rows = rows * scale.float().unsqueeze(1)
+    return rows.to(value_dtype)
+
+
+GEOMETRY = [  # (cluster_dim, channels, features): odd and vector-path-sized rows
+    (1, 12, 37),
+    (1, 6, 96),
+    (1, 9, 100),
+    (1, 3, 1040),
+    (2, 12, 38),
+    (2, 6, 100),
+]
+LUTS = ["per_tensor", "grouped", "per_row"]
+
+
+@needs_native
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("lut_kind", LUTS)
+@pytest.mark.parametrize("scale", [False, True])
+def test_decode_rows_is_the_torch_decode_bit_for_bit(bits, lut_kind, scale):
+    for (dim, channels, features), lut_dtype, value_dtype in itertools.product(GEOMETRY, DTYPES, DTYPES):
+        groups = {"per_tensor": 1, "grouped": 3, "per_row": channels}[lut_kind]
+        packed, lut, s = _weight(bits, dim, channels, features, groups, scale, lut_dtype)
+        palette = native.make_palette(packed, lut, s, bits, channels, features, value_dtype)
+        assert palette is not None
+        expected = _reference(packed, lut, s, bits, channels, features, value_dtype)
+        got = native.decode_rows(palette)
+        assert got.dtype == value_dtype and torch.equal(got, expected), (dim, channels, features, lut_dtype)
+        rows = torch.tensor([channels - 1, 0, channels // 2, channels - 1])
+        assert torch.equal(native.decode_rows(palette, rows), expected[rows])
+
+
+@needs_native
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("lut_kind", LUTS)
+@pytest.mark.parametrize("scale", [False, True])
+def test_lut_gemv_matches_the_decoded_weight(bits, lut_kind, scale):
+    for (dim, channels, features), lut_dtype in itertools.product(GEOMETRY, DTYPES):
+        groups = {"per_tensor": 1, "grouped": 3, "per_row": channels}[lut_kind]
+        packed, lut, s = _weight(bits, dim, channels, features, groups, scale, lut_dtype, seed=bits)
+        palette = native.make_palette(packed, lut, s, bits, channels, features, torch.float32)
+        weight = _reference(packed, lut, s, bits, channels, features, torch.float32)
+        bias = torch.randn(channels)
+        for n in (1, 3, 5, 8):
+            x = torch.randn(n, features)
+            expected = x.double() @ weight.double().T
+            torch.testing.assert_close(native.lut_gemv(palette, x).double(), expected, rtol=1e-5, atol=1e-4)
+            got = native.lut_gemv(palette, x.view(1, n, features), bias)
+            assert got.shape == (1, n, channels)
+            torch.testing.assert_close(got[0].double(), expected + bias.double(), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_threads_give_the_same_results(bits):
+    """Large enough for the OpenMP split (when the library has OpenMP): the same values as one thread."""
+    packed, lut, s = _weight(bits, 1, 512, 1024, 512, True, torch.float16)
+    palette = native.make_palette(packed, lut, s, bits, 512, 1024, torch.float32)
+    one = native.decode_rows(palette, threads=1)
+    assert torch.equal(native.decode_rows(palette, threads=2), one)
+    assert torch.equal(one, _reference(packed, lut, s, bits, 512, 1024, torch.float32))
+    x = torch.randn(2, 1024)
+    assert torch.equal(native.lut_gemv(palette, x, threads=2), native.lut_gemv(palette, x, threads=1))
+
+
+@needs_native
+def test_make_palette_refuses_what_the_kernels_do_not_cover():
+    packed, lut, s = _weight(4, 1, 8, 16, 1, False, torch.float16)
+    assert native.make_palette(packed, lut, s, 4, 8, 16, torch.float64) is None  # value dtype
+    assert native.make_palette(packed, lut.double(), s, 4, 8, 16, torch.float32) is None  # LUT dtype
+    assert native.make_palette(packed[:-1], lut, s, 4, 8, 16, torch.float32) is None  # too few bytes
+    assert native.make_palette(packed, lut, s, 3, 8, 16, torch.float32) is None  # LUT size != 2**bits
+    with pytest.raises(ValueError, match="float32"):
+        native.lut_gemv(native.make_palette(packed, lut, s, 4, 8, 16, torch.float32), torch.randn(1, 16).double())
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("DKM_HF_NATIVE", "0")
+    assert not native.enabled() and native.library() is None and not native.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        native.decode_rows(native.Palette())
+
+
+@needs_native
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["AVX2", "DEFAULT"])
+def test_other_cpu_variants(arch):
+    """The AVX2 and plain C variants (built on this CPU by $DKM_HF_NATIVE_ARCH) pass the tests above."""
+    import os
+    import subprocess
+    import sys
+
+    if arch == "AVX2" and native.lanes() < 8:
+        pytest.skip("no AVX2 on this CPU")
+    env = {**os.environ, "DKM_HF_NATIVE_ARCH": arch}
+    lanes = {"AVX2": 8, "DEFAULT": 0}[arch]
+    code = f"from dkm_hf.ops import native; assert native.lanes() == {lanes}"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            __file__,
+            "-k",
+            "not other_cpu_variants",
+            "-p",
+            "no:cacheprovider",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
