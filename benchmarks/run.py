@@ -53,6 +53,7 @@ from suite_model import (  # noqa: E402
     COREMLTOOLS_MODEL_TIMEOUT_S,
     MODEL_TIMEOUT_S,
     child_model,
+    llm_runs,
     report_model,
     suite_model,
 )
@@ -141,6 +142,32 @@ def write_results_md() -> None:
     (HERE / "RESULTS.md").write_text("\n".join(parts))
 
 
+def rerun_llm_rows(quick: bool, device: str) -> None:
+    """The model suite's SmolLM2 rows alone, merged into results/model[_DEVICE].json in place of the old ones."""
+    name = "model" if device == "cpu" else f"model_{device}"
+    path = RESULTS / f"{name}.json"
+    payload = json.loads(path.read_text()) if path.exists() else None
+    command = "python benchmarks/run.py --suite model --llm-only" + (" --quick" if quick else "")
+    command += "" if device == "cpu" else f" --device {device}"
+    notes: list[str] = []
+    start = time.perf_counter()
+    runs = llm_runs(quick, device, notes)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if payload is None:
+        payload = {"command": command, "date": stamp, "wall_s": 0.0, "machine": machine_description()}
+        payload["data"] = {"runs": [], "notes": [], "batch": "16 x 128", "device": device}
+    data = payload["data"]
+    data["runs"] = [r for r in data["runs"] if not r["model"].startswith("SmolLM2")] + runs
+    data["notes"] = [n for n in data["notes"] if "SmolLM2" not in n] + notes
+    data["notes"].append(
+        f"SmolLM2 rows: `{command}`, {stamp}, {time.perf_counter() - start:.0f} s, "
+        f"machine load {machine_description().get('load_avg_1m')} at the end."
+    )
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(REPORTERS[name](data))
+    write_results_md()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["layer", "model", "accuracy", "size", "all"], default="all")
@@ -153,6 +180,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="layer and model suites: cpu (default) or cuda")
     parser.add_argument(
         "--retry-failed", action="store_true", help="accuracy and model suites: rerun only the runs that failed"
+    )
+    parser.add_argument(
+        "--llm-only",
+        action="store_true",
+        help="model suite: rerun only the SmolLM2 rows and merge them into the stored results",
     )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +203,10 @@ def main() -> None:
         if args.device != "cuda" or not torch.cuda.is_available():
             parser.error(f"--device {args.device}: only cpu and cuda (with a visible GPU) are supported")
     RESULTS.mkdir(exist_ok=True)
+    if args.llm_only:
+        if args.suite != "model":
+            parser.error("--llm-only is for --suite model")
+        return rerun_llm_rows(args.quick, args.device)
     if not args.report_only:
         suites = ["layer", "model", "accuracy", "size"] if args.suite == "all" else [args.suite]
         for suite in suites:
