@@ -12,9 +12,12 @@ Suites:
   model     all-MiniLM-L6-v2 (BertForSequenceClassification), batch 16 x 128, AdamW, 4 bits: dkm_hf vs plain
             fine-tuning; MPNet-base (all-mpnet-base-v2) the same, as the BERT-base-size case.
   accuracy  all-MiniLM-L6-v2 on tweet sentiment (3 classes): a dense fine-tune on all 34k training texts, then
-            post-training k-means, DKM and distilled DKM at 4, 3 and 2 bits from that dense model, and the same
-            phase without clustering (--quick: 2,000 texts, plus coremltools DKM rows); every accuracy is
-            measured on the model reloaded from its saved (palettized) checkpoint.
+            post-training k-means and DKM at 4, 3 and 2 bits and distilled DKM at 2 and 3 bits from that dense
+            model, and the same phase without clustering (--quick: 2,000 texts, plus coremltools DKM rows); every
+            accuracy is measured on the model reloaded from its saved (palettized) checkpoint.
+            BENCH_REUSE_DENSE=1 starts from the dense model an earlier run of the same recipe left in the cache.
+
+Children run with BENCH_THREADS threads (default 1).
   size      benchmarks/size_inference.py: checkpoint size, load time, forward latency and peak RSS at 2/3/4 bits.
 
 Results go to benchmarks/results/<suite>.json; benchmarks/RESULTS.md is regenerated from every results file.

