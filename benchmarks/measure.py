@@ -54,6 +54,28 @@ def peak_rss_mb() -> float:
     return _status_kb("VmHWM") / 1024
 
 
+def memory_baseline(cuda: bool) -> tuple[float, int]:
+    """Reset the peak counters; returns (RSS in MB, allocated GPU bytes or 0): the baseline of `peak_increase`."""
+    gpu = 0
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        gpu = torch.cuda.memory_allocated()
+    return reset_peak_rss(), gpu
+
+
+def peak_increase(cuda: bool, baseline: tuple[float, int]) -> dict:
+    """Peak memory over `memory_baseline`: the GPU's own peak (plus the host's) on CUDA, else the peak RSS."""
+    host = peak_rss_mb() - baseline[0]
+    if not cuda:
+        return {"peak_increase_mb": host}
+    import torch
+
+    gpu = (torch.cuda.max_memory_allocated() - baseline[1]) / 2**20
+    return {"peak_increase_mb": gpu, "host_peak_increase_mb": host}
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()

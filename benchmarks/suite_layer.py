@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from common import COREMLTOOLS_ANCHORS, have_coremltools, outcome, run_suite_child
-from measure import CHILD_THREADS, emit, markdown_table, median, peak_rss_mb, reset_peak_rss, warm_up_torch
+from measure import CHILD_THREADS, emit, markdown_table, median, memory_baseline, peak_increase, warm_up_torch
 
 
 def child_layer(spec: dict) -> None:
@@ -42,9 +42,7 @@ def child_layer(spec: dict) -> None:
     if cuda:  # the GPU's own peak: allocations over the plain model and its data
         (torch.ones(8, device=device) * 2).sum().item()
         sync()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    base = reset_peak_rss()
+    baseline = memory_baseline(cuda)
     start = time.perf_counter()
     if impl == "dkm_hf":
         config = dkm_hf.DKMConfig(bits=bits, cluster_dim=cdim, max_iters=iters, tau=1e-4)
@@ -76,12 +74,7 @@ def child_layer(spec: dict) -> None:
         step()
         times.append(time.perf_counter() - t)
     result = {"prepare_s": prepare_s, "first_s": prepare_s + times[0], "step_s": median(times[1:])}
-    if cuda:
-        result["peak_increase_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-        result["host_peak_increase_mb"] = peak_rss_mb() - base
-    else:
-        result["peak_increase_mb"] = peak_rss_mb() - base
-    emit(result)
+    emit(result | peak_increase(cuda, baseline))
 
 
 def layer_variants(quick: bool) -> list[dict]:

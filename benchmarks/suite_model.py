@@ -22,7 +22,7 @@ from common import (
     run_suite_child,
     smollm2_path,
 )
-from measure import emit, markdown_table, median, peak_rss_mb, progress, reset_peak_rss, warm_up_torch
+from measure import emit, markdown_table, median, memory_baseline, peak_increase, progress, warm_up_torch
 
 # Child time limits, shared with `--retry-failed`. coremltools' first MiniLM step (centroid initialisation of 22.7M
 # weights) took 1,880 s alone at one thread here (375 s in an earlier two-thread run).
@@ -57,10 +57,7 @@ def child_model(spec: dict) -> None:
     device = torch.device(spec.get("device", "cpu"))
     cuda = device.type == "cuda"
     warm_up_torch()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated()
-    base = reset_peak_rss()
+    baseline = memory_baseline(cuda)
     start = time.perf_counter()
     kwargs = {} if causal else {"num_labels": 3}
     if spec["impl"] == "dkm_hf":
@@ -99,12 +96,7 @@ def child_model(spec: dict) -> None:
         times.append(time.perf_counter() - t)
         progress(f"step {len(times)} took {times[-1]:.1f} s (load {load_s:.1f} s)")
     result = {"load_s": load_s, "first_s": times[0], "step_s": median(times[1:])}
-    if cuda:
-        result["peak_increase_mb"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
-        result["host_peak_increase_mb"] = peak_rss_mb() - base
-    else:
-        result["peak_increase_mb"] = peak_rss_mb() - base
-    emit(result)
+    emit(result | peak_increase(cuda, baseline))
 
 
 def suite_model(quick: bool, device: str = "cpu") -> dict:
