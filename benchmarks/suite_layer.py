@@ -45,7 +45,7 @@ def child_layer(spec: dict) -> None:
     baseline = memory_baseline(cuda)
     start = time.perf_counter()
     if impl == "dkm_hf":
-        config = dkm_hf.DKMConfig(bits=bits, cluster_dim=cdim, max_iters=iters, tau=1e-4)
+        config = dkm_hf.DKMConfig(bits=bits, cluster_dim=cdim, max_iters=iters, tau=1e-4, tau_scale="absolute")
         dkm_hf.prepare(model, config)
     elif impl == "coremltools":
         module_config = ModuleDKMPalettizerConfig(
