@@ -31,7 +31,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModel.from_pretrained(minilm_path())
     weights = [(n, p) for n, p in model.named_parameters() if p.dim() == 2 and p.numel() >= 8192][: args.layers]
-    tau_rel = DKMConfig().tau
+    tau_rel = DKMConfig(bits=args.bits).settings_for("").tau  # the default relative tau of that bit width
     rows = []
     for name, p in weights:
         w = p.detach().float().reshape(1, -1, 1)

@@ -38,9 +38,12 @@ ACCURACY_SCRIPT = str(Path(__file__).resolve().parent / "metrics" / "accuracy.py
 class DKMArguments:
     bits: list[int] = field(default_factory=lambda: [4], metadata={"help": "Bit width(s), e.g. --bits 4 3 2."})
     cluster_dim: int = field(default=1, metadata={"help": "Length of the clustered vectors (bits/weight = bits/d)."})
-    tau: float = field(
-        default=dkm_hf.DKMConfig.tau,
-        metadata={"help": "DKM softmax temperature, relative to each LUT group's weight variance (see --tau_scale)."},
+    tau: float | None = field(
+        default=None,
+        metadata={
+            "help": "DKM softmax temperature, relative to each LUT group's weight variance (see --tau_scale). "
+            "Default: dkm_hf's for the bit width (0.01 at 4 bits, 0.05 at 3 and 2)."
+        },
     )
     tau_scale: str = field(default="variance", metadata={"help": "`variance` (tau is relative) or `absolute`."})
     max_iters: int = field(default=3, metadata={"help": "DKM iterations per forward pass."})

@@ -85,8 +85,28 @@ def test_override_resolution():
     assert config.layout_for("bert.encoder.layer.0.attention.self.value", (8, 8)).bits == 2
     assert config.settings_for("bert.encoder.layer.0.attention.self.value").tau == 3e-5
     assert config.layout_for("bert.encoder.layer.0.attention.self.query", (8, 8)).bits == 4
-    assert config.settings_for("bert.encoder.layer.0.attention.self.query").tau == DKMConfig().tau
+    assert config.settings_for("bert.encoder.layer.0.attention.self.query").tau == 0.01
     assert config.layout_for("classifier", (8, 8)).cluster_dim == 2
+
+
+@pytest.mark.parametrize(("bits", "tau"), [(8, 0.01), (4, 0.01), (3, 0.05), (2, 0.05), (1, 0.05)])
+def test_default_tau_follows_each_layers_bit_width(bits, tau):
+    """tau=None is the measured relative tau of the layer's own bit width, overrides included; a given tau wins."""
+    assert DKMConfig(bits=bits).settings_for("layer").tau == tau
+    mixed = DKMConfig(bits=4, overrides={"head": {"bits": bits}, "body": {"bits": bits, "tau": 0.3}})
+    assert (mixed.settings_for("head").tau, mixed.settings_for("body").tau) == (tau, 0.3)
+    assert mixed.settings_for("other").tau == 0.01
+    assert DKMConfig(bits=bits, tau=0.2).settings_for("layer").tau == 0.2
+    # serialised as None, so a reloaded config resolves the same way
+    assert DKMConfig.from_dict(DKMConfig(bits=bits).to_dict()).settings_for("layer").tau == tau
+
+
+def test_absolute_tau_must_be_given():
+    with pytest.raises(ValueError, match="tau_scale='absolute' needs an explicit tau"):
+        DKMConfig(tau_scale="absolute")
+    with pytest.raises(ValueError, match=r"overrides\['head'\].*explicit tau"):
+        DKMConfig(tau=1e-4, tau_scale="absolute", overrides={"head": {"tau": None}})
+    assert DKMConfig(tau=1e-4, tau_scale="absolute", overrides={"head": {"bits": 2}}).settings_for("head").tau == 1e-4
 
 
 @pytest.mark.parametrize(

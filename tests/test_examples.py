@@ -243,8 +243,15 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
         clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS, argv
     )
     four = clm.recipe_for(4, dkm_args, training_args, argv)
-    assert (four[0].tau, four[1].learning_rate, four[1].max_steps) == (dkm_args.tau, 1e-4, 3)
+    assert (four[1].learning_rate, four[1].max_steps) == (1e-4, 3)
+    assert four[0].config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
     three_dkm, three_train = clm.recipe_for(3, dkm_args, training_args, argv)
-    # 3 bits takes its measured tau and learning rate; --max_steps on the command line wins over the recipe's 120
-    assert (three_dkm.tau, three_train.learning_rate, three_train.max_steps) == (0.05, 5e-4, 3)
-    assert clm.recipe_for(3, dkm_args, training_args, argv + ["--tau=0.02"])[0].tau == dkm_args.tau
+    # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 120; the tau
+    # is DKMConfig's default for 3 bits
+    assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3)
+    assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
+    # the 8-bit embedding keeps its own bit width's tau
+    assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.01
+    # an option given on the command line is left as parsed
+    given = clm.recipe_for(3, dkm_args, training_args, argv + ["--learning_rate=1e-3"])[1]
+    assert given.learning_rate == training_args.learning_rate != 5e-4

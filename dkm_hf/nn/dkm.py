@@ -136,7 +136,8 @@ class DKMMixin:
             rows = self.layout.to_rows(self.weight.detach().float())
             self.weight_scale.copy_(rows.abs().amax(1, keepdim=True).clamp_min(_SCALE_FLOOR))
         seed = self.dkm_seed if seed is None else seed
-        centroids = kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed)
+        restarts = self.settings.kmeans_restarts
+        centroids = kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed, restarts=restarts)
         self.centroids.copy_(centroids.to(self.centroids.device))
         self.dkm_ready = True
         self._soft = self._hard = None

@@ -227,6 +227,7 @@ class ClusterSettings:
     implementation: str = "auto"
     lut_dtype: str = "float16"
     tau_scale: str = "variance"
+    kmeans_restarts: int = 4
 
     @property
     def lut_torch_dtype(self) -> torch.dtype:

@@ -5,6 +5,11 @@ common case) the values of each group are sorted once, and every Lloyd iteration
 clusters of sorted values are intervals between centroid midpoints (`searchsorted`), and their sums come from
 prefix sums. Per-tensor LUTs first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an
 LLM (hundreds of thousands of small groups) go straight to the sorted values.
+
+Lloyd only finds a local optimum, and a bad one costs accuracy: on a fine-tuned all-MiniLM-L6-v2 at 3 bits, one seed
+in four left three layers with 1.3-1.7x the inertia of the others and the snapped model 5 points below them. So every
+group runs `restarts` seeded k-means (batched as extra groups) and keeps the one of lowest inertia, as scikit-learn's
+`n_init` does.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
+RESTARTS = 4  # k-means runs per group; the lowest-inertia one is kept
 
 
 def _pick(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -32,7 +38,8 @@ def _pick(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, generator: torch.Generator, lloyd_iters: int):
-    """x (G, R) sorted ascending, weight (G, R) >= 0 -> centroids (G, k), sorted. Exact Lloyd on sorted values."""
+    """x (G, R) sorted ascending, weight (G, R) >= 0 -> (centroids (G, k) sorted, inertia (G,)). Exact Lloyd on
+    sorted values."""
     G, R = x.shape
     rows = torch.arange(G, device=x.device)
     xd, wd = x.double(), weight.double()
@@ -56,11 +63,13 @@ def _kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, generator: torch.G
         mass = cum_w.gather(1, bounds[:, 1:]) - cum_w.gather(1, bounds[:, :-1])
         sums = cum_wx.gather(1, bounds[:, 1:]) - cum_wx.gather(1, bounds[:, :-1])
         c = torch.where(mass > 0, sums / mass.clamp_min(_TINY), c).sort(1).values
-    return c.float()
+    nearest = c.gather(1, torch.searchsorted((c[:, 1:] + c[:, :-1]) / 2, xd))
+    return c.float(), (wd * (xd - nearest).square_()).sum(1)
 
 
 def _weighted_kmeans(x, weight, k, generator, lloyd_iters):
-    """k-means++ seeding then Lloyd, batched over groups, any d. x (G, R, d), weight (G, R) >= 0 -> (G, k, d)."""
+    """k-means++ seeding then Lloyd, batched over groups, any d. x (G, R, d), weight (G, R) >= 0 -> (centroids
+    (G, k, d), inertia (G,))."""
     G, R, d = x.shape
     rows = torch.arange(G, device=x.device)
     wd = weight.double()
@@ -83,13 +92,34 @@ def _weighted_kmeans(x, weight, k, generator, lloyd_iters):
         mass = one_hot.sum(1)
         sums = one_hot.transpose(1, 2) @ x
         c = torch.where((mass > 0).unsqueeze(-1), sums / mass.clamp_min(_TINY).unsqueeze(-1), c)
-    return c
+    assign = hard_assign(x, c)
+    nearest = c.gather(1, assign.unsqueeze(-1).expand(-1, -1, d))
+    return c, (wd * (x - nearest).square().sum(-1).double()).sum(1)
+
+
+def _best_of(run, x, weight, restarts: int, per_batch: int):
+    """Run `run(x, weight) -> (centroids, inertia)` on `restarts` copies of every group (each copy seeded apart by the
+    shared generator), in batches of `per_batch` groups, and keep each group's lowest-inertia centroids."""
+    out = []
+    for g in range(0, x.shape[0], per_batch):
+        xb, wb = x[g : g + per_batch], weight[g : g + per_batch]
+        n = xb.shape[0]
+        c, inertia = run(xb.repeat(restarts, *[1] * (xb.dim() - 1)), wb.repeat(restarts, 1))
+        best = inertia.view(restarts, n).argmin(0)
+        out.append(c.view(restarts, n, *c.shape[1:])[best, torch.arange(n, device=c.device)])
+    return torch.cat(out, 0)
 
 
 def kmeans_init(
-    w: torch.Tensor, k: int, seed: int = 0, lloyd_iters: int = 50, max_rows: int = 1 << 16
+    w: torch.Tensor,
+    k: int,
+    seed: int = 0,
+    lloyd_iters: int = 50,
+    max_rows: int = 1 << 16,
+    restarts: int = RESTARTS,
 ) -> torch.Tensor:
-    """Initial centroids for w (G, n, d): weighted k-means++ then Lloyd; (G, k, d) float32 on w's device.
+    """Initial centroids for w (G, n, d): weighted k-means++ then Lloyd, the best of `restarts` runs by inertia;
+    (G, k, d) float32 on w's device.
 
     Deterministic for a given seed, on every device. For d = 1 the centroids come sorted. For d > 1 it runs on at
     most `max_rows` vectors per group (a seeded sample).
@@ -105,20 +135,13 @@ def kmeans_init(
             values, weight = w.squeeze(-1), torch.ones(G, n, device=w.device)
         order = values.argsort(1)
         x, weight = values.gather(1, order), weight.gather(1, order)
-        per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1]))
-        return torch.cat(
-            [
-                _kmeans_1d(x[g : g + per_batch], weight[g : g + per_batch], k, generator, lloyd_iters)
-                for g in range(0, G, per_batch)
-            ]
-        ).unsqueeze(-1)
+        per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * restarts))
+        run = lambda xb, wb: _kmeans_1d(xb, wb, k, generator, lloyd_iters)  # noqa: E731
+        return _best_of(run, x, weight, restarts, per_batch).unsqueeze(-1)
     if n > max_rows:
         rows = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(w.device)
         w = w[:, rows]
     x, weight = w, torch.ones(G, w.shape[1], device=w.device)
-    per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * k * d))
-    out = [
-        _weighted_kmeans(x[g : g + per_batch], weight[g : g + per_batch], k, generator, lloyd_iters)
-        for g in range(0, G, per_batch)
-    ]
-    return torch.cat(out, 0)
+    per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * k * d * restarts))
+    run = lambda xb, wb: _weighted_kmeans(xb, wb, k, generator, lloyd_iters)  # noqa: E731
+    return _best_of(run, x, weight, restarts, per_batch)
