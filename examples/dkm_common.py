@@ -54,6 +54,9 @@ class DKMArguments:
         default="{}", metadata={"help": 'JSON: regex -> settings, e.g. \'{".*embed.*": {"bits": 3}}\''}
     )
     weight_threshold: int = field(default=2048, metadata={"help": "Weights with fewer elements stay float."})
+    kmeans_restarts: int = field(
+        default=1, metadata={"help": "k-means runs per LUT at initialisation, the lowest-inertia one kept."}
+    )
 
     def config(self, bits: int) -> dkm_hf.DKMConfig:
         return dkm_hf.DKMConfig(
@@ -67,6 +70,7 @@ class DKMArguments:
             per_channel_scale=self.per_channel_scale,
             overrides=json.loads(self.overrides),
             weight_threshold=self.weight_threshold,
+            kmeans_restarts=self.kmeans_restarts,
         )
 
 

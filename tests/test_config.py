@@ -18,6 +18,7 @@ from dkm_hf import DKMConfig
         ({"bits": 2.5}, "bits"),
         ({"cluster_dim": 0}, "cluster_dim"),
         ({"tau": 0}, "tau"),
+        ({"kmeans_restarts": 0}, "kmeans_restarts"),
         ({"tau": -1e-4}, "tau"),
         ({"epsilon": 0}, "epsilon"),
         ({"max_iters": 0}, "max_iters"),
@@ -99,6 +100,11 @@ def test_default_tau_follows_each_layers_bit_width(bits, tau):
     assert DKMConfig(bits=bits, tau=0.2).settings_for("layer").tau == 0.2
     # serialised as None, so a reloaded config resolves the same way
     assert DKMConfig.from_dict(DKMConfig(bits=bits).to_dict()).settings_for("layer").tau == tau
+
+
+def test_kmeans_restarts_reach_every_module():
+    assert DKMConfig().settings_for("layer").kmeans_restarts == 1
+    assert DKMConfig(kmeans_restarts=3).settings_for("layer").kmeans_restarts == 3
 
 
 def test_absolute_tau_must_be_given():

@@ -62,7 +62,9 @@ def test_the_dkm_loop_never_synchronises_with_the_host():
 
 def test_kmeans_init_is_the_same_on_every_device():
     w = weights(4, 3000, 1)
-    assert torch.allclose(kmeans_init(w.cuda(), 16, seed=3).cpu(), kmeans_init(w, 16, seed=3), atol=1e-6)
+    for restarts in (1, 4):
+        on_gpu = kmeans_init(w.cuda(), 16, seed=3, restarts=restarts).cpu()
+        assert torch.allclose(on_gpu, kmeans_init(w, 16, seed=3, restarts=restarts), atol=1e-6)
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])

@@ -250,6 +250,7 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     # is DKMConfig's default for 3 bits
     assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3)
     assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
+    assert three_dkm.config(3).kmeans_restarts == 4  # the example's choice for per-row LUTs
     # the 8-bit embedding keeps its own bit width's tau
     assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.01
     # an option given on the command line is left as parsed

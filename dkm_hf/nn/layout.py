@@ -227,7 +227,7 @@ class ClusterSettings:
     implementation: str = "auto"
     lut_dtype: str = "float16"
     tau_scale: str = "variance"
-    kmeans_restarts: int = 4
+    kmeans_restarts: int = 1
 
     @property
     def lut_torch_dtype(self) -> torch.dtype:

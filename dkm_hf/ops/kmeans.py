@@ -6,10 +6,9 @@ clusters of sorted values are intervals between centroid midpoints (`searchsorte
 prefix sums. Per-tensor LUTs first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an
 LLM (hundreds of thousands of small groups) go straight to the sorted values.
 
-Lloyd only finds a local optimum, and a bad one costs accuracy: on a fine-tuned all-MiniLM-L6-v2 at 3 bits, one seed
-in four left three layers with 1.3-1.7x the inertia of the others and the snapped model 5 points below them. So every
-group runs `restarts` seeded k-means (batched as extra groups) and keeps the one of lowest inertia, as scikit-learn's
-`n_init` does.
+Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many seeded k-means (batched as extra
+groups) and keeps the one of lowest inertia, as scikit-learn's `n_init` does; DKMConfig.kmeans_restarts says when
+that helped and when it did not.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
-RESTARTS = 4  # k-means runs per group; the lowest-inertia one is kept
+RESTARTS = 1  # k-means runs per group by default; with more, the lowest-inertia one is kept
 
 
 def _pick(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
