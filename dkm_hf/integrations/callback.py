@@ -153,7 +153,10 @@ class DKMCallback(TrainerCallback):
             module.dkm_enabled = step >= milestone
             module.settings.tau = self._tau(name, step, milestone, state.max_steps)
             taus.append(module.settings.tau)
-        self.pending["dkm_tau"] = taus[0]  # the first module's: one schedule, all modules
+        # the tau most layers use; with several (mixed bit widths take the default of each), their range too
+        self.pending["dkm_tau"] = max(set(taus), key=taus.count)
+        if len(set(taus)) > 1:
+            self.pending["dkm_tau_min"], self.pending["dkm_tau_max"] = min(taus), max(taus)
         self.pending["dkm_enabled"] = float(step >= milestone)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

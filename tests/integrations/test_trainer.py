@@ -92,6 +92,17 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     assert evals[-1]["eval_accuracy"] > 0.6
 
 
+def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path):
+    """tau=None gives each layer its width's tau: the log shows the one most layers use and the range."""
+    model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
+    taus = [m.settings.tau for _, m in dkm_hf.dkm_modules(model)]
+    assert sorted(set(taus)) == [0.01, 0.05] and taus.count(0.05) > taus.count(0.01)
+    trainer = DKMTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=ToyDataset(32))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [(e["dkm_tau"], e["dkm_tau_min"], e["dkm_tau_max"]) for e in logs] == [(0.05, 0.01, 0.05)] * 2
+
+
 def test_milestone_trains_dense_then_clusters(toy_path, tmp_path):
     model = _model(toy_path)
     seen = []
