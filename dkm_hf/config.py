@@ -177,15 +177,7 @@ class DKMConfig(QuantizationConfigMixin):
         _check_choice("implementation", self.implementation, ("auto", *IMPLEMENTATIONS))
         _check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
         _check_choice("tau_scale", self.tau_scale, TAU_SCALES)
-        if self.tau_scale == "absolute":
-            for pattern, values in {"": {"tau": self.tau}, **self.overrides}.items():
-                if values.get("tau", self.tau) is None:
-                    where = f"overrides[{pattern!r}]" if pattern else "tau"
-                    raise ValueError(
-                        f"DKMConfig.{where}: tau_scale='absolute' needs an explicit tau (a scale against squared "
-                        "weight distances, e.g. 1e-4 for weights of std ~0.04); tau=None only has a default for "
-                        "tau_scale='variance'"
-                    )
+        _check_absolute_tau("tau", self.tau, self.tau_scale)
         if self.implementation == "uniquified" and self.cluster_dim != 1:
             raise ValueError(
                 f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
@@ -202,6 +194,7 @@ class DKMConfig(QuantizationConfigMixin):
                     f"DKMConfig.overrides[{pattern!r}] has unknown field(s) {unknown}; allowed: {list(OVERRIDABLE)}"
                 )
             _check_layer_fields(f"overrides[{pattern!r}].", {f: getattr(self, f) for f in OVERRIDABLE} | values)
+            _check_absolute_tau(f"overrides[{pattern!r}]", values.get("tau", self.tau), self.tau_scale)
         for name in ("target_modules", "modules_to_not_convert"):
             patterns = getattr(self, name)
             if patterns is not None and not isinstance(patterns, list):
@@ -304,6 +297,14 @@ def _check_bool(name: str, value: Any) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"DKMConfig.{name} must be one of {list(choices)}, but the value passed is {value!r}")
+
+
+def _check_absolute_tau(where: str, tau: float | None, tau_scale: str) -> None:
+    if tau is None and tau_scale == "absolute":
+        raise ValueError(
+            f"DKMConfig.{where}: tau_scale='absolute' needs an explicit tau (a scale against squared weight "
+            "distances, e.g. 1e-4 for weights of std ~0.04); tau=None only has a default for tau_scale='variance'"
+        )
 
 
 def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:

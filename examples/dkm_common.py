@@ -55,7 +55,8 @@ class DKMArguments:
     )
     weight_threshold: int = field(default=2048, metadata={"help": "Weights with fewer elements stay float."})
     kmeans_restarts: int = field(
-        default=1, metadata={"help": "k-means runs per LUT at initialisation, the lowest-inertia one kept."}
+        default=dkm_hf.DKMConfig.kmeans_restarts,
+        metadata={"help": "k-means runs per LUT at initialisation, the lowest-inertia one kept."},
     )
 
     def config(self, bits: int) -> dkm_hf.DKMConfig:

@@ -113,6 +113,9 @@ def test_absolute_tau_must_be_given():
     with pytest.raises(ValueError, match=r"overrides\['head'\].*explicit tau"):
         DKMConfig(tau=1e-4, tau_scale="absolute", overrides={"head": {"tau": None}})
     assert DKMConfig(tau=1e-4, tau_scale="absolute", overrides={"head": {"bits": 2}}).settings_for("head").tau == 1e-4
+    # a malformed override is named as such, not tripped over by the tau check
+    with pytest.raises(ValueError, match=r"overrides\['head'\] must be a dict"):
+        DKMConfig(tau=1e-4, tau_scale="absolute", overrides={"head": 3})
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ FSDP2       these run between steps, when a sharded model's weights are shards: 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from transformers import TrainerCallback
@@ -154,7 +155,7 @@ class DKMCallback(TrainerCallback):
             module.settings.tau = self._tau(name, step, milestone, state.max_steps)
             taus.append(module.settings.tau)
         # the tau most layers use; with several (mixed bit widths take the default of each), their range too
-        self.pending["dkm_tau"] = max(set(taus), key=taus.count)
+        self.pending["dkm_tau"] = Counter(taus).most_common(1)[0][0]
         if len(set(taus)) > 1:
             self.pending["dkm_tau_min"], self.pending["dkm_tau_max"] = min(taus), max(taus)
         self.pending["dkm_enabled"] = float(step >= milestone)
