@@ -105,3 +105,8 @@ if trainer.args.process_index == 0:
     kept = {k: v.tolist() for k, v in full.items() if k.endswith(("centroids", ".weight"))}
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"losses": losses.values, "state": kept, "world": world, "logits": logits.tolist(), **wrapped}, f)
+# Leave together: a rank that exits while gloo still holds the group can abort at interpreter exit ("terminate called
+# without an active exception"), failing the launch after the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+trainer.accelerator.end_training()  # destroys the process group

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -69,6 +70,14 @@ AUTO = {
     "llama": AutoModelForCausalLM,
     "mobilenet_v2": AutoModelForImageClassification,
 }
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a torch.distributed.run rendezvous (a fixed one can still be held by the
+    previous launch's sockets)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def save_tiny(name: str, path) -> str:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import save_tiny
+from conftest import free_port, save_tiny
 from transformers import AutoModelForCausalLM
 
 import dkm_hf
@@ -20,10 +20,17 @@ TESTS = os.path.dirname(os.path.dirname(__file__))
 SCRIPT = os.path.join(TESTS, "fsdp_train.py")
 
 
-def _run(args: list[str], processes: int, port: int, script: str = SCRIPT) -> None:
+def _run(args: list[str], processes: int, script: str = SCRIPT) -> None:
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port)]
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_port",
+            str(free_port()),
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*launcher, script, *args], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -32,9 +39,9 @@ def _run(args: list[str], processes: int, port: int, script: str = SCRIPT) -> No
 def test_fsdp2_matches_one_process_resumes_and_saves_once(tmp_path):
     model = save_tiny("llama", tmp_path / "llama")
     single, sharded, resumed = tmp_path / "single", tmp_path / "fsdp", tmp_path / "resumed"
-    _run([model, str(single), "4"], 1, 0)
-    _run([model, str(sharded), "4"], 2, 29561)
-    _run([model, str(resumed), "4", str(sharded / "checkpoint-2")], 2, 29562)
+    _run([model, str(single), "4"], 1)
+    _run([model, str(sharded), "4"], 2)
+    _run([model, str(resumed), "4", str(sharded / "checkpoint-2")], 2)
     one, two, again = (json.loads((p / "result.json").read_text()) for p in (single, sharded, resumed))
     assert two["world"] == 2 and one["world"] == 1
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=1e-6)
@@ -67,8 +74,8 @@ def test_trainer_with_accelerate_fsdp2_plugin_matches_one_process_and_saves_once
     script = os.path.join(TESTS, "accelerate_fsdp_train.py")
     model = save_tiny("llama", tmp_path / "llama")
     single, sharded, gated = tmp_path / "single", tmp_path / "fsdp", tmp_path / "gated"
-    _run([model, str(single), "4"], 1, 0, script)
-    _run([model, str(sharded), "4"], 2, 29563, script)
+    _run([model, str(single), "4"], 1, script)
+    _run([model, str(sharded), "4"], 2, script)
     one, two = (json.loads((p / "result.json").read_text()) for p in (single, sharded))
     assert one["world"] == 1 and not one["units"]
     assert two["world"] == 2 and two["fsdp_enabled"] and two["distributed_type"] == "DistributedType.FSDP"
@@ -96,7 +103,7 @@ def test_trainer_with_accelerate_fsdp2_plugin_matches_one_process_and_saves_once
         logits = reloaded(input_ids=torch.arange(1, 21).view(2, 10)).logits
         assert torch.equal(logits, torch.tensor(result["logits"])), run.name
 
-    _run([model, str(gated), "1", "--keep-cpu-gate"], 2, 29564, script)
+    _run([model, str(gated), "1", "--keep-cpu-gate"], 2, script)
     fallback = json.loads((gated / "result.json").read_text())
     assert fallback["distributed_type"] == "DistributedType.MULTI_CPU" and not fallback["fsdp_enabled"]
     assert not fallback["units"]

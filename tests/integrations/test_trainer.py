@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from conftest import free_port
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
@@ -204,7 +205,7 @@ def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     dist, single = tmp_path / "dist", tmp_path / "single"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run(
         [*cmd, script, toy_path, str(dist), "8"], capture_output=True, text=True, timeout=300, env=env
     )
