@@ -8,11 +8,13 @@ evaluation, and palettized saving).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
@@ -43,6 +45,15 @@ class DKMTrainingArguments(TrainingArguments):
             "k-means), so that load_best_model_at_end can return to it."
         },
     )
+    initial_model_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "With load_best_model_at_end and the step-0 evaluation: a trained checkpoint replaces the "
+            "post-training model of step 0 as the best model only when metric_for_best_model beats it by more than "
+            "this, in the metric's units (e.g. one standard error of the validation accuracy). The best of several "
+            "noisy evaluations beats step 0 by chance; the margin asks for more than that."
+        },
+    )
     distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KL term when a teacher is given."})
     distill_temperature: float = field(default=2.0, metadata={"help": "Softmax temperature of the KL term."})
     distill_hidden_weight: float = field(
@@ -59,6 +70,13 @@ class DKMTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"distill_temperature must be > 0 and distill_hidden_weight >= 0, got {self.distill_temperature!r} "
                 f"and {self.distill_hidden_weight!r}"
+            )
+        if not self.initial_model_margin >= 0:
+            raise ValueError(f"initial_model_margin must be >= 0, got {self.initial_model_margin!r}")
+        if self.initial_model_margin and not (self.load_best_model_at_end and self.eval_hard_on_start):
+            raise ValueError(
+                "initial_model_margin compares trained checkpoints with the step-0 model: it needs "
+                "load_best_model_at_end=True and eval_hard_on_start=True"
             )
         if self.torch_compile:
             raise ValueError(
@@ -139,6 +157,26 @@ class DKMTrainer(Trainer):
         if self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
             checkpoint_initial_model(self, metrics)  # post-training k-means: a candidate for the best model
         return metrics
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """Transformers' rule, except that while the post-training model of step 0 is the best, a trained checkpoint
+        must beat it by `initial_model_margin`."""
+        margin = getattr(self.args, "initial_model_margin", 0.0)
+        initial = self.state.best_metric
+        if not (margin and self.state.global_step > 0 and initial is not None and self._initial_model_is_best()):
+            return super()._determine_best_metric(metrics, trial)
+        self.state.best_metric = initial + margin if self.args.greater_is_better else initial - margin
+        is_new_best = False
+        try:
+            is_new_best = super()._determine_best_metric(metrics, trial)
+        finally:
+            if not is_new_best:  # the recorded best stays step 0's own metric
+                self.state.best_metric = initial
+        return is_new_best
+
+    def _initial_model_is_best(self) -> bool:
+        best = self.state.best_model_checkpoint
+        return best is not None and os.path.basename(os.path.normpath(best)) == f"{PREFIX_CHECKPOINT_DIR}-0"
 
     def _evaluate_soft(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -120,3 +120,56 @@ def test_best_hard_model_never_worse_than_post_training(tmp_path):
     x = ToyDataset(8, seed=2)[:8]["input_ids"]
     with torch.no_grad():
         assert torch.equal(model.eval()(x).logits, post_training(x).logits)
+
+
+def test_initial_model_margin(tmp_path):
+    """A trained checkpoint replaces step 0 as the best only when it beats it by more than `initial_model_margin`;
+    among trained checkpoints transformers' rule holds as it is."""
+    path = save_toy_bert(tmp_path / "bert")
+
+    def run(margin: float, name: str):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dkm_config=DKMConfig(bits=2, weight_threshold=1000)
+        )
+        post_training = copy.deepcopy(model).eval()
+        args = _args(
+            tmp_path / name,
+            max_steps=9,
+            eval_strategy="steps",
+            eval_steps=3,
+            save_strategy="steps",
+            save_steps=3,
+            load_best_model_at_end=True,
+            metric_for_best_model="loss",
+            initial_model_margin=margin,
+        )
+        data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
+        trainer = DKMTrainer(model=model, args=args, compute_metrics=accuracy, **data)
+        trainer.train()
+        losses = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+        x = ToyDataset(8, seed=2)[:8]["input_ids"]
+        with torch.no_grad():
+            kept_initial = torch.equal(model.eval()(x).logits, post_training(x).logits)
+        return trainer.state, losses, kept_initial
+
+    state, losses, kept_initial = run(0.0, "plain")
+    trained = min(losses[s] for s in (3, 6, 9))
+    gain = losses[0] - trained
+    assert gain > 0 and not kept_initial and state.best_metric == trained  # training helps on this task
+    state, again, kept_initial = run(1.5 * gain, "wide")
+    assert again == losses  # the margin changes the choice only, not the run
+    assert kept_initial and state.best_model_checkpoint.endswith("checkpoint-0") and state.best_metric == losses[0]
+    state, _, kept_initial = run(0.5 * gain, "narrow")
+    assert not kept_initial and state.best_metric == trained
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"initial_model_margin": -0.1}, "must be >= 0"),
+        ({"initial_model_margin": 0.1}, "needs load_best_model_at_end=True"),
+    ],
+)
+def test_initial_model_margin_errors(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **kw)
