@@ -11,6 +11,7 @@ best hard model on 1,000 validation texts (step 0 included: for DKM that is post
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -138,7 +139,10 @@ def fit(model, tokenizer, train_rows, val_rows, spec: dict, out: str, teacher=No
         "callbacks": [Progress()],
     }
     if dkm:
-        trainer = dkm_hf.DKMTrainer(args=dkm_hf.DKMTrainingArguments(**args), teacher_model=teacher, **kwargs)
+        margin = {"initial_model_margin": run["initial_model_margin"]} if "initial_model_margin" in run else {}
+        trainer = dkm_hf.DKMTrainer(
+            args=dkm_hf.DKMTrainingArguments(**args, **margin), teacher_model=teacher, **kwargs
+        )
     else:
         trainer = Trainer(args=TrainingArguments(**args), **kwargs)
     start = time.perf_counter()
@@ -282,13 +286,18 @@ def suite_accuracy(quick: bool) -> dict:
     if dense["status"] != "ok":
         data["notes"].append("the dense fine-tune failed; nothing else was run")
         return data
-    phase = {"src": str(dense_dir), "out": None, "run": recipe["phase"]}
+    # A trained checkpoint replaces the step-0 model (post-training k-means) only when it beats it on validation by
+    # more than one binomial standard error at the dense model's validation accuracy.
+    p = dense["val_accuracy"] / 100
+    margin = round(100 * math.sqrt(p * (1 - p) / len(val_rows)), 2)
+    phase_run = recipe["phase"] | {"initial_model_margin": margin}
+    phase = {"src": str(dense_dir), "out": None, "run": phase_run}
     rows = []
     for bits in (4, 3, 2):
         # kmeans_restarts=4: the default when results/accuracy.json was measured (whose specs therefore omit it)
         dkm = {
             "dkm": {"bits": bits, "kmeans_restarts": 4},
-            "run": recipe["phase"] | recipe.get("phase_by_bits", {}).get(bits, {}),
+            "run": phase_run | recipe.get("phase_by_bits", {}).get(bits, {}),
         }
         rows += [
             (f"post-training k-means {bits} bits (scikit-learn)", phase | {"method": "ptq"} | dkm),
@@ -355,6 +364,13 @@ def report_accuracy(data: dict) -> str:
     by_bits = "".join(
         f" ({bits} bits: {run['steps']})" for bits, run in recipe.get("phase_by_bits", {}).items() if "steps" in run
     )
+    margins = {r["spec"]["run"].get("initial_model_margin") for r in data["runs"] if r["spec"].get("method") == "dkm"}
+    margin_text = (
+        f", a trained one replacing the step-0 model only when more than {margins.pop()} points better (one standard "
+        "error of the validation accuracy: DKMTrainingArguments.initial_model_margin)"
+        if len(margins) == 1 and None not in margins
+        else ""
+    )
     header = [
         "method",
         "bits",
@@ -373,9 +389,9 @@ def report_accuracy(data: dict) -> str:
         f"{phase['steps']} steps{by_bits}, batch {phase['batch']}, AdamW lr {phase['lr']} linear decay to 0, "
         "DKMConfig's default tau (0.01 of each LUT's weight variance at 4 bits, 0.05 at 3 and 2) and "
         "kmeans_restarts=4 (the best of 4 k-means runs per LUT at initialisation); the best hard model by "
-        "validation accuracy (evaluated every "
-        f"{phase['eval_steps']} steps and at step 0) is kept; distilled rows add DKMTrainer's KL term to the dense "
-        "model (alpha 0.5, temperature 2). Post-training k-means: scikit-learn's (best of 3 by inertia), and "
+        f"validation accuracy (evaluated every {phase['eval_steps']} steps and at step 0) is kept{margin_text}; "
+        "distilled rows add DKMTrainer's KL term to the dense model (alpha 0.5, temperature 2). Post-training "
+        "k-means: scikit-learn's (best of 3 by inertia), and "
         "dkm_hf's own initialisation, which is the hard model of every DKM row at step 0. Test accuracy measured on "
         "the model reloaded from its saved checkpoint (palettized for every compressed row).\n\n"
         + markdown_table(header, rows)
