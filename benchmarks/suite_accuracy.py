@@ -294,7 +294,7 @@ def suite_accuracy(quick: bool) -> dict:
     phase = {"src": str(dense_dir), "out": None, "run": phase_run}
     rows = []
     for bits in (4, 3, 2):
-        # kmeans_restarts=4: the default when results/accuracy.json was measured (whose specs therefore omit it)
+        # kmeans_restarts=4: the best of four k-means runs per LUT (the package default is one run)
         dkm = {
             "dkm": {"bits": bits, "kmeans_restarts": 4},
             "run": phase_run | recipe.get("phase_by_bits", {}).get(bits, {}),
