@@ -14,6 +14,16 @@ from transformers import AutoModelForSequenceClassification
 from dkm_hf import DKMConfig, DKMTrainer, DKMTrainingArguments
 from dkm_hf.integrations.distillation import kl_term
 
+# Evaluate and checkpoint every 3 steps (and at step 0), keep the best model by eval loss.
+BEST_BY_LOSS = {
+    "eval_strategy": "steps",
+    "eval_steps": 3,
+    "save_strategy": "steps",
+    "save_steps": 3,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "loss",
+}
+
 
 def _args(tmp_path, **kw):
     base = {
@@ -98,12 +108,7 @@ def test_best_hard_model_never_worse_than_post_training(tmp_path):
     args = _args(
         tmp_path,
         learning_rate=5.0,  # ruins the model
-        eval_strategy="steps",
-        eval_steps=3,
-        save_strategy="steps",
-        save_steps=3,
-        load_best_model_at_end=True,
-        metric_for_best_model="loss",
+        **BEST_BY_LOSS,
     )
     trainer = DKMTrainer(
         model=model,
@@ -135,12 +140,7 @@ def test_initial_model_margin(tmp_path):
         args = _args(
             tmp_path / name,
             max_steps=9,
-            eval_strategy="steps",
-            eval_steps=3,
-            save_strategy="steps",
-            save_steps=3,
-            load_best_model_at_end=True,
-            metric_for_best_model="loss",
+            **BEST_BY_LOSS,
             initial_model_margin=margin,
         )
         data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
