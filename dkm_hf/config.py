@@ -36,6 +36,18 @@ def default_tau(bits: int) -> float:
     return DEFAULT_TAU_LOW_BITS if bits <= LOW_BITS else DEFAULT_TAU_HIGH_BITS
 
 
+# The tau schedule's default end, as a fraction of each layer's starting tau (DKMTrainingArguments.tau_end_ratio=None).
+# At 3 bits and fewer the soft model trained at a constant 0.05 can sit far from its hard snap (MobileNetV2 2-bit:
+# 87.9% soft, 69.0% hard); annealing to a tenth over the phase ends training on a model that is nearly hard
+# (README "Choosing tau"). At 4 bits the gap is small and the schedule stays flat.
+DEFAULT_TAU_END_RATIO_HIGH_BITS, DEFAULT_TAU_END_RATIO_LOW_BITS = 1.0, 0.1
+
+
+def default_tau_end_ratio(bits: int) -> float:
+    """tau at the last step / tau at the milestone, for a layer of `bits` bits when the schedule's end is not given."""
+    return DEFAULT_TAU_END_RATIO_LOW_BITS if bits <= LOW_BITS else DEFAULT_TAU_END_RATIO_HIGH_BITS
+
+
 @dataclass
 class CheckpointRecord:
     """The form of a saved model: `train` (float weights + centroids) or `palettized` (LUTs + packed indices, with

@@ -58,6 +58,7 @@ class DKMArguments:
         default=dkm_hf.DKMConfig.kmeans_restarts,
         metadata={"help": "k-means runs per LUT at initialisation, the lowest-inertia one kept."},
     )
+    kmeans_seed: int = field(default=0, metadata={"help": "Seed of the k-means initialisation (DKMConfig.seed)."})
 
     def config(self, bits: int) -> dkm_hf.DKMConfig:
         return dkm_hf.DKMConfig(
@@ -72,6 +73,7 @@ class DKMArguments:
             overrides=json.loads(self.overrides),
             weight_threshold=self.weight_threshold,
             kmeans_restarts=self.kmeans_restarts,
+            seed=self.kmeans_seed,
         )
 
 

@@ -2,10 +2,11 @@
 
 milestone   steps [0, milestone) train the dense weights; at step `milestone` the centroids are initialised from
             the weights of that moment (k-means++ and Lloyd) and every later forward uses W~ = A C.
-tau(s)      the softmax temperature of A = softmax(-||w - c||^2 / tau), scheduled over the clustered steps
-            s in [milestone, max_steps]: constant, or linear / cosine from tau_start to tau_end
+tau(s)      the softmax temperature of A = softmax(-||w - c||^2 / tau), scheduled per layer over the clustered
+            steps s in [milestone, max_steps]: constant, or linear / cosine from tau_start to tau_end
             (progress p = (s - milestone) / (max_steps - milestone); cosine: tau_end + (tau_start - tau_end)
-            * (1 + cos(pi p)) / 2).
+            * (1 + cos(pi p)) / 2). tau_start defaults to the layer's configured tau; tau_end to tau_start *
+            tau_end_ratio, and that ratio to `config.default_tau_end_ratio(bits)` (1 at 4 bits and more, 0.1 below).
 health      at every logging step: mean attention entropy H = -sum_j A_ij log A_ij (nats, on a sample of weights),
             the number of empty clusters (no weight has them as nearest centroid) and, from the second logging
             step on, the fraction of a fixed sample of weights whose nearest centroid changed since the last log
@@ -23,6 +24,7 @@ from collections import Counter
 import torch
 from transformers import TrainerCallback
 
+from ..config import default_tau_end_ratio
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
@@ -40,6 +42,23 @@ def tau_at(step: int, milestone: int, max_steps: int, schedule: str, tau_start: 
     if schedule == "linear":
         return tau_start + (tau_end - tau_start) * progress
     return tau_end + (tau_start - tau_end) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def check_tau_schedule(
+    schedule: str, tau_start: float | None, tau_end: float | None, tau_end_ratio: float | None
+) -> None:
+    """A ValueError that names the problem for a schedule the callback cannot run."""
+    if schedule not in TAU_SCHEDULES:
+        raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {schedule!r}")
+    for name, value in (("tau_start", tau_start), ("tau_end", tau_end), ("tau_end_ratio", tau_end_ratio)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value is not None and not (number and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if tau_end is not None and tau_end_ratio is not None:
+        raise ValueError(
+            f"give tau_end (one value for every layer) or tau_end_ratio (a fraction of each layer's starting tau), "
+            f"not both: got tau_end={tau_end!r}, tau_end_ratio={tau_end_ratio!r}"
+        )
 
 
 def _cluster_sizes(assign: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,18 +116,15 @@ class DKMCallback(TrainerCallback):
         tau_schedule: str = "constant",
         tau_start: float | None = None,
         tau_end: float | None = None,
+        tau_end_ratio: float | None = None,
         log_cluster_health: bool = True,
         reseed_dead_centroids: bool = True,
     ):
-        if tau_schedule not in TAU_SCHEDULES:
-            raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {tau_schedule!r}")
-        for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
-            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        check_tau_schedule(tau_schedule, tau_start, tau_end, tau_end_ratio)
         if milestone is not None and (isinstance(milestone, bool) or not isinstance(milestone, int) or milestone < 0):
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
         self.milestone, self.tau_schedule = milestone, tau_schedule
-        self.tau_start, self.tau_end = tau_start, tau_end
+        self.tau_start, self.tau_end, self.tau_end_ratio = tau_start, tau_end, tau_end_ratio
         self.log_cluster_health, self.reseed = log_cluster_health, reseed_dead_centroids
         self._base_tau: dict[str, float] = {}
         self._previous: dict[str, torch.Tensor] = {}  # a fixed sample of each module's assignments at the last log
@@ -127,9 +143,13 @@ class DKMCallback(TrainerCallback):
         config = get_dkm_config(model)
         return config.milestone if config is not None else 0
 
-    def _tau(self, name: str, step: int, milestone: int, max_steps: int) -> float:
+    def _tau(self, name: str, module: DKMMixin, step: int, milestone: int, max_steps: int) -> float:
         start = self.tau_start if self.tau_start is not None else self._base_tau[name]
-        end = self.tau_end if self.tau_end is not None else start
+        if self.tau_end is not None:
+            end = self.tau_end
+        else:
+            ratio = self.tau_end_ratio if self.tau_end_ratio is not None else default_tau_end_ratio(module.layout.bits)
+            end = start * ratio
         return tau_at(step, milestone, max_steps, self.tau_schedule, start, end)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -152,7 +172,7 @@ class DKMCallback(TrainerCallback):
             module.init_centroids()
         for name, module in self._modules(model):
             module.dkm_enabled = step >= milestone
-            module.settings.tau = self._tau(name, step, milestone, state.max_steps)
+            module.settings.tau = self._tau(name, module, step, milestone, state.max_steps)
             taus.append(module.settings.tau)
         # the tau most layers use; with several (mixed bit widths take the default of each), their range too
         self.pending["dkm_tau"] = Counter(taus).most_common(1)[0][0]

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
-from .callback import TAU_SCHEDULES, DKMCallback
+from .callback import DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
 from .transformers_patches import checkpoint_initial_model
@@ -29,9 +29,22 @@ class DKMTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the DKM schedule. Milestone and tau default to the model's DKMConfig."""
 
     dkm_milestone: int | None = field(default=None, metadata={"help": "Step at which clustering starts."})
-    tau_schedule: str = field(default="constant", metadata={"help": "constant, linear or cosine."})
-    tau_start: float | None = field(default=None, metadata={"help": "tau at the milestone (default: config's)."})
-    tau_end: float | None = field(default=None, metadata={"help": "tau at the last step (default: tau_start)."})
+    tau_schedule: str = field(
+        default="constant", metadata={"help": "constant, linear or cosine, from tau_start to tau_end."}
+    )
+    tau_start: float | None = field(
+        default=None, metadata={"help": "tau at the milestone, every layer (default: each layer's configured tau)."}
+    )
+    tau_end: float | None = field(
+        default=None, metadata={"help": "tau at the last step, every layer (default: tau_start * tau_end_ratio)."}
+    )
+    tau_end_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "tau at the last step as a fraction of each layer's tau_start. Default: 1 at 4 bits and more, "
+            "0.1 at 3 bits and fewer (dkm_hf.config.default_tau_end_ratio)."
+        },
+    )
     eval_soft: bool = field(default=False, metadata={"help": "Also evaluate the soft model (eval_soft_* metrics)."})
     palettize_on_save: bool = field(
         default=True, metadata={"help": "save_model()/push_to_hub() write the palettized checkpoint."}
@@ -62,8 +75,7 @@ class DKMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.tau_schedule not in TAU_SCHEDULES:
-            raise ValueError(f"tau_schedule must be one of {list(TAU_SCHEDULES)}, got {self.tau_schedule!r}")
+        check_tau_schedule(self.tau_schedule, self.tau_start, self.tau_end, self.tau_end_ratio)
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
         if not (self.distill_temperature > 0 and self.distill_hidden_weight >= 0):
@@ -107,6 +119,7 @@ class DKMTrainer(Trainer):
             "tau_schedule": getattr(a, "tau_schedule", "constant"),
             "tau_start": getattr(a, "tau_start", None),
             "tau_end": getattr(a, "tau_end", None),
+            "tau_end_ratio": getattr(a, "tau_end_ratio", None),
             "log_cluster_health": getattr(a, "log_cluster_health", True),
             "reseed_dead_centroids": getattr(a, "reseed_dead_centroids", True),
         }

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import free_port
 from toy import ToyDataset, accuracy, save_toy_bert
-from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 import dkm_hf
 from dkm_hf import DKMCallback, DKMConfig, DKMTrainer, DKMTrainingArguments
@@ -102,6 +102,52 @@ def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [(e["dkm_tau"], e["dkm_tau_min"], e["dkm_tau_max"]) for e in logs] == [(0.05, 0.01, 0.05)] * 2
+
+
+class _RecordTaus(TrainerCallback):
+    """Every layer's tau during each step (the DKM callback sets it at the step's beginning)."""
+
+    def __init__(self):
+        self.taus: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.taus.append({n: m.settings.tau for n, m in dkm_hf.dkm_modules(model) if m.tied_source is None})
+
+
+@pytest.mark.parametrize(
+    ("options", "ratio_3_bits", "ratio_8_bits"),
+    [({}, 0.1, 1.0), ({"tau_end_ratio": 0.5}, 0.5, 0.5)],
+    ids=["default-ratio-by-bits", "tau_end_ratio"],
+)
+def test_tau_schedule_ends_at_a_fraction_of_each_layers_tau(toy_path, tmp_path, options, ratio_3_bits, ratio_8_bits):
+    """Without tau_end, each layer anneals from its own tau to tau * ratio (default: 0.1 at <= 3 bits, flat above)."""
+    model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
+    bits = {n: m.layout.bits for n, m in dkm_hf.dkm_modules(model) if m.tied_source is None}
+    assert sorted(set(bits.values())) == [3, 8]
+    record = _RecordTaus()
+    args = _args(tmp_path, max_steps=5, tau_schedule="cosine", **options)
+    DKMTrainer(model=model, args=args, train_dataset=ToyDataset(80), callbacks=[record]).train()
+    assert len(record.taus) == 5
+    for name, b in bits.items():
+        start, ratio = (0.05, ratio_3_bits) if b == 3 else (0.01, ratio_8_bits)
+        expected = [tau_at(s, 0, 5, "cosine", start, start * ratio) for s in range(5)]
+        assert [step[name] for step in record.taus] == pytest.approx(expected), name
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tau_end": 0.01, "tau_end_ratio": 0.1}, "not both"),
+        ({"tau_end_ratio": 0.0}, "tau_end_ratio must be a finite number > 0"),
+        ({"tau_end": -1.0}, "tau_end must be a finite number > 0"),
+        ({"tau_schedule": "exponential"}, "tau_schedule must be one of"),
+    ],
+)
+def test_bad_tau_schedules_are_refused_by_arguments_and_callback(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        _args(tmp_path, **options)
+    with pytest.raises(ValueError, match=message):
+        DKMCallback(**options)
 
 
 def test_milestone_trains_dense_then_clusters(toy_path, tmp_path):
