@@ -113,7 +113,7 @@ class DKMCallback(TrainerCallback):
     def __init__(
         self,
         milestone: int | None = None,
-        tau_schedule: str = "constant",
+        tau_schedule: str = "cosine",
         tau_start: float | None = None,
         tau_end: float | None = None,
         tau_end_ratio: float | None = None,

@@ -98,7 +98,8 @@ def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path):
     model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
     taus = [m.settings.tau for _, m in dkm_hf.dkm_modules(model)]
     assert sorted(set(taus)) == [0.01, 0.05] and taus.count(0.05) > taus.count(0.01)
-    trainer = DKMTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=ToyDataset(32))
+    args = _args(tmp_path, max_steps=2, tau_schedule="constant")
+    trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(32))
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [(e["dkm_tau"], e["dkm_tau_min"], e["dkm_tau_max"]) for e in logs] == [(0.05, 0.01, 0.05)] * 2
@@ -120,12 +121,12 @@ class _RecordTaus(TrainerCallback):
     ids=["default-ratio-by-bits", "tau_end_ratio"],
 )
 def test_tau_schedule_ends_at_a_fraction_of_each_layers_tau(toy_path, tmp_path, options, ratio_3_bits, ratio_8_bits):
-    """Without tau_end, each layer anneals from its own tau to tau * ratio (default: 0.1 at <= 3 bits, flat above)."""
+    """By default each layer anneals (cosine) from its own tau to tau * ratio: 0.1 at <= 3 bits, flat above."""
     model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
     bits = {n: m.layout.bits for n, m in dkm_hf.dkm_modules(model) if m.tied_source is None}
     assert sorted(set(bits.values())) == [3, 8]
     record = _RecordTaus()
-    args = _args(tmp_path, max_steps=5, tau_schedule="cosine", **options)
+    args = _args(tmp_path, max_steps=5, **options)  # the default schedule: cosine
     DKMTrainer(model=model, args=args, train_dataset=ToyDataset(80), callbacks=[record]).train()
     assert len(record.taus) == 5
     for name, b in bits.items():
