@@ -126,7 +126,6 @@ class DKMCallback(TrainerCallback):
         self.milestone, self.tau_schedule = milestone, tau_schedule
         self.tau_start, self.tau_end, self.tau_end_ratio = tau_start, tau_end, tau_end_ratio
         self.log_cluster_health, self.reseed = log_cluster_health, reseed_dead_centroids
-        self._base_tau: dict[str, float] = {}
         self._previous: dict[str, torch.Tensor] = {}  # a fixed sample of each module's assignments at the last log
         self._centroids: dict[str, torch.Tensor] = {}
         self.pending: dict[str, float] = {}
@@ -143,8 +142,8 @@ class DKMCallback(TrainerCallback):
         config = get_dkm_config(model)
         return config.milestone if config is not None else 0
 
-    def _tau(self, name: str, module: DKMMixin, step: int, milestone: int, max_steps: int) -> float:
-        start = self.tau_start if self.tau_start is not None else self._base_tau[name]
+    def _tau(self, module: DKMMixin, step: int, milestone: int, max_steps: int) -> float:
+        start = self.tau_start if self.tau_start is not None else module.settings.configured_tau
         if self.tau_end is not None:
             end = self.tau_end
         else:
@@ -154,8 +153,7 @@ class DKMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         milestone = self._milestone(model)
-        for name, module in self._modules(model):
-            self._base_tau.setdefault(name, module.settings.tau)
+        for _, module in self._modules(model):
             # At step == milestone > 0 (a fresh run or a resume from checkpoint-<milestone>) clustering is still off:
             # on_step_begin initialises the centroids from the weights of that moment, then switches it on.
             module.dkm_enabled = state.global_step > milestone or milestone == 0
@@ -172,7 +170,7 @@ class DKMCallback(TrainerCallback):
             module.init_centroids()
         for name, module in self._modules(model):
             module.dkm_enabled = step >= milestone
-            module.settings.tau = self._tau(name, module, step, milestone, state.max_steps)
+            module.settings.tau = self._tau(module, step, milestone, state.max_steps)
             taus.append(module.settings.tau)
         # the tau most layers use; with several (mixed bit widths take the default of each), their range too
         self.pending["dkm_tau"] = Counter(taus).most_common(1)[0][0]

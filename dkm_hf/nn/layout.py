@@ -219,6 +219,7 @@ class ClusterSettings:
     With `tau_scale="variance"` tau and epsilon are relative: the softmax temperature of LUT group g is
     tau * var(w_g) and its early-stop threshold epsilon * std(w_g), measured on the group's clustered vectors at
     every forward (var = mean squared distance to the group's mean vector). With "absolute" they are used as given.
+    A tau schedule (`DKMCallback`) moves `tau` during training; `configured_tau` keeps the value it starts from.
     """
 
     tau: float
@@ -228,6 +229,11 @@ class ClusterSettings:
     lut_dtype: str = "float16"
     tau_scale: str = "variance"
     kmeans_restarts: int = 1
+    configured_tau: float | None = None  # None: tau
+
+    def __post_init__(self):
+        if self.configured_tau is None:
+            self.configured_tau = self.tau
 
     @property
     def lut_torch_dtype(self) -> torch.dtype:

@@ -135,6 +135,20 @@ def test_tau_schedule_ends_at_a_fraction_of_each_layers_tau(toy_path, tmp_path, 
         assert [step[name] for step in record.taus] == pytest.approx(expected), name
 
 
+def test_a_second_run_on_the_same_model_starts_from_the_configured_tau(toy_path, tmp_path):
+    """The schedule moves settings.tau; the next trainer on the same model must not start from where it ended."""
+    model = _model(toy_path, tau=None)
+    runs = []
+    for i in range(2):
+        record = _RecordTaus()
+        args = _args(tmp_path / str(i), max_steps=4)
+        DKMTrainer(model=model, args=args, train_dataset=ToyDataset(64), callbacks=[record]).train()
+        runs.append([next(iter(step.values())) for step in record.taus])
+    expected = [tau_at(s, 0, 4, "cosine", 0.05, 0.005) for s in range(4)]
+    assert runs[0] == pytest.approx(expected) and runs[1] == pytest.approx(expected)
+    assert all(m.settings.configured_tau == 0.05 for _, m in dkm_hf.dkm_modules(model))
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
