@@ -99,7 +99,9 @@ class DKMConfig(QuantizationConfigMixin):
             "help": "Softmax temperature of the attention softmax(-||w - c||^2 / tau). With tau_scale='variance' "
             "(the default) relative to each LUT group's weight variance, so one value suits every layer and model; "
             "None (the default) takes the measured one for each layer's bit width: 0.01 at 4 bits and more, 0.05 at "
-            "3 bits and fewer. With tau_scale='absolute' a scale against squared weight distances (required then)."
+            "3 bits and fewer. With tau_scale='absolute' a scale against squared weight distances (required then). "
+            "It is the starting value of DKMTrainingArguments' tau schedule, which by default anneals it to a tenth "
+            "at 3 bits and fewer."
         },
     )
     tau_scale: str = field(
