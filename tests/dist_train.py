@@ -59,4 +59,6 @@ world = torch.distributed.get_world_size() if torch.distributed.is_initialized()
 weights = {name: module.weight.detach().tolist() for name, module in dkm_hf.dkm_modules(model)}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"per_step": record.per_step, "world": world, "weights": weights}, f)
+if torch.distributed.is_initialized():  # leave together (see accelerate_fsdp_train.py)
+    torch.distributed.barrier()
 trainer.accelerator.end_training()  # destroys the process group: a rank leaving with gloo alive can abort at exit

@@ -87,4 +87,7 @@ if rank == 0:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"losses": losses, "state": kept, "world": world}, f)
 if distributed:
+    # Both ranks leave together: a rank that tears gloo down while its peer is still writing can abort at exit
+    # ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
