@@ -31,6 +31,7 @@ from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
 
 TAU_SCHEDULES = ("constant", "linear", "cosine")
+DEFAULT_TAU_SCHEDULE = "cosine"  # with the default end ratio: flat at >= 4 bits, annealed to a tenth at <= 3 bits
 HEALTH_SAMPLE = 4096  # weights per module whose attention entropy is measured
 CHANGE_SAMPLE = 1 << 16  # weights per module whose assignment changes are tracked
 
@@ -113,7 +114,7 @@ class DKMCallback(TrainerCallback):
     def __init__(
         self,
         milestone: int | None = None,
-        tau_schedule: str = "cosine",
+        tau_schedule: str = DEFAULT_TAU_SCHEDULE,
         tau_start: float | None = None,
         tau_end: float | None = None,
         tau_end_ratio: float | None = None,
@@ -168,7 +169,7 @@ class DKMCallback(TrainerCallback):
         starting = [(n, m) for n, m in self._modules(model) if step == milestone and not m.dkm_enabled]
         for _, module in gathered_by_unit(model, starting):
             module.init_centroids()
-        for name, module in self._modules(model):
+        for _, module in self._modules(model):
             module.dkm_enabled = step >= milestone
             module.settings.tau = self._tau(module, step, milestone, state.max_steps)
             taus.append(module.settings.tau)

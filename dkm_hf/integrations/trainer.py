@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
-from .callback import DKMCallback, check_tau_schedule
+from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
 from .transformers_patches import checkpoint_initial_model
@@ -30,7 +30,7 @@ class DKMTrainingArguments(TrainingArguments):
 
     dkm_milestone: int | None = field(default=None, metadata={"help": "Step at which clustering starts."})
     tau_schedule: str = field(
-        default="cosine",
+        default=DEFAULT_TAU_SCHEDULE,
         metadata={
             "help": "constant, linear or cosine, from tau_start to tau_end. With the default end ratio, cosine is "
             "flat at 4 bits and more and anneals to a tenth at 3 bits and fewer."
@@ -120,7 +120,7 @@ class DKMTrainer(Trainer):
         a = self.args
         options = {
             "milestone": getattr(a, "dkm_milestone", None),
-            "tau_schedule": getattr(a, "tau_schedule", "cosine"),
+            "tau_schedule": getattr(a, "tau_schedule", DEFAULT_TAU_SCHEDULE),
             "tau_start": getattr(a, "tau_start", None),
             "tau_end": getattr(a, "tau_end", None),
             "tau_end_ratio": getattr(a, "tau_end_ratio", None),
