@@ -83,9 +83,14 @@ def evaluate(model, tokenizer, rows, max_len) -> float:
     return 100.0 * correct / len(rows)
 
 
-def fit(model, tokenizer, train_rows, val_rows, spec: dict, out: str, teacher=None, step_hook=None) -> dict:
+def fit(
+    model, tokenizer, train_rows, val_rows, spec: dict, out: str, teacher=None, step_hook=None, test_rows=None
+) -> dict:
     """Train with Trainer (DKMTrainer for a DKM model): AdamW, linear decay, the run's best model by validation
-    accuracy (evaluated from step 0) restored at the end. Returns the training facts for the report."""
+    accuracy (evaluated from step 0) restored at the end. Returns the training facts for the report.
+
+    With `test_rows`, every evaluation also scores the model on them (`test_curve`, next to `val_curve`): a
+    diagnostic of what validation selects, never used to select."""
     import numpy as np
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
@@ -127,6 +132,14 @@ def fit(model, tokenizer, train_rows, val_rows, spec: dict, out: str, teacher=No
             if state.global_step == 1 or state.global_step % 50 == 0:
                 progress(f"step {state.global_step}/{state.max_steps} after {time.perf_counter() - start:.0f} s")
 
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            if test_rows is not None:  # the model as evaluated: the hard one for DKM; training resumes in train()
+                test_curve.append(
+                    (state.global_step, round(evaluate(model, tokenizer, test_rows, spec["max_len"]), 2))
+                )
+
+    test_curve = []
+
     def accuracy(p):
         return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean() * 100)}
 
@@ -152,7 +165,7 @@ def fit(model, tokenizer, train_rows, val_rows, spec: dict, out: str, teacher=No
         "train_s": time.perf_counter() - start,
         "val_curve": curve,
         "best_step": trainer.state.best_global_step if evaluated else None,
-    }
+    } | ({"test_curve": test_curve} if test_rows is not None else {})
 
 
 def child_accuracy(spec: dict) -> None:
@@ -187,7 +200,8 @@ def child_accuracy(spec: dict) -> None:
             palettize_post_training(model)
         else:
             teacher = AutoModelForSequenceClassification.from_pretrained(src) if spec.get("teacher") else None
-            result |= fit(model, tokenizer, train_rows, val_rows, spec, f"{tmp}/run", teacher=teacher)
+            tests = test_rows if spec.get("test_curve") else None
+            result |= fit(model, tokenizer, train_rows, val_rows, spec, f"{tmp}/run", teacher=teacher, test_rows=tests)
         if dkm_hf.get_dkm_config(model) is not None:
             dkm_hf.palettize(model)
         save_dir = out or f"{tmp}/saved"
