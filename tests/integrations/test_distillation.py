@@ -163,6 +163,37 @@ def test_initial_model_margin(tmp_path):
     assert not kept_initial and state.best_metric == trained
 
 
+def test_end_of_phase_against_step_zero(tmp_path):
+    """README's recipe at 3 bits and fewer: evaluation and checkpoints at step 0 and at the last step only. The end
+    model replaces step 0 when it beats it by more than the margin; the evaluations in between do not change the run
+    (the same end model as with an evaluation every 3 steps)."""
+    path = save_toy_bert(tmp_path / "bert")
+    x = ToyDataset(8, seed=2)[:8]["input_ids"]
+
+    def run(name: str, every: int, margin: float = 0.0):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dkm_config=DKMConfig(bits=2, weight_threshold=1000)
+        )
+        best = BEST_BY_LOSS | {"eval_steps": every, "save_steps": every}
+        args = _args(tmp_path / name, max_steps=9, **best, initial_model_margin=margin)
+        data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
+        trainer = DKMTrainer(model=model, args=args, compute_metrics=accuracy, **data)
+        trainer.train()
+        losses = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+        with torch.no_grad():
+            logits = model.eval()(x).logits
+        return trainer.state, losses, logits
+
+    state, every_3, _ = run("every-3", 3)
+    state, ends, end_logits = run("ends", 9)
+    assert sorted(ends) == [0, 9] and ends == {0: every_3[0], 9: every_3[9]}
+    gain = ends[0] - ends[9]
+    assert gain > 0 and state.best_model_checkpoint.endswith("checkpoint-9") and state.best_metric == ends[9]
+    state, _, kept_logits = run("ends-wide", 9, margin=2 * gain)
+    assert state.best_model_checkpoint.endswith("checkpoint-0") and state.best_metric == ends[0]
+    assert not torch.equal(kept_logits, end_logits)
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
