@@ -153,8 +153,9 @@ def fit(
     }
     if dkm:
         margin = {"initial_model_margin": run["initial_model_margin"]} if "initial_model_margin" in run else {}
+        distill = run.get("distill", {})  # DKMTrainingArguments' distill_* fields, e.g. {"distill_alpha": 0.9}
         trainer = dkm_hf.DKMTrainer(
-            args=dkm_hf.DKMTrainingArguments(**args, **margin), teacher_model=teacher, **kwargs
+            args=dkm_hf.DKMTrainingArguments(**args, **margin, **distill), teacher_model=teacher, **kwargs
         )
     else:
         trainer = Trainer(args=TrainingArguments(**args), **kwargs)
