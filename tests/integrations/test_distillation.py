@@ -127,39 +127,37 @@ def test_best_hard_model_never_worse_than_post_training(tmp_path):
         assert torch.equal(model.eval()(x).logits, post_training(x).logits)
 
 
+def _best_model_run(path, out, margin: float = 0.0, every: int = 3):
+    """Nine steps of a 2-bit toy BERT, evaluated and checkpointed at step 0 and every `every` steps, the best model by
+    eval loss loaded at the end. Returns the trainer state, the eval loss by step, and whether the model it ended with
+    is the post-training (step-0) model."""
+    config = DKMConfig(bits=2, weight_threshold=1000)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dkm_config=config)
+    post_training = copy.deepcopy(model).eval()
+    best = BEST_BY_LOSS | {"eval_steps": every, "save_steps": every}
+    args = _args(out, max_steps=9, **best, initial_model_margin=margin)
+    data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
+    trainer = DKMTrainer(model=model, args=args, compute_metrics=accuracy, **data)
+    trainer.train()
+    losses = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    x = ToyDataset(8, seed=2)[:8]["input_ids"]
+    with torch.no_grad():
+        kept_initial = torch.equal(model.eval()(x).logits, post_training(x).logits)
+    return trainer.state, losses, kept_initial
+
+
 def test_initial_model_margin(tmp_path):
     """A trained checkpoint replaces step 0 as the best only when it beats it by more than `initial_model_margin`;
     among trained checkpoints transformers' rule holds as it is."""
     path = save_toy_bert(tmp_path / "bert")
-
-    def run(margin: float, name: str):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dkm_config=DKMConfig(bits=2, weight_threshold=1000)
-        )
-        post_training = copy.deepcopy(model).eval()
-        args = _args(
-            tmp_path / name,
-            max_steps=9,
-            **BEST_BY_LOSS,
-            initial_model_margin=margin,
-        )
-        data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
-        trainer = DKMTrainer(model=model, args=args, compute_metrics=accuracy, **data)
-        trainer.train()
-        losses = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
-        x = ToyDataset(8, seed=2)[:8]["input_ids"]
-        with torch.no_grad():
-            kept_initial = torch.equal(model.eval()(x).logits, post_training(x).logits)
-        return trainer.state, losses, kept_initial
-
-    state, losses, kept_initial = run(0.0, "plain")
+    state, losses, kept_initial = _best_model_run(path, tmp_path / "plain")
     trained = min(losses[s] for s in (3, 6, 9))
     gain = losses[0] - trained
     assert gain > 0 and not kept_initial and state.best_metric == trained  # training helps on this task
-    state, again, kept_initial = run(1.5 * gain, "wide")
+    state, again, kept_initial = _best_model_run(path, tmp_path / "wide", margin=1.5 * gain)
     assert again == losses  # the margin changes the choice only, not the run
     assert kept_initial and state.best_model_checkpoint.endswith("checkpoint-0") and state.best_metric == losses[0]
-    state, _, kept_initial = run(0.5 * gain, "narrow")
+    state, _, kept_initial = _best_model_run(path, tmp_path / "narrow", margin=0.5 * gain)
     assert not kept_initial and state.best_metric == trained
 
 
@@ -168,30 +166,14 @@ def test_end_of_phase_against_step_zero(tmp_path):
     model replaces step 0 when it beats it by more than the margin; the evaluations in between do not change the run
     (the same end model as with an evaluation every 3 steps)."""
     path = save_toy_bert(tmp_path / "bert")
-    x = ToyDataset(8, seed=2)[:8]["input_ids"]
-
-    def run(name: str, every: int, margin: float = 0.0):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dkm_config=DKMConfig(bits=2, weight_threshold=1000)
-        )
-        best = BEST_BY_LOSS | {"eval_steps": every, "save_steps": every}
-        args = _args(tmp_path / name, max_steps=9, **best, initial_model_margin=margin)
-        data = {"train_dataset": ToyDataset(64), "eval_dataset": ToyDataset(32, seed=1)}
-        trainer = DKMTrainer(model=model, args=args, compute_metrics=accuracy, **data)
-        trainer.train()
-        losses = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
-        with torch.no_grad():
-            logits = model.eval()(x).logits
-        return trainer.state, losses, logits
-
-    state, every_3, _ = run("every-3", 3)
-    state, ends, end_logits = run("ends", 9)
+    _, every_3, _ = _best_model_run(path, tmp_path / "every-3")
+    state, ends, kept_initial = _best_model_run(path, tmp_path / "ends", every=9)
     assert sorted(ends) == [0, 9] and ends == {0: every_3[0], 9: every_3[9]}
     gain = ends[0] - ends[9]
-    assert gain > 0 and state.best_model_checkpoint.endswith("checkpoint-9") and state.best_metric == ends[9]
-    state, _, kept_logits = run("ends-wide", 9, margin=2 * gain)
-    assert state.best_model_checkpoint.endswith("checkpoint-0") and state.best_metric == ends[0]
-    assert not torch.equal(kept_logits, end_logits)
+    assert gain > 0 and not kept_initial
+    assert state.best_model_checkpoint.endswith("checkpoint-9") and state.best_metric == ends[9]
+    state, _, kept_initial = _best_model_run(path, tmp_path / "ends-wide", margin=2 * gain, every=9)
+    assert kept_initial and state.best_model_checkpoint.endswith("checkpoint-0") and state.best_metric == ends[0]
 
 
 @pytest.mark.parametrize(
