@@ -382,9 +382,10 @@ def report_accuracy(data: dict) -> str:
     )
     recipe = data["recipe"]
     dense, phase = recipe["dense"], recipe["phase"]
-    by_bits = "".join(
-        f" ({bits} bits: {run['steps']})" for bits, run in recipe.get("phase_by_bits", {}).items() if "steps" in run
+    by_bits = ", ".join(
+        f"{bits} bits: {run['steps']}" for bits, run in recipe.get("phase_by_bits", {}).items() if "steps" in run
     )
+    by_bits = f" ({by_bits})" if by_bits else ""
     margins = {r["spec"]["run"].get("initial_model_margin") for r in data["runs"] if r["spec"].get("method") == "dkm"}
     margin_text = (
         f", a trained one replacing the step-0 model only when more than {margins.pop()} points better (one standard "
@@ -417,6 +418,8 @@ def report_accuracy(data: dict) -> str:
         "DKMTrainingArguments' default tau schedule (flat at 4 bits, a cosine to a tenth at 3 and 2) and "
         "kmeans_restarts=4 (the best of 4 k-means runs per LUT at initialisation); the best hard model by "
         f"validation accuracy ({evaluated}) is kept{margin_text}; "
+        "the control row runs plain Trainer, which evaluates step 0 (eval_on_start) but saves no checkpoint there, "
+        "so it keeps its best trained checkpoint; "
         "distilled rows add DKMTrainer's KL term to the dense model (alpha 0.5, temperature 2). Post-training "
         "k-means: scikit-learn's (best of 3 by inertia), and "
         "dkm_hf's own initialisation, which is the hard model of every DKM row at step 0. Test accuracy measured on "
