@@ -15,7 +15,8 @@ Suites:
             post-training k-means and DKM at 4, 3 and 2 bits and distilled DKM at 2 and 3 bits from that dense
             model, and the same phase without clustering (--quick: 2,000 texts, plus coremltools DKM rows); every
             accuracy is measured on the model reloaded from its saved (palettized) checkpoint.
-            BENCH_REUSE_DENSE=1 starts from the dense model an earlier run of the same recipe left in the cache.
+            BENCH_REUSE_DENSE=1 starts from the dense model an earlier run of the same recipe left in the cache;
+            --bits 2 [3 4] reruns only the rows at those widths and merges them into the stored results.
   examples  the vision (MobileNetV2 / Fashion-MNIST) and causal-LM (SmolLM2-135M, perplexity) examples with their
             defaults, each model reloaded from its palettized checkpoint (--quick: vision only).
 
@@ -138,7 +139,7 @@ def write_results_md() -> None:
             f"## {name}\n\nCommand: `{payload.get('command')}` ({payload.get('date', 'date not recorded')})\n"
         )
         for rerun in payload.get("reruns", []):
-            parts.append(f"Failed runs rerun: `{rerun['command']}` ({rerun['date']})\n")
+            parts.append(f"Rows rerun: `{rerun['command']}` ({rerun['date']})\n")
         if payload.get("machine"):
             parts.append("Machine: " + ", ".join(f"{k} {v}" for k, v in payload["machine"].items()) + ".\n")
         if name in REPORTERS:
@@ -153,6 +154,30 @@ def write_results_md() -> None:
     if extra.exists():
         parts.append(extra.read_text())
     (HERE / "RESULTS.md").write_text("\n".join(parts))
+
+
+def rerun_accuracy_bits(quick: bool, bits: tuple[int, ...]) -> None:
+    """The accuracy suite's rows at `bits` alone, merged into results/accuracy[_quick].json in place of the old ones:
+    a recipe change at one bit width without rerunning the others."""
+    name = "accuracy_quick" if quick else "accuracy"
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the whole suite first")
+    payload = json.loads(path.read_text())
+    command = f"python benchmarks/run.py --suite accuracy --bits {' '.join(map(str, bits))}" + (
+        " --quick" if quick else ""
+    )
+    start = time.perf_counter()
+    payload["data"] = suite_accuracy(quick, bits, payload["data"])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    payload["data"]["notes"].append(
+        f"The rows at {', '.join(map(str, bits))} bits were rerun alone with `{command}` ({when}, "
+        f"{time.perf_counter() - start:.0f} s); the others are from the run above."
+    )
+    payload.setdefault("reruns", []).append({"command": command, "date": when})
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(REPORTERS[name](payload["data"]))
+    write_results_md()
 
 
 def rerun_llm_rows(quick: bool, device: str) -> None:
@@ -199,6 +224,14 @@ def main() -> None:
         action="store_true",
         help="model suite: rerun only the SmolLM2 rows and merge them into the stored results",
     )
+    parser.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        choices=(2, 3, 4),
+        help="accuracy suite: rerun only the rows at these bit widths and merge them into the stored results (the "
+        "other rows must have been run with the current recipe)",
+    )
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -216,6 +249,10 @@ def main() -> None:
         if args.device != "cuda" or not torch.cuda.is_available():
             parser.error(f"--device {args.device}: only cpu and cuda (with a visible GPU) are supported")
     RESULTS.mkdir(exist_ok=True)
+    if args.bits:
+        if args.suite != "accuracy":
+            parser.error("--bits is for --suite accuracy")
+        return rerun_accuracy_bits(args.quick, tuple(args.bits))
     if args.llm_only:
         if args.suite != "model":
             parser.error("--llm-only is for --suite model")

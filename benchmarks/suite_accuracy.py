@@ -46,8 +46,9 @@ FULL = {
     # the annealed tau of 3 and 2 bits the hard model dips mid-phase and recovers as tau anneals; picking among
     # mid-phase checkpoints by validation accuracy chose worse models (results/accuracy_3bit_600_steps.json).
     "phase": {"steps": 200, "lr": 2e-5, "batch": 16, "eval_steps": "end"},
-    # fewer bits, more to recover: 3 bits trains three times as long, 2 bits twice (RESULTS_NOTES: "MiniLM at 3 bits")
-    "phase_by_bits": {3: {"steps": 600}, 2: {"steps": 400}},
+    # fewer bits, more to recover: 3 bits trains three times as long, 2 bits four times (RESULTS_NOTES: "MiniLM at 3
+    # bits", "2 bits: an 800-step phase")
+    "phase_by_bits": {3: {"steps": 600}, 2: {"steps": 800}},
 }
 QUICK = {
     "train_size": 2000,
@@ -263,7 +264,15 @@ def coremltools_dkm(model, tokenizer, train_rows, val_rows, spec: dict, result: 
     return model
 
 
-def suite_accuracy(quick: bool) -> dict:
+def row_bits(spec: dict) -> int | None:
+    """The bit width of a compression row's spec; None for the dense model and the control."""
+    return (spec.get("dkm") or {}).get("bits") or (spec.get("ct") or {}).get("n_bits")
+
+
+def suite_accuracy(quick: bool, only_bits: tuple[int, ...] = (), stored: dict | None = None) -> dict:
+    """The accuracy suite. With `only_bits` (and `stored`, the data of an earlier run), only the rows at those bit
+    widths run; the dense model and every other row are taken from `stored`, each of whose specs must equal what the
+    current recipe would run, so the merged table is one recipe."""
     minilm = minilm_path()
     recipe = QUICK if quick else FULL
     work = CACHE / ("accuracy_quick" if quick else "accuracy_full")
@@ -293,8 +302,24 @@ def suite_accuracy(quick: bool) -> dict:
         return res
 
     dense_spec = {"method": "dense", "src": str(minilm), "out": str(dense_dir), "run": recipe["dense"]}
+    stored_runs = {r["label"]: r for r in (stored or {}).get("runs", [])}
+    if only_bits:
+        data["notes"] = list(stored["notes"])
+
+    def keep(label, spec):
+        """A row of the earlier run, taken over as measured then: only if the current recipe would run it alike."""
+        previous = stored_runs.get(label)
+        if previous is None or previous["spec"] != base | spec:
+            raise SystemExit(
+                f"the stored row {label!r} was run with another recipe (or is missing): rerun the whole suite"
+            )
+        data["runs"].append(previous)
+        return previous["result"]
+
     stored = dense_dir / DENSE_RESULT
-    if os.environ.get("BENCH_REUSE_DENSE") == "1" and stored.exists():
+    if only_bits:
+        dense = keep("dense fine-tune", dense_spec)
+    elif os.environ.get("BENCH_REUSE_DENSE") == "1" and stored.exists():
         # the dense fine-tune of an earlier run of the same recipe (its spec must match), reported as measured then
         previous = json.loads(stored.read_text())
         if previous["spec"] != base | dense_spec:
@@ -339,11 +364,17 @@ def suite_accuracy(quick: bool) -> dict:
         for bits in (4, 2):
             spec = phase | {"method": "coremltools", "ct": {"n_bits": bits}}
             rows.append((f"coremltools DKM {bits} bits", spec, COREMLTOOLS_ACCURACY_TIMEOUT_S))
+    order = {label: i for i, (label, *_) in enumerate([("dense fine-tune",), *rows])}
+    if only_bits:
+        for label, spec, *_ in rows:
+            if row_bits(spec) not in only_bits:
+                keep(label, spec)
+        rows = [row for row in rows if row_bits(row[1]) in only_bits]
     # The rows are independent one-thread processes; BENCH_JOBS=2 runs two at a time (a 2-core machine).
     jobs = max(1, int(os.environ.get("BENCH_JOBS", "1")))
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda row: run(*row), rows))
-    order = {label: i for i, (label, *_) in enumerate([("dense fine-tune",), *rows])}
+    data["notes"] = list(dict.fromkeys(data["notes"]))  # a rerun keeps the earlier run's notes
     data["runs"].sort(key=lambda r: order[r["label"]])
     return data
 
@@ -354,7 +385,7 @@ def report_accuracy(data: dict) -> str:
     for r in data["runs"]:
         res, spec = r["result"], r["spec"]
         ok = res["status"] == "ok"
-        bits = (spec.get("dkm") or {}).get("bits") or (spec.get("ct") or {}).get("n_bits") or 32
+        bits = row_bits(spec) or 32
         rows.append(
             [
                 r["label"],
