@@ -316,17 +316,19 @@ def suite_accuracy(quick: bool, only_bits: tuple[int, ...] = (), stored: dict | 
         data["runs"].append(previous)
         return previous["result"]
 
-    stored = dense_dir / DENSE_RESULT
+    dense_result = dense_dir / DENSE_RESULT
     if only_bits:
         dense = keep("dense fine-tune", dense_spec)
-    elif os.environ.get("BENCH_REUSE_DENSE") == "1" and stored.exists():
+    elif os.environ.get("BENCH_REUSE_DENSE") == "1" and dense_result.exists():
         # the dense fine-tune of an earlier run of the same recipe (its spec must match), reported as measured then
-        previous = json.loads(stored.read_text())
+        previous = json.loads(dense_result.read_text())
         if previous["spec"] != base | dense_spec:
-            raise SystemExit(f"{stored} was written for another recipe; remove it or unset BENCH_REUSE_DENSE")
+            raise SystemExit(f"{dense_result} was written for another recipe; remove it or unset BENCH_REUSE_DENSE")
         dense = previous["result"] | {"status": "ok"}
         data["runs"].append({"label": "dense fine-tune", "spec": previous["spec"], "result": dense})
-        data["notes"].append(f"The dense fine-tune was reused from an earlier run of the same recipe ({stored}).")
+        data["notes"].append(
+            f"The dense fine-tune was reused from an earlier run of the same recipe ({dense_result})."
+        )
     else:
         dense = run("dense fine-tune", dense_spec)
     if dense["status"] != "ok":
