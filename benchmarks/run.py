@@ -236,6 +236,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return CHILDREN[args.child[0]](json.loads(args.child[1]))
+    if args.bits and (args.retry_failed or args.llm_only or args.report_only):
+        parser.error("--bits reruns rows itself: not with --retry-failed, --llm-only or --report-only")
     if args.retry_failed:
         if args.suite not in ("accuracy", "model"):
             parser.error("--retry-failed is for --suite accuracy or model")
