@@ -224,12 +224,21 @@ class DKMConfig(QuantizationConfigMixin):
                 values.update(override)
         return values
 
-    def layout_for(self, module_name: str, shape: tuple[int, ...], transposed: bool = False) -> Layout:
-        """The layout of `module_name`'s weight: defaults, then every matching override in order."""
+    def layout_for(
+        self, module_name: str, shape: tuple[int, ...], transposed: bool = False, channel_dims: int = 1
+    ) -> Layout:
+        """The layout of weight `module_name`: defaults, then every matching override in order."""
         v = self._values_for(module_name)
         group_size = v["group_size"] if v["granularity"] == "per_grouped_channel" else None
         return Layout.for_weight(
-            shape, v["bits"], v["cluster_dim"], group_size, v["per_channel_scale"], transposed, module_name
+            shape,
+            v["bits"],
+            v["cluster_dim"],
+            group_size,
+            v["per_channel_scale"],
+            transposed,
+            module_name,
+            channel_dims,
         )
 
     def settings_for(self, module_name: str) -> ClusterSettings:

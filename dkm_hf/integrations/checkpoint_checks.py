@@ -19,7 +19,8 @@ from ..config import FORMAT_VERSION, CheckpointRecord
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import DKMMixin
 from ..nn.layout import LUT_DTYPES, Layout
-from ..nn.palettized import BUFFERS, PalettizedMixin
+from ..nn.palettized import PalettizedMixin
+from ..nn.weights import buffer_name
 from ..ops.packing import unpack_indices
 from .safetensors_files import FLOAT_DTYPES, SafetensorsHeader, TensorEntry
 
@@ -36,6 +37,22 @@ def find_tensor(tensors: dict[str, TensorEntry], key: str) -> TensorEntry | None
     return matches[0] if len(matches) == 1 else None
 
 
+def state_key(tensors: dict[str, TensorEntry], name: str, kind: str) -> str:
+    """The file key of buffer `kind` ("lut", "indices", "scale", "centroids") of weight `name`: `<name>.weight_lut`
+    for a module's `weight`, `<module>.<param>_lut` (= `<name>_lut`) for another parameter (see nn.weights)."""
+    weight_key = f"{name}.{buffer_name('weight', kind)}"
+    other = f"{name}_{kind}"
+    if find_tensor(tensors, weight_key) is None and find_tensor(tensors, other) is not None:
+        return other
+    return weight_key
+
+
+def is_palettized_key(key: str) -> bool:
+    """Whether a file key looks like a palettized buffer (of a module's weight, or an `*_lut` of another parameter)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in ("weight_lut", "weight_indices", "weight_scale") or last.endswith("_lut")
+
+
 def checksum(tensor: torch.Tensor) -> str:
     """CRC-32 of a tensor's bytes (8 hex digits): ~1 GB/s, so checking a 4-bit 135M-weight model costs ~70 ms."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
@@ -45,11 +62,16 @@ def checksum(tensor: torch.Tensor) -> str:
 def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
     """The safetensors metadata of a checkpoint being saved: its format, and a checksum per palettized tensor."""
     metadata = {FORMAT_KEY: record.format, VERSION_KEY: str(record.format_version)}
-    for name, module in model.named_modules():
-        if isinstance(module, PalettizedMixin) and module.tied_source is None:
-            for buffer in BUFFERS:
+    for module_name, module in model.named_modules():
+        if not isinstance(module, PalettizedMixin):
+            continue
+        for weight in module.palettized_weights.values():
+            if weight.tied_source is not None:
+                continue
+            for buffer in weight.buffer_names():
                 if module._buffers.get(buffer) is not None:
-                    metadata[f"{CHECKSUM_PREFIX}{name}.{buffer}"] = checksum(module._buffers[buffer])
+                    key = f"{module_name}.{buffer}" if module_name else buffer
+                    metadata[f"{CHECKSUM_PREFIX}{key}"] = checksum(module._buffers[buffer])
     return metadata
 
 
@@ -97,23 +119,24 @@ def check_palettized_headers(
     for name, layout in layouts.items():
         if layout.tied_to is not None:
             continue
-        dense = find_tensor(tensors, f"{name}.weight")
+        dense = find_tensor(tensors, f"{name}.weight") or tensors.get(name)
         if dense is not None:
             raise PalettizedCheckpointError(
-                f"{dense.name}: palettized module {name!r} must store weight_lut/weight_indices, not a dense weight"
+                f"{dense.name}: palettized module {name!r} must store its LUT and packed indices, not a dense weight"
             )
-        expected = {"weight_lut": (lut, layout.lut_shape), "weight_indices": ("U8", (layout.packed_bytes,))}
-        scale = find_tensor(tensors, f"{name}.weight_scale")
+        keys = {kind: state_key(tensors, name, kind) for kind in ("lut", "indices", "scale")}
+        expected = {keys["lut"]: (lut, layout.lut_shape), keys["indices"]: ("U8", (layout.packed_bytes,))}
+        scale = find_tensor(tensors, keys["scale"])
         if layout.per_channel_scale:
-            expected["weight_scale"] = (lut, layout.scale_shape)
+            expected[keys["scale"]] = (lut, layout.scale_shape)
         elif scale is not None:
             raise PalettizedCheckpointError(
                 f"{scale.name}: module {name!r} has per_channel_scale=False in config.json but the file stores a scale"
             )
-        for suffix, (dtype, shape) in expected.items():
-            entry = find_tensor(tensors, f"{name}.{suffix}")
+        for key, (dtype, shape) in expected.items():
+            entry = find_tensor(tensors, key)
             if entry is None:
-                raise PalettizedCheckpointError(f"{name}.{suffix}: missing from the checkpoint files")
+                raise PalettizedCheckpointError(f"{key}: missing from the checkpoint files")
             claimed.add(entry.name)
             if entry.dtype != dtype:
                 raise PalettizedCheckpointError(
@@ -127,7 +150,7 @@ def check_palettized_headers(
                     f"cluster_dim={layout.cluster_dim}, groups={layout.groups}, weight shape {list(layout.shape)}"
                 )
     for name in tensors:
-        if name.rsplit(".", 1)[-1] in BUFFERS and name not in claimed:
+        if is_palettized_key(name) and name not in claimed:
             raise PalettizedCheckpointError(
                 f"{name}: a palettized buffer of a module that config.json does not list as palettized"
             )
@@ -156,8 +179,9 @@ def carries_training_state(header: SafetensorsHeader, layouts: dict[str, Layout]
     whose config.json declares DKM (False: initialise from the weights). Partial state is an error naming the
     modules that lack it."""
     owners = {n: lay for n, lay in layouts.items() if lay.tied_to is None}
-    wanted = {f"{n}.centroids": lay.lut_shape for n, lay in owners.items()}
-    wanted |= {f"{n}.weight_scale": lay.scale_shape for n, lay in owners.items() if lay.per_channel_scale}
+    tensors = header.tensors
+    wanted = {state_key(tensors, n, "centroids"): lay.lut_shape for n, lay in owners.items()}
+    wanted |= {state_key(tensors, n, "scale"): lay.scale_shape for n, lay in owners.items() if lay.per_channel_scale}
     found = {key: find_tensor(header.tensors, key) for key in wanted}
     if not any(found.values()):
         if header.metadata.get(FORMAT_KEY) == "train":
@@ -187,20 +211,25 @@ def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
     """After loading: finite values, zero padding bits, and the checksums recorded in the files' metadata."""
     checksums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
     for name, module in model.named_modules():
-        if isinstance(module, DKMMixin) and "centroids" in module._buffers:
-            _check_finite(name, module, ("centroids", "weight_scale"))
-        if not isinstance(module, PalettizedMixin) or module.tied_source is not None:
+        if isinstance(module, DKMMixin):
+            for weight in module.dkm_weights.values():
+                _check_finite(name, module, weight.state_names())
+        if not isinstance(module, PalettizedMixin):
             continue
-        _check_finite(name, module, ("weight_lut", "weight_scale"))
-        _check_padding(name, module)
-        for buffer in BUFFERS:
-            tensor = module._buffers.get(buffer)
-            recorded = _lookup(checksums, f"{name}.{buffer}")
-            if tensor is not None and recorded is not None and checksum(tensor) != recorded:
-                raise PalettizedCheckpointError(
-                    f"{name}.{buffer}: checksum {checksum(tensor)} does not match the {recorded} recorded when it was "
-                    "saved (the file is damaged or was altered)"
-                )
+        for weight in module.palettized_weights.values():
+            if weight.tied_source is not None:
+                continue
+            _check_finite(name, module, (weight.buffer("lut"), weight.buffer("scale")))
+            _check_padding(name, weight)
+            for buffer in weight.buffer_names():
+                tensor = module._buffers.get(buffer)
+                key = f"{name}.{buffer}" if name else buffer
+                recorded = _lookup(checksums, key)
+                if tensor is not None and recorded is not None and checksum(tensor) != recorded:
+                    raise PalettizedCheckpointError(
+                        f"{key}: checksum {checksum(tensor)} does not match the {recorded} recorded when it was "
+                        "saved (the file is damaged or was altered)"
+                    )
 
 
 def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...]) -> None:
@@ -211,7 +240,7 @@ def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...]) -> Non
             raise PalettizedCheckpointError(f"{name}.{buffer}: {bad} value(s) are NaN or infinite")
 
 
-def _check_padding(name: str, module: PalettizedMixin) -> None:
+def _check_padding(name: str, module) -> None:
     """Every b-bit field is < 2**b by construction, so the index range cannot be violated; the padding bits of the
     last 8-index block are the part of the bytes the format pins down, and a flipped one means a damaged file."""
     layout = module.layout
@@ -220,7 +249,8 @@ def _check_padding(name: str, module: PalettizedMixin) -> None:
         tail = unpack_indices(module.weight_indices[-layout.bits :], layout.bits, 8)[used:]
         if bool(tail.any()):
             raise PalettizedCheckpointError(
-                f"{name}.weight_indices: non-zero padding bits after index {layout.vectors - 1} (damaged file)"
+                f"{name}.{module.buffer('indices')}: non-zero padding bits after index {layout.vectors - 1} "
+                "(damaged file)"
             )
 
 

@@ -36,11 +36,11 @@ import transformers
 from torch import nn
 
 from ..nn.dkm import dkm_modules
-from ..nn.palettized import PalettizedMixin, palettized_modules
+from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
+from ..nn.weights import swap_class, weight_name
 from ..ops.packing import unpack_indices
 
 METADATA_KEY = "dkm_hf.weights"  # user_defined_metadata: JSON {module name: its constexpr_lut_to_dense op}
-_HOOK_ATTRS = ("forward", "_hf_hook", "_old_forward")  # accelerate's per-instance attributes
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def coreml_target(target=None):
     return target
 
 
-def _problem(module: PalettizedMixin, ios18: bool, ios16: bool) -> str | None:
+def _problem(module: PalettizedWeight, ios18: bool, ios16: bool) -> str | None:
     """Why Core ML at this target cannot hold `module`'s layout, or None."""
     lay = module.layout
     if not ios16:
@@ -115,7 +115,7 @@ def _vector_axis(shape: tuple[int, ...], transposed: bool, d: int) -> int | None
     return rest[-1] if shape[rest[-1]] % d == 0 else None
 
 
-def coreml_weight(module: PalettizedMixin, index_bits: int) -> CoreMLWeight:
+def coreml_weight(module: PalettizedWeight, index_bits: int) -> CoreMLWeight:
     """`module`'s LUT, indices and scale laid out on its weight's own axes (`index_bits` >= its bits: padded LUT)."""
     lay = module.layout
     rank, k = len(lay.shape), lay.n_clusters
@@ -281,24 +281,32 @@ class _Exported(nn.Module):
 
 @contextlib.contextmanager
 def _plain_modules(model: nn.Module):
-    """Swap every palettized module for its plain type with an uninitialised weight (one per tie) while exporting."""
-    modules = palettized_modules(model)
+    """Every module holding palettized weights back in its own class with an uninitialised placeholder parameter
+    (one per tie) in place of each palettized weight, while exporting; put back as it was afterwards."""
+    weights = palettized_modules(model)
     placeholders: dict[int, nn.Parameter] = {}
-    for _, m in sorted(modules, key=lambda item: item[1].tied_source is not None):
-        source = m.tied_source if m.tied_source is not None else m
+    for _, w in weights:
+        source = w.tied_source if w.tied_source is not None else w
         if id(source) not in placeholders:
             placeholders[id(source)] = nn.Parameter(torch.empty(source.layout.shape), requires_grad=False)
+    modules = [m for _, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+    saved = [(m, type(m), dict(m._buffers), m.palettized_weights) for m in modules]
     try:
-        for name, m in modules:
-            plain = m.unwrap()
-            for attr in _HOOK_ATTRS:
-                plain.__dict__.pop(attr, None)
-            plain.weight = placeholders[id(m.tied_source if m.tied_source is not None else m)]
-            model.set_submodule(name, plain)
+        for module in modules:
+            params = {
+                p: placeholders[id(w.tied_source if w.tied_source is not None else w)]
+                for p, w in module.palettized_weights.items()
+            }
+            module.detach_palettized(params)
         yield
     finally:
-        for name, m in modules:
-            model.set_submodule(name, m)
+        for module, cls, buffers, states in saved:
+            for param in states:
+                module._parameters.pop(param, None)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.palettized_weights = states
+            swap_class(module, cls)
 
 
 def load_palettized(directory: str) -> nn.Module:
@@ -371,9 +379,10 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
         number.setdefault(id(weight), len(number))
     by_arg = {}
     for arg, param in exported.graph_signature.inputs_to_parameters.items():
-        module = param.removeprefix("model.").removesuffix(".weight")
-        if module in weights and param == f"model.{module}.weight":
-            by_arg[arg] = (number[id(weights[module])], weights[module])
+        module, _, name = param.removeprefix("model.").rpartition(".")
+        clustered = weight_name(module, name)
+        if clustered in weights:
+            by_arg[arg] = (number[id(weights[clustered])], weights[clustered])
     inputs = [
         ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32 if t.is_floating_point() else np.int32)
         for n, t in example_inputs.items()

@@ -48,7 +48,8 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def gathered_by_unit(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> Iterator[tuple[str, nn.Module]]:
-    """`modules` ((name, module) pairs of `model`) again, grouped by the FSDP2 unit that holds their parameters (the
+    """`modules` ((name, module or clustered weight) pairs of `model`) again, grouped by the FSDP2 unit that holds
+    their parameters (the
     nearest sharded module at or above them), each group while only its unit is whole. Collective: every rank must
     run it to the end with the same modules. For a model that is not sharded: the modules, nothing gathered."""
     owner: dict[int, nn.Module | None] = {}
@@ -62,7 +63,8 @@ def gathered_by_unit(model: nn.Module, modules: Iterable[tuple[str, nn.Module]])
     walk(model, None)
     groups: dict[int, tuple[nn.Module | None, list[tuple[str, nn.Module]]]] = {}
     for name, module in modules:
-        unit = owner.get(id(module))
+        holder = module if isinstance(module, nn.Module) else module.module  # a clustered weight: its module
+        unit = owner.get(id(holder))
         groups.setdefault(id(unit), (unit, []))[1].append((name, module))
     for unit, group in groups.values():
         if unit is not None:

@@ -21,8 +21,9 @@ from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..nn.layout import LUT_DTYPES, Layout, layouts_from_records
+from ..nn.weights import is_transposed, split_name
 from ..surgery import model as surgery
-from ..surgery.convert import init_centroids, is_transposed, to_dense, to_dkm, to_shells
+from ..surgery.convert import init_centroids, to_dense, to_dkm, to_shells
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -67,20 +68,21 @@ class DKMHfQuantizer(HfQuantizer):
         if config.record.format == "palettized":
             layouts = layouts_from_records(config.record.modules, lambda name: _transposed(model, name))
             check_palettized_headers(header, layouts, config.lut_dtype, model)
-            for module in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
-                mark_initialized(module)
-            untie(model, [name for name, layout in layouts.items() if layout.tied_to is not None])
+            tied = [_param_key(model, name) for name, layout in layouts.items() if layout.tied_to is not None]
+            for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
+                mark_initialized(weight.module)
+            untie(model, tied)
             return model
-        modules = to_dkm(model, config, with_state=True)
-        names = {id(m): n for n, m in modules.items()}
+        weights = to_dkm(model, config, with_state=True)
+        names = {id(w): n for n, w in weights.items()}
         layouts = {
-            n: m.layout if m.tied_source is None else _tied(m.layout, names[id(m.tied_source)])
-            for n, m in modules.items()
+            n: w.layout if w.tied_source is None else _tied(w.layout, names[id(w.tied_source)])
+            for n, w in weights.items()
         }
         self.init_after_load = not carries_training_state(header, layouts)
         if self.init_after_load:  # a dense checkpoint whose config.json declares DKM
-            for module in modules.values():
-                module.drop_state()
+            for weight in weights.values():
+                weight.drop_state()
         return model
 
     def _read_files(self, model, files: list[str]) -> SafetensorsHeader:
@@ -103,8 +105,8 @@ class DKMHfQuantizer(HfQuantizer):
         if self.init_after_load:
             init_centroids(model)
         else:
-            for _, module in dkm_modules(model):
-                module.dkm_ready = True
+            for _, weight in dkm_modules(model):
+                weight.dkm_ready = True
         return model
 
     def get_state_dict_and_metadata(self, model):
@@ -145,9 +147,19 @@ class DKMHfQuantizer(HfQuantizer):
 
 def _transposed(model: nn.Module, name: str) -> bool:
     try:
-        return is_transposed(model.get_submodule(name))
+        module_name, param = split_name(model, name)
     except AttributeError:
-        return False  # reported by to_shells, naming the module
+        return False  # reported by to_shells, naming the weight
+    return is_transposed(model.get_submodule(module_name), param)
+
+
+def _param_key(model: nn.Module, name: str) -> str:
+    """The state-dict key of weight `name`'s parameter (`module.param`)."""
+    try:
+        module_name, param = split_name(model, name)
+    except AttributeError:
+        return f"{name}.weight"
+    return f"{module_name}.{param}" if module_name else param
 
 
 def _tied(layout: Layout, source: str) -> Layout:

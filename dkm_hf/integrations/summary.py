@@ -11,8 +11,7 @@ from typing import Any
 
 from ..errors import PalettizedCheckpointError
 from ..nn.layout import Layout, layouts_from_records
-from ..nn.palettized import BUFFERS
-from .checkpoint_checks import find_tensor, guess_transposed
+from .checkpoint_checks import find_tensor, guess_transposed, state_key
 from .safetensors_files import FLOAT_DTYPES, TensorEntry, checkpoint_files, read_headers
 
 
@@ -27,8 +26,12 @@ class CheckpointSummary:
     files: list[str]
 
     def stored(self, name: str) -> dict[str, TensorEntry]:
-        """The palettized tensors module `name` stores on disk ({} for a tied module)."""
-        entries = {buffer: find_tensor(self.tensors, f"{name}.{buffer}") for buffer in BUFFERS}
+        """The palettized tensors weight `name` stores on disk, by kind ("weight_lut", "weight_indices",
+        "weight_scale"; {} for a tied weight)."""
+        entries = {
+            f"weight_{kind}": find_tensor(self.tensors, state_key(self.tensors, name, kind))
+            for kind in ("lut", "indices", "scale")
+        }
         return {buffer: entry for buffer, entry in entries.items() if entry is not None}
 
     def bytes_on_disk(self, name: str) -> int:

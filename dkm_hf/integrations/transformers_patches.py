@@ -58,12 +58,12 @@ def register(config_cls: type, quantizer_cls: type) -> None:
         register_quantizer("dkm")(quantizer_cls)
 
 
-def untie(model: nn.Module, names: list[str]) -> None:
-    """(4) Drop `<name>.weight` of these (palettized, tied) modules from transformers' tie map."""
+def untie(model: nn.Module, keys: list[str]) -> None:
+    """(4) Drop these parameters (palettized, tied: `module.param`) from transformers' tie map."""
     declared = getattr(model, "all_tied_weights_keys", None)
     if declared:
-        for name in names:
-            declared.pop(f"{name}.weight", None)
+        for key in keys:
+            declared.pop(key, None)
 
 
 def mark_initialized(module: nn.Module) -> None:

@@ -1,9 +1,12 @@
-"""Training-time DKM modules: drop-in variants of every registered type (Linear, Conv, Conv1D, Embedding).
+"""Training-time DKM: a clustered weight (`DKMWeight`) and the module that holds it (`DKMMixin`).
 
-A DKM module keeps its float `weight` parameter (the optimiser trains it as usual) and a float32 `centroids` buffer
-(groups, 2**bits, cluster_dim) carried from step to step. In `train()` its forward uses the soft-clustered weight
-W~ = A C (differentiable); in `eval()` the hard weight (each vector snapped to its nearest centroid, rounded to the
-LUT dtype: exactly what the palettized checkpoint will hold), cached until the weight or the centroids change.
+A clustered weight keeps its float parameter (the optimiser trains it as usual, every state-dict key is unchanged)
+and gets a float32 centroid buffer (groups, 2**bits, cluster_dim) carried from step to step. The module keeps its own
+class and forward (`weights.variant_class`); only while its forward runs, each clustered parameter reads as the
+soft-clustered weight W~ = A C in `train()` (differentiable) or the hard weight in `eval()` (each vector snapped to
+its nearest centroid, rounded to the LUT dtype: exactly what the palettized checkpoint will hold). Outside the
+forward the parameter is the plain parameter: initialisation, ties, optimisers, FSDP2 and state dicts see nothing
+new. The weight read inside the forward is an instance attribute that shadows the parameter for that call only.
 
 One soft weight per step. The soft weight is computed once and reused until its gradient has been computed (or the
 weight, the centroids or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, a
@@ -13,6 +16,8 @@ advance only in forwards that record gradients; a `no_grad` forward in train mod
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -21,12 +26,20 @@ from ..ops.buckets import bucket_dtype_for
 from ..ops.dkm import dkm_cluster
 from ..ops.kmeans import kmeans_init
 from .layout import ClusterSettings, Layout
-from .registry import apply_keeping_dtype, functional_forward, module_type, set_tie, swap_class, variant_class
+from .weights import (
+    _rebuild,
+    apply_keeping_dtype,
+    base_class,
+    buffer_name,
+    set_tie,
+    swap_class,
+    variant_class,
+    weight_name,
+)
 
 # With at least this many weights per LUT group, cluster_dim 1 uses the uniquified path (benchmarks/dkm_paths.py).
 UNIQUIFY_MIN_WEIGHTS = 1 << 13
-STATE_BUFFERS = ("centroids", "weight_scale")  # float32, whatever the weight's dtype
-_ATTRS = ("layout", "settings", "dkm_seed", "dkm_enabled", "dkm_ready", "soft_eval", "tied_source", "_soft", "_hard")
+STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
 _SCALE_FLOOR = 1e-12
 _VAR_FLOOR = 1e-24
 
@@ -45,71 +58,70 @@ def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
     return tensor
 
 
-class DKMMixin:
-    """The DKM state and logic shared by every clustered module type."""
+class DKMWeight:
+    """The DKM state of one clustered parameter `param` of `module`: its layout, loop settings and centroids."""
 
-    prefix = "DKM"
-    layout: Layout
-    settings: ClusterSettings
-    centroids: torch.Tensor
-    tied_source: DKMMixin | None
-
-    @classmethod
-    def wrap(
-        cls,
+    def __init__(
+        self,
         module: nn.Module,
+        param: str,
         layout: Layout,
         settings: ClusterSettings,
         seed: int = 0,
-        tied_source: DKMMixin | None = None,
-        with_state: bool = True,
-    ) -> DKMMixin:
-        """The DKM variant of `module`, sharing its parameters. `with_state=False` registers no centroid buffers yet
-        (a dense checkpoint is about to load: `init_centroids` creates them from the loaded weights)."""
-        new = swap_class(module, variant_class(cls, module_type(module).base))
-        new.layout, new.settings, new.dkm_seed = layout, settings, seed
-        new.dkm_enabled, new.dkm_ready, new.soft_eval = True, tied_source is not None, False
-        new._soft = new._hard = None  # (cache key, weight)
-        set_tie(new, tied_source)
-        if tied_source is None and with_state:
-            new._register_state()
-        return new
+        tied_source: DKMWeight | None = None,
+    ):
+        self.module, self.param = module, param
+        self.layout, self.settings, self.dkm_seed = layout, settings, seed
+        self.dkm_enabled, self.dkm_ready, self.soft_eval = True, tied_source is not None, False
+        self._soft = self._hard = None  # (cache key, weight)
+        set_tie(self, tied_source)
 
-    def unwrap(self) -> nn.Module:
-        """The plain module of the registered type, sharing this one's parameters, without any DKM state."""
-        return swap_class(self, module_type(self).base, STATE_BUFFERS, _ATTRS)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_soft": None, "_hard": None}  # cached weights belong to one autograd graph
 
-    def _register_state(self) -> None:
+    # -- state -----------------------------------------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float parameter (never the clustered weight a running forward reads)."""
+        return self.module._parameters[self.param]
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self.module._buffers[buffer_name(self.param, "centroids")]
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.module._buffers[buffer_name(self.param, "scale")]
+
+    @property
+    def has_state(self) -> bool:
+        return buffer_name(self.param, "centroids") in self.module._buffers
+
+    def state_names(self) -> tuple[str, ...]:
+        """The module's buffers of this weight's DKM state."""
+        return tuple(buffer_name(self.param, kind) for kind in STATE_KINDS)
+
+    def register_state(self) -> None:
         options = {"device": self.weight.device, "dtype": torch.float32}
-        self.register_buffer("centroids", torch.zeros(self.layout.lut_shape, **options))
+        self.module.register_buffer(
+            buffer_name(self.param, "centroids"), torch.zeros(self.layout.lut_shape, **options)
+        )
         if self.layout.per_channel_scale:
-            self.register_buffer("weight_scale", torch.ones(self.layout.scale_shape, **options))
+            self.module.register_buffer(
+                buffer_name(self.param, "scale"), torch.ones(self.layout.scale_shape, **options)
+            )
 
     def drop_state(self) -> None:
         """Forget the centroids (and scales): the next `init_centroids` makes them from the weight."""
-        for name in STATE_BUFFERS:
-            self._buffers.pop(name, None)
+        for name in self.state_names():
+            self.module._buffers.pop(name, None)
         self.dkm_ready = self.tied_source is not None
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the cached soft and hard weights."""
         self._soft = self._hard = None
 
-    def _apply(self, fn, recurse=True):
-        apply_keeping_dtype(self, fn, STATE_BUFFERS, lambda f: super(DKMMixin, self)._apply(f, recurse))
-        self._soft = self._hard = None
-        return self
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "centroids" in state_dict:
-            self.dkm_ready = True
-            self._soft = self._hard = None
-
-    def train(self, mode: bool = True):
-        # Fused optimisers update weights without bumping their version counter: a mode switch (the boundary
-        # between training and evaluation) always drops the cached weights.
-        self._soft = self._hard = None
-        return super().train(mode)
-
-    # -- state -----------------------------------------------------------------------------------------------------
     @property
     def implementation(self) -> str:
         if self.settings.implementation != "auto":
@@ -119,28 +131,36 @@ class DKMMixin:
 
     def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The (groups, n, d) float32 vectors that are clustered (divided by the per-channel scale if any), of the
-        module's weight (detached) or of `weight`."""
+        parameter (detached) or of `weight`."""
         rows = self.layout.to_rows((self.weight.detach() if weight is None else weight).float())
         if self.layout.per_channel_scale:
             rows = rows / self.weight_scale
         return self.layout.to_vectors(rows)
 
     @torch.no_grad()
+    def init_scale(self) -> None:
+        """Per-channel scales (if the layout has them) from the current weight; registers the state if missing."""
+        if not self.has_state:
+            self.register_state()
+        if self.layout.per_channel_scale:
+            rows = self.layout.to_rows(self.weight.detach().float())
+            self.weight_scale.copy_(rows.abs().amax(1, keepdim=True).clamp_min(_SCALE_FLOOR))
+
+    @torch.no_grad()
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        self.centroids.copy_(centroids.to(self.centroids.device))
+        self.dkm_ready = True
+        self.forget()
+
+    @torch.no_grad()
     def init_centroids(self, seed: int | None = None) -> None:
         """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd."""
         if self.tied_source is not None:
             return
-        if "centroids" not in self._buffers:
-            self._register_state()
-        if self.layout.per_channel_scale:
-            rows = self.layout.to_rows(self.weight.detach().float())
-            self.weight_scale.copy_(rows.abs().amax(1, keepdim=True).clamp_min(_SCALE_FLOOR))
+        self.init_scale()
         seed = self.dkm_seed if seed is None else seed
         restarts = self.settings.kmeans_restarts
-        centroids = kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed, restarts=restarts)
-        self.centroids.copy_(centroids.to(self.centroids.device))
-        self.dkm_ready = True
-        self._soft = self._hard = None
+        self.set_centroids(kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed, restarts=restarts))
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def clustered_weight(self) -> torch.Tensor:
@@ -151,7 +171,7 @@ class DKMMixin:
             return self.weight
         if not self.dkm_ready:
             self.init_centroids()
-        if self.training:
+        if self.module.training:
             return self.soft_weight()
         return self.soft_weight(update=False) if self.soft_eval else self.hard_weight()
 
@@ -223,19 +243,144 @@ class DKMMixin:
             self._hard = (key, hard)
         return self._hard[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return functional_forward(self, x, self.clustered_weight())
-
-    def extra_repr(self) -> str:
+    def describe(self) -> str:
         lay, s = self.layout, self.settings
-        tied = f", tied to {type(self.tied_source).__name__}" if self.tied_source is not None else ""
+        tied = ", tied" if self.tied_source is not None else ""
         tau = f"{s.tau:g}" + (" x var" if s.tau_scale == "variance" else "")
         return (
-            f"{super().extra_repr()}, dkm(bits={lay.bits}, cluster_dim={lay.cluster_dim}, groups={lay.groups}, "
-            f"tau={tau}, per_channel_scale={lay.per_channel_scale}{tied})"
+            f"{self.param}: dkm(bits={lay.bits}, cluster_dim={lay.cluster_dim}, groups={lay.groups}, tau={tau}, "
+            f"per_channel_scale={lay.per_channel_scale}{tied})"
         )
 
 
-def dkm_modules(model: nn.Module) -> list[tuple[str, DKMMixin]]:
-    """(name, module) for every DKM module in `model`."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DKMMixin)]
+class DKMMixin:
+    """The class mixed into a module holding DKM-clustered weights (`module.dkm_weights`: parameter -> DKMWeight).
+
+    `isinstance(m, DKMMixin)` finds them; `type(m)` is a subclass of the module's own class. For a module with one
+    clustered weight the per-weight API (`m.layout`, `m.hard_weight()`, `m.centroids`, ...) reads that weight's.
+    """
+
+    prefix = "DKM"
+    dkm_weights: dict[str, DKMWeight]
+
+    @classmethod
+    def class_attributes(cls, params: tuple[str, ...]) -> dict:
+        return {}
+
+    @classmethod
+    def attach(cls, module: nn.Module, weights: dict[str, DKMWeight]) -> nn.Module:
+        """Make `module` (in place) hold the DKM weights `weights` in addition to any it holds already."""
+        current = dict(getattr(module, "dkm_weights", {}))
+        current.update(weights)
+        swap_class(module, variant_class(cls, base_class(module), tuple(sorted(current))))
+        module.dkm_weights = current
+        return module
+
+    def detach_dkm(self) -> nn.Module:
+        """The module back in its own class, its parameters kept, every DKM buffer and attribute dropped."""
+        for state in self.dkm_weights.values():
+            for name in state.state_names():
+                self._buffers.pop(name, None)
+        del self.dkm_weights
+        swap_class(self, base_class(self))
+        return self
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (__name__, "DKMMixin", base_class(self), type(self)._dkm_params), self.__getstate__())
+
+    def _state_names(self) -> tuple[str, ...]:
+        return tuple(name for w in self.dkm_weights.values() for name in w.state_names())
+
+    def _forget(self) -> None:
+        for state in self.dkm_weights.values():
+            state.forget()
+
+    def _apply(self, fn, recurse=True):
+        apply_keeping_dtype(self, fn, self._state_names(), lambda f: super(DKMMixin, self)._apply(f, recurse))
+        self._forget()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for state in self.dkm_weights.values():
+            if prefix + buffer_name(state.param, "centroids") in state_dict:
+                state.dkm_ready = True
+                state.forget()
+
+    def train(self, mode: bool = True):
+        # Fused optimisers update weights without bumping their version counter: a mode switch (the boundary
+        # between training and evaluation) always drops the cached weights.
+        self._forget()
+        return super().train(mode)
+
+    @contextlib.contextmanager
+    def clustered_parameters(self):
+        """Within the context, each clustered parameter reads as its clustered weight (an instance attribute that
+        shadows the parameter; the parameter itself is untouched)."""
+        shadow = {p: w.clustered_weight() for p, w in self.dkm_weights.items() if w.dkm_enabled}
+        self.__dict__.update(shadow)
+        try:
+            yield
+        finally:
+            for p in shadow:
+                self.__dict__.pop(p, None)
+
+    def forward(self, *args, **kwargs):
+        with self.clustered_parameters():
+            return super().forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([super().extra_repr(), *(w.describe() for w in self.dkm_weights.values())]).strip(", ")
+
+    # -- the per-weight API of a module with one clustered weight ----------------------------------------------------
+    def _only(self) -> DKMWeight:
+        if len(self.dkm_weights) != 1:
+            raise AttributeError(
+                f"{type(self).__name__} clusters {len(self.dkm_weights)} weights ({sorted(self.dkm_weights)}): use "
+                "module.dkm_weights[name]"
+            )
+        return next(iter(self.dkm_weights.values()))
+
+    layout = property(lambda self: self._only().layout)
+    settings = property(lambda self: self._only().settings)
+    # the module whose weight this one shares (its weight's `tied_source` is that weight)
+    tied_source = property(lambda self: getattr(self._only().tied_source, "module", None))
+    implementation = property(lambda self: self._only().implementation)
+    dkm_ready = property(lambda self: self._only().dkm_ready)
+    dkm_enabled = property(
+        lambda self: self._only().dkm_enabled, lambda self, value: setattr(self._only(), "dkm_enabled", value)
+    )
+    soft_eval = property(
+        lambda self: self._only().soft_eval, lambda self, value: setattr(self._only(), "soft_eval", value)
+    )
+
+    def hard_weight(self) -> torch.Tensor:
+        return self._only().hard_weight()
+
+    def soft_weight(self, update: bool = True) -> torch.Tensor:
+        return self._only().soft_weight(update)
+
+    def clustered_weight(self) -> torch.Tensor:
+        return self._only().clustered_weight()
+
+    def init_centroids(self, seed: int | None = None) -> None:
+        self._only().init_centroids(seed)
+
+    def assignments(self) -> torch.Tensor:
+        return self._only().assignments()
+
+    def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self._only().vectors(weight)
+
+    def temperature(self, vectors: torch.Tensor | None = None):
+        return self._only().temperature(vectors)
+
+
+def dkm_modules(model: nn.Module) -> list[tuple[str, DKMWeight]]:
+    """(name, state) of every DKM-clustered weight of `model`, in model order (names as `weights.weight_name`)."""
+    return [
+        (weight_name(module_name, param), state)
+        for module_name, module in model.named_modules()
+        if isinstance(module, DKMMixin)
+        for param, state in module.dkm_weights.items()
+    ]

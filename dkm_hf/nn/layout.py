@@ -1,7 +1,9 @@
 """`Layout`: how one clustered weight is cut into LUT groups and vectors, and how it is recorded in config.json.
 
 A weight is seen as (channels, features) rows: channels are output channels (rows of a Linear, filters of a Conv,
-columns of transformers' Conv1D, which stores (in, out), tokens of an Embedding). Vectors of `cluster_dim` values
+columns of transformers' Conv1D, which stores (in, out), tokens of an Embedding). A stacked 3-D parameter (the
+experts of a mixture-of-experts layer, (experts, out, in)) has `channel_dims=2`: its channels are the rows of every
+expert, and its LUT groups never straddle two experts (at least one LUT per expert). Vectors of `cluster_dim` values
 run along the features of one channel; LUT group g holds channels [g * C/G, (g + 1) * C/G). A palettized weight is
 
     lut      (groups, 2**bits, cluster_dim)       the centroids
@@ -25,6 +27,7 @@ from ..errors import PalettizedCheckpointError
 from ..ops.packing import packed_size
 
 RECORD_KEYS = ("bits", "cluster_dim", "groups", "shape", "per_channel_scale")
+OPTIONAL_RECORD_KEYS = ("channel_dims",)  # written only when not 1
 LUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -36,7 +39,8 @@ class Layout:
     groups: int = 1
     per_channel_scale: bool = False
     transposed: bool = False  # transformers' Conv1D: the weight is stored (features, channels)
-    tied_to: str | None = None  # the module whose LUT and indices this one shares
+    tied_to: str | None = None  # the weight whose LUT and indices this one shares
+    channel_dims: int = 1  # leading dimensions that index channels (2 for stacked experts)
 
     @classmethod
     def for_weight(
@@ -48,10 +52,13 @@ class Layout:
         per_channel_scale: bool = False,
         transposed: bool = False,
         name: str = "",
+        channel_dims: int = 1,
     ) -> Layout:
-        """The layout of a weight of `shape`; a ValueError names the module when the geometry does not fit."""
-        layout = cls(tuple(shape), bits, cluster_dim, 1, per_channel_scale, transposed)
-        where = name or "the module"
+        """The layout of a weight of `shape`; a ValueError names the weight when the geometry does not fit.
+
+        With `channel_dims=2` (stacked experts) there is at least one LUT group per expert."""
+        layout = cls(tuple(shape), bits, cluster_dim, 1, per_channel_scale, transposed, None, channel_dims)
+        where = name or "the weight"
         if layout.features % cluster_dim:
             raise ValueError(
                 f"cluster_dim={cluster_dim} does not divide the {layout.features} features per channel of {where} "
@@ -64,7 +71,13 @@ class Layout:
                     f"(weight shape {tuple(shape)})"
                 )
             layout = replace(layout, groups=layout.channels // group_size)
-        return layout
+        stacks = layout.stacks
+        if layout.groups % stacks:
+            raise ValueError(
+                f"group_size={group_size} makes LUT groups that straddle the {stacks} experts of {where} (weight "
+                f"shape {tuple(shape)}): choose a group size that divides {layout.channels // stacks}"
+            )
+        return replace(layout, groups=max(layout.groups, stacks))
 
     # -- sizes --------------------------------------------------------------------------------------------------------
     @property
@@ -73,7 +86,12 @@ class Layout:
 
     @property
     def channels(self) -> int:
-        return self.shape[1] if self.transposed else self.shape[0]
+        return self.shape[1] if self.transposed else math.prod(self.shape[: self.channel_dims])
+
+    @property
+    def stacks(self) -> int:
+        """How many stacked weights (experts) the parameter holds: LUT groups never straddle two."""
+        return math.prod(self.shape[: self.channel_dims - 1])
 
     @property
     def features(self) -> int:
@@ -133,19 +151,25 @@ class Layout:
     def to_record(self) -> dict[str, Any]:
         if self.tied_to is not None:
             return {"tied_to": self.tied_to}
-        return {
+        record = {
             "bits": self.bits,
             "cluster_dim": self.cluster_dim,
             "groups": self.groups,
             "shape": list(self.shape),
             "per_channel_scale": self.per_channel_scale,
         }
+        if self.channel_dims != 1:
+            record["channel_dims"] = self.channel_dims
+        return record
 
     @classmethod
     def from_record(cls, name: str, record: Any, transposed: bool = False) -> Layout:
         """Check one untied `quantization_config.modules` record; errors name the module and the field."""
         where = f"config.json: palettized module {name!r}"
-        if not isinstance(record, dict) or set(record) != set(RECORD_KEYS):
+        if not isinstance(record, dict) or not set(RECORD_KEYS) <= set(record) <= {
+            *RECORD_KEYS,
+            *OPTIONAL_RECORD_KEYS,
+        }:
             raise PalettizedCheckpointError(f"{where} has a malformed record {record!r} (expected keys {RECORD_KEYS})")
         for key in ("bits", "cluster_dim", "groups"):
             if not _is_count(record[key]) or record[key] < 1:
@@ -157,6 +181,9 @@ class Layout:
             raise PalettizedCheckpointError(f"{where} has invalid shape {shape!r}")
         if len(shape) < 2 and transposed:
             raise PalettizedCheckpointError(f"{where} has shape {shape}, which cannot be a transposed Conv1D weight")
+        channel_dims = record.get("channel_dims", 1)
+        if not _is_count(channel_dims) or not 1 <= channel_dims < max(2, len(shape)):
+            raise PalettizedCheckpointError(f"{where} has invalid channel_dims {channel_dims!r} for shape {shape}")
         if not isinstance(record["per_channel_scale"], bool):
             raise PalettizedCheckpointError(
                 f"{where} needs a bool 'per_channel_scale', got {record['per_channel_scale']!r}"
@@ -168,8 +195,10 @@ class Layout:
             record["groups"],
             record["per_channel_scale"],
             transposed,
+            None,
+            channel_dims,
         )
-        if layout.features % layout.cluster_dim or layout.channels % layout.groups:
+        if layout.features % layout.cluster_dim or layout.channels % layout.groups or layout.groups % layout.stacks:
             raise PalettizedCheckpointError(
                 f"{where} has cluster_dim={layout.cluster_dim} and groups={layout.groups}, which do not divide its "
                 f"{layout.features} features and {layout.channels} channels"

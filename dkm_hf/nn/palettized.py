@@ -1,12 +1,14 @@
-"""Inference-time palettized modules: a lookup table plus packed b-bit indices in place of the weight.
+"""Inference-time palettized weights: a lookup table plus packed b-bit indices in place of a parameter.
 
-For a clustered module `m` the state dict holds (see `Layout`)
+For a palettized parameter `p` of module `m` the state dict holds (see `Layout`; for `p = weight`: `m.weight_lut`...)
 
-    m.weight_lut      (groups, 2**bits, cluster_dim)   float16 by default
-    m.weight_indices  uint8, the (groups, n) nearest-centroid indices packed by `ops.packing.pack_indices`
-    m.weight_scale    (channels, 1)                    only with per-channel scales
+    m.p_lut      (groups, 2**bits, cluster_dim)   float16 by default
+    m.p_indices  uint8, the (groups, n) nearest-centroid indices packed by `ops.packing.pack_indices`
+    m.p_scale    (channels, 1)                    only with per-channel scales
 
-and the weight is W = from_rows(lut[g, idx] * scale). Two inference modes:
+and the weight is W = from_rows(lut[g, idx] * scale). The module keeps its own class and forward: its class becomes a
+subclass (`weights.variant_class`) in which `p` is a property returning the decoded weight, so the module's own
+forward (and anything else reading `m.p`) sees the weight the checkpoint holds. Two inference modes:
 
     "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's;
     "packed"  keep only LUT + indices in memory and decode in every forward: the smallest memory.
@@ -23,63 +25,89 @@ dtype the weight is decoded to (`compute_dtype`), so a cast model saves the same
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ..ops import native
 from ..ops.packing import unpack_bytes
 from .layout import Layout
-from .registry import apply_keeping_dtype, functional_forward, module_type, set_tie, swap_class, variant_class
+from .weights import (
+    _rebuild,
+    apply_keeping_dtype,
+    base_class,
+    buffer_name,
+    set_tie,
+    swap_class,
+    variant_class,
+    weight_name,
+)
 
 MODES = ("dense", "packed")
 DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
-BUFFERS = ("weight_lut", "weight_indices", "weight_scale")
-_KEPT_DTYPE = ("weight_lut", "weight_scale")
-_ATTRS = ("layout", "inference_mode", "compute_dtype", "tied_source", "_dense")
+KINDS = ("lut", "indices", "scale")
+KEPT_DTYPE_KINDS = ("lut", "scale")
 GEMV_MAX_ROWS = 8  # packed Linear inputs of at most this many rows use the fused LUT gemv (CPU, float32)
-# module -> (state key, native Palette or None); outside the module so copies and pickles never see ctypes objects
+# weight -> (state key, native Palette or None); outside the objects so copies and pickles never see ctypes objects
 _PALETTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The forwards the packed fast paths compute themselves (a subclass with its own forward keeps it).
+_LINEAR_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
 
-class PalettizedMixin:
-    """Shared state of palettized modules; `isinstance(m, nn.Linear)` etc. still holds."""
+class PalettizedWeight:
+    """One palettized parameter `param` of `module`: layout, LUT, packed indices and the decode."""
 
-    prefix = "Palettized"
-    layout: Layout
-    inference_mode: str
-    compute_dtype: torch.dtype
-    tied_source: PalettizedMixin | None
-
-    @classmethod
-    def wrap(
-        cls,
+    def __init__(
+        self,
         module: nn.Module,
+        param: str,
         layout: Layout,
-        lut_dtype: torch.dtype = torch.float16,
-        tied_source: PalettizedMixin | None = None,
-    ) -> PalettizedMixin:
-        """The palettized variant of `module` (a plain module of a registered type), with uninitialised buffers of the
-        right shapes on the weight's device, to be filled by a state dict or `fill`; `module.weight` is dropped."""
-        weight = module.weight
-        new = swap_class(module, variant_class(cls, module_type(module).base))
-        new._parameters.pop("weight", None)
-        new.layout, new.inference_mode, new.compute_dtype, new._dense = layout, "dense", weight.dtype, None
-        set_tie(new, tied_source)
-        if tied_source is None:
-            options = {"device": weight.device}
-            new.register_buffer("weight_lut", torch.empty(layout.lut_shape, dtype=lut_dtype, **options))
-            new.register_buffer("weight_indices", torch.empty(layout.packed_bytes, dtype=torch.uint8, **options))
-            if layout.per_channel_scale:
-                new.register_buffer("weight_scale", torch.empty(layout.scale_shape, dtype=lut_dtype, **options))
-        return new
+        compute_dtype: torch.dtype,
+        tied_source: PalettizedWeight | None = None,
+    ):
+        self.module, self.param, self.layout = module, param, layout
+        self.inference_mode, self.compute_dtype, self._dense = "dense", compute_dtype, None
+        set_tie(self, tied_source)
 
-    def unwrap(self) -> nn.Module:
-        """The plain module of the registered type without any palettized state (and without a weight)."""
-        return swap_class(self, module_type(self).base, BUFFERS, _ATTRS)
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_dense": None}
+
+    def buffer(self, kind: str) -> str:
+        return buffer_name(self.param, kind)
+
+    def register(self, lut_dtype: torch.dtype, device: torch.device) -> None:
+        """Uninitialised buffers of the layout's shapes, to be filled by a state dict or `fill`."""
+        if self.tied_source is not None:
+            return
+        layout, register = self.layout, self.module.register_buffer
+        register(self.buffer("lut"), torch.empty(layout.lut_shape, dtype=lut_dtype, device=device))
+        register(self.buffer("indices"), torch.empty(layout.packed_bytes, dtype=torch.uint8, device=device))
+        if layout.per_channel_scale:
+            register(self.buffer("scale"), torch.empty(layout.scale_shape, dtype=lut_dtype, device=device))
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return tuple(self.buffer(kind) for kind in KINDS)
+
+    @property
+    def weight_lut(self) -> torch.Tensor:
+        return self.module._buffers[self.buffer("lut")]
+
+    @property
+    def weight_indices(self) -> torch.Tensor:
+        return self.module._buffers[self.buffer("indices")]
+
+    @property
+    def weight_scale(self) -> torch.Tensor | None:
+        return self.module._buffers.get(self.buffer("scale"))
+
+    @property
+    def has_scale(self) -> bool:
+        return self.module._buffers.get(self.buffer("scale")) is not None
 
     @torch.no_grad()
     def fill(self, lut: torch.Tensor, packed_indices: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -88,16 +116,6 @@ class PalettizedMixin:
         if scale is not None:
             self.weight_scale.copy_(scale)
         self._dense = None
-
-    def _apply(self, fn, recurse=True):
-        apply = lambda f: super(PalettizedMixin, self)._apply(f, recurse)  # noqa: E731
-        self.compute_dtype = apply_keeping_dtype(self, fn, _KEPT_DTYPE, apply, self.compute_dtype).dtype
-        self._dense = None
-        return self
-
-    @property
-    def has_scale(self) -> bool:
-        return "weight_scale" in self._buffers
 
     def _lut_rows(self, idx: torch.Tensor, first_group, per_group: int) -> torch.Tensor:
         """Turn indices (..., per_group) of consecutive groups starting at `first_group` (an int or a tensor of the
@@ -116,7 +134,7 @@ class PalettizedMixin:
     def decode(self) -> torch.Tensor:
         """The dense weight, in `compute_dtype`, decoded in slices so temporaries stay small."""
         if self.tied_source is not None:
-            return self.tied_source.weight.view(self.layout.shape)
+            return self.tied_source.value().view(self.layout.shape)
         palette = self._native_palette()
         if palette is not None:
             return self.layout.from_rows(native.decode_rows(palette)).contiguous()
@@ -146,8 +164,8 @@ class PalettizedMixin:
 
     @torch.no_grad()
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows `rows` of an untransposed weight (an Embedding's tokens), (len(rows), features), reading only their
-        indices when a row's indices fill whole bytes; otherwise rows of the whole decoded weight."""
+        """Rows `rows` of an untransposed 2-D weight (an Embedding's tokens), (len(rows), features), reading only
+        their indices when a row's indices fill whole bytes; otherwise rows of the whole decoded weight."""
         lay = self.layout
         per_row = lay.features // lay.cluster_dim
         if lay.transposed or self.tied_source is not None:
@@ -168,8 +186,8 @@ class PalettizedMixin:
         return out.to(self.compute_dtype)
 
     def _native_palette(self) -> native.Palette | None:
-        """The native kernels' view of this module's weight (its tied source's LUT and indices for a tied module),
-        decoding to `compute_dtype`; None off CPU, without the kernels, or for what they do not cover."""
+        """The native kernels' view of this weight (its tied source's LUT and indices for a tied weight), decoding
+        to `compute_dtype`; None off CPU, without the kernels, or for what they do not cover."""
         source = self.tied_source if self.tied_source is not None else self
         if source.weight_lut.device.type != "cpu" or not native.enabled():
             return None
@@ -187,19 +205,15 @@ class PalettizedMixin:
         _PALETTES[self] = (key, palette)
         return palette
 
-    def _packed_linear(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The fused LUT gemv of a packed Linear / Conv1D for a few float32 CPU rows of input, or None."""
+    def packed_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The fused LUT gemv y = x W^T + bias for a few float32 CPU rows of input, or None."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.compute_dtype != torch.float32:
             return None
         if x.dim() == 0 or x.numel() > GEMV_MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        kind = module_type(self)
-        if not (kind.base is nn.Linear or kind.transposed):
-            return None
         palette = self._native_palette()
         if palette is None or x.shape[-1] != palette.shape[1]:
             return None
-        bias = self.bias
         if bias is not None and bias.requires_grad and torch.is_grad_enabled():
             return None
         return native.lut_gemv(palette, x, bias.detach() if bias is not None else None)
@@ -207,10 +221,13 @@ class PalettizedMixin:
     def _state_key(self) -> tuple:
         """Changes whenever a buffer is replaced or written (loading a checkpoint does either)."""
         source = self.tied_source if self.tied_source is not None else self
-        return tuple((t.data_ptr(), t._version) for t in source._buffers.values() if t is not None)
+        buffers = source.module._buffers
+        return tuple(
+            (t.data_ptr(), t._version) for t in (buffers.get(n) for n in source.buffer_names()) if t is not None
+        )
 
-    @property
-    def weight(self) -> torch.Tensor:
+    def value(self) -> torch.Tensor:
+        """The weight the module reads: decoded once and kept ("dense"), or decoded now ("packed")."""
         if self.inference_mode == "packed":
             return self.decode()
         key = self._state_key()
@@ -220,29 +237,157 @@ class PalettizedMixin:
             self._dense = ((key, weight._version), weight)
         return self._dense[1]
 
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes held by the kept decoded weight ("dense" mode after a forward), else 0."""
+        return 0 if self._dense is None else self._dense[1].nbytes
+
     def set_inference_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"inference mode must be one of {list(MODES)}, got {mode!r}")
         self.inference_mode, self._dense = mode, None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inference_mode == "packed" and isinstance(self, nn.Embedding) and self.tied_source is None:
-            tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
-            return F.embedding(inverse, self.decode_rows(tokens), None, self.max_norm, self.norm_type)
-        if self.inference_mode == "packed":
-            out = self._packed_linear(x)
-            if out is not None:
-                return out
-        return functional_forward(self, x, self.weight)
-
-    def extra_repr(self) -> str:
+    def describe(self) -> str:
         lay = self.layout
         return (
-            f"shape={lay.shape}, palettized(bits={lay.bits}, cluster_dim={lay.cluster_dim}, groups={lay.groups}, "
-            f"mode={self.inference_mode}{', tied' if self.tied_source is not None else ''})"
+            f"{self.param}: shape={lay.shape}, palettized(bits={lay.bits}, cluster_dim={lay.cluster_dim}, "
+            f"groups={lay.groups}, mode={self.inference_mode}{', tied' if self.tied_source is not None else ''})"
         )
 
 
-def palettized_modules(model: nn.Module) -> list[tuple[str, PalettizedMixin]]:
-    """(name, module) for every palettized module in `model`."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+def _weight_property(param: str) -> property:
+    def get(module):
+        scope = module.__dict__.get("_decode_scope")
+        if scope is not None:  # inside a forward: decode once however often the forward reads the weight
+            if param not in scope:
+                scope[param] = module.palettized_weights[param].value()
+            return scope[param]
+        return module.palettized_weights[param].value()
+
+    return property(get, doc=f"`{param}`, decoded from its LUT and packed indices")
+
+
+class PalettizedMixin:
+    """The class mixed into a module holding palettized weights (`module.palettized_weights`: parameter ->
+    PalettizedWeight); `isinstance(m, nn.Linear)` etc. still holds, and each palettized parameter is a property that
+    decodes it. For a module with one palettized weight, `m.layout`, `m.weight_lut`, ... read that weight's."""
+
+    prefix = "Palettized"
+    palettized_weights: dict[str, PalettizedWeight]
+
+    @classmethod
+    def class_attributes(cls, params: tuple[str, ...]) -> dict:
+        return {param: _weight_property(param) for param in params}
+
+    @classmethod
+    def attach(cls, module: nn.Module, weights: dict[str, PalettizedWeight]) -> nn.Module:
+        """Make `module` (in place) hold the palettized weights `weights`; their parameters are dropped."""
+        for param in weights:
+            module._parameters.pop(param, None)
+        current = dict(getattr(module, "palettized_weights", {}))
+        current.update(weights)
+        swap_class(module, variant_class(cls, base_class(module), tuple(sorted(current))))
+        module.palettized_weights = current
+        return module
+
+    def detach_palettized(self, weights: dict[str, torch.Tensor | None]) -> nn.Module:
+        """The module back in its own class, holding `weights` (parameter -> tensor, or None to leave the parameter
+        out), every palettized buffer and attribute dropped."""
+        for state in self.palettized_weights.values():
+            for name in state.buffer_names():
+                self._buffers.pop(name, None)
+        del self.palettized_weights
+        self.__dict__.pop("_decode_scope", None)
+        swap_class(self, base_class(self))
+        for param, tensor in weights.items():
+            if tensor is not None:
+                setattr(self, param, tensor)
+        return self
+
+    def __reduce_ex__(self, protocol):
+        state = {k: v for k, v in self.__getstate__().items() if k != "_decode_scope"}
+        return (_rebuild, (__name__, "PalettizedMixin", base_class(self), type(self)._dkm_params), state)
+
+    def _apply(self, fn, recurse=True):
+        kept = tuple(w.buffer(kind) for w in self.palettized_weights.values() for kind in KEPT_DTYPE_KINDS)
+        apply = lambda f: super(PalettizedMixin, self)._apply(f, recurse)  # noqa: E731
+        first = next(iter(self.palettized_weights.values()))
+        dtype = apply_keeping_dtype(self, fn, kept, apply, first.compute_dtype).dtype
+        for state in self.palettized_weights.values():
+            state.compute_dtype, state._dense = dtype, None
+        return self
+
+    @contextlib.contextmanager
+    def decode_scope(self):
+        """Within the context each palettized parameter is decoded at most once (e.g. a loop over experts)."""
+        if "_decode_scope" in self.__dict__:
+            yield
+            return
+        self.__dict__["_decode_scope"] = {}
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_decode_scope", None)
+
+    def _packed_forward(self, args, kwargs) -> torch.Tensor | None:
+        """The packed fast paths of plain Linear / Conv1D / Embedding forwards, or None."""
+        state = self.palettized_weights.get("weight")
+        if state is None or state.inference_mode != "packed" or kwargs or len(args) != 1:
+            return None
+        (x,) = args
+        forward = base_class(self).forward
+        if forward is nn.Embedding.forward and state.tied_source is None and state.layout.channel_dims == 1:
+            tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
+            return F.embedding(inverse, state.decode_rows(tokens), None, self.max_norm, self.norm_type)
+        if forward in _LINEAR_FORWARDS:
+            return state.packed_linear(x, self.bias)
+        return None
+
+    def forward(self, *args, **kwargs):
+        out = self._packed_forward(args, kwargs)
+        if out is not None:
+            return out
+        with self.decode_scope():
+            return super().forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join([super().extra_repr(), *(w.describe() for w in self.palettized_weights.values())]).strip(", ")
+
+    # -- the per-weight API of a module with one palettized weight ---------------------------------------------------
+    def _only(self) -> PalettizedWeight:
+        if len(self.palettized_weights) != 1:
+            raise AttributeError(
+                f"{type(self).__name__} holds {len(self.palettized_weights)} palettized weights "
+                f"({sorted(self.palettized_weights)}): use module.palettized_weights[name]"
+            )
+        return next(iter(self.palettized_weights.values()))
+
+    layout = property(lambda self: self._only().layout)
+    # the module whose weight this one shares (its weight's `tied_source` is that weight)
+    tied_source = property(lambda self: getattr(self._only().tied_source, "module", None))
+    inference_mode = property(lambda self: self._only().inference_mode)
+    compute_dtype = property(lambda self: self._only().compute_dtype)
+    has_scale = property(lambda self: self._only().has_scale)
+
+    def decode(self) -> torch.Tensor:
+        return self._only().decode()
+
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._only().decode_rows(rows)
+
+    def fill(self, lut: torch.Tensor, packed_indices: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        self._only().fill(lut, packed_indices, scale)
+
+    def set_inference_mode(self, mode: str) -> None:
+        for state in self.palettized_weights.values():
+            state.set_inference_mode(mode)
+
+
+def palettized_modules(model: nn.Module) -> list[tuple[str, PalettizedWeight]]:
+    """(name, state) of every palettized weight of `model`, in model order (names as `weights.weight_name`)."""
+    return [
+        (weight_name(module_name, param), state)
+        for module_name, module in model.named_modules()
+        if isinstance(module, PalettizedMixin)
+        for param, state in module.palettized_weights.items()
+    ]

@@ -1,18 +1,18 @@
-"""Converting a model's modules between their dense, DKM and palettized forms: the one place module types change.
+"""Converting a model's weights between their dense, DKM and palettized forms: the one place where they change.
 
     to_dkm         dense -> DKM          (`init_centroids` then runs k-means on the weights)
     to_palettized  DKM -> palettized     (each vector snapped to its nearest centroid: LUT + packed indices)
-    to_dense       DKM / palettized -> dense, the original module types
-    to_shells      empty palettized modules for a checkpoint about to load
+    to_dense       DKM / palettized -> dense, the modules back in their own classes
+    to_shells      empty palettized weights for a checkpoint about to load
 
-Every swap goes through `replace`, which keeps a module's accelerate hook (device placement) working on its
-replacement. A weight shared by several modules (tied embeddings) is converted once, by its source module; the
-others point at it (`tied_source`).
+Every conversion changes the module that holds a weight in place (`nn.weights.swap_class`): the same object, its
+own class underneath, its accelerate hook re-attached. A weight shared by several modules (tied embeddings) is
+converted once, by its source; the others point at it (`tied_source`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import replace as replace_fields
 
 import torch
@@ -22,130 +22,168 @@ from transformers.utils import logging
 
 from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
-from ..nn.dkm import DKMMixin, dkm_modules
+from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
 from ..nn.layout import Layout
-from ..nn.palettized import PalettizedMixin, palettized_modules
-from ..nn.registry import module_type
+from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
+from ..nn.weights import channel_dims, is_transposed, split_name, weight_name
 from ..ops.packing import pack_indices
-from .select import select_modules, tied_pairs
+from .select import select_weights, tied_pairs
 
 logger = logging.get_logger(__name__)
 
-# Instance attributes accelerate's `add_hook_to_module` sets; a swapped-in module must not inherit them.
+# Instance attributes accelerate's `add_hook_to_module` sets; a copied module must not inherit them.
 _HOOK_ATTRS = ("forward", "_hf_hook", "_old_forward")
 
 
-def replace(model: nn.Module, name: str, build: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """Swap `model.<name>` for `build(old)`, moving any accelerate hook from the old module to the new one."""
-    old = model.get_submodule(name)
-    hook = getattr(old, "_hf_hook", None)
-    if hook is not None and _offloads(hook):
+def _check_not_offloaded(module: nn.Module, name: str) -> None:
+    hook = getattr(module, "_hf_hook", None)
+    hooks = getattr(hook, "hooks", (hook,)) if hook is not None else ()
+    if any(getattr(h, "offload", False) for h in hooks):
         raise ValueError(
             f"dkm_hf cannot convert {name}: accelerate offloads its weights (device_map with 'cpu'/'disk' offload "
             "next to an accelerator). Load the model without offloading to cluster or palettize it."
         )
-    new = build(old)
-    for attr in _HOOK_ATTRS:
-        new.__dict__.pop(attr, None)
-    if hook is not None:
-        add_hook_to_module(new, hook)
-    model.set_submodule(name, new)
-    return new
 
 
-def _offloads(hook) -> bool:
-    hooks = getattr(hook, "hooks", (hook,))
-    return any(getattr(h, "offload", False) for h in hooks)
+def _by_module(model: nn.Module, names) -> Iterator[tuple[str, nn.Module, dict[str, str]]]:
+    """(module name, module, {parameter: weight name}) for the weights `names`, grouped by module, in order."""
+    groups: dict[str, dict[str, str]] = {}
+    for name in names:
+        module_name, param = split_name(model, name)
+        groups.setdefault(module_name, {})[param] = name
+    for module_name, params in groups.items():
+        yield module_name, model.get_submodule(module_name), params
 
 
-def is_transposed(module: nn.Module) -> bool:
-    kind = module_type(module)
-    return kind is not None and kind.transposed
+def layout_for(config: DKMConfig, name: str, module: nn.Module, param: str) -> Layout:
+    shape = tuple(module._parameters[param].shape)
+    dims = channel_dims(module, param, len(shape))
+    return config.layout_for(name, shape, is_transposed(module, param), dims)
 
 
 # -- dense -> DKM -----------------------------------------------------------------------------------------------------
-def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict[str, DKMMixin]:
-    """Swap every module `config` selects for its DKM variant (weights shared, not copied). Works on the meta device.
+def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict[str, DKMWeight]:
+    """Make every weight `config` selects a DKM weight (in place, nothing copied). Works on the meta device.
 
     `with_state=False` creates no centroid buffers (a dense checkpoint is about to load; `init_centroids` makes them).
     """
-    names = select_modules(model, config)
+    names = select_weights(model, config)
     pairs = tied_pairs(model)
-    done: dict[str, DKMMixin] = {}
-    for name in sorted(names, key=lambda n: pairs.get(n) in names):  # sources before their tied targets
-        module = model.get_submodule(name)
-        source = done.get(pairs.get(name))
-        if source is not None:
-            if tuple(module.weight.shape) != source.layout.shape:
-                raise ValueError(f"{name} is tied to {pairs[name]} but their weights have different shapes")
-            layout, settings = source.layout, source.settings
-        else:
-            layout = config.layout_for(name, tuple(module.weight.shape), is_transposed(module))
-            settings = config.settings_for(name)
-        done[name] = replace(
-            model,
-            name,
-            lambda m: DKMMixin.wrap(m, layout, settings, config.seed, source, with_state),  # noqa: B023
-        )
+    done: dict[str, DKMWeight] = {}
+    ordered = sorted(names, key=lambda n: pairs.get(n) in names)  # sources before their tied targets
+    for module_name, module, params in _by_module(model, ordered):
+        _check_not_offloaded(module, module_name)
+        states = {}
+        for param, name in params.items():
+            source = done.get(pairs.get(name))
+            if source is not None:
+                if tuple(module._parameters[param].shape) != source.layout.shape:
+                    raise ValueError(f"{name} is tied to {pairs[name]} but their weights have different shapes")
+                state = DKMWeight(module, param, source.layout, source.settings, config.seed, source)
+            else:
+                layout = layout_for(config, name, module, param)
+                state = DKMWeight(module, param, layout, config.settings_for(name), config.seed)
+            states[param] = done[name] = state
+        DKMMixin.attach(module, states)
+        if with_state:
+            for state in states.values():
+                if state.tied_source is None:
+                    state.register_state()
     if not done:
         logger.warning(
-            "dkm_hf: no module was replaced. Check DKMConfig.target_modules / modules_to_not_convert / "
+            "dkm_hf: no weight was selected. Check DKMConfig.target_modules / modules_to_not_convert / "
             f"weight_threshold={config.weight_threshold} against the model's module names."
         )
     return {name: done[name] for name in names}
 
 
 def init_centroids(model: nn.Module) -> None:
-    """k-means initialisation of every DKM module that owns its centroids, with a progress bar when it is slow."""
-    modules = [m for _, m in dkm_modules(model) if m.tied_source is None]
-    for module in logging.tqdm(modules, desc="dkm_hf: initialising centroids", delay=2.0, leave=False):
-        module.init_centroids()
+    """k-means initialisation of every DKM weight that owns its centroids, with a progress bar when it is slow."""
+    states = [s for _, s in dkm_modules(model) if s.tied_source is None]
+    for state in logging.tqdm(states, desc="dkm_hf: initialising centroids", delay=2.0, leave=False):
+        state.init_centroids()
 
 
 # -- DKM -> palettized ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def palettize_module(module: DKMMixin, tied_source: PalettizedMixin | None = None) -> PalettizedMixin:
-    """The palettized module of one DKM module (its vectors snapped to their nearest centroids)."""
-    lut_dtype = module.settings.lut_torch_dtype
-    if tied_source is not None:
-        return PalettizedMixin.wrap(module.unwrap(), module.layout, lut_dtype, tied_source)
-    if not module.dkm_ready:
-        module.init_centroids()
-    new = PalettizedMixin.wrap(module.unwrap(), module.layout, lut_dtype)
-    scale = module.weight_scale.to(lut_dtype) if module.layout.per_channel_scale else None
-    new.fill(module.centroids.to(lut_dtype), pack_indices(module.assignments(), module.layout.bits), scale)
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing every tensor (its dicts copied), its hook re-attached."""
+    new = type(module).__new__(type(module))
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    hook = new.__dict__.get("_hf_hook")
+    for attr in _HOOK_ATTRS:
+        new.__dict__.pop(attr, None)
+    if hook is not None:
+        add_hook_to_module(new, hook)
     return new
 
 
-def to_palettized(model: nn.Module) -> dict[str, PalettizedMixin]:
-    """Swap every DKM module for its palettized module (in place); tied modules keep sharing one LUT."""
-    modules = dkm_modules(model)
-    names = {id(m): n for n, m in modules}
-    done: dict[str, PalettizedMixin] = {}
-    for name, module in sorted(modules, key=lambda item: item[1].tied_source is not None):
-        source = done[names[id(module.tied_source)]] if module.tied_source is not None else None
-        done[name] = replace(model, name, lambda m: palettize_module(m, source))  # noqa: B023
-    return done
+@torch.no_grad()
+def to_palettized(model: nn.Module, copy_modules: bool = False) -> dict[str, PalettizedWeight]:
+    """Make every DKM weight a palettized weight (its vectors snapped to their nearest centroids); tied weights keep
+    sharing one LUT. With `copy_modules` the DKM modules are left as they are and new module objects (sharing every
+    other tensor) take their place in the model (`palettized_view` puts the originals back)."""
+    done: dict[int, PalettizedWeight] = {}  # id of a DKM weight -> its palettized weight
+    out: dict[str, PalettizedWeight] = {}
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
+    # modules whose weights are all sources first, so that tied targets find theirs
+    modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
+    for module_name, module in modules:
+        states = module.dkm_weights
+        target = module
+        if copy_modules and module_name:
+            target = _shallow_copy(module)
+            model.set_submodule(module_name, target)
+        values = {}  # the LUT, packed indices and scale of every weight that owns its LUT
+        for param, state in states.items():
+            if state.tied_source is None:
+                if not state.dkm_ready:
+                    state.init_centroids()
+                lut_dtype = state.settings.lut_torch_dtype
+                scale = state.weight_scale.to(lut_dtype) if state.layout.per_channel_scale else None
+                values[param] = (
+                    state.centroids.to(lut_dtype),
+                    pack_indices(state.assignments(), state.layout.bits),
+                    scale,
+                )
+        for state in states.values():  # the DKM buffers go before palettized ones (`weight_scale`) take their names
+            for name in state.state_names():
+                target._buffers.pop(name, None)
+        target.__dict__.pop("dkm_weights", None)
+        new = {}
+        for param, state in states.items():
+            source = done.get(id(state.tied_source)) if state.tied_source is not None else None
+            if state.tied_source is not None and source is None:
+                raise ValueError(f"{module_name}.{param} is tied to a weight that is not being palettized")
+            weight = PalettizedWeight(target, param, state.layout, state.weight.dtype, source)
+            if source is None:
+                weight.register(state.settings.lut_torch_dtype, state.weight.device)
+                weight.fill(*values[param])
+            new[param] = done[id(state)] = out[weight_name(module_name, param)] = weight
+        PalettizedMixin.attach(target, new)
+    return out
 
 
 def layouts_of(model: nn.Module) -> dict[str, Layout]:
-    """{name: layout} of every palettized module; a tied module's layout names its source (`tied_to`)."""
-    modules = palettized_modules(model)
-    names = {id(m): n for n, m in modules}
+    """{name: layout} of every palettized weight; a tied weight's layout names its source (`tied_to`)."""
+    weights = palettized_modules(model)
+    names = {id(w): n for n, w in weights}
     return {
-        name: replace_fields(m.layout, tied_to=names[id(m.tied_source)]) if m.tied_source is not None else m.layout
-        for name, m in modules
+        name: w.layout if w.tied_source is None else _tied(w.layout, names[id(w.tied_source)]) for name, w in weights
     }
 
 
-# -- checkpoint loading ---------------------------------------------------------------------------------------------
-def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dtype) -> dict[str, PalettizedMixin]:
-    """Swap the modules named in `layouts` for empty palettized modules of those layouts (before a checkpoint loads).
+def _tied(layout: Layout, source: str) -> Layout:
+    return replace_fields(layout, tied_to=source)
 
-    The layouts come from config.json; each is checked against the module it replaces (errors name it).
+
+# -- checkpoint loading ---------------------------------------------------------------------------------------------
+def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dtype) -> dict[str, PalettizedWeight]:
+    """Make the weights named in `layouts` empty palettized weights of those layouts (before a checkpoint loads).
+
+    The layouts come from config.json; each is checked against the weight it replaces (errors name it).
     """
     pairs = tied_pairs(model)
-    done: dict[str, PalettizedMixin] = {}
+    done: dict[str, PalettizedWeight] = {}
     for name in sorted(layouts, key=lambda n: layouts[n].tied_to is not None):
         layout = layouts[name]
         source_name = layout.tied_to
@@ -155,41 +193,61 @@ def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dty
                 f"their weights (its ties: {pairs or 'none'})"
             )
         try:
-            module = model.get_submodule(name)
+            module_name, param = split_name(model, name)
+            module = model.get_submodule(module_name)
         except AttributeError:
             raise PalettizedCheckpointError(
                 f"config.json lists palettized module {name!r}, which this model does not have"
             ) from None
-        if module_type(module) is None or isinstance(module, (DKMMixin, PalettizedMixin)):
-            raise PalettizedCheckpointError(f"config.json lists palettized module {name!r}, a {type(module).__name__}")
-        if tuple(module.weight.shape) != layout.shape:
+        tensor = module._parameters.get(param)
+        if tensor is None or isinstance(module, DKMMixin) or param in getattr(module, "palettized_weights", {}):
+            raise PalettizedCheckpointError(
+                f"config.json lists palettized module {name!r}, which is not a weight of this model's "
+                f"{type(module).__name__}"
+            )
+        if tuple(tensor.shape) != layout.shape:
             raise PalettizedCheckpointError(
                 f"config.json: palettized module {name!r} has shape {list(layout.shape)}, the model's weight is "
-                f"{list(module.weight.shape)}"
+                f"{list(tensor.shape)}"
             )
+        _check_not_offloaded(module, name)
         source = done[source_name] if source_name is not None else None
-        done[name] = replace(model, name, lambda m: PalettizedMixin.wrap(m, layout, lut_dtype, source))  # noqa: B023
+        weight = PalettizedWeight(module, param, layout, tensor.dtype, source)
+        weight.register(lut_dtype, tensor.device)
+        PalettizedMixin.attach(module, {param: weight})
+        done[name] = weight
     return done
 
 
 # -- -> dense ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
 def to_dense(model: nn.Module) -> nn.Module:
-    """Swap every DKM / palettized module for its original type holding the (hard-clustered) dense weight."""
-    new_weights: dict[int, nn.Parameter] = {}  # id of a converted module -> its new weight (for tied modules)
+    """Every DKM / palettized weight back to a plain parameter holding the (hard-clustered or decoded) weight, every
+    module back in its own class."""
+    new_weights: dict[int, nn.Parameter] = {}  # id of a weight's state -> its new parameter (for tied weights)
 
-    def dense(module):
-        if module.tied_source is not None:
-            weight = new_weights[id(module.tied_source)]
-        elif isinstance(module, DKMMixin):
-            weight = nn.Parameter((module.hard_weight() if module.dkm_enabled else module.weight).detach().clone())
+    def dense(state) -> nn.Parameter:
+        if state.tied_source is not None:
+            return new_weights[id(state.tied_source)]
+        if isinstance(state, DKMWeight):
+            value = state.hard_weight() if state.dkm_enabled else state.weight
+            return nn.Parameter(value.detach().clone(), requires_grad=state.weight.requires_grad)
+        return nn.Parameter(state.decode().clone())
+
+    modules = [m for _, m in model.named_modules() if isinstance(m, (DKMMixin, PalettizedMixin))]
+    modules.sort(key=lambda m: any(s.tied_source is not None for s in _states(m).values()))
+    for module in modules:
+        params = {}
+        for param, state in _states(module).items():
+            params[param] = new_weights[id(state)] = dense(state)
+        if isinstance(module, DKMMixin):
+            module.detach_dkm()
+            for param, tensor in params.items():
+                module._parameters[param] = tensor
         else:
-            weight = nn.Parameter(module.decode().clone())
-        new_weights[id(module)] = weight
-        plain = module.unwrap()
-        plain.weight = weight
-        return plain
-
-    modules = dkm_modules(model) + palettized_modules(model)
-    for name, module in sorted(modules, key=lambda item: item[1].tied_source is not None):
-        replace(model, name, lambda m: dense(m))
+            module.detach_palettized(params)
     return model
+
+
+def _states(module: nn.Module) -> dict:
+    return module.dkm_weights if isinstance(module, DKMMixin) else module.palettized_weights

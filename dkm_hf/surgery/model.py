@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from ..config import CheckpointRecord, DKMConfig
-from ..nn.dkm import dkm_modules
+from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, palettized_modules
 from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
 
@@ -24,7 +24,7 @@ def get_dkm_config(model: nn.Module) -> DKMConfig | None:
 
 
 def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module:
-    """Swap the modules `config` selects for DKM modules (in place) and initialise their centroids (k-means).
+    """Make the weights `config` selects DKM weights (in place) and initialise their centroids (k-means).
 
     Keeps a private copy of `config` as `model.dkm_config`. For transformers models use `dkm_hf.prepare`, which also
     attaches the quantizer so that `save_pretrained` / `from_pretrained` know the model.
@@ -66,8 +66,8 @@ def set_inference_mode(model: nn.Module, mode: str) -> nn.Module:
     (least memory)."""
     if mode not in MODES:
         raise ValueError(f"inference mode must be one of {list(MODES)}, got {mode!r}")
-    for _, module in palettized_modules(model):
-        module.set_inference_mode(mode)
+    for _, weight in palettized_modules(model):
+        weight.set_inference_mode(mode)
     return model
 
 
@@ -85,14 +85,14 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     No weight is copied: the palettized modules share biases and every other tensor with the DKM modules.
     `gathered(model)` is the context the conversion runs in (`dkm_hf.full_weights` for a sharded model).
     """
-    originals = dkm_modules(model)
+    originals = [(name, m) for name, m in model.named_modules() if name and isinstance(m, DKMMixin)]
     if not originals:
         yield model
         return
     was_training = model.training
     try:
         with gathered(model):
-            to_palettized(model)
+            to_palettized(model, copy_modules=True)
         yield model
     finally:
         for name, module in originals:

@@ -1,4 +1,4 @@
-"""Which modules a `DKMConfig` clusters, and which of them share a weight."""
+"""Which weights a `DKMConfig` clusters, and which of them are shared between modules."""
 
 from __future__ import annotations
 
@@ -10,30 +10,41 @@ from transformers.utils import logging
 from ..config import DKMConfig, name_matches
 from ..nn.dkm import DKMMixin
 from ..nn.palettized import PalettizedMixin
-from ..nn.registry import module_type
+from ..nn.weights import weight_name
 
 logger = logging.get_logger(__name__)
 
 
+def named_weights(model: nn.Module):
+    """(weight name, module name, module, parameter name) of every parameter of >= 2 dimensions, in model order; a
+    parameter shared by two modules (tied embeddings) is listed under both."""
+    for module_name, module in model.named_modules():
+        for param, tensor in module._parameters.items():
+            if tensor is not None and tensor.dim() >= 2:
+                yield weight_name(module_name, param), module_name, module, param
+
+
 def tied_pairs(model: nn.Module) -> dict[str, str]:
-    """{target module: source module} for weights shared between modules (e.g. lm_head tied to the embeddings).
+    """{target weight: source weight} for weights shared between modules (e.g. lm_head tied to the embeddings).
 
     From transformers' declared ties and from parameters that are the same object in two places.
     """
     pairs = {}
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in declared.items():
-        if target.endswith(".weight") and source.endswith(".weight"):
-            pairs[target.removesuffix(".weight")] = source.removesuffix(".weight")
+        t_module, _, t_param = target.rpartition(".")
+        s_module, _, s_param = source.rpartition(".")
+        pairs[weight_name(t_module, t_param)] = weight_name(s_module, s_param)
     owner: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if weight is None:
-            continue
-        if id(weight) in owner and owner[id(weight)] != name:
-            pairs.setdefault(name, owner[id(weight)])
-        else:
-            owner[id(weight)] = name
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param, tensor in module._parameters.items():
+            if tensor is None:
+                continue
+            name = weight_name(module_name, param)
+            if id(tensor) in owner and owner[id(tensor)] != name:
+                pairs.setdefault(name, owner[id(tensor)])
+            else:
+                owner.setdefault(id(tensor), name)
     return pairs
 
 
@@ -44,34 +55,37 @@ def skipped_patterns(model: nn.Module, config: DKMConfig) -> list[str]:
     return HfQuantizer.get_modules_to_not_convert(model, list(config.modules_to_not_convert or []), sorted(keep))
 
 
-def select_modules(model: nn.Module, config: DKMConfig) -> list[str]:
-    """Names of the modules `config` clusters, in model order. Raises if an override matches none of them.
+def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
+    """Names of the weights `config` clusters, in model order. Raises if an override matches none of them.
 
-    `modules_to_not_convert` skips a module and everything under it, with transformers' `should_convert_module`
-    rules ("model.layers.0" skips "model.layers.0.mlp.up_proj"); `target_modules` and `overrides` match a name
-    exactly, as a dotted suffix ("query") or as a full regex.
+    Candidates are the parameters of two or more dimensions of any module. `modules_to_not_convert` skips a module
+    (or a weight) and everything under it, with transformers' `should_convert_module` rules ("model.layers.0" skips
+    "model.layers.0.mlp.up_proj"); `target_modules` and `overrides` match a weight's name (see
+    `nn.weights.weight_name`: the module's name for a `weight`) exactly, as a dotted suffix ("query") or as a full
+    regex.
     """
     skipped = skipped_patterns(model, config)
     selected = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, (DKMMixin, PalettizedMixin)) or module_type(module) is None:
+    for name, module_name, module, param in named_weights(model):
+        if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
             continue
-        if isinstance(module, nn.Embedding) and not config.cluster_embeddings:
+        if isinstance(module, nn.Embedding) and param == "weight" and not config.cluster_embeddings:
             continue
-        if not should_convert_module(name, skipped):
+        full = f"{module_name}.{param}" if module_name else param
+        if not (should_convert_module(module_name, skipped) and should_convert_module(full, skipped)):
             continue
         if config.target_modules is not None and not any(name_matches(p, name) for p in config.target_modules):
             continue
-        if module.weight.numel() < config.weight_threshold:
+        if module._parameters[param].numel() < config.weight_threshold:
             continue
         selected.append(name)
     for pattern in config.overrides:
         if not any(name_matches(pattern, name) for name in selected):
             raise ValueError(
-                f"DKMConfig.overrides: pattern {pattern!r} matches none of the {len(selected)} modules selected for "
+                f"DKMConfig.overrides: pattern {pattern!r} matches none of the {len(selected)} weights selected for "
                 f"clustering (e.g. {selected[:3]})"
             )
-    # A tied weight is clustered once, by its source module; if either side is left out, both are.
+    # A tied weight is clustered once, by its source; if either side is left out, both are.
     chosen = set(selected)
     for target, source in tied_pairs(model).items():
         if (target in chosen) != (source in chosen):
@@ -79,3 +93,6 @@ def select_modules(model: nn.Module, config: DKMConfig) -> list[str]:
             chosen.discard(target)
             chosen.discard(source)
     return [name for name in selected if name in chosen]
+
+
+select_modules = select_weights  # the name of earlier releases

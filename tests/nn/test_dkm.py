@@ -11,10 +11,10 @@ from transformers.pytorch_utils import Conv1D
 
 import dkm_hf
 from dkm_hf import DKMConfig
-from dkm_hf.nn import DKMMixin, supported_types
+from dkm_hf.nn import DKMMixin
 
 ABSOLUTE = {"tau": 1e-3, "tau_scale": "absolute"}  # a fixed temperature, as the naive references use
-# Modules clustered with weight_threshold=0: every Linear/Conv/Conv1D/Embedding, a tied lm_head counted once more.
+# Weights clustered with weight_threshold=0: every parameter of >= 2 dimensions, a tied lm_head counted once more.
 EXPECTED_ALL = {"bert": 17, "gpt2": 11, "llama": 16}
 
 
@@ -22,7 +22,8 @@ def _count_supported(model: nn.Module, threshold: int) -> int:
     return sum(
         1
         for name, m in model.named_modules()
-        if name and isinstance(m, supported_types()) and m.weight.numel() >= threshold
+        for p in m._parameters.values()
+        if name and p is not None and p.dim() >= 2 and p.numel() >= threshold
     )
 
 
@@ -36,8 +37,8 @@ def test_replacement_count(tiny_dir, name, threshold):
     assert len(replaced) == _count_supported(plain, threshold)
     if threshold == 0 and name in EXPECTED_ALL:
         assert len(replaced) == EXPECTED_ALL[name]
-    assert all(isinstance(m, DKMMixin) and m.dkm_ready for _, m in replaced)
-    assert all(("centroids" in m._buffers) == (m.tied_source is None) for _, m in replaced)
+    assert all(isinstance(w.module, DKMMixin) and w.dkm_ready for _, w in replaced)
+    assert all(w.has_state == (w.tied_source is None) for _, w in replaced)
     model.eval()
     with torch.no_grad():
         out = model(**tiny_inputs(name)).logits
@@ -212,7 +213,7 @@ def test_skips_and_warning_when_nothing_replaced(caplog):
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         dkm_hf.prepare(nn.Sequential(nn.Linear(4, 4)), DKMConfig())
-    assert "no module was replaced" in caplog.text
+    assert "no weight was selected" in caplog.text
 
 
 def test_mixed_precision_overrides(tiny_dir):

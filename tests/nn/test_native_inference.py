@@ -37,13 +37,14 @@ CASES = [(4, False, 1, None), (4, False, 1, 1), (3, True, 1, 6), (8, False, 2, N
 def test_native_decode_is_the_torch_decode(bits, scale, cluster_dim, group_size):
     model = _model(bits, scale, cluster_dim, group_size)
     for m in (model[0], model[2], model[3]):
-        assert m._native_palette() is not None
+        w = m.palettized_weights["weight"]
+        assert w._native_palette() is not None
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            m.compute_dtype = dtype
-            assert torch.equal(m.decode(), m._decode_torch())
-        m.compute_dtype = torch.float32
+            w.compute_dtype = dtype
+            assert torch.equal(w.decode(), w._decode_torch())
+        w.compute_dtype = torch.float32
     tokens = torch.tensor([3, 47, 3, 0])
-    assert torch.equal(model[3].decode_rows(tokens), model[3]._decode_torch()[tokens])
+    assert torch.equal(model[3].decode_rows(tokens), model[3].palettized_weights["weight"]._decode_torch()[tokens])
 
 
 @needs_native
@@ -57,7 +58,9 @@ def test_packed_forward_matches_dense(bits, scale, cluster_dim, group_size):
     assert torch.equal(head(big), dense_big)  # 21 rows: the weight decoded just in time, the module's own forward
     got = head(small)  # 5 rows: the fused gemv
     torch.testing.assert_close(got, dense_small, rtol=1e-5, atol=1e-5)
-    assert model[0]._dense is None and model[2]._dense is None
+    assert (
+        model[0].palettized_weights["weight"]._dense is None and model[2].palettized_weights["weight"]._dense is None
+    )
 
 
 @needs_native
@@ -88,7 +91,7 @@ def test_tied_lm_head_uses_the_embedding_palette():
     with torch.no_grad():
         dense = model(ids).logits
         dkm_hf.set_inference_mode(model, "packed")
-        assert model.lm_head._native_palette() is not None
+        assert model.lm_head.palettized_weights["weight"]._native_palette() is not None
         packed = model(ids).logits
         generated = model.generate(ids, max_new_tokens=5, do_sample=False)
         dkm_hf.set_inference_mode(model, "dense")
@@ -103,12 +106,15 @@ def test_torch_path_when_disabled(monkeypatch):
     dense = model[0](x)
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
     dkm_hf.set_inference_mode(model, "packed")
-    assert model[0]._native_palette() is None and model[0]._packed_linear(x) is None
+    assert (
+        model[0].palettized_weights["weight"]._native_palette() is None
+        and model[0].palettized_weights["weight"].packed_linear(x, model[0].bias) is None
+    )
     assert torch.equal(model[0](x), dense)
-    assert torch.equal(model[0].decode(), model[0]._decode_torch())
+    assert torch.equal(model[0].decode(), model[0].palettized_weights["weight"]._decode_torch())
     monkeypatch.delenv("DKM_HF_NATIVE")
     if native.available():  # back on: the cached "no palette" does not stick
-        assert model[0]._native_palette() is not None
+        assert model[0].palettized_weights["weight"]._native_palette() is not None
     assert isinstance(palettized_module.GEMV_MAX_ROWS, int)
 
 

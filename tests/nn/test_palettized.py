@@ -38,8 +38,8 @@ def test_packed_mode_decodes_per_forward_and_matches_dense():
     x = torch.randn(5, 64)
     dense = model[0](x)
     dkm_hf.set_inference_mode(model, "packed")
-    assert model[0].inference_mode == "packed" and model[0]._dense is None
-    assert torch.equal(model[0](x), dense) and model[0]._dense is None
+    assert model[0].inference_mode == "packed" and model[0].palettized_weights["weight"]._dense is None
+    assert torch.equal(model[0](x), dense) and model[0].palettized_weights["weight"]._dense is None
     with pytest.raises(ValueError, match="inference mode must be one of"):
         dkm_hf.set_inference_mode(model, "sparse")
 

@@ -1,0 +1,127 @@
+"""What the DKM and palettized forms of a clustered weight share: naming, the module classes they live in, dtypes.
+
+The unit of clustering is a weight: any parameter of two or more dimensions (a Linear's, Conv's or Embedding's
+`weight`, the stacked experts `gate_up_proj` of a mixture-of-experts layer, ...). The module that holds it keeps its
+own class and forward: its class becomes a generated subclass (`variant_class`) of that very class, so `isinstance`,
+subclass behaviour (a scaled embedding's `embed_scale`, extra forward arguments, a router's tuple output) and every
+other attribute stay as they are. The subclass only changes where the forward's weight comes from.
+
+A clustered weight is named by its module and parameter, the way config.json records it: the module's name for a
+parameter called `weight` ("model.layers.0.mlp.down_proj"), `module.parameter` otherwise
+("model.layers.0.mlp.experts.gate_up_proj"). A name is unambiguous: a module cannot have a submodule and a parameter
+of the same name. The buffers of a weight `p` are `p_lut`, `p_indices`, `p_scale` (palettized) and `p_centroids`,
+`p_scale` (DKM; `centroids` for `weight`, as written by every earlier release).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LUT (at least) per expert
+
+_VARIANTS: dict[tuple[type, type, tuple[str, ...]], type] = {}
+
+
+def weight_name(module_name: str, param: str) -> str:
+    """The name of parameter `param` of module `module_name` in config.json and in every dkm_hf listing."""
+    if param == "weight" and module_name:
+        return module_name
+    return f"{module_name}.{param}" if module_name else param
+
+
+def split_name(model: nn.Module, name: str) -> tuple[str, str]:
+    """(module name, parameter name) of a clustered weight's name; raises AttributeError if the model has neither."""
+    try:
+        model.get_submodule(name)
+        return name, "weight"
+    except AttributeError:
+        pass
+    module_name, _, param = name.rpartition(".")
+    model.get_submodule(module_name)
+    return module_name, param
+
+
+def buffer_name(param: str, kind: str) -> str:
+    """The buffer of weight `param`: kind is "lut", "indices", "scale" or "centroids"."""
+    if kind == "centroids" and param == "weight":
+        return "centroids"
+    return f"{param}_{kind}"
+
+
+def is_transposed(module: nn.Module, param: str = "weight") -> bool:
+    """transformers' Conv1D stores its weight (in, out)."""
+    return param == "weight" and isinstance(module, Conv1D)
+
+
+def channel_dims(module: nn.Module, param: str, ndim: int) -> int:
+    """How many leading dimensions of the parameter index its output channels: 2 for stacked experts, else 1."""
+    return 2 if ndim == STACKED_NDIM and param != "weight" else 1
+
+
+def base_class(module: nn.Module) -> type:
+    """The user's own class of a module, under any dkm_hf variant."""
+    return getattr(type(module), "_dkm_base", type(module))
+
+
+def variant_class(mixin: type, base: type, params: tuple[str, ...]) -> type:
+    """`<mixin.prefix><Base>`: a subclass of `base` (the module's own class) and `mixin`, made once per
+    (mixin, base, clustered parameters). `mixin.weight_property(name)` makes the class attribute of each clustered
+    parameter, if the mixin needs one. Instances pickle through `_rebuild` (after `import dkm_hf`)."""
+    key = (mixin, base, params)
+    if key not in _VARIANTS:
+        name = f"{mixin.prefix}{base.__name__}"
+        namespace = {"__module__": mixin.__module__, "__qualname__": name, "_dkm_base": base, "_dkm_params": params}
+        namespace.update(mixin.class_attributes(params))
+        _VARIANTS[key] = type(name, (mixin, base), namespace)
+    return _VARIANTS[key]
+
+
+def _rebuild(mixin_module: str, mixin_name: str, base: type, params: tuple[str, ...]) -> nn.Module:
+    """An empty instance of a variant class (pickle fills its __dict__)."""
+    mixin = getattr(sys.modules[mixin_module], mixin_name)
+    cls = variant_class(mixin, base, params)
+    return cls.__new__(cls)
+
+
+def swap_class(module: nn.Module, cls: type) -> None:
+    """Change `module`'s class in place (the same object: parents, optimisers and hooks keep pointing at it). An
+    accelerate hook is re-attached, so that it wraps the new class's forward."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        remove_hook_from_module(module)
+        module.__dict__.pop("forward", None)  # the removed hook leaves the old class's bound forward behind
+    module.__class__ = cls
+    if hook is not None:
+        add_hook_to_module(module, hook)
+
+
+def set_tie(owner, source) -> None:
+    """`owner.tied_source = source` without registering it as a submodule (it lives elsewhere in the model)."""
+    object.__setattr__(owner, "tied_source", source)
+
+
+def apply_keeping_dtype(
+    module: nn.Module, fn, names: tuple[str, ...], apply, probe_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Run nn.Module._apply (`apply(fn)`) on `module` but only move the buffers `names` between devices, never cast
+    them: `model.to(torch.bfloat16)` must not round centroids or LUTs. Returns what `fn` makes of an empty tensor of
+    `probe_dtype`, so the caller can follow the cast elsewhere."""
+    order = list(module._buffers)
+    kept = [(name, module._buffers.pop(name)) for name in names if module._buffers.get(name) is not None]
+    try:
+        apply(fn)
+    finally:
+        for name, tensor in kept:
+            moved = fn(tensor)
+            if moved.dtype != tensor.dtype:
+                moved = moved.to(tensor.dtype) if tensor.is_meta else tensor.to(moved.device)
+            module._buffers[name] = moved
+        for name in order:  # the state dict keeps its order
+            module._buffers[name] = module._buffers.pop(name)
+    device = kept[0][1].device if kept else torch.device("cpu")
+    return fn(torch.empty(0, dtype=probe_dtype, device=device))
