@@ -13,6 +13,7 @@ import copy
 import os
 from dataclasses import replace
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers.base import HfQuantizer
@@ -21,6 +22,7 @@ from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..nn.layout import LUT_DTYPES, Layout, layouts_from_records
+from ..nn.palettized import palettized_modules
 from ..nn.weights import is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import init_centroids, to_dense, to_dkm, to_shells
@@ -70,7 +72,7 @@ class DKMHfQuantizer(HfQuantizer):
             check_palettized_headers(header, layouts, config.lut_dtype, model)
             tied = [_param_key(model, name) for name, layout in layouts.items() if layout.tied_to is not None]
             for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
-                mark_initialized(weight.module)
+                weight.placeholder = mark_initialized(torch.empty(weight.layout.shape, device="meta"))
             untie(model, tied)
             return model
         weights = to_dkm(model, config, with_state=True)
@@ -101,6 +103,8 @@ class DKMHfQuantizer(HfQuantizer):
         return read_headers(files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        for _, weight in palettized_modules(model):
+            weight.placeholder = None
         check_loaded(model, self.file_metadata)
         if self.init_after_load:
             init_centroids(model)

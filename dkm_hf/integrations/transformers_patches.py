@@ -15,8 +15,10 @@ what it relies on.
    upload; its private `_upload_modified_files` is the last point where dkm_hf's card can replace it.
 4. `untie`: palettized tied modules share LUT buffers, not a `weight` parameter; loading would look the parameter up
    (`mark_tied_weights_as_initialized`, `tie_weights`) through the model's `all_tied_weights_keys`.
-5. `mark_initialized`: palettized modules are filled by the checkpoint; without transformers' private
-   `_is_hf_initialized` flag, `_init_weights` would decode their `weight` only to initialise a temporary.
+5. `mark_initialized`: palettized weights are filled by the checkpoint; while it loads, each reads as an empty meta
+   tensor carrying transformers' private `_is_hf_initialized` flag, so `_init_weights` neither decodes uninitialised
+   buffers nor writes to a temporary (the module itself is initialised as usual: its non-persistent buffers, such as
+   a scaled embedding's `embed_scale`, get their values).
 6. `register`: registering a quantization method twice raises; `importlib.reload(dkm_hf)` re-registers by replacing
    the entries of transformers' AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING.
 7. `.half()` / `.float()`: transformers refuses them on every quantized model; DKM and palettized models cast safely
@@ -24,13 +26,19 @@ what it relies on.
 8. `checkpoint_initial_model`: Trainer's best-model tracking only sees evaluations it runs after a step; the step-0
    evaluation (`eval_on_start`) of the hard model, which is post-training k-means, is made a candidate through the
    Trainer's private `_determine_best_metric`, `_save_checkpoint` and `_get_output_dir`.
+9. `num_parameters()` / `get_memory_footprint()`: a palettized weight is no parameter but a LUT and packed indices
+   (buffers), and a decoded weight kept in dense mode is neither; without the patch a palettized model reports
+   neither its weights nor the memory they hold. `num_parameters()` counts every palettized weight's elements (as
+   frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
@@ -46,6 +54,7 @@ from .safetensors_files import preflight
 from .saving import atomic_save
 
 _MARK = "_dkm_hf_patched"
+_SAVE_PARAMETERS: frozenset[str] = frozenset()
 
 
 def register(config_cls: type, quantizer_cls: type) -> None:
@@ -66,9 +75,10 @@ def untie(model: nn.Module, keys: list[str]) -> None:
             declared.pop(key, None)
 
 
-def mark_initialized(module: nn.Module) -> None:
-    """(5) Tell transformers' weight initialisation to leave `module` alone."""
-    module._is_hf_initialized = True
+def mark_initialized(tensor: torch.Tensor) -> torch.Tensor:
+    """(5) Tell transformers' weight initialisation to leave `tensor` alone."""
+    tensor._is_hf_initialized = True
+    return tensor
 
 
 def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
@@ -119,6 +129,8 @@ def _patch_save_pretrained() -> None:
     original = PreTrainedModel.save_pretrained
     if getattr(original, _MARK, False):
         return
+    global _SAVE_PARAMETERS
+    _SAVE_PARAMETERS = frozenset(inspect.signature(original).parameters)
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -127,6 +139,11 @@ def _patch_save_pretrained() -> None:
             # transformers replaces `state_dict=` by what the quantizer's hook returns: hand it over (Trainer's FSDP
             # path passes the gathered state dict this way)
             quantizer.state_dict_to_save = kwargs["state_dict"]
+        if "save_original_format" in _SAVE_PARAMETERS and (dkm_modules(self) or palettized_modules(self)):
+            # LUTs, packed indices and centroids have no "original format": transformers' reverse key conversion
+            # would rename (or split, for stacked experts) them apart from config.json's records. dkm_hf checkpoints
+            # keep the model's own parameter names, which transformers loads as they are.
+            kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             return original(self, save_directory, *args, **kwargs)
@@ -177,6 +194,32 @@ def _patch_casts() -> None:
         setattr(PreTrainedModel, name, cast)
 
 
+def _patch_accounting() -> None:
+    """(9)"""
+    num_parameters, footprint = PreTrainedModel.num_parameters, PreTrainedModel.get_memory_footprint
+    if getattr(num_parameters, _MARK, False):
+        return
+
+    @functools.wraps(num_parameters)
+    def counted(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        total = num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if not only_trainable:
+            for _, weight in palettized_modules(self):
+                if not (exclude_embeddings and isinstance(weight.module, nn.Embedding) and weight.param == "weight"):
+                    total += weight.layout.numel
+        return total
+
+    @functools.wraps(footprint)
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        decoded = {id(w._dense[1]): w.decoded_bytes for _, w in palettized_modules(self) if w._dense is not None}
+        return footprint(self, return_buffers) + sum(decoded.values())
+
+    for function in (counted, get_memory_footprint):
+        setattr(function, _MARK, True)
+    PreTrainedModel.num_parameters = counted
+    PreTrainedModel.get_memory_footprint = get_memory_footprint
+
+
 def install(config_cls: type, quantizer_cls: type) -> None:
     """Apply every patch (idempotent: importing or reloading dkm_hf twice patches once)."""
     register(config_cls, quantizer_cls)
@@ -184,3 +227,4 @@ def install(config_cls: type, quantizer_cls: type) -> None:
     _patch_save_pretrained()
     _patch_upload()
     _patch_casts()
+    _patch_accounting()

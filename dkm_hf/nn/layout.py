@@ -72,7 +72,7 @@ class Layout:
                 )
             layout = replace(layout, groups=layout.channels // group_size)
         stacks = layout.stacks
-        if layout.groups % stacks:
+        if group_size is not None and layout.groups % stacks:
             raise ValueError(
                 f"group_size={group_size} makes LUT groups that straddle the {stacks} experts of {where} (weight "
                 f"shape {tuple(shape)}): choose a group size that divides {layout.channels // stacks}"

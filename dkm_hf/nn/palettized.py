@@ -10,8 +10,10 @@ and the weight is W = from_rows(lut[g, idx] * scale). The module keeps its own c
 subclass (`weights.variant_class`) in which `p` is a property returning the decoded weight, so the module's own
 forward (and anything else reading `m.p`) sees the weight the checkpoint holds. Two inference modes:
 
-    "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's;
-    "packed"  keep only LUT + indices in memory and decode in every forward: the smallest memory.
+    "packed"  (the default) keep only LUT + indices in memory and decode in every forward (once per forward, however
+              often the forward reads the weight): the smallest memory;
+    "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's, the
+              memory the decoded weight's on top of the checkpoint's.
 
 On CPU the decode runs in the native kernels of `ops.native` when they are available (else in torch): the same
 weight bit for bit, so "dense" mode and large packed-mode inputs give exactly the torch path's outputs. A packed
@@ -49,6 +51,9 @@ from .weights import (
 )
 
 MODES = ("dense", "packed")
+# Packed by default: the model never holds more than its checkpoint's bytes plus one decoded weight at a time; the
+# native kernels make it as fast as dense mode on CPU (README, "What packed mode costs").
+DEFAULT_MODE = "packed"
 DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
 KINDS = ("lut", "indices", "scale")
 KEPT_DTYPE_KINDS = ("lut", "scale")
@@ -71,7 +76,8 @@ class PalettizedWeight:
         tied_source: PalettizedWeight | None = None,
     ):
         self.module, self.param, self.layout = module, param, layout
-        self.inference_mode, self.compute_dtype, self._dense = "dense", compute_dtype, None
+        self.inference_mode, self.compute_dtype, self._dense = DEFAULT_MODE, compute_dtype, None
+        self.placeholder: torch.Tensor | None = None  # what the weight reads as while a checkpoint loads into it
         set_tie(self, tied_source)
 
     def __getstate__(self) -> dict:
@@ -228,6 +234,8 @@ class PalettizedWeight:
 
     def value(self) -> torch.Tensor:
         """The weight the module reads: decoded once and kept ("dense"), or decoded now ("packed")."""
+        if self.placeholder is not None:
+            return self.placeholder
         if self.inference_mode == "packed":
             return self.decode()
         key = self._state_key()

@@ -71,12 +71,14 @@ def test_patch_4_ties_are_declared_in_all_tied_weights_keys():
     _relies("untie", "all_tied_weights_keys" in source and "get_parameter" in source, "loading looks ties up")
 
 
-def test_patch_5_init_skips_modules_marked_initialized():
-    source = inspect.getsource(PreTrainedModel._initialize_weights)
-    _relies("mark_initialized", 'getattr(module, "_is_hf_initialized", False)' in source, "_initialize_weights flag")
-    module = torch.nn.Linear(2, 2)
-    transformers_patches.mark_initialized(module)
-    assert module._is_hf_initialized is True
+def test_patch_5_init_skips_tensors_marked_initialized():
+    from transformers import initialization
+
+    source = inspect.getsource(initialization)
+    _relies("mark_initialized", 'getattr(tensor, "_is_hf_initialized", False)' in source, "init functions' flag")
+    tensor = transformers_patches.mark_initialized(torch.zeros(3))
+    initialization.normal_(tensor)
+    assert tensor._is_hf_initialized is True and torch.equal(tensor, torch.zeros(3))
 
 
 def test_patch_6_registration_survives_a_reload():
