@@ -18,7 +18,16 @@ from .integrations.callback import DKMCallback
 from .integrations.distributed import full_weights
 from .integrations.quantizer import DKMHfQuantizer, dequantize, prepare
 from .integrations.trainer import DKMTrainer, DKMTrainingArguments
-from .nn import DKMMixin, Layout, PalettizedMixin, dkm_modules, palettized_modules, register_module
+from .nn import (
+    DKMMixin,
+    DKMWeight,
+    Layout,
+    PalettizedMixin,
+    PalettizedWeight,
+    dkm_modules,
+    palettized_modules,
+    register_module,
+)
 from .surgery import get_dkm_config, palettize, palettized_view, set_inference_mode
 
 __version__ = "0.2.0"
@@ -30,9 +39,11 @@ __all__ = [
     "DKMMixin",
     "DKMTrainer",
     "DKMTrainingArguments",
+    "DKMWeight",
     "Layout",
     "PalettizedCheckpointError",
     "PalettizedMixin",
+    "PalettizedWeight",
     "dequantize",
     "dkm_modules",
     "full_weights",

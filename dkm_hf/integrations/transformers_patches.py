@@ -205,13 +205,16 @@ def _patch_accounting() -> None:
         total = num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
         if not only_trainable:
             for _, weight in palettized_modules(self):
-                if not (exclude_embeddings and isinstance(weight.module, nn.Embedding) and weight.param == "weight"):
+                if weight.tied_source is None and not (
+                    exclude_embeddings and isinstance(weight.module, nn.Embedding) and weight.param == "weight"
+                ):
                     total += weight.layout.numel
         return total
 
     @functools.wraps(footprint)
     def get_memory_footprint(self, return_buffers: bool = True) -> int:
-        decoded = {id(w._dense[1]): w.decoded_bytes for _, w in palettized_modules(self) if w._dense is not None}
+        kept = (w._dense[1] for _, w in palettized_modules(self) if w._dense is not None)
+        decoded = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}  # a tie's is a view
         return footprint(self, return_buffers) + sum(decoded.values())
 
     for function in (counted, get_memory_footprint):
