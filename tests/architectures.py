@@ -46,6 +46,7 @@ TOLERANCE = 1e-3  # relative to the largest logit: float16 LUT entries (11-bit m
 LOSSLESS = {"bits": 8, "granularity": "per_grouped_channel", "group_size": 1, "weight_threshold": 0}
 LOSSY = {"bits": 2, "weight_threshold": 0}
 COVERAGE = 0.95
+MAX_ROW = 256  # 8 bits: 256 centroids cover every value of a row of at most this many values
 
 # A generic small config: every int field of these names is set (in every sub-config), lists are shortened.
 SMALL = {
@@ -218,6 +219,13 @@ def coverage(model: torch.nn.Module) -> tuple[float, list[str]]:
     return (covered / total if total else 1.0), left
 
 
+def _row_length(name: str, param: torch.Tensor) -> int:
+    """Values per LUT row of a weight with per-row LUTs (both orientations: transformers' Conv1D is transposed)."""
+    if param.dim() == 3 and not name.endswith("weight"):
+        return max(param.shape[-1], param.shape[-2])
+    return max(param[0].numel(), param.shape[0] if param.dim() == 2 else 0)
+
+
 def build(model_type: str, head: str) -> tuple[torch.nn.Module | None, str]:
     """The tiny dense model (seeded, eval mode), or None and why it was not built."""
     try:
@@ -228,6 +236,9 @@ def build(model_type: str, head: str) -> tuple[torch.nn.Module | None, str]:
         count = sum(p.numel() for p in probe.parameters())
         if count > MAX_PARAMETERS:
             return None, f"{count / 1e6:.1f}M parameters with the generic small config"
+        longest = max((_row_length(name, p) for name, p in probe.named_parameters() if p.dim() >= 2), default=0)
+        if longest > MAX_ROW:
+            return None, f"rows of {longest} values with the generic small config (lossless needs <= {MAX_ROW})"
         torch.manual_seed(0)
         model = cls(config).eval()
         with torch.no_grad():

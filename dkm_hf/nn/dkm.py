@@ -21,6 +21,11 @@ import contextlib
 import torch
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - a torch without distributed tensors
+    DTensor = None
+
 from ..ops.attention import gather_centroids, hard_assign
 from ..ops.buckets import bucket_dtype_for
 from ..ops.dkm import dkm_cluster
@@ -316,14 +321,19 @@ class DKMMixin:
     @contextlib.contextmanager
     def clustered_parameters(self):
         """Within the context, each clustered parameter reads as its clustered weight (an instance attribute that
-        shadows the parameter; the parameter itself is untouched)."""
-        shadow = {p: w.clustered_weight() for p, w in self.dkm_weights.items() if w.dkm_enabled}
+        shadows the parameter; the parameter itself is untouched). Contexts nest (a parent's scope around the
+        module's own forward): leaving one restores what the enclosing one set."""
+        shadow = {p: w.clustered_weight() for p, w in self.dkm_weights.items() if w.dkm_enabled and _whole(w.weight)}
+        previous = {p: self.__dict__[p] for p in shadow if p in self.__dict__}
         self.__dict__.update(shadow)
         try:
             yield
         finally:
             for p in shadow:
-                self.__dict__.pop(p, None)
+                if p in previous:
+                    self.__dict__[p] = previous[p]
+                else:
+                    self.__dict__.pop(p, None)
 
     def forward(self, *args, **kwargs):
         with self.clustered_parameters():
@@ -374,6 +384,59 @@ class DKMMixin:
 
     def temperature(self, vectors: torch.Tensor | None = None):
         return self._only().temperature(vectors)
+
+
+def _whole(tensor: torch.Tensor) -> bool:
+    """False for a parameter FSDP2 holds sharded (outside its unit's forward): only whole weights are clustered."""
+    return not (DTensor is not None and isinstance(tensor, DTensor))
+
+
+class ParentScope:
+    """Forward hooks of a module whose children hold DKM weights: while the parent's forward runs, the children's
+    clustered parameters read as their clustered weights, so a parent that reads a child's weight directly (a Mamba
+    mixer's `conv1d.weight`, an attention block's fused projections) computes with the clustered weight too. The
+    weights are the ones the children's own forwards compute (cached: no extra DKM pass)."""
+
+    def __init__(self):
+        self.open: list[contextlib.ExitStack] = []
+
+    def __getstate__(self) -> dict:
+        return {"open": []}
+
+    def enter(self, module: nn.Module, args) -> None:
+        stack = contextlib.ExitStack()
+        for child in module.children():
+            if isinstance(child, DKMMixin):
+                stack.enter_context(child.clustered_parameters())
+        self.open.append(stack)
+
+    def exit(self, module: nn.Module, args, output) -> None:
+        if self.open:
+            self.open.pop().close()
+
+
+def add_parent_scopes(model: nn.Module) -> None:
+    """Give every module with DKM children a `ParentScope` (once)."""
+    for module in model.modules():
+        if "_dkm_parent_scope" in module.__dict__:
+            continue
+        if any(isinstance(child, DKMMixin) for child in module.children()):
+            scope = ParentScope()
+            handles = (
+                module.register_forward_pre_hook(scope.enter),
+                module.register_forward_hook(scope.exit, always_call=True),
+            )
+            module.__dict__["_dkm_parent_scope"] = handles
+
+
+def remove_parent_scopes(model: nn.Module) -> None:
+    """Remove the `ParentScope` of every module that no longer has DKM children."""
+    for module in model.modules():
+        handles = module.__dict__.get("_dkm_parent_scope")
+        if handles is not None and not any(isinstance(child, DKMMixin) for child in module.children()):
+            for handle in handles:
+                handle.remove()
+            del module.__dict__["_dkm_parent_scope"]
 
 
 def dkm_modules(model: nn.Module) -> list[tuple[str, DKMWeight]]:

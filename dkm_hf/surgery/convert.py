@@ -22,7 +22,7 @@ from transformers.utils import logging
 
 from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
-from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
+from ..nn.dkm import DKMMixin, DKMWeight, add_parent_scopes, dkm_modules, remove_parent_scopes
 from ..nn.layout import Layout
 from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
 from ..nn.weights import channel_dims, is_transposed, split_name, weight_name
@@ -89,6 +89,7 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
             for state in states.values():
                 if state.tied_source is None:
                     state.register_state()
+    add_parent_scopes(model)
     if not done:
         logger.warning(
             "dkm_hf: no weight was selected. Check DKMConfig.target_modules / modules_to_not_convert / "
@@ -160,6 +161,8 @@ def to_palettized(model: nn.Module, copy_modules: bool = False) -> dict[str, Pal
                 weight.fill(*values[param])
             new[param] = done[id(state)] = out[weight_name(module_name, param)] = weight
         PalettizedMixin.attach(target, new)
+    if not copy_modules:
+        remove_parent_scopes(model)
     return out
 
 
@@ -246,6 +249,7 @@ def to_dense(model: nn.Module) -> nn.Module:
                 module._parameters[param] = tensor
         else:
             module.detach_palettized(params)
+    remove_parent_scopes(model)
     return model
 
 

@@ -251,8 +251,12 @@ def test_eval_measures_exactly_the_model_that_ships(tiny_dir, name):
     model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=config).eval()
     with torch.no_grad():
         hard = model(**tiny_inputs(name)).logits
-        shipped = dkm_hf.palettize(model)(**tiny_inputs(name)).logits
-    assert torch.equal(hard, shipped)
+        packed = dkm_hf.palettize(model)(**tiny_inputs(name)).logits
+        dense = dkm_hf.set_inference_mode(model, "dense")(**tiny_inputs(name)).logits
+    assert torch.equal(hard, dense)  # the decoded weights are the hard weights, bit for bit
+    # packed (the default) computes small batches with the fused LUT gemv and decodes per forward: float32 sums in
+    # another order (a relative error of a few ulps of the largest output)
+    torch.testing.assert_close(packed, hard, rtol=0, atol=1e-6 * hard.abs().max().item())
 
 
 def test_gradients_equal_the_naive_reference_from_the_start_centroids():
