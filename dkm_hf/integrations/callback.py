@@ -108,6 +108,25 @@ def reseed_dead_centroids(module: DKMMixin, assign: torch.Tensor | None = None) 
     return reseeded
 
 
+@torch.no_grad()
+def check_centroids_finite(modules: list[tuple[str, DKMMixin]], step: int) -> None:
+    """Stop training once a layer's centroids went NaN or infinite (a diverged loss): every later step, evaluation
+    and checkpoint would carry them. One host synchronisation per step, for all layers together."""
+    active = [(n, m) for n, m in modules if m.dkm_enabled and m.dkm_ready and "centroids" in m._buffers]
+    if not active:
+        return
+    finite = torch.stack([torch.isfinite(m.centroids).all() for _, m in active])
+    if bool(finite.all()):
+        return
+    name, module = next((n, m) for (n, m), ok in zip(active, finite.tolist()) if not ok)
+    bad = int((~torch.isfinite(module.centroids)).sum())
+    raise FloatingPointError(
+        f"{name}.centroids: {bad} value(s) became NaN or infinite at step {step} (the loss or the gradients "
+        "diverged); training stopped before any checkpoint holds them. Lower the learning rate, clip gradients "
+        "(max_grad_norm) or resume from the last checkpoint"
+    )
+
+
 class DKMCallback(TrainerCallback):
     """Milestone, tau schedule and cluster-health logging for any `transformers.Trainer` training a DKM model."""
 
@@ -180,6 +199,10 @@ class DKMCallback(TrainerCallback):
         self.pending["dkm_enabled"] = float(step >= milestone)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._health(args, state, model)
+        check_centroids_finite(self._modules(model), state.global_step)
+
+    def _health(self, args, state, model) -> None:
         # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
         if not (self.log_cluster_health or self.reseed) or state.global_step < self._milestone(model):
             return
