@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers.utils import logging
 
+from .config import FORMAT_VERSION
 from .errors import PalettizedCheckpointError
-from .integrations.checkpoint_checks import CHECKSUM_PREFIX, check_palettized_headers, checksum
+from .integrations.checkpoint_checks import CHECKSUM_PREFIX, VERSION_KEY, check_palettized_headers, checksum
 from .integrations.coreml import coreml_target, load_palettized, to_coreml
 from .integrations.model_card import human_bytes
 from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files
@@ -82,7 +83,8 @@ def problems(summary: CheckpointSummary, name: str) -> list[str]:
         found.append("padding bits set")
     for buffer, entry in summary.stored(name).items():
         recorded = summary.metadata.get(f"{CHECKSUM_PREFIX}{entry.name}")
-        if recorded is not None and checksum(_tensor(summary, name, buffer)) != recorded:
+        version = 1 if summary.metadata.get(VERSION_KEY, "1") == "1" else FORMAT_VERSION
+        if recorded is not None and checksum(_tensor(summary, name, buffer), version) != recorded:
             found.append(f"{buffer} checksum mismatch")
     return found
 

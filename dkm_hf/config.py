@@ -1,7 +1,7 @@
 """`DKMConfig` (how to cluster: settings, validated) and `CheckpointRecord` (what a saved checkpoint holds: state).
 
 Both are serialised together as config.json's `quantization_config`: the settings' fields plus `format`,
-`format_version` and `modules` (one `Layout` record per palettized module) from the record.
+`format_version`, `modules` (one `Layout` record per palettized module) and `save_id` from the record.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .nn.layout import LUT_DTYPES, TAU_SCALES, ClusterSettings, Layout
 from .ops.dkm import IMPLEMENTATIONS
 
-FORMAT_VERSION = 1
+# Version 2 adds the save id (config.json and every weight file) and makes the checksums mandatory, covering each
+# tensor's dtype and shape as well as its bytes; version 1 files (optional, bytes-only checksums) still load.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 FORMATS = ("train", "palettized")
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # Fields a per-module override may change.
@@ -51,23 +54,30 @@ def default_tau_end_ratio(bits: int) -> float:
 @dataclass
 class CheckpointRecord:
     """The form of a saved model: `train` (float weights + centroids) or `palettized` (LUTs + packed indices, with
-    each palettized module's `Layout` record in `modules`). Derived from the model's modules when it is saved."""
+    each palettized module's `Layout` record in `modules`). Derived from the model's modules when it is saved.
+
+    `save_id` names the save that wrote config.json; the same id is in every weight file of that save, so a
+    directory holding files of two saves (an interrupted in-place save) is refused instead of loading a mix."""
 
     format: str = "train"
     format_version: int = FORMAT_VERSION
     modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    save_id: str | None = None
 
-    KEYS = ("format", "format_version", "modules")
+    KEYS = ("format", "format_version", "modules", "save_id")
 
     def __post_init__(self) -> None:
         _check_choice("format", self.format, FORMATS)
-        if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or self.format_version not in READABLE_FORMAT_VERSIONS:
+            readable = " or ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise ValueError(
-                f"DKMConfig.format_version must be {FORMAT_VERSION} (the only checkpoint format this dkm_hf reads), "
+                f"DKMConfig.format_version must be {readable} (the checkpoint formats this dkm_hf reads), "
                 f"but the value passed is {self.format_version!r}; upgrade dkm_hf to read this checkpoint"
             )
         if not isinstance(self.modules, dict):
             raise ValueError(f"DKMConfig.modules must be a dict of module records, but is {self.modules!r}")
+        if self.save_id is not None and not isinstance(self.save_id, str):
+            raise ValueError(f"DKMConfig.save_id must be a string or None, but is {self.save_id!r}")
 
     @classmethod
     def of(cls, layouts: dict[str, Layout]) -> CheckpointRecord:

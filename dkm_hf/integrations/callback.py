@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import default_tau_end_ratio
-from ..nn.dkm import DKMMixin, dkm_modules
+from ..nn.dkm import DKMWeight, dkm_modules
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
@@ -72,7 +72,7 @@ def _sample(n: int, size: int) -> slice:
 
 
 @torch.no_grad()
-def cluster_health(module: DKMMixin, assign: torch.Tensor) -> dict[str, float]:
+def cluster_health(module: DKMWeight, assign: torch.Tensor) -> dict[str, float]:
     """Mean attention entropy on a fixed sample of weights, and the number of empty clusters."""
     vectors = module.vectors()
     tau, _ = module.temperature(vectors)
@@ -86,7 +86,7 @@ def cluster_health(module: DKMMixin, assign: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def reseed_dead_centroids(module: DKMMixin, assign: torch.Tensor | None = None) -> int:
+def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None) -> int:
     """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid."""
     assign = module.assignments() if assign is None else assign
     sizes = _cluster_sizes(assign, module.layout.n_clusters)
@@ -106,6 +106,25 @@ def reseed_dead_centroids(module: DKMMixin, assign: torch.Tensor | None = None) 
     if reseeded:
         module._hard = None
     return reseeded
+
+
+@torch.no_grad()
+def check_centroids_finite(modules: list[tuple[str, DKMWeight]], step: int) -> None:
+    """Stop training once a layer's centroids went NaN or infinite (a diverged loss): every later step, evaluation
+    and checkpoint would carry them. One host synchronisation per step, for all layers together."""
+    active = [(n, m) for n, m in modules if m.dkm_enabled and m.dkm_ready and m.has_state]
+    if not active:
+        return
+    finite = torch.stack([torch.isfinite(m.centroids).all() for _, m in active])
+    if bool(finite.all()):
+        return
+    name, module = next((n, m) for (n, m), ok in zip(active, finite.tolist()) if not ok)
+    bad = int((~torch.isfinite(module.centroids)).sum())
+    raise FloatingPointError(
+        f"{name}.centroids: {bad} value(s) became NaN or infinite at step {step} (the loss or the gradients "
+        "diverged); training stopped before any checkpoint holds them. Lower the learning rate, clip gradients "
+        "(max_grad_norm) or resume from the last checkpoint"
+    )
 
 
 class DKMCallback(TrainerCallback):
@@ -143,7 +162,7 @@ class DKMCallback(TrainerCallback):
         config = get_dkm_config(model)
         return config.milestone if config is not None else 0
 
-    def _tau(self, module: DKMMixin, step: int, milestone: int, max_steps: int) -> float:
+    def _tau(self, module: DKMWeight, step: int, milestone: int, max_steps: int) -> float:
         start = self.tau_start if self.tau_start is not None else module.settings.configured_tau
         if self.tau_end is not None:
             end = self.tau_end
@@ -180,6 +199,10 @@ class DKMCallback(TrainerCallback):
         self.pending["dkm_enabled"] = float(step >= milestone)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._health(args, state, model)
+        check_centroids_finite(self._modules(model), state.global_step)
+
+    def _health(self, args, state, model) -> None:
         # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
         if not (self.log_cluster_health or self.reseed) or state.global_step < self._milestone(model):
             return

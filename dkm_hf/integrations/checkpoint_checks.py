@@ -5,24 +5,29 @@ checkpoint must store exactly the LUT / packed indices / scale of every recorded
 its `Layout` implies; a training checkpoint must carry the centroids of every DKM module (a dense checkpoint whose
 config.json declares DKM carries none: its centroids are initialised from the weights).
 After: LUTs, scales and centroids are finite, the padding bits after the last packed index are zero, and every
-palettized tensor matches the CRC-32 its file's metadata records (files written before checksums existed have none).
+palettized tensor matches the CRC-32 its file's metadata records. Since format version 2 every palettized tensor must
+have one, and it covers the tensor's dtype and shape as well as its bytes; version 1 files may lack them (files
+written before checksums existed) and their checksums cover the bytes only.
+Saving runs the same value checks first, so that no checkpoint is written that its own loader would refuse.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 import zlib
 
 import torch
 from torch import nn
 
-from ..config import FORMAT_VERSION, CheckpointRecord
+from ..config import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, CheckpointRecord
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import DKMMixin
 from ..nn.layout import LUT_DTYPES, Layout
 from ..nn.palettized import PalettizedMixin
 from ..nn.weights import buffer_name
 from ..ops.packing import unpack_indices
-from .safetensors_files import FLOAT_DTYPES, SafetensorsHeader, TensorEntry
+from .safetensors_files import FLOAT_DTYPES, SAVE_ID_KEY, SafetensorsHeader, TensorEntry
 
 FORMAT_KEY, VERSION_KEY, CHECKSUM_PREFIX = "dkm_format", "dkm_format_version", "dkm_crc32:"
 LUT_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
@@ -53,15 +58,29 @@ def is_palettized_key(key: str) -> bool:
     return last in ("weight_lut", "weight_indices", "weight_scale") or last.endswith("_lut")
 
 
-def checksum(tensor: torch.Tensor) -> str:
-    """CRC-32 of a tensor's bytes (8 hex digits): ~1 GB/s, so checking a 4-bit 135M-weight model costs ~70 ms."""
+def checksum(tensor: torch.Tensor, version: int = FORMAT_VERSION) -> str:
+    """CRC-32 (8 hex digits) of a tensor's dtype, shape and bytes; of its bytes only in format version 1.
+
+    ~1 GB/s, so checking a 4-bit 135M-weight model costs ~70 ms. Covering the dtype and shape means that the same
+    bytes relabelled (F16 -> BF16) or reshaped no longer match."""
     data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    return f"{zlib.crc32(data):08x}"
+    if version == 1:
+        return f"{zlib.crc32(data):08x}"
+    layout = f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}".encode()
+    return f"{zlib.crc32(data, zlib.crc32(layout)):08x}"
+
+
+def new_save_id() -> str:
+    return uuid.uuid4().hex
 
 
 def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
-    """The safetensors metadata of a checkpoint being saved: its format, and a checksum per palettized tensor."""
+    """The safetensors metadata of a checkpoint being saved: its format, its save id and a checksum per palettized
+    tensor. The values are checked first (finite, zero padding): a save its loader would refuse fails here."""
+    check_values(model, saving=True)
     metadata = {FORMAT_KEY: record.format, VERSION_KEY: str(record.format_version)}
+    if record.save_id is not None:
+        metadata[SAVE_ID_KEY] = record.save_id
     for module_name, module in model.named_modules():
         if not isinstance(module, PalettizedMixin):
             continue
@@ -84,17 +103,35 @@ def check_format(header: SafetensorsHeader, record: CheckpointRecord) -> None:
             f"config.json's quantization_config says format={record.format!r} but the safetensors files were written "
             f"as {FORMAT_KEY}={written!r}; the config does not belong to these weights (restore its 'format')"
         )
-    if record.format == "palettized":
-        version = header.metadata.get(VERSION_KEY)
-        if version is None:
-            raise PalettizedCheckpointError(
-                f"no `{VERSION_KEY}` in the safetensors metadata; these files were not written by dkm_hf's "
-                "save_pretrained as a palettized checkpoint"
-            )
-        if version != str(FORMAT_VERSION):
-            raise PalettizedCheckpointError(
-                f"safetensors metadata {VERSION_KEY}={version!r}: this dkm_hf reads version {FORMAT_VERSION} only"
-            )
+    version = header.metadata.get(VERSION_KEY)
+    if record.format == "palettized" and version is None:
+        raise PalettizedCheckpointError(
+            f"no `{VERSION_KEY}` in the safetensors metadata; these files were not written by dkm_hf's "
+            "save_pretrained as a palettized checkpoint"
+        )
+    if version is not None and version not in map(str, READABLE_FORMAT_VERSIONS):
+        readable = " and ".join(map(str, READABLE_FORMAT_VERSIONS))
+        raise PalettizedCheckpointError(
+            f"safetensors metadata {VERSION_KEY}={version!r}: this dkm_hf reads versions {readable} only"
+        )
+
+
+def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
+    """config.json and the weight files must come from the same save (`read_headers` already checked that the files
+    agree with each other): an in-place save interrupted between two files leaves a mix that must not load."""
+    written = header.metadata.get(SAVE_ID_KEY)
+    if written != record.save_id:
+        files = sorted({os.path.basename(e.file) for e in header.tensors.values()})
+        raise PalettizedCheckpointError(
+            f"{', '.join(files[:3]) or 'the weight files'}: written by save {written!r}, but config.json's "
+            f"quantization_config.save_id is {record.save_id!r}; the directory mixes files of two checkpoints (an "
+            "interrupted save?). Save the model again, or restore the matching config.json"
+        )
+    if written is None and header.metadata.get(VERSION_KEY) == str(FORMAT_VERSION):
+        raise PalettizedCheckpointError(
+            f"no `{SAVE_ID_KEY}` in the safetensors metadata of a format {header.metadata[VERSION_KEY]} checkpoint; "
+            "these files were not written whole by dkm_hf's save_pretrained"
+        )
 
 
 def guess_transposed(tensors: dict[str, TensorEntry], name: str, record: dict) -> bool:
@@ -207,37 +244,65 @@ def carries_training_state(header: SafetensorsHeader, layouts: dict[str, Layout]
 
 # -- after loading -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
-    """After loading: finite values, zero padding bits, and the checksums recorded in the files' metadata."""
-    checksums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
+def check_values(model: nn.Module, saving: bool = False) -> None:
+    """Finite centroids, LUTs and scales, zero padding bits: what loading requires, checked again before saving."""
     for name, module in model.named_modules():
         if isinstance(module, DKMMixin):
             for weight in module.dkm_weights.values():
-                _check_finite(name, module, weight.state_names())
+                if weight.tied_source is None and weight.has_state:
+                    _check_finite(name, module, weight.state_names(), saving)
+        if isinstance(module, PalettizedMixin):
+            for weight in module.palettized_weights.values():
+                if weight.tied_source is None:
+                    _check_finite(name, module, (weight.buffer("lut"), weight.buffer("scale")), saving)
+                    _check_padding(name, weight)
+
+
+@torch.no_grad()
+def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
+    """After loading: `check_values`, and the checksums recorded in the files' metadata (required since version 2)."""
+    check_values(model)
+    version = int(metadata.get(VERSION_KEY, "1"))
+    required = version >= 2 or SAVE_ID_KEY in metadata
+    checksums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
+    for name, module in model.named_modules():
         if not isinstance(module, PalettizedMixin):
             continue
         for weight in module.palettized_weights.values():
             if weight.tied_source is not None:
                 continue
-            _check_finite(name, module, (weight.buffer("lut"), weight.buffer("scale")))
-            _check_padding(name, weight)
             for buffer in weight.buffer_names():
                 tensor = module._buffers.get(buffer)
+                if tensor is None:
+                    continue
                 key = f"{name}.{buffer}" if name else buffer
                 recorded = _lookup(checksums, key)
-                if tensor is not None and recorded is not None and checksum(tensor) != recorded:
+                if recorded is None and required:
                     raise PalettizedCheckpointError(
-                        f"{key}: checksum {checksum(tensor)} does not match the {recorded} recorded when it was "
-                        "saved (the file is damaged or was altered)"
+                        f"{key}: no `{CHECKSUM_PREFIX}{key}` in the safetensors metadata; files written with a save "
+                        "id carry a checksum for every palettized tensor (the file was altered)"
+                    )
+                if recorded is not None and checksum(tensor, version) != recorded:
+                    raise PalettizedCheckpointError(
+                        f"{key}: checksum {checksum(tensor, version)} does not match the {recorded} recorded when it "
+                        "was saved (the file is damaged or was altered)"
                     )
 
 
-def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...]) -> None:
+def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...], saving: bool = False) -> None:
     for buffer in buffers:
         value = module._buffers.get(buffer)
         if value is not None and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
-            raise PalettizedCheckpointError(f"{name}.{buffer}: {bad} value(s) are NaN or infinite")
+            message = f"{name}.{buffer}: {bad} value(s) are NaN or infinite"
+            if saving:
+                message += "; nothing was saved, the checkpoint would not load"
+                if value.dtype == torch.float16:
+                    message += (
+                        " (float16 holds magnitudes up to 65504: palettize with DKMConfig(lut_dtype='float32') or "
+                        "'bfloat16' for larger weights)"
+                    )
+            raise PalettizedCheckpointError(message)
 
 
 def _check_padding(name: str, module) -> None:

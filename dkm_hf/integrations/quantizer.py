@@ -3,8 +3,9 @@
 Hook order in `from_pretrained`: validate_environment -> _process_model_before_weight_loading (model on the meta
 device: check the files' headers, swap in DKM or empty palettized modules so state-dict keys match) -> weights load
 -> _process_model_after_weight_loading (check the loaded values; k-means initialisation for a dense checkpoint).
-On `save_pretrained`, `get_state_dict_and_metadata` runs before config.json is written: it records what the model's
-modules now are (training or palettized checkpoint) in the config and the files' metadata.
+On `save_pretrained`, `get_state_dict_and_metadata` runs before config.json and the weights are written: it checks
+the values (a checkpoint its loader would refuse is not saved) and records what the model's modules now are
+(training or palettized checkpoint) and a fresh save id in the config and in every file's metadata.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from .checkpoint_checks import (
     check_format,
     check_loaded,
     check_palettized_headers,
+    check_save_id,
+    new_save_id,
     save_metadata,
 )
 from .distributed import full_state_dict, is_sharded
@@ -65,6 +68,7 @@ class DKMHfQuantizer(HfQuantizer):
             to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
             return model
         header = self._read_files(model, list(checkpoint_files or []))
+        check_save_id(header, config.record)
         check_format(header, config.record)
         self.file_metadata = header.metadata
         if config.record.format == "palettized":
@@ -114,7 +118,7 @@ class DKMHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        record = surgery.record_of(model)
+        record = replace(surgery.record_of(model), save_id=new_save_id())
         self.quantization_config.record = record  # config.json is written after this hook
         config = surgery.get_dkm_config(model)
         if config is not None:

@@ -25,6 +25,7 @@ SAFETENSORS_DTYPES = {
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_BYTES = 2**63  # file offsets and sizes beyond this cannot be real
+SAVE_ID_KEY = "dkm_save_id"  # the save that wrote a file (the same id is in config.json's quantization_config)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Set to 1 to follow a shard index or symlink out of the checkpoint directory (e.g. a hand-made layout).
@@ -157,12 +158,22 @@ def _is_count(value: Any) -> bool:
 def read_headers(files: Iterable[str | os.PathLike]) -> SafetensorsHeader:
     """The headers of all shards of one checkpoint, merged; a tensor stored in two shards is an error.
 
-    Metadata keys starting with `dkm_format` must agree between shards; other keys are merged.
+    Metadata keys starting with `dkm_format` must agree between shards, and every shard must carry the same save id
+    (or none, as files written before save ids); other keys are merged.
     """
     tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
+    first: tuple[str, str | None] | None = None
     for path in files:
         header = read_header(path)
+        save_id = header.metadata.get(SAVE_ID_KEY)
+        if first is None:
+            first = (os.path.basename(path), save_id)
+        elif save_id != first[1]:
+            raise PalettizedCheckpointError(
+                f"{os.path.basename(path)}: written by save {save_id!r} but {first[0]} by save {first[1]!r}; the "
+                "directory mixes files of two checkpoints (an interrupted save?)"
+            )
         for name, entry in header.tensors.items():
             if name in tensors:
                 raise PalettizedCheckpointError(

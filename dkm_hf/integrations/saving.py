@@ -2,79 +2,177 @@
 
 The new checkpoint is written into a hidden sibling directory, completed with the old directory's other files
 (tokenizer, trainer checkpoints...: hard-linked, not copied), then exchanged with the target in one atomic
-`renameat2(RENAME_EXCHANGE)` (Linux; `renamex_np(RENAME_SWAP)` on macOS). Where neither exists, or the target is the
-process's working directory (or holds it), files are replaced one by one, weights first and config.json last. Hidden
-leftovers of a save that was killed are removed by the next save into the same directory.
+`renameat2(RENAME_EXCHANGE)` (Linux; `renamex_np(RENAME_SWAP)` on macOS). When the target is the process's working
+directory (or holds it), the process moves into the new directory right after the exchange.
+
+In place: where the system cannot exchange, or the target is a mount point (`EXDEV`) or its parent is read-only
+(`EROFS`, `EACCES`, `EPERM`: no sibling can be made or renamed), the new checkpoint is staged inside the target and
+its files replace the old ones one by one, weights first and config.json last. Every save writes one save id into
+every weight file's metadata and into config.json, and a load refuses files of different saves (naming one), so a
+save killed between two replacements leaves the old checkpoint, the new one, or a directory whose load fails by
+name, never a mix that loads.
+
+Each save holds an exclusive `flock` on its staging directory for its whole life; hidden leftovers of a killed save
+(unlocked) are removed by the next save into the same directory, and a live save's directory is left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import re
 import shutil
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): leftovers are never removed, so no live save's directory is either
+    fcntl = None
 
 # Files of an older checkpoint that a new save replaces (never carried over into the new directory).
 WEIGHT_FILE = re.compile(r"(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index\.json)?")
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.dkm-(tmp|old)-[0-9a-f]{12}")
+# Where these stop a sibling directory from being made, renamed or exchanged, the save goes in place.
+IN_PLACE_ERRNOS = frozenset({errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY})
+_STAGING_TRIES = 8
 
 
 def atomic_save(
     save_directory: str | os.PathLike, write: Callable[[str], Any], finish: Callable[[str], None] | None = None
 ) -> Any:
-    """Run `write(tmp)` in a fresh hidden sibling directory and put the result at `save_directory` once complete.
+    """Run `write(tmp)` in a fresh hidden staging directory and put the result at `save_directory` once complete.
 
-    If `write` raises, the temporary directory is removed and `save_directory` is untouched. `finish(tmp)` runs after
+    If `write` raises, the staging directory is removed and `save_directory` is untouched. `finish(tmp)` runs after
     the old directory's other files were carried over (e.g. to add a model card if none exists).
     """
     target = Path(os.path.realpath(save_directory))
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
-    tmp = target.parent / f".{target.name}.dkm-tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
+    with _staging(target) as tmp:
         result = write(str(tmp))
-        if target.is_dir():
-            _carry_over(target, tmp)
+        carried = _carry_over(target, tmp) if target.is_dir() else set()
+        if target.is_dir() and tmp.parent != target:
             shutil.copymode(target, tmp)
         if finish is not None:
             finish(str(tmp))
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _holds_cwd(target) or not exchange(tmp, target):
-            _replace_files(tmp, target)
-    finally:
-        # The partial new checkpoint if anything failed, else what is left: the old checkpoint after the exchange.
-        shutil.rmtree(tmp, ignore_errors=True)
+        _put_in_place(tmp, target, carried)
     return result
 
 
+def _put_in_place(tmp: Path, target: Path, carried: set[str]) -> None:
+    if tmp.parent != target:
+        try:
+            if not target.exists():
+                os.rename(tmp, target)
+                return
+            cwd = _cwd_inside(target)
+            if exchange(tmp, target):
+                if cwd is not None:
+                    os.chdir(target / cwd if (target / cwd).is_dir() else target)
+                return
+        except OSError as err:
+            if err.errno not in IN_PLACE_ERRNOS or not target.is_dir():
+                raise
+    with _staging(target, inside=True) as inner:
+        # on the target's own filesystem, so that every replacement below is a rename
+        for name in os.listdir(tmp):
+            if name not in carried or not _unchanged(tmp / name, target / name):
+                shutil.move(tmp / name, inner / name)
+        _replace_files(inner, target)
+
+
+@contextlib.contextmanager
+def _staging(target: Path, inside: bool = False) -> Iterator[Path]:
+    """A fresh hidden directory next to `target` (inside it with `inside=True`, or where no sibling can be made),
+    locked for as long as the save uses it and removed afterwards."""
+    try:
+        tmp, fd = _locked_directory(target if inside else target.parent, target.name)
+    except OSError as err:
+        if inside or err.errno not in IN_PLACE_ERRNOS or not target.is_dir():
+            raise
+        tmp, fd = _locked_directory(target, target.name)
+    try:
+        yield tmp
+    finally:
+        # The partial new checkpoint if anything failed, else what is left: the old checkpoint after the exchange.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _locked_directory(parent: Path, name: str) -> tuple[Path, int | None]:
+    """Make `parent/.name.dkm-tmp-<random>` and lock it. A sweep of leftovers may remove it between the mkdir and
+    the lock; then the lock fails or finds the directory gone, and another name is tried."""
+    for _ in range(_STAGING_TRIES):
+        path = parent / f".{name}.dkm-tmp-{uuid.uuid4().hex[:12]}"
+        os.mkdir(path)
+        if fcntl is None:
+            return path, None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink > 0 and os.path.samestat(os.fstat(fd), os.stat(path)):
+                return path, fd
+        except OSError:
+            pass
+        os.close(fd)
+    raise FileExistsError(f"{parent}: could not make a staging directory for {name!r} ({_STAGING_TRIES} tries)")
+
+
 def remove_leftovers(target: Path) -> None:
-    """Remove hidden directories that earlier, interrupted saves into `target` left next to it."""
-    if not target.parent.is_dir():
+    """Remove hidden directories that earlier, killed saves into `target` left next to it (or inside it): those whose
+    lock no live save holds."""
+    if fcntl is None:
         return
-    for entry in os.scandir(target.parent):
-        match = _HIDDEN.fullmatch(entry.name)
-        if match and match["name"] == target.name and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
+    for parent in (target.parent, target):
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _HIDDEN.fullmatch(entry.name)
+            if match and match["name"] == target.name and entry.is_dir(follow_symlinks=False):
+                _remove_unless_locked(entry.path)
 
 
-def _holds_cwd(target: Path) -> bool:
+def _remove_unless_locked(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # a live save's staging directory
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def _cwd_inside(target: Path) -> Path | None:
+    """The working directory relative to `target`, if it lies inside it."""
     try:
         cwd = Path(os.getcwd()).resolve()
     except OSError:
-        return False
-    return cwd == target or cwd.is_relative_to(target)
+        return None
+    return cwd.relative_to(target) if cwd == target or cwd.is_relative_to(target) else None
 
 
-def _carry_over(old: Path, new: Path) -> None:
-    present = set(os.listdir(new))
+def _carry_over(old: Path, new: Path) -> set[str]:
+    """Link the old directory's files that the new checkpoint does not replace into it; the names carried."""
+    present, carried = set(os.listdir(new)), set()
     for entry in os.scandir(old):
         if entry.name in present or WEIGHT_FILE.fullmatch(entry.name) or _HIDDEN.fullmatch(entry.name):
             continue
@@ -85,6 +183,16 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(entry.path, destination)
+        carried.add(entry.name)
+    return carried
+
+
+def _unchanged(new: Path, old: Path) -> bool:
+    """Whether a carried-over entry still is the old one (a carried directory is never rewritten)."""
+    try:
+        return new.is_dir() and not new.is_symlink() or os.path.samefile(new, old)
+    except OSError:
+        return False
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -100,10 +208,12 @@ def _libc():
 
 
 _AT_FDCWD, _RENAME_EXCHANGE, _RENAME_SWAP = -100, 2, 2
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.ENOTSUP})
 
 
 def exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two paths; False where the system cannot (then nothing happened)."""
+    """Atomically exchange two paths; False where the system or filesystem cannot (then nothing happened). Any other
+    failure raises `OSError` (e.g. `EXDEV` when `b` is a mount point)."""
     libc = _libc()
     try:
         if sys.platform.startswith("linux") and libc is not None and hasattr(libc, "renameat2"):
@@ -114,19 +224,25 @@ def exchange(a: Path, b: Path) -> bool:
             return False
     except (AttributeError, OSError):
         return False
-    return rc == 0
+    if rc == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-def _replace_files(tmp: Path, target: Path) -> None:
+def _replace_files(staged: Path, target: Path) -> None:
     """File by file: new weights first, then the other files, config.json last; old weight files no longer named
     by the new checkpoint are removed before config.json names the new ones."""
-    names = sorted(os.listdir(tmp), key=lambda n: (n == "config.json", not WEIGHT_FILE.fullmatch(n)))
+    names = sorted(os.listdir(staged), key=lambda n: (n == "config.json", not WEIGHT_FILE.fullmatch(n), n))
     for name in names:
         if name == "config.json":
-            for old in os.listdir(target):
+            # the shard index first: no index ever names a shard that is gone
+            for old in sorted(os.listdir(target), key=lambda n: not n.endswith(".index.json")):
                 if WEIGHT_FILE.fullmatch(old) and old not in names:
                     os.remove(target / old)
         destination = target / name
         if destination.is_dir() and not destination.is_symlink():
             shutil.rmtree(destination)
-        os.replace(tmp / name, destination)
+        os.replace(staged / name, destination)

@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 import dkm_hf
 from dkm_hf import PalettizedCheckpointError
-from dkm_hf.integrations.checkpoint_checks import check_palettized_headers
+from dkm_hf.integrations.checkpoint_checks import check_palettized_headers, checksum
 from dkm_hf.integrations.safetensors_files import read_header, read_headers
 from dkm_hf.integrations.summary import summarize
 from dkm_hf.nn.layout import layouts_from_records
@@ -122,7 +122,8 @@ def test_round_trip_is_exact(dense_dirs, tmp_path, arch, granularity, cluster_di
         assert all(r["groups"] * GROUP_SIZE in r["shape"][:2] for r in layers)  # Conv1D: (in, out)
         assert max(r["groups"] for r in layers) >= 8
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
-        assert f.metadata()["dkm_format_version"] == "1"
+        assert f.metadata()["dkm_format_version"] == "2"
+        assert f.metadata()["dkm_save_id"] == reloaded.config.quantization_config.record.save_id
         assert not any(k.endswith(".weight") and k.removesuffix(".weight") in modules for k in f.keys())
 
 
@@ -238,8 +239,8 @@ CASES = {
         r"lm_head\.weight_lut: a palettized buffer of a module that config\.json does not list",
     ),
     "format version": (
-        lambda t, m: m.__setitem__("dkm_format_version", "2"),
-        r"dkm_format_version='2': this dkm_hf reads version 1 only",
+        lambda t, m: m.__setitem__("dkm_format_version", "3"),
+        r"dkm_format_version='3': this dkm_hf reads versions 1 and 2 only",
     ),
     "no format version": (lambda t, m: m.pop("dkm_format_version"), r"no `dkm_format_version`"),
     "nan lut": (
@@ -260,6 +261,84 @@ def test_bad_checkpoint_is_refused_with_the_tensor_named(gpt2_checkpoint, tmp_pa
     _rewrite(path, edit)
     with pytest.raises(PalettizedCheckpointError, match=message):
         _load(path)
+
+
+def _raw(path: Path) -> tuple[dict, bytes]:
+    raw = (path / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + length]), raw[8 + length :]
+
+
+def _write_raw(path: Path, header: dict, data: bytes) -> None:
+    blob = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def _drop_all_checksums(header, data, config):
+    header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if not k.startswith("dkm_crc32:")}
+    return data
+
+
+def _drop_one_checksum_and_change_its_byte(header, data, config):
+    name = "transformer.h.0.attn.c_proj.weight_lut"
+    del header["__metadata__"][f"dkm_crc32:{name}"]
+    at = header[name]["data_offsets"][0]
+    return data[:at] + bytes([data[at] ^ 0x40]) + data[at + 1 :]
+
+
+def _relabel_float16_as_bfloat16(header, data, config):
+    """The same bytes read as bfloat16: every LUT and scale (and config.json's lut_dtype) relabelled."""
+    for name, entry in header.items():
+        if (
+            name != "__metadata__"
+            and entry["dtype"] == "F16"
+            and name.rsplit(".", 1)[1] in ("weight_lut", "weight_scale")
+        ):
+            entry["dtype"] = "BF16"
+    config["quantization_config"]["lut_dtype"] = "bfloat16"
+    return data
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop_all_checksums, r"transformer\.\S+\.weight_\w+: no `dkm_crc32:"),
+        (_drop_one_checksum_and_change_its_byte, r"transformer\.h\.0\.attn\.c_proj\.weight_lut: no `dkm_crc32:"),
+        (_relabel_float16_as_bfloat16, r"transformer\.\S+\.weight_(lut|scale): checksum \w+ does not match"),
+    ],
+)
+def test_every_palettized_tensor_must_match_its_checksum_with_dtype_and_shape(
+    gpt2_checkpoint, tmp_path, edit, message
+):
+    """Since format version 2 a checksum is required for every palettized tensor and covers its dtype and shape."""
+    path = _copy(gpt2_checkpoint[0], tmp_path / "ckpt")
+    header, data = _raw(path)
+    config = json.loads((path / "config.json").read_text())
+    _write_raw(path, header, edit(header, data, config))
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PalettizedCheckpointError, match=message):
+        _load(path)
+
+
+def test_format_version_1_files_load_without_checksums(gpt2_checkpoint, tmp_path):
+    """Files written by releases of format version 1 (no save id, optional checksums over the bytes) still load."""
+    path = _copy(gpt2_checkpoint[0], tmp_path / "ckpt")
+    header, data = _raw(path)
+    metadata = header["__metadata__"]
+    metadata.pop("dkm_save_id")
+    metadata["dkm_format_version"] = "1"
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 1
+    config["quantization_config"].pop("save_id")
+    (path / "config.json").write_text(json.dumps(config))
+    model, x = gpt2_checkpoint[1], torch.randint(0, 100, (2, 7))
+    for name in [k for k in metadata if k.startswith("dkm_crc32:")]:  # bytes-only checksums of version 1
+        module, buffer = name.removeprefix("dkm_crc32:").rsplit(".", 1)
+        metadata[name] = checksum(getattr(model.get_submodule(module), buffer), version=1)
+    _write_raw(path, header, data)
+    assert torch.equal(_logits(_load(path), x), _logits(model, x))
+    _write_raw(path, header, _drop_all_checksums(header, data, config))
+    assert torch.equal(_logits(_load(path), x), _logits(model, x))
 
 
 def test_padding_bits_must_be_zero(tmp_path):
@@ -320,7 +399,7 @@ def test_config_version_is_checked(gpt2_checkpoint, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"]["format_version"] = 7
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="format_version must be 1"):
+    with pytest.raises(ValueError, match="format_version must be 1 or 2"):
         _load(path)
 
 

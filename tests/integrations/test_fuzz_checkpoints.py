@@ -12,7 +12,9 @@ What is mutated:
 - the records in config.json (`quantization_config.modules`: fields, shapes, ties, presence) and its other fields;
 - a shard index (the checkpoint split in two shards): missing or malformed fields, files outside the directory;
 - tensor data of the palettized tensors: any byte (caught by the per-tensor checksums), NaN/inf LUT and scale
-  values, the padding bits after the last packed index.
+  values, the padding bits after the last packed index;
+- the checksums and the save id: deleted (all, or one with a byte of its tensor changed), a LUT relabelled to
+  another dtype of the same size with config.json's lut_dtype, the save id changed in the files or config.json.
 Data of unclustered tensors (LayerNorm, biases) is not fuzzed: like any transformers checkpoint, it has no checksum.
 """
 
@@ -43,8 +45,10 @@ logging.disable_progress_bar()
 PADDED = "encoder.layer.0.intermediate.dense"  # 37 x 32 weights in 16-vectors: 74 indices, 6 padding slots
 FLOAT_BYTES = {"F16": 2, "BF16": 2, "F32": 4}
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-KINDS = ("entry", "offsets", "metadata", "header", "length", "record", "config", "index", "data", "nonfinite")
-ALWAYS_REFUSED = ("offsets", "header", "length", "data", "nonfinite")
+KINDS = (
+    "entry", "offsets", "metadata", "header", "length", "record", "config", "index", "data", "nonfinite", "checksums"
+)  # fmt: skip
+ALWAYS_REFUSED = ("offsets", "header", "length", "data", "nonfinite", "checksums")
 HANG_SECONDS = 60
 
 
@@ -280,7 +284,31 @@ def mutate(ckpt: Checkpoint, draw, kind: str) -> Path:
         value = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
         raw = torch.tensor([value], dtype=TORCH_DTYPES[dtype])
         data = _poke(ckpt, name, draw(st.integers(0, count - 1)), raw.view(torch.uint8).numpy().tobytes())
-    return ckpt.write(header, data, config=config if kind in ("record", "config") else None)
+    elif kind == "checksums":
+        meta = header["__metadata__"]
+        choice = draw(st.sampled_from(["drop_all", "drop_one", "relabel", "file_id", "config_id", "no_file_id"]))
+        if choice == "drop_all":
+            header["__metadata__"] = {k: v for k, v in meta.items() if not k.startswith("dkm_crc32:")}
+        elif choice == "drop_one":
+            name = draw(st.sampled_from(ckpt.palettized))
+            del meta[f"dkm_crc32:{name}"]
+            begin, end = header[name]["data_offsets"]
+            at = draw(st.integers(begin, end - 1))
+            data = data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
+        elif choice == "relabel":  # the same bytes read as the other 2-byte float type
+            for name in ckpt.palettized:
+                if header[name]["dtype"] == "F16":
+                    header[name]["dtype"] = "BF16"
+            config["quantization_config"]["lut_dtype"] = "bfloat16"
+        elif choice == "file_id":
+            meta["dkm_save_id"] = draw(st.text(max_size=32).filter(lambda t: t != meta["dkm_save_id"]))
+        elif choice == "no_file_id":
+            del meta["dkm_save_id"]
+        else:
+            config["quantization_config"]["save_id"] = draw(
+                st.one_of(st.none(), st.text(max_size=32)).filter(lambda t: t != meta["dkm_save_id"])
+            )
+    return ckpt.write(header, data, config=config if kind in ("record", "config", "checksums") else None)
 
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -332,11 +360,17 @@ def test_fuzzed_checkpoints_many(ckpt):
 
 @pytest.mark.parametrize("with_checksums", [True, False])
 def test_every_padding_bit_is_checked(ckpt, with_checksums):
-    """74 3-bit indices: the last block uses bits 0-5. Without checksums (files written before they existed)
-    flipping one of those changes a weight and any other is refused; with checksums every flip is refused."""
+    """74 3-bit indices: the last block uses bits 0-5. Without checksums (format version 1 files written before they
+    existed) flipping one of those changes a weight and any other is refused; with checksums every flip is refused."""
     header = json.loads(json.dumps(ckpt.header))
+    config = None
     if not with_checksums:
-        header["__metadata__"] = {k: v for k, v in header["__metadata__"].items() if not k.startswith("dkm_crc32")}
-    results = {bit: ckpt.check(ckpt.write(header, _flip(ckpt, bit))) for bit in range(24)}
+        kept = {
+            k: v for k, v in header["__metadata__"].items() if not k.startswith("dkm_crc32") and k != "dkm_save_id"
+        }
+        header["__metadata__"] = kept | {"dkm_format_version": "1"}
+        config = json.loads(json.dumps(ckpt.config))
+        config["quantization_config"] |= {"format_version": 1, "save_id": None}
+    results = {bit: ckpt.check(ckpt.write(header, _flip(ckpt, bit), config=config)) for bit in range(24)}
     expected = "refused" if with_checksums else "different"
     assert results == {b: expected if b < 6 else "refused" for b in range(24)}

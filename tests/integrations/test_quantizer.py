@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import AUTO, tiny_inputs
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dkm_hf
@@ -22,6 +23,21 @@ def _edit_config(path: Path, edit) -> None:
     config = json.loads((path / "config.json").read_text())
     edit(config)
     (path / "config.json").write_text(json.dumps(config))
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return f.metadata()
+
+
+def _as_version_1(path: Path) -> None:
+    """Make config.json look written by a release of format version 1: no save id (the files are rewritten apart)."""
+
+    def edit(config):
+        config["quantization_config"]["format_version"] = 1
+        config["quantization_config"].pop("save_id")
+
+    _edit_config(path, edit)
 
 
 def _logits(model, name="llama"):
@@ -43,7 +59,7 @@ def test_training_checkpoint_without_centroids_is_refused(training_checkpoint):
     path, _ = training_checkpoint
     tensors = load_file(path / "model.safetensors")
     dropped = "model.layers.0.mlp.up_proj.centroids"
-    save_file({k: v for k, v in tensors.items() if k != dropped}, path / "model.safetensors", {"format": "pt"})
+    save_file({k: v for k, v in tensors.items() if k != dropped}, path / "model.safetensors", _metadata(path))
     with pytest.raises(PalettizedCheckpointError, match=r"without the DKM state of 1 tensor.*up_proj\.centroids"):
         AUTO["llama"].from_pretrained(path)
 
@@ -52,7 +68,7 @@ def test_dkm_written_training_checkpoint_without_any_centroid_is_refused(trainin
     path, _ = training_checkpoint
     tensors = load_file(path / "model.safetensors")
     kept = {k: v for k, v in tensors.items() if not k.endswith("centroids")}
-    save_file(kept, path / "model.safetensors", {"format": "pt", "dkm_format": "train", "dkm_format_version": "1"})
+    save_file(kept, path / "model.safetensors", _metadata(path))
     with pytest.raises(PalettizedCheckpointError, match="written by dkm_hf as a training checkpoint but hold no"):
         AUTO["llama"].from_pretrained(path)
 
@@ -115,7 +131,7 @@ def test_ties_must_be_ties_of_the_architecture(palettized_checkpoint, tie, messa
     path, _ = palettized_checkpoint
     _edit_config(path, lambda c: c["quantization_config"]["modules"].__setitem__("model.layers.0.mlp.down_proj", tie))
     tensors = load_file(path / "model.safetensors")
-    metadata = {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
+    metadata = _metadata(path)
     kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.0.mlp.down_proj.")}
     save_file(kept, path / "model.safetensors", metadata)
     with pytest.raises(PalettizedCheckpointError, match=message):
@@ -133,7 +149,7 @@ def test_real_tie_reloads_as_one_tensor(palettized_checkpoint):
 def _shard(path: Path) -> None:
     """Split model.safetensors into two shards named by an index."""
     tensors = load_file(path / "model.safetensors")
-    metadata = {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
+    metadata = _metadata(path)
     names = sorted(tensors)
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file, keys in halves.items():
@@ -179,7 +195,8 @@ def test_malformed_shard_index_names_the_file(palettized_checkpoint):
 
 
 def test_data_bytes_changed_after_saving_are_detected(palettized_checkpoint):
-    """12.13: a CRC-32 per palettized tensor, checked on load; files written without checksums still load."""
+    """12.13: a CRC-32 per palettized tensor, checked on load; files of format version 1 written without checksums
+    still load."""
     path, model = palettized_checkpoint
     blob = bytearray((path / "model.safetensors").read_bytes())
     header_len = int.from_bytes(blob[:8], "little")
@@ -193,5 +210,6 @@ def test_data_bytes_changed_after_saving_are_detected(palettized_checkpoint):
     save_file(
         tensors, path / "model.safetensors", {"format": "pt", "dkm_format": "palettized", "dkm_format_version": "1"}
     )
+    _as_version_1(path)
     old_style = AUTO["llama"].from_pretrained(path)  # no checksums recorded: loads (with the flipped bit)
     assert not torch.equal(_logits(old_style), _logits(model))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -158,3 +161,287 @@ def test_without_an_atomic_exchange_files_are_replaced_one_by_one(checkpoints, t
     AutoModelForCausalLM.from_pretrained(root / "new").save_pretrained(target)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(target)), new_logits)
     assert not list(target.glob("model-*")) and _hidden(target) == []
+
+
+# -- every kill point of every path ----------------------------------------------------------------------------------
+# The filesystem operations a save performs; a forked child is killed (SIGKILL) right before the k-th of them, for
+# every k, until a child completes the save.
+OPERATIONS = ("mkdir", "rename", "replace", "link", "symlink", "remove", "unlink", "rmdir")
+
+
+def _inside(path, root: Path) -> bool:
+    path = Path(os.path.abspath(path))
+    return path == root or path.is_relative_to(root)
+
+
+def _fail(code: int, *paths) -> None:
+    raise OSError(code, os.strerror(code), *map(str, paths[:1]))
+
+
+def _simulate_mount_point(monkeypatch, target: Path) -> None:
+    """`target` on another filesystem than its parent: renames and links across its boundary fail with EXDEV."""
+    for name in ("rename", "replace", "link"):
+        real = getattr(os, name)
+
+        def crossing(src, dst, *args, _real=real, **kwargs):
+            if _inside(src, target) != _inside(dst, target):
+                _fail(errno.EXDEV, src)
+            return _real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, crossing)
+    real_exchange = saving.exchange
+
+    def exchange(a, b):
+        if _inside(a, target) != _inside(b, target) or Path(b) == target:
+            _fail(errno.EXDEV, a)
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(saving, "exchange", exchange)
+
+
+def _simulate_read_only_parent(monkeypatch, target: Path) -> None:
+    """`target` is writable but its parent is not: nothing can be made, renamed or removed next to it (EROFS)."""
+
+    def in_parent(path) -> bool:
+        return Path(os.path.abspath(path)).parent == target.parent
+
+    for name in ("mkdir", "rmdir", "unlink", "remove"):
+        real = getattr(os, name)
+
+        def guarded(path, *args, _real=real, **kwargs):
+            if kwargs.get("dir_fd") is None and in_parent(path):
+                _fail(errno.EROFS, path)
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, guarded)
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def guarded2(src, dst, *args, _real=real, **kwargs):
+            if in_parent(src) or in_parent(dst):
+                _fail(errno.EROFS, src)
+            return _real(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, guarded2)
+    real_exchange = saving.exchange
+
+    def exchange(a, b):
+        if in_parent(a) or in_parent(b):
+            _fail(errno.EROFS, a)
+        return real_exchange(a, b)
+
+    monkeypatch.setattr(saving, "exchange", exchange)
+
+
+PATHS = {
+    "exchange": "an existing target, exchanged atomically",
+    "working_directory": "save_pretrained('.') from inside the target",
+    "no_exchange": "a system or filesystem without an atomic exchange: files replaced in place",
+    "mount_point": "the target is a mount point (EXDEV): files replaced in place",
+    "read_only_parent": "the target's parent is read-only (EROFS): staged inside the target, replaced in place",
+    "new_target": "a target that does not exist yet",
+}
+PAIRS = {  # old checkpoint -> new checkpoint
+    "layout": ("sharded_2bit", "single_3bit"),
+    "layout_back": ("single_3bit", "sharded_2bit"),
+    "floats": ("sharded_2bit", "sharded_2bit_floats"),  # same layout and file names, other unclustered weights
+}
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """Checkpoint directories, the models to save and their logits."""
+    root = tmp_path_factory.mktemp("variants")
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16))
+    dense.save_pretrained(root / "dense")
+    with torch.no_grad():  # other biases and norms (in several shards); the same clustered weights, LUTs, checksums
+        for parameter in dense.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    dense.save_pretrained(root / "dense_floats")
+    made = {
+        "sharded_2bit": (_palettized(root / "dense", 2), "4KB"),
+        "single_3bit": (_palettized(root / "dense", 3), None),
+        "sharded_2bit_floats": (_palettized(root / "dense_floats", 2), "4KB"),
+    }
+    out = {}
+    for name, (model, shard) in made.items():
+        model.save_pretrained(root / name, **({"max_shard_size": shard} if shard else {}))
+        (root / name / "tokenizer.json").write_text("{}")
+        out[name] = (root / name, model, shard, _logits(model))
+    return out
+
+
+def _state(target: Path, old, new) -> str:
+    """'old', 'new', 'refused' (a PalettizedCheckpointError), 'absent', or what went wrong ('mixed', an exception)."""
+    if not (target / "config.json").exists() and old is None:
+        return "absent"
+    try:
+        logits = _logits(AutoModelForCausalLM.from_pretrained(target))
+    except dkm_hf.PalettizedCheckpointError:
+        return "refused"
+    except Exception as err:  # noqa: BLE001 - anything else is a failure the test reports
+        return f"{type(err).__name__}: {err}"
+    if old is not None and torch.equal(logits, old):
+        return "old"
+    return "new" if torch.equal(logits, new) else "mixed"
+
+
+def _no_exchange(monkeypatch, target: Path) -> None:
+    monkeypatch.setattr(saving, "exchange", lambda a, b: False)
+
+
+SIMULATIONS = {
+    "no_exchange": _no_exchange,
+    "mount_point": _simulate_mount_point,
+    "read_only_parent": _simulate_read_only_parent,
+}
+
+
+def _save(model, target: Path, shard: str | None, path: str) -> None:
+    """`model.save_pretrained(target)` on `path` (its simulated filesystem, or from inside the target)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if path in SIMULATIONS:
+            SIMULATIONS[path](monkeypatch, target)
+        if path == "working_directory":
+            monkeypatch.chdir(target)
+        model.save_pretrained("." if path == "working_directory" else target, max_shard_size=shard or "5GB")
+
+
+def _killed_save(model, target: Path, shard: str | None, kill_at: int, path: str) -> bool:
+    """Save `model` in a forked child killed right before its `kill_at`-th filesystem operation; whether it died."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            count = itertools.count()
+            for name in OPERATIONS:
+                real = getattr(os, name)
+
+                def counted(*args, _real=real, **kwargs):
+                    if next(count) == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return _real(*args, **kwargs)
+
+                setattr(os, name, counted)
+            real_exchange = saving.exchange
+
+            def exchange(a, b):
+                if next(count) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_exchange(a, b)
+
+            saving.exchange = exchange
+            _save(model, target, shard, path)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status)
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_kill_point_leaves_the_old_or_the_new_checkpoint(variants, tmp_path, path, pair):
+    """Killed before any filesystem operation of the save, the target holds the old checkpoint, the new one or (on
+    the in-place paths) a directory whose load is refused naming a file: never a mix that loads. The next save
+    removes what the killed one left and writes the new checkpoint whole."""
+    old_dir, _, _, old_logits = variants[PAIRS[pair][0]]
+    _, model, shard, new_logits = variants[PAIRS[pair][1]]
+    if path == "new_target":
+        old_logits = None
+    target = (tmp_path / "ckpt").resolve()
+    outcomes: dict[str, int] = {}
+    for kill_at in itertools.count():
+        shutil.rmtree(target, ignore_errors=True)
+        if path != "new_target":
+            shutil.copytree(old_dir, target)
+        died = _killed_save(model, target, shard, kill_at, path)
+        state = _state(target, old_logits, new_logits)
+        if not died:
+            assert state == "new", (path, pair, "the completed save")
+            break
+        outcomes[state] = outcomes.get(state, 0) + 1
+        assert state in ("old", "new", "refused", "absent"), (path, pair, kill_at, state)
+        if path in ("exchange", "working_directory", "new_target"):
+            assert state != "refused", (path, pair, kill_at)  # atomic: never even a refused directory
+        if path != "new_target" and state in ("old", "refused"):
+            assert (target / "tokenizer.json").read_text() == "{}"
+        _save(model, target, shard, path)
+        assert _state(target, old_logits, new_logits) == "new", (path, pair, kill_at, "the next save")
+        assert _hidden(target) == [] and not [p for p in target.iterdir() if ".dkm-" in p.name]
+        if path != "new_target":
+            assert (target / "tokenizer.json").read_text() == "{}"
+    print(f"\n{path} {pair}: {kill_at} kill points {outcomes}")
+    assert kill_at >= 5  # the save really passed through its operations
+
+
+# -- concurrent saves ------------------------------------------------------------------------------------------------
+def test_a_save_leaves_the_staging_directory_of_a_live_save_alone(variants, tmp_path):
+    """A second save into the same directory runs while the first is writing: it must not take the first one's
+    staging directory for a leftover of a killed save."""
+    first_dir, _, _, first_logits = variants["single_3bit"]
+    _, second, _, second_logits = variants["sharded_2bit"]
+    target = tmp_path / "ckpt"
+    shutil.copytree(variants["sharded_2bit_floats"][0], target)
+
+    def write(tmp: str) -> None:
+        shutil.copytree(first_dir, tmp, dirs_exist_ok=True)
+        second.save_pretrained(target)  # completes while the first save is still writing
+        assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(target)), second_logits)
+
+    saving.atomic_save(target, write)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(target)), first_logits)
+    assert _hidden(target) == []
+
+
+def test_two_processes_saving_into_one_directory(variants, tmp_path):
+    """Two processes save 12 times each into one directory: every save succeeds and the directory ends with one of
+    the two checkpoints, whole."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(variants["sharded_2bit_floats"][0], target)
+    children = []
+    for name in ("single_3bit", "sharded_2bit"):
+        _, model, shard, _ = variants[name]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(read)
+                for _ in range(12):
+                    model.save_pretrained(target, **({"max_shard_size": shard} if shard else {}))
+            except BaseException as err:  # noqa: BLE001 - reported to the parent
+                os.write(write, f"{type(err).__name__}: {err}".encode())
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(write)
+        children.append((pid, read))
+    errors = []
+    for pid, read in children:
+        with os.fdopen(read) as pipe:
+            errors.append(pipe.read())
+        os.waitpid(pid, 0)
+    assert errors == ["", ""]
+    logits = _logits(AutoModelForCausalLM.from_pretrained(target))
+    assert torch.equal(logits, variants["single_3bit"][3]) or torch.equal(logits, variants["sharded_2bit"][3])
+    assert _hidden(target) == []
+
+
+# -- values the loader would refuse ----------------------------------------------------------------------------------
+def test_a_lut_that_overflows_float16_is_not_saved(tmp_path):
+    """A weight of 1e5 has a centroid of 1e5, which a float16 LUT stores as inf: the save fails naming the tensor,
+    before anything is written, instead of writing a checkpoint its own loader refuses."""
+    torch.manual_seed(0)
+    dense = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16))
+    with torch.no_grad():
+        dense.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5
+    dense.save_pretrained(tmp_path / "dense")
+    model = _palettized(tmp_path / "dense", 4)
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"mlp\.c_fc\.weight_lut: 1 value\(s\) are NaN or inf"):
+        model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    config = dkm_hf.DKMConfig(bits=4, weight_threshold=0, lut_dtype="float32")
+    wide = dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=config))
+    wide.save_pretrained(tmp_path / "out")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(wide))

@@ -301,3 +301,22 @@ def test_dead_and_duplicate_centroids_are_reseeded():
     assert reseed_dead_centroids(layer) == 2
     sizes = torch.bincount(layer.assignments().view(-1), minlength=4)
     assert (sizes > 0).all() and torch.unique(layer.centroids).numel() == 4
+
+
+def test_centroids_gone_non_finite_stop_training_before_a_checkpoint(toy_path, tmp_path):
+    """A diverged step (here: one weight set to NaN before step 3, so every gradient is NaN) makes centroids NaN:
+    training stops at the end of that step with an error naming a layer, and no checkpoint holding them is written."""
+    poisoned = "bert.encoder.layer.0.intermediate.dense"
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.get_submodule(poisoned).weight[0, 0] = float("nan")
+
+    out = tmp_path / "out"
+    args = _args(tmp_path, output_dir=str(out), max_steps=6, save_strategy="steps", save_steps=1)
+    trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(96), callbacks=[Poison()])
+    with pytest.raises(FloatingPointError, match=r"bert\.\S+\.centroids: \d+ value\(s\) became NaN .* at step 3"):
+        trainer.train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
