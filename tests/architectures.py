@@ -1,9 +1,10 @@
 """The architecture conformance check: transformers' own model classes, built tiny from a generic small config, run
 through dkm_hf at settings where clustering is lossless.
 
-At 8 bits with one LUT per output row and rows of at most 128 values, 256 centroids cover every value of a row, so
-the hard (and palettized) model must equal the dense one up to the float16 rounding of the LUT (relative 1e-3 of the
-largest logit). Each case checks, on a model saved by transformers and loaded with `dkm_config=`:
+At 8 bits with one LUT per output row and rows of at most 256 values, 256 centroids cover every value of a row, so
+the hard (and palettized) model must equal the dense one (float32 LUTs: relative 1e-3 of the largest logit leaves
+room for float summation order only; float16 LUTs alone would round each weight by up to 2**-11). Each case
+checks, on a model saved by transformers and loaded with `dkm_config=`:
 
     (a) the hard model's logits equal the dense model's;
     (b) one training step gives a finite gradient to every clustered weight that gets one in the dense model too;
@@ -42,8 +43,14 @@ HEADS = {
     "image-classification": MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
 }
 MAX_PARAMETERS = 4_000_000  # above this the generic small config did not make the model small: listed as not built
-TOLERANCE = 1e-3  # relative to the largest logit: float16 LUT entries (11-bit mantissa)
-LOSSLESS = {"bits": 8, "granularity": "per_grouped_channel", "group_size": 1, "weight_threshold": 0}
+TOLERANCE = 1e-3  # relative to the largest logit (float32 LUTs here: what is left is float summation order)
+LOSSLESS = {
+    "bits": 8,
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "weight_threshold": 0,
+    "lut_dtype": "float32",
+}
 LOSSY = {"bits": 2, "weight_threshold": 0}
 COVERAGE = 0.95
 MAX_ROW = 256  # 8 bits: 256 centroids cover every value of a row of at most this many values
@@ -132,11 +139,13 @@ def _shrink(config: PretrainedConfig, seen: set[int]) -> None:
         current = getattr(config, key, None)
         if isinstance(current, PretrainedConfig):
             _shrink(current, seen)
-        elif key in SMALL and isinstance(current, int) and not isinstance(current, bool) and current > 0:
-            try:
-                setattr(config, key, SMALL[key])
-            except Exception:  # noqa: BLE001 - a read-only alias
-                pass
+        elif isinstance(current, int) and not isinstance(current, bool) and current > 0:
+            value = SMALL.get(key, _small_guess(key, current))
+            if value != current:
+                try:
+                    setattr(config, key, value)
+                except Exception:  # noqa: BLE001 - a read-only alias or a validated field
+                    pass
         elif key in LIST_FIELDS and isinstance(current, (list, tuple)) and current:
             if key == "layer_types":
                 setattr(config, key, list(current[:2]) * (1 if len(current) >= 2 else 2))
@@ -155,10 +164,31 @@ def _shrink(config: PretrainedConfig, seen: set[int]) -> None:
             _shrink(nested, seen)
 
 
+def _small_guess(key: str, value: int) -> int:
+    """A small value for an int field not in SMALL, guessed from its name (sizes, counts, positions)."""
+    name = key.lower()
+    if "position" in name or "seq_len" in name or "max_length" in name:
+        return min(value, 64)
+    if any(word in name for word in ("intermediate", "ffn", "inner", "mlp_dim", "d_ff", "dff")):
+        return min(value, 40)
+    if any(word in name for word in ("size", "_dim", "hidden", "channels", "features", "width", "rank", "embd")):
+        if any(word in name for word in ("vocab", "kernel", "patch", "image", "window", "chunk", "state", "conv")):
+            return value
+        return min(value, 32)
+    if "expert" in name and name.startswith(("num", "n_")):
+        return min(value, 4)
+    if "layers" in name and name.startswith(("num", "n_")):
+        return min(value, 2)
+    if "heads" in name and name.startswith(("num", "n_")):
+        return min(value, 4)
+    return value
+
+
 def tiny_config(model_type: str, head: str) -> PretrainedConfig:
     config = CONFIG_MAPPING[model_type]()
     _shrink(config, set())
-    if getattr(config, "pad_token_id", None) is None:
+    pad = getattr(config, "pad_token_id", None)
+    if not isinstance(pad, int) or pad >= SMALL["vocab_size"]:
         config.pad_token_id = 0
     for key in ("bos_token_id", "eos_token_id", "decoder_start_token_id"):
         value = getattr(config, key, None)
