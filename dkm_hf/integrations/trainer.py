@@ -21,6 +21,7 @@ from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
+from .resume import resolve_resume
 from .transformers_patches import accumulated_batch_share, checkpoint_initial_model, counted_labels
 
 
@@ -146,6 +147,13 @@ class DKMTrainer(Trainer):
             a.eval_on_start = True
         self._palettize_next_save = False
         self._soft_metrics: dict = {}
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer's `train`; `resume_from_checkpoint=True` takes the newest complete `checkpoint-N` (a run killed
+        while saving leaves an incomplete one, skipped with a warning), and a directory that cannot be resumed from
+        (a palettized checkpoint, an incomplete one) is refused saying why."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The training loss, the same for every split of a global batch into micro-batches and processes.
