@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import assert_within, free_port
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
@@ -319,7 +319,15 @@ def test_torch_compile_is_refused_at_start(tmp_path):
 
 def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
     """torchrun, 2 ranks on gloo: identical weights and centroids on every rank after every step, one checkpoint,
-    and the same model as one process with the same global batch (up to floating-point reduction order)."""
+    and the same model as one process with the same global batch, up to the order of float sums.
+
+    That tolerance, in units of each weight's largest training update: SGD's update is linear in the gradient, and
+    reordering a gradient element's sum over the batch's n = 16 x 12 token rows moves it by at most (n - 1) U times
+    its terms' magnitudes, about 4 x 192 U = 4.6e-5 of the update over 4 steps (conftest.U); DKM's soft assignment
+    (tau = 0.05 of the weights' variance) carries a weight's difference into the next steps' gradients amplified.
+    Measured between 1 and 2 processes and between ATen / MKL / oneDNN kernels limited to SSE4 and their AVX2 builds
+    (see test_distributed): at most 8.1e-5; the bound is 1e-3. Loss scaling or a rank on other data changes the update
+    by its own size."""
     import subprocess
     import sys
 
@@ -339,8 +347,12 @@ def test_two_process_training_keeps_ranks_identical(toy_path, tmp_path):
     assert ranks[0]["world"] == 2 and len(ranks[0]["per_step"]) == 4
     assert ranks[0]["per_step"] == ranks[1]["per_step"]
     one = json.loads((single / "rank0.json").read_text())
+    initial = AutoModelForSequenceClassification.from_pretrained(toy_path).state_dict()
     for name, weight in one["weights"].items():
-        torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), torch.tensor(weight), rtol=1e-4, atol=1e-6)
+        weight = torch.tensor(weight)
+        update = (weight - initial[f"{name}.weight"]).abs().max().item()
+        assert update > 0, name
+        assert_within(ranks[0]["weights"][name], weight, 1e-3, update, name)
     assert sorted(p.name for p in dist.iterdir()) == ["final", "rank0.json", "rank1.json"]
     saved = sorted(p.name for p in (dist / "final").iterdir())
     assert saved.count("model.safetensors") == 1 and "config.json" in saved
