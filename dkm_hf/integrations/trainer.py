@@ -184,7 +184,9 @@ class DKMTrainer(Trainer):
                 shifted,
             )
         if num_items_in_batch is not None and not custom:
-            loss = loss * accumulated_batch_share(self, labels.ne(-100).sum(), num_items_in_batch)
+            items = labels.ne(-100).sum()
+            # a micro-batch without a labelled item has no mean (nan): its share of the step is nothing
+            loss = torch.where(items > 0, loss * accumulated_batch_share(self, items, num_items_in_batch), 0.0)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -190,8 +190,9 @@ def test_initial_model_margin_errors(tmp_path, kw, message):
         _args(tmp_path, **kw)
 
 
-def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: int, teacher: bool) -> torch.Tensor:
-    """Every parameter's gradient of the first optimizer step: with SGD at lr 1 and no clipping, the weight change."""
+def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: int, teacher: bool):
+    """Every parameter's gradient of the first optimizer step (with SGD at lr 1 and no clipping, the weight change)
+    and the logged loss."""
     student = model_cls.from_pretrained(path, dkm_config=DKMConfig(bits=3, weight_threshold=1000))
     before = [p.detach().clone() for p in student.parameters()]
     args = _args(
@@ -211,7 +212,8 @@ def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: in
         teacher_model=model_cls.from_pretrained(path) if teacher else None,
     )
     trainer.train()
-    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())])
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())]), loss
 
 
 @pytest.mark.parametrize("teacher", [False, True], ids=["task", "distilled"])
@@ -220,8 +222,9 @@ def test_gradient_is_the_same_for_every_accumulation_split(tmp_path, tiny_dir, t
     """One global batch of 4 as 4x1, 2x2 and 1x4 (micro-batch x accumulation steps) gives one gradient. Trainer counts
     the labelled items of the whole step and leaves the loss undivided for models whose forward takes **kwargs; the
     distillation loss (and BERT's classification loss, a plain batch mean) must be normalised over that count too, or
-    the gradient grows with the accumulation steps (it was 1x / 2x / 4x). The causal-LM rows have 8, 6, 4 and 2
-    labelled next tokens (prompt positions are -100), so the micro-batches weigh by their token counts.
+    the gradient grows with the accumulation steps (it was 1x / 2x / 4x). The causal-LM rows have 8, 6, 4 and 0
+    labelled next tokens (prompt positions are -100), so the micro-batches weigh by their token counts, and one
+    micro-batch of 1 x 4 has none: it adds nothing (its mean would be nan), and the logged loss is the same too.
 
     Clustering starts after the step (`dkm_milestone`): once it runs, each forward continues the centroid iterations
     from the previous forward's centroids, so 4 micro-batches see slightly different soft weights than 1 (a few %
@@ -237,12 +240,13 @@ def test_gradient_is_the_same_for_every_accumulation_split(tmp_path, tiny_dir, t
         path, model_cls = tiny_dir("llama"), AUTO["llama"]
         ids = torch.randint(1, 99, (4, 9), generator=torch.Generator().manual_seed(3))
         data = []
-        for row, prompt in zip(ids, (0, 2, 4, 6)):
+        for row, prompt in zip(ids, (0, 2, 4, 9)):
             labels = row.clone()
             labels[:prompt] = -100
             data.append({"input_ids": row, "labels": labels, "attention_mask": torch.ones_like(row)})
-    whole = _step_gradient(path, model_cls, data, tmp_path, 4, 1, teacher)
+    whole, loss = _step_gradient(path, model_cls, data, tmp_path, 4, 1, teacher)
     assert whole.norm() > 0
     for batch, accumulation in ((2, 2), (1, 4)):
-        split = _step_gradient(path, model_cls, data, tmp_path, batch, accumulation, teacher)
+        split, split_loss = _step_gradient(path, model_cls, data, tmp_path, batch, accumulation, teacher)
+        assert split_loss == pytest.approx(loss, rel=1e-6)  # a sum of <= 4 positive terms reordered: 3 U relative
         assert_within(split, whole, 48 * 10 * U, whole.abs().max().item(), f"gradient of {batch} x {accumulation}")
