@@ -13,10 +13,13 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .nn.layout import LUT_DTYPES, TAU_SCALES, ClusterSettings, Layout
 from .ops.dkm import IMPLEMENTATIONS
+
+logger = logging.get_logger(__name__)
 
 # Version 2 adds the save id (config.json and every weight file) and makes the checksums mandatory, covering each
 # tensor's dtype and shape as well as its bytes; version 1 files (optional, bytes-only checksums) still load.
@@ -277,11 +280,30 @@ class DKMConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """A config from its dict form: a user's settings, or config.json's `quantization_config`.
+
+        A dict that carries a `format_version` was written by dkm_hf when it saved a checkpoint. Everything a
+        checkpoint needs to load is its format (refused here unless this release reads that version) and the module
+        layouts; the other fields are the settings it was trained with. A newer release may have added settings of
+        its own, so in a checkpoint's dict unknown fields are dropped with a warning that names them; in a user's
+        dict they are an error (a misspelt field would otherwise be ignored).
+        """
+        if not isinstance(config_dict, dict):
+            raise TypeError(
+                f"DKMConfig.from_dict needs a dict of fields (e.g. config.json's quantization_config), but got a "
+                f"{type(config_dict).__name__}: {config_dict!r}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config_dict) - known - set(CheckpointRecord.KEYS))
-        if unknown:
+        if unknown and "format_version" not in config_dict:
             raise ValueError(f"DKMConfig got unknown field(s) {unknown}; known fields: {sorted(known)}")
         record = CheckpointRecord(**{k: config_dict[k] for k in CheckpointRecord.KEYS if k in config_dict})
+        if unknown:
+            logger.warning(
+                f"dkm_hf: the checkpoint's DKMConfig has field(s) {unknown} that this dkm_hf does not know (written "
+                f"by a newer release, format version {record.format_version}, which this one reads); they are "
+                "training settings, ignored here"
+            )
         settings = {k: v for k, v in config_dict.items() if k in known}
         result = super().from_dict(settings, return_unused_kwargs=return_unused_kwargs, **kwargs)
         config = result[0] if return_unused_kwargs else result

@@ -72,6 +72,19 @@ AUTO = {
 }
 
 
+# float32 unit roundoff. Summing n float32 terms in another order moves the sum by at most about (n - 1) * U * sum|x_i|
+# (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section 4.2): the error scales with the magnitude
+# of the summed terms, not with the result, which can be small by cancellation. Runs that differ only in summation
+# order (processes, micro-batches, the CPU's vector width: AVX2, AVX-512, AMX) are compared in those units.
+U = 2.0**-24
+
+
+def assert_within(actual, expected, bound: float, scale: float, what: str) -> None:
+    """max |actual - expected| <= bound * scale, for tensors whose elements may differ by float reordering."""
+    diff = (torch.as_tensor(actual) - torch.as_tensor(expected)).abs().max().item()
+    assert diff <= bound * scale, f"{what}: max |difference| {diff:.3g} > {bound:.3g} x {scale:.3g}"
+
+
 def free_port() -> int:
     """A port nothing listens on now, for a torch.distributed.run rendezvous (a fixed one can still be held by the
     previous launch's sockets)."""

@@ -43,8 +43,6 @@ args = dkm_hf.DKMTrainingArguments(
     max_steps=4,
     logging_steps=2,
     optim="sgd",
-    # Sequence classification losses are batch means: transformers' token averaging would scale them by world size.
-    average_tokens_across_devices=False,
     report_to=[],
     save_strategy="no",
     use_cpu=True,

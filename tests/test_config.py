@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoQuantizationConfig
+from transformers.utils import logging as hf_logging
 
 import dkm_hf
 from dkm_hf import DKMConfig
@@ -79,6 +82,38 @@ def test_round_trip_exact():
 def test_unknown_field_in_dict_is_an_error():
     with pytest.raises(ValueError, match="nbits"):
         DKMConfig.from_dict({"quant_method": "dkm", "nbits": 4})
+
+
+def test_from_dict_of_a_non_dict_names_the_type():
+    with pytest.raises(TypeError, match=r"needs a dict .* got a list: \[\]"):
+        DKMConfig.from_dict([])
+
+
+def test_checkpoint_from_a_newer_release_loads_with_a_warning_naming_its_new_fields(tiny_dir, tmp_path, caplog):
+    """config.json records every training setting; a newer release with the same format version may add some. The
+    palettized model loads (the layout is all loading needs) and the unknown fields are named; a newer format version
+    is still refused."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=DKMConfig(bits=2))
+    dkm_hf.palettize(model)
+    model.save_pretrained(tmp_path / "saved")
+    config_path = tmp_path / "saved" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] |= {"kmeans_inertia_goal": 0.5, "trainer_flavour": "new"}
+    config_path.write_text(json.dumps(config))
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert "['kmeans_inertia_goal', 'trainer_flavour']" in caplog.text
+    assert len(dkm_hf.palettized_modules(reloaded)) == len(dkm_hf.palettized_modules(model))
+    x = torch.arange(1, 9).view(1, 8)
+    torch.testing.assert_close(reloaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+    assert "kmeans_inertia_goal" not in reloaded.config.quantization_config.to_dict()
+
+    config["quantization_config"]["format_version"] = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format_version must be 1"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
 
 
 def test_override_resolution():

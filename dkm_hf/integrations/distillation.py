@@ -2,7 +2,8 @@
 
     loss = (1 - alpha) * task + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + beta * MSE(h_s, h_t)
 
-z_s, z_t: student and teacher logits (per token for a causal LM, masked by the attention mask); T:
+z_s, z_t: student and teacher logits, compared where the task loss has a target: examples, or for a causal LM the
+positions whose next token is labelled (labels != -100, as transformers counts the items of a batch); T:
 `distill_temperature`; alpha: `distill_alpha`; beta: `distill_hidden_weight` (MSE of the hidden states, averaged over
 the layers, only computed when beta > 0). The teacher runs in eval mode under no_grad, in the student's dtype and on
 its device.
@@ -29,11 +30,12 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def kl_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None):
-    """T^2 * KL(teacher || student) of the softened distributions, averaged over examples (or unmasked tokens)."""
+    """T^2 * KL(teacher || student) of the softened distributions, averaged over the examples or tokens where `mask`
+    (shaped like the logits without their last dimension) is true; over all of them without a mask."""
     log_s = F.log_softmax(student.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
     kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # (batch,) or (batch, tokens)
-    if mask is not None and kl.dim() == 2:
+    if mask is not None:
         mask = mask.to(kl.dtype)
         return temperature**2 * (kl * mask).sum() / mask.sum().clamp_min(1.0)
     return temperature**2 * kl.mean()
@@ -44,14 +46,28 @@ def hidden_term(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, 
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in zip(student, teacher)]).mean()
 
 
-def distilled_loss(model, teacher, inputs: dict, alpha: float, temperature: float, hidden_weight: float):
-    """(loss, student outputs, {term: detached value}) for one batch with labels."""
+def distilled_loss(
+    model,
+    teacher,
+    inputs: dict,
+    alpha: float,
+    temperature: float,
+    hidden_weight: float,
+    targets: torch.Tensor,
+    shifted: bool,
+):
+    """(loss, student outputs, {term: detached value}) for one batch with labels: the mean over this batch, like the
+    task loss. `targets`: where a label counts (labels != -100); `shifted`: they are the next-token labels of a causal
+    LM (`labels[..., 1:]`, the targets of the logits `[:, :-1]`)."""
     hidden = hidden_weight > 0
     outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
     with torch.no_grad():
         reference = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=hidden)
-    mask = inputs.get("attention_mask")
-    kl = kl_term(outputs.logits, reference.logits, temperature, mask)
+    student_logits, teacher_logits = outputs.logits, reference.logits
+    if shifted:
+        student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+    mask = targets if targets.shape == student_logits.shape[:-1] else None
+    kl = kl_term(student_logits, teacher_logits, temperature, mask)
     loss = (1 - alpha) * outputs.loss + alpha * kl
     terms = {"distill_task_loss": outputs.loss.detach(), "distill_kl": kl.detach()}
     if hidden:

@@ -93,6 +93,14 @@ class DKMHfQuantizer(HfQuantizer):
 
     def _read_files(self, model, files: list[str]) -> SafetensorsHeader:
         if self.quantization_config.record.format == "palettized":
+            if not files:
+                raise PalettizedCheckpointError(
+                    "a palettized checkpoint loads from its saved directory, whose safetensors headers dkm_hf checks "
+                    "before reading a weight; this load has no weight files (from_pretrained(None, config=..., "
+                    "state_dict=...)). Save the model with save_pretrained and load that directory, or load the "
+                    "state dict into a palettized model: model = from_pretrained(directory); "
+                    "model.load_state_dict(state_dict)"
+                )
             for path in files:
                 if not path.endswith(".safetensors"):
                     raise PalettizedCheckpointError(

@@ -21,7 +21,8 @@ from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
-from .transformers_patches import checkpoint_initial_model
+from .resume import resolve_resume
+from .transformers_patches import accumulated_batch_share, checkpoint_initial_model, counted_labels
 
 
 @dataclass
@@ -134,6 +135,11 @@ class DKMTrainer(Trainer):
         if teacher_model is not None:
             if not isinstance(a, DKMTrainingArguments):
                 raise ValueError("teacher_model needs DKMTrainingArguments (its distill_* fields)")
+            if self.compute_loss_func is not None:
+                raise ValueError(
+                    "teacher_model and compute_loss_func both define the training loss: DKMTrainer's distillation "
+                    "loss would ignore compute_loss_func; pass one of them"
+                )
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
             self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
@@ -142,14 +148,45 @@ class DKMTrainer(Trainer):
         self._palettize_next_save = False
         self._soft_metrics: dict = {}
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer's `train`; `resume_from_checkpoint=True` takes the newest complete `checkpoint-N` (a run killed
+        while saving leaves an incomplete one, skipped with a warning), and a directory that cannot be resumed from
+        (a palettized checkpoint, an incomplete one) is refused saying why."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume, *args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is None or not model.training:
+        """The training loss, the same for every split of a global batch into micro-batches and processes.
+
+        When Trainer has counted the labelled items of the accumulated batch (`num_items_in_batch`, for models whose
+        forward takes `**kwargs`), it no longer divides the loss by the accumulation steps and expects it normalised
+        by that count. The loss here is the micro-batch's mean (the model's own loss, or the distillation mix), made
+        the micro-batch's share of the whole by `accumulated_batch_share`; a model that ignores the count (BERT's
+        sequence classification) and the distillation terms are scaled right that way. Otherwise Trainer divides the
+        mean by the accumulation steps itself.
+        """
+        custom = self.compute_loss_func is not None or not self.model_accepts_loss_kwargs
+        if not model.training or (custom and self.teacher is None) or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        a = self.args
-        loss, outputs, terms = distilled_loss(
-            model, self.teacher, inputs, a.distill_alpha, a.distill_temperature, a.distill_hidden_weight
-        )
-        self._distill_terms = terms
+        labels, shifted = counted_labels(self, inputs)
+        if self.teacher is None:
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        else:
+            a = self.args
+            loss, outputs, self._distill_terms = distilled_loss(
+                model,
+                self.teacher,
+                inputs,
+                a.distill_alpha,
+                a.distill_temperature,
+                a.distill_hidden_weight,
+                labels.ne(-100),
+                shifted,
+            )
+        if num_items_in_batch is not None and not custom:
+            items = labels.ne(-100).sum()
+            # a micro-batch without a labelled item has no mean (nan): its share of the step is nothing
+            loss = torch.where(items > 0, loss * accumulated_batch_share(self, items, num_items_in_batch), 0.0)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -26,10 +26,16 @@ what it relies on.
 8. `checkpoint_initial_model`: Trainer's best-model tracking only sees evaluations it runs after a step; the step-0
    evaluation (`eval_on_start`) of the hard model, which is post-training k-means, is made a candidate through the
    Trainer's private `_determine_best_metric`, `_save_checkpoint` and `_get_output_dir`.
-9. `num_parameters()` / `get_memory_footprint()`: a palettized weight is no parameter but a LUT and packed indices
-   (buffers), and a decoded weight kept in dense mode is neither; without the patch a palettized model reports
-   neither its weights nor the memory they hold. `num_parameters()` counts every palettized weight's elements (as
-   frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps.
+9. `accumulated_batch_share`: when the model's forward takes `**kwargs`, Trainer counts the labelled items of the whole
+   accumulated batch (`num_items_in_batch`) and no longer divides the loss by the accumulation steps, trusting the
+   model to have divided by that count. Models whose loss is a plain batch mean (BERT's sequence classification) and
+   DKMTrainer's distillation loss do not; their batch mean is turned into the micro-batch's share of the whole here,
+   counting items by Trainer's own rule (its private `_loss_shifts_labels`: causal LMs count `labels[..., 1:]`) and
+   scaled by the number of processes as Trainer's `compute_loss` scales it.
+10. `num_parameters()` / `get_memory_footprint()`: a palettized weight is no parameter but a LUT and packed indices
+    (buffers), and a decoded weight kept in dense mode is neither; without the patch a palettized model reports
+    neither its weights nor the memory they hold. `num_parameters()` counts every palettized weight's elements (as
+    frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps.
 """
 
 from __future__ import annotations
@@ -88,6 +94,26 @@ def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
         # `_save_checkpoint` takes best_global_step == 0 for "no best yet": name checkpoint-0 itself
         folder = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         trainer.state.best_model_checkpoint = os.path.join(trainer._get_output_dir(trial=None), folder)
+
+
+def counted_labels(trainer, inputs: dict) -> tuple[torch.Tensor, bool]:
+    """(9) The labels of `inputs` that Trainer counts into `num_items_in_batch` (those != -100), and whether they are
+    shifted: a causal LM's `labels[..., 1:]` (or `shift_labels`) are the targets of its logits `[:, :-1]`."""
+    if "shift_labels" in inputs:
+        return inputs["shift_labels"], True
+    if trainer._loss_shifts_labels:
+        return inputs["labels"][..., 1:], True
+    return inputs["labels"], False
+
+
+def accumulated_batch_share(trainer, items: torch.Tensor, num_items_in_batch: torch.Tensor | int) -> torch.Tensor:
+    """(9) The factor that turns a micro-batch's mean loss over its `items` counted labels into the loss Trainer
+    expects when it has counted `num_items_in_batch` over the optimizer step: the micro-batch's share of the items,
+    times the processes that count was summed over (DDP averages their gradients), as Trainer's compute_loss scales."""
+    share = items / torch.as_tensor(num_items_in_batch, device=items.device)
+    if trainer.args.average_tokens_across_devices:
+        share = share * (trainer.accelerator.num_processes // trainer.get_tp_size())
+    return share
 
 
 def is_palettized(model: nn.Module) -> bool:
@@ -195,7 +221,7 @@ def _patch_casts() -> None:
 
 
 def _patch_accounting() -> None:
-    """(9)"""
+    """(10)"""
     num_parameters, footprint = PreTrainedModel.num_parameters, PreTrainedModel.get_memory_footprint
     if getattr(num_parameters, _MARK, False):
         return

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import AUTO, tiny_inputs
+from conftest import AUTO, U, assert_within, tiny_inputs
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification
 
@@ -188,3 +188,65 @@ def test_end_of_phase_against_step_zero(tmp_path):
 def test_initial_model_margin_errors(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **kw)
+
+
+def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: int, teacher: bool):
+    """Every parameter's gradient of the first optimizer step (with SGD at lr 1 and no clipping, the weight change)
+    and the logged loss."""
+    student = model_cls.from_pretrained(path, dkm_config=DKMConfig(bits=3, weight_threshold=1000))
+    before = [p.detach().clone() for p in student.parameters()]
+    args = _args(
+        tmp_path,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        max_grad_norm=0,
+        dkm_milestone=100,  # the dense phase: the same weights in every forward (see below)
+    )
+    trainer = DKMTrainer(
+        model=student,
+        args=args,
+        train_dataset=data,
+        teacher_model=model_cls.from_pretrained(path) if teacher else None,
+    )
+    trainer.train()
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())]), loss
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["task", "distilled"])
+@pytest.mark.parametrize("task", ["classification", "causal_lm"])
+def test_gradient_is_the_same_for_every_accumulation_split(tmp_path, tiny_dir, task, teacher):
+    """One global batch of 4 as 4x1, 2x2 and 1x4 (micro-batch x accumulation steps) gives one gradient. Trainer counts
+    the labelled items of the whole step and leaves the loss undivided for models whose forward takes **kwargs; the
+    distillation loss (and BERT's classification loss, a plain batch mean) must be normalised over that count too, or
+    the gradient grows with the accumulation steps (it was 1x / 2x / 4x). The causal-LM rows have 8, 6, 4 and 0
+    labelled next tokens (prompt positions are -100), so the micro-batches weigh by their token counts, and one
+    micro-batch of 1 x 4 has none: it adds nothing (its mean would be nan), and the logged loss is the same too.
+
+    Clustering starts after the step (`dkm_milestone`): once it runs, each forward continues the centroid iterations
+    from the previous forward's centroids, so 4 micro-batches see slightly different soft weights than 1 (a few %
+    of the gradient norm on these models): a property of DKM, not of the loss scaling tested here.
+
+    Tolerance: the splits sum each gradient element over the same n <= 48 token or example rows in another order
+    (kernels over 4, 2 or 1 rows, then autograd's accumulation), which moves it by at most (n - 1) U times the
+    magnitudes summed (conftest.U); allowing those 10x the largest gradient element: 48 x 10 U = 2.9e-5 of it.
+    Measured: at most 5.1e-7, also with ATen / MKL / oneDNN kernels limited to SSE4; the bug changed it by 1x-3x."""
+    if task == "classification":
+        path, model_cls, data = save_toy_bert(tmp_path / "bert"), AutoModelForSequenceClassification, ToyDataset(4)
+    else:
+        path, model_cls = tiny_dir("llama"), AUTO["llama"]
+        ids = torch.randint(1, 99, (4, 9), generator=torch.Generator().manual_seed(3))
+        data = []
+        for row, prompt in zip(ids, (0, 2, 4, 9)):
+            labels = row.clone()
+            labels[:prompt] = -100
+            data.append({"input_ids": row, "labels": labels, "attention_mask": torch.ones_like(row)})
+    whole, loss = _step_gradient(path, model_cls, data, tmp_path, 4, 1, teacher)
+    assert whole.norm() > 0
+    for batch, accumulation in ((2, 2), (1, 4)):
+        split, split_loss = _step_gradient(path, model_cls, data, tmp_path, batch, accumulation, teacher)
+        assert split_loss == pytest.approx(loss, rel=1e-6)  # a sum of <= 4 positive terms reordered: 3 U relative
+        assert_within(split, whole, 48 * 10 * U, whole.abs().max().item(), f"gradient of {batch} x {accumulation}")

@@ -13,6 +13,7 @@ import torch
 from conftest import AUTO, tiny_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, LlamaForCausalLM
 
 import dkm_hf
 from dkm_hf import DKMConfig, PalettizedCheckpointError
@@ -143,6 +144,17 @@ def test_real_tie_reloads_as_one_tensor(palettized_checkpoint):
     loaded = AUTO["llama"].from_pretrained(path)
     assert loaded.lm_head.tied_source is loaded.model.embed_tokens
     assert not any(k.startswith("lm_head") for k in load_file(path / "model.safetensors"))
+    assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_palettized_state_dict_without_files_says_how_to_load_it(palettized_checkpoint):
+    """from_pretrained(None, config=..., state_dict=...) gives the loader no files whose headers it can check."""
+    path, model = palettized_checkpoint
+    config = AutoConfig.from_pretrained(path)
+    with pytest.raises(PalettizedCheckpointError, match=r"loads from its saved directory.*no weight files"):
+        LlamaForCausalLM.from_pretrained(None, config=config, state_dict=model.state_dict())
+    loaded = AUTO["llama"].from_pretrained(path)  # the way the message gives
+    loaded.load_state_dict(model.state_dict())
     assert torch.equal(_logits(loaded), _logits(model))
 
 

@@ -117,3 +117,23 @@ def test_patch_8_step_zero_checkpoint_for_the_best_model():
     source = inspect.getsource(Trainer._save_checkpoint)
     _relies("checkpoint_initial_model", "self.state.best_global_step" in source, "best checkpoint by best_global_step")
     _relies("checkpoint_initial_model", "eval_on_start" in inspect.getsource(Trainer), "Trainer has eval_on_start")
+
+
+def test_patch_9_trainer_counts_items_and_leaves_the_loss_undivided():
+    from transformers import Trainer
+
+    counting = inspect.getsource(Trainer._get_num_items_in_batch)
+    _relies("accumulated_batch_share", "self._loss_shifts_labels" in counting, "causal LMs count labels[..., 1:]")
+    _relies("accumulated_batch_share", '"shift_labels" in batch' in counting, "shift_labels are counted as given")
+    step = inspect.getsource(Trainer.training_step)
+    _relies(
+        "accumulated_batch_share",
+        "self.model_accepts_loss_kwargs and num_items_in_batch is not None" in step,
+        "the loss is not divided by the accumulation steps once items are counted",
+    )
+    loss = inspect.getsource(Trainer.compute_loss)
+    _relies(
+        "accumulated_batch_share",
+        "self.accelerator.num_processes // self.get_tp_size()" in loss,
+        "a loss normalised by the items of every process is scaled by their number",
+    )

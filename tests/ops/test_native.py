@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import U
 
 from dkm_hf.ops import native
 from dkm_hf.ops.packing import pack_indices, unpack_indices
@@ -77,13 +78,18 @@ def test_lut_gemv_matches_the_decoded_weight(bits, lut_kind, scale):
         palette = native.make_palette(packed, lut, s, bits, channels, features, torch.float32)
         weight = _reference(packed, lut, s, bits, channels, features, torch.float32)
         bias = torch.randn(channels)
+        # The kernel sums the features' products in float32 in its own order (its vector width, the host's): each
+        # output moves from the exact sum by at most (features + 1) U times the sum of its terms' magnitudes
+        # (Higham's bound for any order: products, additions and the bias; conftest.U).
         for n in (1, 3, 5, 8):
             x = torch.randn(n, features)
             expected = x.double() @ weight.double().T
-            torch.testing.assert_close(native.lut_gemv(palette, x).double(), expected, rtol=1e-5, atol=1e-4)
+            magnitude = x.double().abs() @ weight.double().abs().T
+            bound = (features + 1) * U * (magnitude + bias.double().abs())
+            assert ((native.lut_gemv(palette, x).double() - expected).abs() <= bound).all()
             got = native.lut_gemv(palette, x.view(1, n, features), bias)
             assert got.shape == (1, n, channels)
-            torch.testing.assert_close(got[0].double(), expected + bias.double(), rtol=1e-5, atol=1e-4)
+            assert ((got[0].double() - expected - bias.double()).abs() <= bound).all()
 
 
 @needs_native

@@ -1,0 +1,112 @@
+"""Which directory `DKMTrainer.train(resume_from_checkpoint=...)` may resume from.
+
+A training checkpoint (`checkpoint-N/`, written by Trainer's `_save_checkpoint`) holds the float weights with each
+layer's centroids, then the optimizer, scheduler and RNG states, and last `trainer_state.json`. It is complete when
+that last file reads as a trainer state and the model's config and weight files are there: a run killed while
+`checkpoint-N` was being written leaves it without them. A palettized checkpoint (what `save_model` writes at the
+end) holds LUTs and packed indices instead and cannot be trained from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import (
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    logging,
+)
+
+from ..errors import PalettizedCheckpointError
+from .safetensors_files import checkpoint_files
+
+logger = logging.get_logger(__name__)
+
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# torch.distributed.checkpoint folders of an FSDP model saved with SHARDED_STATE_DICT
+_FSDP_WEIGHTS = re.compile(r"^pytorch_model_fsdp_\d+$")
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> str | None:
+    """Why `directory` is not a complete training checkpoint to resume from, or None when it is one."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return "it is not a directory"
+    try:
+        with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return f"it has no readable {CONFIG_NAME} (the model was not saved completely)"
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(quant, dict) and quant.get("quant_method") == "dkm" and quant.get("format") == "palettized":
+        return (
+            "it is a palettized checkpoint (LUTs and packed indices, what save_model writes at the end), not a "
+            f"training checkpoint ({PREFIX_CHECKPOINT_DIR}-N: float weights and centroids). To train a palettized "
+            "model further, load it, turn it dense with dkm_hf.dequantize(model) and prepare it again"
+        )
+    try:
+        with open(os.path.join(directory, TRAINER_STATE_NAME), encoding="utf-8") as f:
+            state = json.load(f)
+    except OSError:
+        return f"it has no {TRAINER_STATE_NAME}, the file Trainer writes last (the save did not finish)"
+    except ValueError as err:
+        return f"its {TRAINER_STATE_NAME}, the file Trainer writes last, is cut short or damaged ({err})"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return f"its {TRAINER_STATE_NAME} is not a trainer state (no global_step)"
+    return _weights_problem(directory)
+
+
+def _weights_problem(directory: str) -> str | None:
+    names = os.listdir(directory)
+    if any(_FSDP_WEIGHTS.match(n) and os.path.isdir(os.path.join(directory, n)) for n in names):
+        return None
+    if SAFE_WEIGHTS_NAME in names or SAFE_WEIGHTS_INDEX_NAME in names:
+        try:
+            missing = [f for f in checkpoint_files(directory) if not os.path.isfile(f)]
+        except PalettizedCheckpointError as err:
+            return str(err)
+        return f"weight file(s) {[os.path.basename(f) for f in missing]} are missing" if missing else None
+    if WEIGHTS_NAME in names or WEIGHTS_INDEX_NAME in names:
+        return None
+    return f"it has no model weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME})"
+
+
+def newest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The `checkpoint-N` of highest N under `output_dir` that is complete; each newer one is skipped with a warning
+    that says why. None when there is none."""
+    output_dir = os.fspath(output_dir)
+    found = [_CHECKPOINT.match(n) for n in os.listdir(output_dir)] if os.path.isdir(output_dir) else []
+    steps = sorted((int(m.group(1)), m.group(0)) for m in found if m)
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning(f"dkm_hf: not resuming from {path}: {problem}; trying the previous checkpoint")
+    return None
+
+
+def resolve_resume(resume_from_checkpoint: str | os.PathLike | bool | None, output_dir: str) -> str | None:
+    """What Trainer gets as `resume_from_checkpoint`: for True, the newest complete checkpoint in `output_dir`; for a
+    path, the path once it is a complete training checkpoint. Raises a ValueError that says what is wrong."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        path = newest_complete_checkpoint(output_dir)
+        if path is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no complete training checkpoint ({PREFIX_CHECKPOINT_DIR}-N) in "
+                f"{output_dir} to resume from"
+            )
+        return path
+    problem = checkpoint_problem(resume_from_checkpoint)
+    if problem is not None:
+        raise ValueError(f"cannot resume training from {os.fspath(resume_from_checkpoint)}: {problem}")
+    return os.fspath(resume_from_checkpoint)
