@@ -137,3 +137,18 @@ def test_patch_9_trainer_counts_items_and_leaves_the_loss_undivided():
         "self.accelerator.num_processes // self.get_tp_size()" in loss,
         "a loss normalised by the items of every process is scaled by their number",
     )
+
+
+def test_patch_10_accounting_methods_keep_their_signatures():
+    original = PreTrainedModel.num_parameters.__wrapped__
+    _relies(
+        "accounting",
+        list(inspect.signature(original).parameters)[1:] == ["only_trainable", "exclude_embeddings"],
+        "num_parameters(only_trainable, exclude_embeddings)",
+    )
+    footprint = PreTrainedModel.get_memory_footprint.__wrapped__
+    _relies(
+        "accounting",
+        list(inspect.signature(footprint).parameters)[1:] == ["return_buffers"],
+        "get_memory_footprint(return_buffers)",
+    )
