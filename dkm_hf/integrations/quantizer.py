@@ -72,8 +72,14 @@ class DKMHfQuantizer(HfQuantizer):
         check_format(header, config.record)
         self.file_metadata = header.metadata
         if config.record.format == "palettized":
-            layouts = layouts_from_records(config.record.modules, lambda name: _transposed(model, name))
-            check_palettized_headers(header, layouts, config.lut_dtype, model)
+            names = _model_names(model, config.record.modules)
+            stored = layouts_from_records(config.record.modules, lambda name: _transposed(model, names.get(name)))
+            check_palettized_headers(header, stored, config.lut_dtype, model)
+            layouts = {
+                names[n]: replace(lay, tied_to=names.get(lay.tied_to)) if lay.tied_to else lay
+                for n, lay in stored.items()
+                if n in names and (lay.tied_to is None or lay.tied_to in names)
+            }
             tied = [_param_key(model, name) for name, layout in layouts.items() if layout.tied_to is not None]
             for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
                 weight.placeholder = mark_initialized(torch.empty(weight.layout.shape, device="meta"))
@@ -161,7 +167,41 @@ class DKMHfQuantizer(HfQuantizer):
         return True
 
 
-def _transposed(model: nn.Module, name: str) -> bool:
+def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
+    """{recorded weight name: the name of that weight in `model`}. A checkpoint of a model with a head loads into its
+    base model and the other way round (as transformers maps their keys through `base_model_prefix`): a name is kept,
+    or its prefix dropped or added. A recorded weight of a head the model does not have is left out (its tensors are
+    then unexpected keys, which transformers reports); any other name is kept, for `to_shells` to refuse by name."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_base = bool(prefix) and hasattr(model, prefix)
+    names = {}
+    for name in records if isinstance(records, dict) else ():
+        candidates = [name]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])
+        elif prefix and has_base:
+            candidates.append(f"{prefix}.{name}")
+        found = next((c for c in candidates if _resolves(model, c)), None)
+        if found is not None:
+            names[name] = found
+        elif not (prefix and name.startswith(prefix + ".")) and not has_base and prefix:
+            continue  # a head's weight, loading into the base model
+        else:
+            names[name] = name
+    return names
+
+
+def _resolves(model: nn.Module, name: str) -> bool:
+    try:
+        module_name, param = split_name(model, name)
+    except AttributeError:
+        return False
+    return param in model.get_submodule(module_name)._parameters
+
+
+def _transposed(model: nn.Module, name: str | None) -> bool:
+    if name is None:
+        return False
     try:
         module_name, param = split_name(model, name)
     except AttributeError:

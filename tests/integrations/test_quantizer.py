@@ -225,3 +225,27 @@ def test_data_bytes_changed_after_saving_are_detected(palettized_checkpoint):
     _as_version_1(path)
     old_style = AUTO["llama"].from_pretrained(path)  # no checksums recorded: loads (with the flipped bit)
     assert not torch.equal(_logits(old_style), _logits(model))
+
+
+def test_a_palettized_checkpoint_loads_into_its_base_model_and_the_base_into_a_head(tiny_dir, tmp_path):
+    """As with dense checkpoints, the weights of a model with a head load into its base model and back
+    (transformers maps keys through `base_model_prefix`); config.json's records are mapped the same way."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, BertForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), dkm_config=DKMConfig(bits=3))
+    dkm_hf.palettize(model.eval())
+    model.save_pretrained(tmp_path / "head")
+    inputs = tiny_inputs("bert")
+    base = AutoModel.from_pretrained(tmp_path / "head").eval()
+    assert {n for n, _ in dkm_hf.palettized_modules(base)} == {
+        n.removeprefix("bert.") for n, _ in dkm_hf.palettized_modules(model) if n.startswith("bert.")
+    }
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).last_hidden_state, model.bert(**inputs).last_hidden_state)
+    base.save_pretrained(tmp_path / "base")
+    headed = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3).eval()
+    assert {n for n, _ in dkm_hf.palettized_modules(headed)} == {
+        f"bert.{n}" for n, _ in dkm_hf.palettized_modules(base)
+    }
+    with torch.no_grad():
+        assert torch.equal(headed.bert(**inputs).last_hidden_state, base(**inputs).last_hidden_state)
