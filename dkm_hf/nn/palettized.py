@@ -246,6 +246,11 @@ class PalettizedWeight:
         return self._dense[1]
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The weight, as the module reads it (`value()`)."""
+        return self.value()
+
+    @property
     def decoded_bytes(self) -> int:
         """Bytes held by the kept decoded weight ("dense" mode after a forward), else 0."""
         return 0 if self._dense is None else self._dense[1].nbytes
