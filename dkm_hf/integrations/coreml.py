@@ -36,9 +36,10 @@ import transformers
 from torch import nn
 
 from ..nn.dkm import dkm_modules
-from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
-from ..nn.weights import swap_class, weight_name
+from ..nn.palettized import PalettizedWeight, palettized_modules
+from ..nn.weights import weight_name
 from ..ops.packing import unpack_indices
+from ..surgery.convert import plain_modules
 
 METADATA_KEY = "dkm_hf.weights"  # user_defined_metadata: JSON {module name: its constexpr_lut_to_dense op}
 
@@ -279,34 +280,8 @@ class _Exported(nn.Module):
         return logits if logits is not None else out[0]
 
 
-@contextlib.contextmanager
-def _plain_modules(model: nn.Module):
-    """Every module holding palettized weights back in its own class with an uninitialised placeholder parameter
-    (one per tie) in place of each palettized weight, while exporting; put back as it was afterwards."""
-    weights = palettized_modules(model)
-    placeholders: dict[int, nn.Parameter] = {}
-    for _, w in weights:
-        source = w.tied_source if w.tied_source is not None else w
-        if id(source) not in placeholders:
-            placeholders[id(source)] = nn.Parameter(torch.empty(source.layout.shape), requires_grad=False)
-    modules = [m for _, m in model.named_modules() if isinstance(m, PalettizedMixin)]
-    saved = [(m, type(m), dict(m._buffers), m.palettized_weights) for m in modules]
-    try:
-        for module in modules:
-            params = {
-                p: placeholders[id(w.tied_source if w.tied_source is not None else w)]
-                for p, w in module.palettized_weights.items()
-            }
-            module.detach_palettized(params)
-        yield
-    finally:
-        for module, cls, buffers, states in saved:
-            for param in states:
-                module._parameters.pop(param, None)
-            module._buffers.clear()
-            module._buffers.update(buffers)
-            module.palettized_weights = states
-            swap_class(module, cls)
+def _placeholder(weight) -> nn.Parameter:
+    return nn.Parameter(torch.empty(weight.layout.shape), requires_grad=False)
 
 
 def load_palettized(directory: str) -> nn.Module:
@@ -369,7 +344,7 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
     was_training = model.training
     model.eval()
     try:
-        with _plain_modules(model), torch.no_grad():
+        with plain_modules(model, _placeholder), torch.no_grad():
             exported = torch.export.export(_Exported(model, names), tuple(example_inputs[n] for n in names))
             exported = exported.run_decompositions({})
     finally:

@@ -4,6 +4,7 @@ layout.py      `Layout` (how a weight is cut into LUT groups and vectors; its co
                `ClusterSettings` (the DKM loop's settings for one weight)
 weights.py     what the two forms share: weight names, the generated subclass of the module's own class, dtypes
 dkm.py         `DKMWeight` / `DKMMixin`: soft weight in training, hard weight in evaluation
+scopes.py      `ParentScope`: a parent that reads its DKM children's weights directly sees the clustered ones
 palettized.py  `PalettizedWeight` / `PalettizedMixin`: LUT + packed indices, decoded once or per forward
 
 Neither dkm.py nor palettized.py imports the other; converting between them is `surgery`'s job.

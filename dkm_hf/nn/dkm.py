@@ -5,8 +5,8 @@ and gets a float32 centroid buffer (groups, 2**bits, cluster_dim) carried from s
 class and forward (`weights.variant_class`); only while its forward runs, each clustered parameter reads as the
 soft-clustered weight W~ = A C in `train()` (differentiable) or the hard weight in `eval()` (each vector snapped to
 its nearest centroid, rounded to the LUT dtype: exactly what the palettized checkpoint will hold). Outside the
-forward the parameter is the plain parameter: initialisation, ties, optimisers, FSDP2 and state dicts see nothing
-new. The weight read inside the forward is an instance attribute that shadows the parameter for that call only.
+forward it is the plain parameter (for initialisation, ties, optimisers, FSDP2, state dicts): the forward reads an
+instance attribute that shadows the parameter for that call only.
 
 One soft weight per step. The soft weight is computed once and reused until its gradient has been computed (or the
 weight, the centroids or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, a
@@ -379,64 +379,10 @@ class DKMMixin:
     def assignments(self) -> torch.Tensor:
         return self._only().assignments()
 
-    def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return self._only().vectors(weight)
-
-    def temperature(self, vectors: torch.Tensor | None = None):
-        return self._only().temperature(vectors)
-
 
 def _whole(tensor: torch.Tensor) -> bool:
     """False for a parameter FSDP2 holds sharded (outside its unit's forward): only whole weights are clustered."""
     return not (DTensor is not None and isinstance(tensor, DTensor))
-
-
-class ParentScope:
-    """Forward hooks of a module whose children hold DKM weights: while the parent's forward runs, the children's
-    clustered parameters read as their clustered weights, so a parent that reads a child's weight directly (a Mamba
-    mixer's `conv1d.weight`, an attention block's fused projections) computes with the clustered weight too. The
-    weights are the ones the children's own forwards compute (cached: no extra DKM pass)."""
-
-    def __init__(self):
-        self.open: list[contextlib.ExitStack] = []
-
-    def __getstate__(self) -> dict:
-        return {"open": []}
-
-    def enter(self, module: nn.Module, args) -> None:
-        stack = contextlib.ExitStack()
-        for child in module.children():
-            if isinstance(child, DKMMixin):
-                stack.enter_context(child.clustered_parameters())
-        self.open.append(stack)
-
-    def exit(self, module: nn.Module, args, output) -> None:
-        if self.open:
-            self.open.pop().close()
-
-
-def add_parent_scopes(model: nn.Module) -> None:
-    """Give every module with DKM children a `ParentScope` (once)."""
-    for module in model.modules():
-        if "_dkm_parent_scope" in module.__dict__:
-            continue
-        if any(isinstance(child, DKMMixin) for child in module.children()):
-            scope = ParentScope()
-            handles = (
-                module.register_forward_pre_hook(scope.enter),
-                module.register_forward_hook(scope.exit, always_call=True),
-            )
-            module.__dict__["_dkm_parent_scope"] = handles
-
-
-def remove_parent_scopes(model: nn.Module) -> None:
-    """Remove the `ParentScope` of every module that no longer has DKM children."""
-    for module in model.modules():
-        handles = module.__dict__.get("_dkm_parent_scope")
-        if handles is not None and not any(isinstance(child, DKMMixin) for child in module.children()):
-            for handle in handles:
-                handle.remove()
-            del module.__dict__["_dkm_parent_scope"]
 
 
 def dkm_modules(model: nn.Module) -> list[tuple[str, DKMWeight]]:

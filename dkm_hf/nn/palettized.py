@@ -15,14 +15,11 @@ forward (and anything else reading `m.p`) sees the weight the checkpoint holds. 
     "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's, the
               memory the decoded weight's on top of the checkpoint's.
 
-On CPU the decode runs in the native kernels of `ops.native` when they are available (else in torch): the same
-weight bit for bit, so "dense" mode and large packed-mode inputs give exactly the torch path's outputs. A packed
-Linear (or Conv1D) with float32 input and compute dtype and at most `GEMV_MAX_ROWS` rows of input (batch-1 generation)
-never decodes its weight: the fused LUT matrix-vector product reads the indices directly; its outputs equal the
-decoded weight's within float32 summation-order tolerance (the sums run in another order than the BLAS GEMM).
-
-LUTs and scales keep their stored dtype through `model.to(dtype)`, `.half()`, `.bfloat16()`: the cast sets the
-dtype the weight is decoded to (`compute_dtype`), so a cast model saves the same checkpoint it loaded from.
+On CPU the decode runs in `ops.native`'s kernels when available (bit for bit the torch decode). A packed plain Linear
+(or Conv1D) with float32 input and at most `GEMV_MAX_ROWS` rows (batch-1 generation) never decodes its weight: the
+fused LUT gemv reads the indices (equal to the decoded weight's output within float32 summation order). LUTs and
+scales keep their dtype through `model.to(dtype)`, `.half()`, `.bfloat16()`: the cast sets the decode's
+`compute_dtype`, so a cast model saves the same checkpoint it loaded from.
 """
 
 from __future__ import annotations
@@ -380,16 +377,12 @@ class PalettizedMixin:
     tied_source = property(lambda self: getattr(self._only().tied_source, "module", None))
     inference_mode = property(lambda self: self._only().inference_mode)
     compute_dtype = property(lambda self: self._only().compute_dtype)
-    has_scale = property(lambda self: self._only().has_scale)
 
     def decode(self) -> torch.Tensor:
         return self._only().decode()
 
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self._only().decode_rows(rows)
-
-    def fill(self, lut: torch.Tensor, packed_indices: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        self._only().fill(lut, packed_indices, scale)
 
     def set_inference_mode(self, mode: str) -> None:
         for state in self.palettized_weights.values():

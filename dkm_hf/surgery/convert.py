@@ -12,7 +12,8 @@ converted once, by its source; the others point at it (`tied_source`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import replace as replace_fields
 
 import torch
@@ -22,10 +23,11 @@ from transformers.utils import logging
 
 from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
-from ..nn.dkm import DKMMixin, DKMWeight, add_parent_scopes, dkm_modules, remove_parent_scopes
+from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
 from ..nn.layout import Layout
 from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
-from ..nn.weights import channel_dims, is_transposed, split_name, weight_name
+from ..nn.scopes import add_parent_scopes, remove_parent_scopes
+from ..nn.weights import channel_dims, is_transposed, split_name, swap_class, weight_name
 from ..ops.packing import pack_indices
 from .select import select_weights, tied_pairs
 
@@ -255,3 +257,29 @@ def to_dense(model: nn.Module) -> nn.Module:
 
 def _states(module: nn.Module) -> dict:
     return module.dkm_weights if isinstance(module, DKMMixin) else module.palettized_weights
+
+
+@contextlib.contextmanager
+def plain_modules(model: nn.Module, make_weight: Callable[[PalettizedWeight], nn.Parameter]):
+    """Within the context, every module holding palettized weights is back in its own class with `make_weight(w)`
+    as the parameter of each palettized weight `w` (one per tie: a tied weight gets its source's); afterwards each
+    is put back as it was (a Core ML export traces the plain modules)."""
+    made: dict[int, nn.Parameter] = {}
+    modules = [m for _, m in model.named_modules() if isinstance(m, PalettizedMixin)]
+    saved = [(m, type(m), dict(m._buffers), m.palettized_weights) for m in modules]
+    for _, w in sorted(palettized_modules(model), key=lambda item: item[1].tied_source is not None):
+        source = w.tied_source if w.tied_source is not None else w
+        made.setdefault(id(source), make_weight(source))
+    try:
+        for module in modules:
+            states = module.palettized_weights.items()
+            module.detach_palettized({p: made[id(w.tied_source or w)] for p, w in states})
+        yield model
+    finally:
+        for module, cls, buffers, states in saved:
+            for param in states:
+                module._parameters.pop(param, None)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module.palettized_weights = states
+            swap_class(module, cls)

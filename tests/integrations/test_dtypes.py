@@ -49,10 +49,11 @@ def _same_clustering(a, b) -> None:
                      or dkm_hf.palettized_modules(b)))  # fmt: skip
     assert pairs
     for (name, x), (_, y) in pairs:
-        weight = (lambda m: m.hard_weight()) if isinstance(x, dkm_hf.DKMMixin) else (lambda m: m.weight)
+        weight = (lambda w: w.hard_weight()) if isinstance(x, dkm_hf.DKMWeight) else (lambda w: w.weight)
         assert torch.equal(weight(x), weight(y)), name
-        assert list(x._buffers) == list(y._buffers), name
-        assert all(torch.equal(x._buffers[key], y._buffers[key]) for key in x._buffers), name
+        buffers_x, buffers_y = x.module._buffers, y.module._buffers
+        assert list(buffers_x) == list(buffers_y), name
+        assert all(torch.equal(buffers_x[key], buffers_y[key]) for key in buffers_x), name
 
 
 def test_fp32_to_bf16_cast_round_trips(tiny_dir, tmp_path):
