@@ -23,8 +23,6 @@ from ..ops.kmeans import kmeans_init
 from .layout import ClusterSettings, Layout
 from .registry import apply_keeping_dtype, functional_forward, module_type, set_tie, swap_class, variant_class
 
-# With at least this many weights per LUT group, cluster_dim 1 uses the uniquified path (benchmarks/dkm_paths.py).
-UNIQUIFY_MIN_WEIGHTS = 1 << 13
 STATE_BUFFERS = ("centroids", "weight_scale")  # float32, whatever the weight's dtype
 _ATTRS = ("layout", "settings", "dkm_seed", "dkm_enabled", "dkm_ready", "soft_eval", "tied_source", "_soft", "_hard")
 _SCALE_FLOOR = 1e-12
@@ -112,10 +110,7 @@ class DKMMixin:
     # -- state -----------------------------------------------------------------------------------------------------
     @property
     def implementation(self) -> str:
-        if self.settings.implementation != "auto":
-            return self.settings.implementation
-        big = self.layout.vectors_per_group >= UNIQUIFY_MIN_WEIGHTS
-        return "uniquified" if self.layout.cluster_dim == 1 and big else "chunked"
+        return self.settings.implementation  # "auto" is resolved per call by ops.dkm.choose_implementation
 
     def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The (groups, n, d) float32 vectors that are clustered (divided by the per-channel scale if any), of the
