@@ -27,6 +27,12 @@ import torch
 
 from . import native
 
+# The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
+if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    from . import fused_triton
+else:
+    fused_triton = None
+
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 ABI_VERSION = 1
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
@@ -83,17 +89,13 @@ def _reason(error: Exception) -> str:
     return (errors or lines or [type(error).__name__])[0 if errors else -1]
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def available(w: torch.Tensor) -> bool:
     """Whether a fused kernel serves weights like `w` (its device and dtype)."""
     if w.dtype not in DTYPES or w.numel() == 0:
         return False
     if w.device.type == "cpu":
         return cpu_kernels() is not None
-    return w.device.type == "cuda" and triton_available()
+    return w.device.type == "cuda" and fused_triton is not None
 
 
 @torch.library.custom_op("dkm_hf::fused_dkm", mutates_args=(), device_types="cpu")
@@ -152,6 +154,9 @@ def _backward(ctx, grad_out, *_):
 
 
 fused_dkm.register_autograd(_backward, setup_context=_setup_context)
+if fused_triton is not None:
+    fused_dkm.register_kernel("cuda")(fused_triton.forward)
+    fused_dkm_backward.register_kernel("cuda")(fused_triton.backward)
 
 
 def per_group(value: float | torch.Tensor, groups: int, device: torch.device) -> torch.Tensor:
