@@ -1,7 +1,7 @@
 """Where the time of one DKM fine-tuning step goes: torch.profiler's top operators, plus plain vs DKM step times.
 
     python benchmarks/profile_step.py MODEL_DIR [--device cuda] [--batch 8 --seq 256] [--dtype bfloat16]
-                                     [--implementation auto|fused|chunked|uniquified]
+                                     [--implementation auto|fused|chunked|uniquified] [--skip-embeddings]
 
 MODEL_DIR is a causal LM folder (e.g. scripts/random_llama.py's output, or the SmolLM2 cache folder of the model
 suite). The DKM settings are the model suite's LLM recipe (per-row 4-bit LUTs, embedding 8-bit per tensor, one
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--implementation", default="auto", help="DKMConfig.implementation")
+    parser.add_argument("--skip-embeddings", action="store_true", help="cluster_embeddings=False (e.g. with chunked)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -60,9 +61,8 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dkm_config=dkm_hf.DKMConfig(**LLM_RECIPE, implementation=args.implementation), **load
-    )
+    recipe = LLM_RECIPE | {"implementation": args.implementation, "cluster_embeddings": not args.skip_embeddings}
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dkm_config=dkm_hf.DKMConfig(**recipe), **load)
     model.train()
     t_dkm, opt = steps(model, ids, args.steps, device)
     peak_dkm = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
