@@ -61,7 +61,9 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    recipe = LLM_RECIPE | {"implementation": args.implementation, "cluster_embeddings": not args.skip_embeddings}
+    recipe = LLM_RECIPE | {"implementation": args.implementation}
+    if args.skip_embeddings:
+        recipe |= {"cluster_embeddings": False, "overrides": {}}  # the recipe's overrides are the embedding's
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dkm_config=dkm_hf.DKMConfig(**recipe), **load)
     model.train()
     t_dkm, opt = steps(model, ids, args.steps, device)
