@@ -40,8 +40,8 @@ from .buckets import bucket_dtype_for, unique_buckets
 _TINY = 1e-30
 IMPLEMENTATIONS = ("chunked", "uniquified", "fused")
 # "auto" takes the uniquified path (cluster_dim 1) from this many vectors per LUT: against the chunked path
-# (benchmarks/dkm_paths.py), against the fused kernel (uniquified 0.6x its time at 32k weights per LUT, 1.2x at 131k,
-# 1.65x at 524k: a 768x3072 layer at 4 bits, 3 iterations, one thread).
+# (benchmarks/dkm_paths.py), against the fused kernel (which takes 0.62x the uniquified path's time at 32k weights
+# per LUT, 1.19x at 131k, 1.65x at 524k: 768x3072 weights at 4 bits, 3 iterations, one thread).
 UNIQUIFY_MIN_WEIGHTS = 1 << 13
 UNIQUIFY_MIN_WEIGHTS_FUSED = 1 << 17
 # Device types whose early stop is checked on the host after each iteration (a cheap synchronisation there).
