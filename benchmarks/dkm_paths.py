@@ -155,13 +155,13 @@ def main() -> None:
     sweep_table = markdown_table(
         ["Linear (out x in)", "weights", "chunked (ms)", "uniquified (ms)", "chunked/uniquified"], sweep_rows
     )
-    from dkm_hf.nn.dkm import UNIQUIFY_MIN_WEIGHTS
+    from dkm_hf.ops.dkm import UNIQUIFY_MIN_WEIGHTS
 
     summary = (
         f"Uniquified is faster from {crossover} weights on (every larger size in the sweep too); "
-        f"dkm_hf.nn.dkm.UNIQUIFY_MIN_WEIGHTS = {UNIQUIFY_MIN_WEIGHTS}."
+        f"dkm_hf.ops.dkm.UNIQUIFY_MIN_WEIGHTS = {UNIQUIFY_MIN_WEIGHTS}."
         if crossover
-        else f"No stable crossover in the sweep; dkm_hf.nn.dkm.UNIQUIFY_MIN_WEIGHTS = {UNIQUIFY_MIN_WEIGHTS}."
+        else f"No stable crossover in the sweep; dkm_hf.ops.dkm.UNIQUIFY_MIN_WEIGHTS = {UNIQUIFY_MIN_WEIGHTS}."
     )
     if sweep.get("status") != "ok":
         summary = f"sweep did not complete: {sweep.get('status')}"

@@ -1,11 +1,12 @@
 """Where the time of one DKM fine-tuning step goes: torch.profiler's top operators, plus plain vs DKM step times.
 
     python benchmarks/profile_step.py MODEL_DIR [--device cuda] [--batch 8 --seq 256] [--dtype bfloat16]
+                                     [--implementation auto|fused|chunked|uniquified] [--skip-embeddings]
 
 MODEL_DIR is a causal LM folder (e.g. scripts/random_llama.py's output, or the SmolLM2 cache folder of the model
 suite). The DKM settings are the model suite's LLM recipe (per-row 4-bit LUTs, embedding 8-bit per tensor, one
-iteration). Both models run in this process, plain first; the step times are medians of --steps steps after one
-warm-up step.
+iteration; `--implementation` sets DKMConfig.implementation). Both models run in this process, plain first; the
+step times are medians of --steps steps after one warm-up step.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--implementation", default="auto", help="DKMConfig.implementation")
+    parser.add_argument("--skip-embeddings", action="store_true", help="cluster_embeddings=False (e.g. with chunked)")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
@@ -58,7 +61,10 @@ def main() -> None:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dkm_config=dkm_hf.DKMConfig(**LLM_RECIPE), **load)
+    recipe = LLM_RECIPE | {"implementation": args.implementation}
+    if args.skip_embeddings:
+        recipe |= {"cluster_embeddings": False, "overrides": {}}  # the recipe's overrides are the embedding's
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dkm_config=dkm_hf.DKMConfig(**recipe), **load)
     model.train()
     t_dkm, opt = steps(model, ids, args.steps, device)
     peak_dkm = torch.cuda.max_memory_allocated() / 2**20 if cuda else None

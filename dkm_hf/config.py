@@ -158,12 +158,15 @@ class DKMConfig(QuantizationConfigMixin):
     implementation: str = field(
         default="auto",
         metadata={
-            "help": "`auto`, `chunked` (exact, O(N) memory, any cluster_dim) or `uniquified` (eDKM, cluster_dim 1: "
-            "attention per distinct 16-bit value; exact for bf16/fp16 weights, float32 weights are bucketed by their "
-            "float16 rounding: on all-MiniLM-L6-v2 at 4 bits that moves the soft weights by 6e-4 and the weight "
-            "gradients by 2% (0.5-4.4%), relative, against the exact path; benchmarks/uniquified_error.py). `auto`: "
-            "uniquified for cluster_dim 1 with >= 8,192 weights per LUT, else chunked. Set `chunked` to force the "
-            "exact path for float32 weights."
+            "help": "`auto`, `fused`, `chunked` or `uniquified`. `chunked`: exact, O(N) memory, any cluster_dim, "
+            "pure torch. `fused`: the chunked path's math in one fused kernel per iteration that never writes the "
+            "attention out (C++ on CPU, built on first use; Triton on CUDA), float32 arithmetic; chunked where no "
+            "kernel serves the device. `uniquified` (eDKM, cluster_dim 1): attention per distinct 16-bit value; exact "
+            "for bf16/fp16 weights, float32 weights are bucketed by their float16 rounding: on all-MiniLM-L6-v2 at 4 "
+            "bits that moves the soft weights by 6e-4 and the weight gradients by 2% (0.5-4.4%), relative, against "
+            "the exact path; benchmarks/uniquified_error.py. `auto`: uniquified for cluster_dim 1 with >= 131,072 "
+            "weights per LUT (>= 8,192 where no fused kernel serves the device), else fused where a kernel serves the "
+            "device, else chunked."
         },
     )
     lut_dtype: str = field(default="float16", metadata={"help": "dtype of the stored lookup tables."})

@@ -42,8 +42,6 @@ from .weights import (
     weight_name,
 )
 
-# With at least this many weights per LUT group, cluster_dim 1 uses the uniquified path (benchmarks/dkm_paths.py).
-UNIQUIFY_MIN_WEIGHTS = 1 << 13
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
 _SCALE_FLOOR = 1e-12
 _VAR_FLOOR = 1e-24
@@ -129,10 +127,7 @@ class DKMWeight:
 
     @property
     def implementation(self) -> str:
-        if self.settings.implementation != "auto":
-            return self.settings.implementation
-        big = self.layout.vectors_per_group >= UNIQUIFY_MIN_WEIGHTS
-        return "uniquified" if self.layout.cluster_dim == 1 and big else "chunked"
+        return self.settings.implementation  # "auto" is resolved per call by ops.dkm.choose_implementation
 
     def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The (groups, n, d) float32 vectors that are clustered (divided by the per-channel scale if any), of the

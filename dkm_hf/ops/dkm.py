@@ -17,6 +17,10 @@ On CPU the early stop is checked on the host after each iteration. On other devi
 iterations without a host synchronisation and picks T on the device; the result is the same (T is defined by the
 same test), the iterations after T are wasted work instead of a stall.
 
+The "fused" implementation (`fused.py`) runs the same loop and the same backward as the chunked path in one kernel
+per iteration (C++ on CPU, Triton on CUDA) that never writes the attention out; the torch paths here are its
+reference.
+
 For d = 1 the eDKM "uniquification" (Cho et al., 2023) makes the heavy part independent of n: attention is computed
 once per distinct 16-bit value (bucket, see `buckets`) and gathered. Each weight still gets its own gradient:
 dL/dw_i = a(u_i) * g_i + b(u_i), where g_i is the upstream gradient of weight i, a(u) the derivative of the soft
@@ -29,11 +33,17 @@ import itertools
 
 import torch
 
+from . import fused
 from .attention import attention, blocks, mix_centroids, outer, reduce_vectors
 from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
-IMPLEMENTATIONS = ("chunked", "uniquified")
+IMPLEMENTATIONS = ("chunked", "uniquified", "fused")
+# "auto" takes the uniquified path (cluster_dim 1) from this many vectors per LUT: against the chunked path
+# (benchmarks/dkm_paths.py), against the fused kernel (which takes 0.62x the uniquified path's time at 32k weights
+# per LUT, 1.19x at 131k, 1.65x at 524k: 768x3072 weights at 4 bits, 3 iterations, one thread).
+UNIQUIFY_MIN_WEIGHTS = 1 << 13
+UNIQUIFY_MIN_WEIGHTS_FUSED = 1 << 17
 # Device types whose early stop is checked on the host after each iteration (a cheap synchronisation there).
 HOST_EARLY_STOP = ("cpu",)
 ATTENTION_CACHE_BYTES = 1 << 28
@@ -275,6 +285,23 @@ class _UniquifiedDKM(torch.autograd.Function):
         return grad_w.view_as(grad_out), None, None, None, None, None
 
 
+def choose_implementation(implementation: str, w: torch.Tensor) -> str:
+    """The path `dkm_cluster` runs for vectors `w` (G, n, d). "auto": "uniquified" for d = 1 with many vectors per LUT
+    (UNIQUIFY_MIN_WEIGHTS_FUSED where a fused kernel serves w's device and dtype, else UNIQUIFY_MIN_WEIGHTS), else the
+    fused kernel where one serves w, else "chunked". "fused" where no kernel serves w: "chunked" (the same math)."""
+    if implementation not in ("auto", *IMPLEMENTATIONS):
+        choices = ["auto", *IMPLEMENTATIONS]
+        raise ValueError(f"unknown DKM implementation {implementation!r}; use one of {choices}")
+    if implementation not in ("auto", "fused"):
+        return implementation
+    kernel = fused.available(w)
+    if implementation == "auto":
+        many = UNIQUIFY_MIN_WEIGHTS_FUSED if kernel else UNIQUIFY_MIN_WEIGHTS
+        if w.shape[-1] == 1 and w.shape[1] >= many:
+            return "uniquified"
+    return "fused" if kernel else "chunked"
+
+
 def dkm_cluster(
     w: torch.Tensor,
     centroids: torch.Tensor,
@@ -287,16 +314,18 @@ def dkm_cluster(
     """Soft-cluster w (G, n, d) starting from `centroids` (G, k, d).
 
     Returns (W~, C_T): the differentiable soft weight and the final centroids (detached), to carry to the next step.
-    `tau` and `epsilon` are numbers or one value per group (G,). `implementation` is "chunked" (exact, any d) or
+    `tau` and `epsilon` are numbers or one value per group (G,). `implementation` is "chunked" (exact, any d),
     "uniquified" (d = 1; attention per distinct 16-bit value of `bucket_dtype`, by default the weight's own dtype if
-    16-bit, else float16).
+    16-bit, else float16), "fused" (the chunked path's math in one fused kernel per iteration, run in float32; chunked
+    where no kernel serves w's device and dtype) or "auto" (see `choose_implementation`).
     """
+    implementation = choose_implementation(implementation, w)
+    if implementation == "fused":
+        return fused.dkm(w, centroids, tau, max_iters, epsilon)
     c0 = centroids.detach().to(w.dtype, copy=True)  # saved for backward: never the caller's (updated) buffer
     tau, epsilon = (x.detach().to(w).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x for x in (tau, epsilon))
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
         return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
-    if implementation != "chunked":
-        raise ValueError(f"unknown DKM implementation {implementation!r}; use one of {list(IMPLEMENTATIONS)}")
     return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon)

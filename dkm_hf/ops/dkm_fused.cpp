@@ -1,0 +1,433 @@
+// The DKM loop fused on the CPU: distances, softmax, reductions and centroid mix in one pass over the weight per
+// iteration, the attention of a tile of V vectors kept in a small scratch array (L1) and never written out.
+//
+// Shapes (float32, contiguous): w (G, n, d), centroids (G, k, d), tau and epsilon (G). The math and the early stop are
+// those of dkm_hf/ops/dkm.py (`_iterate`, `_soft_output`, `_backward` of the chunked path), see there.
+//
+// Work is cut into items of at most kChunk vectors of one group, a partition that does not depend on the number of
+// threads: each item reduces into its own slot, the slots of a group are summed in order afterwards, so results are
+// the same at any thread count.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kTiny = 1e-30f;  // dkm.py _TINY
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kExp2Floor = -80.0f * kLog2e;  // attention.py EXP_FLOOR, in base 2
+constexpr int64_t kChunk = 2048;               // vectors per work item
+
+// One SIMD register of floats (GCC / Clang vector extensions, the width of the instruction set compiled for): a tile of
+// V vectors is processed lane by lane, so every loop over centroids is a run of whole-register operations.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+typedef float vf __attribute__((vector_size(kVectorBytes)));
+typedef int32_t vi __attribute__((vector_size(kVectorBytes)));
+constexpr int V = kVectorBytes / 4;
+
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf splat(float x) { return vf{} + x; }
+
+inline float lane_sum(vf x) {
+  float s = 0.0f;
+  for (int v = 0; v < V; ++v) s += x[v];
+  return s;
+}
+
+// 2^z for z in [kExp2Floor, 0]: z = n + r with n = round(z) (the magic-number rounding, whose low bits also hold
+// n + 127, the exponent of 2^n), |r| <= 1/2, and 2^r by its degree-6 Taylor polynomial (relative error < 2.5e-7).
+inline vf exp2_neg(vf z) {
+  const vf t = z + 12583039.0f;  // 1.5 * 2^23 + 127
+  const vf r = z - (t - 12583039.0f);
+  vf p = r * 1.5403530393381606e-4f + 1.3333558146428443e-3f;
+  p = p * r + 9.6181291076284772e-3f;
+  p = p * r + 5.5504108664821580e-2f;
+  p = p * r + 2.4022650695910071e-1f;
+  p = p * r + 6.9314718055994531e-1f;
+  p = p * r + 1.0f;
+  return p * (vf)((vi)t << 23);
+}
+
+struct Work {
+  int64_t group, begin, end;
+};
+
+std::vector<Work> work_items(int64_t G, int64_t n) {
+  std::vector<Work> items;
+  items.reserve(G * ((n + kChunk - 1) / kChunk));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < n; i += kChunk) items.push_back({g, i, std::min(n, i + kChunk)});
+  return items;
+}
+
+int64_t grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// Vectors i0 .. i0 + V (those before `end`; zeros after) of a group's (n, d) values: x[dd] holds value dd of each.
+template <int D>
+inline int load_tile(const float* src, int64_t i0, int64_t end, int64_t d_rt, vf* x) {
+  const int64_t d = D ? D : d_rt;
+  const int count = static_cast<int>(std::min<int64_t>(V, end - i0));
+  if (d == 1 && count == V) {
+    std::memcpy(x, src + i0, sizeof(vf));
+    return count;
+  }
+  for (int64_t dd = 0; dd < d; ++dd)
+    for (int v = 0; v < V; ++v) x[dd][v] = v < count ? src[(i0 + v) * d + dd] : 0.0f;
+  return count;
+}
+
+inline vf lane_mask(int count) {
+  vf mask = splat(1.0f);
+  for (int v = count; v < V; ++v) mask[v] = 0.0f;
+  return mask;
+}
+
+// a[j] = softmax_j(-||x - c_j||^2 / tau) for the V vectors of a tile, as attention.py computes it: exact differences,
+// the smallest distance subtracted, logits clamped at EXP_FLOOR; `q` = log2(e) / tau turns them into base 2.
+template <int D>
+inline void attention_tile(const vf* x, const float* c, int64_t k, int64_t d_rt, float q, vf* a) {
+  const int64_t d = D ? D : d_rt;
+  vf lo = splat(INFINITY), sum = vf{};
+  for (int64_t j = 0; j < k; ++j) {
+    vf dist = vf{};
+    for (int64_t dd = 0; dd < d; ++dd) {
+      const vf diff = x[dd] - c[j * d + dd];
+      dist += diff * diff;
+    }
+    a[j] = dist;
+    lo = vmin(lo, dist);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    const vf e = exp2_neg(vmax((lo - a[j]) * q, splat(kExp2Floor)));
+    a[j] = e;
+    sum += e;
+  }
+  const vf inv = 1.0f / sum;
+  for (int64_t j = 0; j < k; ++j) a[j] *= inv;
+}
+
+inline float base2(float tau) { return kLog2e / tau; }
+
+// Scratch of one thread: attention, its gradient, accumulators and the tile's values.
+struct Scratch {
+  std::vector<vf> a, dz, acc, x, y;
+  Scratch(int64_t k, int64_t d) : a(k), dz(k), acc(k * (d + 1)), x(d), y(d) {}
+};
+
+// Per work item, into out[0 : k*d] and out[k*d : k*d + k]: sum_i a_ji y_i and sum_i a_ji, attention against c.
+template <int D>
+void reduce_item(const float* w, const float* y, const float* c, float q, int64_t n, int64_t k, int64_t d_rt,
+                 const Work& item, Scratch& s, float* out) {
+  const int64_t d = D ? D : d_rt;
+  vf* acc = s.acc.data();  // acc[j * d + dd]: sum a y; acc[k * d + j]: sum a
+  std::fill(s.acc.begin(), s.acc.end(), vf{});
+  const float* wg = w + item.group * n * d;
+  const float* yg = y + item.group * n * d;
+  for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
+    const int count = load_tile<D>(wg, i0, item.end, d, s.x.data());
+    if (y != w) load_tile<D>(yg, i0, item.end, d, s.y.data());
+    const vf* ys = y != w ? s.y.data() : s.x.data();
+    attention_tile<D>(s.x.data(), c, k, d, q, s.a.data());
+    const vf mask = lane_mask(count);
+    for (int64_t j = 0; j < k; ++j) {
+      const vf aj = s.a[j] * mask;
+      acc[k * d + j] += aj;
+      for (int64_t dd = 0; dd < d; ++dd) acc[j * d + dd] += aj * ys[dd];
+    }
+  }
+  for (int64_t r = 0; r < k * (d + 1); ++r) out[r] = lane_sum(acc[r]);
+}
+
+// Sum each group's item slots (in order, in double): (G, width).
+std::vector<double> group_sums(const std::vector<Work>& items, const std::vector<float>& slots, int64_t G,
+                               int64_t width) {
+  std::vector<double> sums(G * width, 0.0);
+  for (size_t it = 0; it < items.size(); ++it) {
+    double* dst = sums.data() + items[it].group * width;
+    const float* src = slots.data() + it * width;
+    for (int64_t r = 0; r < width; ++r) dst[r] += src[r];
+  }
+  return sums;
+}
+
+template <int D>
+std::vector<double> reduce_pass(const float* w, const float* y, const float* c, const float* tau, int64_t G, int64_t n,
+                                int64_t k, int64_t d, const std::vector<Work>& items) {
+  const int64_t width = k * (d + 1);
+  std::vector<float> slots(items.size() * width);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
+    Scratch s(k, d);
+    for (int64_t it = lo; it < hi; ++it) {
+      const Work& item = items[it];
+      reduce_item<D>(w, y, c + item.group * k * d, base2(tau[item.group]), n, k, d, item, s, slots.data() + it * width);
+    }
+  });
+  return group_sums(items, slots, G, width);
+}
+
+// W~ = A C_out with A against c_in, into out (G, n, d).
+template <int D>
+void soft_output(const float* w, const float* c_in, const float* c_out, const float* tau, int64_t n, int64_t k,
+                 int64_t d_rt, const std::vector<Work>& items, float* out) {
+  const int64_t d = D ? D : d_rt;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
+    Scratch s(k, d);
+    for (int64_t it = lo; it < hi; ++it) {
+      const Work& item = items[it];
+      const float* ci = c_in + item.group * k * d;
+      const float q = base2(tau[item.group]);
+      const float* co = c_out + item.group * k * d;
+      for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
+        const int count = load_tile<D>(w + item.group * n * d, i0, item.end, d, s.x.data());
+        attention_tile<D>(s.x.data(), ci, k, d, q, s.a.data());
+        float* dst = out + (item.group * n + i0) * d;
+        for (int64_t dd = 0; dd < d; ++dd) {
+          vf o = vf{};
+          for (int64_t j = 0; j < k; ++j) o += s.a[j] * co[j * d + dd];
+          if (d == 1 && count == V)
+            std::memcpy(dst, &o, sizeof o);
+          else
+            for (int v = 0; v < count; ++v) dst[v * d + dd] = o[v];
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& w, const at::Tensor& c, const at::Tensor& tau) {
+  TORCH_CHECK(w.dim() == 3 && c.dim() == 3, "dkm_fused: w must be (G, n, d) and centroids (G, k, d), got ", w.sizes(),
+              " and ", c.sizes());
+  TORCH_CHECK(w.size(0) == c.size(0) && w.size(2) == c.size(2), "dkm_fused: centroids ", c.sizes(),
+              " do not match w ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat && tau.scalar_type() == at::kFloat,
+              "dkm_fused: float32 tensors expected");
+  TORCH_CHECK(w.is_contiguous() && c.is_contiguous() && tau.is_contiguous(), "dkm_fused: contiguous tensors expected");
+  TORCH_CHECK(tau.numel() == w.size(0), "dkm_fused: one tau per group expected, got ", tau.numel());
+}
+
+template <int D>
+std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, const at::Tensor& tau,
+                                     const at::Tensor& epsilon, int64_t max_iters) {
+  const int64_t G = w.size(0), n = w.size(1), d = w.size(2), k = c0.size(1);
+  auto history = at::empty({max_iters + 1, G, k, d}, w.options());
+  auto masses = at::zeros({max_iters, G, k}, w.options());
+  history[0].copy_(c0);
+  const auto items = work_items(G, n);
+  const float* pw = w.data_ptr<float>();
+  const float* ptau = tau.data_ptr<float>();
+  const float* peps = epsilon.data_ptr<float>();
+  float* ph = history.data_ptr<float>();
+  float* pm = masses.data_ptr<float>();
+  int64_t T = max_iters;
+  for (int64_t t = 1; t <= max_iters; ++t) {
+    const float* c = ph + (t - 1) * G * k * d;
+    float* c_new = ph + t * G * k * d;
+    float* m = pm + (t - 1) * G * k;
+    const auto sums = reduce_pass<D>(pw, pw, c, ptau, G, n, k, d, items);
+    float change = 0.0f;  // the largest move relative to its group's epsilon (NaN-propagating, as torch's amax)
+    bool nan = false;
+    for (int64_t g = 0; g < G; ++g) {
+      float moved = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        const float mass = static_cast<float>(sums[g * k * (d + 1) + k * d + j]);
+        m[g * k + j] = mass;
+        for (int64_t dd = 0; dd < d; ++dd) {
+          const int64_t r = (g * k + j) * d + dd;
+          const float s = static_cast<float>(sums[g * k * (d + 1) + j * d + dd]);
+          c_new[r] = mass > kTiny ? s / mass : c[r];
+          moved = std::max(moved, std::abs(c_new[r] - c[r]));
+        }
+      }
+      const float ratio = moved / peps[g];
+      nan = nan || std::isnan(ratio);
+      change = std::max(change, ratio);
+    }
+    if (!nan && change <= 1.0f) {
+      T = t;
+      break;
+    }
+  }
+  for (int64_t t = T + 1; t <= max_iters; ++t) history[t].copy_(history[T]);
+  auto out = at::empty_like(w);
+  soft_output<D>(pw, ph + (T - 1) * G * k * d, ph + T * G * k * d, ptau, n, k, d, items, out.data_ptr<float>());
+  auto c_final = history[T].clone();
+  return {out, c_final, history, masses, at::full({}, T, w.options().dtype(at::kLong))};
+}
+
+// One iteration t of `_backward` (chunked path), adding dL/dw into b (G, n, d). With `want_dc`, each item's slot gets
+// sum_i dz_ji w_i (k * d) and sum_i dz_ji (k), from which the caller forms dL/dC_{t-1}.
+template <int D>
+void backward_iteration(const float* w, const float* grad, const float* c_prev, const float* c_t, const float* ds,
+                        const float* dm, const float* tau, bool direct, bool want_dc, int64_t n, int64_t k,
+                        int64_t d_rt, const std::vector<Work>& items, float* b, float* slots) {
+  const int64_t d = D ? D : d_rt;
+  const int64_t width = k * (d + 1);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
+    Scratch s(k, d);
+    vf* a = s.a.data();
+    vf* dz = s.dz.data();
+    vf* acc = s.acc.data();
+    const vf* x = s.x.data();
+    const vf* gt = s.y.data();
+    for (int64_t it = lo; it < hi; ++it) {
+      const Work& item = items[it];
+      const int64_t g = item.group;
+      const float q = base2(tau[g]);
+      const float* cp = c_prev + g * k * d;
+      const float* ct = c_t + g * k * d;
+      const float* dsg = ds + g * k * d;
+      const float* dmg = dm + g * k;
+      const float two_tau = 2.0f / tau[g];
+      std::fill(s.acc.begin(), s.acc.end(), vf{});
+      for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
+        const int count = load_tile<D>(w + g * n * d, i0, item.end, d, s.x.data());
+        if (direct) load_tile<D>(grad + g * n * d, i0, item.end, d, s.y.data());
+        attention_tile<D>(x, cp, k, d, q, a);
+        vf bar = vf{}, dzsum = vf{};
+        for (int64_t j = 0; j < k; ++j) {  // dL/dA_j: through S_t, m_t and (last iteration) W~ = A_T C_T
+          vf gj = splat(dmg[j]);
+          for (int64_t dd = 0; dd < d; ++dd) gj += dsg[j * d + dd] * x[dd];
+          if (direct)
+            for (int64_t dd = 0; dd < d; ++dd) gj += ct[j * d + dd] * gt[dd];
+          dz[j] = gj;
+          bar += a[j] * gj;
+        }
+        for (int64_t j = 0; j < k; ++j) {  // softmax backward
+          dz[j] = (dz[j] - bar) * a[j];
+          dzsum += dz[j];
+        }
+        float* bg = b + (g * n + i0) * d;
+        for (int64_t dd = 0; dd < d; ++dd) {
+          vf mix = vf{}, pull = vf{};
+          for (int64_t j = 0; j < k; ++j) {
+            mix += a[j] * dsg[j * d + dd];
+            pull += dz[j] * cp[j * d + dd];
+          }
+          const vf add = mix + (pull - x[dd] * dzsum) * two_tau;
+          if (d == 1 && count == V) {
+            vf old;
+            std::memcpy(&old, bg, sizeof old);
+            old += add;
+            std::memcpy(bg, &old, sizeof old);
+          } else {
+            for (int v = 0; v < count; ++v) bg[v * d + dd] += add[v];
+          }
+        }
+        if (want_dc) {
+          const vf mask = lane_mask(count);
+          for (int64_t j = 0; j < k; ++j) {
+            const vf zj = dz[j] * mask;
+            for (int64_t dd = 0; dd < d; ++dd) acc[j * d + dd] += zj * x[dd];
+            acc[k * d + j] += zj;
+          }
+        }
+      }
+      if (want_dc)
+        for (int64_t r = 0; r < width; ++r) slots[it * width + r] = lane_sum(acc[r]);
+    }
+  });
+}
+
+template <int D>
+at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
+                         const at::Tensor& masses, int64_t T, const at::Tensor& tau) {
+  const int64_t G = w.size(0), n = w.size(1), d = w.size(2), k = history.size(2);
+  const int64_t width = k * (d + 1);
+  const auto items = work_items(G, n);
+  const float* pw = w.data_ptr<float>();
+  const float* pg = grad.data_ptr<float>();
+  const float* ph = history.data_ptr<float>();
+  const float* pm = masses.data_ptr<float>();
+  const float* ptau = tau.data_ptr<float>();
+  const int64_t ckd = G * k * d;
+  // dL/dC_T = sum_i A_T,i g_i
+  const auto out_sums = reduce_pass<D>(pw, pg, ph + (T - 1) * ckd, ptau, G, n, k, d, items);
+  std::vector<float> dc(ckd), ds(ckd), dm(G * k), dc_prev(ckd), slots(items.size() * width);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < k * d; ++r) dc[g * k * d + r] = static_cast<float>(out_sums[g * width + r]);
+  auto b = at::zeros_like(w);
+  for (int64_t t = T; t >= 1; --t) {
+    const float* c_t = ph + t * ckd;
+    const float* c_prev = ph + (t - 1) * ckd;
+    const float* m_t = pm + (t - 1) * G * k;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t gj = g * k + j;
+        const bool alive = m_t[gj] > kTiny;
+        const float inv_m = 1.0f / std::max(m_t[gj], kTiny);
+        float dot = 0.0f;
+        for (int64_t dd = 0; dd < d; ++dd) {
+          const int64_t r = gj * d + dd;
+          ds[r] = alive ? dc[r] * inv_m : 0.0f;
+          dot += dc[r] * c_t[r];
+          dc_prev[r] = alive ? 0.0f : dc[r];
+        }
+        dm[gj] = alive ? -dot * inv_m : 0.0f;
+      }
+    backward_iteration<D>(pw, pg, c_prev, c_t, ds.data(), dm.data(), ptau, t == T, t > 1, n, k, d, items,
+                          b.data_ptr<float>(), slots.data());
+    if (t > 1) {
+      const auto sums = group_sums(items, slots, G, width);
+      for (int64_t g = 0; g < G; ++g) {
+        const float two_tau = 2.0f / ptau[g];
+        for (int64_t j = 0; j < k; ++j) {
+          const double zsum = sums[g * width + k * d + j];
+          for (int64_t dd = 0; dd < d; ++dd) {
+            const int64_t r = (g * k + j) * d + dd;
+            const double zw = sums[g * width + j * d + dd];
+            dc_prev[r] += static_cast<float>((zw - c_prev[r] * zsum) * two_tau);
+          }
+        }
+      }
+    }
+    dc.swap(dc_prev);
+  }
+  return b;
+}
+
+std::vector<at::Tensor> dkm_forward(const at::Tensor& w, const at::Tensor& c0, const at::Tensor& tau,
+                                    const at::Tensor& epsilon, int64_t max_iters) {
+  check_inputs(w, c0, tau);
+  TORCH_CHECK(epsilon.numel() == w.size(0) && epsilon.scalar_type() == at::kFloat && epsilon.is_contiguous(),
+              "dkm_fused: one float32 epsilon per group expected");
+  TORCH_CHECK(max_iters >= 1, "dkm_fused: max_iters must be >= 1, got ", max_iters);
+  return w.size(2) == 1 ? forward_impl<1>(w, c0, tau, epsilon, max_iters)
+                        : forward_impl<0>(w, c0, tau, epsilon, max_iters);
+}
+
+at::Tensor dkm_backward(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
+                        const at::Tensor& masses, const at::Tensor& T, const at::Tensor& tau) {
+  check_inputs(w, history[0], tau);
+  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "dkm_fused: grad must be a contiguous float32 tensor of w's shape ", w.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
+              "dkm_fused: contiguous float32 history and masses expected");
+  const int64_t t = T.item<int64_t>();
+  TORCH_CHECK(t >= 1 && t < history.size(0) && t <= masses.size(0), "dkm_fused: T = ", t, " out of range");
+  return w.size(2) == 1 ? backward_impl<1>(w, grad, history, masses, t, tau)
+                        : backward_impl<0>(w, grad, history, masses, t, tau);
+}
+
+}  // namespace
+
+int64_t abi_version() { return 1; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &dkm_forward, "DKM loop and soft weight: (W~, C_T, history, masses, T)");
+  m.def("backward", &dkm_backward, "dL/dw through the DKM loop, recomputing attention");
+  m.def("abi_version", &abi_version);
+}

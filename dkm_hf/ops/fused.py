@@ -1,0 +1,188 @@
+"""The DKM loop as fused kernels: one pass over the weight per iteration, the N x k attention never in memory.
+
+    fused_dkm(w, c0, tau, epsilon, max_iters) -> (W~, C_T, history, masses, T)      torch.ops.dkm_hf.fused_dkm
+    fused_dkm_backward(w, grad, history, masses, T, tau) -> dL/dw                  torch.ops.dkm_hf.fused_dkm_backward
+
+Same math, early stop and per-group tau / epsilon as the chunked path of `dkm.py` (float32 vectors (G, n, d),
+centroids (G, k, d), tau and epsilon (G,)); history is (max_iters + 1, G, k, d) and masses (max_iters, G, k), the
+entries after T (a 0-d int64 tensor) unused, so every output has a fixed shape. Both are `torch.library` custom ops
+with fake implementations and the backward registered as their autograd formula: autograd, torch.compile and FSDP2
+see ordinary ops.
+
+On CPU the kernel is `dkm_fused.cpp`, built on first use with `torch.utils.cpp_extension.load` (-O3, OpenMP, the -m
+flags of `native.arch_flags`) into `<cache>/dkm_hf/fused/torch-<version>-<arch>`; on CUDA it is the Triton kernel
+of `fused_triton.py` when triton is installed. When neither is there (a failed build warns once, naming the reason;
+DKM_HF_NATIVE=0 disables the CPU build), `available` is False and `dkm_cluster` keeps the pure-torch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import native
+
+# The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
+if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    from . import fused_triton
+else:
+    fused_triton = None
+
+SOURCE = Path(__file__).with_name("dkm_fused.cpp")
+ABI_VERSION = 1
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
+_LOCK = threading.Lock()
+_CPU: ModuleType | None = None
+_CPU_TRIED = False
+
+
+def build_dir() -> Path:
+    """Where the CPU extension is built: one folder per torch version and instruction-set variant."""
+    arch = "-".join(flag.removeprefix("-m") for flag in native.arch_flags()) or "default"
+    return native.cache_dir().parent / "fused" / f"torch-{torch.__version__}-{arch}"
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The compiled CPU extension, built now if needed; None (after one warning naming the reason) if it cannot be."""
+    global _CPU, _CPU_TRIED
+    with _LOCK:
+        if _CPU_TRIED:
+            return _CPU
+        _CPU_TRIED = True
+        if not native.enabled():
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            directory = build_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension.load(
+                name="dkm_hf_fused",
+                sources=[str(SOURCE)],
+                build_directory=str(directory),
+                extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            if module.abi_version() != ABI_VERSION:
+                raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
+            _CPU = module
+        except Exception as error:  # noqa: BLE001 - any build or load failure: keep the torch path
+            reason = _reason(error)
+            warnings.warn(
+                f"dkm_hf: the fused CPU DKM kernel ({SOURCE.name}) could not be built, using the torch path: {reason}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _CPU
+
+
+def _reason(error: Exception) -> str:
+    """The line of a build failure that says why: the first compiler error, else the message's last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or [type(error).__name__])[0 if errors else -1]
+
+
+def available(w: torch.Tensor) -> bool:
+    """Whether a fused kernel serves weights like `w` (its device and dtype)."""
+    if w.dtype not in DTYPES or w.numel() == 0:
+        return False
+    if w.device.type == "cpu":
+        return cpu_kernels() is not None
+    return w.device.type == "cuda" and fused_triton is not None
+
+
+@torch.library.custom_op("dkm_hf::fused_dkm", mutates_args=(), device_types="cpu")
+def fused_dkm(
+    w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch.Tensor, max_iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise RuntimeError("dkm_hf::fused_dkm: the CPU kernel is not available (see the warning of its build)")
+    return tuple(kernels.forward(w, c0, tau, epsilon, max_iters))
+
+
+@fused_dkm.register_fake
+def _fused_dkm_fake(w, c0, tau, epsilon, max_iters):
+    G, _, d = w.shape
+    k = c0.shape[1]
+    return (
+        torch.empty_like(w),
+        c0.new_empty(G, k, d),
+        c0.new_empty(max_iters + 1, G, k, d),
+        c0.new_empty(max_iters, G, k),
+        w.new_empty((), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("dkm_hf::fused_dkm_backward", mutates_args=(), device_types="cpu")
+def fused_dkm_backward(
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    history: torch.Tensor,
+    masses: torch.Tensor,
+    T: torch.Tensor,
+    tau: torch.Tensor,
+) -> torch.Tensor:
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise RuntimeError("dkm_hf::fused_dkm_backward: the CPU kernel is not available")
+    return kernels.backward(w, grad, history, masses, T, tau)
+
+
+@fused_dkm_backward.register_fake
+def _fused_dkm_backward_fake(w, grad, history, masses, T, tau):
+    return torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    w, _, tau, _, _ = inputs
+    _, _, history, masses, T = output
+    ctx.save_for_backward(w, history, masses, T, tau)
+
+
+def _backward(ctx, grad_out, *_):
+    w, history, masses, T, tau = ctx.saved_tensors
+    grad = fused_dkm_backward(w, grad_out.contiguous(), history, masses, T, tau)
+    return grad, None, None, None, None
+
+
+fused_dkm.register_autograd(_backward, setup_context=_setup_context)
+if fused_triton is not None:
+    fused_dkm.register_kernel("cuda")(fused_triton.forward)
+    fused_dkm_backward.register_kernel("cuda")(fused_triton.backward)
+
+
+def per_group(value: float | torch.Tensor, groups: int, device: torch.device) -> torch.Tensor:
+    """A setting (a number, or one value per group in any shape of G elements) as a contiguous float32 (G,) tensor."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to(device, torch.float32).reshape(-1)
+        if value.numel() not in (1, groups):
+            raise ValueError(f"expected one value per group ({groups}) or one in all, got {value.numel()}")
+        return value.expand(groups).contiguous()
+    return torch.full((groups,), float(value), dtype=torch.float32, device=device)
+
+
+def dkm(
+    w: torch.Tensor,
+    centroids: torch.Tensor,
+    tau: float | torch.Tensor,
+    max_iters: int,
+    epsilon: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, in w's dtype)."""
+    G = w.shape[0]
+    out, c_final, _, _, _ = fused_dkm(
+        w.float().contiguous(),
+        centroids.detach().to(w.device, torch.float32).contiguous(),
+        per_group(tau, G, w.device),
+        per_group(epsilon, G, w.device),
+        max_iters,
+    )
+    return out.to(w.dtype), c_final.to(w.dtype)

@@ -1,0 +1,227 @@
+"""The fused DKM kernels in Triton (CUDA; CPU tensors under TRITON_INTERPRET=1): `forward` and `backward` compute
+what `dkm_fused.cpp` computes, with the same outputs (see `fused.py`).
+
+Each program takes BLOCK_N vectors of one group and keeps their (BLOCK_N, k) attention in registers: the distances,
+the softmax (base 2, the smallest distance subtracted, logits clamped at EXP_FLOOR as in attention.py), the centroid
+sums and masses, the soft weight, or one iteration of the backward. Sums over vectors go to one slot per program
+and are added per group by torch in float64 (deterministic: no atomics). The loop over iterations runs on the host
+and reads the early-stop test back after each iteration (one synchronisation per iteration).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import EXP_FLOOR
+
+_TINY = 1e-30  # dkm.py _TINY
+_LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _attention(x, c, mk, q, EXP2_FLOOR: tl.constexpr):
+    """x (BLOCK_N, D_PAD), c (K_PAD, D_PAD) -> softmax over the centroids (BLOCK_N, K_PAD), padded centroids 0."""
+    diff = x[:, None, :] - c[None, :, :]
+    dist = tl.sum(diff * diff, axis=2)
+    dist = tl.where(mk[None, :], dist, float("inf"))
+    lo = tl.min(dist, axis=1)
+    z = tl.maximum((lo[:, None] - dist) * q, EXP2_FLOOR)
+    e = tl.where(mk[None, :], tl.exp2(z), 0.0)
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _load_rows(ptr, g, offs, mn, cols, mc, rows, D):
+    return tl.load(ptr + (g * rows + offs)[:, None] * D + cols[None, :], mask=mn[:, None] & mc[None, :], other=0.0)
+
+
+@triton.jit
+def _reduce_kernel(
+    w_ptr,
+    y_ptr,
+    c_ptr,
+    q_ptr,
+    part_ptr,
+    n,
+    K,
+    D,
+    NB,
+    HAS_Y: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    EXP2_FLOOR: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g, blk = pid // NB, pid % NB
+    offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks, dd = tl.arange(0, K_PAD), tl.arange(0, D_PAD)
+    mn, mk, md = offs < n, ks < K, dd < D
+    x = _load_rows(w_ptr, g, offs, mn, dd, md, n, D)
+    c = _load_rows(c_ptr, g, ks, mk, dd, md, K, D)
+    a = _attention(x, c, mk, tl.load(q_ptr + g), EXP2_FLOOR)
+    a = tl.where(mn[:, None], a, 0.0)
+    y = x
+    if HAS_Y:
+        y = _load_rows(y_ptr, g, offs, mn, dd, md, n, D)
+    s = tl.sum(a[:, :, None] * y[:, None, :], axis=0)
+    base = part_ptr + pid * K * (D + 1)
+    tl.store(base + ks[:, None] * D + dd[None, :], s, mask=mk[:, None] & md[None, :])
+    tl.store(base + K * D + ks, tl.sum(a, axis=0), mask=mk)
+
+
+@triton.jit
+def _soft_kernel(
+    w_ptr,
+    c_ptr,
+    co_ptr,
+    q_ptr,
+    out_ptr,
+    n,
+    K,
+    D,
+    NB,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    EXP2_FLOOR: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g, blk = pid // NB, pid % NB
+    offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks, dd = tl.arange(0, K_PAD), tl.arange(0, D_PAD)
+    mn, mk, md = offs < n, ks < K, dd < D
+    x = _load_rows(w_ptr, g, offs, mn, dd, md, n, D)
+    a = _attention(x, _load_rows(c_ptr, g, ks, mk, dd, md, K, D), mk, tl.load(q_ptr + g), EXP2_FLOOR)
+    co = _load_rows(co_ptr, g, ks, mk, dd, md, K, D)
+    out = tl.sum(a[:, :, None] * co[None, :, :], axis=1)
+    tl.store(out_ptr + (g * n + offs)[:, None] * D + dd[None, :], out, mask=mn[:, None] & md[None, :])
+
+
+@triton.jit
+def _backward_kernel(
+    w_ptr,
+    grad_ptr,
+    cp_ptr,
+    ct_ptr,
+    ds_ptr,
+    dm_ptr,
+    q_ptr,
+    tau_ptr,
+    b_ptr,
+    part_ptr,
+    n,
+    K,
+    D,
+    NB,
+    DIRECT: tl.constexpr,
+    WANT_DC: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    EXP2_FLOOR: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    g, blk = pid // NB, pid % NB
+    offs = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks, dd = tl.arange(0, K_PAD), tl.arange(0, D_PAD)
+    mn, mk, md = offs < n, ks < K, dd < D
+    x = _load_rows(w_ptr, g, offs, mn, dd, md, n, D)
+    cp = _load_rows(cp_ptr, g, ks, mk, dd, md, K, D)
+    a = _attention(x, cp, mk, tl.load(q_ptr + g), EXP2_FLOOR)
+    ds = _load_rows(ds_ptr, g, ks, mk, dd, md, K, D)
+    dm = tl.load(dm_ptr + g * K + ks, mask=mk, other=0.0)
+    ga = tl.sum(x[:, None, :] * ds[None, :, :], axis=2) + dm[None, :]  # dL/dA through S_t and m_t
+    if DIRECT:  # and through W~ = A_T C_T
+        gt = _load_rows(grad_ptr, g, offs, mn, dd, md, n, D)
+        ct = _load_rows(ct_ptr, g, ks, mk, dd, md, K, D)
+        ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)
+    dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a  # softmax backward
+    two_tau = 2.0 / tl.load(tau_ptr + g)
+    mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
+    pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
+    add = mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau
+    b_ptrs = b_ptr + (g * n + offs)[:, None] * D + dd[None, :]
+    bm = mn[:, None] & md[None, :]
+    tl.store(b_ptrs, tl.load(b_ptrs, mask=bm, other=0.0) + add, mask=bm)
+    if WANT_DC:
+        dz = tl.where(mn[:, None], dz, 0.0)
+        base = part_ptr + pid * K * (D + 1)
+        zw = tl.sum(dz[:, :, None] * x[:, None, :], axis=0)
+        tl.store(base + ks[:, None] * D + dd[None, :], zw, mask=mk[:, None] & md[None, :])
+        tl.store(base + K * D + ks, tl.sum(dz, axis=0), mask=mk)
+
+
+def _geometry(w: torch.Tensor, k: int) -> tuple[dict, int]:
+    """The kernels' block sizes and the number of blocks per group: (BLOCK_N, k, d) products of at most 8,192."""
+    _, n, d = w.shape
+    k_pad, d_pad = triton.next_power_of_2(k), triton.next_power_of_2(d)
+    block = max(16, min(1024, triton.next_power_of_2(n), 8192 // (k_pad * d_pad)))
+    meta = {"BLOCK_N": block, "K_PAD": k_pad, "D_PAD": d_pad, "EXP2_FLOOR": EXP_FLOOR * _LOG2E}
+    return meta, triton.cdiv(n, block)
+
+
+def _group_sums(parts: torch.Tensor, G: int, nb: int, k: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program slots -> (sum a y (G, k, d), sum a (G, k)), added in float64."""
+    sums = parts.view(G, nb, k * (d + 1)).double().sum(1).float()
+    return sums[:, : k * d].reshape(G, k, d), sums[:, k * d :]
+
+
+def forward(w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch.Tensor, max_iters: int):
+    """(W~, C_T, history, masses, T) as `fused.fused_dkm`, for float32 contiguous w (G, n, d), c0 (G, k, d)."""
+    G, n, d = w.shape
+    k = c0.shape[1]
+    meta, nb = _geometry(w, k)
+    q = (_LOG2E / tau).contiguous()
+    history = w.new_empty(max_iters + 1, G, k, d)
+    masses = w.new_zeros(max_iters, G, k)
+    history[0] = c0
+    parts = w.new_empty(G * nb * k * (d + 1))
+    T = max_iters
+    for t in range(1, max_iters + 1):
+        c = history[t - 1]
+        _reduce_kernel[(G * nb,)](w, w, c, q, parts, n, k, d, nb, HAS_Y=False, **meta)
+        s, m = _group_sums(parts, G, nb, k, d)
+        history[t] = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
+        masses[t - 1] = m
+        change = ((history[t] - c).abs().amax((1, 2)) / epsilon).amax()
+        if change.item() <= 1:
+            T = t
+            break
+    history[T + 1 :] = history[T]
+    out = torch.empty_like(w)
+    _soft_kernel[(G * nb,)](w, history[T - 1], history[T], q, out, n, k, d, nb, **meta)
+    return out, history[T].clone(), history, masses, torch.tensor(T, dtype=torch.int64, device=w.device)
+
+
+def backward(w, grad, history, masses, T, tau):
+    """dL/dw as `fused.fused_dkm_backward`."""
+    G, n, d = w.shape
+    k = history.shape[2]
+    T = int(T)
+    meta, nb = _geometry(w, k)
+    q = (_LOG2E / tau).contiguous()
+    parts = w.new_empty(G * nb * k * (d + 1))
+    _reduce_kernel[(G * nb,)](w, grad, history[T - 1], q, parts, n, k, d, nb, HAS_Y=True, **meta)
+    dc = _group_sums(parts, G, nb, k, d)[0]  # dL/dC_T
+    b = torch.zeros_like(w)
+    two_tau = (2.0 / tau).view(G, 1, 1)
+    for t in range(T, 0, -1):
+        c_prev, c_t, m_t = history[t - 1], history[t], masses[t - 1]
+        alive = (m_t > _TINY).unsqueeze(-1)
+        inv_m = (1.0 / m_t.clamp_min(_TINY)).unsqueeze(-1)
+        ds = torch.where(alive, dc * inv_m, 0.0).contiguous()
+        dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0).squeeze(-1).contiguous()
+        _backward_kernel[(G * nb,)](
+            w, grad, c_prev, c_t, ds, dm, q, tau, b, parts, n, k, d, nb, DIRECT=t == T, WANT_DC=t > 1, **meta
+        )
+        dc_prev = torch.where(alive, 0.0, dc)
+        if t > 1:
+            zw, zs = _group_sums(parts, G, nb, k, d)
+            dc_prev = dc_prev + (zw - c_prev * zs.unsqueeze(-1)) * two_tau
+        dc = dc_prev
+    return b

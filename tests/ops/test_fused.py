@@ -1,0 +1,178 @@
+"""The fused DKM kernels against the chunked torch path (their reference), on CPU and in Triton's interpreter.
+
+Tolerances. The fused kernels and the reference compute the same float32 expressions in a different summation
+order (per-lane partial sums over tiles and chunks of 2,048 vectors against torch's vectorised reductions) with a
+different exp (a polynomial 2^x, relative error < 2.5e-7, against torch's ~1 ulp). Neither order is the exact result:
+the float32 error of a sum of n terms grows with n (up to ~n * 6e-8 relative, ~sqrt(n) * 6e-8 in practice) and the
+DKM iterations propagate it. So the reference is run in float64 as the ground truth, and the fused kernel's error
+must stay within a small factor of the float32 reference's own error (with a floor of a few float32 ulps for cases
+where that error happens to be tiny): the fused kernel is as accurate as the path it replaces.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from reference import weights
+
+from dkm_hf.ops import dkm, fused
+from dkm_hf.ops.dkm import choose_implementation, dkm_cluster
+from dkm_hf.ops.kmeans import kmeans_init
+
+pytestmark = pytest.mark.skipif(fused.cpu_kernels() is None, reason="the fused CPU kernel could not be built")
+
+LAYOUTS = {  # (groups, vectors per group): per-tensor, grouped, per-row (n not a multiple of any vector width)
+    "per_tensor": (1, 3001),
+    "grouped": (4, 700),
+    "per_row": (96, 37),
+}
+FACTOR, FLOOR = 4.0, 2e-6
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _settings(w: torch.Tensor, tau_scale: str) -> tuple:
+    """(tau, epsilon) as the modules make them: per-group tensors for tau_scale="variance"."""
+    if tau_scale == "absolute":
+        return 1e-3, 1e-4
+    var = (w - w.mean(1, keepdim=True)).square().sum(-1).mean(1).double()
+    return 0.01 * var, 1e-3 * var.sqrt()
+
+
+def _run(w, c0, tau, epsilon, iters, implementation, grad):
+    x = w.clone().requires_grad_()
+    y, c = dkm_cluster(x, c0, tau, iters, epsilon, implementation)
+    (y * grad).sum().backward()
+    return y.detach(), c, x.grad
+
+
+def _assert_as_accurate_as_reference(w, bits, iters, epsilon_scale=1.0, tau_scale="variance", seed=0, c0_scale=1.0):
+    c0 = kmeans_init(w, 2**bits, seed=seed) * c0_scale
+    tau, epsilon = _settings(w, tau_scale)
+    epsilon = epsilon * epsilon_scale
+    grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
+    truth = _run(w.double(), c0.double(), tau, epsilon, iters, "chunked", grad.double())
+    tau32, eps32 = (x.float() if isinstance(x, torch.Tensor) else x for x in (tau, epsilon))
+    ref = _run(w, c0, tau32, eps32, iters, "chunked", grad)
+    got = _run(w, c0, tau32, eps32, iters, "fused", grad)
+    for name, r, g, t in zip(("soft weight", "centroids", "gradient"), ref, got, truth):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        err_ref, err_got = _rel(r, t), _rel(g, t)
+        assert err_got <= FACTOR * err_ref + FLOOR, f"{name}: fused {err_got:.3g}, float32 reference {err_ref:.3g}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_fused_matches_reference_over_bits_and_layouts(layout, bits):
+    groups, n = LAYOUTS[layout]
+    _assert_as_accurate_as_reference(weights(groups, n, 1, seed=bits), bits, 3)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("layout", ["grouped", "per_row"])
+def test_fused_matches_reference_for_vectors(layout, d):
+    groups, n = LAYOUTS[layout]
+    _assert_as_accurate_as_reference(weights(groups, n, d), 3, 3)
+
+
+@pytest.mark.parametrize("epsilon_scale", [0.0, 300.0, 1e9])
+@pytest.mark.parametrize("tau_scale", ["variance", "absolute"])
+def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale):
+    """No early stop, a stop after a few iterations (per-group epsilon with tau_scale="variance"), a stop after the
+    first one; from centroids far from converged."""
+    w = weights(4, 700, 1)
+    _assert_as_accurate_as_reference(w, 4, 6, epsilon_scale, tau_scale, c0_scale=1.5)
+
+
+@pytest.mark.parametrize("epsilon_scale", [100.0, 300.0])
+def test_fused_stops_at_the_same_iteration_as_the_reference(epsilon_scale):
+    w = weights(4, 700, 1)
+    c0 = kmeans_init(w, 16, seed=0) * 1.5  # far from converged: centroids move for a few iterations
+    tau, epsilon = _settings(w, "variance")
+    tau, epsilon = tau.float(), epsilon.float() * epsilon_scale
+    *_, T = fused.fused_dkm(w, c0, fused.per_group(tau, 4, w.device), fused.per_group(epsilon, 4, w.device), 6)
+    history, _, T_ref, _ = dkm._iterate(w, c0, tau.view(-1, 1, 1), 6, epsilon.view(-1, 1, 1))
+    assert 1 < T_ref < 6 and int(T) == T_ref
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_16_bit_weights_run_the_loop_in_float32(dtype):
+    """Like the modules (which cluster float32 copies), the fused path runs in float32 and returns w's dtype: the
+    float32 reference's soft weight rounded to the dtype, and the gradient of that rounding."""
+    w = weights(8, 300, 1).to(dtype)
+    c0 = kmeans_init(w.float(), 16, seed=0)
+    tau, epsilon = (x.float() for x in _settings(w.float(), "variance"))
+    grad = torch.randn(w.shape).to(dtype)
+    ref = _run(w.float(), c0, tau, epsilon, 3, "chunked", grad.float())
+    got = _run(w, c0, tau, epsilon, 3, "fused", grad)
+    assert got[0].dtype == got[2].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got[0], ref[0].to(dtype), rtol=eps, atol=0)
+    torch.testing.assert_close(got[1].float(), ref[1], rtol=eps, atol=0)
+    assert _rel(got[2], ref[2]) < eps
+
+
+def test_fused_result_does_not_depend_on_the_thread_count():
+    w = weights(3, 5000, 1)  # several work items per group
+    c0 = kmeans_init(w, 16, seed=0)
+    grad = torch.randn_like(w)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_run(w, c0, 1e-3, 0.0, 3, "fused", grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_auto_and_fused_choose_a_kernel_only_where_one_serves():
+    w = torch.zeros(2, 10, 1)
+    assert choose_implementation("auto", w) == "fused"
+    assert choose_implementation("fused", w) == "fused"
+    assert choose_implementation("chunked", w) == "chunked"
+    assert choose_implementation("fused", w.double()) == "chunked"
+    assert choose_implementation("auto", torch.zeros(1, 10_000, 1, dtype=torch.float64)) == "uniquified"
+    assert choose_implementation("auto", torch.zeros(1, 10_000, 1)) == "fused"
+    assert choose_implementation("auto", torch.zeros(1, dkm.UNIQUIFY_MIN_WEIGHTS_FUSED, 1)) == "uniquified"
+    assert choose_implementation("auto", torch.zeros(1, 10_000, 2)) == "fused"
+    with pytest.raises(ValueError, match="'fast'"):
+        choose_implementation("fast", w)
+
+
+def test_fused_ops_pass_opcheck_and_compile():
+    """Schema, fake (meta) implementations and the autograd registration, as torch.compile and FSDP2 use them."""
+    w = weights(3, 100, 1)
+    c0 = kmeans_init(w, 8, seed=0)
+    tau, eps = torch.full((3,), 1e-3), torch.zeros(3)
+    torch.library.opcheck(fused.fused_dkm, (w.clone().requires_grad_(), c0, tau, eps, 3))
+    compiled = torch.compile(lambda x: fused.dkm(x, c0, 1e-3, 3, 0.0)[0], backend="aot_eager", fullgraph=True)
+    x, y = w.clone().requires_grad_(), w.clone().requires_grad_()
+    compiled(x).square().sum().backward()
+    fused.dkm(y, c0, 1e-3, 3, 0.0)[0].square().sum().backward()
+    assert torch.equal(x.grad, y.grad)
+
+
+def test_a_failed_build_warns_once_and_keeps_the_torch_path(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("#error this kernel does not compile\n")
+    monkeypatch.setattr(fused, "SOURCE", broken)
+    monkeypatch.setattr(fused, "build_dir", lambda: tmp_path / "build")
+    monkeypatch.setattr(fused, "_CPU", None)
+    monkeypatch.setattr(fused, "_CPU_TRIED", False)
+    w = weights(2, 300, 1)
+    c0 = kmeans_init(w, 4, seed=0)
+    reason = r"\(broken.cpp\) could not be built.*error: #error this kernel does not compile"
+    with pytest.warns(RuntimeWarning, match=reason):
+        y, c = dkm_cluster(w, c0, 1e-3, 3, 0.0, "fused")
+    ref = dkm_cluster(w, c0, 1e-3, 3, 0.0, "chunked")
+    assert torch.equal(y, ref[0]) and torch.equal(c, ref[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_implementation("auto", w) == "chunked"
