@@ -35,7 +35,8 @@ what it relies on.
 10. `num_parameters()` / `get_memory_footprint()`: a palettized weight is no parameter but a LUT and packed indices
     (buffers), and a decoded weight kept in dense mode is neither; without the patch a palettized model reports
     neither its weights nor the memory they hold. `num_parameters()` counts every palettized weight's elements (as
-    frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps.
+    frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps;
+    `dtype` / `device` of a model whose every float parameter is palettized come from its palettized weights.
 """
 
 from __future__ import annotations
@@ -243,10 +244,29 @@ def _patch_accounting() -> None:
         decoded = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}  # a tie's is a view
         return footprint(self, return_buffers) + sum(decoded.values())
 
-    for function in (counted, get_memory_footprint):
+    dtype, device = PreTrainedModel.dtype.fget, PreTrainedModel.device.fget
+
+    def palettized_dtype(self) -> torch.dtype:
+        try:
+            return dtype(self)
+        except StopIteration:  # every float parameter palettized (a model whose norms have no parameters)
+            weights = palettized_modules(self)
+            if not weights:
+                raise
+            return weights[0][1].compute_dtype
+
+    def palettized_device(self) -> torch.device:
+        try:
+            return device(self)
+        except StopIteration:
+            return next(buffer.device for buffer in self.buffers())
+
+    for function in (counted, get_memory_footprint, palettized_dtype, palettized_device):
         setattr(function, _MARK, True)
     PreTrainedModel.num_parameters = counted
     PreTrainedModel.get_memory_footprint = get_memory_footprint
+    PreTrainedModel.dtype = property(functools.wraps(dtype)(palettized_dtype))
+    PreTrainedModel.device = property(functools.wraps(device)(palettized_device))
 
 
 def install(config_cls: type, quantizer_cls: type) -> None:
