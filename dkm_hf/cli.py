@@ -211,16 +211,28 @@ def example_inputs(config, sizes: dict[str, tuple[int, ...]]) -> dict[str, torch
         sizes = {"pixel_values": (1, getattr(config, "num_channels", 3), side, side)}
     elif not sizes:
         raise ValueError("cannot guess the model's inputs: give --example-shape NAME=D1xD2...")
+    positions = getattr(config, "max_position_embeddings", None)
+    for name, size in sizes.items():
+        if isinstance(positions, int) and _is_token_input(name) and len(size) == 2 and size[1] > positions:
+            raise ValueError(
+                f"--example-shape {name}={'x'.join(map(str, size))}: {size[1]} tokens, more than the model's "
+                f"max_position_embeddings ({positions})"
+            )
     g = torch.Generator().manual_seed(0)
     made = {}
     for name, size in sizes.items():
         if name == "input_ids":
             made[name] = torch.randint(0, vocab or 2, size, generator=g)
-        elif name.endswith("_ids") or name.endswith("_mask"):
+        elif _is_token_input(name):
             made[name] = (torch.ones if name.endswith("_mask") else torch.zeros)(size, dtype=torch.long)
         else:
             made[name] = torch.randn(size, generator=g)
     return made
+
+
+def _is_token_input(name: str) -> bool:
+    """Whether an input holds one value per token (ids or a mask), as opposed to pixels or embeddings."""
+    return name.endswith("_ids") or name.endswith("_mask")
 
 
 def export(args) -> None:
