@@ -15,7 +15,7 @@ from transformers.utils import logging
 
 import dkm_hf
 from dkm_hf.cli import main
-from dkm_hf.integrations.safetensors_files import read_header
+from dkm_hf.integrations.safetensors_files import checkpoint_files, read_header
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -132,6 +132,10 @@ LUT = "transformer.h.0.attn.c_proj.weight_lut"
 BAD_INPUTS = {
     "index without weight_map": ({"index": json.dumps({"metadata": {}})}, "not a valid shard index"),
     "index not json": ({"index": "{oops"}, "not a valid shard index"),
+    "index naming a file with a NUL byte": (
+        {"index": json.dumps({"weight_map": {LUT: "model\u0000.safetensors"}})},
+        r"model\.safetensors\.index\.json: weight_map values must be file names, got 'model\\x00\.safetensors'",
+    ),
     "tied_to a list": (
         {"edit_config": lambda q: q["modules"].__setitem__("lm_head", {"tied_to": ["transformer.wte"]})},
         "malformed tie record",
@@ -213,3 +217,22 @@ def test_set_padding_bits_are_flagged(tmp_path, capsys):
     save_file(tensors, tmp_path / "p" / "model.safetensors", {"dkm_format": "palettized", "dkm_format_version": "1"})
     assert main(["inspect", str(tmp_path / "p")]) == 1
     assert "DAMAGED: padding bits set" in capsys.readouterr().out
+
+
+def test_inspect_reads_the_files_from_pretrained_loads(checkpoint, tmp_path, capsys):
+    """model.safetensors wins over a shard index next to it, in transformers' loading and in `inspect` alike."""
+    import shutil
+
+    out, dense = checkpoint
+    path = tmp_path / "both"
+    shutil.copytree(out, path)
+    shutil.copy(dense / "model.safetensors", path / "model-00001-of-00001.safetensors")
+    keys = read_header(dense / "model.safetensors").tensors
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_files(path) == [str(path / "model.safetensors")]
+    assert main(["inspect", str(path)]) == 0
+    assert "| transformer.h.0.mlp.c_fc | 32x128 | 2 |" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    x = torch.randint(0, 100, (1, 7))
+    assert torch.equal(loaded(x).logits, AutoModelForCausalLM.from_pretrained(out)(x).logits)

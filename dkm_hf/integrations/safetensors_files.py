@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -205,10 +206,15 @@ def check_inside(directory: str | os.PathLike, files: Iterable[str | os.PathLike
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[str]:
-    """The safetensors files of a saved model directory, following the shard index when there is one."""
+    """The safetensors files of a saved model directory: model.safetensors when it is there, else the files its
+    shard index names, the rule transformers' `from_pretrained` follows, so that every reader of a checkpoint
+    (loading, `dkm-hf inspect`) sees the same files. Each must be a regular file inside the directory; nothing is
+    opened before that is known (a FIFO would block the reader forever)."""
     directory = Path(directory)
     index = directory / INDEX_NAME
-    if index.is_file():
+    if (directory / SINGLE_NAME).is_file():
+        files = {SINGLE_NAME: str(directory / SINGLE_NAME)}
+    elif index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
@@ -216,15 +222,21 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
             raise PalettizedCheckpointError(
                 f"{index.name}: not a valid shard index (a JSON object with a 'weight_map' of tensor -> file): {err!r}"
             ) from None
-        if not all(isinstance(n, str) and n for n in names):
-            raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {names!r}")
-        files = [str(directory / n) for n in names]
-    elif (directory / SINGLE_NAME).is_file():
-        files = [str(directory / SINGLE_NAME)]
+        bad = next((n for n in names if not isinstance(n, str) or not n or "\0" in n), None)
+        if bad is not None:
+            raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {bad!r}")
+        files = {f"{index.name}: weight_map entry {n!r}": str(directory / n) for n in names}
     else:
         raise PalettizedCheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
-    check_inside(directory, files)
-    return files
+    check_inside(directory, files.values())
+    for where, file in files.items():
+        try:
+            mode = os.stat(file).st_mode
+        except OSError as err:
+            raise PalettizedCheckpointError(f"{where}: cannot read {file} ({err.strerror or err})") from None
+        if not stat.S_ISREG(mode):
+            raise PalettizedCheckpointError(f"{where}: {file} is not a regular file; refusing to open it")
+    return list(files.values())
 
 
 def preflight(pretrained: str | os.PathLike, subfolder: str = "") -> None:
