@@ -29,7 +29,7 @@ from .errors import PalettizedCheckpointError
 from .integrations.checkpoint_checks import CHECKSUM_PREFIX, check_palettized_headers, checksum
 from .integrations.coreml import coreml_target, load_palettized, to_coreml
 from .integrations.model_card import human_bytes
-from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files
+from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files, read_tensor
 from .integrations.summary import CheckpointSummary, summarize
 from .nn.layout import Layout
 from .ops.packing import unpack_indices
@@ -49,10 +49,7 @@ def load_summary(directory: str) -> CheckpointSummary:
 
 def _tensor(summary: CheckpointSummary, name: str, buffer: str) -> torch.Tensor | None:
     entry = summary.stored(name).get(buffer)
-    if entry is None:
-        return None
-    with safe_open(entry.file, framework="pt") as f:
-        return f.get_tensor(entry.name)
+    return None if entry is None else read_tensor(entry)
 
 
 def _indices(summary: CheckpointSummary, name: str) -> torch.Tensor:

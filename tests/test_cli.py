@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from importlib.metadata import entry_points
 
 import pytest
@@ -236,3 +237,31 @@ def test_inspect_reads_the_files_from_pretrained_loads(checkpoint, tmp_path, cap
     loaded = AutoModelForCausalLM.from_pretrained(path)
     x = torch.randint(0, 100, (1, 7))
     assert torch.equal(loaded(x).logits, AutoModelForCausalLM.from_pretrained(out)(x).logits)
+
+
+def _cpu_seconds(call) -> float:
+    start = time.process_time()
+    call()
+    return time.process_time() - start
+
+
+def test_inspect_cost_grows_with_the_header_not_with_layers_times_header(checkpoint, tmp_path, capsys):
+    """A header padded with 100,000 empty tensors: `inspect` parses each file's header once and looks names up in
+    O(log n), so it costs about one parse (it cost one parse per tensor read and a scan per lookup: 8x here)."""
+    import shutil
+
+    path = tmp_path / "padded"
+    shutil.copytree(checkpoint[0], path)
+    blob = (path / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + length])
+    header.update({f"empty.{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(100_000)})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + length :])
+    assert main(["inspect", str(checkpoint[0])]) == 0
+    expected = capsys.readouterr().out
+    parse = min(_cpu_seconds(lambda: read_header(path / "model.safetensors")) for _ in range(2))
+    inspect = _cpu_seconds(lambda: main(["inspect", str(path)]))
+    assert capsys.readouterr().out == expected
+    assert inspect < 3 * parse + 1.0, (inspect, parse)

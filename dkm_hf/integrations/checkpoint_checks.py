@@ -21,19 +21,11 @@ from ..nn.dkm import DKMMixin
 from ..nn.layout import LUT_DTYPES, Layout
 from ..nn.palettized import BUFFERS, PalettizedMixin
 from ..ops.packing import unpack_indices
-from .safetensors_files import FLOAT_DTYPES, SafetensorsHeader, TensorEntry
+from .safetensors_files import FLOAT_DTYPES, NameTable, SafetensorsHeader
 
 FORMAT_KEY, VERSION_KEY, CHECKSUM_PREFIX = "dkm_format", "dkm_format_version", "dkm_crc32:"
 LUT_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 assert set(LUT_SAFETENSORS_DTYPES) == set(LUT_DTYPES)
-
-
-def find_tensor(tensors: dict[str, TensorEntry], key: str) -> TensorEntry | None:
-    """The entry for `key`, also when the checkpoint was saved with or without the model's base prefix."""
-    if key in tensors:
-        return tensors[key]
-    matches = [e for name, e in tensors.items() if name.endswith("." + key) or key.endswith("." + name)]
-    return matches[0] if len(matches) == 1 else None
 
 
 def checksum(tensor: torch.Tensor) -> str:
@@ -75,11 +67,11 @@ def check_format(header: SafetensorsHeader, record: CheckpointRecord) -> None:
             )
 
 
-def guess_transposed(tensors: dict[str, TensorEntry], name: str, record: dict) -> bool:
+def guess_transposed(tensors: NameTable, name: str, record: dict) -> bool:
     """Without the model, whether a 2-D weight is stored (in, out) as transformers' Conv1D does: its bias then has
     length `out` = shape[1] (Conv1D always has a bias)."""
     shape = record.get("shape") if isinstance(record, dict) else None
-    bias = find_tensor(tensors, name + ".bias")
+    bias = tensors.find(name + ".bias")
     if not (isinstance(shape, list) and len(shape) == 2 and bias is not None and len(bias.shape) == 1):
         return False
     return bias.shape[0] == shape[1] != shape[0]
@@ -97,13 +89,13 @@ def check_palettized_headers(
     for name, layout in layouts.items():
         if layout.tied_to is not None:
             continue
-        dense = find_tensor(tensors, f"{name}.weight")
+        dense = tensors.find(f"{name}.weight")
         if dense is not None:
             raise PalettizedCheckpointError(
                 f"{dense.name}: palettized module {name!r} must store weight_lut/weight_indices, not a dense weight"
             )
         expected = {"weight_lut": (lut, layout.lut_shape), "weight_indices": ("U8", (layout.packed_bytes,))}
-        scale = find_tensor(tensors, f"{name}.weight_scale")
+        scale = tensors.find(f"{name}.weight_scale")
         if layout.per_channel_scale:
             expected["weight_scale"] = (lut, layout.scale_shape)
         elif scale is not None:
@@ -111,7 +103,7 @@ def check_palettized_headers(
                 f"{scale.name}: module {name!r} has per_channel_scale=False in config.json but the file stores a scale"
             )
         for suffix, (dtype, shape) in expected.items():
-            entry = find_tensor(tensors, f"{name}.{suffix}")
+            entry = tensors.find(f"{name}.{suffix}")
             if entry is None:
                 raise PalettizedCheckpointError(f"{name}.{suffix}: missing from the checkpoint files")
             claimed.add(entry.name)
@@ -135,7 +127,7 @@ def check_palettized_headers(
         _check_unclustered(tensors, claimed, model)
 
 
-def _check_unclustered(tensors: dict[str, TensorEntry], claimed: set[str], model: nn.Module) -> None:
+def _check_unclustered(tensors: NameTable, claimed: set[str], model: nn.Module) -> None:
     expected = model.state_dict()
     for name, entry in tensors.items():
         if name in claimed or name not in expected:
@@ -158,7 +150,7 @@ def carries_training_state(header: SafetensorsHeader, layouts: dict[str, Layout]
     owners = {n: lay for n, lay in layouts.items() if lay.tied_to is None}
     wanted = {f"{n}.centroids": lay.lut_shape for n, lay in owners.items()}
     wanted |= {f"{n}.weight_scale": lay.scale_shape for n, lay in owners.items() if lay.per_channel_scale}
-    found = {key: find_tensor(header.tensors, key) for key in wanted}
+    found = {key: header.tensors.find(key) for key in wanted}
     if not any(found.values()):
         if header.metadata.get(FORMAT_KEY) == "train":
             raise PalettizedCheckpointError(
@@ -185,7 +177,7 @@ def carries_training_state(header: SafetensorsHeader, layouts: dict[str, Layout]
 @torch.no_grad()
 def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
     """After loading: finite values, zero padding bits, and the checksums recorded in the files' metadata."""
-    checksums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
+    checksums = NameTable({k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)})
     for name, module in model.named_modules():
         if isinstance(module, DKMMixin) and "centroids" in module._buffers:
             _check_finite(name, module, ("centroids", "weight_scale"))
@@ -195,7 +187,7 @@ def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
         _check_padding(name, module)
         for buffer in BUFFERS:
             tensor = module._buffers.get(buffer)
-            recorded = _lookup(checksums, f"{name}.{buffer}")
+            recorded = checksums.find(f"{name}.{buffer}")
             if tensor is not None and recorded is not None and checksum(tensor) != recorded:
                 raise PalettizedCheckpointError(
                     f"{name}.{buffer}: checksum {checksum(tensor)} does not match the {recorded} recorded when it was "
@@ -222,11 +214,3 @@ def _check_padding(name: str, module: PalettizedMixin) -> None:
             raise PalettizedCheckpointError(
                 f"{name}.weight_indices: non-zero padding bits after index {layout.vectors - 1} (damaged file)"
             )
-
-
-def _lookup(values: dict[str, str], key: str) -> str | None:
-    """values[key], also when the checkpoint was saved with or without the model's base prefix."""
-    if key in values:
-        return values[key]
-    matches = [v for k, v in values.items() if k.endswith("." + key) or key.endswith("." + k)]
-    return matches[0] if len(matches) == 1 else None

@@ -12,8 +12,8 @@ from typing import Any
 from ..errors import PalettizedCheckpointError
 from ..nn.layout import Layout, layouts_from_records
 from ..nn.palettized import BUFFERS
-from .checkpoint_checks import find_tensor, guess_transposed
-from .safetensors_files import FLOAT_DTYPES, TensorEntry, checkpoint_files, read_headers
+from .checkpoint_checks import guess_transposed
+from .safetensors_files import FLOAT_DTYPES, NameTable, TensorEntry, checkpoint_files, read_headers
 
 
 @dataclass
@@ -21,14 +21,14 @@ class CheckpointSummary:
     """Bytes of a palettized checkpoint, per clustered module and in total, against dense fp32 / fp16 checkpoints."""
 
     layouts: dict[str, Layout]
-    tensors: dict[str, TensorEntry]
+    tensors: NameTable
     metadata: dict[str, str]
     config: dict[str, Any]
     files: list[str]
 
     def stored(self, name: str) -> dict[str, TensorEntry]:
         """The palettized tensors module `name` stores on disk ({} for a tied module)."""
-        entries = {buffer: find_tensor(self.tensors, f"{name}.{buffer}") for buffer in BUFFERS}
+        entries = {buffer: self.tensors.find(f"{name}.{buffer}") for buffer in BUFFERS}
         return {buffer: entry for buffer, entry in entries.items() if entry is not None}
 
     def bytes_on_disk(self, name: str) -> int:
