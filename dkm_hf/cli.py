@@ -239,10 +239,13 @@ def export(args) -> None:
     coreml_target(args.target)
     model = load_palettized(args.directory)
     inputs = example_inputs(model.config, sizes)
-    mlmodel = to_coreml(model, inputs, args.out, args.target)
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
+    try:
+        mlmodel = to_coreml(model, inputs, args.out, args.target)
+    except RuntimeError as err:  # raised by torch.export while tracing the model on these inputs
+        raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({shapes}): {err}") from None
     ops = [op.op_type for op in mlmodel._mil_program.functions["main"].operations]
     size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
-    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
     print(
         f"wrote {args.out} ({size:,} bytes, {human_bytes(size)}): {ops.count('constexpr_lut_to_dense')} "
         f"constexpr_lut_to_dense, {ops.count('constexpr_blockwise_shift_scale')} constexpr_blockwise_shift_scale; "

@@ -362,11 +362,7 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
     model.eval()
     try:
         with _plain_modules(model), torch.no_grad():
-            try:
-                exported = torch.export.export(_Exported(model, names), tuple(example_inputs[n] for n in names))
-            except RuntimeError as err:
-                shapes = ", ".join(f"{n}={'x'.join(map(str, example_inputs[n].shape))}" for n in names)
-                raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({shapes}): {err}") from err
+            exported = torch.export.export(_Exported(model, names), tuple(example_inputs[n] for n in names))
             exported = exported.run_decompositions({})
     finally:
         model.train(was_training)
