@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # A CPU build of torch is installed first, so that pip never resolves torch to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# `make test-oldest`: the fast suite against the lowest version setup.cfg's install_requires allows of each package.
+OLDEST_VENV ?= .venv-oldest
 
-.PHONY: install install-examples install-examples-llm test test-all quality style demo demo-llm bench clean
+.PHONY: install install-examples install-examples-llm test test-all test-oldest quality style demo demo-llm bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +37,18 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
+$(OLDEST_VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	sed -n '/^install_requires =/,/^$$/s/^ *\([A-Za-z0-9_.-]*\) *>= *\([^,]*\).*/\1==\2/p' setup.cfg \
+		> $(OLDEST_VENV)/lowest.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(OLDEST_VENV)/bin/python -m pip install -q -c $(OLDEST_VENV)/lowest.txt -e ".[dev]"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed
+	$(OLDEST_VENV)/bin/python -m pytest -m "not slow" -q
+
 quality: install
 	$(VENV)/bin/ruff check dkm_hf tests examples benchmarks
 	$(VENV)/bin/ruff format --check dkm_hf tests examples benchmarks
@@ -53,4 +67,4 @@ bench: install-examples
 	$(PY) benchmarks/run.py --suite all --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -30,7 +30,7 @@ from .errors import PalettizedCheckpointError
 from .integrations.checkpoint_checks import CHECKSUM_PREFIX, VERSION_KEY, check_palettized_headers, checksum
 from .integrations.coreml import coreml_target, load_palettized, to_coreml
 from .integrations.model_card import human_bytes
-from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files
+from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files, read_tensor
 from .integrations.summary import CheckpointSummary, summarize
 from .nn.layout import Layout
 from .ops.packing import unpack_indices
@@ -50,10 +50,7 @@ def load_summary(directory: str) -> CheckpointSummary:
 
 def _tensor(summary: CheckpointSummary, name: str, buffer: str) -> torch.Tensor | None:
     entry = summary.stored(name).get(buffer)
-    if entry is None:
-        return None
-    with safe_open(entry.file, framework="pt") as f:
-        return f.get_tensor(entry.name)
+    return None if entry is None else read_tensor(entry)
 
 
 def _indices(summary: CheckpointSummary, name: str) -> torch.Tensor:
@@ -213,16 +210,28 @@ def example_inputs(config, sizes: dict[str, tuple[int, ...]]) -> dict[str, torch
         sizes = {"pixel_values": (1, getattr(config, "num_channels", 3), side, side)}
     elif not sizes:
         raise ValueError("cannot guess the model's inputs: give --example-shape NAME=D1xD2...")
+    positions = getattr(config, "max_position_embeddings", None)
+    for name, size in sizes.items():
+        if isinstance(positions, int) and _is_token_input(name) and len(size) == 2 and size[1] > positions:
+            raise ValueError(
+                f"--example-shape {name}={'x'.join(map(str, size))}: {size[1]} tokens, more than the model's "
+                f"max_position_embeddings ({positions})"
+            )
     g = torch.Generator().manual_seed(0)
     made = {}
     for name, size in sizes.items():
         if name == "input_ids":
             made[name] = torch.randint(0, vocab or 2, size, generator=g)
-        elif name.endswith("_ids") or name.endswith("_mask"):
+        elif _is_token_input(name):
             made[name] = (torch.ones if name.endswith("_mask") else torch.zeros)(size, dtype=torch.long)
         else:
             made[name] = torch.randn(size, generator=g)
     return made
+
+
+def _is_token_input(name: str) -> bool:
+    """Whether an input holds one value per token (ids or a mask), as opposed to pixels or embeddings."""
+    return name.endswith("_ids") or name.endswith("_mask")
 
 
 def export(args) -> None:
@@ -232,10 +241,13 @@ def export(args) -> None:
     coreml_target(args.target)
     model = load_palettized(args.directory)
     inputs = example_inputs(model.config, sizes)
-    mlmodel = to_coreml(model, inputs, args.out, args.target)
+    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
+    try:
+        mlmodel = to_coreml(model, inputs, args.out, args.target)
+    except RuntimeError as err:  # raised by torch.export while tracing the model on these inputs
+        raise ValueError(f"{type(model).__name__} cannot run on the example inputs ({shapes}): {err}") from None
     ops = [op.op_type for op in mlmodel._mil_program.functions["main"].operations]
     size = sum(p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file())
-    shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())
     print(
         f"wrote {args.out} ({size:,} bytes, {human_bytes(size)}): {ops.count('constexpr_lut_to_dense')} "
         f"constexpr_lut_to_dense, {ops.count('constexpr_blockwise_shift_scale')} constexpr_blockwise_shift_scale; "

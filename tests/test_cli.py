@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from importlib.metadata import entry_points
 
 import pytest
@@ -15,7 +16,7 @@ from transformers.utils import logging
 
 import dkm_hf
 from dkm_hf.cli import main
-from dkm_hf.integrations.safetensors_files import read_header
+from dkm_hf.integrations.safetensors_files import checkpoint_files, read_header
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()
@@ -132,6 +133,10 @@ LUT = "transformer.h.0.attn.c_proj.weight_lut"
 BAD_INPUTS = {
     "index without weight_map": ({"index": json.dumps({"metadata": {}})}, "not a valid shard index"),
     "index not json": ({"index": "{oops"}, "not a valid shard index"),
+    "index naming a file with a NUL byte": (
+        {"index": json.dumps({"weight_map": {LUT: "model\u0000.safetensors"}})},
+        r"model\.safetensors\.index\.json: weight_map values must be file names, got 'model\\x00\.safetensors'",
+    ),
     "tied_to a list": (
         {"edit_config": lambda q: q["modules"].__setitem__("lm_head", {"tied_to": ["transformer.wte"]})},
         "malformed tie record",
@@ -213,3 +218,50 @@ def test_set_padding_bits_are_flagged(tmp_path, capsys):
     save_file(tensors, tmp_path / "p" / "model.safetensors", {"dkm_format": "palettized", "dkm_format_version": "1"})
     assert main(["inspect", str(tmp_path / "p")]) == 1
     assert "DAMAGED: padding bits set" in capsys.readouterr().out
+
+
+def test_inspect_reads_the_files_from_pretrained_loads(checkpoint, tmp_path, capsys):
+    """model.safetensors wins over a shard index next to it, in transformers' loading and in `inspect` alike."""
+    import shutil
+
+    out, dense = checkpoint
+    path = tmp_path / "both"
+    shutil.copytree(out, path)
+    shutil.copy(dense / "model.safetensors", path / "model-00001-of-00001.safetensors")
+    keys = read_header(dense / "model.safetensors").tensors
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert checkpoint_files(path) == [str(path / "model.safetensors")]
+    assert main(["inspect", str(path)]) == 0
+    assert "| transformer.h.0.mlp.c_fc | 32x128 | 2 |" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    x = torch.randint(0, 100, (1, 7))
+    assert torch.equal(loaded(x).logits, AutoModelForCausalLM.from_pretrained(out)(x).logits)
+
+
+def _cpu_seconds(call) -> float:
+    start = time.process_time()
+    call()
+    return time.process_time() - start
+
+
+def test_inspect_cost_grows_with_the_header_not_with_layers_times_header(checkpoint, tmp_path, capsys):
+    """A header padded with 100,000 empty tensors: `inspect` parses each file's header once and looks names up in
+    O(log n), so it costs about one parse (it cost one parse per tensor read and a scan per lookup: 8x here)."""
+    import shutil
+
+    path = tmp_path / "padded"
+    shutil.copytree(checkpoint[0], path)
+    blob = (path / "model.safetensors").read_bytes()
+    length = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8 : 8 + length])
+    header.update({f"empty.{i}": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]} for i in range(100_000)})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + length :])
+    assert main(["inspect", str(checkpoint[0])]) == 0
+    expected = capsys.readouterr().out
+    parse = min(_cpu_seconds(lambda: read_header(path / "model.safetensors")) for _ in range(2))
+    inspect = _cpu_seconds(lambda: main(["inspect", str(path)]))
+    assert capsys.readouterr().out == expected
+    assert inspect < 3 * parse + 1.0, (inspect, parse)

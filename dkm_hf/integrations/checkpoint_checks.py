@@ -27,19 +27,16 @@ from ..nn.layout import LUT_DTYPES, Layout
 from ..nn.palettized import PalettizedMixin
 from ..nn.weights import buffer_name
 from ..ops.packing import unpack_indices
-from .safetensors_files import FLOAT_DTYPES, SAVE_ID_KEY, SafetensorsHeader, TensorEntry
+from .safetensors_files import FLOAT_DTYPES, SAVE_ID_KEY, NameTable, SafetensorsHeader, TensorEntry
 
 FORMAT_KEY, VERSION_KEY, CHECKSUM_PREFIX = "dkm_format", "dkm_format_version", "dkm_crc32:"
 LUT_SAFETENSORS_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 assert set(LUT_SAFETENSORS_DTYPES) == set(LUT_DTYPES)
 
 
-def find_tensor(tensors: dict[str, TensorEntry], key: str) -> TensorEntry | None:
+def find_tensor(tensors: NameTable | dict[str, TensorEntry], key: str) -> TensorEntry | None:
     """The entry for `key`, also when the checkpoint was saved with or without the model's base prefix."""
-    if key in tensors:
-        return tensors[key]
-    matches = [e for name, e in tensors.items() if name.endswith("." + key) or key.endswith("." + name)]
-    return matches[0] if len(matches) == 1 else None
+    return (tensors if isinstance(tensors, NameTable) else NameTable(tensors)).find(key)
 
 
 def state_key(tensors: dict[str, TensorEntry], name: str, kind: str) -> str:
@@ -134,11 +131,11 @@ def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
         )
 
 
-def guess_transposed(tensors: dict[str, TensorEntry], name: str, record: dict) -> bool:
+def guess_transposed(tensors: NameTable, name: str, record: dict) -> bool:
     """Without the model, whether a 2-D weight is stored (in, out) as transformers' Conv1D does: its bias then has
     length `out` = shape[1] (Conv1D always has a bias)."""
     shape = record.get("shape") if isinstance(record, dict) else None
-    bias = find_tensor(tensors, name + ".bias")
+    bias = tensors.find(name + ".bias")
     if not (isinstance(shape, list) and len(shape) == 2 and bias is not None and len(bias.shape) == 1):
         return False
     return bias.shape[0] == shape[1] != shape[0]
@@ -195,7 +192,7 @@ def check_palettized_headers(
         _check_unclustered(tensors, claimed, model)
 
 
-def _check_unclustered(tensors: dict[str, TensorEntry], claimed: set[str], model: nn.Module) -> None:
+def _check_unclustered(tensors: NameTable, claimed: set[str], model: nn.Module) -> None:
     expected = model.state_dict()
     for name, entry in tensors.items():
         if name in claimed or name not in expected:
@@ -264,7 +261,7 @@ def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
     check_values(model)
     version = int(metadata.get(VERSION_KEY, "1"))
     required = version >= 2 or SAVE_ID_KEY in metadata
-    checksums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
+    checksums = NameTable({k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)})
     for name, module in model.named_modules():
         if not isinstance(module, PalettizedMixin):
             continue
@@ -276,7 +273,7 @@ def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
                 if tensor is None:
                     continue
                 key = f"{name}.{buffer}" if name else buffer
-                recorded = _lookup(checksums, key)
+                recorded = checksums.find(key)
                 if recorded is None and required:
                     raise PalettizedCheckpointError(
                         f"{key}: no `{CHECKSUM_PREFIX}{key}` in the safetensors metadata; files written with a save "
@@ -317,11 +314,3 @@ def _check_padding(name: str, module) -> None:
                 f"{name}.{module.buffer('indices')}: non-zero padding bits after index {layout.vectors - 1} "
                 "(damaged file)"
             )
-
-
-def _lookup(values: dict[str, str], key: str) -> str | None:
-    """values[key], also when the checkpoint was saved with or without the model's base prefix."""
-    if key in values:
-        return values[key]
-    matches = [v for k, v in values.items() if k.endswith("." + key) or key.endswith("." + k)]
-    return matches[0] if len(matches) == 1 else None

@@ -7,14 +7,18 @@ invalid UTF-8, overlapping offsets) fails here with a `PalettizedCheckpointError
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import os
+import stat
 import struct
-from collections.abc import Iterable
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import PalettizedCheckpointError
 
@@ -23,6 +27,13 @@ SAFETENSORS_DTYPES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+assert set(TORCH_DTYPES) == set(SAFETENSORS_DTYPES)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 MAX_BYTES = 2**63  # file offsets and sizes beyond this cannot be real
 SAVE_ID_KEY = "dkm_save_id"  # the save that wrote a file (the same id is in config.json's quantization_config)
@@ -32,9 +43,10 @@ SINGLE_NAME = "model.safetensors"
 ALLOW_OUTSIDE_ENV = "DKM_HF_ALLOW_FILES_OUTSIDE_CHECKPOINT"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """One tensor of a safetensors header: where its bytes are, without reading them."""
+    """One tensor of a safetensors header: where its bytes are, without reading them. `begin` and `end` count from
+    the start of the data section, which is byte `data_start` of the file."""
 
     name: str
     dtype: str
@@ -42,6 +54,7 @@ class TensorEntry:
     begin: int
     end: int
     file: str
+    data_start: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -52,18 +65,67 @@ class TensorEntry:
         return math.prod(self.shape)
 
 
+class NameTable(Mapping[str, Any]):
+    """A read-only mapping keyed by tensor name whose `find` also matches a name saved with or without the model's base
+    prefix (`bert.encoder.x` against `encoder.x` and back), in O(depth + log n): a header holds up to millions of
+    names and every clustered module looks up a few of them."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+        self._reversed: list[str] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> KeysView[str]:
+        return self._items.keys()
+
+    def values(self) -> ValuesView[Any]:
+        return self._items.values()
+
+    def items(self) -> ItemsView[str, Any]:
+        return self._items.items()
+
+    def find(self, key: str) -> Any | None:
+        """items[key]; else the one item whose name ends with "." + key or that key ends with "." + name (None when
+        there is none or more than one)."""
+        if key in self._items:
+            return self._items[key]
+        parts = key.split(".")
+        matches = [name for name in (".".join(parts[i:]) for i in range(1, len(parts))) if name in self._items]
+        if self._reversed is None:
+            self._reversed = sorted(name[::-1] for name in self._items)
+        prefix = ("." + key)[::-1]
+        at = bisect.bisect_left(self._reversed, prefix)
+        for candidate in self._reversed[at : at + 2]:
+            if candidate.startswith(prefix):
+                matches.append(candidate[::-1])
+        return self._items[matches[0]] if len(matches) == 1 else None
+
+
 @dataclass
 class SafetensorsHeader:
-    tensors: dict[str, TensorEntry]
+    tensors: NameTable
     metadata: dict[str, str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, NameTable):
+            self.tensors = NameTable(self.tensors)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        duplicate = next(k for k in keys if keys.count(k) > 1)
+    table = dict(pairs)
+    if len(table) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise ValueError(f"duplicate key {duplicate!r}")
-    return dict(pairs)
+    return table
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -102,7 +164,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise PalettizedCheckpointError(f"{where}: __metadata__ must map strings to strings, got {metadata!r}")
     for name in [*header, *metadata]:
         _check_text(where, name)
-    tensors = {name: _entry(where, path, name, info) for name, info in header.items()}
+    tensors = {name: _entry(where, path, name, info, 8 + length) for name, info in header.items()}
     data_bytes = size - 8 - length
     position = 0
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
@@ -131,11 +193,11 @@ def _check_text(where: str, text: str) -> None:
         raise PalettizedCheckpointError(f"{where}: header name {text!r} is not valid UTF-8") from None
 
 
-def _entry(where: str, path: str, name: str, info: Any) -> TensorEntry:
+def _entry(where: str, path: str, name: str, info: Any, data_start: int) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise PalettizedCheckpointError(f"{where}: tensor {name!r} has a malformed header entry {info!r}")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise PalettizedCheckpointError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
         raise PalettizedCheckpointError(f"{where}: tensor {name!r} has invalid shape {shape!r}")
@@ -148,7 +210,7 @@ def _entry(where: str, path: str, name: str, info: Any) -> TensorEntry:
             f"{where}: tensor {name!r} ({dtype}, shape {shape}) needs {expected} bytes but its data_offsets "
             f"{offsets} span {end - begin}"
         )
-    return TensorEntry(name, dtype, tuple(shape), begin, end, path)
+    return TensorEntry(name, dtype, tuple(shape), begin, end, path, data_start)
 
 
 def _is_count(value: Any) -> bool:
@@ -216,10 +278,15 @@ def check_inside(directory: str | os.PathLike, files: Iterable[str | os.PathLike
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[str]:
-    """The safetensors files of a saved model directory, following the shard index when there is one."""
+    """The safetensors files of a saved model directory: model.safetensors when it is there, else the files its
+    shard index names, the rule transformers' `from_pretrained` follows, so that every reader of a checkpoint
+    (loading, `dkm-hf inspect`) sees the same files. Each must be a regular file inside the directory; nothing is
+    opened before that is known (a FIFO would block the reader forever)."""
     directory = Path(directory)
     index = directory / INDEX_NAME
-    if index.is_file():
+    if (directory / SINGLE_NAME).is_file():
+        files = {SINGLE_NAME: str(directory / SINGLE_NAME)}
+    elif index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = sorted(set(weight_map.values()))
@@ -227,15 +294,39 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
             raise PalettizedCheckpointError(
                 f"{index.name}: not a valid shard index (a JSON object with a 'weight_map' of tensor -> file): {err!r}"
             ) from None
-        if not all(isinstance(n, str) and n for n in names):
-            raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {names!r}")
-        files = [str(directory / n) for n in names]
-    elif (directory / SINGLE_NAME).is_file():
-        files = [str(directory / SINGLE_NAME)]
+        bad = next((n for n in names if not isinstance(n, str) or not n or "\0" in n), None)
+        if bad is not None:
+            raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {bad!r}")
+        files = {f"{index.name}: weight_map entry {n!r}": str(directory / n) for n in names}
     else:
         raise PalettizedCheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
-    check_inside(directory, files)
-    return files
+    check_inside(directory, files.values())
+    for where, file in files.items():
+        try:
+            mode = os.stat(file).st_mode
+        except OSError as err:
+            raise PalettizedCheckpointError(f"{where}: cannot read {file} ({err.strerror or err})") from None
+        if not stat.S_ISREG(mode):
+            raise PalettizedCheckpointError(f"{where}: {file} is not a regular file; refusing to open it")
+    return list(files.values())
+
+
+def read_tensor(entry: TensorEntry) -> torch.Tensor:
+    """The tensor's bytes, read at the offsets its (already checked) header entry gives."""
+    dtype = TORCH_DTYPES[entry.dtype]
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    try:
+        with open(entry.file, "rb") as f:
+            f.seek(entry.data_start + entry.begin)
+            data = bytearray(f.read(entry.nbytes))
+    except OSError as err:
+        raise PalettizedCheckpointError(f"{os.path.basename(entry.file)}: cannot read the file ({err})") from None
+    if len(data) != entry.nbytes:
+        raise PalettizedCheckpointError(
+            f"{os.path.basename(entry.file)}: tensor {entry.name!r} ends past the end of the file (truncated)"
+        )
+    return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
 
 def preflight(pretrained: str | os.PathLike, subfolder: str = "") -> None:

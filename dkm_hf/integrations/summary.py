@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import PalettizedCheckpointError
 from ..nn.layout import Layout, layouts_from_records
 from .checkpoint_checks import find_tensor, guess_transposed, state_key
-from .safetensors_files import FLOAT_DTYPES, TensorEntry, checkpoint_files, read_headers
+from .safetensors_files import FLOAT_DTYPES, NameTable, TensorEntry, checkpoint_files, read_headers
 
 
 @dataclass
@@ -20,7 +20,7 @@ class CheckpointSummary:
     """Bytes of a palettized checkpoint, per clustered module and in total, against dense fp32 / fp16 checkpoints."""
 
     layouts: dict[str, Layout]
-    tensors: dict[str, TensorEntry]
+    tensors: NameTable
     metadata: dict[str, str]
     config: dict[str, Any]
     files: list[str]

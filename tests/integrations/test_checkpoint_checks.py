@@ -29,7 +29,7 @@ from transformers.utils import logging
 import dkm_hf
 from dkm_hf import PalettizedCheckpointError
 from dkm_hf.integrations.checkpoint_checks import check_palettized_headers, checksum
-from dkm_hf.integrations.safetensors_files import read_header, read_headers
+from dkm_hf.integrations.safetensors_files import NameTable, read_header, read_headers
 from dkm_hf.integrations.summary import summarize
 from dkm_hf.nn.layout import layouts_from_records
 from dkm_hf.ops.packing import packed_size
@@ -252,6 +252,16 @@ CASES = {
         r"transformer\.wte\.weight_scale: 1 value\(s\) are NaN or infinite",
     ),
 }
+
+
+def test_names_are_found_with_or_without_the_base_prefix():
+    table = NameTable({"bert.encoder.x.weight": 1, "pooler.dense.weight": 2, "a.head.w": 3, "b.head.w": 4, "w": 5})
+    assert table.find("bert.encoder.x.weight") == 1
+    assert table.find("encoder.x.weight") == 1  # the checkpoint has the base prefix, the key not
+    assert table.find("bert.pooler.dense.weight") == 2  # the key has it, the checkpoint not
+    assert table.find("head.w") is None  # two candidates
+    assert table.find("coder.x.weight") is None  # whole dot-separated parts only
+    assert table.find("model.w") == 5 and table.find("x") is None
 
 
 @pytest.mark.parametrize("case", list(CASES))

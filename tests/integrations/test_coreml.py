@@ -253,6 +253,23 @@ def test_cli_exports_a_checkpoint_directory(tmp_path, capsys):
         (["export", "--coreml", "{dense}", "{out}"], "not a palettized dkm_hf checkpoint"),
         (["export", "--coreml", "{dir}", "{out}", "--target", "iOS99"], "unknown Core ML deployment target"),
         (["export", "--coreml", "{dir}", "{out}.zip"], "saved as an .mlpackage directory"),
+        (
+            ["export", "--coreml", "{dir}", "{out}", "--example-shape", "input_ids=1x100000000"],
+            "input_ids=1x100000000: 100000000 tokens, more than the model's max_position_embeddings (512)",
+        ),
+        (
+            [
+                "export",
+                "--coreml",
+                "{dir}",
+                "{out}",
+                "--example-shape",
+                "input_ids=1x9",
+                "--example-shape",
+                "attention_mask=1x5",
+            ],
+            "cannot run on the example inputs (input_ids=1x9, attention_mask=1x5)",
+        ),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, message, tiny_dir, tmp_path, capsys):
@@ -262,3 +279,4 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, tiny_dir, tmp_path, 
     assert main([a.format(**names) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("dkm-hf export:")
+    assert not (tmp_path / "o.mlpackage").exists()

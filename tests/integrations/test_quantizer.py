@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,47 @@ def test_weight_files_outside_the_checkpoint_are_refused(palettized_checkpoint, 
     if where == "symlink":  # the documented opt-out (for a checkpoint assembled from links on purpose)
         monkeypatch.setenv(ALLOW_OUTSIDE_ENV, "1")
         assert torch.equal(_logits(AUTO["llama"].from_pretrained(path)), _logits(model))
+
+
+def test_shard_index_naming_a_file_with_a_nul_byte_names_the_index(palettized_checkpoint):
+    path, _ = palettized_checkpoint
+    _shard(path)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v.replace("00002-", "00002\0-") for k, v in index["weight_map"].items()}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(PalettizedCheckpointError, match=r"index\.json: weight_map values must be file names"):
+        AUTO["llama"].from_pretrained(path)
+
+
+def test_shard_that_is_not_a_regular_file_is_refused_unopened(palettized_checkpoint):
+    """A FIFO blocks whoever opens it for reading until a writer comes: it is refused, naming the index entry,
+    before anything opens it. A writer thread stands by so that an open would end (reading nothing) instead of
+    hanging the test."""
+    path, _ = palettized_checkpoint
+    _shard(path)
+    shard = path / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    os.mkfifo(shard)
+    done = threading.Event()
+
+    def unblock_readers() -> None:
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(shard, os.O_WRONLY | os.O_NONBLOCK))  # fails (ENXIO) while no reader waits
+            except OSError:
+                pass
+
+    writer = threading.Thread(target=unblock_readers, daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(
+            PalettizedCheckpointError,
+            match=r"index\.json: weight_map entry 'model-00002-of-00002\.safetensors': .* is not a regular file",
+        ):
+            AUTO["llama"].from_pretrained(path)
+    finally:
+        done.set()
+        writer.join()
 
 
 def test_malformed_shard_index_names_the_file(palettized_checkpoint):
