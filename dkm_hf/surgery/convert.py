@@ -121,10 +121,12 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def to_palettized(model: nn.Module, copy_modules: bool = False) -> dict[str, PalettizedWeight]:
+def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedWeight]:
     """Make every DKM weight a palettized weight (its vectors snapped to their nearest centroids); tied weights keep
-    sharing one LUT. With `copy_modules` the DKM modules are left as they are and new module objects (sharing every
-    other tensor) take their place in the model (`palettized_view` puts the originals back)."""
+    sharing one LUT. The DKM modules are left as they are: new module objects of the same class (sharing every other
+    tensor) take their place in the model, so that whatever still holds the DKM modules (FSDP2 putting its shards
+    back after `full_weights`, `palettized_view` putting them back) never touches the palettized ones. `view`: the
+    DKM modules will come back, keep their parents' scopes."""
     done: dict[int, PalettizedWeight] = {}  # id of a DKM weight -> its palettized weight
     out: dict[str, PalettizedWeight] = {}
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
@@ -133,7 +135,7 @@ def to_palettized(model: nn.Module, copy_modules: bool = False) -> dict[str, Pal
     for module_name, module in modules:
         states = module.dkm_weights
         target = module
-        if copy_modules and module_name:
+        if module_name:
             target = _shallow_copy(module)
             model.set_submodule(module_name, target)
         values = {}  # the LUT, packed indices and scale of every weight that owns its LUT
@@ -163,7 +165,7 @@ def to_palettized(model: nn.Module, copy_modules: bool = False) -> dict[str, Pal
                 weight.fill(*values[param])
             new[param] = done[id(state)] = out[weight_name(module_name, param)] = weight
         PalettizedMixin.attach(target, new)
-    if not copy_modules:
+    if not view:
         remove_parent_scopes(model)
     return out
 

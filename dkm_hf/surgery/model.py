@@ -92,7 +92,7 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     was_training = model.training
     try:
         with gathered(model):
-            to_palettized(model, copy_modules=True)
+            to_palettized(model, view=True)
         yield model
     finally:
         for name, module in originals:
