@@ -130,14 +130,24 @@ class DKMMixin:
         """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd."""
         if self.tied_source is not None:
             return
+        seed = self.dkm_seed if seed is None else seed
+        restarts = self.settings.kmeans_restarts
+        self.set_centroids(kmeans_init(self.init_vectors(), self.layout.n_clusters, seed=seed, restarts=restarts))
+
+    @torch.no_grad()
+    def init_vectors(self) -> torch.Tensor:
+        """The first half of `init_centroids` (the k-means of many modules runs batched in between): creates the
+        state, sets the per-channel scales from the weight, returns the vectors to cluster."""
         if "centroids" not in self._buffers:
             self._register_state()
         if self.layout.per_channel_scale:
             rows = self.layout.to_rows(self.weight.detach().float())
             self.weight_scale.copy_(rows.abs().amax(1, keepdim=True).clamp_min(_SCALE_FLOOR))
-        seed = self.dkm_seed if seed is None else seed
-        restarts = self.settings.kmeans_restarts
-        centroids = kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed, restarts=restarts)
+        return self.vectors()
+
+    @torch.no_grad()
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        """The second half of `init_centroids`: take `centroids` (the module's LUT shape) as the current ones."""
         self.centroids.copy_(centroids.to(self.centroids.device))
         self.dkm_ready = True
         self._soft = self._hard = None
