@@ -31,8 +31,6 @@ _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
 RESTARTS = 1  # k-means runs per group by default; with more, the lowest-inertia one is kept
 LLOYD_ITERS = 50
-WALK = 2  # steps a cluster edge walks after a Lloyd update before it is searched again in full
-WALK_FROM = 4  # the Lloyd iteration from which edges walk (the centroids move less and less)
 SORTED_CHUNK = 16  # x chunk_elements(device): sorted values per batched 1-D call (about 28 bytes each)
 
 
@@ -72,26 +70,31 @@ class _Prefix:
         return torch.cat([torch.zeros_like(ends), edges, ends], -1)
 
     def moved_bounds(self, c: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-        """`bounds(c)` for centroids c that moved a little from those of `bounds`: each edge walks up to WALK values
-        towards its new midpoint; the edges that walked too short are searched again in full."""
+        """`bounds(c)` for centroids c that moved from those of `bounds`: an edge still between the values around its
+        new midpoint stays (two look-ups); the others, fewer and fewer as Lloyd converges, are searched again."""
         G, r, m = c.shape
         mids = _midpoints(c).reshape(G, -1)
-        edges = bounds[..., 1:-1].reshape(G, -1)
+        edges = bounds[..., 1:-1].reshape(G, -1).clone()
         if self.padded is None:
             inf = self.x.new_full((G, 1), float("inf"))
             self.padded = torch.cat([-inf, self.x, inf], 1)  # padded[e] = x[e - 1]: the last value below edge e
-        for _ in range(WALK):
-            edges = (
-                edges
-                + (self.padded.gather(1, edges + 1) <= mids).long()
-                - (self.padded.gather(1, edges) > mids).long()
-            )
         wrong = (self.padded.gather(1, edges + 1) <= mids) | (self.padded.gather(1, edges) > mids)
-        where = wrong.nonzero()
-        if where.numel():
-            rows, cols = where.unbind(1)
-            edges[rows, cols] = torch.searchsorted(self.x[rows], mids[rows, cols].unsqueeze(1), right=True).squeeze(1)
+        rows, cols = wrong.nonzero().unbind(1)
+        if rows.numel():
+            edges[rows, cols] = self.count_below(rows, mids[rows, cols])
         return torch.cat([bounds[..., :1], edges.view(G, r, m - 1), bounds[..., -1:]], -1)
+
+    def count_below(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """How many values of group rows[i] are <= values[i]: `searchsorted(right=True)` of scattered single
+        queries, as a binary search over the flattened values (no copy of their groups)."""
+        R = self.x.shape[1]
+        flat, base = self.x.view(-1), rows * R
+        lo, hi = torch.zeros_like(rows), torch.full_like(rows, R)
+        for _ in range(R.bit_length()):
+            mid = (lo + hi) // 2
+            up = (flat[base + mid.clamp(max=R - 1)] <= values) & (lo < hi)
+            lo, hi = torch.where(up, mid + 1, lo), torch.where(up, hi, mid)
+        return lo
 
     def stats(self, bounds: torch.Tensor, squares: bool = True) -> tuple[torch.Tensor, ...]:
         """Mass, sum [and sum of squares] (G, r, m) of the clusters between bounds (G, r, m + 1)."""
@@ -167,7 +170,7 @@ def _lloyd_1d(p: _Prefix, c: torch.Tensor, bounds: torch.Tensor, iters: int) -> 
     rows = torch.arange(c.shape[0], device=c.device)
     for i in range(iters):
         if i > 0:
-            previous, bounds = bounds, (p.bounds(c) if i < WALK_FROM else p.moved_bounds(c, bounds))
+            previous, bounds = bounds, p.moved_bounds(c, bounds)
             moving = (bounds != previous).flatten(1).any(1)
             n_moving = int(moving.sum())
             if n_moving == 0:
