@@ -41,7 +41,7 @@ BUFFERS = ("weight_lut", "weight_indices", "weight_scale")
 _KEPT_DTYPE = ("weight_lut", "weight_scale")
 _ATTRS = ("layout", "inference_mode", "compute_dtype", "tied_source", "_dense")
 GEMV_MAX_ROWS = 8  # packed Linear inputs of at most this many rows use the fused LUT gemv (CPU, float32)
-# module -> (state key, native Palette or None); outside the module so copies and pickles never see ctypes objects
+# module -> (state key, native Palette or None); outside the module so copies and pickles never see it
 _PALETTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

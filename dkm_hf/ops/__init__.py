@@ -5,5 +5,6 @@ buckets.py    the distinct 16-bit values of a weight (eDKM's uniquification)
 dkm.py        the DKM loop as memory-lean autograd functions (chunked and uniquified)
 kmeans.py     k-means++ and Lloyd initialisation of the centroids
 packing.py    b-bit index packing
-native.py     the native CPU kernels of palettized inference (lut_kernels.c, built on first use, ctypes; optional)
+native.py     the native CPU kernels of palettized inference (lut_kernels.c/.cpp as torch operators; optional)
+extension.py  building native code with torch.utils.cpp_extension; the warning when a fallback is taken
 """
