@@ -5,9 +5,10 @@ common case) the values of each group are sorted once and everything after works
 w x^2: with sorted values the cluster of each centroid is an interval between centroid midpoints (`searchsorted`), and
 an interval's mass, sum and squared distance to any point come from three differences. A k-means++ draw picks an
 interval by its D^2 mass, then the value inside it by binary search on the prefix sums; a Lloyd iteration moves each
-centroid to its interval's mean. Both cost O(k log n) per group instead of O(n), so seeding and Lloyd cost about
-what sorting the values costs. Per-tensor LUTs first reduce the weight to its histogram of distinct 16-bit values;
-per-row LUTs of an LLM (hundreds of thousands of small groups) go straight to the sorted values.
+centroid to its interval's mean, and only the edges that left the values around their new midpoint are searched
+again. Each step costs O(k log n) per group instead of the O(n k) of working on every value. Per-tensor LUTs
+first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an LLM (hundreds of
+thousands of small groups) go straight to the sorted values.
 
 Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many seeded k-means (side by side, as
 extra centroid sets searched in the same sorted values) and keeps the one of lowest inertia, as scikit-learn's
@@ -24,14 +25,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .attention import CHUNK_ELEMENTS, chunk_elements, hard_assign
+from .attention import CHUNK_ELEMENTS, hard_assign
 from .buckets import bucket_dtype_for, unique_buckets
 
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
 RESTARTS = 1  # k-means runs per group by default; with more, the lowest-inertia one is kept
 LLOYD_ITERS = 50
-SORTED_CHUNK = 16  # x chunk_elements(device): sorted values per batched 1-D call (about 28 bytes each)
+# Sorted values per batched 1-D call (about 40 bytes each with their prefix sums and temporaries).
+SORTED_BATCH_CPU = 1 << 22
+SORTED_BATCH_ACCELERATOR = 1 << 25
 
 
 class _Prefix:
@@ -288,7 +291,7 @@ def kmeans_init_many(
     runs by inertia; a list of (G_i, k, d_i) float32 tensors, each on its weight's device.
 
     The groups of all weights with d = 1 and the same n (the per-row LUTs of every layer of one shape) are sorted and
-    clustered together, in batches of about SORTED_CHUNK x chunk_elements values. Deterministic for a given seed,
+    clustered together, in batches of about SORTED_BATCH_CPU (on CPU) values. Deterministic for a given seed,
     whatever the batching: each weight gets what `kmeans_init(w, k, seed)` gives it. For d = 1 the centroids come
     sorted.
     """
@@ -302,7 +305,7 @@ def kmeans_init_many(
         else:
             out[i] = _init_whole(w.detach().float(), k, seed, lloyd_iters, max_rows, restarts)
     for (n, device), members in batched.items():
-        limit = max(1, int(SORTED_CHUNK * chunk_elements(device)) // n)
+        limit = max(1, (SORTED_BATCH_CPU if device.type == "cpu" else SORTED_BATCH_ACCELERATOR) // n)
         pieces: list[tuple[int, int, int]] = []  # (weight, first row, end row) of the next batch
         results: dict[int, list[torch.Tensor]] = {i: [] for i in members}
         uniform = {}

@@ -103,7 +103,7 @@ def test_kmeans_init_many_batches_weights_without_changing_them(monkeypatch):
         weights(3, 50, 2),
     ]
     alone = [kmeans_init(w, 16, seed=5, restarts=3) for w in many]
-    monkeypatch.setattr(kmeans, "SORTED_CHUNK", 30 * 64 / kmeans.chunk_elements("cpu"))  # 30 rows of 64 per batch
+    monkeypatch.setattr(kmeans, "SORTED_BATCH_CPU", 30 * 64)  # 30 rows of 64 per batch
     batched = kmeans_init_many(many, 16, seed=5, restarts=3)
     assert [c.shape for c in batched] == [(40, 16, 1), (7, 16, 1), (25, 16, 1), (1, 16, 1), (3, 16, 2)]
     for a, b in zip(alone, batched):
