@@ -62,8 +62,14 @@ def worker(args: argparse.Namespace) -> None:
     inertia = 0.0
     with torch.no_grad():
         for m in modules:
-            v = m.vectors()
-            inertia += float((v - gather_centroids(hard_assign(v, m.centroids), m.centroids)).double().square().sum())
+            v, c = m.vectors(), m.centroids
+            if v.shape[-1] == 1:  # nearest of sorted centroids by their midpoints: no (n, k) distance matrix
+                c = c.squeeze(-1).sort(1).values
+                index = torch.searchsorted((c[:, 1:] + c[:, :-1]) / 2, v.squeeze(-1).contiguous())
+                nearest = c.gather(1, index).unsqueeze(-1)
+            else:
+                nearest = gather_centroids(hard_assign(v, c), c)
+            inertia += float((v - nearest).double().square().sum())
     print(json.dumps({"seconds": seconds, "inertia": inertia, "modules": len(modules)}))
 
 
