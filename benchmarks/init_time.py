@@ -1,6 +1,6 @@
 """Centroid initialisation time of a whole model, an older revision of dkm_hf against this checkout, side by side.
 
-    python benchmarks/init_time.py                      # SmolLM2-135M's shape, random weights, vs HEAD~1
+    python benchmarks/init_time.py                      # SmolLM2-135M's shape, random weights, vs 77e932b
     python benchmarks/init_time.py --old-ref v0.3 --repeats 3 --threads 2 --model outputs/smollm2-135m
 
 Each measurement is a fresh process: it builds the model (a random Llama of SmolLM2-135M's shape from
@@ -86,7 +86,9 @@ def measure(package_dir: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old-ref", default="HEAD~1", help="git revision of the old path")
+    parser.add_argument(
+        "--old-ref", default="77e932b", help="git revision of the old path (77e932b: the last per-layer one)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bits", type=int, default=4)
