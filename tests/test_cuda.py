@@ -16,7 +16,7 @@ from dkm_hf import DKMConfig
 from dkm_hf.ops import dkm as ops_dkm
 from dkm_hf.ops.buckets import unique_buckets
 from dkm_hf.ops.dkm import dkm_cluster
-from dkm_hf.ops.kmeans import kmeans_init
+from dkm_hf.ops.kmeans import kmeans_init, kmeans_init_many
 
 pytestmark = [
     pytest.mark.cuda,
@@ -68,6 +68,16 @@ def test_kmeans_init_is_the_same_on_every_device():
         on_gpu = kmeans_init(w.cuda(), 16, seed=3, restarts=restarts).cpu()
         on_cpu = kmeans_init(w, 16, seed=3, restarts=restarts)
         assert_within(on_gpu, on_cpu, 2 * 3000 * U, w.abs().max().item(), f"centroids, {restarts} restart(s)")
+
+
+def test_batched_kmeans_runs_on_the_gpu():
+    """Per-row groups of several weights batched on the GPU: results there, the CPU's up to rare exact ties."""
+    many = [weights(300, 576, 1, seed=s) for s in range(3)] + [weights(100, 1536, 1, seed=3)]
+    on_gpu = kmeans_init_many([w.cuda() for w in many], 16, seed=1, restarts=4)
+    for w, c in zip(many, on_gpu):
+        assert c.is_cuda and c.shape == (w.shape[0], 16, 1)
+        same = torch.isclose(c.cpu(), kmeans_init(w, 16, seed=1, restarts=4), atol=1e-6).all(1).squeeze(-1)
+        assert same.float().mean() > 0.98
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_grouped_channel"])

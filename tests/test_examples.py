@@ -201,7 +201,7 @@ def tiny_causal_model(folder: Path) -> str:
     return str(model_dir)
 
 
-def test_causal_lm_example(tmp_path):
+def test_causal_lm_example(tmp_path, monkeypatch):
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     model = tiny_causal_model(tmp_path)
     rng = random.Random(0)
@@ -212,9 +212,15 @@ def test_causal_lm_example(tmp_path):
     argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} "
     argv += f"--validation_file {tmp_path / 'validation.txt'} --output_dir {out} --bits 4 --weight_threshold 512 "
     argv += "--block_size 16 --eval_tokens 64 --max_steps 3 --logging_steps 1 --new_tokens 4 --prompt good"
+    from dkm_hf.integrations import quantizer
+
+    initialised = []
+    init_centroids = quantizer.init_centroids
+    monkeypatch.setattr(quantizer, "init_centroids", lambda model: initialised.append(init_centroids(model)))
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]
     assert names == ["dense", "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
+    assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
     assert (out / "results.json").is_file() and "| DKM 4-bit, reloaded from disk |" in (out / "results.md").read_text()
     dense, ptq, dkm = results["rows"]
     assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"]

@@ -157,10 +157,16 @@ class DKMWeight:
         """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd."""
         if self.tied_source is not None:
             return
-        self.init_scale()
         seed = self.dkm_seed if seed is None else seed
         restarts = self.settings.kmeans_restarts
-        self.set_centroids(kmeans_init(self.vectors(), self.layout.n_clusters, seed=seed, restarts=restarts))
+        self.set_centroids(kmeans_init(self.init_vectors(), self.layout.n_clusters, seed=seed, restarts=restarts))
+
+    @torch.no_grad()
+    def init_vectors(self) -> torch.Tensor:
+        """The first half of `init_centroids` (the k-means of many weights runs batched in between): creates the
+        state, sets the per-channel scales from the weight, returns the vectors to cluster."""
+        self.init_scale()
+        return self.vectors()
 
     # -- weights ---------------------------------------------------------------------------------------------------
     def clustered_weight(self) -> torch.Tensor:

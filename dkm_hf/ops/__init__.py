@@ -6,5 +6,6 @@ dkm.py        the DKM loop as memory-lean autograd functions (chunked and uniqui
 fused.py      the DKM loop as fused kernels, torch.library ops (dkm_fused.cpp on CPU, fused_triton.py on CUDA)
 kmeans.py     k-means++ and Lloyd initialisation of the centroids
 packing.py    b-bit index packing
-native.py     the native CPU kernels of palettized inference (lut_kernels.c, built on first use, ctypes; optional)
+native.py     the native CPU kernels of palettized inference (lut_kernels.c/.cpp as torch operators; optional)
+extension.py  building native code with torch.utils.cpp_extension; the warning when a fallback is taken
 """

@@ -1,17 +1,27 @@
 """Initial centroids: weighted k-means++ seeding then Lloyd iterations, batched over LUT groups, on w's device.
 
 A quantile-initialised Lloyd leaves outliers without a centroid; k-means++ (D^2 sampling) does not. For d = 1 (the
-common case) the values of each group are sorted once, and every Lloyd iteration is then O(groups * k * log n): the
-clusters of sorted values are intervals between centroid midpoints (`searchsorted`), and their sums come from
-prefix sums. Per-tensor LUTs first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an
-LLM (hundreds of thousands of small groups) go straight to the sorted values.
+common case) the values of each group are sorted once and everything after works on their prefix sums of w, w x and
+w x^2: with sorted values the cluster of each centroid is an interval between centroid midpoints (`searchsorted`), and
+an interval's mass, sum and squared distance to any point come from three differences. A k-means++ draw picks an
+interval by its D^2 mass, then the value inside it by binary search on the prefix sums; a Lloyd iteration moves each
+centroid to its interval's mean, and only the edges that left the values around their new midpoint are searched
+again. Each step costs O(k log n) per group instead of the O(n k) of working on every value. Per-tensor LUTs
+first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an LLM (hundreds of
+thousands of small groups) go straight to the sorted values.
 
-Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many seeded k-means (batched as extra
-groups) and keeps the one of lowest inertia, as scikit-learn's `n_init` does; DKMConfig.kmeans_restarts says when
-that helped and when it did not.
+Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many seeded k-means (side by side, as
+extra centroid sets searched in the same sorted values) and keeps the one of lowest inertia, as scikit-learn's
+`n_init` does; DKMConfig.kmeans_restarts says when that helped and when it did not.
+
+`kmeans_init_many` initialises many weights at once: the groups of all weights of one length are sorted and
+clustered in one batched call. Each weight's random numbers come from its own generator seeded with `seed`, so a
+weight gets the same centroids alone (`kmeans_init`) or batched with others.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -21,6 +31,177 @@ from .buckets import bucket_dtype_for, unique_buckets
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
 RESTARTS = 1  # k-means runs per group by default; with more, the lowest-inertia one is kept
+LLOYD_ITERS = 50
+# Sorted values per batched 1-D call (about 40 bytes each with their prefix sums and temporaries).
+SORTED_BATCH_CPU = 1 << 22
+SORTED_BATCH_ACCELERATOR = 1 << 25
+
+
+class _Prefix:
+    """Prefix sums of a batch of groups of sorted values: x (G, R) ascending, weight (G, R) >= 0 or None (all 1)."""
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor | None):
+        self.x = x.double()
+        zero = self.x.new_zeros(x.shape[0], 1)
+        wx = self.x if weight is None else self.x * weight.double()
+        self.s0 = None if weight is None else torch.cat([zero, weight.double().cumsum(1)], 1)
+        self.s1 = torch.cat([zero, wx.cumsum(1)], 1)
+        self.s2 = torch.cat([zero, (wx * self.x).cumsum(1)], 1)
+        self.padded = None
+
+    def take(self, rows: torch.Tensor) -> _Prefix:
+        new = object.__new__(_Prefix)
+        new.x, new.s1, new.s2 = self.x[rows], self.s1[rows], self.s2[rows]
+        new.s0 = None if self.s0 is None else self.s0[rows]
+        new.padded = None if self.padded is None else self.padded[rows]
+        return new
+
+    def at(self, index: torch.Tensor, squares: bool = True) -> tuple[torch.Tensor, ...]:
+        """(mass, sum[, sum of squares]) of the values before each position of index (G, ...) in [0, R]."""
+        flat = index.reshape(index.shape[0], -1)
+        sums = (flat.double() if self.s0 is None else self.s0.gather(1, flat), self.s1.gather(1, flat))
+        if squares:
+            sums += (self.s2.gather(1, flat),)
+        return tuple(s.view(index.shape) for s in sums)
+
+    def bounds(self, c: torch.Tensor) -> torch.Tensor:
+        """The clusters of sorted centroids c (G, r, m) as bounds (G, r, m + 1) into the values: a value at a
+        midpoint joins the lower centroid, as argmin does."""
+        G, r, m = c.shape
+        edges = torch.searchsorted(self.x, _midpoints(c).reshape(G, -1), right=True).view(G, r, m - 1)
+        ends = edges.new_full((G, r, 1), self.x.shape[1])
+        return torch.cat([torch.zeros_like(ends), edges, ends], -1)
+
+    def moved_bounds(self, c: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        """`bounds(c)` for centroids c that moved from those of `bounds`: an edge still between the values around its
+        new midpoint stays (two look-ups); the others, fewer and fewer as Lloyd converges, are searched again."""
+        G, r, m = c.shape
+        mids = _midpoints(c).reshape(G, -1)
+        edges = bounds[..., 1:-1].reshape(G, -1).clone()
+        if self.padded is None:
+            inf = self.x.new_full((G, 1), float("inf"))
+            self.padded = torch.cat([-inf, self.x, inf], 1)  # padded[e] = x[e - 1]: the last value below edge e
+        wrong = (self.padded.gather(1, edges + 1) <= mids) | (self.padded.gather(1, edges) > mids)
+        rows, cols = wrong.nonzero().unbind(1)
+        if rows.numel():
+            edges[rows, cols] = self.count_below(rows, mids[rows, cols])
+        return torch.cat([bounds[..., :1], edges.view(G, r, m - 1), bounds[..., -1:]], -1)
+
+    def count_below(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """How many values of group rows[i] are <= values[i]: `searchsorted(right=True)` of scattered single
+        queries, as a binary search over the flattened values (no copy of their groups)."""
+        R = self.x.shape[1]
+        flat, base = self.x.view(-1), rows * R
+        lo, hi = torch.zeros_like(rows), torch.full_like(rows, R)
+        for _ in range(R.bit_length()):
+            mid = (lo + hi) // 2
+            up = (flat[base + mid.clamp(max=R - 1)] <= values) & (lo < hi)
+            lo, hi = torch.where(up, mid + 1, lo), torch.where(up, hi, mid)
+        return lo
+
+    def stats(self, bounds: torch.Tensor, squares: bool = True) -> tuple[torch.Tensor, ...]:
+        """Mass, sum [and sum of squares] (G, r, m) of the clusters between bounds (G, r, m + 1)."""
+        return tuple(s.diff(dim=-1) for s in self.at(bounds, squares))
+
+    def pick_by_mass(self, u: torch.Tensor) -> torch.Tensor:
+        """Value positions (G, r) drawn by weight with uniform numbers u (G, r)."""
+        R = self.x.shape[1]
+        if self.s0 is None:
+            return (u * R).long().clamp_(max=R - 1)
+        index = torch.searchsorted(self.s0, u * self.s0[:, -1:], right=True) - 1
+        return index.clamp_(0, R - 1)
+
+    def search(self, lo: torch.Tensor, hi: torch.Tensor, c: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The first position p in [lo, hi] where the D^2 mass of the values lo..p around centroid c exceeds target
+        (all (G, r)): a binary search on the prefix sums."""
+        b0, b1, b2 = self.at(lo)
+        for _ in range(int((hi - lo).max()).bit_length() + 1):
+            mid = (lo + hi) // 2
+            s0, s1, s2 = self.at(mid + 1)
+            below = (s2 - b2) - 2 * c * (s1 - b1) + c * c * (s0 - b0) <= target
+            lo, hi = torch.where(below, mid + 1, lo), torch.where(below, hi, mid)
+        return lo.clamp_(max=self.x.shape[1] - 1)
+
+
+def _midpoints(c: torch.Tensor) -> torch.Tensor:
+    return (c[..., 1:] + c[..., :-1]) / 2
+
+
+def _sq_distance(c: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """Sum of w (x - c)^2 over each cluster, from its mass, sum and sum of squares."""
+    return (s2 - 2 * c * s1 + c * c * s0).clamp_min_(0)
+
+
+def _seed_1d(p: _Prefix, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means++ on sorted values: k = u.shape[-1] centroids (G, r, k) sorted, drawn with uniform numbers u
+    (G, r, k), and their cluster bounds. Draw j picks a cluster of the j centroids so far by its D^2 mass, then the
+    value inside it; the new centroid splits that cluster's neighbourhood, so only its two edges are searched."""
+    G, r, k = u.shape
+    R = p.x.shape[1]
+    c = p.x.gather(1, p.pick_by_mass(u[..., 0])).unsqueeze(-1)
+    bounds = torch.zeros(G, r, 2, dtype=torch.long, device=c.device)
+    bounds[..., 1] = R
+    for j in range(1, k):
+        mass = _sq_distance(c, *p.stats(bounds))
+        cum = mass.cumsum(-1)
+        target = u[..., j : j + 1] * cum[..., -1:]
+        cell = torch.searchsorted(cum, target, right=True).clamp_(max=j - 1)
+        rest = (target - cum.gather(-1, cell) + mass.gather(-1, cell)).squeeze(-1)
+        lo = bounds.gather(-1, cell).squeeze(-1).clamp_(max=R - 1)
+        hi = torch.maximum(bounds.gather(-1, cell + 1).squeeze(-1) - 1, lo)
+        index = p.search(lo, hi, c.gather(-1, cell).squeeze(-1), rest)
+        flat = cum[..., -1] <= 0  # every value sits on a centroid: draw by weight, as the first draw
+        new = p.x.gather(1, torch.where(flat, p.pick_by_mass(u[..., j]), index)).unsqueeze(-1)  # (G, r, 1)
+        at = (c < new).sum(-1, keepdim=True)  # where the new centroid goes in the sorted ones
+        left = c.gather(-1, (at - 1).clamp_(min=0))
+        right = c.gather(-1, at.clamp(max=j - 1))
+        mids = torch.cat([(left + new) / 2, (new + right) / 2], -1).view(G, 2 * r)
+        edges = torch.searchsorted(p.x, mids, right=True).view(G, r, 2)
+        t = torch.arange(j + 2, device=c.device)
+        shifted = bounds.gather(-1, torch.where(t <= at, t, t - 1).clamp_(max=j))
+        left_edge = torch.where(at > 0, edges[..., :1], 0)
+        right_edge = torch.where(at < j, edges[..., 1:], R)
+        bounds = torch.where(t == at, left_edge, torch.where(t == at + 1, right_edge, shifted))
+        c = torch.cat([c, new], -1).sort(-1).values
+    return c, bounds
+
+
+def _lloyd_1d(p: _Prefix, c: torch.Tensor, bounds: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd from sorted centroids c (G, r, k) and their cluster bounds until no cluster changes (or `iters`
+    updates); the groups still moving are gathered into a smaller batch whenever they are fewer than half of it."""
+    out = c.clone()
+    rows = torch.arange(c.shape[0], device=c.device)
+    for i in range(iters):
+        if i > 0:
+            previous, bounds = bounds, p.moved_bounds(c, bounds)
+            moving = (bounds != previous).flatten(1).any(1)
+            n_moving = int(moving.sum())
+            if n_moving == 0:
+                break
+            if 2 * n_moving < moving.numel():
+                out[rows] = c
+                keep = moving.nonzero().squeeze(1)
+                p, rows, c, bounds = p.take(keep), rows[keep], c[keep], bounds[keep]
+        s0, s1 = p.stats(bounds, squares=False)
+        c = torch.where(s0 > 0, s1 / s0.clamp_min(_TINY), c).sort(-1).values
+    out[rows] = c
+    return out
+
+
+def _kmeans_1d(x: torch.Tensor, weight: torch.Tensor | None, u: torch.Tensor, lloyd_iters: int) -> torch.Tensor:
+    """x (G, R) sorted ascending, weight (G, R) >= 0 or None, uniform numbers u (G, restarts, k) -> the centroids
+    (G, k) sorted, float32, of the lowest-inertia restart."""
+    p = _Prefix(x, weight)
+    c = _lloyd_1d(p, *_seed_1d(p, u), lloyd_iters)
+    best = _sq_distance(c, *p.stats(p.bounds(c))).sum(-1).argmin(1)
+    return c[torch.arange(c.shape[0], device=c.device), best].float()
+
+
+def _uniform(seed: int, groups: int, restarts: int, k: int, device: torch.device) -> torch.Tensor:
+    """The uniform numbers of one weight's k-means++ draws, (groups, restarts, k) float64: from a CPU generator
+    seeded with `seed`, so the draws are the same on every device."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(groups, restarts, k, generator=generator, dtype=torch.float64).to(device)
 
 
 def _pick(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -34,36 +215,6 @@ def _pick(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         total = cdf[:, -1:]
     u = torch.rand(p.shape[0], 1, generator=generator, dtype=torch.float64).to(p.device, p.dtype) * total
     return torch.searchsorted(cdf, u, right=True).clamp_(max=p.shape[1] - 1).squeeze(1)
-
-
-def _kmeans_1d(x: torch.Tensor, weight: torch.Tensor, k: int, generator: torch.Generator, lloyd_iters: int):
-    """x (G, R) sorted ascending, weight (G, R) >= 0 -> (centroids (G, k) sorted, inertia (G,)). Exact Lloyd on
-    sorted values."""
-    G, R = x.shape
-    rows = torch.arange(G, device=x.device)
-    xd, wd = x.double(), weight.double()
-    centers = [x[rows, _pick(wd, generator)]]
-    closest = (xd - centers[0].double().unsqueeze(1)).square_()
-    for _ in range(1, k):
-        centers.append(x[rows, _pick(wd * closest, generator)])
-        closest = torch.minimum(closest, (xd - centers[-1].double().unsqueeze(1)).square_())
-    c = torch.stack(centers, 1).double().sort(1).values
-    zero = torch.zeros(G, 1, dtype=torch.float64, device=x.device)
-    cum_w = torch.cat([zero, torch.cumsum(wd, 1)], 1)
-    cum_wx = torch.cat([zero, torch.cumsum(wd * xd, 1)], 1)
-    previous = None
-    for _ in range(lloyd_iters):
-        # value v joins the nearest centroid; at an exact midpoint the lower one (as argmin does)
-        edges = torch.searchsorted(xd, (c[:, 1:] + c[:, :-1]) / 2, right=True)
-        if previous is not None and torch.equal(edges, previous):
-            break
-        previous = edges
-        bounds = torch.cat([torch.zeros_like(edges[:, :1]), edges, torch.full_like(edges[:, :1], R)], 1)
-        mass = cum_w.gather(1, bounds[:, 1:]) - cum_w.gather(1, bounds[:, :-1])
-        sums = cum_wx.gather(1, bounds[:, 1:]) - cum_wx.gather(1, bounds[:, :-1])
-        c = torch.where(mass > 0, sums / mass.clamp_min(_TINY), c).sort(1).values
-    nearest = c.gather(1, torch.searchsorted((c[:, 1:] + c[:, :-1]) / 2, xd))
-    return c.float(), (wd * (xd - nearest).square_()).sum(1)
 
 
 def _weighted_kmeans(x, weight, k, generator, lloyd_iters):
@@ -109,34 +260,16 @@ def _best_of(run, x, weight, restarts: int, per_batch: int):
     return torch.cat(out, 0)
 
 
-def kmeans_init(
-    w: torch.Tensor,
-    k: int,
-    seed: int = 0,
-    lloyd_iters: int = 50,
-    max_rows: int = 1 << 16,
-    restarts: int = RESTARTS,
-) -> torch.Tensor:
-    """Initial centroids for w (G, n, d): weighted k-means++ then Lloyd, the best of `restarts` runs by inertia;
-    (G, k, d) float32 on w's device.
-
-    Deterministic for a given seed, on every device. For d = 1 the centroids come sorted. For d > 1 it runs on at
-    most `max_rows` vectors per group (a seeded sample).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    w = w.detach().float()
+def _init_whole(w: torch.Tensor, k: int, seed: int, lloyd_iters: int, max_rows: int, restarts: int) -> torch.Tensor:
+    """The groups that are not batched across weights: d = 1 with more than HISTOGRAM_FROM values (clustered as
+    their histogram of distinct 16-bit values) and d > 1 (at most `max_rows` vectors per group, a seeded sample)."""
     G, n, d = w.shape
     if d == 1:
-        if n > HISTOGRAM_FROM:
-            values, counts, _ = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
-            weight = counts.float()
-        else:
-            values, weight = w.squeeze(-1), torch.ones(G, n, device=w.device)
-        order = values.argsort(1)
-        x, weight = values.gather(1, order), weight.gather(1, order)
-        per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * restarts))
-        run = lambda xb, wb: _kmeans_1d(xb, wb, k, generator, lloyd_iters)  # noqa: E731
-        return _best_of(run, x, weight, restarts, per_batch).unsqueeze(-1)
+        values, counts, _ = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
+        x, order = values.float().sort(1)
+        u = _uniform(seed, G, restarts, k, w.device)
+        return _kmeans_1d(x, counts.gather(1, order).float(), u, lloyd_iters).unsqueeze(-1)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     if n > max_rows:
         rows = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(w.device)
         w = w[:, rows]
@@ -144,3 +277,79 @@ def kmeans_init(
     per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * k * d * restarts))
     run = lambda xb, wb: _weighted_kmeans(xb, wb, k, generator, lloyd_iters)  # noqa: E731
     return _best_of(run, x, weight, restarts, per_batch)
+
+
+def kmeans_init_many(
+    weights: Sequence[torch.Tensor],
+    k: int,
+    seed: int = 0,
+    restarts: int = RESTARTS,
+    lloyd_iters: int = LLOYD_ITERS,
+    max_rows: int = 1 << 16,
+) -> list[torch.Tensor]:
+    """Initial centroids of many weights, each (G_i, n_i, d_i): weighted k-means++ then Lloyd, the best of `restarts`
+    runs by inertia; a list of (G_i, k, d_i) float32 tensors, each on its weight's device.
+
+    The groups of all weights with d = 1 and the same n (the per-row LUTs of every layer of one shape) are sorted and
+    clustered together, in batches of about SORTED_BATCH_CPU (on CPU) values. Deterministic for a given seed,
+    whatever the batching: each weight gets what `kmeans_init(w, k, seed)` gives it. For d = 1 the centroids come
+    sorted.
+    """
+    out: list[torch.Tensor | None] = [None] * len(weights)
+    batched: dict[tuple[int, torch.device], list[int]] = {}
+    for i, w in enumerate(weights):
+        if w.dim() != 3 or 0 in w.shape:
+            raise ValueError(f"kmeans_init_many: weight {i} has shape {tuple(w.shape)}; expected (groups, n, d) > 0")
+        if w.shape[2] == 1 and w.shape[1] <= HISTOGRAM_FROM:
+            batched.setdefault((w.shape[1], w.device), []).append(i)
+        else:
+            out[i] = _init_whole(w.detach().float(), k, seed, lloyd_iters, max_rows, restarts)
+    for (n, device), members in batched.items():
+        limit = max(1, (SORTED_BATCH_CPU if device.type == "cpu" else SORTED_BATCH_ACCELERATOR) // n)
+        pieces: list[tuple[int, int, int]] = []  # (weight, first row, end row) of the next batch
+        results: dict[int, list[torch.Tensor]] = {i: [] for i in members}
+        uniform = {}
+        for i in members:
+            rows = weights[i].shape[0]
+            uniform[i] = _uniform(seed, rows, restarts, k, device)
+            start = 0
+            while start < rows:
+                room = limit - sum(e - s for _, s, e in pieces)
+                end = min(rows, start + room)
+                pieces.append((i, start, end))
+                start = end
+                if sum(e - s for _, s, e in pieces) >= limit:
+                    _run_batch(weights, pieces, uniform, results, lloyd_iters)
+                    pieces = []
+        if pieces:
+            _run_batch(weights, pieces, uniform, results, lloyd_iters)
+        for i in members:
+            out[i] = torch.cat(results[i], 0).unsqueeze(-1)
+            del uniform[i]
+    return out
+
+
+def _run_batch(weights, pieces, uniform, results, lloyd_iters: int) -> None:
+    """Cluster the rows `pieces` names ((weight, first row, end row), d = 1, one length) as one batch."""
+    x = torch.cat([weights[i][s:e, :, 0].detach().float() for i, s, e in pieces], 0).sort(1).values
+    u = torch.cat([uniform[i][s:e] for i, s, e in pieces], 0)
+    centroids = _kmeans_1d(x, None, u, lloyd_iters)
+    for (i, s, e), c in zip(pieces, centroids.split([e - s for _, s, e in pieces], 0)):
+        results[i].append(c)
+
+
+def kmeans_init(
+    w: torch.Tensor,
+    k: int,
+    seed: int = 0,
+    lloyd_iters: int = LLOYD_ITERS,
+    max_rows: int = 1 << 16,
+    restarts: int = RESTARTS,
+) -> torch.Tensor:
+    """Initial centroids for w (G, n, d): weighted k-means++ then Lloyd, the best of `restarts` runs by inertia;
+    (G, k, d) float32 on w's device.
+
+    Deterministic for a given seed, on every device. For d = 1 the centroids come sorted. For d > 1 it runs on at
+    most `max_rows` vectors per group (a seeded sample). `kmeans_init_many` does many weights at once.
+    """
+    return kmeans_init_many([w], k, seed, restarts, lloyd_iters, max_rows)[0]

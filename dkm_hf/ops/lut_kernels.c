@@ -1,6 +1,7 @@
 /* Native CPU kernels of palettized inference: decode rows of a palettized weight, and the fused LUT matrix-vector
- * product y = x W^T for a few rows of x that never writes W out. Built and loaded by dkm_hf/ops/native.py (plain C,
- * ctypes: no Python or torch headers); every pointer is the data of a contiguous CPU tensor.
+ * product y = x W^T for a few rows of x that never writes W out. Plain C, no Python or torch headers: lut_kernels.cpp
+ * includes it and wraps it as torch operators (dkm_hf/ops/native.py); every pointer is the data of a contiguous CPU
+ * tensor.
  *
  * A weight is (channels, features) rows of vectors_per_row vectors of cluster_dim values. Row r uses LUT group
  * r / rows_per_group: lut (groups, n_clusters, cluster_dim). Vector i of the weight (row-major) has the index at

@@ -1,141 +1,115 @@
-"""The native CPU kernels of palettized inference (`lut_kernels.c`): compiled once, loaded with ctypes.
+"""The native CPU kernels of palettized inference (`lut_kernels.c`) as torch operators.
 
     decode_rows(palette, ...)   rows of a palettized weight, bit for bit what the torch decode makes
     lut_gemv(palette, x, bias)  y = x W^T + bias for a few rows of x, without writing W out (float32 only)
 
-The C file is compiled on first use with the system C compiler (`$CC`, else gcc, else cc; -O3 and the -m flags of
-the CPU capability torch reports: AVX-512, AVX2 or none) into `$XDG_CACHE_HOME/dkm_hf/native` (default
-~/.cache/dkm_hf/native), named by the hash of the source and the flags, so each source and CPU kind is built once.
-$DKM_HF_NATIVE_ARCH=AVX2 or DEFAULT builds another variant (tests of the AVX2 and plain C code on an AVX-512 CPU).
-Without a compiler, when compiling fails, off CPU or with DKM_HF_NATIVE=0 in the environment, `available()` is
-False and callers keep their torch path: nothing here is required.
+`lut_kernels.cpp` wraps the C kernels as `torch.ops.dkm_hf.decode_rows` / `lut_gemv` (fake implementations
+registered here, so they trace under torch.compile and run on the meta device). It is built on first use by
+`extension.load_extension` (torch.utils.cpp_extension: ninja and the C++ compiler torch uses, -O3, OpenMP, the -m
+flags of the CPU capability torch reports: AVX-512, AVX2 or none), once per torch version and CPU kind, under
+~/.cache/dkm_hf/torch_extensions. $DKM_HF_NATIVE_ARCH=AVX2 or DEFAULT builds another variant (tests of the AVX2 and
+plain C code on an AVX-512 CPU). When the build fails, `available()` is False, callers keep their torch path (about
+32x slower for batch-1 generation) and a warning says why, once; DKM_HF_NATIVE=0 in the environment turns the
+kernels off without a warning. Nothing here is required.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("lut_kernels.c")
-ABI_VERSION = 1
+from .extension import load_extension, warn_once
+
+SOURCE = Path(__file__).with_name("lut_kernels.cpp")
 MAX_LUT = 4096  # n_clusters * cluster_dim (the C side's MAX_LUT)
 MAX_DIM = 16  # cluster_dim (the C side's MAX_DIM)
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ARCH_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
 }
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
+_SLOWER = "; palettized weights decode in torch instead (about 32x slower for batch-1 generation)"
+_LOADED: bool | None = None
 
 
-class Palette(ctypes.Structure):
-    """The C `Palette`: one palettized weight seen as (channels, features) rows. Holds its tensors alive."""
+class Palette:
+    """One palettized weight seen as (channels, features) rows, as the kernels read it: its packed indices, LUT
+    (groups, 2**bits, cluster_dim), optional per-row scale and the dtype its values decode to."""
 
-    _fields_ = [
-        ("packed", ctypes.c_void_p),
-        ("bits", ctypes.c_int64),
-        ("cluster_dim", ctypes.c_int64),
-        ("vectors_per_row", ctypes.c_int64),
-        ("rows_per_group", ctypes.c_int64),
-        ("n_clusters", ctypes.c_int64),
-        ("lut", ctypes.c_void_p),
-        ("lut_dtype", ctypes.c_int64),
-        ("scale", ctypes.c_void_p),
-        ("scale_dtype", ctypes.c_int64),
-        ("value_dtype", ctypes.c_int64),
-    ]
+    def __init__(
+        self,
+        packed: torch.Tensor | None = None,
+        lut: torch.Tensor | None = None,
+        scale: torch.Tensor | None = None,
+        bits: int = 0,
+        shape: tuple[int, int] = (0, 0),
+        out_dtype: torch.dtype = torch.float32,
+    ):
+        self.packed, self.lut, self.scale, self.bits = packed, lut, scale, bits
+        self.shape, self.out_dtype = shape, out_dtype
+
+    def arguments(self) -> tuple:
+        return (self.packed, self.lut, self.scale, self.bits, *self.shape, self.out_dtype)
 
 
 def enabled() -> bool:
     return os.environ.get("DKM_HF_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def arch_flags() -> list[str]:
-    """The -m flags of the variant to build: torch's CPU capability, or $DKM_HF_NATIVE_ARCH (AVX512, AVX2 or DEFAULT:
-    to test the other variants on one machine)."""
+def arch() -> str:
+    """The variant to build: torch's CPU capability, or $DKM_HF_NATIVE_ARCH (AVX512, AVX2 or DEFAULT: to test the
+    other variants on one machine)."""
     try:
         capability = os.environ.get("DKM_HF_NATIVE_ARCH") or torch.backends.cpu.get_cpu_capability()
     except Exception:  # noqa: BLE001 - an old or unusual torch: build the portable variant
         capability = "DEFAULT"
-    return list(_ARCH_FLAGS.get(capability, []))
+    return capability if capability in _ARCH_FLAGS else "DEFAULT"
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dkm_hf" / "native"
+def arch_flags() -> list[str]:
+    return list(_ARCH_FLAGS.get(arch(), []))
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+def _register_fakes() -> None:
+    """Shapes and dtypes of the operators' results without running them (meta tensors, torch.compile)."""
+
+    @torch.library.register_fake("dkm_hf::decode_rows")
+    def _(packed, lut, scale, bits, channels, features, dtype, rows, threads):
+        n = channels if rows is None else rows.numel()
+        return packed.new_empty((n, features), dtype=dtype)
+
+    @torch.library.register_fake("dkm_hf::lut_gemv")
+    def _(packed, lut, scale, bits, channels, features, dtype, x, bias, threads):
+        return x.new_empty((*x.shape[:-1], channels), dtype=torch.float32)
 
 
-def _build() -> Path | None:
-    """The shared library for this source and CPU kind, compiled now if the cache lacks it; None if it cannot be."""
-    compiler = _compiler()
-    if compiler is None or not SOURCE.exists():
-        return None
-    source = SOURCE.read_bytes()
-    for extra in (["-fopenmp"], []):  # OpenMP where the compiler has it
-        flags = ["-O3", "-shared", "-fPIC", "-std=c11", *arch_flags(), *extra]
-        key = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
-        target = cache_dir() / f"lut_kernels-{key}.so"
-        if target.exists():
-            return target
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                out = Path(tmp) / target.name
-                done = subprocess.run(
-                    [compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, timeout=120
-                )
-                if done.returncode == 0:
-                    os.replace(out, target)  # atomic: concurrent builders agree on the file
-                    return target
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return None
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (disabled, no compiler, a failed build or a library of another ABI)."""
-    global _LIB, _TRIED
+def library() -> bool:
+    """Whether the operators are loaded: built now if needed. False when disabled or when the build failed (said
+    once, with the reason, by a RuntimeWarning)."""
+    global _LOADED
     if not enabled():
-        return None
-    if not _TRIED:
-        _TRIED = True
-        try:
-            path = _build()
-            lib = ctypes.CDLL(str(path)) if path else None
-            if lib is not None and lib.dkm_abi_version() == ABI_VERSION:
-                pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.dkm_decode_rows.argtypes = [ctypes.POINTER(Palette), pointer, i64, i64, pointer, i64]
-                lib.dkm_lut_gemv.argtypes = [ctypes.POINTER(Palette), pointer, i64, pointer, pointer, i64, i64]
-                lib.dkm_decode_rows.restype = lib.dkm_lut_gemv.restype = ctypes.c_int
-                _LIB = lib
-        except OSError:
-            _LIB = None
-    return _LIB
+        return False
+    if _LOADED is None:
+        name = f"dkm_hf_lut_kernels_{arch().lower()}"
+        flags = ["-O3", *arch_flags()]
+        path = load_extension(f"{name}_omp", [SOURCE], [*flags, "-fopenmp"], ["-fopenmp"], warn=False)
+        if path is None:  # a compiler without OpenMP: one thread
+            path = load_extension(name, [SOURCE], flags, what=_SLOWER)
+        _LOADED = path is not None
+        if _LOADED:
+            _register_fakes()
+    return _LOADED
 
 
 def available() -> bool:
-    return library() is not None
+    return library()
 
 
 def lanes() -> int:
     """Float lanes of the loaded variant: 16 (AVX-512), 8 (AVX2), 0 (plain C); -1 without the library."""
-    lib = library()
-    return lib.dkm_lanes() if lib is not None else -1
+    return torch.ops.dkm_hf.lut_lanes() if library() else -1
 
 
 def make_palette(
@@ -148,61 +122,45 @@ def make_palette(
     value_dtype: torch.dtype,
 ) -> Palette | None:
     """The `Palette` of a weight of (channels, features) rows, LUT (groups, 2**bits, cluster_dim), per-row `scale`;
-    None where the kernels do not cover it (not CPU, a dtype or geometry they lack): the caller decodes in torch."""
-    groups, n_clusters, dim = lut.shape
+    None where the kernels do not cover it: off CPU silently (the torch decode is the device's path), else with a
+    warning, once per reason, naming what they lack. The caller then decodes in torch."""
     tensors = [packed, lut] + ([scale] if scale is not None else [])
-    if (
-        any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors)
-        or packed.dtype != torch.uint8
-        or lut.dtype not in DTYPE_CODES
-        or (scale is not None and (scale.dtype not in DTYPE_CODES or scale.numel() != channels))
-        or value_dtype not in DTYPE_CODES
-        or not 1 <= bits <= 8
-        or n_clusters != 2**bits
-        or dim > MAX_DIM
-        or n_clusters * dim > MAX_LUT
-        or features % dim
-        or channels % groups
-        or packed.numel() * 8 < channels * features // dim * bits
-    ):
+    if any(t.device.type != "cpu" for t in tensors):
         return None
-    palette = Palette(
-        packed.data_ptr(),
-        bits,
-        dim,
-        features // dim,
-        channels // groups,
-        n_clusters,
-        lut.data_ptr(),
-        DTYPE_CODES[lut.dtype],
-        scale.data_ptr() if scale is not None else None,
-        DTYPE_CODES[scale.dtype] if scale is not None else 0,
-        DTYPE_CODES[value_dtype],
-    )
-    palette.tensors = tensors  # kept alive as long as the palette
-    palette.shape = (channels, features)
-    palette.out_dtype = value_dtype
-    return palette
+    groups, n_clusters, dim = lut.shape
+    reason = None
+    if not all(t.is_contiguous() for t in tensors):
+        reason = "non-contiguous LUT, indices or scale"
+    elif packed.dtype != torch.uint8:
+        reason = f"indices of dtype {packed.dtype}"
+    elif lut.dtype not in DTYPES or (scale is not None and scale.dtype not in DTYPES) or value_dtype not in DTYPES:
+        dtypes = {lut.dtype, value_dtype} | ({scale.dtype} if scale is not None else set())
+        reason = f"dtypes {sorted(str(d) for d in dtypes - set(DTYPES))}"
+    elif not 1 <= bits <= 8 or n_clusters != 2**bits:
+        reason = f"a LUT of {n_clusters} entries for {bits} bits"
+    elif dim > MAX_DIM or n_clusters * dim > MAX_LUT:
+        reason = f"cluster_dim {dim} with {n_clusters} clusters (at most {MAX_DIM} and {MAX_LUT} values)"
+    elif features % dim or channels % groups or (scale is not None and scale.numel() != channels):
+        reason = f"a weight of {channels} x {features} with LUT {tuple(lut.shape)}"
+    elif packed.numel() * 8 < channels * features // dim * bits:
+        reason = f"{packed.numel()} bytes of indices for {channels * features // dim} indices of {bits} bits"
+    if reason is not None:
+        warn_once(f"palette:{reason}", f"dkm_hf: the native kernels do not cover {reason}{_SLOWER}")
+        return None
+    return Palette(packed, lut, scale, bits, (channels, features), value_dtype)
 
 
 def decode_rows(palette: Palette, rows: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """Rows `rows` (int64, default all) of the weight, (len(rows), features) in the palette's value dtype, equal bit
     for bit to the torch decode (dkm_hf.nn.palettized). `threads` defaults to torch's intra-op threads."""
-    lib = library()
-    if lib is None:
+    if not library():
         raise RuntimeError("the native kernels are not available (see dkm_hf.ops.native)")
-    channels, features = palette.shape
     if rows is not None:
-        rows = rows.to(torch.int64).contiguous()
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= channels):
-            raise IndexError(f"rows out of range for a weight of {channels} rows")
-    n = channels if rows is None else rows.numel()
-    out = torch.empty(n, features, dtype=palette.out_dtype)
+        rows = rows.to(torch.int64)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= palette.shape[0]):
+            raise IndexError(f"rows out of range for a weight of {palette.shape[0]} rows")
     threads = torch.get_num_threads() if threads is None else threads
-    lib.dkm_decode_rows(
-        ctypes.byref(palette), rows.data_ptr() if rows is not None else None, 0, n, out.data_ptr(), threads
-    )
-    return out
+    return torch.ops.dkm_hf.decode_rows(*palette.arguments(), rows, threads)
 
 
 def lut_gemv(
@@ -211,24 +169,10 @@ def lut_gemv(
     """x (..., features) float32 -> x W^T + bias (..., channels) float32, W read from its LUT and indices only. The
     weight's values are those of `decode_rows`; the sums run in float32 in another order than a BLAS GEMM, so the
     result equals F.linear(x, decode_rows(palette), bias) within float32 summation-order tolerance."""
-    lib = library()
-    if lib is None:
+    if not library():
         raise RuntimeError("the native kernels are not available (see dkm_hf.ops.native)")
-    channels, features = palette.shape
+    features = palette.shape[1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != features:
         raise ValueError(f"lut_gemv needs float32 CPU input of {features} features, got {x.dtype} {tuple(x.shape)}")
-    if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
-    flat = x.reshape(-1, features).contiguous()
-    out = torch.empty(flat.shape[0], channels, dtype=torch.float32)
     threads = torch.get_num_threads() if threads is None else threads
-    lib.dkm_lut_gemv(
-        ctypes.byref(palette),
-        flat.data_ptr(),
-        flat.shape[0],
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        channels,
-        threads,
-    )
-    return out.view(*x.shape[:-1], channels)
+    return torch.ops.dkm_hf.lut_gemv(*palette.arguments(), x, bias, threads)

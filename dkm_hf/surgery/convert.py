@@ -28,6 +28,7 @@ from ..nn.layout import Layout
 from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
 from ..nn.scopes import add_parent_scopes, remove_parent_scopes
 from ..nn.weights import channel_dims, is_transposed, split_name, swap_class, weight_name
+from ..ops.kmeans import kmeans_init_many
 from ..ops.packing import pack_indices
 from .select import select_weights, tied_pairs
 
@@ -35,6 +36,7 @@ logger = logging.get_logger(__name__)
 
 # Instance attributes accelerate's `add_hook_to_module` sets; a copied module must not inherit them.
 _HOOK_ATTRS = ("forward", "_hf_hook", "_old_forward")
+INIT_BATCH = 1 << 27  # weights per batched k-means call of `init_centroids` (their float32 vectors: 512 MB)
 
 
 def _check_not_offloaded(module: nn.Module, name: str) -> None:
@@ -101,10 +103,23 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
 
 
 def init_centroids(model: nn.Module) -> None:
-    """k-means initialisation of every DKM weight that owns its centroids, with a progress bar when it is slow."""
-    states = [s for _, s in dkm_modules(model) if s.tied_source is None]
-    for state in logging.tqdm(states, desc="dkm_hf: initialising centroids", delay=2.0, leave=False):
-        state.init_centroids()
+    """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
+    restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
+    is slow. Each weight gets what its own `init_centroids` gives it."""
+    batches: dict[tuple, list[list[DKMWeight]]] = {}
+    for _, module in dkm_modules(model):
+        if module.tied_source is None:
+            key = (module.layout.n_clusters, module.dkm_seed, module.settings.kmeans_restarts)
+            batch = batches.setdefault(key, [[]])
+            if sum(m.weight.numel() for m in batch[-1]) + module.weight.numel() > INIT_BATCH and batch[-1]:
+                batch.append([])
+            batch[-1].append(module)
+    todo = [(key, batch) for key, runs in batches.items() for batch in runs]
+    progress = logging.tqdm(todo, desc="dkm_hf: initialising centroids", delay=2.0, leave=False)
+    for (k, seed, restarts), batch in progress:
+        centroids = kmeans_init_many([m.init_vectors() for m in batch], k, seed=seed, restarts=restarts)
+        for module, c in zip(batch, centroids):
+            module.set_centroids(c)
 
 
 # -- DKM -> palettized ------------------------------------------------------------------------------------------------

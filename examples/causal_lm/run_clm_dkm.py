@@ -24,6 +24,7 @@ offline model and data.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -245,14 +246,16 @@ def main(argv: list[str] | None = None) -> dict:
             "max_steps": bits_training_args.max_steps,
         }
         # -- post-training k-means: the same LUTs before any training ----------------------------------------------
+        # One k-means initialisation serves both rows: a copy of the initialised model is palettized as it is, the
+        # model itself is fine-tuned from the same centroids.
         peak_rss_mb(reset=True)
         t0 = time.time()
+        model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         ptq_dir = str(out / f"post-training-{bits}bit")
-        dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)).save_pretrained(ptq_dir)
+        dkm_hf.palettize(copy.deepcopy(model)).save_pretrained(ptq_dir)
         record(f"post-training k-means {bits}-bit", reload(ptq_dir), time.time() - t0, ptq_dir)
 
         # -- DKM fine-tuning, palettized, reloaded -----------------------------------------------------------------
-        model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         args = dataclasses.replace(bits_training_args, output_dir=str(out / f"dkm-{bits}bit-run"))
         trainer, seconds = trained(f"dkm {bits}", model, args, DKMTrainer)
         compressed_dir = str(out / f"compressed-{bits}bit")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from reference import weights
+from reference import naive_kmeans_1d, weights
 
+from dkm_hf.ops import kmeans
 from dkm_hf.ops.attention import gather_centroids, hard_assign
-from dkm_hf.ops.kmeans import kmeans_init
+from dkm_hf.ops.kmeans import kmeans_init, kmeans_init_many
 
 
 def test_kmeans_init_deterministic_and_catches_outliers():
@@ -69,3 +71,47 @@ def test_restarts_avoid_poor_local_optima():
             _inertia(v, kmeans_init(v, 4, seed=0, restarts=4)).sum()
             <= _inertia(v, kmeans_init(v, 4, seed=0, restarts=1)).sum() * 1.0001
         )
+
+
+def _heavy_tailed(groups: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Per-row weights as an LLM has them: heavy tails, bfloat16 values (many exact duplicates), float32."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.distributions.StudentT(3.0).sample((groups, n, 1)) * 0.02
+    return (w + 0.01 * torch.randn(groups, n, 1, generator=g)).to(torch.bfloat16).float()
+
+
+def test_sorted_kmeans_is_the_dense_definition():
+    """The prefix-sum k-means++ draws and Lloyd iterations on sorted values give what the dense definition gives for
+    the same uniform numbers (up to exact ties between bfloat16 duplicates): as good, group for group."""
+    torch.manual_seed(0)
+    w = _heavy_tailed(300, 256)
+    reference = naive_kmeans_1d(w, kmeans._uniform(3, 300, 4, 8, "cpu"))
+    fast = kmeans_init(w, 8, seed=3, restarts=4)
+    same = torch.isclose(fast.double(), reference, rtol=0, atol=1e-6).all(1).squeeze(-1)
+    assert same.float().mean() >= 0.97
+    assert _inertia(w, fast).sum() <= _inertia(w, reference.float()).sum() * (1 + 1e-3)
+
+
+def test_kmeans_init_many_batches_weights_without_changing_them(monkeypatch):
+    """Weights batched together (and rows split across batches) get exactly their own `kmeans_init` centroids:
+    per-row groups of two lengths, a large per-tensor group (histogram path) and d = 2."""
+    many = [
+        _heavy_tailed(40, 64, seed=1),
+        _heavy_tailed(7, 100, seed=2),
+        _heavy_tailed(25, 64, seed=3),
+        weights(1, kmeans.HISTOGRAM_FROM + 10, 1),
+        weights(3, 50, 2),
+    ]
+    alone = [kmeans_init(w, 16, seed=5, restarts=3) for w in many]
+    monkeypatch.setattr(kmeans, "SORTED_BATCH_CPU", 30 * 64)  # 30 rows of 64 per batch
+    batched = kmeans_init_many(many, 16, seed=5, restarts=3)
+    assert [c.shape for c in batched] == [(40, 16, 1), (7, 16, 1), (25, 16, 1), (1, 16, 1), (3, 16, 2)]
+    for a, b in zip(alone, batched):
+        assert torch.equal(a, b)
+    assert torch.equal(kmeans_init_many(many[:1], 16, seed=5, restarts=3)[0], batched[0])
+    assert not torch.equal(kmeans_init_many(many[:1], 16, seed=6, restarts=3)[0], batched[0])
+
+
+def test_kmeans_init_many_names_a_bad_weight():
+    with pytest.raises(ValueError, match=r"weight 1 has shape \(4, 3\)"):
+        kmeans_init_many([torch.zeros(2, 3, 1), torch.zeros(4, 3)], 4)

@@ -8,6 +8,7 @@ where the library cannot be built; the DKM_HF_NATIVE=0 fallback is tested everyw
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -106,21 +107,82 @@ def test_threads_give_the_same_results(bits):
 
 
 @needs_native
-def test_make_palette_refuses_what_the_kernels_do_not_cover():
+def test_make_palette_refuses_what_the_kernels_do_not_cover(monkeypatch):
+    """Each refusal says what the kernels lack, once per reason; off CPU is no fallback and says nothing."""
+    from dkm_hf.ops import extension
+
+    monkeypatch.setattr(extension, "_WARNED", set())
     packed, lut, s = _weight(4, 1, 8, 16, 1, False, torch.float16)
-    assert native.make_palette(packed, lut, s, 4, 8, 16, torch.float64) is None  # value dtype
-    assert native.make_palette(packed, lut.double(), s, 4, 8, 16, torch.float32) is None  # LUT dtype
-    assert native.make_palette(packed[:-1], lut, s, 4, 8, 16, torch.float32) is None  # too few bytes
-    assert native.make_palette(packed, lut, s, 3, 8, 16, torch.float32) is None  # LUT size != 2**bits
+    with pytest.warns(RuntimeWarning, match=r"do not cover dtypes \['torch.float64'\].*decode in torch"):
+        assert native.make_palette(packed, lut, s, 4, 8, 16, torch.float64) is None  # value dtype
+    with pytest.warns(RuntimeWarning, match="63 bytes of indices for 128 indices of 4 bits"):
+        assert native.make_palette(packed[:-1], lut, s, 4, 8, 16, torch.float32) is None  # too few bytes
+    with pytest.warns(RuntimeWarning, match="a LUT of 16 entries for 3 bits"):
+        assert native.make_palette(packed, lut, s, 3, 8, 16, torch.float32) is None  # LUT size != 2**bits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.make_palette(packed[:-1], lut, s, 4, 8, 16, torch.float32) is None  # said already
+        assert native.make_palette(packed, lut.double(), s, 4, 8, 16, torch.float32) is None  # LUT dtype, said
+        assert native.make_palette(packed.to("meta"), lut, s, 4, 8, 16, torch.float32) is None
     with pytest.raises(ValueError, match="float32"):
         native.lut_gemv(native.make_palette(packed, lut, s, 4, 8, 16, torch.float32), torch.randn(1, 16).double())
 
 
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
-    assert not native.enabled() and native.library() is None and not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # switched off on purpose: no warning
+        assert not native.enabled() and not native.library() and not native.available()
     with pytest.raises(RuntimeError, match="not available"):
         native.decode_rows(native.Palette())
+
+
+def test_a_failed_build_warns_once_with_its_reason(monkeypatch):
+    """No compiler (or any failed build): the torch path is taken and a RuntimeWarning says why, once."""
+    from torch.utils import cpp_extension
+
+    from dkm_hf.ops import extension
+
+    def fail(**kwargs):
+        raise RuntimeError(f"Ninja is required to load C++ extensions ({kwargs['name']})")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    monkeypatch.setattr(extension, "_LOADED", {})
+    monkeypatch.setattr(extension, "_WARNED", set())
+    monkeypatch.setattr(native, "_LOADED", None)
+    with pytest.warns(RuntimeWarning, match=r"dkm_hf_lut_kernels_\w+ could not be built.*Ninja is required.*torch"):
+        assert not native.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(native, "_LOADED", None)
+        assert not native.available() and native.lanes() == -1
+    with pytest.raises(RuntimeError, match="not available"):
+        native.decode_rows(native.Palette())
+
+
+def test_build_directory_is_per_torch_version(monkeypatch, tmp_path):
+    from dkm_hf.ops import extension
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = extension.build_root()
+    assert root.parent == tmp_path / "dkm_hf" / "torch_extensions"
+    assert root.name.startswith(f"torch-{torch.__version__.split('+')[0]}")
+
+
+@needs_native
+def test_operators_have_fake_implementations():
+    """The registered operators give their result's shape and dtype on the meta device (torch.compile's view)."""
+    packed, lut, s = _weight(4, 2, 12, 38, 3, True, torch.float16)
+    meta = [t.to("meta") for t in (packed, lut, s)]
+    out = torch.ops.dkm_hf.decode_rows(*meta, 4, 12, 38, torch.bfloat16, None, 1)
+    assert out.device.type == "meta" and out.shape == (12, 38) and out.dtype == torch.bfloat16
+    rows = torch.tensor([0, 5], device="meta")
+    assert torch.ops.dkm_hf.decode_rows(*meta, 4, 12, 38, torch.float32, rows, 1).shape == (2, 38)
+    x = torch.empty(2, 3, 38, device="meta")
+    y = torch.ops.dkm_hf.lut_gemv(*meta, 4, 12, 38, torch.float32, x, None, 1)
+    assert y.shape == (2, 3, 12) and y.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="lut has dtype Double"):
+        torch.ops.dkm_hf.decode_rows(packed, lut.double(), s, 4, 12, 38, torch.float32, None, 1)
 
 
 @needs_native

@@ -74,3 +74,34 @@ def test_conversions_keep_ties_as_one_tensor(tiny_dir, name):
     assert type(head) is nn.Linear and head.weight is embed.weight
     with torch.no_grad():
         assert torch.equal(model(**tiny_inputs(name)).logits, hard)
+
+
+def test_batched_init_centroids_gives_each_module_its_own_centroids():
+    """`init_centroids(model)` clusters the modules of one LUT size in batched calls; each module gets exactly what
+    its own `init_centroids` gives it (per-row LUTs, per-channel scales, an 8-bit per-tensor override)."""
+    from conftest import TINY
+
+    from dkm_hf.surgery.convert import init_centroids, to_dkm
+
+    cls, make_config = TINY["llama"]
+    torch.manual_seed(0)
+    model = cls(make_config())
+    config = DKMConfig(
+        bits=3,
+        granularity="per_grouped_channel",
+        group_size=1,
+        per_channel_scale=True,
+        kmeans_restarts=2,
+        weight_threshold=0,
+        overrides={".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}},
+    )
+    modules = to_dkm(model, config)
+    init_centroids(model)
+    owners = {name: m for name, m in modules.items() if m.tied_source is None}
+    batched = {name: (m.centroids.clone(), m.weight_scale.clone()) for name, m in owners.items()}
+    assert len(batched) > 10
+    for name, (centroids, scale) in batched.items():
+        modules[name].drop_state()
+        modules[name].init_centroids()
+        assert torch.equal(modules[name].centroids, centroids), name
+        assert torch.equal(modules[name].weight_scale, scale), name

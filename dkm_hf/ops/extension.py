@@ -1,0 +1,72 @@
+"""Building dkm_hf's native code with torch's extension machinery, and saying so when it cannot be used.
+
+`load_extension(name, sources, ...)` compiles C++ sources with `torch.utils.cpp_extension.load` (ninja, torch's
+headers and flags; a file lock in the build directory so concurrent processes build once) into
+`$XDG_CACHE_HOME/dkm_hf/torch_extensions/<torch version>-<python>/<name>` (default ~/.cache/...), loads the
+library, whose `TORCH_LIBRARY` blocks register its operators under `torch.ops`, and returns its path. When it cannot
+(no compiler or ninja, a failed build), it warns once, naming the reason, and returns None: the caller takes its
+torch path. `warn_once` is that warning for any other fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+_LOADED: dict[str, str | None] = {}
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """A RuntimeWarning with `message`, the first time `key` comes up in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def build_root() -> Path:
+    """The build directories' parent: one per torch version and Python, so an upgrade never loads a stale build."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = f"torch-{torch.__version__.replace('+', '-')}-py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(base) / "dkm_hf" / "torch_extensions" / tag
+
+
+def load_extension(
+    name: str,
+    sources: list[Path],
+    extra_cflags: list[str] | None = None,
+    extra_ldflags: list[str] | None = None,
+    what: str = "",
+    warn: bool = True,
+) -> str | None:
+    """The path of the built and loaded library `name` (its operators registered), or None after a warning that
+    names the reason. Built once per process (and cached on disk across processes); `what` says in the warning what
+    the fallback costs; `warn=False` for an attempt that has another behind it."""
+    if name in _LOADED:
+        return _LOADED[name]
+    path = None
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_root() / name
+        directory.mkdir(parents=True, exist_ok=True)
+        path = cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=extra_cflags or [],
+            extra_ldflags=extra_ldflags or [],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
+        reason = " ".join(str(error).split())[-600:] or type(error).__name__
+        if warn:
+            warn_once(name, f"dkm_hf: the native extension {name} could not be built or loaded ({reason}){what}")
+        path = None
+    _LOADED[name] = path
+    return path
