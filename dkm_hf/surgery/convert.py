@@ -27,7 +27,7 @@ from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
 from ..nn.layout import Layout
 from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
 from ..nn.scopes import add_parent_scopes, remove_parent_scopes
-from ..nn.weights import channel_dims, is_transposed, split_name, swap_class, weight_name
+from ..nn.weights import base_class, channel_dims, is_transposed, split_name, swap_class, variant_class, weight_name
 from ..ops.kmeans import kmeans_init_many
 from ..ops.packing import pack_indices
 from .select import select_weights, tied_pairs
@@ -124,8 +124,10 @@ def init_centroids(model: nn.Module) -> None:
 
 # -- DKM -> palettized ------------------------------------------------------------------------------------------------
 def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object of the same class sharing every tensor (its dicts copied), its hook re-attached."""
-    new = type(module).__new__(type(module))
+    """A new DKM module object sharing every tensor (its dicts copied), its hook re-attached. Its class is the DKM
+    variant of the module's own class, without a wrapper class FSDP2 may have put on top (the copy is not sharded)."""
+    cls = variant_class(DKMMixin, base_class(module), type(module)._dkm_params)
+    new = object.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     hook = new.__dict__.get("_hf_hook")
     for attr in _HOOK_ATTRS:
