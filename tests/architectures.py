@@ -273,8 +273,9 @@ def build(model_type: str, head: str) -> tuple[torch.nn.Module | None, str]:
         model = cls(config).eval()
         with torch.no_grad():
             logits_of(model, inputs_for(config, head))
-        with tempfile.TemporaryDirectory() as tmp:  # transformers must be able to save it
+        with tempfile.TemporaryDirectory() as tmp:  # transformers must be able to save and reload it
             model.save_pretrained(tmp)
+            cls.from_pretrained(tmp)
         return model, ""
     except Exception as err:  # noqa: BLE001 - every way of failing to build is reported, not raised
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
