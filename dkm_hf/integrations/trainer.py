@@ -168,7 +168,6 @@ class DKMTrainerMixin:
         self.teacher = None
         self._distill_terms: dict[str, torch.Tensor] = {}
         self._palettize_next_save = False
-        self._soft_metrics: dict = {}
         super().__init__(*args, **kwargs)
         if get_dkm_config(self.model) is None or not dkm_modules(self.model):
             raise ValueError(
@@ -252,22 +251,12 @@ class DKMTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs = {**logs, **self.dkm_callback.pending, **{k: v.item() for k, v in self._distill_terms.items()}}
-        if self._soft_metrics and any(key in logs for key in self._soft_metrics["_anchor"]):
-            logs = {**logs, **{k: v for k, v in self._soft_metrics.items() if k != "_anchor"}}
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Metrics of the hard (palettized) model, the one that ships; with `eval_soft`, the soft model's next to them
-        as `{prefix}_soft_*`, in the same log entry."""
-        soft = {}
-        if self.dkm_option("eval_soft"):
-            soft = self._evaluate_soft(eval_dataset, ignore_keys, metric_key_prefix)
-        self._soft_metrics = {**soft, "_anchor": (f"{metric_key_prefix}_loss", f"{metric_key_prefix}_runtime")}
-        try:
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._soft_metrics = {}
-        metrics = {**metrics, **soft}
+        as `{prefix}_soft_*`, in the same log entry (see `evaluation_loop`)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
             checkpoint_initial_model(self, metrics)  # post-training k-means: a candidate for the best model
         return metrics
@@ -292,25 +281,32 @@ class DKMTrainerMixin:
         best = self.state.best_model_checkpoint
         return best is not None and os.path.basename(os.path.normpath(best)) == f"{PREFIX_CHECKPOINT_DIR}-0"
 
-    def _evaluate_soft(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            return {}
-        modules = dkm_modules(self.model)
-        for _, module in modules:
-            module.soft_eval = True
-        try:
-            output = self.evaluation_loop(
-                self.get_eval_dataloader(dataset),
-                description="Evaluation (soft DKM weights)",
-                prediction_loss_only=True if self.compute_metrics is None else None,
-                ignore_keys=ignore_keys,
-                metric_key_prefix=f"{metric_key_prefix}_soft",
-            )
-        finally:
+    def evaluation_loop(
+        self, dataloader, description: str, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop; in an evaluation with `eval_soft`, the same batches run first with the soft DKM weights,
+        their metrics added as `{prefix}_soft_*`. Here the batches are the ones the trainer class prepared (TRL's
+        SFTTrainer tokenizes a dataset given to `evaluate`), and the metrics are logged with the hard ones."""
+        soft = {}
+        if description == "Evaluation" and self.dkm_option("eval_soft"):
+            modules = dkm_modules(self.model)
             for _, module in modules:
-                module.soft_eval = False
-        return {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+                module.soft_eval = True
+            try:
+                output = super().evaluation_loop(
+                    dataloader,
+                    "Evaluation (soft DKM weights)",
+                    prediction_loss_only,
+                    ignore_keys,
+                    f"{metric_key_prefix}_soft",
+                )
+            finally:
+                for _, module in modules:
+                    module.soft_eval = False
+            soft = {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(soft)
+        return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         palettize = self.dkm_option("palettize_on_save") and (not _internal_call or self._palettize_next_save)

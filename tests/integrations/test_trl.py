@@ -129,6 +129,21 @@ def test_sft_saves_the_palettized_hard_model(llama, tmp_path, data):
     assert trainer.evaluate()["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-6)
 
 
+def test_soft_evaluation_of_a_dataset_given_to_evaluate(llama, tmp_path):
+    """`eval_soft` evaluates the batches SFTTrainer prepared: a raw text dataset given to `evaluate` is tokenized for
+    the soft pass too, and both metrics land in one log entry."""
+    args = _args(tmp_path, eval_soft=True, max_steps=2)
+    trainer = DKMSFTTrainer(
+        model=_student(llama), args=args, train_dataset=text_data(16, 0), processing_class=tokenizer()
+    )
+    trainer.train()
+    metrics = trainer.evaluate(text_data(8, 1))
+    assert math.isfinite(metrics["eval_soft_loss"]) and metrics["eval_soft_loss"] != metrics["eval_loss"]
+    entry = trainer.state.log_history[-1]
+    assert (entry["eval_loss"], entry["eval_soft_loss"]) == (metrics["eval_loss"], metrics["eval_soft_loss"])
+    assert not any(module.soft_eval for _, module in dkm_hf.dkm_modules(trainer.model))
+
+
 def test_plain_sft_config_gets_the_dkm_defaults(llama, tmp_path):
     """SFTConfig without the DKM fields: the trainer uses DKMTrainingFields' defaults (palettized saving included)."""
     args = trl.SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, bf16=False)
