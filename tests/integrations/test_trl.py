@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import shutil
+import types
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from conftest import TINY, U, assert_within
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
+from huggingface_hub import HfApi  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
@@ -142,6 +145,28 @@ def test_soft_evaluation_of_a_dataset_given_to_evaluate(llama, tmp_path):
     entry = trainer.state.log_history[-1]
     assert (entry["eval_loss"], entry["eval_soft_loss"]) == (metrics["eval_loss"], metrics["eval_soft_loss"])
     assert not any(module.soft_eval for _, module in dkm_hf.dkm_modules(trainer.model))
+
+
+def test_push_to_hub_uploads_the_palettized_model(llama, tmp_path, monkeypatch):
+    """`trainer.push_to_hub()` uploads the palettized model (the Hub faked at HfApi: the folder is copied)."""
+    pushed = tmp_path / "pushed"
+
+    def upload_folder(api, *, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, pushed, ignore=shutil.ignore_patterns("_*", "checkpoint-*"))
+        return types.SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    args = _args(tmp_path, max_steps=1, push_to_hub=True, hub_model_id="someone/tiny-llama-sft-dkm")
+    model = _student(llama)
+    trainer = DKMSFTTrainer(model=model, args=args, train_dataset=text_data(8, 0), processing_class=tokenizer())
+    trainer.train()
+    trainer.push_to_hub()
+    reloaded = AutoModelForCausalLM.from_pretrained(pushed)
+    assert len(dkm_hf.palettized_modules(reloaded)) == len(dkm_hf.dkm_modules(model)) > 0
+    ids = torch.randint(4, 24, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model.eval()(ids).logits)
 
 
 def test_plain_sft_config_gets_the_dkm_defaults(llama, tmp_path):
