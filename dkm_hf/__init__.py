@@ -17,7 +17,12 @@ from .integrations import transformers_patches
 from .integrations.callback import DKMCallback
 from .integrations.distributed import full_weights
 from .integrations.quantizer import DKMHfQuantizer, dequantize, prepare
-from .integrations.trainer import DKMTrainer, DKMTrainingArguments
+from .integrations.trainer import (
+    DKMTrainer,
+    DKMTrainerMixin,
+    DKMTrainingArguments,
+    with_dkm_arguments,
+)
 from .nn import (
     DKMMixin,
     DKMWeight,
@@ -38,6 +43,7 @@ __all__ = [
     "DKMHfQuantizer",
     "DKMMixin",
     "DKMTrainer",
+    "DKMTrainerMixin",
     "DKMTrainingArguments",
     "DKMWeight",
     "Layout",
@@ -54,6 +60,7 @@ __all__ = [
     "prepare",
     "register_module",
     "set_inference_mode",
+    "with_dkm_arguments",
 ]
 
 _DEPRECATED = {"finalize": ("palettize", palettize)}

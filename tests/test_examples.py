@@ -262,3 +262,23 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     # an option given on the command line is left as parsed
     given = clm.recipe_for(3, dkm_args, training_args, argv + ["--learning_rate=1e-3"])[1]
     assert given.learning_rate == training_args.learning_rate != 5e-4
+
+
+def test_sft_example(tmp_path):
+    """TRL's SFTTrainer with DKM, one step on a tiny Llama: the saved folder is palettized and reloads."""
+    pytest.importorskip("trl")
+    sft = load_script("examples/causal_lm/sft_dkm.py")
+    model = tiny_causal_model(tmp_path)
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(40)]
+    (tmp_path / "train.txt").write_text("\n\n".join(docs))
+    out = tmp_path / "out"
+    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} --output_dir {out} --bits 4 "
+    argv += "--weight_threshold 512 --max_length 16 --max_steps 1 --logging_steps 1 --eval_examples 4 --new_tokens 4 "
+    argv += "--prompt good --distill"
+    results = sft.main(argv.split())
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "palettized" and config["modules"]["model.embed_tokens"]["bits"] == 8
+    assert results["palettized_weights"] > 0 and [step for step, _ in results["eval_loss"]] == [0, 1]
+    assert results["bytes"] == (out / "model.safetensors").stat().st_size
+    assert isinstance(results["generation"], str)

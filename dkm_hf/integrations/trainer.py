@@ -1,6 +1,11 @@
 """Fine-tuning with DKM: `DKMTrainingArguments` and `DKMTrainer` (a `Trainer` with `DKMCallback`, hard and soft
 evaluation, and palettized saving).
 
+    composing   `DKMTrainerMixin` is all of that for any `Trainer` subclass (`class DKMSFTTrainer(DKMTrainerMixin,
+                trl.SFTTrainer)`); `DKMTrainer` is `DKMTrainerMixin` + `Trainer`. The DKM fields are
+                `DKMTrainingFields`; `with_dkm_arguments(SFTConfig)` adds them to another arguments class, and a
+                trainer given arguments without them uses their defaults.
+
     saving      checkpoints written during training keep float weights + centroids (resumable exactly); a user's
                 `trainer.save_model(dir)` and `trainer.push_to_hub()` write the palettized checkpoint (LUT + packed
                 indices) while the in-memory model stays trainable.
@@ -9,7 +14,8 @@ evaluation, and palettized saving).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 
 import torch
 from torch import nn
@@ -26,8 +32,10 @@ from .transformers_patches import accumulated_batch_share, checkpoint_initial_mo
 
 
 @dataclass
-class DKMTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the DKM schedule. Milestone and tau default to the model's DKMConfig."""
+class DKMTrainingFields:
+    """The DKM fields of `DKMTrainingArguments`, to be mixed into a `TrainingArguments` subclass before it (as
+    `DKMTrainingArguments` and `with_dkm_arguments` do): its `__post_init__` runs the arguments class's own first.
+    Milestone and tau default to the model's DKMConfig."""
 
     dkm_milestone: int | None = field(default=None, metadata={"help": "Step at which clustering starts."})
     tau_schedule: str = field(
@@ -79,7 +87,7 @@ class DKMTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # the TrainingArguments class this is mixed into
         check_tau_schedule(self.tau_schedule, self.tau_start, self.tau_end, self.tau_end_ratio)
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha!r}")
@@ -102,9 +110,49 @@ class DKMTrainingArguments(TrainingArguments):
             )
 
 
-class DKMTrainer(Trainer):
-    """A `Trainer` for DKM models: adds `DKMCallback`, hard + soft evaluation, palettized saving and, with
-    `teacher_model`, distillation from the dense model (see `distillation`).
+DKM_DEFAULTS = {f.name: f.default for f in fields(DKMTrainingFields) if f.default is not MISSING}
+
+
+@dataclass
+class DKMTrainingArguments(DKMTrainingFields, TrainingArguments):
+    """`TrainingArguments` plus the DKM schedule. Milestone and tau default to the model's DKMConfig."""
+
+
+def _rebuild_arguments(base: type[TrainingArguments]) -> TrainingArguments:
+    cls = with_dkm_arguments(base)
+    return cls.__new__(cls)
+
+
+def _reduce_arguments(self) -> tuple:
+    """Pickle (Trainer's training_args.bin) a generated class by its arguments class: it has no importable name."""
+    return _rebuild_arguments, (type(self).__bases__[1],), dict(self.__dict__)
+
+
+@cache
+def with_dkm_arguments(args_cls: type[TrainingArguments]) -> type[TrainingArguments]:
+    """`args_cls` (a `TrainingArguments` subclass, e.g. TRL's `SFTConfig`) with the fields of `DKMTrainingFields`
+    added, its own defaults kept: `with_dkm_arguments(SFTConfig)(output_dir=..., max_length=512, distill_alpha=0.5)`.
+    The class is made once per `args_cls`, and `HfArgumentParser` / `TrlParser` read its fields like any other."""
+    if not (isinstance(args_cls, type) and issubclass(args_cls, TrainingArguments)):
+        raise TypeError(f"with_dkm_arguments needs a TrainingArguments subclass, got {args_cls!r}")
+    if issubclass(args_cls, DKMTrainingFields):
+        return args_cls
+    name = f"DKM{args_cls.__name__}"
+    namespace = {
+        "__module__": __name__,
+        "__qualname__": name,
+        "__doc__": f"`{args_cls.__name__}` plus the DKM fields of `DKMTrainingFields`.",
+        "__reduce__": _reduce_arguments,
+    }
+    return dataclass(type(name, (DKMTrainingFields, args_cls), namespace))
+
+
+class DKMTrainerMixin:
+    """What `DKMTrainer` adds to `Trainer`, for any `Trainer` subclass listed after it:
+    `class DKMSFTTrainer(DKMTrainerMixin, trl.SFTTrainer)`. Adds `DKMCallback`, hard + soft evaluation, palettized
+    saving and, with `teacher_model`, distillation from the dense model (see `distillation`). The DKM options are the
+    fields of `DKMTrainingFields` on the trainer's arguments (`DKMTrainingArguments`, `with_dkm_arguments(SFTConfig)`);
+    arguments without them get their defaults.
 
     Evaluation (with `eval_hard_on_start`) starts at step 0, where the hard model is post-training k-means; with
     `load_best_model_at_end=True` that model is checkpointed too, so the model a run ends with is never worse, by
@@ -112,41 +160,51 @@ class DKMTrainer(Trainer):
     """
 
     def __init__(self, *args, teacher_model: nn.Module | None = None, **kwargs):
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{type(self).__name__}: DKMTrainerMixin goes before a Trainer subclass in the bases, as in "
+                "class DKMSFTTrainer(DKMTrainerMixin, SFTTrainer)"
+            )
+        self.teacher = None
+        self._distill_terms: dict[str, torch.Tensor] = {}
+        self._palettize_next_save = False
         super().__init__(*args, **kwargs)
         if get_dkm_config(self.model) is None or not dkm_modules(self.model):
             raise ValueError(
-                "DKMTrainer needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
+                f"{type(self).__name__} needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
                 "dkm_hf.prepare(model, DKMConfig(...))"
             )
-        a = self.args
-        options = {
-            "milestone": getattr(a, "dkm_milestone", None),
-            "tau_schedule": getattr(a, "tau_schedule", DEFAULT_TAU_SCHEDULE),
-            "tau_start": getattr(a, "tau_start", None),
-            "tau_end": getattr(a, "tau_end", None),
-            "tau_end_ratio": getattr(a, "tau_end_ratio", None),
-            "log_cluster_health": getattr(a, "log_cluster_health", True),
-            "reseed_dead_centroids": getattr(a, "reseed_dead_centroids", True),
-        }
-        self.dkm_callback = DKMCallback(**options)
+        self.dkm_callback = DKMCallback(
+            milestone=self.dkm_option("dkm_milestone"),
+            **{
+                name: self.dkm_option(name)
+                for name in (
+                    "tau_schedule",
+                    "tau_start",
+                    "tau_end",
+                    "tau_end_ratio",
+                    "log_cluster_health",
+                    "reseed_dead_centroids",
+                )
+            },
+        )
         self.add_callback(self.dkm_callback)
-        self.teacher = None
-        self._distill_terms: dict[str, torch.Tensor] = {}
+        a = self.args
         if teacher_model is not None:
-            if not isinstance(a, DKMTrainingArguments):
-                raise ValueError("teacher_model needs DKMTrainingArguments (its distill_* fields)")
             if self.compute_loss_func is not None:
                 raise ValueError(
-                    "teacher_model and compute_loss_func both define the training loss: DKMTrainer's distillation "
-                    "loss would ignore compute_loss_func; pass one of them"
+                    f"teacher_model and compute_loss_func both define the training loss: {type(self).__name__}'s "
+                    "distillation loss would ignore compute_loss_func; pass one of them"
                 )
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
             self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
-        if getattr(a, "eval_hard_on_start", False) and a.eval_strategy != "no" and self.eval_dataset is not None:
+        if self.dkm_option("eval_hard_on_start") and a.eval_strategy != "no" and self.eval_dataset is not None:
             a.eval_on_start = True
-        self._palettize_next_save = False
-        self._soft_metrics: dict = {}
+
+    def dkm_option(self, name: str):
+        """The DKM field `name` of the trainer's arguments; its `DKMTrainingFields` default when they lack it."""
+        return getattr(self.args, name, DKM_DEFAULTS[name])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """Trainer's `train`; `resume_from_checkpoint=True` takes the newest complete `checkpoint-N` (a run killed
@@ -170,16 +228,17 @@ class DKMTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shifted = counted_labels(self, inputs)
         if self.teacher is None:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            # outputs only when asked for: TRL's SFTTrainer computes the logits for them in another forward
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs)
+            loss, outputs = result if return_outputs else (result, None)
         else:
-            a = self.args
             loss, outputs, self._distill_terms = distilled_loss(
                 model,
                 self.teacher,
                 inputs,
-                a.distill_alpha,
-                a.distill_temperature,
-                a.distill_hidden_weight,
+                self.dkm_option("distill_alpha"),
+                self.dkm_option("distill_temperature"),
+                self.dkm_option("distill_hidden_weight"),
                 labels.ne(-100),
                 shifted,
             )
@@ -192,22 +251,12 @@ class DKMTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
             logs = {**logs, **self.dkm_callback.pending, **{k: v.item() for k, v in self._distill_terms.items()}}
-        if self._soft_metrics and any(key in logs for key in self._soft_metrics["_anchor"]):
-            logs = {**logs, **{k: v for k, v in self._soft_metrics.items() if k != "_anchor"}}
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Metrics of the hard (palettized) model, the one that ships; with `eval_soft`, the soft model's next to them
-        as `{prefix}_soft_*`, in the same log entry."""
-        soft = {}
-        if getattr(self.args, "eval_soft", False):
-            soft = self._evaluate_soft(eval_dataset, ignore_keys, metric_key_prefix)
-        self._soft_metrics = {**soft, "_anchor": (f"{metric_key_prefix}_loss", f"{metric_key_prefix}_runtime")}
-        try:
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._soft_metrics = {}
-        metrics = {**metrics, **soft}
+        as `{prefix}_soft_*`, in the same log entry (see `evaluation_loop`)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
             checkpoint_initial_model(self, metrics)  # post-training k-means: a candidate for the best model
         return metrics
@@ -215,7 +264,7 @@ class DKMTrainer(Trainer):
     def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
         """Transformers' rule, except that while the post-training model of step 0 is the best, a trained checkpoint
         must beat it by `initial_model_margin`."""
-        margin = getattr(self.args, "initial_model_margin", 0.0)
+        margin = self.dkm_option("initial_model_margin")
         initial = self.state.best_metric
         if not (margin and self.state.global_step > 0 and initial is not None and self._initial_model_is_best()):
             return super()._determine_best_metric(metrics, trial)
@@ -232,28 +281,35 @@ class DKMTrainer(Trainer):
         best = self.state.best_model_checkpoint
         return best is not None and os.path.basename(os.path.normpath(best)) == f"{PREFIX_CHECKPOINT_DIR}-0"
 
-    def _evaluate_soft(self, eval_dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if isinstance(dataset, dict):
-            return {}
-        modules = dkm_modules(self.model)
-        for _, module in modules:
-            module.soft_eval = True
-        try:
-            output = self.evaluation_loop(
-                self.get_eval_dataloader(dataset),
-                description="Evaluation (soft DKM weights)",
-                prediction_loss_only=True if self.compute_metrics is None else None,
-                ignore_keys=ignore_keys,
-                metric_key_prefix=f"{metric_key_prefix}_soft",
-            )
-        finally:
+    def evaluation_loop(
+        self, dataloader, description: str, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Trainer's loop; in an evaluation with `eval_soft`, the same batches run first with the soft DKM weights,
+        their metrics added as `{prefix}_soft_*`. Here the batches are the ones the trainer class prepared (TRL's
+        SFTTrainer tokenizes a dataset given to `evaluate`), and the metrics are logged with the hard ones."""
+        soft = {}
+        if description == "Evaluation" and self.dkm_option("eval_soft"):
+            modules = dkm_modules(self.model)
             for _, module in modules:
-                module.soft_eval = False
-        return {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+                module.soft_eval = True
+            try:
+                output = super().evaluation_loop(
+                    dataloader,
+                    "Evaluation (soft DKM weights)",
+                    prediction_loss_only,
+                    ignore_keys,
+                    f"{metric_key_prefix}_soft",
+                )
+            finally:
+                for _, module in modules:
+                    module.soft_eval = False
+            soft = {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(soft)
+        return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        palettize = getattr(self.args, "palettize_on_save", True) and (not _internal_call or self._palettize_next_save)
+        palettize = self.dkm_option("palettize_on_save") and (not _internal_call or self._palettize_next_save)
         if not palettize:
             return super().save_model(output_dir, _internal_call)
         with palettized_view(self.accelerator.unwrap_model(self.model), gathered=full_weights):
@@ -265,3 +321,7 @@ class DKMTrainer(Trainer):
             return super().push_to_hub(*args, **kwargs)
         finally:
             self._palettize_next_save = False
+
+
+class DKMTrainer(DKMTrainerMixin, Trainer):
+    """A `Trainer` for DKM models: `DKMTrainerMixin` on `transformers.Trainer`."""
