@@ -39,8 +39,9 @@ def table(results: list[dict]) -> str:
         "row, rows of <= 256 values). A case passes when (a) the hard model's logits equal the dense model's "
         "(relative error <= 1e-3: only float summation order is left), (b) a training step gives finite gradients to "
         "every clustered weight that gets one in the dense model, (c) the palettized checkpoint, saved and reloaded, "
-        "equals the dense model, (d) >= 95% of the elements of >= 2-D parameters are clustered, and (e) at 2 bits the DKM model "
-        "in eval mode equals its palettized model (every clustered weight is read inside its own module's forward).",
+        "equals the dense model, (d) >= 95% of the elements of >= 2-D parameters are clustered, and (e) at 2 bits "
+        "the DKM model in eval mode equals its palettized model (every clustered weight is read inside its own "
+        "module's forward).",
         "",
         "Outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ". `not built`: the model could "
         "not be built with the generic small config (the reason is transformers', before dkm_hf is involved); "
