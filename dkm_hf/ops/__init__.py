@@ -5,5 +5,6 @@ buckets.py    the distinct 16-bit values of a weight (eDKM's uniquification)
 dkm.py        the DKM loop as memory-lean autograd functions (chunked and uniquified)
 kmeans.py     k-means++ and Lloyd initialisation of the centroids
 packing.py    b-bit index packing
+linear.py     a linear map by a frozen weight decoded on demand, decoded again in backward (adapters on packed weights)
 native.py     the native CPU kernels of palettized inference (lut_kernels.c, built on first use, ctypes; optional)
 """

@@ -110,6 +110,36 @@ def test_merging_into_palettized_weights_is_refused_and_dequantize_first_merges(
     torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("name", "targets"), [("llama", TARGETS), ("gpt2", ["c_attn", "c_proj", "c_fc"])])
+def test_backward_decodes_again_instead_of_keeping_the_decoded_weights(tiny_dir, tmp_path, name, targets):
+    """Packed mode keeps no decoded weight from the forward to the backward pass, and its gradients are those of
+    dense mode (where the decoded weight is kept and autograd keeps it too)."""
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(AUTO[name].from_pretrained(tmp_path / "pal"), config).eval()  # GPT-2: no dropout
+    inputs = tiny_inputs(name)
+    shapes = {tuple(getattr(s.module, s.param).shape) for _, s in dkm_hf.palettized_modules(model)}
+
+    def lora_grads(mode: str) -> tuple[dict[str, torch.Tensor], list[tuple[int, ...]]]:
+        dkm_hf.set_inference_mode(model, mode)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        model.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, [shape for shape in saved if shape in shapes]
+
+    packed, kept_packed = lora_grads("packed")
+    dense, kept_dense = lora_grads("dense")
+    assert kept_packed == [] and len(kept_dense) >= len(targets)
+    assert packed.keys() == dense.keys() and len(packed) >= 2 * 2 * len(targets)
+    for key, grad in packed.items():
+        torch.testing.assert_close(grad, dense[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+        assert grad.abs().sum() > 0, key
+
+
 @pytest.mark.parametrize("order", ["dkm_hf first", "peft first"])
 def test_the_merge_check_is_installed_whichever_package_is_imported_first(order):
     first, second = ("dkm_hf", "peft") if order == "dkm_hf first" else ("peft", "dkm_hf")
