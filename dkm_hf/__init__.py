@@ -13,7 +13,7 @@ import warnings
 
 from .config import DKMConfig
 from .errors import PalettizedCheckpointError
-from .integrations import transformers_patches
+from .integrations import peft_patches, transformers_patches
 from .integrations.callback import DKMCallback
 from .integrations.distributed import full_weights
 from .integrations.quantizer import DKMHfQuantizer, dequantize, prepare
@@ -75,3 +75,4 @@ def __getattr__(name: str):
 
 
 transformers_patches.install(DKMConfig, DKMHfQuantizer)
+peft_patches.install()

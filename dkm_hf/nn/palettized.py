@@ -34,6 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..ops import native
+from ..ops.linear import recomputed_linear
 from ..ops.packing import unpack_bytes
 from .layout import Layout
 from .weights import (
@@ -350,7 +351,10 @@ class PalettizedMixin:
             tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
             return F.embedding(inverse, state.decode_rows(tokens), None, self.max_norm, self.norm_type)
         if forward in _LINEAR_FORWARDS:
-            return state.packed_linear(x, self.bias)
+            out = state.packed_linear(x, self.bias)
+            if out is None and torch.is_grad_enabled() and x.requires_grad:  # adapters training on top (LoRA)
+                out = recomputed_linear(x, state.decode, self.bias, transposed=state.layout.transposed)
+            return out
         return None
 
     def forward(self, *args, **kwargs):
@@ -380,9 +384,6 @@ class PalettizedMixin:
 
     def decode(self) -> torch.Tensor:
         return self._only().decode()
-
-    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._only().decode_rows(rows)
 
     def set_inference_mode(self, mode: str) -> None:
         for state in self.palettized_weights.values():

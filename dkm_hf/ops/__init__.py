@@ -8,4 +8,5 @@ kmeans.py     k-means++ and Lloyd initialisation of the centroids
 packing.py    b-bit index packing
 native.py     the native CPU kernels of palettized inference (lut_kernels.c/.cpp as torch operators; optional)
 extension.py  building native code with torch.utils.cpp_extension; the warning when a fallback is taken
+linear.py     a linear map by a frozen weight decoded on demand, decoded again in backward (adapters on packed weights)
 """

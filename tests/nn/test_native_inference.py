@@ -44,7 +44,10 @@ def test_native_decode_is_the_torch_decode(bits, scale, cluster_dim, group_size)
             assert torch.equal(w.decode(), w._decode_torch())
         w.compute_dtype = torch.float32
     tokens = torch.tensor([3, 47, 3, 0])
-    assert torch.equal(model[3].decode_rows(tokens), model[3].palettized_weights["weight"]._decode_torch()[tokens])
+    assert torch.equal(
+        model[3].palettized_weights["weight"].decode_rows(tokens),
+        model[3].palettized_weights["weight"]._decode_torch()[tokens],
+    )
 
 
 @needs_native

@@ -88,6 +88,6 @@ def test_packed_embedding_decodes_only_the_rows_it_looks_up(features, bits, clus
     ids = torch.tensor([[3, 7, 3, 39], [0, 1, 2, 7]])
     dense = model(ids)
     layer = model[0]
-    assert torch.equal(layer.decode_rows(torch.tensor([39, 3])), layer.weight[[39, 3]])
+    assert torch.equal(layer.palettized_weights["weight"].decode_rows(torch.tensor([39, 3])), layer.weight[[39, 3]])
     dkm_hf.set_inference_mode(model, "packed")
     assert torch.equal(model(ids), dense)

@@ -1,0 +1,86 @@
+"""LoRA (peft) on palettized weights: what peft cannot know about a weight that is decoded on every read.
+
+peft wraps a palettized module as it wraps any `nn.Linear` (the module keeps its class: a generated subclass), reads
+its weight's dtype, shape and device through the decoding property, and trains the adapters while the palettized
+weight stays buffers (LUT + packed indices), never a parameter. Merging cannot work that way: peft adds the
+adapters' product into `base_layer.weight.data`, which here is a temporary decoded for the read, so the merge would be
+lost without a word (and W + BA is no longer a LUT + indices anyway). peft's own hook for "this model cannot be
+merged", `BaseTuner._check_merge_allowed` (run by `merge_and_unload`, `merge_adapter` and `PeftModel` merging), is
+wrapped to refuse it, naming the modules and the way out: decode to dense first (`dkm_hf.dequantize`).
+
+dkm_hf does not import peft (an optional dependency, slow to import): the patch is applied when peft's
+`tuners.tuners_utils` is imported, or at once if it already is.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import importlib.util
+import sys
+from types import ModuleType
+
+from torch import nn
+
+from ..nn.palettized import PalettizedMixin
+
+TARGET = "peft.tuners.tuners_utils"
+_MARK = "_dkm_hf_patched"
+
+
+def palettized_base_layers(model: nn.Module, tuner_layer: type) -> list[str]:
+    """Names of the adapter layers (`tuner_layer` instances) of `model` whose base layer holds palettized weights."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, tuner_layer) and isinstance(module.get_base_layer(), PalettizedMixin)
+    ]
+
+
+def _patch(tuners_utils: ModuleType) -> None:
+    base_tuner, tuner_layer = tuners_utils.BaseTuner, tuners_utils.BaseTunerLayer
+    original = base_tuner._check_merge_allowed
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def check_merge_allowed(self) -> None:
+        names = palettized_base_layers(self.model, tuner_layer)
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ValueError(
+                f"cannot merge adapters into palettized weights ({shown}): a palettized weight is a LUT + packed "
+                "indices decoded on every read, and the merged weight W + BA is neither. Decode the base model to "
+                "dense weights first, dkm_hf.dequantize(peft_model.get_base_model()), then merge"
+            )
+        original(self)
+
+    setattr(check_merge_allowed, _MARK, True)
+    base_tuner._check_merge_allowed = check_merge_allowed
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Applies the patch once TARGET is imported: finds its spec with the other finders, wraps its loader."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != TARGET:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            exec_module = spec.loader.exec_module
+
+            def exec_and_patch(module: ModuleType) -> None:
+                exec_module(module)
+                _patch(module)
+
+            spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install() -> None:
+    """Patch peft now if it is imported, else when it is (idempotent)."""
+    if TARGET in sys.modules:
+        _patch(sys.modules[TARGET])
+    elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())

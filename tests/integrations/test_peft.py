@@ -1,0 +1,151 @@
+"""LoRA adapters (peft) on a frozen palettized model: train, save the adapters alone, reload them onto it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import AUTO, tiny_inputs
+from safetensors.torch import load_file
+
+import dkm_hf
+from dkm_hf import DKMConfig
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora(model):
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(**tiny_inputs("llama")).logits
+
+
+def _palettized_buffers(model) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers() if "_lut" in name or "_indices" in name}
+
+
+@pytest.fixture
+def palettized_dir(tiny_dir, tmp_path) -> Path:
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    return tmp_path / "pal"
+
+
+@pytest.fixture
+def trained(palettized_dir):
+    """A LoRA model on the reloaded palettized checkpoint after 4 AdamW steps, with its losses and the buffers and
+    adapters it started from."""
+    model = _lora(AUTO["llama"].from_pretrained(palettized_dir))
+    before = _palettized_buffers(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = tiny_inputs("llama", batch=4)
+    losses = []
+    model.train()
+    for _ in range(4):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        losses.append(loss.item())
+    return model, before, start, losses
+
+
+def test_only_the_adapters_train_and_the_palettized_weights_stay_buffers(trained):
+    model, before, start, losses = trained
+    assert losses[-1] < losses[0] - 0.01, losses
+    weights = dkm_hf.palettized_modules(model)
+    assert len(weights) == 2 * 7 + 2  # every projection, the embeddings and the lm_head tied to them
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(start) and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2
+    for name, value in start.items():
+        assert not torch.equal(value, model.get_parameter(name)), f"{name} did not change"
+    for name, buffer in _palettized_buffers(model).items():
+        assert torch.equal(buffer, before[name]), f"{name} changed"
+    for name, state in weights:
+        assert state.param not in state.module._parameters, name
+        assert not isinstance(getattr(state.module, state.param), torch.nn.Parameter), name
+    frozen_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert frozen_grads == []
+
+
+def test_saved_adapters_reload_onto_the_palettized_checkpoint(trained, palettized_dir, tmp_path):
+    model, _, start, _ = trained
+    model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert len(saved) == len(start) and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    assert sum(t.numel() for t in saved.values()) == sum(t.numel() for t in start.values())
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+    base = AUTO["llama"].from_pretrained(palettized_dir)
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded), _logits(model))
+    with reloaded.disable_adapter():
+        assert not torch.equal(_logits(reloaded), _logits(model))  # the adapters are in effect
+
+
+def test_merging_into_palettized_weights_is_refused_and_dequantize_first_merges(trained):
+    model, _, _, _ = trained
+    expected = _logits(model)
+    with pytest.raises(ValueError, match=r"cannot merge adapters into palettized weights \(.*q_proj.* and \d+ more"):
+        model.merge_and_unload()
+    with pytest.raises(ValueError, match="dkm_hf.dequantize"):
+        model.merge_adapter()
+    assert torch.equal(_logits(model), expected)  # nothing changed
+
+    dkm_hf.dequantize(model.get_base_model())
+    merged = model.merge_and_unload()
+    assert not dkm_hf.palettized_modules(merged)
+    assert all(not n.count("lora") for n, _ in merged.named_parameters())
+    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "targets"), [("llama", TARGETS), ("gpt2", ["c_attn", "c_proj", "c_fc"])])
+def test_backward_decodes_again_instead_of_keeping_the_decoded_weights(tiny_dir, tmp_path, name, targets):
+    """Packed mode keeps no decoded weight from the forward to the backward pass, and its gradients are those of
+    dense mode (where the decoded weight is kept and autograd keeps it too)."""
+    model = AUTO[name].from_pretrained(tiny_dir(name), dkm_config=DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    config = peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(AUTO[name].from_pretrained(tmp_path / "pal"), config).eval()  # GPT-2: no dropout
+    inputs = tiny_inputs(name)
+    shapes = {tuple(getattr(s.module, s.param).shape) for _, s in dkm_hf.palettized_modules(model)}
+
+    def lora_grads(mode: str) -> tuple[dict[str, torch.Tensor], list[tuple[int, ...]]]:
+        dkm_hf.set_inference_mode(model, mode)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+        model.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, [shape for shape in saved if shape in shapes]
+
+    packed, kept_packed = lora_grads("packed")
+    dense, kept_dense = lora_grads("dense")
+    assert kept_packed == [] and len(kept_dense) >= len(targets)
+    assert packed.keys() == dense.keys() and len(packed) >= 2 * 2 * len(targets)
+    for key, grad in packed.items():
+        torch.testing.assert_close(grad, dense[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+        assert grad.abs().sum() > 0, key
+
+
+@pytest.mark.parametrize("order", ["dkm_hf first", "peft first"])
+def test_the_merge_check_is_installed_whichever_package_is_imported_first(order):
+    first, second = ("dkm_hf", "peft") if order == "dkm_hf first" else ("peft", "dkm_hf")
+    code = (
+        f"import {first}, {second}, peft.tuners.tuners_utils as t; "
+        "print(getattr(t.BaseTuner._check_merge_allowed, '_dkm_hf_patched', False))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True", out.stderr
