@@ -370,7 +370,7 @@ def test_dead_and_duplicate_centroids_are_reseeded():
     with torch.no_grad():
         layer.centroids[0, 1] = layer.centroids[0, 0]  # duplicate
         layer.centroids[0, 3] = 100.0  # far away: empty
-    assert reseed_dead_centroids(layer) == 2
+    assert reseed_dead_centroids(layer.dkm_weights["weight"]) == 2
     sizes = torch.bincount(layer.assignments().view(-1), minlength=4)
     assert (sizes > 0).all() and torch.unique(layer.centroids).numel() == 4
 
