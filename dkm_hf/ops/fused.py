@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 
 from . import native
+from .extension import build_root
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -44,7 +45,7 @@ _CPU_TRIED = False
 def build_dir() -> Path:
     """Where the CPU extension is built: one folder per torch version and instruction-set variant."""
     arch = "-".join(flag.removeprefix("-m") for flag in native.arch_flags()) or "default"
-    return native.cache_dir().parent / "fused" / f"torch-{torch.__version__}-{arch}"
+    return build_root() / f"fused-{arch}"
 
 
 def cpu_kernels() -> ModuleType | None:
