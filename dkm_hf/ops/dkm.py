@@ -279,9 +279,9 @@ class _UniquifiedDKM(torch.autograd.Function):
             g = grad_out.reshape(-1)
             g_rows = torch.zeros(u.numel(), dtype=g.dtype, device=g.device).index_add_(0, inverse, g).view_as(u)
             b, a = _backward(u, history, masses, T, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
-            # one gather of (a, b) per weight: dL/dw_i = a(u_i) * g_i + b(u_i)
-            ab = torch.stack([a.view(-1), b.view(-1)], 1).index_select(0, inverse)
-            grad_w = torch.addcmul(ab[:, 1], ab[:, 0], g)
+            # dL/dw_i = a(u_i) * g_i + b(u_i): two gathers from small tables (one gather of (a, b) pairs is ~5x
+            # slower on CPU than both)
+            grad_w = a.view(-1).index_select(0, inverse).mul_(g).add_(b.view(-1).index_select(0, inverse))
         return grad_w.view_as(grad_out), None, None, None, None, None
 
 

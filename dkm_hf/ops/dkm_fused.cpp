@@ -268,8 +268,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, 
   return {out, c_final, history, masses, at::full({}, T, w.options().dtype(at::kLong))};
 }
 
-// One iteration t of `_backward` (chunked path), adding dL/dw into b (G, n, d). With `want_dc`, each item's slot gets
-// sum_i dz_ji w_i (k * d) and sum_i dz_ji (k), from which the caller forms dL/dC_{t-1}.
+// One iteration t of `_backward` (chunked path), adding dL/dw into b (G, n, d), or writing it there for the first
+// iteration processed (`direct`, t = T: b is uninitialised then, which spares a pass that zeroes it). With `want_dc`,
+// each item's slot gets sum_i dz_ji w_i (k * d) and sum_i dz_ji (k), from which the caller forms dL/dC_{t-1}.
 template <int D>
 void backward_iteration(const float* w, const float* grad, const float* c_prev, const float* c_t, const float* ds,
                         const float* dm, const float* tau, bool direct, bool want_dc, int64_t n, int64_t k,
@@ -319,10 +320,12 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
           }
           const vf add = mix + (pull - x[dd] * dzsum) * two_tau;
           if (d == 1 && count == V) {
-            vf old;
-            std::memcpy(&old, bg, sizeof old);
+            vf old = vf{};
+            if (!direct) std::memcpy(&old, bg, sizeof old);
             old += add;
             std::memcpy(bg, &old, sizeof old);
+          } else if (direct) {
+            for (int v = 0; v < count; ++v) bg[v * d + dd] = add[v];
           } else {
             for (int v = 0; v < count; ++v) bg[v * d + dd] += add[v];
           }
@@ -359,7 +362,7 @@ at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::
   std::vector<float> dc(ckd), ds(ckd), dm(G * k), dc_prev(ckd), slots(items.size() * width);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < k * d; ++r) dc[g * k * d + r] = static_cast<float>(out_sums[g * width + r]);
-  auto b = at::zeros_like(w);
+  auto b = at::empty_like(w);  // written by the first iteration below (t = T)
   for (int64_t t = T; t >= 1; --t) {
     const float* c_t = ph + t * ckd;
     const float* c_prev = ph + (t - 1) * ckd;
