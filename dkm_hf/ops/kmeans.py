@@ -5,10 +5,10 @@ common case) the values of each group are sorted once and everything after works
 w x^2: with sorted values the cluster of each centroid is an interval between centroid midpoints (`searchsorted`), and
 an interval's mass, sum and squared distance to any point come from three differences. A k-means++ draw picks an
 interval by its D^2 mass, then the value inside it by binary search on the prefix sums; a Lloyd iteration moves each
-centroid to its interval's mean, and only the edges that left the values around their new midpoint are searched
-again. Each step costs O(k log n) per group instead of the O(n k) of working on every value. Per-tensor LUTs
-first reduce the weight to its histogram of distinct 16-bit values; per-row LUTs of an LLM (hundreds of
-thousands of small groups) go straight to the sorted values.
+centroid to its interval's mean and one batched `searchsorted` finds the new edges. Each step costs O(k log n) per
+group instead of the O(n k) of working on every value. Per-tensor LUTs first reduce the weight to its histogram of
+distinct 16-bit values; per-row LUTs of an LLM (hundreds of thousands of small groups) go straight to the sorted
+values.
 
 Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many seeded k-means (side by side, as
 extra centroid sets searched in the same sorted values) and keeps the one of lowest inertia, as scikit-learn's
@@ -47,13 +47,11 @@ class _Prefix:
         self.s0 = None if weight is None else torch.cat([zero, weight.double().cumsum(1)], 1)
         self.s1 = torch.cat([zero, wx.cumsum(1)], 1)
         self.s2 = torch.cat([zero, (wx * self.x).cumsum(1)], 1)
-        self.padded = None
 
     def take(self, rows: torch.Tensor) -> _Prefix:
         new = object.__new__(_Prefix)
         new.x, new.s1, new.s2 = self.x[rows], self.s1[rows], self.s2[rows]
         new.s0 = None if self.s0 is None else self.s0[rows]
-        new.padded = None if self.padded is None else self.padded[rows]
         return new
 
     def at(self, index: torch.Tensor, squares: bool = True) -> tuple[torch.Tensor, ...]:
@@ -71,33 +69,6 @@ class _Prefix:
         edges = torch.searchsorted(self.x, _midpoints(c).reshape(G, -1), right=True).view(G, r, m - 1)
         ends = edges.new_full((G, r, 1), self.x.shape[1])
         return torch.cat([torch.zeros_like(ends), edges, ends], -1)
-
-    def moved_bounds(self, c: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-        """`bounds(c)` for centroids c that moved from those of `bounds`: an edge still between the values around its
-        new midpoint stays (two look-ups); the others, fewer and fewer as Lloyd converges, are searched again."""
-        G, r, m = c.shape
-        mids = _midpoints(c).reshape(G, -1)
-        edges = bounds[..., 1:-1].reshape(G, -1).clone()
-        if self.padded is None:
-            inf = self.x.new_full((G, 1), float("inf"))
-            self.padded = torch.cat([-inf, self.x, inf], 1)  # padded[e] = x[e - 1]: the last value below edge e
-        wrong = (self.padded.gather(1, edges + 1) <= mids) | (self.padded.gather(1, edges) > mids)
-        rows, cols = wrong.nonzero().unbind(1)
-        if rows.numel():
-            edges[rows, cols] = self.count_below(rows, mids[rows, cols])
-        return torch.cat([bounds[..., :1], edges.view(G, r, m - 1), bounds[..., -1:]], -1)
-
-    def count_below(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """How many values of group rows[i] are <= values[i]: `searchsorted(right=True)` of scattered single
-        queries, as a binary search over the flattened values (no copy of their groups)."""
-        R = self.x.shape[1]
-        flat, base = self.x.view(-1), rows * R
-        lo, hi = torch.zeros_like(rows), torch.full_like(rows, R)
-        for _ in range(R.bit_length()):
-            mid = (lo + hi) // 2
-            up = (flat[base + mid.clamp(max=R - 1)] <= values) & (lo < hi)
-            lo, hi = torch.where(up, mid + 1, lo), torch.where(up, hi, mid)
-        return lo
 
     def stats(self, bounds: torch.Tensor, squares: bool = True) -> tuple[torch.Tensor, ...]:
         """Mass, sum [and sum of squares] (G, r, m) of the clusters between bounds (G, r, m + 1)."""
@@ -173,7 +144,8 @@ def _lloyd_1d(p: _Prefix, c: torch.Tensor, bounds: torch.Tensor, iters: int) -> 
     rows = torch.arange(c.shape[0], device=c.device)
     for i in range(iters):
         if i > 0:
-            previous, bounds = bounds, p.moved_bounds(c, bounds)
+            # all edges searched again: one batched searchsorted is faster than re-checking the edges one by one
+            previous, bounds = bounds, p.bounds(c)
             moving = (bounds != previous).flatten(1).any(1)
             n_moving = int(moving.sum())
             if n_moving == 0:
