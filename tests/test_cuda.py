@@ -28,16 +28,17 @@ def _rel(a, b):
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
+@pytest.mark.parametrize("implementation", ["chunked", "uniquified", "fused"])
 @pytest.mark.parametrize("epsilon", [0.0, 1e9])
 def test_dkm_loop_matches_the_cpu(implementation, epsilon):
+    """Each path on CUDA (fused: the Triton kernel) against the chunked path on the CPU, values and gradients."""
     w = weights(3, 4000, 1)
     c0 = kmeans_init(w, 16, seed=0)
     grad = torch.randn_like(w)
     out = {}
     for device in ("cpu", "cuda"):
         x = w.detach().to(device, copy=True).requires_grad_()
-        y, c = dkm_cluster(x, c0.to(device), 1e-3, 3, epsilon, implementation)
+        y, c = dkm_cluster(x, c0.to(device), 1e-3, 3, epsilon, "chunked" if device == "cpu" else implementation)
         (y * grad.to(device)).sum().backward()
         out[device] = (y.detach(), c, x.grad)
     for cpu, cuda in zip(out["cpu"], out["cuda"]):

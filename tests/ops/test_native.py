@@ -8,11 +8,14 @@ where the library cannot be built; the DKM_HF_NATIVE=0 fallback is tested everyw
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import warnings
 
 import pytest
 import torch
 from conftest import U
+from torch.utils import cpp_extension
 
 from dkm_hf.ops import native
 from dkm_hf.ops.packing import pack_indices, unpack_indices
@@ -158,6 +161,18 @@ def test_a_failed_build_warns_once_with_its_reason(monkeypatch):
         assert not native.available() and native.lanes() == -1
     with pytest.raises(RuntimeError, match="not available"):
         native.decode_rows(native.Palette())
+
+
+@pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None or not cpp_extension.is_ninja_available(),
+    reason="no C++ compiler or ninja: the torch fallbacks are what runs here",
+)
+def test_the_kernels_build_where_the_toolchain_is_installed():
+    """With a compiler and ninja a failed build is a defect, not a reason to skip the kernel tests."""
+    from dkm_hf.ops import fused
+
+    assert native.available(), "the LUT kernels did not build"
+    assert fused.cpu_kernels() is not None, "the fused DKM kernel did not build"
 
 
 def test_build_directory_is_per_torch_version(monkeypatch, tmp_path):
