@@ -85,6 +85,15 @@ def assert_within(actual, expected, bound: float, scale: float, what: str) -> No
     assert diff <= bound * scale, f"{what}: max |difference| {diff:.3g} > {bound:.3g} x {scale:.3g}"
 
 
+def first_step_change(trainer) -> tuple[torch.Tensor, float]:
+    """Train `trainer` (one optimizer step: SGD at lr 1 without clipping) and return every parameter's change, which
+    is then minus the gradient, flattened into one tensor, and the logged loss."""
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, trainer.model.parameters())]), loss
+
+
 def free_port() -> int:
     """A port nothing listens on now, for a torch.distributed.run rendezvous (a fixed one can still be held by the
     previous launch's sockets)."""

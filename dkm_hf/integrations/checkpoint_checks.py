@@ -71,13 +71,9 @@ def new_save_id() -> str:
     return uuid.uuid4().hex
 
 
-def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
-    """The safetensors metadata of a checkpoint being saved: its format, its save id and a checksum per palettized
-    tensor. The values are checked first (finite, zero padding): a save its loader would refuse fails here."""
-    check_values(model, saving=True)
-    metadata = {FORMAT_KEY: record.format, VERSION_KEY: str(record.format_version)}
-    if record.save_id is not None:
-        metadata[SAVE_ID_KEY] = record.save_id
+def stored_buffers(model: nn.Module):
+    """(state-dict key, tensor) of every palettized buffer a checkpoint stores (tied weights' once, at their owner):
+    what the checksums cover."""
     for module_name, module in model.named_modules():
         if not isinstance(module, PalettizedMixin):
             continue
@@ -85,9 +81,20 @@ def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
             if weight.tied_source is not None:
                 continue
             for buffer in weight.buffer_names():
-                if module._buffers.get(buffer) is not None:
-                    key = f"{module_name}.{buffer}" if module_name else buffer
-                    metadata[f"{CHECKSUM_PREFIX}{key}"] = checksum(module._buffers[buffer])
+                tensor = module._buffers.get(buffer)
+                if tensor is not None:
+                    yield (f"{module_name}.{buffer}" if module_name else buffer), tensor
+
+
+def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
+    """The safetensors metadata of a checkpoint being saved: its format, its save id and a checksum per palettized
+    tensor. The values are checked first (finite, zero padding): a save its loader would refuse fails here."""
+    check_values(model, saving=True)
+    metadata = {FORMAT_KEY: record.format, VERSION_KEY: str(record.format_version)}
+    if record.save_id is not None:
+        metadata[SAVE_ID_KEY] = record.save_id
+    for key, tensor in stored_buffers(model):
+        metadata[f"{CHECKSUM_PREFIX}{key}"] = checksum(tensor)
     return metadata
 
 
@@ -262,28 +269,18 @@ def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
     version = int(metadata.get(VERSION_KEY, "1"))
     required = version >= 2 or SAVE_ID_KEY in metadata
     checksums = NameTable({k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)})
-    for name, module in model.named_modules():
-        if not isinstance(module, PalettizedMixin):
-            continue
-        for weight in module.palettized_weights.values():
-            if weight.tied_source is not None:
-                continue
-            for buffer in weight.buffer_names():
-                tensor = module._buffers.get(buffer)
-                if tensor is None:
-                    continue
-                key = f"{name}.{buffer}" if name else buffer
-                recorded = checksums.find(key)
-                if recorded is None and required:
-                    raise PalettizedCheckpointError(
-                        f"{key}: no `{CHECKSUM_PREFIX}{key}` in the safetensors metadata; files written with a save "
-                        "id carry a checksum for every palettized tensor (the file was altered)"
-                    )
-                if recorded is not None and checksum(tensor, version) != recorded:
-                    raise PalettizedCheckpointError(
-                        f"{key}: checksum {checksum(tensor, version)} does not match the {recorded} recorded when it "
-                        "was saved (the file is damaged or was altered)"
-                    )
+    for key, tensor in stored_buffers(model):
+        recorded = checksums.find(key)
+        if recorded is None and required:
+            raise PalettizedCheckpointError(
+                f"{key}: no `{CHECKSUM_PREFIX}{key}` in the safetensors metadata; files written with a save id carry "
+                "a checksum for every palettized tensor (the file was altered)"
+            )
+        if recorded is not None and checksum(tensor, version) != recorded:
+            raise PalettizedCheckpointError(
+                f"{key}: checksum {checksum(tensor, version)} does not match the {recorded} recorded when it was "
+                "saved (the file is damaged or was altered)"
+            )
 
 
 def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...], saving: bool = False) -> None:

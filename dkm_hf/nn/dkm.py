@@ -36,6 +36,8 @@ from .weights import (
     apply_keeping_dtype,
     base_class,
     buffer_name,
+    describe_weights,
+    only_weight,
     set_tie,
     swap_class,
     variant_class,
@@ -341,16 +343,11 @@ class DKMMixin:
             return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join([super().extra_repr(), *(w.describe() for w in self.dkm_weights.values())]).strip(", ")
+        return describe_weights(super().extra_repr(), self.dkm_weights)
 
     # -- the per-weight API of a module with one clustered weight ----------------------------------------------------
     def _only(self) -> DKMWeight:
-        if len(self.dkm_weights) != 1:
-            raise AttributeError(
-                f"{type(self).__name__} clusters {len(self.dkm_weights)} weights ({sorted(self.dkm_weights)}): use "
-                "module.dkm_weights[name]"
-            )
-        return next(iter(self.dkm_weights.values()))
+        return only_weight(self, self.dkm_weights, "dkm_weights")
 
     layout = property(lambda self: self._only().layout)
     settings = property(lambda self: self._only().settings)

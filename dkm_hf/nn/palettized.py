@@ -42,6 +42,8 @@ from .weights import (
     apply_keeping_dtype,
     base_class,
     buffer_name,
+    describe_weights,
+    only_weight,
     set_tie,
     swap_class,
     variant_class,
@@ -365,16 +367,11 @@ class PalettizedMixin:
             return super().forward(*args, **kwargs)
 
     def extra_repr(self) -> str:
-        return ", ".join([super().extra_repr(), *(w.describe() for w in self.palettized_weights.values())]).strip(", ")
+        return describe_weights(super().extra_repr(), self.palettized_weights)
 
     # -- the per-weight API of a module with one palettized weight ---------------------------------------------------
     def _only(self) -> PalettizedWeight:
-        if len(self.palettized_weights) != 1:
-            raise AttributeError(
-                f"{type(self).__name__} holds {len(self.palettized_weights)} palettized weights "
-                f"({sorted(self.palettized_weights)}): use module.palettized_weights[name]"
-            )
-        return next(iter(self.palettized_weights.values()))
+        return only_weight(self, self.palettized_weights, "palettized_weights")
 
     layout = property(lambda self: self._only().layout)
     # the module whose weight this one shares (its weight's `tied_source` is that weight)

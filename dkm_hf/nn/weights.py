@@ -63,6 +63,22 @@ def channel_dims(module: nn.Module, param: str, ndim: int) -> int:
     return 2 if ndim == STACKED_NDIM and param != "weight" else 1
 
 
+def only_weight(module: nn.Module, states: dict, attribute: str):
+    """The state of the one weight a module's per-module API (`module.layout`, ...) stands for; an AttributeError
+    naming them where the module has several (`attribute` is the dict that holds them by parameter name)."""
+    if len(states) != 1:
+        raise AttributeError(
+            f"{type(module).__name__} has {len(states)} weights in {attribute} ({sorted(states)}): use "
+            f"module.{attribute}[name]"
+        )
+    return next(iter(states.values()))
+
+
+def describe_weights(module_repr: str, states: dict) -> str:
+    """A module's extra_repr: its class's own, then a description of each of its clustered / palettized weights."""
+    return ", ".join([module_repr, *(state.describe() for state in states.values())]).strip(", ")
+
+
 def base_class(module: nn.Module) -> type:
     """The user's own class of a module, under any dkm_hf variant."""
     return getattr(type(module), "_dkm_base", type(module))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import AUTO, U, assert_within, tiny_inputs
+from conftest import AUTO, U, assert_within, first_step_change, tiny_inputs
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification
 
@@ -194,7 +194,6 @@ def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: in
     """Every parameter's gradient of the first optimizer step (with SGD at lr 1 and no clipping, the weight change)
     and the logged loss."""
     student = model_cls.from_pretrained(path, dkm_config=DKMConfig(bits=3, weight_threshold=1000))
-    before = [p.detach().clone() for p in student.parameters()]
     args = _args(
         tmp_path,
         per_device_train_batch_size=batch,
@@ -205,15 +204,8 @@ def _step_gradient(path, model_cls, data, tmp_path, batch: int, accumulation: in
         max_grad_norm=0,
         dkm_milestone=100,  # the dense phase: the same weights in every forward (see below)
     )
-    trainer = DKMTrainer(
-        model=student,
-        args=args,
-        train_dataset=data,
-        teacher_model=model_cls.from_pretrained(path) if teacher else None,
-    )
-    trainer.train()
-    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
-    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())]), loss
+    teacher_model = model_cls.from_pretrained(path) if teacher else None
+    return first_step_change(DKMTrainer(model=student, args=args, train_dataset=data, teacher_model=teacher_model))
 
 
 @pytest.mark.parametrize("teacher", [False, True], ids=["task", "distilled"])

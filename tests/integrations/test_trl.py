@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY, U, assert_within
+from conftest import TINY, U, assert_within, first_step_change
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -258,7 +258,6 @@ def _step_gradient(path, data, tmp_path, batch: int, accumulation: int, teacher:
     """Every parameter's change in the first optimizer step (SGD at lr 1, no clipping: the gradient) and the logged
     loss."""
     student = _student(path)
-    before = [p.detach().clone() for p in student.parameters()]
     args = _args(
         tmp_path,
         per_device_train_batch_size=batch,
@@ -277,9 +276,7 @@ def _step_gradient(path, data, tmp_path, batch: int, accumulation: int, teacher:
         processing_class=tokenizer(),
         teacher_model=AutoModelForCausalLM.from_pretrained(path) if teacher else None,
     )
-    trainer.train()
-    loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
-    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, student.parameters())]), loss
+    return first_step_change(trainer)
 
 
 @pytest.mark.parametrize("teacher", [False, True], ids=["sft", "distilled"])
