@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - a torch without distributed tensors
 
 from ..ops.attention import gather_centroids, hard_assign
 from ..ops.buckets import bucket_dtype_for
-from ..ops.dkm import dkm_cluster
+from ..ops.dkm import choose_implementation, dkm_cluster
 from ..ops.kmeans import kmeans_init
 from .layout import ClusterSettings, Layout
 from .weights import (
@@ -131,10 +131,11 @@ class DKMWeight:
     def implementation(self) -> str:
         return self.settings.implementation  # "auto" is resolved per call by ops.dkm.choose_implementation
 
-    def vectors(self, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The (groups, n, d) float32 vectors that are clustered (divided by the per-channel scale if any), of the
-        parameter (detached) or of `weight`."""
-        rows = self.layout.to_rows((self.weight.detach() if weight is None else weight).float())
+    def vectors(self, weight: torch.Tensor | None = None, float32: bool = True) -> torch.Tensor:
+        """The (groups, n, d) vectors that are clustered (divided by the per-channel scale if any), of the parameter
+        (detached) or of `weight`; in float32, or with `float32=False` in the weight's dtype where that is a view."""
+        weight = self.weight.detach() if weight is None else weight
+        rows = self.layout.to_rows(weight.float() if float32 else weight)
         if self.layout.per_channel_scale:
             rows = rows / self.weight_scale
         return self.layout.to_vectors(rows)
@@ -192,7 +193,7 @@ class DKMWeight:
         s = self.settings
         if s.tau_scale == "absolute":
             return s.tau, s.epsilon
-        v = self.vectors() if vectors is None else vectors.detach()
+        v = self.vectors() if vectors is None else vectors.detach().float()
         var = (v - v.mean(1, keepdim=True)).square().sum(-1).mean(1).clamp_min(_VAR_FLOOR)  # (G,)
         return s.tau * var, s.epsilon * var.sqrt()
 
@@ -206,7 +207,10 @@ class DKMWeight:
         # Saved for backward as they are, also under activation checkpointing: a recomputed forward reuses this
         # tensor instead of running the loop again (the loop saves only the weight and a tiny centroid history).
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-            vectors = self.vectors(weight)
+            # the fused kernels take a 16-bit weight as it is (and save it, not a float32 copy, for backward)
+            vectors = self.vectors(weight, float32=False)
+            implementation = choose_implementation(self.implementation, vectors)
+            vectors = vectors if implementation == "fused" else vectors.float()
             tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(
                 vectors,
@@ -214,7 +218,7 @@ class DKMWeight:
                 tau,
                 s.max_iters,
                 epsilon,
-                self.implementation,
+                implementation,
                 bucket_dtype=bucket_dtype_for(weight),  # of the weight's own dtype, before the float32 copy
             )
             scale = self.weight_scale if self.layout.per_channel_scale else None

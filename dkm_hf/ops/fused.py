@@ -3,11 +3,13 @@
     fused_dkm(w, c0, tau, epsilon, max_iters) -> (W~, C_T, history, masses, T)      torch.ops.dkm_hf.fused_dkm
     fused_dkm_backward(w, grad, history, masses, T, tau) -> dL/dw                  torch.ops.dkm_hf.fused_dkm_backward
 
-Same math, early stop and per-group tau / epsilon as the chunked path of `dkm.py` (float32 vectors (G, n, d),
-centroids (G, k, d), tau and epsilon (G,)); history is (max_iters + 1, G, k, d) and masses (max_iters, G, k), the
-entries after T (a 0-d int64 tensor) unused, so every output has a fixed shape. Both are `torch.library` custom ops
-with fake implementations and the backward registered as their autograd formula: autograd, torch.compile and FSDP2
-see ordinary ops.
+Same math, early stop and per-group tau / epsilon as the chunked path of `dkm.py` (vectors w (G, n, d) in float32,
+bfloat16 or float16, float32 centroids (G, k, d), tau and epsilon (G,)); history is (max_iters + 1, G, k, d) and
+masses (max_iters, G, k), the entries after T (a 0-d int64 tensor) unused, so every output has a fixed shape. The
+loop runs in float32 whatever w's dtype; W~ and dL/dw come back in w's dtype, and what is saved for backward is w
+itself (for a 16-bit weight no float32 copy stays alive between forward and backward). Both are `torch.library`
+custom ops with fake implementations and the backward registered as their autograd formula: autograd, torch.compile
+and FSDP2 see ordinary ops.
 
 On CPU the kernel is `dkm_fused.cpp`, built on first use with `torch.utils.cpp_extension.load` (-O3, OpenMP, the -m
 flags of `native.arch_flags`) into `<cache>/dkm_hf/fused/torch-<version>-<arch>`; on CUDA it is the Triton kernel
@@ -106,7 +108,8 @@ def fused_dkm(
     kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("dkm_hf::fused_dkm: the CPU kernel is not available (see the warning of its build)")
-    return tuple(kernels.forward(w, c0, tau, epsilon, max_iters))
+    out, *rest = kernels.forward(w.float().contiguous(), c0, tau, epsilon, max_iters)
+    return out.to(w.dtype), *rest
 
 
 @fused_dkm.register_fake
@@ -134,7 +137,7 @@ def fused_dkm_backward(
     kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("dkm_hf::fused_dkm_backward: the CPU kernel is not available")
-    return kernels.backward(w, grad, history, masses, T, tau)
+    return kernels.backward(w.float().contiguous(), grad.float().contiguous(), history, masses, T, tau).to(w.dtype)
 
 
 @fused_dkm_backward.register_fake
@@ -156,8 +159,16 @@ def _backward(ctx, grad_out, *_):
 
 fused_dkm.register_autograd(_backward, setup_context=_setup_context)
 if fused_triton is not None:
-    fused_dkm.register_kernel("cuda")(fused_triton.forward)
-    fused_dkm_backward.register_kernel("cuda")(fused_triton.backward)
+
+    @fused_dkm.register_kernel("cuda")
+    def _fused_dkm_cuda(w, c0, tau, epsilon, max_iters):
+        out, *rest = fused_triton.forward(w.float().contiguous(), c0, tau, epsilon, max_iters)
+        return out.to(w.dtype), *rest
+
+    @fused_dkm_backward.register_kernel("cuda")
+    def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau):
+        b = fused_triton.backward(w.float().contiguous(), grad.float().contiguous(), history, masses, T, tau)
+        return b.to(w.dtype)
 
 
 def per_group(value: float | torch.Tensor, groups: int, device: torch.device) -> torch.Tensor:
@@ -180,10 +191,10 @@ def dkm(
     """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, in w's dtype)."""
     G = w.shape[0]
     out, c_final, _, _, _ = fused_dkm(
-        w.float().contiguous(),
+        w.contiguous(),  # a view of the parameter: saved for backward at no cost
         centroids.detach().to(w.device, torch.float32).contiguous(),
         per_group(tau, G, w.device),
         per_group(epsilon, G, w.device),
         max_iters,
     )
-    return out.to(w.dtype), c_final.to(w.dtype)
+    return out, c_final.to(w.dtype)

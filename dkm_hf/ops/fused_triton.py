@@ -188,6 +188,8 @@ def forward(w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch
         s, m = _group_sums(parts, G, nb, k, d)
         history[t] = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
         masses[t - 1] = m
+        if t == max_iters:  # T = max_iters either way: no host synchronisation (none at all for max_iters = 1)
+            break
         change = ((history[t] - c).abs().amax((1, 2)) / epsilon).amax()
         if change.item() <= 1:
             T = t
@@ -202,7 +204,7 @@ def backward(w, grad, history, masses, T, tau):
     """dL/dw as `fused.fused_dkm_backward`."""
     G, n, d = w.shape
     k = history.shape[2]
-    T = int(T)
+    T = 1 if masses.shape[0] == 1 else int(T)  # one iteration: T = 1 without a host synchronisation
     meta, nb = _geometry(w, k)
     q = (_LOG2E / tau).contiguous()
     parts = w.new_empty(G * nb * k * (d + 1))

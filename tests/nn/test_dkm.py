@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 import dkm_hf
 from dkm_hf import DKMConfig
 from dkm_hf.nn import DKMMixin
+from dkm_hf.ops import fused
 
 ABSOLUTE = {"tau": 1e-3, "tau_scale": "absolute"}  # a fixed temperature, as the naive references use
 # Weights clustered with weight_threshold=0: every parameter of >= 2 dimensions, a tied lm_head counted once more.
@@ -326,3 +327,25 @@ def test_tied_weights_cost_one_dkm_pass_per_step(tiny_dir, monkeypatch):
     # the next step is a new pass
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not fused.available(torch.zeros(1, 1, 1, dtype=torch.bfloat16)), reason="no fused CPU kernel")
+def test_a_bf16_layer_keeps_no_float32_copy_of_its_weight_for_backward(monkeypatch):
+    """Between forward and backward the DKM loop of a bf16 layer holds the weight itself (the parameter), not a
+    float32 copy, which would add 4 bytes per clustered weight (the soft weight the matmul saves is bf16 too)."""
+    from dkm_hf.nn import dkm as nn_dkm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 64, bias=False)).bfloat16()
+    dkm_hf.prepare(model, DKMConfig(bits=4, granularity="per_grouped_channel", group_size=1, max_iters=1))
+    layer = model[0]
+    saved = []
+    pack = nn_dkm._pack
+    monkeypatch.setattr(nn_dkm, "_pack", lambda t: saved.append(t) or pack(t))
+    out = layer.train()(torch.randn(8, 256, dtype=torch.bfloat16))
+    large = [t for t in saved if t.numel() >= layer.weight.numel()]
+    assert len(large) == 1 and large[0].dtype == torch.bfloat16
+    assert large[0].untyped_storage().data_ptr() == layer.weight.untyped_storage().data_ptr()
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16 and layer.weight.grad.abs().sum() > 0
