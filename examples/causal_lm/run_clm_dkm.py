@@ -63,7 +63,7 @@ DKM_TRAINING_DEFAULTS = {
     "overrides": json.dumps(EMBEDDINGS_8BIT),
     # four k-means runs per LUT, the lowest-inertia one kept: 3-bit post-training perplexity 727 -> 453
     "kmeans_restarts": 4,
-    "learning_rate": 1e-4,
+    "learning_rate": 3e-4,
     "lr_scheduler_type": "cosine",
     "weight_decay": 0.0,
     "max_steps": 20,
@@ -81,7 +81,7 @@ DKM_TRAINING_DEFAULTS = {
 # unless the option is given on the command line.
 BITS_RECIPES = {
     4: {},
-    3: {"learning_rate": 5e-4, "max_steps": 120},
+    3: {"learning_rate": 5e-4, "max_steps": 30},
 }
 
 

