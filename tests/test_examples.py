@@ -220,7 +220,7 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     monkeypatch.setattr(quantizer, "init_centroids", lambda model: initialised.append(init_centroids(model)))
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]
-    control_name = "control: the recipe without clustering (lr 0.0001, 3 steps)"
+    control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
     assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
     assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
     dense, control, ptq, dkm = results["rows"]
@@ -254,6 +254,27 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     assert dkm["perplexity"] == pytest.approx(clm.perplexity(reloaded, held))
 
 
+def test_causal_lm_example_distilled_control(tmp_path):
+    """With --distill both the DKM row and its control train against the dense model (the control with the same
+    distillation loss and no clustering): the control differs from the undistilled one of the same recipe."""
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    model = tiny_causal_model(tmp_path)
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(40)]
+    (tmp_path / "train.txt").write_text("\n\n".join(docs))
+    controls = []
+    for distill in ([], ["--distill", "--distill_alpha", "0.9"]):
+        argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
+                str(tmp_path / f"out{len(distill)}"), "--bits", "4", "--weight_threshold", "512", "--block_size", "16",
+                "--eval_tokens", "64", "--max_steps", "2", "--new_tokens", "2", "--other_file",
+                str(tmp_path / "train.txt"), *distill]  # fmt: skip
+        results = clm.main(argv)
+        assert results["recipe"]["distill"] == bool(distill)
+        controls.append(results["rows"][1])
+    assert [row["model"].startswith("control") for row in controls] == [True, True]
+    assert controls[0]["perplexity"] != controls[1]["perplexity"]
+
+
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     argv = ["--output_dir", str(tmp_path), "--max_steps", "3"]
@@ -263,10 +284,10 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
         clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS, argv
     )
     four = clm.recipe_for(4, dkm_args, training_args, argv)
-    assert (four[1].learning_rate, four[1].max_steps) == (1e-4, 3)
+    assert (four[1].learning_rate, four[1].max_steps) == (3e-4, 3)
     assert four[0].config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
     three_dkm, three_train = clm.recipe_for(3, dkm_args, training_args, argv)
-    # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 120; the tau
+    # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 30; the tau
     # is DKMConfig's default for 3 bits
     assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3)
     assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
