@@ -194,7 +194,7 @@ class DKMWeight:
         if s.tau_scale == "absolute":
             return s.tau, s.epsilon
         v = self.vectors() if vectors is None else vectors.detach().float()
-        var = (v - v.mean(1, keepdim=True)).square().sum(-1).mean(1).clamp_min(_VAR_FLOOR)  # (G,)
+        var = torch.var(v, dim=1, correction=0).sum(-1).clamp_min(_VAR_FLOOR)  # (G,): one pass, no temporaries
         return s.tau * var, s.epsilon * var.sqrt()
 
     def soft_weight(self, update: bool = True) -> torch.Tensor:
