@@ -90,15 +90,22 @@ def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None)
     """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid."""
     assign = module.assignments() if assign is None else assign
     sizes = _cluster_sizes(assign, module.layout.n_clusters)
-    vectors = module.vectors()
+    centroids = module.centroids
+    G, k, d = centroids.shape
+    # a centroid equal to one of lower index is a duplicate; found for many groups at once (per-row LUTs: 10^5 groups)
+    duplicate = torch.empty_like(sizes, dtype=torch.bool)
+    step = max(1, (1 << 24) // (k * k * d))
+    for g0 in range(0, G, step):
+        c = centroids[g0 : g0 + step]
+        same = (c.unsqueeze(1) - c.unsqueeze(2)).abs().amax(-1) == 0  # [g, i, j]: c_j == c_i
+        duplicate[g0 : g0 + step] = torch.triu(same, diagonal=1).any(1)
+    dead_mask = (sizes == 0) | duplicate
+    groups = dead_mask.any(1).nonzero().squeeze(1).tolist()
+    vectors = module.vectors() if groups else None
     reseeded = 0
-    for g in range(assign.shape[0]):
-        c = module.centroids[g]
-        same = (c.unsqueeze(0) - c.unsqueeze(1)).abs().amax(-1) == 0
-        duplicate = torch.triu(same, diagonal=1).any(0)
-        dead = ((sizes[g] == 0) | duplicate).nonzero().squeeze(1)
-        if dead.numel() == 0:
-            continue
+    for g in groups:
+        c = centroids[g]
+        dead = dead_mask[g].nonzero().squeeze(1)
         error = (vectors[g] - c[assign[g]]).square().sum(-1)
         far = error.topk(min(dead.numel(), error.numel())).indices
         module.centroids[g, dead[: far.numel()]] = vectors[g, far]

@@ -82,12 +82,45 @@ def outer(c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for every vector: w (G, n, d), c (G, k, d) -> (G, n) int64."""
-    G, n, _ = w.shape
+    """Index of the nearest centroid for every vector: w (G, n, d), c (G, k, d) -> (G, n) int64; the first (lowest)
+    index among centroids at the same distance, as argmin."""
+    G, n, d = w.shape
     idx = torch.empty(G, n, dtype=torch.int64, device=w.device)
     c = centroids.to(w.dtype)
+    # 16-bit squares tie too often to match argmin; non-finite centroids do not sort
+    if d == 1 and w.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(c).all()):
+        return _hard_assign_1d(w[..., 0], c[..., 0], idx)
     for gs, ms in blocks(G, n, c.shape[1], w.device):
         idx[gs, ms] = squared_distance(w[gs, ms], c[gs]).argmin(1)
+    return idx
+
+
+_NEIGHBOURS = 3  # sorted positions compared exactly around the one found by midpoint search
+
+
+def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`hard_assign` for d = 1 in O(log k) per value: a binary search among the midpoints of the sorted centroids, then
+    the exact squared distances to that position and its two neighbours (a value within rounding of a midpoint), each
+    position standing for the first of its run of equal centroids (stable sort: the lowest original index)."""
+    G, k = c.shape
+    sorted_c, order = c.sort(dim=1, stable=True)
+    first = torch.searchsorted(sorted_c, sorted_c)  # first sorted position of each value's run of equals
+    order = order.gather(1, first)
+    mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()
+    for gs, ms in blocks(G, x.shape[1], 4 * _NEIGHBOURS, x.device):
+        xb = x[gs, ms].contiguous()
+        pos = torch.searchsorted(mids[gs], xb)
+        best_d = best_i = None
+        for offset in range(-(_NEIGHBOURS // 2), _NEIGHBOURS // 2 + 1):
+            j = (pos + offset).clamp_(0, k - 1)
+            dist = (xb - sorted_c[gs].gather(1, j)).square_()
+            i = order[gs].gather(1, j)
+            if best_d is None:
+                best_d, best_i = dist, i
+                continue
+            better = (dist < best_d) | ((dist == best_d) & (i < best_i))
+            best_d, best_i = torch.where(better, dist, best_d), torch.where(better, i, best_i)
+        idx[gs, ms] = best_i
     return idx
 
 
