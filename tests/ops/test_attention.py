@@ -47,3 +47,23 @@ def test_accelerator_blocks_are_larger_and_still_cover_the_grid():
     cpu, gpu = list(attention.blocks(groups, m, k, "cpu")), list(attention.blocks(groups, m, k, "cuda"))
     assert len(cpu) == 55 and len(gpu) == 1 and gpu[0] == (slice(0, groups), slice(0, m))
     assert attention.chunk_elements("cuda") == attention.CHUNK_ELEMENTS_ACCELERATOR > attention.CHUNK_ELEMENTS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_assign_1d_is_argmin_with_its_ties(dtype):
+    """The binary-search assignment of cluster_dim 1 equals argmin over the exact squared distances, including values
+    exactly at centroids and at midpoints (argmin: the lower index), duplicate centroids (the first one) and unsorted
+    centroids; 16-bit weights and non-finite centroids take the argmin path itself."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        groups, n, k = 1 + trial % 4, 1 + 7 * trial, (2, 3, 8, 16, 256)[trial % 5]
+        c = torch.randn(groups, k, 1, generator=g, dtype=dtype)
+        if trial % 3 == 0:
+            c[:, : k // 2] = c[:, k // 2 : 2 * (k // 2)]  # duplicates
+        if trial % 4 == 0:
+            c = c.round(decimals=1)  # more duplicates
+        cs = c.sort(1).values
+        pool = torch.cat([(cs[:, 1:] + cs[:, :-1]) / 2, cs, torch.randn(groups, 8, 1, generator=g, dtype=dtype)], 1)
+        w = pool[..., 0].gather(1, torch.randint(0, pool.shape[1], (groups, n), generator=g)).unsqueeze(-1)
+        expected = attention.squared_distance(w, c).argmin(1)
+        assert torch.equal(attention.hard_assign(w, c), expected)
