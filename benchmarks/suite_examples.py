@@ -5,7 +5,7 @@ Each row is one example's `main()` with its defaults and an output folder in the
 process (`run.py --child examples <spec>`); the report is the example's own results table (results.md), every
 compressed model reloaded from its palettized checkpoint. --quick: the vision example only.
 
-    python benchmarks/run.py --suite examples          # vision (~5 min) + causal LM (~25 min) on 2 free cores
+    python benchmarks/run.py --suite examples          # vision (~5 min) + causal LM (~15 min) on 2 free cores
 """
 
 from __future__ import annotations
