@@ -7,6 +7,8 @@ bucket key, exactly; a float32 weight is keyed by its float16 rounding (bfloat16
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 _FP16_INF = (0x7C00, 0xFC00)
@@ -52,7 +54,70 @@ def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
         uniq_keys[group, pos] = uk % 65536
         uniq_counts[group, pos] = cnt
         inverse = (group * umax + pos).to(torch.int32)[inv]
-    signed = torch.where(uniq_keys >= 32768, uniq_keys - 65536, uniq_keys).to(torch.int16)
-    values = signed.view(bucket_dtype).to(w.dtype)
-    values = torch.where(uniq_counts > 0, values, torch.zeros((), dtype=w.dtype, device=device))
-    return values, uniq_counts, inverse
+    return _key_values(uniq_keys, uniq_counts, bucket_dtype, w.dtype), uniq_counts, inverse
+
+
+def _key_values(keys: torch.Tensor, counts: torch.Tensor, bucket_dtype: torch.dtype, dtype: torch.dtype):
+    """The values (in `dtype`) of 16-bit keys (int64 in [0, 65536)); 0 where the count is 0 (padding)."""
+    signed = torch.where(keys >= 32768, keys - 65536, keys).to(torch.int16)
+    values = signed.view(bucket_dtype).to(dtype)
+    return torch.where(counts > 0, values, torch.zeros((), dtype=dtype, device=keys.device))
+
+
+class Buckets(NamedTuple):
+    """The buckets of a weight w (G, n) and the map between weights and buckets.
+
+    values (G, U) and counts (G, U) as `unique_buckets` gives them. `index` is either its inverse (G * n,) int32 into
+    the flattened (G * U) buckets (`present` None), or, where the CPU kernels of dkm_buckets.cpp serve (G = 1), the
+    weights' 16-bit keys (n,) int16 with `present` (U,) the key of each bucket: the per-weight loops then read 2 bytes
+    per weight and index a 65,536-entry table directly (several times faster than torch's gathers and scatters).
+    """
+
+    values: torch.Tensor
+    counts: torch.Tensor
+    index: torch.Tensor
+    present: torch.Tensor | None
+
+    def gather(self, per_bucket: torch.Tensor) -> torch.Tensor:
+        """Each weight's entry of per_bucket (G * U,): (G * n,)."""
+        if self.present is None:
+            return per_bucket.index_select(0, self.index)
+        return _kernels().bucket_gather(self._table(per_bucket, per_bucket.dtype), self.index)
+
+    def sums(self, g: torch.Tensor) -> torch.Tensor:
+        """The sum of g (G * n,) over each bucket's weights: (G * U,) in g's dtype."""
+        if self.present is None:
+            return torch.zeros(self.values.numel(), dtype=g.dtype, device=g.device).index_add_(0, self.index, g)
+        return _kernels().bucket_sums(self.index, g.contiguous()).index_select(0, self.present).to(g.dtype)
+
+    def grad(self, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """a[bucket] * g + b[bucket] for every weight, from per-bucket a and b (G * U,) and g (G * n,)."""
+        if self.present is None:
+            # two gathers from small tables (one gather of (a, b) pairs is ~5x slower on CPU than both)
+            return a.index_select(0, self.index).mul_(g).add_(b.index_select(0, self.index))
+        tables = (self._table(x, torch.float32) for x in (a, b))
+        return _kernels().bucket_grad(*tables, self.index, g.contiguous())
+
+    def _table(self, per_bucket: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        table = torch.zeros(65536, dtype=dtype, device=per_bucket.device)
+        return table.index_copy_(0, self.present, per_bucket.to(dtype))
+
+
+def _kernels():
+    from . import fused  # the extension that holds dkm_buckets.cpp
+
+    return fused.cpu_kernels()
+
+
+def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:
+    """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (G = 1 on CPU),
+    else by `unique_buckets`' inverse."""
+    if w.shape[0] != 1 or w.device.type != "cpu" or _kernels() is None:
+        return Buckets(*unique_buckets(w, bucket_dtype), None)
+    keys = w.detach().reshape(-1).to(bucket_dtype).view(torch.int16)  # a view, no copy, of a weight in bucket_dtype
+    counts = _kernels().bucket_counts(keys)
+    if bucket_dtype == torch.float16 and w.dtype != torch.float16 and bool(counts[list(_FP16_INF)].any()):
+        return bucket_index(w, torch.bfloat16)  # beyond float16's range
+    present = counts.nonzero().squeeze(1)
+    counts = counts.index_select(0, present).unsqueeze(0)
+    return Buckets(_key_values(present.unsqueeze(0), counts, bucket_dtype, w.dtype), counts, keys, present)

@@ -35,7 +35,7 @@ import torch
 
 from . import fused
 from .attention import attention, blocks, mix_centroids, outer, reduce_vectors
-from .buckets import bucket_dtype_for, unique_buckets
+from .buckets import Buckets, bucket_dtype_for, bucket_index
 
 _TINY = 1e-30
 IMPLEMENTATIONS = ("chunked", "uniquified", "fused")
@@ -254,15 +254,15 @@ class _UniquifiedDKM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, c0, tau, max_iters, epsilon, bucket_dtype):
         with torch.no_grad():
-            values, counts, inverse = unique_buckets(w.squeeze(-1), bucket_dtype)
-            u = values.unsqueeze(-1)
-            weight = counts.to(w.dtype)
+            buckets = bucket_index(w.squeeze(-1), bucket_dtype)
+            u = buckets.values.unsqueeze(-1)
+            weight = buckets.counts.to(w.dtype)
             history, masses, T, cache = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
             c_in, c_out = _select(history, T)
             out_u = _soft_output(u, c_in, c_out, tau, cache)
-            out = out_u.view(-1).index_select(0, inverse).view_as(w)
+            out = buckets.gather(out_u.view(-1)).view_as(w)
         T_saved = [T] if isinstance(T, torch.Tensor) else []
-        ctx.save_for_backward(u, weight, inverse, *history, *masses, *T_saved)
+        ctx.save_for_backward(u, weight, buckets.index, buckets.present, *history, *masses, *T_saved)
         ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
         c_final = c_out.clone()
         ctx.mark_non_differentiable(c_final)
@@ -272,16 +272,15 @@ class _UniquifiedDKM(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_c):
         saved = ctx.saved_tensors
         S = ctx.S
-        u, weight, inverse = saved[:3]
-        history, masses = list(saved[3 : S + 4]), list(saved[S + 4 : 2 * S + 4])
+        u, weight, index, present = saved[:4]
+        buckets = Buckets(u.squeeze(-1), weight, index, present)
+        history, masses = list(saved[4 : S + 5]), list(saved[S + 5 : 2 * S + 5])
         T = ctx.T if ctx.T is not None else saved[-1]
         with torch.no_grad():
             g = grad_out.reshape(-1)
-            g_rows = torch.zeros(u.numel(), dtype=g.dtype, device=g.device).index_add_(0, inverse, g).view_as(u)
+            g_rows = buckets.sums(g).view_as(u)
             b, a = _backward(u, history, masses, T, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
-            # dL/dw_i = a(u_i) * g_i + b(u_i): two gathers from small tables (one gather of (a, b) pairs is ~5x
-            # slower on CPU than both)
-            grad_w = a.view(-1).index_select(0, inverse).mul_(g).add_(b.view(-1).index_select(0, inverse))
+            grad_w = buckets.grad(a.view(-1), b.view(-1), g)  # dL/dw_i = a(u_i) * g_i + b(u_i)
         return grad_w.view_as(grad_out), None, None, None, None, None
 
 

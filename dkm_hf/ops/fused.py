@@ -37,7 +37,8 @@ else:
     fused_triton = None
 
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
-ABI_VERSION = 1
+BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
+ABI_VERSION = 2
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None
@@ -66,7 +67,7 @@ def cpu_kernels() -> ModuleType | None:
             directory.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
                 name="dkm_hf_fused",
-                sources=[str(SOURCE)],
+                sources=[str(SOURCE), str(BUCKETS_SOURCE)],
                 build_directory=str(directory),
                 extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
                 extra_ldflags=["-fopenmp"],

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dkm_hf.ops.buckets import unique_buckets
+from dkm_hf.ops import fused
+from dkm_hf.ops.buckets import Buckets, bucket_dtype_for, bucket_index, unique_buckets
 
 
 def test_uniquified_falls_back_to_bfloat16_beyond_float16_range():
@@ -20,3 +22,45 @@ def test_buckets_per_group_with_padding():
     assert values.shape == counts.shape == (2, 4)
     assert counts.tolist() == [[1, 3, 0, 0], [1, 1, 1, 1]]  # group 0 padded with count 0
     assert torch.equal(values.view(-1)[inverse.long()], w.view(-1))
+
+
+needs_kernels = pytest.mark.skipif(fused.cpu_kernels() is None, reason="the CPU kernels could not be built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_keyed_buckets_equal_the_inverse_ones(dtype):
+    """The kernel path (G = 1: keys used as indices) gives unique_buckets' buckets and the same per-weight results."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(1, 70_001, generator=gen) * 0.05).to(dtype)  # 16-bit values repeat: buckets hold many weights
+    keyed = bucket_index(w, bucket_dtype_for(w))
+    values, counts, inverse = unique_buckets(w, bucket_dtype_for(w))
+    assert keyed.present is not None and keyed.index.dtype == torch.int16
+    assert torch.equal(keyed.values, values) and torch.equal(keyed.counts, counts)
+    plain = Buckets(values, counts, inverse, None)
+    per_bucket = torch.randn(values.numel(), generator=gen).to(dtype)
+    assert torch.equal(keyed.gather(per_bucket), plain.gather(per_bucket))
+    assert torch.equal(keyed.gather(per_bucket), per_bucket[inverse.long()])
+    g = torch.randn(w.numel(), generator=gen).to(dtype)
+    exact = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, g.double())
+    # the kernel sums in double and rounds once to g's dtype; index_add_ rounds at every addition
+    torch.testing.assert_close(keyed.sums(g), exact.to(dtype), atol=0, rtol=torch.finfo(dtype).eps)
+    assert (plain.sums(g).double() - exact).abs().max() >= (keyed.sums(g).double() - exact).abs().max()
+    a, b = (torch.randn(values.numel(), generator=gen) for _ in range(2))
+    expected = a.double()[inverse.long()] * g.double() + b.double()[inverse.long()]
+    got = keyed.grad(a, b, g)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected.to(dtype).double())
+
+
+@needs_kernels
+def test_keyed_buckets_fall_back_to_bfloat16_beyond_float16_range():
+    w = torch.tensor([1e5, -2e5, 0.5, 0.25] * 8).view(1, 32)
+    keyed = bucket_index(w, torch.float16)
+    assert keyed.present is not None
+    assert torch.equal(keyed.gather(keyed.values.view(-1)), w.view(-1).to(torch.bfloat16).float())
+
+
+def test_groups_and_other_devices_keep_the_inverse():
+    w = torch.tensor([[0.5, 0.5, 0.25, 0.5], [1.0, 2.0, 3.0, 4.0]])
+    assert bucket_index(w, torch.float16).present is None
