@@ -73,12 +73,16 @@ def _sample(n: int, size: int) -> slice:
 
 @torch.no_grad()
 def cluster_health(module: DKMWeight, assign: torch.Tensor) -> dict[str, float]:
-    """Mean attention entropy on a fixed sample of weights, and the number of empty clusters."""
+    """Mean attention entropy on a fixed sample of about HEALTH_SAMPLE weights (every few LUT groups, every few
+    weights of each), and the number of empty clusters."""
     vectors = module.vectors()
-    tau, _ = module.temperature(vectors)
+    G, n, _ = vectors.shape
+    per_group = min(n, HEALTH_SAMPLE)
+    groups = _sample(G, max(1, HEALTH_SAMPLE // per_group))
+    tau, _ = module.temperature(vectors[groups])  # tau of the sampled groups, from all their weights
     if isinstance(tau, torch.Tensor):
         tau = tau.view(-1, 1, 1)
-    a = attention(vectors[:, _sample(vectors.shape[1], HEALTH_SAMPLE)], module.centroids, tau)
+    a = attention(vectors[groups, _sample(n, per_group)], module.centroids[groups], tau)
     return {
         "entropy": -(a * a.clamp_min(1e-30).log()).sum(1).mean().item(),
         "empty": int((_cluster_sizes(assign, module.layout.n_clusters) == 0).sum()),

@@ -106,6 +106,12 @@ def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> torc
     sorted_c, order = c.sort(dim=1, stable=True)
     first = torch.searchsorted(sorted_c, sorted_c)  # first sorted position of each value's run of equals
     order = order.gather(1, first)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and k > 1:
+        from . import fused  # the CPU extension: the same steps in one loop (dkm_buckets.cpp)
+
+        kernels = fused.cpu_kernels()
+        if kernels is not None:
+            return kernels.nearest_sorted(x.contiguous(), sorted_c.contiguous(), order.contiguous())
     mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()
     for gs, ms in blocks(G, x.shape[1], 4 * _NEIGHBOURS, x.device):
         xb = x[gs, ms].contiguous()

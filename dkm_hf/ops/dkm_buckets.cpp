@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -116,6 +117,69 @@ at::Tensor bucket_grad(const at::Tensor& a, const at::Tensor& b, const at::Tenso
       for (int64_t i = lo; i < hi; ++i)
         po[i] = static_cast<scalar_t>(pa[k[i]] * static_cast<float>(pg[i]) + pb[k[i]]);
     });
+  });
+  return out;
+}
+
+namespace {
+// std::lower_bound without branches on the data (a conditional move per halving): on random values the branchy one
+// mispredicts half of its comparisons.
+inline int64_t lower_bound(const float* m, int64_t count, float v) {
+  if (count == 0) return 0;
+  const float* base = m;
+  for (int64_t n = count; n > 1;) {
+    const int64_t half = n / 2;
+    base = base[half] < v ? base + half : base;
+    n -= half;
+  }
+  return (base - m) + (*base < v);
+}
+}  // namespace
+
+// Nearest-centroid assignment for d = 1 (attention.py `_hard_assign_1d`, the same steps in one loop): x (G, n) and
+// sorted centroids sorted_c (G, k) float32, order (G, k) int64 the original index standing for each sorted position.
+// The position is found by binary search among the centroid midpoints (a NaN goes last, as torch.searchsorted puts
+// it), then the exact squared distances to it and its two neighbours decide, ties to the lowest original index.
+at::Tensor nearest_sorted(const at::Tensor& x, const at::Tensor& sorted_c, const at::Tensor& order) {
+  TORCH_CHECK(x.dim() == 2 && sorted_c.dim() == 2 && order.sizes() == sorted_c.sizes() && x.size(0) == sorted_c.size(0),
+              "nearest_sorted: x (G, n), sorted centroids (G, k) and order (G, k) expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && sorted_c.scalar_type() == at::kFloat && order.scalar_type() == at::kLong,
+              "nearest_sorted: float32 x and centroids, int64 order expected");
+  TORCH_CHECK(x.is_contiguous() && sorted_c.is_contiguous() && order.is_contiguous(),
+              "nearest_sorted: contiguous tensors expected");
+  const int64_t G = x.size(0), n = x.size(1), k = sorted_c.size(1);
+  auto out = at::empty({G, n}, x.options().dtype(at::kLong));
+  std::vector<float> mids(G * std::max<int64_t>(k - 1, 0));
+  const float* pc = sorted_c.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j + 1 < k; ++j) mids[g * (k - 1) + j] = (pc[g * k + j + 1] + pc[g * k + j]) / 2.0f;
+  const float* px = x.data_ptr<float>();
+  const int64_t* po = order.data_ptr<int64_t>();
+  int64_t* pi = out.data_ptr<int64_t>();
+  at::parallel_for(0, G * n, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi;) {
+      const int64_t g = e / n, end = std::min(hi, (g + 1) * n);
+      const float* m = mids.data() + g * (k - 1);
+      const float* c = pc + g * k;
+      const int64_t* o = po + g * k;
+      for (; e < end; ++e) {
+        const float v = px[e];
+        const int64_t pos = std::isnan(v) ? k - 1 : lower_bound(m, k - 1, v);
+        float best_d = 0.0f;
+        int64_t best_i = -1;
+        for (int64_t offset = -1; offset <= 1; ++offset) {
+          const int64_t j = std::clamp<int64_t>(pos + offset, 0, k - 1);
+          const float diff = v - c[j];
+          const float dist = diff * diff;
+          const int64_t i = o[j];
+          if (best_i < 0 || dist < best_d || (dist == best_d && i < best_i)) {
+            best_d = dist;
+            best_i = i;
+          }
+        }
+        pi[e] = best_i;
+      }
+    }
   });
   return out;
 }

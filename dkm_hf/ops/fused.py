@@ -38,7 +38,7 @@ else:
 
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
-ABI_VERSION = 2
+ABI_VERSION = 3
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None

@@ -392,3 +392,31 @@ def test_centroids_gone_non_finite_stop_training_before_a_checkpoint(toy_path, t
     with pytest.raises(FloatingPointError, match=r"bert\.\S+\.centroids: \d+ value\(s\) became NaN .* at step 3"):
         trainer.train()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("rows", [4, 512])
+def test_cluster_health_entropy_is_measured_on_a_sample_of_groups_and_weights(rows, monkeypatch):
+    """Per-row LUTs: the entropy is the mean over about HEALTH_SAMPLE weights taken across groups (not every weight of
+    every row), each with its own group's tau; a small layer is measured whole."""
+    from torch import nn
+
+    from dkm_hf.integrations import callback
+    from dkm_hf.ops.attention import attention
+
+    torch.manual_seed(0)
+    config = DKMConfig(bits=3, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(256, rows)), config)
+    state = model[0].dkm_weights["weight"]
+    monkeypatch.setattr(callback, "HEALTH_SAMPLE", 1024)
+    seen = []
+    monkeypatch.setattr(callback, "attention", lambda w, c, tau: seen.append(w.shape) or attention(w, c, tau))
+    entropy = callback.cluster_health(state, state.assignments())["entropy"]
+    assert seen[0][0] * seen[0][1] <= 1024
+    vectors = state.vectors()
+    tau, _ = state.temperature(vectors)
+    a = attention(vectors, state.centroids, tau.view(-1, 1, 1))
+    per_weight = -(a * a.clamp_min(1e-30).log()).sum(1)  # (G, n)
+    if rows == 4:  # 4 x 256 weights: all of them
+        assert seen[0] == (4, 256, 1) and entropy == pytest.approx(per_weight.mean().item(), rel=1e-5)
+    else:  # every 128th row: within sampling error of the whole layer's mean entropy
+        assert seen[0][0] == 4 and entropy == pytest.approx(per_weight[::128].mean().item(), rel=1e-5)

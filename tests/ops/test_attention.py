@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkm_hf.ops import attention
+from dkm_hf.ops import attention, fused
 
 
 @pytest.mark.parametrize("k", [2, 4, 8, 16, 32])
@@ -67,3 +67,23 @@ def test_hard_assign_1d_is_argmin_with_its_ties(dtype):
         w = pool[..., 0].gather(1, torch.randint(0, pool.shape[1], (groups, n), generator=g)).unsqueeze(-1)
         expected = attention.squared_distance(w, c).argmin(1)
         assert torch.equal(attention.hard_assign(w, c), expected)
+
+
+@pytest.mark.skipif(fused.cpu_kernels() is None, reason="the CPU kernels could not be built")
+def test_hard_assign_1d_kernel_equals_the_torch_steps(monkeypatch):
+    """The CPU kernel (float32) takes the torch path's steps in one loop: the same indices, also for NaN and infinite
+    weights, one centroid per group and many groups split across threads."""
+    g = torch.Generator().manual_seed(1)
+    for groups, n, k in [(3, 1000, 16), (1, 70_000, 256), (40, 33, 2), (2, 5, 1)]:
+        c = torch.randn(groups, k, 1, generator=g).round(decimals=1)  # duplicates
+        w = torch.randn(groups, n, 1, generator=g) * 2
+        w.view(-1)[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])
+        calls = []
+        kernels = fused.cpu_kernels()
+        monkeypatch.setattr(kernels, "nearest_sorted", lambda *a, f=kernels.nearest_sorted: calls.append(1) or f(*a))
+        got = attention.hard_assign(w, c)
+        monkeypatch.undo()
+        monkeypatch.setattr(fused, "cpu_kernels", lambda: None)
+        assert torch.equal(got, attention.hard_assign(w, c))
+        monkeypatch.undo()
+        assert calls == ([1] if k > 1 else [])
