@@ -300,7 +300,8 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
       for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
         const int count = load_tile<D>(w + g * n * d, i0, item.end, d, s.x.data());
         if (direct) load_tile<D>(grad + g * n * d, i0, item.end, d, s.y.data());
-        attention_tile<D>(x, cp, k, d, q, a);
+        // a holds the exponentials; the normalisation 1 / sum multiplies the per-vector results once, at the end
+        const vf inv = attention_tile<D>(x, cp, k, d, q, a, false);
         vf bar = vf{}, dzsum = vf{};
         for (int64_t j = 0; j < k; ++j) {  // dL/dA_j: through S_t, m_t and (last iteration) W~ = A_T C_T
           vf gj = splat(dmg[j]);
@@ -310,7 +311,8 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
           dz[j] = gj;
           bar += a[j] * gj;
         }
-        for (int64_t j = 0; j < k; ++j) {  // softmax backward
+        bar *= inv;
+        for (int64_t j = 0; j < k; ++j) {  // softmax backward (dz un-normalised, as a)
           dz[j] = (dz[j] - bar) * a[j];
           dzsum += dz[j];
         }
@@ -321,7 +323,7 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
             mix += a[j] * dsg[j * d + dd];
             pull += dz[j] * cp[j * d + dd];
           }
-          const vf add = mix + (pull - x[dd] * dzsum) * two_tau;
+          const vf add = (mix + (pull - x[dd] * dzsum) * two_tau) * inv;
           if (d == 1 && count == V) {
             vf old = vf{};
             if (!direct) std::memcpy(&old, bg, sizeof old);
@@ -334,9 +336,9 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
           }
         }
         if (want_dc) {
-          const vf mask = lane_mask(count);
+          const vf scale = inv * lane_mask(count);
           for (int64_t j = 0; j < k; ++j) {
-            const vf zj = dz[j] * mask;
+            const vf zj = dz[j] * scale;
             for (int64_t dd = 0; dd < d; ++dd) acc[j * d + dd] += zj * x[dd];
             acc[k * d + j] += zj;
           }
