@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
+
 CHUNK_ELEMENTS = 1 << 18  # CPU
 CHUNK_ELEMENTS_ACCELERATOR = 1 << 24  # CUDA and other devices: 64 MB per float32 temporary
 # Logits more than this far below the largest one are clamped before exp: their weight (< 2e-35) is far below float
@@ -107,9 +109,7 @@ def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> torc
     first = torch.searchsorted(sorted_c, sorted_c)  # first sorted position of each value's run of equals
     order = order.gather(1, first)
     if x.device.type == "cpu" and x.dtype == torch.float32 and k > 1:
-        from . import fused  # the CPU extension: the same steps in one loop (dkm_buckets.cpp)
-
-        kernels = fused.cpu_kernels()
+        kernels = fused.cpu_kernels()  # the CPU extension: the same steps in one loop (dkm_buckets.cpp)
         if kernels is not None:
             return kernels.nearest_sorted(x.contiguous(), sorted_c.contiguous(), order.contiguous())
     mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()

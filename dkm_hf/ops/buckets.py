@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import fused
+
 _FP16_INF = (0x7C00, 0xFC00)
 
 
@@ -104,9 +106,7 @@ class Buckets(NamedTuple):
 
 
 def _kernels():
-    from . import fused  # the extension that holds dkm_buckets.cpp
-
-    return fused.cpu_kernels()
+    return fused.cpu_kernels()  # the extension that holds dkm_buckets.cpp
 
 
 def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:

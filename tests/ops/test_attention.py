@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -87,3 +89,8 @@ def test_hard_assign_1d_kernel_equals_the_torch_steps(monkeypatch):
         assert torch.equal(got, attention.hard_assign(w, c))
         monkeypatch.undo()
         assert calls == ([1] if k > 1 else [])
+
+
+def test_the_triton_kernel_floors_logits_where_attention_does():
+    source = (Path(attention.__file__).parent / "fused_triton.py").read_text()
+    assert f"EXP_FLOOR = {attention.EXP_FLOOR}" in source
