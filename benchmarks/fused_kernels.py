@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import measure  # noqa: E402
-from measure import emit, markdown_table, median, run_child  # noqa: E402
+from measure import alternate_seconds, emit, markdown_table, median  # noqa: E402
 
 IMPLEMENTATIONS = ("chunked", "fused")  # baseline, candidate
 
@@ -66,14 +66,9 @@ def main() -> None:
     for layer in args.layers:
         for threads in args.threads:
             measure.CHILD_THREADS = threads
-            results: dict[str, list[float]] = {name: [] for name in IMPLEMENTATIONS}
-            for _ in range(args.rounds):
-                for name in IMPLEMENTATIONS:
-                    argv = [__file__, "--child", layer, name, "--bits", str(args.bits), "--iters", str(args.iters)]
-                    res = run_child([*argv, "--reps", str(args.reps)], args.timeout)
-                    if res["status"] != "ok":
-                        sys.exit(f"{layer} {name} at {threads} threads: {res['status']}\n{res.get('log_tail', '')}")
-                    results[name].append(res["seconds"])
+            options = ["--bits", str(args.bits), "--iters", str(args.iters), "--reps", str(args.reps)]
+            argv_of = lambda name: [__file__, "--child", layer, name, *options]  # noqa: E731
+            results = alternate_seconds(argv_of, IMPLEMENTATIONS, args.rounds, args.timeout, layer)
             base, cand = (median(results[name]) for name in IMPLEMENTATIONS)
             table.append([layer, threads, base * 1e3, cand * 1e3, base / cand])
             print(f"{layer} x{threads}: chunked {results['chunked']}, fused {results['fused']}", flush=True)

@@ -143,6 +143,19 @@ def run_child(argv: list[str], timeout_s: float, rss_cap_gb: float | None = None
     }
 
 
+def alternate_seconds(argv_of, names, rounds: int, timeout_s: float, what: str) -> dict[str, list[float]]:
+    """Each name's child (`argv_of(name)`) run `rounds` times, the names alternating round by round: their emitted
+    "seconds" per name. Exits naming `what` and the child when one does not finish."""
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            res = run_child(argv_of(name), timeout_s)
+            if res["status"] != "ok":
+                sys.exit(f"{what} {name} at {CHILD_THREADS} threads: {res['status']}\n{res.get('log_tail', '')}")
+            results[name].append(res["seconds"])
+    return results
+
+
 def machine_description() -> dict:
     import torch
     import transformers

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import measure  # noqa: E402
-from measure import emit, markdown_table, median, run_child  # noqa: E402
+from measure import alternate_seconds, emit, markdown_table, median  # noqa: E402
 
 CASES = ("embedding fwd+bwd", "nearest centroid, embedding", "nearest centroid, 1536x576 per-row", "per-row variance")
 VARIANTS = ("torch", "C++ / norm")  # baseline, candidate
@@ -32,6 +32,7 @@ VARIANTS = ("torch", "C++ / norm")  # baseline, candidate
 def child(case: str, variant: str, reps: int) -> None:
     import torch
 
+    from dkm_hf.nn.layout import group_variance
     from dkm_hf.ops import fused
     from dkm_hf.ops.attention import hard_assign
     from dkm_hf.ops.dkm import dkm_cluster
@@ -67,7 +68,7 @@ def child(case: str, variant: str, reps: int) -> None:
         else:
 
             def step() -> None:
-                torch.linalg.vector_norm(w - w.mean(1, keepdim=True), dim=(1, 2)).square() / w.shape[1]
+                group_variance(w)
 
     times = [measure.timed(step) for _ in range(reps + 1)]
     emit({"seconds": median(times[1:])})
@@ -87,13 +88,8 @@ def main() -> None:
     for case in CASES:
         for threads in args.threads:
             measure.CHILD_THREADS = threads
-            results: dict[str, list[float]] = {name: [] for name in VARIANTS}
-            for _ in range(args.rounds):
-                for name in VARIANTS:
-                    res = run_child([__file__, "--child", case, name, "--reps", str(args.reps)], 1800)
-                    if res["status"] != "ok":
-                        sys.exit(f"{case} {name} at {threads} threads: {res['status']}\n{res.get('log_tail', '')}")
-                    results[name].append(res["seconds"])
+            argv_of = lambda name: [__file__, "--child", case, name, "--reps", str(args.reps)]  # noqa: E731
+            results = alternate_seconds(argv_of, VARIANTS, args.rounds, 1800, case)
             base, cand = (median(results[name]) for name in VARIANTS)
             table.append([case, threads, base * 1e3, cand * 1e3, base / cand])
             print(f"{case} x{threads}: {results}", flush=True)

@@ -87,11 +87,11 @@ def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid for every vector: w (G, n, d), c (G, k, d) -> (G, n) int64; the first (lowest)
     index among centroids at the same distance, as argmin."""
     G, n, d = w.shape
-    idx = torch.empty(G, n, dtype=torch.int64, device=w.device)
     c = centroids.to(w.dtype)
     # 16-bit squares tie too often to match argmin; non-finite centroids do not sort
     if d == 1 and w.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(c).all()):
-        return _hard_assign_1d(w[..., 0], c[..., 0], idx)
+        return _hard_assign_1d(w[..., 0], c[..., 0])
+    idx = torch.empty(G, n, dtype=torch.int64, device=w.device)
     for gs, ms in blocks(G, n, c.shape[1], w.device):
         idx[gs, ms] = squared_distance(w[gs, ms], c[gs]).argmin(1)
     return idx
@@ -100,7 +100,7 @@ def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 _NEIGHBOURS = 3  # sorted positions compared exactly around the one found by midpoint search
 
 
-def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """`hard_assign` for d = 1 in O(log k) per value: a binary search among the midpoints of the sorted centroids, then
     the exact squared distances to that position and its two neighbours (a value within rounding of a midpoint), each
     position standing for the first of its run of equal centroids (stable sort: the lowest original index)."""
@@ -113,6 +113,7 @@ def _hard_assign_1d(x: torch.Tensor, c: torch.Tensor, idx: torch.Tensor) -> torc
         if kernels is not None:
             return kernels.nearest_sorted(x.contiguous(), sorted_c.contiguous(), order.contiguous())
     mids = ((sorted_c[:, 1:] + sorted_c[:, :-1]) / 2).contiguous()
+    idx = torch.empty(x.shape, dtype=torch.int64, device=x.device)
     for gs, ms in blocks(G, x.shape[1], 4 * _NEIGHBOURS, x.device):
         xb = x[gs, ms].contiguous()
         pos = torch.searchsorted(mids[gs], xb)

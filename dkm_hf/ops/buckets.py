@@ -84,13 +84,13 @@ class Buckets(NamedTuple):
         """Each weight's entry of per_bucket (G * U,): (G * n,)."""
         if self.present is None:
             return per_bucket.index_select(0, self.index)
-        return _kernels().bucket_gather(self._table(per_bucket, per_bucket.dtype), self.index)
+        return fused.cpu_kernels().bucket_gather(self._table(per_bucket, per_bucket.dtype), self.index)
 
     def sums(self, g: torch.Tensor) -> torch.Tensor:
         """The sum of g (G * n,) over each bucket's weights: (G * U,) in g's dtype."""
         if self.present is None:
             return torch.zeros(self.values.numel(), dtype=g.dtype, device=g.device).index_add_(0, self.index, g)
-        return _kernels().bucket_sums(self.index, g.contiguous()).index_select(0, self.present).to(g.dtype)
+        return fused.cpu_kernels().bucket_sums(self.index, g.contiguous()).index_select(0, self.present).to(g.dtype)
 
     def grad(self, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """a[bucket] * g + b[bucket] for every weight, from per-bucket a and b (G * U,) and g (G * n,)."""
@@ -98,24 +98,21 @@ class Buckets(NamedTuple):
             # two gathers from small tables (one gather of (a, b) pairs is ~5x slower on CPU than both)
             return a.index_select(0, self.index).mul_(g).add_(b.index_select(0, self.index))
         tables = (self._table(x, torch.float32) for x in (a, b))
-        return _kernels().bucket_grad(*tables, self.index, g.contiguous())
+        return fused.cpu_kernels().bucket_grad(*tables, self.index, g.contiguous())
 
     def _table(self, per_bucket: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         table = torch.zeros(65536, dtype=dtype, device=per_bucket.device)
         return table.index_copy_(0, self.present, per_bucket.to(dtype))
 
 
-def _kernels():
-    return fused.cpu_kernels()  # the extension that holds dkm_buckets.cpp
-
-
 def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:
     """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (G = 1 on CPU),
     else by `unique_buckets`' inverse."""
-    if w.shape[0] != 1 or w.device.type != "cpu" or _kernels() is None:
+    kernels = fused.cpu_kernels() if w.shape[0] == 1 and w.device.type == "cpu" else None  # dkm_buckets.cpp
+    if kernels is None:
         return Buckets(*unique_buckets(w, bucket_dtype), None)
     keys = w.detach().reshape(-1).to(bucket_dtype).view(torch.int16)  # a view, no copy, of a weight in bucket_dtype
-    counts = _kernels().bucket_counts(keys)
+    counts = kernels.bucket_counts(keys)
     if bucket_dtype == torch.float16 and w.dtype != torch.float16 and bool(counts[list(_FP16_INF)].any()):
         return bucket_index(w, torch.bfloat16)  # beyond float16's range
     present = counts.nonzero().squeeze(1)

@@ -97,10 +97,11 @@ inline vf lane_mask(int count) {
 }
 
 // a[j] = softmax_j(-||x - c_j||^2 / tau) for the V vectors of a tile, as attention.py computes it: exact differences,
-// the smallest distance subtracted, logits clamped at EXP_FLOOR; `q` = log2(e) / tau turns them into base 2. Returns
-// 1 / (sum of the exponentials); with `normalize` false a[j] keeps the exponentials and the caller multiplies once.
+// the smallest distance subtracted, logits clamped at EXP_FLOOR; `q` = log2(e) / tau turns them into base 2. a[j] gets
+// the exponentials and the tile's 1 / (sum of them) is returned: the callers multiply their per-vector results by it
+// once instead of normalising every entry.
 template <int D>
-inline vf attention_tile(const vf* x, const float* c, int64_t k, int64_t d_rt, float q, vf* a, bool normalize = true) {
+inline vf attention_tile(const vf* x, const float* c, int64_t k, int64_t d_rt, float q, vf* a) {
   const int64_t d = D ? D : d_rt;
   vf lo = splat(INFINITY), sum = vf{};
   for (int64_t j = 0; j < k; ++j) {
@@ -117,10 +118,7 @@ inline vf attention_tile(const vf* x, const float* c, int64_t k, int64_t d_rt, f
     a[j] = e;
     sum += e;
   }
-  const vf inv = 1.0f / sum;
-  if (normalize)
-    for (int64_t j = 0; j < k; ++j) a[j] *= inv;
-  return inv;
+  return 1.0f / sum;
 }
 
 inline float base2(float tau) { return kLog2e / tau; }
@@ -144,7 +142,7 @@ void reduce_item(const float* w, const float* y, const float* c, float q, int64_
     const int count = load_tile<D>(wg, i0, item.end, d, s.x.data());
     if (y != w) load_tile<D>(yg, i0, item.end, d, s.y.data());
     const vf* ys = y != w ? s.y.data() : s.x.data();
-    const vf scale = attention_tile<D>(s.x.data(), c, k, d, q, s.a.data(), false) * lane_mask(count);
+    const vf scale = attention_tile<D>(s.x.data(), c, k, d, q, s.a.data()) * lane_mask(count);
     for (int64_t j = 0; j < k; ++j) {
       const vf aj = s.a[j] * scale;  // normalised and masked in one multiply: the same product as both
       acc[k * d + j] += aj;
@@ -195,7 +193,7 @@ void soft_output(const float* w, const float* c_in, const float* c_out, const fl
       const float* co = c_out + item.group * k * d;
       for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
         const int count = load_tile<D>(w + item.group * n * d, i0, item.end, d, s.x.data());
-        const vf inv = attention_tile<D>(s.x.data(), ci, k, d, q, s.a.data(), false);
+        const vf inv = attention_tile<D>(s.x.data(), ci, k, d, q, s.a.data());
         float* dst = out + (item.group * n + i0) * d;
         for (int64_t dd = 0; dd < d; ++dd) {
           vf o = vf{};
@@ -300,8 +298,7 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
       for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
         const int count = load_tile<D>(w + g * n * d, i0, item.end, d, s.x.data());
         if (direct) load_tile<D>(grad + g * n * d, i0, item.end, d, s.y.data());
-        // a holds the exponentials; the normalisation 1 / sum multiplies the per-vector results once, at the end
-        const vf inv = attention_tile<D>(x, cp, k, d, q, a, false);
+        const vf inv = attention_tile<D>(x, cp, k, d, q, a);  // a: the exponentials
         vf bar = vf{}, dzsum = vf{};
         for (int64_t j = 0; j < k; ++j) {  // dL/dA_j: through S_t, m_t and (last iteration) W~ = A_T C_T
           vf gj = splat(dmg[j]);
