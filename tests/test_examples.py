@@ -286,6 +286,10 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     four = clm.recipe_for(4, dkm_args, training_args, argv)
     assert (four[1].learning_rate, four[1].max_steps) == (3e-4, 3)
     assert four[0].config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
+    assert four[1].tau_end_ratio == 0.1  # 4 bits anneals tau too (DKMTrainer's default keeps it flat there)
+    # an end given on the command line replaces the recipe's: as a ratio, or as one tau for every layer
+    assert clm.recipe_for(4, dkm_args, training_args, argv + ["--tau_end_ratio", "0.5"])[1].tau_end_ratio is None
+    assert clm.recipe_for(4, dkm_args, training_args, argv + ["--tau_end=0.001"])[1].tau_end_ratio is None
     three_dkm, three_train = clm.recipe_for(3, dkm_args, training_args, argv)
     # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 30; the tau
     # is DKMConfig's default for 3 bits
