@@ -223,6 +223,9 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
     assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
     assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
+    # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
+    per_bits = results["recipe"]["per_bits"]["4"]
+    assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)
     dense, control, ptq, dkm = results["rows"]
     assert ptq["control"] == dkm["control"] == control_name and dense["control"] is None
     assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"] and control["bytes"] is None

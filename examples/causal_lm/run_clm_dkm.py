@@ -53,6 +53,7 @@ from transformers import (  # noqa: E402
 
 import dkm_hf  # noqa: E402
 from dkm_hf import DKMTrainer  # noqa: E402
+from dkm_hf.config import default_tau_end_ratio  # noqa: E402
 from dkm_hf.integrations.distillation import distilled_loss, prepare_teacher  # noqa: E402
 
 EMBEDDINGS_8BIT = {".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}}
@@ -301,7 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
         lr, steps = bits_training_args.learning_rate, bits_training_args.max_steps
         results["recipe"].setdefault("per_bits", {})[str(bits)] = {
             "tau": config.settings_for("").tau,
-            "tau_end_ratio": bits_training_args.tau_end_ratio,
+            "tau_schedule": bits_training_args.tau_schedule,
+            "tau_end": bits_training_args.tau_end,
+            # the ratio in effect: the recipe's or the command line's, else DKMTrainer's default for the width
+            "tau_end_ratio": None
+            if bits_training_args.tau_end is not None
+            else bits_training_args.tau_end_ratio or default_tau_end_ratio(bits),
             "learning_rate": lr,
             "max_steps": steps,
         }
