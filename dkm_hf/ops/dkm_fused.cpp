@@ -429,7 +429,7 @@ at::Tensor dkm_backward(const at::Tensor& w, const at::Tensor& grad, const at::T
 
 }  // namespace
 
-int64_t abi_version() { return 3; }
+int64_t abi_version() { return 4; }
 
 // dkm_buckets.cpp
 at::Tensor bucket_counts(const at::Tensor& keys);
@@ -437,6 +437,9 @@ at::Tensor bucket_gather(const at::Tensor& table, const at::Tensor& keys);
 at::Tensor bucket_sums(const at::Tensor& keys, const at::Tensor& g);
 at::Tensor bucket_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& keys, const at::Tensor& g);
 at::Tensor nearest_sorted(const at::Tensor& x, const at::Tensor& sorted_c, const at::Tensor& order);
+// dkm_kmeans.cpp
+at::Tensor lloyd_sorted(const at::Tensor& x, const at::Tensor& s1, const at::Tensor& c, const at::Tensor& bounds,
+                        int64_t iters);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dkm_forward, "DKM loop and soft weight: (W~, C_T, history, masses, T)");
@@ -446,5 +449,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bucket_sums", &bucket_sums, "per-key sums of g: (65536,) float32");
   m.def("bucket_grad", &bucket_grad, "a[keys] * g + b[keys]");
   m.def("nearest_sorted", &nearest_sorted, "nearest of sorted centroids (d = 1): (G, n) int64");
+  m.def("lloyd_sorted", &lloyd_sorted, "Lloyd iterations of 1-D k-means on sorted values: (G, r, k) double");
   m.def("abi_version", &abi_version);
 }

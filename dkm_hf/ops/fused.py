@@ -38,7 +38,8 @@ else:
 
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
-ABI_VERSION = 3
+KMEANS_SOURCE = Path(__file__).with_name("dkm_kmeans.cpp")  # Lloyd iterations of 1-D k-means (kmeans.py)
+ABI_VERSION = 4
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None
@@ -67,7 +68,7 @@ def cpu_kernels() -> ModuleType | None:
             directory.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
                 name="dkm_hf_fused",
-                sources=[str(SOURCE), str(BUCKETS_SOURCE)],
+                sources=[str(SOURCE), str(BUCKETS_SOURCE), str(KMEANS_SOURCE)],
                 build_directory=str(directory),
                 extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
                 extra_ldflags=["-fopenmp"],

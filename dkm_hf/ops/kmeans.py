@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import fused
 from .attention import CHUNK_ELEMENTS, hard_assign
 from .buckets import bucket_dtype_for, unique_buckets
 
@@ -139,7 +140,11 @@ def _seed_1d(p: _Prefix, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _lloyd_1d(p: _Prefix, c: torch.Tensor, bounds: torch.Tensor, iters: int) -> torch.Tensor:
     """Lloyd from sorted centroids c (G, r, k) and their cluster bounds until no cluster changes (or `iters`
-    updates); the groups still moving are gathered into a smaller batch whenever they are fewer than half of it."""
+    updates); the groups still moving are gathered into a smaller batch whenever they are fewer than half of it. On
+    CPU, unweighted finite values take the same steps in one C++ loop per run (dkm_kmeans.cpp, equal to the bit)."""
+    kernels = fused.cpu_kernels() if c.device.type == "cpu" and p.s0 is None and iters > 0 else None
+    if kernels is not None and bool(torch.isfinite(p.x).all()):
+        return kernels.lloyd_sorted(p.x.contiguous(), p.s1.contiguous(), c.contiguous(), bounds.contiguous(), iters)
     out = c.clone()
     rows = torch.arange(c.shape[0], device=c.device)
     for i in range(iters):

@@ -115,3 +115,45 @@ def test_kmeans_init_many_batches_weights_without_changing_them(monkeypatch):
 def test_kmeans_init_many_names_a_bad_weight():
     with pytest.raises(ValueError, match=r"weight 1 has shape \(4, 3\)"):
         kmeans_init_many([torch.zeros(2, 3, 1), torch.zeros(4, 3)], 4)
+
+
+def test_lloyd_kernel_equals_the_torch_steps(monkeypatch):
+    """The C++ Lloyd loop (dkm_kmeans.cpp) gives the torch steps' centroids to the bit: per-row groups with repeated
+    values, more centroids than distinct values (empty clusters), runs that stop at different iterations, restarts,
+    a capped iteration count; non-finite values keep the torch path."""
+    if kmeans.fused.cpu_kernels() is None:
+        pytest.skip("the CPU extension is not available")
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat(
+        [
+            torch.randn(40, 300, generator=g) * 0.02,
+            torch.randint(-3, 4, (8, 300), generator=g).float() * 0.01,  # 7 distinct values for 16 centroids
+            torch.randn(8, 300, generator=g).pow(3),  # heavy tails
+        ]
+    )
+    x = rows.sort(1).values
+    u = torch.rand(x.shape[0], 3, 16, generator=g, dtype=torch.float64)
+    calls = []
+    kernel = kmeans.fused.cpu_kernels()
+
+    class Counting:
+        def lloyd_sorted(self, *args):
+            calls.append(args[-1])
+            return kernel.lloyd_sorted(*args)
+
+    for iters in (50, 2):
+        p = kmeans._Prefix(x, None)
+        seeded = kmeans._seed_1d(p, u)
+        monkeypatch.setattr(kmeans.fused, "cpu_kernels", lambda: Counting())
+        fast = kmeans._lloyd_1d(p, *seeded, iters)
+        monkeypatch.setattr(kmeans.fused, "cpu_kernels", lambda: None)
+        slow = kmeans._lloyd_1d(p, *seeded, iters)
+        assert torch.equal(fast, slow) and fast.dtype == torch.float64
+        assert not torch.equal(fast, seeded[0])  # the loop moved the centroids
+    assert calls == [50, 2]
+    # a NaN among the values: the torch path (its searchsorted order), not the kernel
+    x[0, -1] = float("nan")
+    p = kmeans._Prefix(x, None)
+    monkeypatch.setattr(kmeans.fused, "cpu_kernels", lambda: Counting())
+    kmeans._lloyd_1d(p, *kmeans._seed_1d(p, u), 5)
+    assert calls == [50, 2]
