@@ -2,7 +2,9 @@
 
 `load_extension(name, sources, ...)` compiles C++ sources with `torch.utils.cpp_extension.load` (ninja, torch's
 headers and flags; a file lock in the build directory so concurrent processes build once) into
-`$XDG_CACHE_HOME/dkm_hf/torch_extensions/<torch version>-<python>/<name>` (default ~/.cache/...), loads the
+`$XDG_CACHE_HOME/dkm_hf/torch_extensions/<torch version>-<python>/<name>-<sources hash>` (default ~/.cache/...;
+one folder per content of the sources: ninja rebuilds by timestamps, and an upgrade can install sources older than
+the objects of the previous version's build, which would then be loaded as they are), loads the
 library, whose `TORCH_LIBRARY` blocks register its operators under `torch.ops`, and returns its path. When it cannot
 (no compiler or ninja, a failed build), it warns once, naming the reason, and returns None: the caller takes its
 torch path. `warn_once` is that warning for any other fallback.
@@ -10,6 +12,7 @@ torch path. `warn_once` is that warning for any other fallback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -35,6 +38,14 @@ def build_root() -> Path:
     return Path(base) / "dkm_hf" / "torch_extensions" / tag
 
 
+def source_tag(sources: list[Path]) -> str:
+    """12 hex digits of the sources' names and contents: the part of a build folder's name that follows the code."""
+    digest = hashlib.sha1()
+    for path in sources:
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def load_extension(
     name: str,
     sources: list[Path],
@@ -52,7 +63,7 @@ def load_extension(
     try:
         from torch.utils import cpp_extension
 
-        directory = build_root() / name
+        directory = build_root() / f"{name}-{source_tag(sources)}"
         directory.mkdir(parents=True, exist_ok=True)
         path = cpp_extension.load(
             name=name,

@@ -28,7 +28,7 @@ from types import ModuleType
 import torch
 
 from . import native
-from .extension import build_root
+from .extension import build_root, source_tag
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -46,10 +46,15 @@ _CPU: ModuleType | None = None
 _CPU_TRIED = False
 
 
+def sources() -> list[Path]:
+    return [SOURCE, BUCKETS_SOURCE, KMEANS_SOURCE]
+
+
 def build_dir() -> Path:
-    """Where the CPU extension is built: one folder per torch version and instruction-set variant."""
+    """Where the CPU extension is built: one folder per torch version, instruction-set variant and content of the
+    sources (extension.source_tag: a new version never meets the objects of an older one)."""
     arch = "-".join(flag.removeprefix("-m") for flag in native.arch_flags()) or "default"
-    return build_root() / f"fused-{arch}"
+    return build_root() / f"fused-{arch}-{source_tag(sources())}"
 
 
 def cpu_kernels() -> ModuleType | None:
@@ -68,7 +73,7 @@ def cpu_kernels() -> ModuleType | None:
             directory.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
                 name="dkm_hf_fused",
-                sources=[str(SOURCE), str(BUCKETS_SOURCE), str(KMEANS_SOURCE)],
+                sources=[str(path) for path in sources()],
                 build_directory=str(directory),
                 extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
                 extra_ldflags=["-fopenmp"],

@@ -176,14 +176,14 @@ def test_fused_ops_pass_opcheck_and_compile():
 
 
 def test_a_failed_build_warns_once_and_keeps_the_torch_path(tmp_path, monkeypatch):
+    w = weights(2, 300, 1)
+    c0 = kmeans_init(w, 4, seed=0)  # before the build breaks: its Lloyd loop would be the first to ask for it
     broken = tmp_path / "broken.cpp"
     broken.write_text("#error this kernel does not compile\n")
     monkeypatch.setattr(fused, "SOURCE", broken)
     monkeypatch.setattr(fused, "build_dir", lambda: tmp_path / "build")
     monkeypatch.setattr(fused, "_CPU", None)
     monkeypatch.setattr(fused, "_CPU_TRIED", False)
-    w = weights(2, 300, 1)
-    c0 = kmeans_init(w, 4, seed=0)
     reason = r"\(broken.cpp\) could not be built.*error: #error this kernel does not compile"
     with pytest.warns(RuntimeWarning, match=reason):
         y, c = dkm_cluster(w, c0, 1e-3, 3, 0.0, "fused")

@@ -184,6 +184,24 @@ def test_build_directory_is_per_torch_version(monkeypatch, tmp_path):
     assert root.name.startswith(f"torch-{torch.__version__.split('+')[0]}")
 
 
+def test_build_directory_changes_with_the_sources(tmp_path):
+    """A build folder per content of the sources: a changed source never meets the objects of the previous build,
+    whatever the files' timestamps (ninja's only test; installed files keep their archive's)."""
+    from dkm_hf.ops import extension, fused
+
+    a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
+    a.write_text("int f() { return 1; }\n")
+    b.write_text("int g() { return 2; }\n")
+    tag = extension.source_tag([a, b])
+    assert len(tag) == 12 and tag == extension.source_tag([a, b])
+    stat = a.stat()
+    a.write_text("int f() { return 3; }\n")
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same timestamp, other contents
+    assert extension.source_tag([a, b]) != tag
+    assert fused.build_dir().name.endswith(extension.source_tag(fused.sources()))
+    assert fused.KMEANS_SOURCE in fused.sources()
+
+
 @needs_native
 def test_operators_have_fake_implementations():
     """The registered operators give their result's shape and dtype on the meta device (torch.compile's view)."""
