@@ -79,10 +79,19 @@ AUTO = {
 U = 2.0**-24
 
 
-def assert_within(actual, expected, bound: float, scale: float, what: str) -> None:
-    """max |actual - expected| <= bound * scale, for tensors whose elements may differ by float reordering."""
+def assert_within(actual, expected, bound: float, scale: float, what: str, rounding: float = 0.0) -> None:
+    """max |actual - expected| <= bound * scale + rounding, for tensors whose elements may differ by float reordering
+    (`rounding`: what storing the result in its dtype adds, e.g. a weight updated in place rounds to one ulp of
+    itself per step, ulp(w) <= 2 U |w|)."""
     diff = (torch.as_tensor(actual) - torch.as_tensor(expected)).abs().max().item()
-    assert diff <= bound * scale, f"{what}: max |difference| {diff:.3g} > {bound:.3g} x {scale:.3g}"
+    limit = bound * scale + rounding
+    assert diff <= limit, f"{what}: max |difference| {diff:.3g} > {bound:.3g} x {scale:.3g} + {rounding:.3g}"
+
+
+def weight_rounding(weight, steps: int) -> float:
+    """What `steps` in-place float32 updates of `weight` can differ by from rounding alone: two runs whose updates
+    differ by reordering can round each step's result to neighbouring floats, one ulp (<= 2 U |w|) per step."""
+    return steps * 2 * U * torch.as_tensor(weight).abs().max().item()
 
 
 def first_step_change(trainer) -> tuple[torch.Tensor, float]:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import U, assert_within, free_port, save_tiny
+from conftest import U, assert_within, free_port, save_tiny, weight_rounding
 from transformers import AutoModelForCausalLM
 
 import dkm_hf
@@ -55,7 +55,7 @@ def _assert_same_training(two: dict, one: dict, initial: dict[str, torch.Tensor]
         else:
             update = (value - initial[key]).abs().max().item()
             assert update > 0, key
-            assert_within(two["state"][key], value, WEIGHT_BOUND, update, key)
+            assert_within(two["state"][key], value, WEIGHT_BOUND, update, key, weight_rounding(value, STEPS))
 
 
 def _run(args: list[str], processes: int, script: str = SCRIPT) -> None:
