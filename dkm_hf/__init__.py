@@ -33,7 +33,14 @@ from .nn import (
     palettized_modules,
     register_module,
 )
-from .surgery import get_dkm_config, palettize, palettized_view, set_inference_mode
+from .surgery import (
+    get_dkm_config,
+    gradient_importance,
+    init_centroids,
+    palettize,
+    palettized_view,
+    set_inference_mode,
+)
 
 __version__ = "0.2.0"
 
@@ -54,6 +61,8 @@ __all__ = [
     "dkm_modules",
     "full_weights",
     "get_dkm_config",
+    "gradient_importance",
+    "init_centroids",
     "palettize",
     "palettized_modules",
     "palettized_view",

@@ -278,6 +278,40 @@ def test_causal_lm_example_distilled_control(tmp_path):
     assert controls[0]["perplexity"] != controls[1]["perplexity"]
 
 
+def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
+    """--importance_batches N: the importance of the dense weights is computed once, over N training batches of the
+    recipe's batch size, and weighs the k-means of every bit width's initialisation (post-training row and DKM)."""
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    model = tiny_causal_model(tmp_path)
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) for _ in range(40)]
+    (tmp_path / "train.txt").write_text("\n\n".join(docs))
+    import dkm_hf
+
+    calls, inits = [], []
+    gradient_importance, init_centroids = dkm_hf.gradient_importance, dkm_hf.init_centroids
+
+    def counted(model, batches):
+        batches = list(batches)
+        calls.append([tuple(b["input_ids"].shape) for b in batches])
+        return gradient_importance(model, batches)
+
+    monkeypatch.setattr(dkm_hf, "gradient_importance", counted)
+    monkeypatch.setattr(dkm_hf, "init_centroids", lambda m, f=None: inits.append(sorted(f)) or init_centroids(m, f))
+    argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
+            str(tmp_path / "out"), "--bits", "4", "3", "--weight_threshold", "512", "--block_size", "16",
+            "--eval_tokens", "64", "--max_steps", "1", "--new_tokens", "2", "--control", "false",
+            "--importance_batches", "2", "--per_device_train_batch_size", "3"]  # fmt: skip
+    results = clm.main(argv)
+    assert calls == [[(3, 16), (3, 16)]]
+    assert len(inits) == 2 and inits[0] == inits[1] and "model.layers.0.mlp.up_proj" in inits[0]
+    assert results["recipe"]["importance_batches"] == 2
+    assert [row["model"] for row in results["rows"]][1:] == [
+        "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk",
+        "post-training k-means 3-bit", "DKM 3-bit, reloaded from disk",
+    ]  # fmt: skip
+
+
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     argv = ["--output_dir", str(tmp_path), "--max_steps", "3"]

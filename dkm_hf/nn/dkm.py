@@ -156,13 +156,25 @@ class DKMWeight:
         self.forget()
 
     @torch.no_grad()
-    def init_centroids(self, seed: int | None = None) -> None:
-        """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd."""
+    def init_centroids(self, seed: int | None = None, importance: torch.Tensor | None = None) -> None:
+        """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd, each
+        value counted by its `importance` (the weight's shape) if given."""
         if self.tied_source is not None:
             return
         seed = self.dkm_seed if seed is None else seed
         restarts = self.settings.kmeans_restarts
-        self.set_centroids(kmeans_init(self.init_vectors(), self.layout.n_clusters, seed=seed, restarts=restarts))
+        vectors = self.init_vectors()
+        importance = None if importance is None else self.importance_vectors(importance)
+        k = self.layout.n_clusters
+        self.set_centroids(kmeans_init(vectors, k, seed=seed, restarts=restarts, importance=importance))
+
+    def importance_vectors(self, importance: torch.Tensor) -> torch.Tensor:
+        """A tensor of the weight's shape (e.g. its importance) laid out as the (groups, n, d) vectors, unscaled."""
+        if tuple(importance.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"importance of shape {tuple(importance.shape)} for a weight of shape {tuple(self.weight.shape)}"
+            )
+        return self.layout.to_vectors(self.layout.to_rows(importance.detach().float().to(self.weight.device)))
 
     @torch.no_grad()
     def init_vectors(self) -> torch.Tensor:
@@ -375,8 +387,8 @@ class DKMMixin:
     def clustered_weight(self) -> torch.Tensor:
         return self._only().clustered_weight()
 
-    def init_centroids(self, seed: int | None = None) -> None:
-        self._only().init_centroids(seed)
+    def init_centroids(self, seed: int | None = None, importance: torch.Tensor | None = None) -> None:
+        self._only().init_centroids(seed, importance)
 
     def assignments(self) -> torch.Tensor:
         return self._only().assignments()

@@ -14,6 +14,10 @@ Lloyd only finds a local optimum. With `restarts` > 1 every group runs that many
 extra centroid sets searched in the same sorted values) and keeps the one of lowest inertia, as scikit-learn's
 `n_init` does; DKMConfig.kmeans_restarts says when that helped and when it did not.
 
+With an `importance` per weight (>= 0, the weight's shape; e.g. `surgery.importance.gradient_importance`, the
+diagonal Fisher information SqueezeLLM weighs its k-means with) every value counts by its importance: the centroids
+minimise sum f (w - c)^2, so the values the loss is sensitive to get centroids of their own.
+
 `kmeans_init_many` initialises many weights at once: the groups of all weights of one length are sorted and
 clustered in one batched call. Each weight's random numbers come from its own generator seeded with `seed`, so a
 weight gets the same centroids alone (`kmeans_init`) or batched with others.
@@ -237,23 +241,52 @@ def _best_of(run, x, weight, restarts: int, per_batch: int):
     return torch.cat(out, 0)
 
 
-def _init_whole(w: torch.Tensor, k: int, seed: int, lloyd_iters: int, max_rows: int, restarts: int) -> torch.Tensor:
+def _init_whole(
+    w: torch.Tensor, k: int, seed: int, lloyd_iters: int, max_rows: int, restarts: int, f: torch.Tensor | None = None
+) -> torch.Tensor:
     """The groups that are not batched across weights: d = 1 with more than HISTOGRAM_FROM values (clustered as
-    their histogram of distinct 16-bit values) and d > 1 (at most `max_rows` vectors per group, a seeded sample)."""
+    their histogram of distinct 16-bit values) and d > 1 (at most `max_rows` vectors per group, a seeded sample);
+    with `f` (G, n) the sample weights of the values (vectors) from their importance."""
     G, n, d = w.shape
     if d == 1:
-        values, counts, _ = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
+        values, counts, inverse = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
+        if f is not None:  # a bucket weighs the importance of its values instead of their count
+            mass = torch.zeros(values.numel(), dtype=torch.float64, device=w.device)
+            counts = mass.index_add_(0, inverse.long(), f.reshape(-1).double()).view_as(values)
         x, order = values.float().sort(1)
         u = _uniform(seed, G, restarts, k, w.device)
         return _kmeans_1d(x, counts.gather(1, order).float(), u, lloyd_iters).unsqueeze(-1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if n > max_rows:
         rows = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(w.device)
-        w = w[:, rows]
-    x, weight = w, torch.ones(G, w.shape[1], device=w.device)
+        w, f = w[:, rows], None if f is None else f[:, rows]
+    x, weight = w, torch.ones(G, w.shape[1], device=w.device) if f is None else f
     per_batch = max(1, CHUNK_ELEMENTS * 16 // max(1, x.shape[1] * k * d * restarts))
     run = lambda xb, wb: _weighted_kmeans(xb, wb, k, generator, lloyd_iters)  # noqa: E731
     return _best_of(run, x, weight, restarts, per_batch)
+
+
+def _sample_weights(f: torch.Tensor) -> torch.Tensor:
+    """Importance (G, n) as k-means sample weights: negative values count as 0, a floor of 1e-3 of each group's mean
+    keeps every value in play, and a group without any importance is clustered unweighted."""
+    f = f.detach().float().clamp_min(0)
+    mean = f.mean(1, keepdim=True)
+    return torch.where(mean > 0, f + 1e-3 * mean, torch.ones_like(f))
+
+
+def _init_weighted(w, f, k: int, seed: int, lloyd_iters: int, max_rows: int, restarts: int) -> torch.Tensor:
+    """Centroids of one weight w (G, n, d) weighted by its importance f (G, n, d): per vector, the sum over d."""
+    G, n, d = w.shape
+    f = _sample_weights(f.float().sum(-1))
+    if d > 1 or n > HISTOGRAM_FROM:
+        return _init_whole(w, k, seed, lloyd_iters, max_rows, restarts, f)
+    u = _uniform(seed, G, restarts, k, w.device)
+    step = max(1, (SORTED_BATCH_CPU if w.device.type == "cpu" else SORTED_BATCH_ACCELERATOR) // n)
+    out = []
+    for g in range(0, G, step):
+        x, order = w[g : g + step, :, 0].sort(1)
+        out.append(_kmeans_1d(x, f[g : g + step].gather(1, order), u[g : g + step], lloyd_iters))
+    return torch.cat(out, 0).unsqueeze(-1)
 
 
 def kmeans_init_many(
@@ -263,6 +296,7 @@ def kmeans_init_many(
     restarts: int = RESTARTS,
     lloyd_iters: int = LLOYD_ITERS,
     max_rows: int = 1 << 16,
+    importance: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """Initial centroids of many weights, each (G_i, n_i, d_i): weighted k-means++ then Lloyd, the best of `restarts`
     runs by inertia; a list of (G_i, k, d_i) float32 tensors, each on its weight's device.
@@ -270,14 +304,28 @@ def kmeans_init_many(
     The groups of all weights with d = 1 and the same n (the per-row LUTs of every layer of one shape) are sorted and
     clustered together, in batches of about SORTED_BATCH_CPU (on CPU) values. Deterministic for a given seed,
     whatever the batching: each weight gets what `kmeans_init(w, k, seed)` gives it. For d = 1 the centroids come
-    sorted.
+    sorted. `importance` (one tensor of the weight's shape, or None, per weight): each value counts by its
+    importance (>= 0; a vector of d > 1 by the sum of its values'), see the module docstring; weighted weights are
+    clustered one at a time.
     """
     out: list[torch.Tensor | None] = [None] * len(weights)
+    importance = [None] * len(weights) if importance is None else list(importance)
+    if len(importance) != len(weights):
+        raise ValueError(f"kmeans_init_many: {len(importance)} importance tensors for {len(weights)} weights")
     batched: dict[tuple[int, torch.device], list[int]] = {}
     for i, w in enumerate(weights):
         if w.dim() != 3 or 0 in w.shape:
             raise ValueError(f"kmeans_init_many: weight {i} has shape {tuple(w.shape)}; expected (groups, n, d) > 0")
-        if w.shape[2] == 1 and w.shape[1] <= HISTOGRAM_FROM:
+        f = importance[i]
+        if f is not None:
+            if tuple(f.shape) != tuple(w.shape):
+                raise ValueError(
+                    f"kmeans_init_many: importance {i} has shape {tuple(f.shape)}, its weight {tuple(w.shape)}"
+                )
+            if not bool(torch.isfinite(f).all()):
+                raise ValueError(f"kmeans_init_many: importance {i} has non-finite values")
+            out[i] = _init_weighted(w.detach().float(), f.to(w.device), k, seed, lloyd_iters, max_rows, restarts)
+        elif w.shape[2] == 1 and w.shape[1] <= HISTOGRAM_FROM:
             batched.setdefault((w.shape[1], w.device), []).append(i)
         else:
             out[i] = _init_whole(w.detach().float(), k, seed, lloyd_iters, max_rows, restarts)
@@ -322,11 +370,13 @@ def kmeans_init(
     lloyd_iters: int = LLOYD_ITERS,
     max_rows: int = 1 << 16,
     restarts: int = RESTARTS,
+    importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Initial centroids for w (G, n, d): weighted k-means++ then Lloyd, the best of `restarts` runs by inertia;
     (G, k, d) float32 on w's device.
 
     Deterministic for a given seed, on every device. For d = 1 the centroids come sorted. For d > 1 it runs on at
-    most `max_rows` vectors per group (a seeded sample). `kmeans_init_many` does many weights at once.
+    most `max_rows` vectors per group (a seeded sample). `importance` (w's shape, >= 0): each value counts by it.
+    `kmeans_init_many` does many weights at once.
     """
-    return kmeans_init_many([w], k, seed, restarts, lloyd_iters, max_rows)[0]
+    return kmeans_init_many([w], k, seed, restarts, lloyd_iters, max_rows, [importance])[0]

@@ -13,7 +13,7 @@ converted once, by its source; the others point at it (`tied_source`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace as replace_fields
 
 import torch
@@ -102,12 +102,25 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     return {name: done[name] for name in names}
 
 
-def init_centroids(model: nn.Module) -> None:
+def init_centroids(model: nn.Module, importance: Mapping[str, torch.Tensor] | None = None) -> None:
     """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
     restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
-    is slow. Each weight gets what its own `init_centroids` gives it."""
+    is slow. Each weight gets what its own `init_centroids` gives it.
+
+    `importance`: {weight name (as `dkm_modules` names it): a tensor of its shape}; the k-means of those weights
+    counts each value by its importance (`surgery.importance.gradient_importance`). A tied weight's entry serves its
+    source. A name that is no DKM weight of the model is an error, checked before anything changes."""
+    states = dict(dkm_modules(model))
+    weighted: dict[int, torch.Tensor] = {}  # id of the DKM weight that owns the centroids -> its importance
+    unknown = sorted(set(importance or {}) - set(states))
+    if unknown:
+        raise ValueError(f"importance names weights that are not DKM-clustered in this model: {unknown[:5]}")
+    for name, f in (importance or {}).items():
+        state = states[name].tied_source or states[name]
+        f = f.reshape(state.weight.shape) if f.numel() == state.weight.numel() else f  # a tie may be a view
+        weighted.setdefault(id(state), state.importance_vectors(f))
     batches: dict[tuple, list[list[DKMWeight]]] = {}
-    for _, module in dkm_modules(model):
+    for module in states.values():
         if module.tied_source is None:
             key = (module.layout.n_clusters, module.dkm_seed, module.settings.kmeans_restarts)
             batch = batches.setdefault(key, [[]])
@@ -117,7 +130,8 @@ def init_centroids(model: nn.Module) -> None:
     todo = [(key, batch) for key, runs in batches.items() for batch in runs]
     progress = logging.tqdm(todo, desc="dkm_hf: initialising centroids", delay=2.0, leave=False)
     for (k, seed, restarts), batch in progress:
-        centroids = kmeans_init_many([m.init_vectors() for m in batch], k, seed=seed, restarts=restarts)
+        vectors, weights = [m.init_vectors() for m in batch], [weighted.get(id(m)) for m in batch]
+        centroids = kmeans_init_many(vectors, k, seed=seed, restarts=restarts, importance=weights)
         for module, c in zip(batch, centroids):
             module.set_centroids(c)
 

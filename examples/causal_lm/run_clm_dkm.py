@@ -131,6 +131,13 @@ class ModelArguments:
         metadata={"help": "Run the recipe without clustering (the control): what fine-tuning alone does."},
     )
     distill: bool = field(default=False, metadata={"help": "Distil DKM from the dense model (--distill_alpha)."})
+    importance_batches: int = field(
+        default=0,
+        metadata={
+            "help": "Weigh the k-means of the initialisation by the squared gradients of the dense model over this "
+            "many training batches (dkm_hf.gradient_importance; 0: plain k-means)."
+        },
+    )
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
     new_tokens: int = field(default=24, metadata={"help": "Tokens generated from the prompt by every model."})
 
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_steps": training_args.max_steps,
             "batch_size": training_args.per_device_train_batch_size,
             "distill": model_args.distill,
+            "importance_batches": model_args.importance_batches,
             "seed": training_args.seed,
         },
         "rows": [],
@@ -296,6 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer, time.time() - t0
 
     controls: dict[str, str] = {}  # training recipe -> its control row's name
+    importance = None  # of the dense weights: one for every bit width
     for bits in dkm_args.bits:
         bits_dkm_args, bits_training_args = recipe_for(bits, dkm_args, training_args, argv)
         config = bits_dkm_args.config(bits)
@@ -331,6 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
         peak_rss_mb(reset=True)
         t0 = time.time()
         model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
+        if model_args.importance_batches > 0:
+            if importance is None:
+                batch = bits_training_args.per_device_train_batch_size
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training_args.seed))
+                blocks = [train[order[i : i + batch]] for i in range(0, model_args.importance_batches * batch, batch)]
+                importance = dkm_hf.gradient_importance(model, [{"input_ids": b, "labels": b} for b in blocks])
+            dkm_hf.init_centroids(model, importance)
         ptq_dir = str(out / f"post-training-{bits}bit")
         dkm_hf.palettize(copy.deepcopy(model)).save_pretrained(ptq_dir)
         record(f"post-training k-means {bits}-bit", reload(ptq_dir), time.time() - t0, ptq_dir, control)

@@ -157,3 +157,63 @@ def test_lloyd_kernel_equals_the_torch_steps(monkeypatch):
     monkeypatch.setattr(kmeans.fused, "cpu_kernels", lambda: Counting())
     kmeans._lloyd_1d(p, *kmeans._seed_1d(p, u), 5)
     assert calls == [50, 2]
+
+
+def _weighted_inertia(w: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-group sum of f (w - nearest centroid)^2, (G,)."""
+    return (f * (w - gather_centroids(hard_assign(w, c), c)).square()).sum((1, 2))
+
+
+@pytest.mark.parametrize("n", [500, kmeans.HISTOGRAM_FROM + 7000])  # sorted values; the 16-bit histogram
+def test_importance_gives_heavy_values_their_own_centroids(n):
+    """Four values per group carry almost all the importance: weighted k-means puts a centroid on each (the light
+    values' pull on it is at most their importance over the heavy one's, ~1e-3 of the spread), plain k-means does
+    not, and the weighted objective is lower than with the plain centroids."""
+    g = torch.Generator().manual_seed(3)
+    G = 1 if n > kmeans.HISTOGRAM_FROM else 3
+    w = torch.randn(G, n, 1, generator=g).half().float()  # 16-bit values: each its own histogram bucket
+    f = torch.full_like(w, 1e-4)
+    heavy = torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(G)])
+    f.scatter_(1, heavy.unsqueeze(-1), 1e3)
+    weighted = kmeans_init(w, 8, seed=1, restarts=2, importance=f)
+    plain = kmeans_init(w, 8, seed=1, restarts=2)
+    heavy_values = w.gather(1, heavy.unsqueeze(-1))  # (G, 4, 1)
+    gap = lambda c: (heavy_values - c.transpose(1, 2)).abs().amin(-1)  # noqa: E731 (G, 4)
+    assert gap(weighted).max().item() < 1e-2
+    assert gap(plain).max().item() > 5e-2
+    assert (_weighted_inertia(w, f, weighted) < _weighted_inertia(w, f, plain)).all()
+    assert torch.equal(weighted, kmeans_init(w, 8, seed=1, restarts=2, importance=f))  # deterministic
+
+
+def test_importance_of_vectors_and_in_a_batch_with_plain_weights():
+    """d > 1 counts a vector by the sum of its values' importance; in `kmeans_init_many` a weighted weight gets what
+    it gets alone and the unweighted weights beside it what they get without it."""
+    g = torch.Generator().manual_seed(4)
+    w2 = torch.randn(2, 300, 2, generator=g)
+    f2 = torch.full_like(w2, 1e-4)
+    f2[:, :5] = 1e3
+    c2 = kmeans_init(w2, 8, seed=0, importance=f2)
+    assert torch.cdist(w2[:, :5], c2).amin(-1).max().item() < 1e-2
+    a, b = weights(6, 64, 1), weights(4, 64, 1)
+    fa = torch.rand(a.shape, generator=g)
+    many = kmeans_init_many([a, b], 4, seed=2, restarts=2, importance=[fa, None])
+    assert torch.equal(many[0], kmeans_init(a, 4, seed=2, restarts=2, importance=fa))
+    assert torch.equal(many[1], kmeans_init(b, 4, seed=2, restarts=2))
+
+
+def test_importance_edge_cases_and_bad_input():
+    """A group without importance is clustered unweighted; negative importance counts as none; wrong shapes,
+    non-finite values and a wrong count are refused by name."""
+    w = weights(2, 200, 1)
+    zero = torch.zeros_like(w)
+    assert torch.allclose(
+        _inertia(w, kmeans_init(w, 4, seed=0, importance=zero)), _inertia(w, kmeans_init(w, 4, seed=0)), rtol=0.05
+    )
+    c = kmeans_init(w, 4, seed=0, importance=-torch.ones_like(w))
+    assert torch.isfinite(c).all()
+    with pytest.raises(ValueError, match="importance 0 has shape"):
+        kmeans_init(w, 4, importance=torch.ones(2, 100, 1))
+    with pytest.raises(ValueError, match="non-finite"):
+        kmeans_init(w, 4, importance=torch.full_like(w, float("nan")))
+    with pytest.raises(ValueError, match="2 importance tensors for 1 weights"):
+        kmeans_init_many([w], 4, importance=[None, None])

@@ -1,0 +1,105 @@
+"""How much the loss cares about each weight: the importance that weighs the k-means of `init_centroids`.
+
+A per-row 4-bit LUT has 16 entries for 576-8,192 weights; plain k-means spends them on where the weights are dense,
+while a few weights the loss is sensitive to (outlier channels' inputs) sit between centroids. SqueezeLLM (Kim et al.,
+2023) weighs each weight by the diagonal of the Fisher information, the squared gradient of the loss summed over a
+few calibration batches, and clusters with those weights. `gradient_importance` computes it on the dense weights of a
+DKM model (its clustering off for the pass), `dkm_hf.init_centroids(model, importance=...)` re-runs the k-means with
+it:
+
+    model = AutoModelForCausalLM.from_pretrained(path, dkm_config=config)
+    importance = dkm_hf.gradient_importance(model, batches)   # e.g. 16 training batches
+    dkm_hf.init_centroids(model, importance=importance)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..nn.dkm import dkm_modules
+from .convert import init_centroids as _init_centroids
+
+
+def _to(batch, device: torch.device):
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def gradient_importance(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The sum over `batches` of the squared gradient of the loss with respect to every DKM weight that owns its
+    centroids (the diagonal Fisher information), computed with the dense weights: {name as `dkm_modules` names it:
+    a float32 tensor of the weight's shape}, one float32 copy of the clustered weights in memory.
+
+    Each batch is a dict of model inputs with labels (tensors are moved to the model's device), or anything
+    `loss_fn(model, batch)` turns into a scalar loss. The model runs in eval mode (no dropout) with its clustering
+    off; afterwards its mode, clustering flags, `requires_grad` flags and `.grad` tensors are as they were.
+    """
+    states = [(name, state) for name, state in dkm_modules(model) if state.tied_source is None]
+    if not states:
+        raise ValueError("gradient_importance: the model has no DKM-clustered weight (dkm_config= / prepare())")
+    params = list(model.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    flags = [(state, state.dkm_enabled) for _, state in dkm_modules(model)]
+    training = model.training
+    clustered = {id(state.weight) for _, state in states}
+    sums = {
+        name: torch.zeros(state.weight.shape, dtype=torch.float32, device=state.weight.device)
+        for name, state in states
+    }
+    device = params[0].device
+    count = 0
+    try:
+        for p in params:  # only the clustered weights' gradients are computed
+            p.requires_grad_(id(p) in clustered)
+            p.grad = None
+        for state, _ in flags:
+            state.dkm_enabled = False
+            state.forget()
+        model.eval()
+        for batch in batches:
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+            else:
+                loss = getattr(model(**_to(batch, device)), "loss", None)
+                if loss is None:
+                    raise ValueError(
+                        "gradient_importance: the model returned no loss; give batches with labels or a loss_fn"
+                    )
+            loss.backward()
+            for name, state in states:
+                grad = state.weight.grad
+                if grad is not None:
+                    sums[name].add_(grad.float().square())
+                    state.weight.grad = None
+            count += 1
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+        for state, enabled in flags:
+            state.dkm_enabled = enabled
+            state.forget()
+        model.train(training)
+    if count == 0:
+        raise ValueError("gradient_importance: `batches` gave no batch")
+    return sums
+
+
+def init_centroids(model: nn.Module, importance: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Re-run the k-means initialisation of every DKM weight of `model` from its current weight (as loading with a
+    DKMConfig did), each value counted by its `importance` where given (`gradient_importance`); returns the model.
+    Checkpoints keep the centroids: run it before training, not on a model whose training is to be resumed."""
+    if not dkm_modules(model):
+        raise ValueError(
+            "init_centroids() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())"
+        )
+    _init_centroids(model, importance)
+    return model

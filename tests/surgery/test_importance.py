@@ -1,0 +1,105 @@
+"""Importance-weighted k-means initialisation: `gradient_importance` (the squared gradients of the dense model) and
+`init_centroids(model, importance=...)`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import AUTO, tiny_inputs
+
+import dkm_hf
+from dkm_hf import DKMConfig
+from dkm_hf.ops.kmeans import kmeans_init
+
+CONFIG = {
+    "bits": 2,
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "weight_threshold": 0,
+    "kmeans_restarts": 2,
+}
+
+
+def _batches(count: int = 3) -> list[dict]:
+    out = []
+    for i in range(count):
+        ids = tiny_inputs("llama", batch=2)["input_ids"].roll(i, 1)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def test_gradient_importance_is_the_dense_models_summed_squared_gradients(tiny_dir):
+    """Equal to the sum of squared gradients of the same model without DKM (the same kernels in the same order);
+    the model's mode, clustering, requires_grad and .grad are as they were."""
+    path = tiny_dir("llama")
+    model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
+    model.train()
+    norm = dict(model.named_parameters())["model.norm.weight"]
+    norm.requires_grad_(False)
+    marker = torch.ones_like(norm)
+    norm.grad = marker
+    importance = dkm_hf.gradient_importance(model, _batches())
+
+    dense = AUTO["llama"].from_pretrained(path).eval()
+    expected = {}
+    for batch in _batches():
+        dense.zero_grad()
+        dense(**batch).loss.backward()
+        for name, p in dense.named_parameters():
+            expected[name] = expected.get(name, 0) + p.grad.square()
+    names = [name for name, state in dkm_hf.dkm_modules(model) if state.tied_source is None]
+    assert sorted(importance) == sorted(names) and "model.embed_tokens" in names and "lm_head" not in names
+    for name in names:
+        torch.testing.assert_close(importance[name], expected[f"{name}.weight"], rtol=0, atol=0)
+        assert importance[name].abs().sum() > 0, name
+    assert model.training and not norm.requires_grad and norm.grad is marker
+    assert all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "model.norm.weight")
+
+
+def test_init_centroids_with_importance(tiny_dir):
+    """Each weight's centroids are its importance-weighted k-means (what `kmeans_init` gives its vectors); weights
+    without an entry keep the plain k-means of loading; a tied weight's entry serves its source; an unknown name is
+    refused before anything changes."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
+    states = dict(dkm_hf.dkm_modules(model))
+    plain = {name: s.centroids.clone() for name, s in states.items() if s.tied_source is None}
+    importance = dkm_hf.gradient_importance(model, _batches())
+    with pytest.raises(ValueError, match="not DKM-clustered"):
+        dkm_hf.init_centroids(model, {"model.layers.0.nonexistent": importance["model.embed_tokens"]})
+    assert all(torch.equal(states[n].centroids, c) for n, c in plain.items())
+
+    chosen = {"model.layers.0.mlp.down_proj": importance["model.layers.0.mlp.down_proj"]}
+    chosen["lm_head"] = importance["model.embed_tokens"]  # the tied LM head stands for the embedding
+    assert dkm_hf.init_centroids(model, chosen) is model
+    for name in ("model.layers.0.mlp.down_proj", "model.embed_tokens"):
+        state = states[name]
+        f = importance[name]
+        expected = kmeans_init(
+            state.vectors(), 4, seed=state.dkm_seed, restarts=2, importance=state.importance_vectors(f)
+        )
+        assert torch.equal(state.centroids, expected), name
+        assert not torch.equal(state.centroids, plain[name]), name
+        # the weighted objective sum f (w - hard w)^2 is what the importance lowers
+        error = lambda: (f * (state.weight - state.hard_weight()).square()).sum()  # noqa: E731
+        ours = error()
+        state.set_centroids(plain[name])
+        assert ours < error(), name
+        state.set_centroids(expected)
+    assert torch.equal(states["model.layers.1.mlp.down_proj"].centroids, plain["model.layers.1.mlp.down_proj"])
+
+
+def test_importance_bad_input(tiny_dir):
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
+    with pytest.raises(ValueError, match="returned no loss"):
+        dkm_hf.gradient_importance(model, [{"input_ids": _batches(1)[0]["input_ids"]}])
+    assert all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))  # restored after the error
+    with pytest.raises(ValueError, match="gave no batch"):
+        dkm_hf.gradient_importance(model, [])
+    with pytest.raises(ValueError, match="importance of shape"):
+        dkm_hf.init_centroids(model, {"model.layers.0.mlp.down_proj": torch.ones(3, 3)})
+    dense = AUTO["llama"].from_pretrained(tiny_dir("llama"))
+    with pytest.raises(ValueError, match="no DKM-clustered weight"):
+        dkm_hf.gradient_importance(dense, _batches(1))
+    with pytest.raises(ValueError, match="needs a model with DKM modules"):
+        dkm_hf.init_centroids(dense)
