@@ -159,22 +159,17 @@ class DKMWeight:
     def init_centroids(self, seed: int | None = None, importance: torch.Tensor | None = None) -> None:
         """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd, each
         value counted by its `importance` (the weight's shape) if given."""
-        if self.tied_source is not None:
-            return
-        seed = self.dkm_seed if seed is None else seed
-        restarts = self.settings.kmeans_restarts
-        vectors = self.init_vectors()
-        importance = None if importance is None else self.importance_vectors(importance)
-        k = self.layout.n_clusters
-        self.set_centroids(kmeans_init(vectors, k, seed=seed, restarts=restarts, importance=importance))
+        if self.tied_source is None:
+            f = None if importance is None else self.importance_vectors(importance)
+            seed, k = self.dkm_seed if seed is None else seed, self.layout.n_clusters
+            c = kmeans_init(self.init_vectors(), k, seed=seed, restarts=self.settings.kmeans_restarts, importance=f)
+            self.set_centroids(c)
 
-    def importance_vectors(self, importance: torch.Tensor) -> torch.Tensor:
+    def importance_vectors(self, f: torch.Tensor) -> torch.Tensor:
         """A tensor of the weight's shape (e.g. its importance) laid out as the (groups, n, d) vectors, unscaled."""
-        if tuple(importance.shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"importance of shape {tuple(importance.shape)} for a weight of shape {tuple(self.weight.shape)}"
-            )
-        return self.layout.to_vectors(self.layout.to_rows(importance.detach().float().to(self.weight.device)))
+        if tuple(f.shape) != tuple(self.weight.shape):
+            raise ValueError(f"importance of shape {tuple(f.shape)} for a weight of shape {tuple(self.weight.shape)}")
+        return self.layout.to_vectors(self.layout.to_rows(f.detach().float().to(self.weight.device)))
 
     @torch.no_grad()
     def init_vectors(self) -> torch.Tensor:
@@ -349,10 +344,8 @@ class DKMMixin:
             yield
         finally:
             for p in shadow:
-                if p in previous:
-                    self.__dict__[p] = previous[p]
-                else:
-                    self.__dict__.pop(p, None)
+                self.__dict__.pop(p, None)
+            self.__dict__.update(previous)
 
     def forward(self, *args, **kwargs):
         with self.clustered_parameters():
@@ -372,11 +365,9 @@ class DKMMixin:
     implementation = property(lambda self: self._only().implementation)
     dkm_ready = property(lambda self: self._only().dkm_ready)
     dkm_enabled = property(
-        lambda self: self._only().dkm_enabled, lambda self, value: setattr(self._only(), "dkm_enabled", value)
+        lambda self: self._only().dkm_enabled, lambda self, v: setattr(self._only(), "dkm_enabled", v)
     )
-    soft_eval = property(
-        lambda self: self._only().soft_eval, lambda self, value: setattr(self._only(), "soft_eval", value)
-    )
+    soft_eval = property(lambda self: self._only().soft_eval, lambda self, v: setattr(self._only(), "soft_eval", v))
 
     def hard_weight(self) -> torch.Tensor:
         return self._only().hard_weight()
