@@ -39,6 +39,7 @@ from .surgery import (
     init_centroids,
     palettize,
     palettized_view,
+    set_importance,
     set_inference_mode,
 )
 
@@ -68,6 +69,7 @@ __all__ = [
     "palettized_view",
     "prepare",
     "register_module",
+    "set_importance",
     "set_inference_mode",
     "with_dkm_arguments",
 ]

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def naive_dkm(w: torch.Tensor, c0: torch.Tensor, tau: float, max_iters: int, epsilon: float):
+def naive_dkm(w: torch.Tensor, c0: torch.Tensor, tau: float, max_iters: int, epsilon: float, importance=None):
+    """W~ = A C by autograd, straight from the definitions; `importance` (G, n): each vector's weight f in the
+    centroid update C = A^T (f w) / A^T f."""
     c = c0.detach()
     a = None
+    f = torch.ones(w.shape[:2], dtype=w.dtype) if importance is None else importance.to(w.dtype)
     for _ in range(max_iters):
         dist = (w.unsqueeze(2) - c.unsqueeze(1)).square().sum(-1)
         a = torch.softmax(-dist / tau, dim=-1)
-        c_new = (a.transpose(1, 2) @ w) / a.sum(1).unsqueeze(-1)
+        fa = a * f.unsqueeze(-1)
+        c_new = (fa.transpose(1, 2) @ w) / fa.sum(1).unsqueeze(-1)
         moved = (c_new - c).abs().max().item()
         c = c_new
         if moved <= epsilon:

@@ -280,7 +280,8 @@ def test_causal_lm_example_distilled_control(tmp_path):
 
 def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     """--importance_batches N: the importance of the dense weights is computed once, over N training batches of the
-    recipe's batch size, and weighs the k-means of every bit width's initialisation (post-training row and DKM)."""
+    recipe's batch size, and weighs the k-means of every bit width's initialisation (post-training row and DKM) and
+    the DKM loop of the per-row LUTs."""
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     model = tiny_causal_model(tmp_path)
     rng = random.Random(0)
@@ -298,6 +299,11 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dkm_hf, "gradient_importance", counted)
     monkeypatch.setattr(dkm_hf, "init_centroids", lambda m, f=None: inits.append(sorted(f)) or init_centroids(m, f))
+    weighted_loops = []
+    set_importance = dkm_hf.set_importance
+    monkeypatch.setattr(
+        dkm_hf, "set_importance", lambda m, f: weighted_loops.append(sorted(f)) or set_importance(m, f)
+    )
     argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
             str(tmp_path / "out"), "--bits", "4", "3", "--weight_threshold", "512", "--block_size", "16",
             "--eval_tokens", "64", "--max_steps", "1", "--new_tokens", "2", "--control", "false",
@@ -306,6 +312,11 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     assert calls == [[(3, 16), (3, 16)]]
     assert len(inits) == 2 and inits[0] == inits[1] and "model.layers.0.mlp.up_proj" in inits[0]
     assert results["recipe"]["importance_batches"] == 2
+    # the loop is weighted for the per-row LUTs only (the 8-bit per-tensor embedding keeps its fused / bucket path)
+    assert (
+        len(weighted_loops) == 2 and "model.embed_tokens" in inits[0] and "model.embed_tokens" not in weighted_loops[0]
+    )
+    assert set(weighted_loops[0]) == set(inits[0]) - {"model.embed_tokens"}
     assert [row["model"] for row in results["rows"]][1:] == [
         "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk",
         "post-training k-means 3-bit", "DKM 3-bit, reloaded from disk",

@@ -79,6 +79,7 @@ class DKMWeight:
         self.layout, self.settings, self.dkm_seed = layout, settings, seed
         self.dkm_enabled, self.dkm_ready, self.soft_eval = True, tied_source is not None, False
         self._soft = self._hard = None  # (cache key, weight)
+        self.importance = None  # (G, n) sample weights of an importance-weighted loop (surgery.importance)
         set_tie(self, tied_source)
 
     def __getstate__(self) -> dict:
@@ -216,18 +217,15 @@ class DKMWeight:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             # the fused kernels take a 16-bit weight as it is (and save it, not a float32 copy, for backward)
             vectors = self.vectors(weight, float32=False)
-            implementation = choose_implementation(self.implementation, vectors)
+            chosen = "chunked" if self.importance is not None else self.implementation  # the weighted loop's path
+            implementation = choose_implementation(chosen, vectors)
             vectors = vectors if implementation == "fused" else vectors.float()
             tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(
-                vectors,
-                self.centroids,
-                tau,
-                s.max_iters,
-                epsilon,
-                implementation,
+                vectors, self.centroids, tau, s.max_iters, epsilon, implementation,
                 bucket_dtype=bucket_dtype_for(weight),  # of the weight's own dtype, before the float32 copy
-            )
+                importance=self.importance,
+            )  # fmt: skip
             scale = self.weight_scale if self.layout.per_channel_scale else None
             out = self.layout.weight_from_vectors(soft, scale).to(weight.dtype)
         if record:

@@ -154,7 +154,7 @@ def _soft_output(w, c_in, c_out, tau, cache=None):
     return out
 
 
-def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_unit=False):
+def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_unit=False, importance=None):
     """Reverse pass of `_iterate` + `_soft_output`, in blocks.
 
     `grad_rows` (G, n, d) is dL/dW~ summed over the weights each row stands for (one weight per row in the chunked
@@ -164,12 +164,15 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
     gradient), otherwise None and the direct part is already inside b.
 
     Iterations after T (only on devices where the loop ran all max_iters) receive no gradient: their terms vanish.
+    `importance` (G, n, 1): the vectors' sample weights f of an importance-weighted loop (S_t = A_t (f w), m_t =
+    A_t f): their terms through S_t and m_t scale by f.
     """
     G, n, d = w.shape
     S = len(masses)
     c_in, c_out = _select(history, T)
     k = c_out.shape[1]
     assert weight is None or direct_per_unit, "bucket weights come with per-unit direct terms"
+    assert importance is None or not direct_per_unit, "importance weighs single vectors, not buckets"
 
     # dL/dC_T from W~ = A_T C_T
     dc_out = torch.zeros_like(c_out)
@@ -202,12 +205,15 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
             if a is None:
                 a = attention(wb, cb, tb)  # (g, k, m)
             grad_a = outer(ds[gs], wb).add_(dm[gs])  # through S_t and m_t
+            if importance is not None:
+                grad_a.mul_(importance[gs, ms].transpose(1, 2))
             if combined:  # through W~ = A_T C_T
                 direct_a = outer(c_t[gs], grad_rows[gs, ms])
                 grad_a.add_(direct_a if mask is None else direct_a.mul_(mask))
             dz = _softmax_backward(a, grad_a)
             dw, dc_block = _distance_backward(dz, wb, cb, tb)
-            b[gs, ms] += mix_centroids(a, ds[gs]) + dw
+            mixed = mix_centroids(a, ds[gs])
+            b[gs, ms] += (mixed if importance is None else mixed * importance[gs, ms]) + dw
             if not direct_per_unit:
                 if t > 1:
                     dc_prev[gs] += dc_block
@@ -227,12 +233,14 @@ def _backward(w, history, masses, T, tau, grad_rows, weight=None, direct_per_uni
 
 class _ChunkedDKM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, c0, tau, max_iters, epsilon):
+    def forward(ctx, w, c0, tau, max_iters, epsilon, importance=None):
         with torch.no_grad():
-            history, masses, T, cache = _iterate(w, c0, tau, max_iters, epsilon)
+            weight = None if importance is None else importance.squeeze(-1)
+            history, masses, T, cache = _iterate(w, c0, tau, max_iters, epsilon, weight=weight)
             c_in, c_out = _select(history, T)
             out = _soft_output(w, c_in, c_out, tau, cache)
         T_saved = [T] if isinstance(T, torch.Tensor) else []
+        ctx.importance = importance  # an input that needs no gradient: kept as it is
         ctx.save_for_backward(w, *history, *masses, *T_saved)
         ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
         c_final = c_out.clone()
@@ -246,8 +254,8 @@ class _ChunkedDKM(torch.autograd.Function):
         w, history, masses = saved[0], list(saved[1 : S + 2]), list(saved[S + 2 : 2 * S + 2])
         T = ctx.T if ctx.T is not None else saved[-1]
         with torch.no_grad():
-            b, _ = _backward(w, history, masses, T, ctx.tau, grad_out)
-        return b, None, None, None, None
+            b, _ = _backward(w, history, masses, T, ctx.tau, grad_out, importance=ctx.importance)
+        return b, None, None, None, None, None
 
 
 class _UniquifiedDKM(torch.autograd.Function):
@@ -309,6 +317,7 @@ def dkm_cluster(
     epsilon: float | torch.Tensor,
     implementation: str = "chunked",
     bucket_dtype: torch.dtype | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft-cluster w (G, n, d) starting from `centroids` (G, k, d).
 
@@ -317,7 +326,15 @@ def dkm_cluster(
     "uniquified" (d = 1; attention per distinct 16-bit value of `bucket_dtype`, by default the weight's own dtype if
     16-bit, else float16), "fused" (the chunked path's math in one fused kernel per iteration, run in float32; chunked
     where no kernel serves w's device and dtype) or "auto" (see `choose_implementation`).
+
+    `importance` (G, n) > 0: each vector's sample weight in the loop, C = (A^T (f w)) / (A^T f) (importance-weighted
+    soft k-means, e.g. `ops.kmeans.sample_weights` of the squared gradients); it runs the chunked path, whatever
+    `implementation` says (the fused kernels and the 16-bit buckets have no per-vector weights).
     """
+    if importance is not None:
+        if tuple(importance.shape) != tuple(w.shape[:2]):
+            raise ValueError(f"importance of shape {tuple(importance.shape)} for vectors of shape {tuple(w.shape)}")
+        implementation, importance = "chunked", importance.detach().to(w.device, w.dtype).unsqueeze(-1)
     implementation = choose_implementation(implementation, w)
     if implementation == "fused":
         return fused.dkm(w, centroids, tau, max_iters, epsilon)
@@ -327,4 +344,4 @@ def dkm_cluster(
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
         return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
-    return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon)
+    return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon, importance)

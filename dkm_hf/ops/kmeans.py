@@ -266,9 +266,9 @@ def _init_whole(
     return _best_of(run, x, weight, restarts, per_batch)
 
 
-def _sample_weights(f: torch.Tensor) -> torch.Tensor:
-    """Importance (G, n) as k-means sample weights: negative values count as 0, a floor of 1e-3 of each group's mean
-    keeps every value in play, and a group without any importance is clustered unweighted."""
+def sample_weights(f: torch.Tensor) -> torch.Tensor:
+    """Importance (G, n) as sample weights (of k-means and of the DKM loop): negative values count as 0, a floor of
+    1e-3 of each group's mean keeps every value in play, and a group without any importance is clustered unweighted."""
     f = f.detach().float().clamp_min(0)
     mean = f.mean(1, keepdim=True)
     return torch.where(mean > 0, f + 1e-3 * mean, torch.ones_like(f))
@@ -277,7 +277,7 @@ def _sample_weights(f: torch.Tensor) -> torch.Tensor:
 def _init_weighted(w, f, k: int, seed: int, lloyd_iters: int, max_rows: int, restarts: int) -> torch.Tensor:
     """Centroids of one weight w (G, n, d) weighted by its importance f (G, n, d): per vector, the sum over d."""
     G, n, d = w.shape
-    f = _sample_weights(f.float().sum(-1))
+    f = sample_weights(f.float().sum(-1))
     if d > 1 or n > HISTOGRAM_FROM:
         return _init_whole(w, k, seed, lloyd_iters, max_rows, restarts, f)
     u = _uniform(seed, G, restarts, k, w.device)

@@ -3,10 +3,10 @@
 select.py   which modules a DKMConfig clusters; which share a weight
 convert.py  the module swaps (dense -> DKM -> palettized -> dense), the one place module types change
 model.py    the model-level operations users call: prepare, palettize, dequantize, palettized_view
-importance.py  the importance that weighs the k-means initialisation (gradient_importance, init_centroids)
+importance.py  importance-weighted k-means and DKM loop: gradient_importance, init_centroids, set_importance
 """
 
-from .importance import gradient_importance, init_centroids
+from .importance import gradient_importance, init_centroids, set_importance
 from .model import dequantize, get_dkm_config, palettize, palettized_view, prepare, record_of, set_inference_mode
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "palettized_view",
     "prepare",
     "record_of",
+    "set_importance",
     "set_inference_mode",
 ]

@@ -102,25 +102,14 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     return {name: done[name] for name in names}
 
 
-def init_centroids(model: nn.Module, importance: Mapping[str, torch.Tensor] | None = None) -> None:
+def init_centroids(model: nn.Module, importance: Mapping[int, torch.Tensor] | None = None) -> None:
     """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
     restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
-    is slow. Each weight gets what its own `init_centroids` gives it.
-
-    `importance`: {weight name (as `dkm_modules` names it): a tensor of its shape}; the k-means of those weights
-    counts each value by its importance (`surgery.importance.gradient_importance`). A tied weight's entry serves its
-    source. A name that is no DKM weight of the model is an error, checked before anything changes."""
-    states = dict(dkm_modules(model))
-    weighted: dict[int, torch.Tensor] = {}  # id of the DKM weight that owns the centroids -> its importance
-    unknown = sorted(set(importance or {}) - set(states))
-    if unknown:
-        raise ValueError(f"importance names weights that are not DKM-clustered in this model: {unknown[:5]}")
-    for name, f in (importance or {}).items():
-        state = states[name].tied_source or states[name]
-        f = f.reshape(state.weight.shape) if f.numel() == state.weight.numel() else f  # a tie may be a view
-        weighted.setdefault(id(state), state.importance_vectors(f))
+    is slow. Each weight gets what its own `init_centroids` gives it. `importance`: {id of a DKM weight: the
+    importance of its vectors (groups, n, d)}, which weighs that weight's k-means (`surgery.importance`)."""
+    weighted = importance or {}
     batches: dict[tuple, list[list[DKMWeight]]] = {}
-    for module in states.values():
+    for _, module in dkm_modules(model):
         if module.tied_source is None:
             key = (module.layout.n_clusters, module.dkm_seed, module.settings.kmeans_restarts)
             batch = batches.setdefault(key, [[]])

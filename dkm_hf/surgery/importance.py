@@ -5,11 +5,17 @@ while a few weights the loss is sensitive to (outlier channels' inputs) sit betw
 2023) weighs each weight by the diagonal of the Fisher information, the squared gradient of the loss summed over a
 few calibration batches, and clusters with those weights. `gradient_importance` computes it on the dense weights of a
 DKM model (its clustering off for the pass), `dkm_hf.init_centroids(model, importance=...)` re-runs the k-means with
-it:
+it, and `dkm_hf.set_importance(model, importance)` weighs DKM's own centroid update the same way during training
+(C = A^T (f w) / A^T f; without it the unweighted update drifts the centroids back to plain k-means' within a few
+steps):
 
     model = AutoModelForCausalLM.from_pretrained(path, dkm_config=config)
     importance = dkm_hf.gradient_importance(model, batches)   # e.g. 16 training batches
     dkm_hf.init_centroids(model, importance=importance)
+    dkm_hf.set_importance(model, importance)                  # then train as usual
+
+The weighted loop runs the chunked torch path (the fused kernels and the 16-bit buckets of per-tensor LUTs have no
+per-weight factors), several times slower than the fused kernel: give it the weights with small LUTs (per-row).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..nn.dkm import dkm_modules
+from ..nn.dkm import DKMWeight, dkm_modules
+from ..ops.kmeans import sample_weights
 from .convert import init_centroids as _init_centroids
 
 
@@ -101,5 +108,31 @@ def init_centroids(model: nn.Module, importance: Mapping[str, torch.Tensor] | No
         raise ValueError(
             "init_centroids() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())"
         )
-    _init_centroids(model, importance)
+    owners = [] if importance is None else _owners(model, importance)
+    _init_centroids(model, {id(state): state.importance_vectors(f) for state, f in owners})
+    return model
+
+
+def _owners(model: nn.Module, importance: Mapping[str, torch.Tensor]) -> list[tuple[DKMWeight, torch.Tensor]]:
+    """(the DKM weight that owns the centroids, its importance) per entry; unknown names refused by name."""
+    states = dict(dkm_modules(model))
+    unknown = sorted(set(importance) - set(states))
+    if unknown:
+        raise ValueError(f"importance names weights that are not DKM-clustered in this model: {unknown[:5]}")
+    owners = [(states[name].tied_source or states[name], f) for name, f in importance.items()]
+    return [(state, f.reshape(state.weight.shape) if f.numel() == state.weight.numel() else f) for state, f in owners]
+
+
+def set_importance(model: nn.Module, importance: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    """Weigh the DKM loop of the named weights by their importance (`gradient_importance`): each centroid update is
+    the importance-weighted mean C = A^T (f w) / A^T f, f = `ops.kmeans.sample_weights` of the importance (kept as one
+    float32 value per weight, not saved in checkpoints); the other weights run the plain loop. `None` makes every
+    loop plain again. Returns the model. Validated before anything changes."""
+    owners = [] if importance is None else _owners(model, importance)
+    vectors = [(state, sample_weights(state.importance_vectors(f).sum(-1))) for state, f in owners]
+    for _, state in dkm_modules(model):
+        state.importance = None
+        state.forget()
+    for state, f in vectors:
+        state.importance = f
     return model

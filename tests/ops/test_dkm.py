@@ -127,3 +127,59 @@ def test_the_attention_cache_changes_nothing(monkeypatch, implementation):
         results.append((y.detach(), c, x.grad))
     for cached, recomputed in zip(*results):
         assert torch.equal(cached, recomputed)
+
+
+def _importance(w: torch.Tensor, seed: int = 5) -> torch.Tensor:
+    """Sample weights (G, n) spread over four orders of magnitude, as squared gradients are."""
+    g = torch.Generator().manual_seed(seed)
+    return 10 ** (4 * torch.rand(w.shape[:2], generator=g, dtype=torch.float64) - 2)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_importance_weighted_loop_gradcheck_and_reference(d):
+    """The importance-weighted loop, C = A^T (f w) / A^T f: exact gradients (gradcheck, float64) and the naive
+    autograd reference's values, centroids and gradients over 1 and 3 iterations."""
+    w = weights(3, 16, d, torch.float64)
+    f = _importance(w)
+    c0 = kmeans_init(w.float(), 4, seed=0).double()
+    torch.autograd.gradcheck(
+        lambda x: dkm_cluster(x, c0, 5e-3, 3, 0.0, "chunked", importance=f)[0],
+        (w.clone().requires_grad_(),), eps=1e-6, atol=1e-6,
+    )  # fmt: skip
+    grad = torch.randn_like(w)
+    for iters in (1, 3):
+        fast, ref = w.clone().requires_grad_(), w.clone().requires_grad_()
+        y, c = dkm_cluster(fast, c0, 5e-3, iters, 0.0, "chunked", importance=f)
+        y_ref, c_ref = naive_dkm(ref, c0, 5e-3, iters, 0.0, importance=f)
+        (y * grad).sum().backward()
+        (y_ref * grad).sum().backward()
+        for a, b in ((y, y_ref), (c, c_ref), (fast.grad, ref.grad)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_importance_of_ones_is_the_plain_loop_and_every_implementation_runs_it_chunked(monkeypatch):
+    """f = 1 gives the plain loop to the bit (the same sums with factors of one); with importance every
+    implementation runs the chunked loop; the device loop (no host early stop) gives the host loop's results."""
+    w = weights(2, 3000, 1)
+    c0 = kmeans_init(w, 8, seed=0)
+    grad = torch.randn_like(w)
+
+    def run(implementation, importance):
+        x = w.clone().requires_grad_()
+        y, c = dkm_cluster(x, c0, 1e-3, 3, 1e-4, implementation, importance=importance)
+        (y * grad).sum().backward()
+        return y.detach(), c, x.grad
+
+    for a, b in zip(run("chunked", torch.ones(2, 3000)), run("chunked", None)):
+        assert torch.equal(a, b)
+    f = _importance(w).float()
+    weighted = run("chunked", f)
+    assert not torch.equal(weighted[1], run("chunked", None)[1])
+    for implementation in ("auto", "fused", "uniquified"):
+        for a, b in zip(run(implementation, f), weighted):
+            assert torch.equal(a, b), implementation
+    monkeypatch.setattr(dkm, "HOST_EARLY_STOP", ())
+    for a, b in zip(run("chunked", f), weighted):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="importance of shape"):
+        dkm_cluster(w, c0, 1e-3, 1, 0.0, importance=torch.ones(2, 10))

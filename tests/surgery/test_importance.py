@@ -103,3 +103,40 @@ def test_importance_bad_input(tiny_dir):
         dkm_hf.gradient_importance(dense, _batches(1))
     with pytest.raises(ValueError, match="needs a model with DKM modules"):
         dkm_hf.init_centroids(dense)
+
+
+def test_set_importance_weighs_the_dkm_loop(tiny_dir):
+    """The named weights' loop takes the sample weights of their importance (the soft weight and the carried
+    centroids are the chunked loop's with that importance); the others run the plain loop; a tied name serves its
+    source; `None` clears; bad input changes nothing."""
+    from dkm_hf.ops.dkm import dkm_cluster
+    from dkm_hf.ops.kmeans import sample_weights
+
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
+    importance = dkm_hf.gradient_importance(model, _batches())
+    states = dict(dkm_hf.dkm_modules(model))
+    name = "model.layers.0.mlp.down_proj"
+    assert dkm_hf.set_importance(model, {name: importance[name], "lm_head": importance["model.embed_tokens"]}) is model
+    state = states[name]
+    f = sample_weights(state.importance_vectors(importance[name]).sum(-1))
+    assert torch.equal(state.importance, f) and states["model.embed_tokens"].importance is not None
+    assert states["model.layers.1.mlp.down_proj"].importance is None
+
+    model.train()
+    c0 = state.centroids.clone()
+    vectors = state.vectors()
+    tau, epsilon = state.temperature(vectors)
+    expected, c_next = dkm_cluster(vectors, c0, tau, state.settings.max_iters, epsilon, "chunked", importance=f)
+    soft = state.soft_weight()
+    torch.testing.assert_close(soft, state.layout.weight_from_vectors(expected), rtol=0, atol=0)
+    assert torch.equal(state.centroids, c_next)  # the weighted update is carried to the next step
+    soft.sum().backward()
+    assert state.weight.grad is not None and torch.isfinite(state.weight.grad).all()
+
+    with pytest.raises(ValueError, match="not DKM-clustered"):
+        dkm_hf.set_importance(model, {"nope": importance[name]})
+    with pytest.raises(ValueError, match="importance of shape"):
+        dkm_hf.set_importance(model, {name: torch.ones(2, 2)})
+    assert torch.equal(state.importance, f)  # unchanged by the refused calls
+    dkm_hf.set_importance(model, None)
+    assert all(s.importance is None for s in states.values())
