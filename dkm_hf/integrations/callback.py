@@ -91,7 +91,8 @@ def cluster_health(module: DKMWeight, assign: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None) -> int:
-    """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid."""
+    """Move empty or duplicate centroids onto the vectors that are farthest from their nearest centroid (in
+    importance-weighted squared error where the weight's loop is weighted, `set_importance`)."""
     assign = module.assignments() if assign is None else assign
     sizes = _cluster_sizes(assign, module.layout.n_clusters)
     centroids = module.centroids
@@ -111,6 +112,8 @@ def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None)
         c = centroids[g]
         dead = dead_mask[g].nonzero().squeeze(1)
         error = (vectors[g] - c[assign[g]]).square().sum(-1)
+        if module.importance is not None:  # the objective of an importance-weighted loop
+            error = error * module.importance[g]
         far = error.topk(min(dead.numel(), error.numel())).indices
         module.centroids[g, dead[: far.numel()]] = vectors[g, far]
         reseeded += far.numel()

@@ -379,6 +379,30 @@ def test_dead_and_duplicate_centroids_are_reseeded():
     assert (sizes > 0).all() and torch.unique(layer.centroids).numel() == 4
 
 
+def test_reseeding_of_an_importance_weighted_loop_takes_the_largest_weighted_error():
+    """Where the loop is importance-weighted (`set_importance`), an empty centroid moves onto the vector of largest
+    f (w - c)^2, not the largest (w - c)^2."""
+    from torch import nn
+
+    from dkm_hf.integrations.callback import reseed_dead_centroids
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 1)), DKMConfig(bits=2, weight_threshold=0))
+    state = model[0].dkm_weights["weight"]
+    w = state.vectors()[0, :, 0]
+    error = lambda: (w - state.centroids[0, state.assignments()[0], 0]).square()  # noqa: E731
+    with torch.no_grad():
+        state.centroids[0, 3] = 100.0  # far away: empty
+    plain_pick = error().argmax()
+    importance = torch.ones(64)
+    importance[plain_pick] = 1e-6
+    target = (error() * importance).argmax()
+    assert target != plain_pick
+    dkm_hf.set_importance(model, {"0": importance.view(1, 64)})
+    assert reseed_dead_centroids(state) == 1
+    assert state.centroids[0, 3, 0] == w[target]
+
+
 def test_centroids_gone_non_finite_stop_training_before_a_checkpoint(toy_path, tmp_path):
     """A diverged step (here: one weight set to NaN before step 3, so every gradient is NaN) makes centroids NaN:
     training stops at the end of that step with an error naming a layer, and no checkpoint holding them is written."""
