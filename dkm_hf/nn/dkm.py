@@ -157,14 +157,12 @@ class DKMWeight:
         self.forget()
 
     @torch.no_grad()
-    def init_centroids(self, seed: int | None = None, importance: torch.Tensor | None = None) -> None:
-        """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd, each
-        value counted by its `importance` (the weight's shape) if given."""
+    def init_centroids(self, seed: int | None = None) -> None:
+        """(Re)initialise the centroids (and per-channel scales) from the current weight: k-means++ then Lloyd (with an
+        importance per value: `surgery.importance.init_centroids`)."""
         if self.tied_source is None:
-            f = None if importance is None else self.importance_vectors(importance)
             seed, k = self.dkm_seed if seed is None else seed, self.layout.n_clusters
-            c = kmeans_init(self.init_vectors(), k, seed=seed, restarts=self.settings.kmeans_restarts, importance=f)
-            self.set_centroids(c)
+            self.set_centroids(kmeans_init(self.init_vectors(), k, seed=seed, restarts=self.settings.kmeans_restarts))
 
     def importance_vectors(self, f: torch.Tensor) -> torch.Tensor:
         """A tensor of the weight's shape (e.g. its importance) laid out as the (groups, n, d) vectors, unscaled."""
@@ -217,8 +215,7 @@ class DKMWeight:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             # the fused kernels take a 16-bit weight as it is (and save it, not a float32 copy, for backward)
             vectors = self.vectors(weight, float32=False)
-            chosen = "chunked" if self.importance is not None else self.implementation  # the weighted loop's path
-            implementation = choose_implementation(chosen, vectors)
+            implementation = choose_implementation(self.implementation, vectors)
             vectors = vectors if implementation == "fused" else vectors.float()
             tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(
@@ -376,8 +373,8 @@ class DKMMixin:
     def clustered_weight(self) -> torch.Tensor:
         return self._only().clustered_weight()
 
-    def init_centroids(self, seed: int | None = None, importance: torch.Tensor | None = None) -> None:
-        self._only().init_centroids(seed, importance)
+    def init_centroids(self, seed: int | None = None) -> None:
+        self._only().init_centroids(seed)
 
     def assignments(self) -> torch.Tensor:
         return self._only().assignments()

@@ -334,6 +334,7 @@ def dkm_cluster(
     if importance is not None:
         if tuple(importance.shape) != tuple(w.shape[:2]):
             raise ValueError(f"importance of shape {tuple(importance.shape)} for vectors of shape {tuple(w.shape)}")
+        w = w.float() if w.element_size() < 4 else w  # a 16-bit weight loops in float32, as in the fused kernel
         implementation, importance = "chunked", importance.detach().to(w.device, w.dtype).unsqueeze(-1)
     implementation = choose_implementation(implementation, w)
     if implementation == "fused":

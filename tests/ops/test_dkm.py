@@ -178,6 +178,13 @@ def test_importance_of_ones_is_the_plain_loop_and_every_implementation_runs_it_c
     for implementation in ("auto", "fused", "uniquified"):
         for a, b in zip(run(implementation, f), weighted):
             assert torch.equal(a, b), implementation
+    # a 16-bit weight loops in float32 (its values are float16-representable here): the same results, its gradient cast
+    x16 = w.half().requires_grad_()
+    y16, c16 = dkm_cluster(x16, c0, 1e-3, 3, 1e-4, "fused", importance=f)
+    (y16 * grad).sum().backward()
+    assert y16.dtype == torch.float32 and x16.grad.dtype == torch.float16
+    assert torch.equal(y16.detach(), weighted[0]) and torch.equal(c16, weighted[1])
+    assert torch.equal(x16.grad, weighted[2].half())
     monkeypatch.setattr(dkm, "HOST_EARLY_STOP", ())
     for a, b in zip(run("chunked", f), weighted):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
