@@ -328,12 +328,15 @@ def dkm_cluster(
     where no kernel serves w's device and dtype) or "auto" (see `choose_implementation`).
 
     `importance` (G, n) > 0: each vector's sample weight in the loop, C = (A^T (f w)) / (A^T f) (importance-weighted
-    soft k-means, e.g. `ops.kmeans.sample_weights` of the squared gradients); it runs the chunked path, whatever
-    `implementation` says (the fused kernels and the 16-bit buckets have no per-vector weights).
+    soft k-means, e.g. `ops.kmeans.sample_weights` of the squared gradients). The 16-bit buckets have no per-vector
+    weights: a weighted loop runs the fused kernel where one serves w, else (and when "chunked" is asked for) the
+    chunked path in float32.
     """
     if importance is not None:
         if tuple(importance.shape) != tuple(w.shape[:2]):
             raise ValueError(f"importance of shape {tuple(importance.shape)} for vectors of shape {tuple(w.shape)}")
+        if implementation != "chunked" and fused.available(w):
+            return fused.dkm(w, centroids, tau, max_iters, epsilon, importance)
         w = w.float() if w.element_size() < 4 else w  # a 16-bit weight loops in float32, as in the fused kernel
         implementation, importance = "chunked", importance.detach().to(w.device, w.dtype).unsqueeze(-1)
     implementation = choose_implementation(implementation, w)

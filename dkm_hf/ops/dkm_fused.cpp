@@ -1,8 +1,10 @@
 // The DKM loop fused on the CPU: distances, softmax, reductions and centroid mix in one pass over the weight per
 // iteration, the attention of a tile of V vectors kept in a small scratch array (L1) and never written out.
 //
-// Shapes (float32, contiguous): w (G, n, d), centroids (G, k, d), tau and epsilon (G). The math and the early stop are
-// those of dkm_hf/ops/dkm.py (`_iterate`, `_soft_output`, `_backward` of the chunked path), see there.
+// Shapes (float32, contiguous): w (G, n, d), centroids (G, k, d), tau and epsilon (G), and optionally the vectors'
+// importance f (G, n) of an importance-weighted loop (S_t = A_t^T (f w), m_t = A_t^T f; an empty tensor for none). The
+// math and the early stop are those of dkm_hf/ops/dkm.py (`_iterate`, `_soft_output`, `_backward` of the chunked
+// path), see there.
 //
 // Work is cut into items of at most kChunk vectors of one group, a partition that does not depend on the number of
 // threads: each item reduces into its own slot, the slots of a group are summed in order afterwards, so results are
@@ -129,10 +131,11 @@ struct Scratch {
   Scratch(int64_t k, int64_t d) : a(k), dz(k), acc(k * (d + 1)), x(d), y(d) {}
 };
 
-// Per work item, into out[0 : k*d] and out[k*d : k*d + k]: sum_i a_ji y_i and sum_i a_ji, attention against c.
+// Per work item, into out[0 : k*d] and out[k*d : k*d + k]: sum_i f_i a_ji y_i and sum_i f_i a_ji, attention against
+// c, f the importance (G, n) or, where null, 1.
 template <int D>
-void reduce_item(const float* w, const float* y, const float* c, float q, int64_t n, int64_t k, int64_t d_rt,
-                 const Work& item, Scratch& s, float* out) {
+void reduce_item(const float* w, const float* y, const float* f, const float* c, float q, int64_t n, int64_t k,
+                 int64_t d_rt, const Work& item, Scratch& s, float* out) {
   const int64_t d = D ? D : d_rt;
   vf* acc = s.acc.data();  // acc[j * d + dd]: sum a y; acc[k * d + j]: sum a
   std::fill(s.acc.begin(), s.acc.end(), vf{});
@@ -142,7 +145,12 @@ void reduce_item(const float* w, const float* y, const float* c, float q, int64_
     const int count = load_tile<D>(wg, i0, item.end, d, s.x.data());
     if (y != w) load_tile<D>(yg, i0, item.end, d, s.y.data());
     const vf* ys = y != w ? s.y.data() : s.x.data();
-    const vf scale = attention_tile<D>(s.x.data(), c, k, d, q, s.a.data()) * lane_mask(count);
+    vf scale = attention_tile<D>(s.x.data(), c, k, d, q, s.a.data()) * lane_mask(count);
+    if (f) {
+      vf fv;
+      load_tile<1>(f + item.group * n, i0, item.end, 1, &fv);
+      scale *= fv;
+    }
     for (int64_t j = 0; j < k; ++j) {
       const vf aj = s.a[j] * scale;  // normalised and masked in one multiply: the same product as both
       acc[k * d + j] += aj;
@@ -165,15 +173,16 @@ std::vector<double> group_sums(const std::vector<Work>& items, const std::vector
 }
 
 template <int D>
-std::vector<double> reduce_pass(const float* w, const float* y, const float* c, const float* tau, int64_t G, int64_t n,
-                                int64_t k, int64_t d, const std::vector<Work>& items) {
+std::vector<double> reduce_pass(const float* w, const float* y, const float* f, const float* c, const float* tau,
+                                int64_t G, int64_t n, int64_t k, int64_t d, const std::vector<Work>& items) {
   const int64_t width = k * (d + 1);
   std::vector<float> slots(items.size() * width);
   at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
     Scratch s(k, d);
     for (int64_t it = lo; it < hi; ++it) {
       const Work& item = items[it];
-      reduce_item<D>(w, y, c + item.group * k * d, base2(tau[item.group]), n, k, d, item, s, slots.data() + it * width);
+      reduce_item<D>(w, y, f, c + item.group * k * d, base2(tau[item.group]), n, k, d, item, s,
+                     slots.data() + it * width);
     }
   });
   return group_sums(items, slots, G, width);
@@ -222,7 +231,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& c, const at::Tensor& ta
 
 template <int D>
 std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, const at::Tensor& tau,
-                                     const at::Tensor& epsilon, int64_t max_iters) {
+                                     const at::Tensor& epsilon, int64_t max_iters, const float* pf) {
   const int64_t G = w.size(0), n = w.size(1), d = w.size(2), k = c0.size(1);
   auto history = at::empty({max_iters + 1, G, k, d}, w.options());
   auto masses = at::zeros({max_iters, G, k}, w.options());
@@ -238,7 +247,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, 
     const float* c = ph + (t - 1) * G * k * d;
     float* c_new = ph + t * G * k * d;
     float* m = pm + (t - 1) * G * k;
-    const auto sums = reduce_pass<D>(pw, pw, c, ptau, G, n, k, d, items);
+    const auto sums = reduce_pass<D>(pw, pw, pf, c, ptau, G, n, k, d, items);
     float change = 0.0f;  // the largest move relative to its group's epsilon (NaN-propagating, as torch's amax)
     bool nan = false;
     for (int64_t g = 0; g < G; ++g) {
@@ -271,9 +280,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, 
 
 // One iteration t of `_backward` (chunked path), adding dL/dw into b (G, n, d), or writing it there for the first
 // iteration processed (`direct`, t = T: b is uninitialised then, which spares a pass that zeroes it). With `want_dc`,
-// each item's slot gets sum_i dz_ji w_i (k * d) and sum_i dz_ji (k), from which the caller forms dL/dC_{t-1}.
+// each item's slot gets sum_i dz_ji w_i (k * d) and sum_i dz_ji (k), from which the caller forms dL/dC_{t-1}. With an
+// importance f (non-null), the terms through S_t and m_t scale by f_i.
 template <int D>
-void backward_iteration(const float* w, const float* grad, const float* c_prev, const float* c_t, const float* ds,
+void backward_iteration(const float* w, const float* grad, const float* f, const float* c_prev, const float* c_t,
+                        const float* ds,
                         const float* dm, const float* tau, bool direct, bool want_dc, int64_t n, int64_t k,
                         int64_t d_rt, const std::vector<Work>& items, float* b, float* slots) {
   const int64_t d = D ? D : d_rt;
@@ -299,10 +310,13 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
         const int count = load_tile<D>(w + g * n * d, i0, item.end, d, s.x.data());
         if (direct) load_tile<D>(grad + g * n * d, i0, item.end, d, s.y.data());
         const vf inv = attention_tile<D>(x, cp, k, d, q, a);  // a: the exponentials
+        vf fv = splat(1.0f);
+        if (f) load_tile<1>(f + g * n, i0, item.end, 1, &fv);
         vf bar = vf{}, dzsum = vf{};
         for (int64_t j = 0; j < k; ++j) {  // dL/dA_j: through S_t, m_t and (last iteration) W~ = A_T C_T
           vf gj = splat(dmg[j]);
           for (int64_t dd = 0; dd < d; ++dd) gj += dsg[j * d + dd] * x[dd];
+          if (f) gj *= fv;
           if (direct)
             for (int64_t dd = 0; dd < d; ++dd) gj += ct[j * d + dd] * gt[dd];
           dz[j] = gj;
@@ -320,7 +334,7 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
             mix += a[j] * dsg[j * d + dd];
             pull += dz[j] * cp[j * d + dd];
           }
-          const vf add = (mix + (pull - x[dd] * dzsum) * two_tau) * inv;
+          const vf add = (mix * fv + (pull - x[dd] * dzsum) * two_tau) * inv;
           if (d == 1 && count == V) {
             vf old = vf{};
             if (!direct) std::memcpy(&old, bg, sizeof old);
@@ -349,7 +363,7 @@ void backward_iteration(const float* w, const float* grad, const float* c_prev, 
 
 template <int D>
 at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
-                         const at::Tensor& masses, int64_t T, const at::Tensor& tau) {
+                         const at::Tensor& masses, int64_t T, const at::Tensor& tau, const float* pf) {
   const int64_t G = w.size(0), n = w.size(1), d = w.size(2), k = history.size(2);
   const int64_t width = k * (d + 1);
   const auto items = work_items(G, n);
@@ -360,7 +374,7 @@ at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::
   const float* ptau = tau.data_ptr<float>();
   const int64_t ckd = G * k * d;
   // dL/dC_T = sum_i A_T,i g_i
-  const auto out_sums = reduce_pass<D>(pw, pg, ph + (T - 1) * ckd, ptau, G, n, k, d, items);
+  const auto out_sums = reduce_pass<D>(pw, pg, nullptr, ph + (T - 1) * ckd, ptau, G, n, k, d, items);
   std::vector<float> dc(ckd), ds(ckd), dm(G * k), dc_prev(ckd), slots(items.size() * width);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t r = 0; r < k * d; ++r) dc[g * k * d + r] = static_cast<float>(out_sums[g * width + r]);
@@ -383,7 +397,7 @@ at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::
         }
         dm[gj] = alive ? -dot * inv_m : 0.0f;
       }
-    backward_iteration<D>(pw, pg, c_prev, c_t, ds.data(), dm.data(), ptau, t == T, t > 1, n, k, d, items,
+    backward_iteration<D>(pw, pg, pf, c_prev, c_t, ds.data(), dm.data(), ptau, t == T, t > 1, n, k, d, items,
                           b.data_ptr<float>(), slots.data());
     if (t > 1) {
       const auto sums = group_sums(items, slots, G, width);
@@ -404,32 +418,45 @@ at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::
   return b;
 }
 
+// The importance's data: null for an empty tensor (no importance), else checked to be (G, n) float32 contiguous.
+const float* importance_data(const at::Tensor& w, const at::Tensor& importance) {
+  if (importance.numel() == 0) return nullptr;
+  TORCH_CHECK(importance.dim() == 2 && importance.size(0) == w.size(0) && importance.size(1) == w.size(1) &&
+                  importance.scalar_type() == at::kFloat && importance.is_contiguous(),
+              "dkm_fused: importance must be a contiguous float32 (G, n) tensor for w ", w.sizes(), ", got ",
+              importance.sizes());
+  return importance.data_ptr<float>();
+}
+
 std::vector<at::Tensor> dkm_forward(const at::Tensor& w, const at::Tensor& c0, const at::Tensor& tau,
-                                    const at::Tensor& epsilon, int64_t max_iters) {
+                                    const at::Tensor& epsilon, int64_t max_iters, const at::Tensor& importance) {
   check_inputs(w, c0, tau);
+  const float* pf = importance_data(w, importance);
   TORCH_CHECK(epsilon.numel() == w.size(0) && epsilon.scalar_type() == at::kFloat && epsilon.is_contiguous(),
               "dkm_fused: one float32 epsilon per group expected");
   TORCH_CHECK(max_iters >= 1, "dkm_fused: max_iters must be >= 1, got ", max_iters);
-  return w.size(2) == 1 ? forward_impl<1>(w, c0, tau, epsilon, max_iters)
-                        : forward_impl<0>(w, c0, tau, epsilon, max_iters);
+  return w.size(2) == 1 ? forward_impl<1>(w, c0, tau, epsilon, max_iters, pf)
+                        : forward_impl<0>(w, c0, tau, epsilon, max_iters, pf);
 }
 
 at::Tensor dkm_backward(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
-                        const at::Tensor& masses, const at::Tensor& T, const at::Tensor& tau) {
+                        const at::Tensor& masses, const at::Tensor& T, const at::Tensor& tau,
+                        const at::Tensor& importance) {
   check_inputs(w, history[0], tau);
+  const float* pf = importance_data(w, importance);
   TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
               "dkm_fused: grad must be a contiguous float32 tensor of w's shape ", w.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
               "dkm_fused: contiguous float32 history and masses expected");
   const int64_t t = T.item<int64_t>();
   TORCH_CHECK(t >= 1 && t < history.size(0) && t <= masses.size(0), "dkm_fused: T = ", t, " out of range");
-  return w.size(2) == 1 ? backward_impl<1>(w, grad, history, masses, t, tau)
-                        : backward_impl<0>(w, grad, history, masses, t, tau);
+  return w.size(2) == 1 ? backward_impl<1>(w, grad, history, masses, t, tau, pf)
+                        : backward_impl<0>(w, grad, history, masses, t, tau, pf);
 }
 
 }  // namespace
 
-int64_t abi_version() { return 4; }
+int64_t abi_version() { return 5; }
 
 // dkm_buckets.cpp
 at::Tensor bucket_counts(const at::Tensor& keys);

@@ -1,10 +1,11 @@
 """The DKM loop as fused kernels: one pass over the weight per iteration, the N x k attention never in memory.
 
-    fused_dkm(w, c0, tau, epsilon, max_iters) -> (W~, C_T, history, masses, T)      torch.ops.dkm_hf.fused_dkm
-    fused_dkm_backward(w, grad, history, masses, T, tau) -> dL/dw                  torch.ops.dkm_hf.fused_dkm_backward
+    fused_dkm(w, c0, tau, epsilon, max_iters, importance) -> (W~, C_T, history, masses, T)   torch.ops.dkm_hf.fused_dkm
+    fused_dkm_backward(w, grad, history, masses, T, tau, importance) -> dL/dw   torch.ops.dkm_hf.fused_dkm_backward
 
 Same math, early stop and per-group tau / epsilon as the chunked path of `dkm.py` (vectors w (G, n, d) in float32,
-bfloat16 or float16, float32 centroids (G, k, d), tau and epsilon (G,)); history is (max_iters + 1, G, k, d) and
+bfloat16 or float16, float32 centroids (G, k, d), tau and epsilon (G,), and optionally the vectors' float32
+importance (G, n) of an importance-weighted loop, `dkm_cluster(importance=)`); history is (max_iters + 1, G, k, d) and
 masses (max_iters, G, k), the entries after T (a 0-d int64 tensor) unused, so every output has a fixed shape. The
 loop runs in float32 whatever w's dtype; W~ and dL/dw come back in w's dtype, and what is saved for backward is w
 itself (for a 16-bit weight no float32 copy stays alive between forward and backward). Both are `torch.library`
@@ -39,7 +40,7 @@ else:
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
 KMEANS_SOURCE = Path(__file__).with_name("dkm_kmeans.cpp")  # Lloyd iterations of 1-D k-means (kmeans.py)
-ABI_VERSION = 4
+ABI_VERSION = 5
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None
@@ -110,17 +111,27 @@ def available(w: torch.Tensor) -> bool:
 
 @torch.library.custom_op("dkm_hf::fused_dkm", mutates_args=(), device_types="cpu")
 def fused_dkm(
-    w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch.Tensor, max_iters: int
+    w: torch.Tensor,
+    c0: torch.Tensor,
+    tau: torch.Tensor,
+    epsilon: torch.Tensor,
+    max_iters: int,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("dkm_hf::fused_dkm: the CPU kernel is not available (see the warning of its build)")
-    out, *rest = kernels.forward(w.float().contiguous(), c0, tau, epsilon, max_iters)
+    out, *rest = kernels.forward(w.float().contiguous(), c0, tau, epsilon, max_iters, _importance(importance, w))
     return out.to(w.dtype), *rest
 
 
+def _importance(importance: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
+    """The kernels' importance argument: an empty tensor for none."""
+    return w.new_empty(0, dtype=torch.float32) if importance is None else importance
+
+
 @fused_dkm.register_fake
-def _fused_dkm_fake(w, c0, tau, epsilon, max_iters):
+def _fused_dkm_fake(w, c0, tau, epsilon, max_iters, importance=None):
     G, _, d = w.shape
     k = c0.shape[1]
     return (
@@ -140,42 +151,44 @@ def fused_dkm_backward(
     masses: torch.Tensor,
     T: torch.Tensor,
     tau: torch.Tensor,
+    importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     kernels = cpu_kernels()
     if kernels is None:
         raise RuntimeError("dkm_hf::fused_dkm_backward: the CPU kernel is not available")
-    return kernels.backward(w.float().contiguous(), grad.float().contiguous(), history, masses, T, tau).to(w.dtype)
+    w32, grad32 = w.float().contiguous(), grad.float().contiguous()
+    return kernels.backward(w32, grad32, history, masses, T, tau, _importance(importance, w)).to(w.dtype)
 
 
 @fused_dkm_backward.register_fake
-def _fused_dkm_backward_fake(w, grad, history, masses, T, tau):
+def _fused_dkm_backward_fake(w, grad, history, masses, T, tau, importance=None):
     return torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
-    w, _, tau, _, _ = inputs
+    w, _, tau, _, _, importance = inputs
     _, _, history, masses, T = output
-    ctx.save_for_backward(w, history, masses, T, tau)
+    ctx.save_for_backward(w, history, masses, T, tau, importance)
 
 
 def _backward(ctx, grad_out, *_):
-    w, history, masses, T, tau = ctx.saved_tensors
-    grad = fused_dkm_backward(w, grad_out.contiguous(), history, masses, T, tau)
-    return grad, None, None, None, None
+    w, history, masses, T, tau, importance = ctx.saved_tensors
+    grad = fused_dkm_backward(w, grad_out.contiguous(), history, masses, T, tau, importance)
+    return grad, None, None, None, None, None
 
 
 fused_dkm.register_autograd(_backward, setup_context=_setup_context)
 if fused_triton is not None:
 
     @fused_dkm.register_kernel("cuda")
-    def _fused_dkm_cuda(w, c0, tau, epsilon, max_iters):
-        out, *rest = fused_triton.forward(w.float().contiguous(), c0, tau, epsilon, max_iters)
+    def _fused_dkm_cuda(w, c0, tau, epsilon, max_iters, importance=None):
+        out, *rest = fused_triton.forward(w.float().contiguous(), c0, tau, epsilon, max_iters, importance)
         return out.to(w.dtype), *rest
 
     @fused_dkm_backward.register_kernel("cuda")
-    def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau):
-        b = fused_triton.backward(w.float().contiguous(), grad.float().contiguous(), history, masses, T, tau)
-        return b.to(w.dtype)
+    def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau, importance=None):
+        w32, grad32 = w.float().contiguous(), grad.float().contiguous()
+        return fused_triton.backward(w32, grad32, history, masses, T, tau, importance).to(w.dtype)
 
 
 def per_group(value: float | torch.Tensor, groups: int, device: torch.device) -> torch.Tensor:
@@ -194,14 +207,19 @@ def dkm(
     tau: float | torch.Tensor,
     max_iters: int,
     epsilon: float | torch.Tensor,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, in w's dtype)."""
+    """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, in w's dtype).
+    `importance` (G, n): the vectors' sample weights of an importance-weighted loop."""
     G = w.shape[0]
+    if importance is not None:
+        importance = importance.detach().to(w.device, torch.float32).contiguous()
     out, c_final, _, _, _ = fused_dkm(
         w.contiguous(),  # a view of the parameter: saved for backward at no cost
         centroids.detach().to(w.device, torch.float32).contiguous(),
         per_group(tau, G, w.device),
         per_group(epsilon, G, w.device),
         max_iters,
+        importance,
     )
     return out, c_final.to(w.dtype)

@@ -43,6 +43,7 @@ def _load_rows(ptr, g, offs, mn, cols, mc, rows, D):
 def _reduce_kernel(
     w_ptr,
     y_ptr,
+    f_ptr,
     c_ptr,
     q_ptr,
     part_ptr,
@@ -51,6 +52,7 @@ def _reduce_kernel(
     D,
     NB,
     HAS_Y: tl.constexpr,
+    HAS_F: tl.constexpr,
     BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -65,6 +67,8 @@ def _reduce_kernel(
     c = _load_rows(c_ptr, g, ks, mk, dd, md, K, D)
     a = _attention(x, c, mk, tl.load(q_ptr + g), EXP2_FLOOR)
     a = tl.where(mn[:, None], a, 0.0)
+    if HAS_F:  # importance-weighted: sums of f a y and f a
+        a = a * tl.load(f_ptr + g * n + offs, mask=mn, other=0.0)[:, None]
     y = x
     if HAS_Y:
         y = _load_rows(y_ptr, g, offs, mn, dd, md, n, D)
@@ -106,6 +110,7 @@ def _soft_kernel(
 def _backward_kernel(
     w_ptr,
     grad_ptr,
+    f_ptr,
     cp_ptr,
     ct_ptr,
     ds_ptr,
@@ -120,6 +125,7 @@ def _backward_kernel(
     NB,
     DIRECT: tl.constexpr,
     WANT_DC: tl.constexpr,
+    HAS_F: tl.constexpr,
     BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -136,13 +142,17 @@ def _backward_kernel(
     ds = _load_rows(ds_ptr, g, ks, mk, dd, md, K, D)
     dm = tl.load(dm_ptr + g * K + ks, mask=mk, other=0.0)
     ga = tl.sum(x[:, None, :] * ds[None, :, :], axis=2) + dm[None, :]  # dL/dA through S_t and m_t
+    mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
+    if HAS_F:  # importance-weighted: the terms through S_t and m_t scale by f
+        f = tl.load(f_ptr + g * n + offs, mask=mn, other=0.0)
+        ga = ga * f[:, None]
+        mix = mix * f[:, None]
     if DIRECT:  # and through W~ = A_T C_T
         gt = _load_rows(grad_ptr, g, offs, mn, dd, md, n, D)
         ct = _load_rows(ct_ptr, g, ks, mk, dd, md, K, D)
         ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)
     dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a  # softmax backward
     two_tau = 2.0 / tl.load(tau_ptr + g)
-    mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
     pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
     add = mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau
     b_ptrs = b_ptr + (g * n + offs)[:, None] * D + dd[None, :]
@@ -171,8 +181,11 @@ def _group_sums(parts: torch.Tensor, G: int, nb: int, k: int, d: int) -> tuple[t
     return sums[:, : k * d].reshape(G, k, d), sums[:, k * d :]
 
 
-def forward(w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch.Tensor, max_iters: int):
-    """(W~, C_T, history, masses, T) as `fused.fused_dkm`, for float32 contiguous w (G, n, d), c0 (G, k, d)."""
+def forward(
+    w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch.Tensor, max_iters: int, importance=None
+):
+    """(W~, C_T, history, masses, T) as `fused.fused_dkm`, for float32 contiguous w (G, n, d), c0 (G, k, d) and
+    importance (G, n) or None."""
     G, n, d = w.shape
     k = c0.shape[1]
     meta, nb = _geometry(w, k)
@@ -184,7 +197,8 @@ def forward(w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch
     T = max_iters
     for t in range(1, max_iters + 1):
         c = history[t - 1]
-        _reduce_kernel[(G * nb,)](w, w, c, q, parts, n, k, d, nb, HAS_Y=False, **meta)
+        f = w if importance is None else importance
+        _reduce_kernel[(G * nb,)](w, w, f, c, q, parts, n, k, d, nb, HAS_Y=False, HAS_F=importance is not None, **meta)
         s, m = _group_sums(parts, G, nb, k, d)
         history[t] = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)
         masses[t - 1] = m
@@ -200,7 +214,7 @@ def forward(w: torch.Tensor, c0: torch.Tensor, tau: torch.Tensor, epsilon: torch
     return out, history[T].clone(), history, masses, torch.tensor(T, dtype=torch.int64, device=w.device)
 
 
-def backward(w, grad, history, masses, T, tau):
+def backward(w, grad, history, masses, T, tau, importance=None):
     """dL/dw as `fused.fused_dkm_backward`."""
     G, n, d = w.shape
     k = history.shape[2]
@@ -208,7 +222,7 @@ def backward(w, grad, history, masses, T, tau):
     meta, nb = _geometry(w, k)
     q = (_LOG2E / tau).contiguous()
     parts = w.new_empty(G * nb * k * (d + 1))
-    _reduce_kernel[(G * nb,)](w, grad, history[T - 1], q, parts, n, k, d, nb, HAS_Y=True, **meta)
+    _reduce_kernel[(G * nb,)](w, grad, w, history[T - 1], q, parts, n, k, d, nb, HAS_Y=True, HAS_F=False, **meta)
     dc = _group_sums(parts, G, nb, k, d)[0]  # dL/dC_T
     b = torch.zeros_like(w)
     two_tau = (2.0 / tau).view(G, 1, 1)
@@ -219,7 +233,25 @@ def backward(w, grad, history, masses, T, tau):
         ds = torch.where(alive, dc * inv_m, 0.0).contiguous()
         dm = torch.where(alive, -(dc * c_t).sum(-1, keepdim=True) * inv_m, 0.0).squeeze(-1).contiguous()
         _backward_kernel[(G * nb,)](
-            w, grad, c_prev, c_t, ds, dm, q, tau, b, parts, n, k, d, nb, DIRECT=t == T, WANT_DC=t > 1, **meta
+            w,
+            grad,
+            w if importance is None else importance,
+            c_prev,
+            c_t,
+            ds,
+            dm,
+            q,
+            tau,
+            b,
+            parts,
+            n,
+            k,
+            d,
+            nb,
+            DIRECT=t == T,
+            WANT_DC=t > 1,
+            HAS_F=importance is not None,
+            **meta,
         )
         dc_prev = torch.where(alive, 0.0, dc)
         if t > 1:

@@ -136,7 +136,7 @@ class ModelArguments:
         metadata={
             "help": "Weigh the k-means of the initialisation and the DKM loop of the per-row LUTs by the squared "
             "gradients of the dense model over this many training batches (dkm_hf.gradient_importance, "
-            "init_centroids, set_importance; the weighted loop runs the torch path, several times slower). 0: off."
+            "init_centroids, set_importance). 0: off."
         },
     )
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
                 blocks = [train[order[i : i + batch]] for i in range(0, model_args.importance_batches * batch, batch)]
                 importance = dkm_hf.gradient_importance(model, [{"input_ids": b, "labels": b} for b in blocks])
             dkm_hf.init_centroids(model, importance)
-            # the weighted loop has no fused kernel: only the small per-row LUTs take it, not the 8-bit embedding
+            # the per-row LUTs' loop only: the 8-bit per-tensor embedding runs the uniquified path (attention per
+            # distinct 16-bit value, 256 centroids), which has no per-weight sample weights
             per_row = {name for name, state in dkm_hf.dkm_modules(model) if state.layout.lut_shape[0] > 1}
             dkm_hf.set_importance(model, {name: f for name, f in importance.items() if name in per_row})
         ptq_dir = str(out / f"post-training-{bits}bit")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import naive_dkm, weights
 
-from dkm_hf.ops import dkm
+from dkm_hf.ops import dkm, fused
 from dkm_hf.ops.attention import gather_centroids, hard_assign
 from dkm_hf.ops.buckets import unique_buckets
 from dkm_hf.ops.dkm import dkm_cluster
@@ -158,8 +158,9 @@ def test_importance_weighted_loop_gradcheck_and_reference(d):
 
 
 def test_importance_of_ones_is_the_plain_loop_and_every_implementation_runs_it_chunked(monkeypatch):
-    """f = 1 gives the plain loop to the bit (the same sums with factors of one); with importance every
-    implementation runs the chunked loop; the device loop (no host early stop) gives the host loop's results."""
+    """f = 1 gives the plain loop to the bit (the same sums with factors of one); with importance and no fused kernel
+    every implementation runs the chunked loop (tests/ops/test_fused.py checks the kernel's weighted loop); the
+    device loop (no host early stop) gives the host loop's results."""
     w = weights(2, 3000, 1)
     c0 = kmeans_init(w, 8, seed=0)
     grad = torch.randn_like(w)
@@ -174,6 +175,7 @@ def test_importance_of_ones_is_the_plain_loop_and_every_implementation_runs_it_c
         assert torch.equal(a, b)
     f = _importance(w).float()
     weighted = run("chunked", f)
+    monkeypatch.setattr(fused, "available", lambda w: False)
     assert not torch.equal(weighted[1], run("chunked", None)[1])
     for implementation in ("auto", "fused", "uniquified"):
         for a, b in zip(run(implementation, f), weighted):

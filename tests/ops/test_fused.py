@@ -43,22 +43,30 @@ def _settings(w: torch.Tensor, tau_scale: str) -> tuple:
     return 0.01 * var, 1e-3 * var.sqrt()
 
 
-def _run(w, c0, tau, epsilon, iters, implementation, grad):
+def _run(w, c0, tau, epsilon, iters, implementation, grad, importance=None):
     x = w.clone().requires_grad_()
-    y, c = dkm_cluster(x, c0, tau, iters, epsilon, implementation)
+    y, c = dkm_cluster(x, c0, tau, iters, epsilon, implementation, importance=importance)
     (y * grad).sum().backward()
     return y.detach(), c, x.grad
 
 
-def _assert_as_accurate_as_reference(w, bits, iters, epsilon_scale=1.0, tau_scale="variance", seed=0, c0_scale=1.0):
+def _importance(w: torch.Tensor) -> torch.Tensor:
+    """Sample weights (G, n) over four orders of magnitude, as squared gradients are."""
+    return 10 ** (4 * torch.rand(w.shape[:2], generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 2)
+
+
+def _assert_as_accurate_as_reference(
+    w, bits, iters, epsilon_scale=1.0, tau_scale="variance", seed=0, c0_scale=1.0, weighted=False
+):
     c0 = kmeans_init(w, 2**bits, seed=seed) * c0_scale
     tau, epsilon = _settings(w, tau_scale)
     epsilon = epsilon * epsilon_scale
     grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
-    truth = _run(w.double(), c0.double(), tau, epsilon, iters, "chunked", grad.double())
-    tau32, eps32 = (x.float() if isinstance(x, torch.Tensor) else x for x in (tau, epsilon))
-    ref = _run(w, c0, tau32, eps32, iters, "chunked", grad)
-    got = _run(w, c0, tau32, eps32, iters, "fused", grad)
+    f = _importance(w) if weighted else None
+    truth = _run(w.double(), c0.double(), tau, epsilon, iters, "chunked", grad.double(), f)
+    tau32, eps32, f32 = (x.float() if isinstance(x, torch.Tensor) else x for x in (tau, epsilon, f))
+    ref = _run(w, c0, tau32, eps32, iters, "chunked", grad, f32)
+    got = _run(w, c0, tau32, eps32, iters, "fused", grad, f32)
     for name, r, g, t in zip(("soft weight", "centroids", "gradient"), ref, got, truth):
         assert g.dtype == r.dtype and g.shape == r.shape
         err_ref, err_got = _rel(r, t), _rel(g, t)
@@ -77,6 +85,41 @@ def test_fused_matches_reference_over_bits_and_layouts(layout, bits):
 def test_fused_matches_reference_for_vectors(layout, d):
     groups, n = LAYOUTS[layout]
     _assert_as_accurate_as_reference(weights(groups, n, d), 3, 3)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_fused_importance_weighted_loop_matches_reference(layout, bits, d):
+    """The importance-weighted loop (C = A^T (f w) / A^T f, f over four orders of magnitude) in the fused kernel:
+    values, centroids and gradients as accurate as the chunked float32 path against its float64 result."""
+    groups, n = LAYOUTS[layout]
+    _assert_as_accurate_as_reference(weights(groups, n, d, seed=bits), bits, 3, epsilon_scale=0.0, weighted=True)
+
+
+def test_fused_importance_of_ones_is_the_plain_kernel():
+    """f = 1 multiplies every weighted term by one: the plain kernel's results to the bit (so the weighting is the
+    only difference), and a real importance changes them; 16-bit weights take the same float32 loop."""
+    w = weights(6, 500, 1)
+    c0 = kmeans_init(w, 16, seed=0) * 1.3
+    grad = torch.randn_like(w)
+    plain = _run(w, c0, 1e-3, 0.0, 3, "fused", grad)
+    for a, b in zip(_run(w, c0, 1e-3, 0.0, 3, "fused", grad, torch.ones(6, 500)), plain):
+        assert torch.equal(a, b)
+    f = _importance(w).float()
+    weighted = _run(w, c0, 1e-3, 0.0, 3, "auto", grad, f)
+    assert not torch.equal(weighted[1], plain[1])
+    for a, b in zip(_run(w, c0, 1e-3, 0.0, 3, "uniquified", grad, f), weighted):  # no buckets for weighted loops
+        assert torch.equal(a, b)
+    wb, gb = w.bfloat16(), grad.bfloat16()
+    got = _run(wb, c0, 1e-3, 0.0, 3, "fused", gb, f)
+    assert got[0].dtype == got[2].dtype == torch.bfloat16
+    ref = _run(wb.float(), c0, 1e-3, 0.0, 3, "fused", gb.float(), f)
+    assert torch.equal(got[0], ref[0].bfloat16()) and torch.equal(got[2], ref[2].bfloat16())
+    tau, eps = torch.full((6,), 1e-3), torch.zeros(6)
+    torch.library.opcheck(fused.fused_dkm, (w.clone().requires_grad_(), c0, tau, eps, 2, f))
+    with pytest.raises(RuntimeError, match="importance must be a contiguous float32"):
+        fused.fused_dkm(w, c0, tau, eps, 2, f[:, :10].contiguous())
 
 
 @pytest.mark.parametrize("epsilon_scale", [0.0, 300.0, 1e9])

@@ -107,7 +107,7 @@ def test_importance_bad_input(tiny_dir):
 
 def test_set_importance_weighs_the_dkm_loop(tiny_dir):
     """The named weights' loop takes the sample weights of their importance (the soft weight and the carried
-    centroids are the chunked loop's with that importance); the others run the plain loop; a tied name serves its
+    centroids are dkm_cluster's with that importance); the others run the plain loop; a tied name serves its
     source; `None` clears; bad input changes nothing."""
     from dkm_hf.ops.dkm import dkm_cluster
     from dkm_hf.ops.kmeans import sample_weights
@@ -126,7 +126,8 @@ def test_set_importance_weighs_the_dkm_loop(tiny_dir):
     c0 = state.centroids.clone()
     vectors = state.vectors()
     tau, epsilon = state.temperature(vectors)
-    expected, c_next = dkm_cluster(vectors, c0, tau, state.settings.max_iters, epsilon, "chunked", importance=f)
+    implementation = state.implementation  # the fused kernel's weighted loop where it is built, else the chunked
+    expected, c_next = dkm_cluster(vectors, c0, tau, state.settings.max_iters, epsilon, implementation, importance=f)
     soft = state.soft_weight()
     torch.testing.assert_close(soft, state.layout.weight_from_vectors(expected), rtol=0, atol=0)
     assert torch.equal(state.centroids, c_next)  # the weighted update is carried to the next step
