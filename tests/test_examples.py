@@ -223,6 +223,8 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
     assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
     assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
+    # importance-weighted by default: 16 batches asked for, as many as the 40-odd training blocks give
+    assert results["recipe"]["importance_batches"] == 16
     # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
     per_bits = results["recipe"]["per_bits"]["4"]
     assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)

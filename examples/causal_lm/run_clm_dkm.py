@@ -132,11 +132,11 @@ class ModelArguments:
     )
     distill: bool = field(default=False, metadata={"help": "Distil DKM from the dense model (--distill_alpha)."})
     importance_batches: int = field(
-        default=0,
+        default=16,
         metadata={
             "help": "Weigh the k-means of the initialisation and the DKM loop of the per-row LUTs by the squared "
             "gradients of the dense model over this many training batches (dkm_hf.gradient_importance, "
-            "init_centroids, set_importance). 0: off."
+            "init_centroids, set_importance; at most the training set). 0: off, plain k-means and loop."
         },
     )
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
@@ -345,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
             if importance is None:
                 batch = bits_training_args.per_device_train_batch_size
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training_args.seed))
-                blocks = [train[order[i : i + batch]] for i in range(0, model_args.importance_batches * batch, batch)]
+                drawn = min(model_args.importance_batches * batch, len(train))
+                blocks = [train[order[i : i + batch]] for i in range(0, drawn, batch)]
                 importance = dkm_hf.gradient_importance(model, [{"input_ids": b, "labels": b} for b in blocks])
             dkm_hf.init_centroids(model, importance)
             # the per-row LUTs' loop only: the 8-bit per-tensor embedding runs the uniquified path (attention per
