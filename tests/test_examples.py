@@ -223,8 +223,6 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
     assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
     assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
-    # importance-weighted by default: 16 batches asked for, as many as the 40-odd training blocks give
-    assert results["recipe"]["importance_batches"] == 16
     # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
     per_bits = results["recipe"]["per_bits"]["4"]
     assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)
@@ -323,6 +321,12 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk",
         "post-training k-means 3-bit", "DKM 3-bit, reloaded from disk",
     ]  # fmt: skip
+    # more batches asked for than the training set has: every block once, no empty batch
+    argv[argv.index("--importance_batches") + 1] = "1000"
+    del argv[argv.index("--bits") + 2]  # 4 bits only
+    clm.main(argv)
+    rows = sum(shape[0] for shape in calls[1])
+    assert 6 < rows < 3000 and len(calls[1]) == -(-rows // 3) and all(shape[0] > 0 for shape in calls[1])
 
 
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
