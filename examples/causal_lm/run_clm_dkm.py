@@ -136,8 +136,8 @@ class ModelArguments:
         metadata={
             "help": "Weigh the k-means of the initialisation and the DKM loop of the per-row LUTs by the squared "
             "gradients of the dense model over this many training batches (dkm_hf.gradient_importance, "
-            "init_centroids, set_importance; at most the training set's blocks; 16 is the importance-weighted recipe). "
-            "0: off, plain k-means and loop."
+            "init_centroids, set_importance; at most the training set's blocks; 16: the importance-weighted "
+            "recipe). 0: off, plain k-means and loop."
         },
     )
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
