@@ -215,7 +215,7 @@ class DKMWeight:
         with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
             # the fused kernels take a 16-bit weight as it is (and save it, not a float32 copy, for backward)
             vectors = self.vectors(weight, float32=False)
-            implementation = choose_implementation(self.implementation, vectors)
+            implementation = choose_implementation(self.implementation, vectors, weighted=self.importance is not None)
             vectors = vectors if implementation == "fused" else vectors.float()
             tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(

@@ -292,13 +292,16 @@ class _UniquifiedDKM(torch.autograd.Function):
         return grad_w.view_as(grad_out), None, None, None, None, None
 
 
-def choose_implementation(implementation: str, w: torch.Tensor) -> str:
+def choose_implementation(implementation: str, w: torch.Tensor, weighted: bool = False) -> str:
     """The path `dkm_cluster` runs for vectors `w` (G, n, d). "auto": "uniquified" for d = 1 with many vectors per LUT
     (UNIQUIFY_MIN_WEIGHTS_FUSED where a fused kernel serves w's device and dtype, else UNIQUIFY_MIN_WEIGHTS), else the
-    fused kernel where one serves w, else "chunked". "fused" where no kernel serves w: "chunked" (the same math)."""
+    fused kernel where one serves w, else "chunked". "fused" where no kernel serves w: "chunked" (the same math).
+    A `weighted` (importance-weighted) loop has no uniquified path: "chunked" when asked for, else as "fused"."""
     if implementation not in ("auto", *IMPLEMENTATIONS):
         choices = ["auto", *IMPLEMENTATIONS]
         raise ValueError(f"unknown DKM implementation {implementation!r}; use one of {choices}")
+    if weighted and implementation != "chunked":
+        implementation = "fused"
     if implementation not in ("auto", "fused"):
         return implementation
     kernel = fused.available(w)
@@ -332,16 +335,14 @@ def dkm_cluster(
     weights: a weighted loop runs the fused kernel where one serves w, else (and when "chunked" is asked for) the
     chunked path in float32.
     """
-    if importance is not None:
-        if tuple(importance.shape) != tuple(w.shape[:2]):
-            raise ValueError(f"importance of shape {tuple(importance.shape)} for vectors of shape {tuple(w.shape)}")
-        if implementation != "chunked" and fused.available(w):
-            return fused.dkm(w, centroids, tau, max_iters, epsilon, importance)
-        w = w.float() if w.element_size() < 4 else w  # a 16-bit weight loops in float32, as in the fused kernel
-        implementation, importance = "chunked", importance.detach().to(w.device, w.dtype).unsqueeze(-1)
-    implementation = choose_implementation(implementation, w)
+    if importance is not None and tuple(importance.shape) != tuple(w.shape[:2]):
+        raise ValueError(f"importance of shape {tuple(importance.shape)} for vectors of shape {tuple(w.shape)}")
+    implementation = choose_implementation(implementation, w, weighted=importance is not None)
     if implementation == "fused":
-        return fused.dkm(w, centroids, tau, max_iters, epsilon)
+        return fused.dkm(w, centroids, tau, max_iters, epsilon, importance)
+    if importance is not None:  # the chunked path: a 16-bit weight loops in float32, as in the fused kernel
+        w = w.float() if w.element_size() < 4 else w
+        importance = importance.detach().to(w.device, w.dtype).unsqueeze(-1)
     c0 = centroids.detach().to(w.dtype, copy=True)  # saved for backward: never the caller's (updated) buffer
     tau, epsilon = (x.detach().to(w).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x for x in (tau, epsilon))
     if implementation == "uniquified":

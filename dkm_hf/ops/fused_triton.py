@@ -195,9 +195,9 @@ def forward(
     history[0] = c0
     parts = w.new_empty(G * nb * k * (d + 1))
     T = max_iters
+    f = w if importance is None else importance  # any pointer where HAS_F is off
     for t in range(1, max_iters + 1):
         c = history[t - 1]
-        f = w if importance is None else importance
         _reduce_kernel[(G * nb,)](w, w, f, c, q, parts, n, k, d, nb, HAS_Y=False, HAS_F=importance is not None, **meta)
         s, m = _group_sums(parts, G, nb, k, d)
         history[t] = torch.where((m > _TINY).unsqueeze(-1), s / m.clamp_min(_TINY).unsqueeze(-1), c)

@@ -201,6 +201,12 @@ def test_auto_and_fused_choose_a_kernel_only_where_one_serves():
     assert choose_implementation("auto", torch.zeros(1, 10_000, 1)) == "fused"
     assert choose_implementation("auto", torch.zeros(1, dkm.UNIQUIFY_MIN_WEIGHTS_FUSED, 1)) == "uniquified"
     assert choose_implementation("auto", torch.zeros(1, 10_000, 2)) == "fused"
+    # an importance-weighted loop has no uniquified path: the kernel, or chunked where asked for or none serves
+    big = torch.zeros(1, dkm.UNIQUIFY_MIN_WEIGHTS_FUSED, 1)
+    assert [
+        choose_implementation(name, big, weighted=True) for name in ("auto", "uniquified", "fused", "chunked")
+    ] == ["fused", "fused", "fused", "chunked"]
+    assert choose_implementation("uniquified", big.double(), weighted=True) == "chunked"
     with pytest.raises(ValueError, match="'fast'"):
         choose_implementation("fast", w)
 
