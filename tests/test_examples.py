@@ -304,11 +304,22 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(
         dkm_hf, "set_importance", lambda m, f: weighted_loops.append(sorted(f)) or set_importance(m, f)
     )
+    from dkm_hf.surgery import convert
+
+    kmeans_runs, kmeans_init_many = [], convert.kmeans_init_many
+
+    def kmeans_counted(vectors, k, importance, **kwargs):
+        kmeans_runs.append(all(f is not None for f in importance))
+        return kmeans_init_many(vectors, k, importance=importance, **kwargs)
+
+    monkeypatch.setattr(convert, "kmeans_init_many", kmeans_counted)
     argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
             str(tmp_path / "out"), "--bits", "4", "3", "--weight_threshold", "512", "--block_size", "16",
             "--eval_tokens", "64", "--max_steps", "1", "--new_tokens", "2", "--control", "false",
             "--importance_batches", "2", "--per_device_train_batch_size", "3"]  # fmt: skip
     results = clm.main(argv)
+    # the weighted k-means is the only initialisation: no plain one at load first
+    assert kmeans_runs and all(kmeans_runs)
     assert calls == [[(3, 16), (3, 16)]]
     assert len(inits) == 2 and inits[0] == inits[1] and "model.layers.0.mlp.up_proj" in inits[0]
     assert results["recipe"]["importance_batches"] == 2

@@ -132,12 +132,11 @@ class ModelArguments:
     )
     distill: bool = field(default=False, metadata={"help": "Distil DKM from the dense model (--distill_alpha)."})
     importance_batches: int = field(
-        default=0,
+        default=16,
         metadata={
             "help": "Weigh the k-means of the initialisation and the DKM loop of the per-row LUTs by the squared "
             "gradients of the dense model over this many training batches (dkm_hf.gradient_importance, "
-            "init_centroids, set_importance; at most the training set's blocks; 16: the importance-weighted "
-            "recipe). 0: off, plain k-means and loop."
+            "init_centroids, set_importance; at most the training set's blocks). 0: off, plain k-means and loop."
         },
     )
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
@@ -341,8 +340,9 @@ def main(argv: list[str] | None = None) -> dict:
         # model itself is fine-tuned from the same centroids.
         peak_rss_mb(reset=True)
         t0 = time.time()
-        model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         if model_args.importance_batches > 0:
+            # no plain k-means at load: the weighted one below is the initialisation
+            model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(dense_dir), config, init=False)
             if importance is None:
                 batch = bits_training_args.per_device_train_batch_size
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training_args.seed))
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
             # distinct 16-bit value, 256 centroids), which has no per-weight sample weights
             per_row = {name for name, state in dkm_hf.dkm_modules(model) if state.layout.lut_shape[0] > 1}
             dkm_hf.set_importance(model, {name: f for name, f in importance.items() if name in per_row})
+        else:
+            model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         ptq_dir = str(out / f"post-training-{bits}bit")
         dkm_hf.palettize(copy.deepcopy(model)).save_pretrained(ptq_dir)
         record(f"post-training k-means {bits}-bit", reload(ptq_dir), time.time() - t0, ptq_dir, control)
