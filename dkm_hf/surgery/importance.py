@@ -9,7 +9,7 @@ it, and `dkm_hf.set_importance(model, importance)` weighs DKM's own centroid upd
 (C = A^T (f w) / A^T f; without it the unweighted update drifts the centroids back to plain k-means' within a few
 steps):
 
-    model = AutoModelForCausalLM.from_pretrained(path, dkm_config=config)
+    model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(path), config, init=False)  # no plain k-means
     importance = dkm_hf.gradient_importance(model, batches)   # e.g. 16 training batches
     dkm_hf.init_centroids(model, importance=importance)
     dkm_hf.set_importance(model, importance)                  # then train as usual

@@ -141,3 +141,28 @@ def test_set_importance_weighs_the_dkm_loop(tiny_dir):
     assert torch.equal(state.importance, f)  # unchanged by the refused calls
     dkm_hf.set_importance(model, None)
     assert all(s.importance is None for s in states.values())
+
+
+def test_weighted_initialisation_without_a_plain_kmeans_first(tiny_dir):
+    """The documented flow: a dense model prepared with init=False has no centroids yet, `gradient_importance` runs on
+    it, and the weighted `init_centroids` gives the centroids the same model loaded with dkm_config= (a plain k-means
+    at load, then replaced) gets; its importance is that model's too."""
+    path = tiny_dir("llama")
+    loaded = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
+    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**CONFIG), init=False)
+    assert not any(state.dkm_ready for _, state in dkm_hf.dkm_modules(prepared) if state.tied_source is None)
+    importance = dkm_hf.gradient_importance(prepared, _batches())
+    expected = dkm_hf.gradient_importance(loaded, _batches())
+    assert sorted(importance) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(importance[name], expected[name], rtol=0, atol=0)
+    dkm_hf.init_centroids(prepared, importance)
+    dkm_hf.init_centroids(loaded, expected)
+    states = dict(dkm_hf.dkm_modules(loaded))
+    for name, state in dkm_hf.dkm_modules(prepared):
+        assert state.dkm_ready, name
+        if state.tied_source is not None:
+            continue
+        torch.testing.assert_close(state.centroids, states[name].centroids, rtol=0, atol=0)
+    ids = _batches(1)[0]["input_ids"]
+    torch.testing.assert_close(prepared.eval()(ids).logits, loaded.eval()(ids).logits, rtol=0, atol=0)
