@@ -215,14 +215,18 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     argv += "--block_size 16 --eval_tokens 64 --max_steps 3 --logging_steps 1 --new_tokens 4 --prompt good"
     from dkm_hf.integrations import quantizer
 
+    import dkm_hf
+
     initialised = []
-    init_centroids = quantizer.init_centroids
-    monkeypatch.setattr(quantizer, "init_centroids", lambda model: initialised.append(init_centroids(model)))
+    plain_init, weighted_init = quantizer.init_centroids, dkm_hf.init_centroids
+    monkeypatch.setattr(quantizer, "init_centroids", lambda m: initialised.append(("plain", plain_init(m))))
+    monkeypatch.setattr(dkm_hf, "init_centroids", lambda m, f: initialised.append(("weighted", weighted_init(m, f))))
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]
     control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
     assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
-    assert len(initialised) == 1  # post-training k-means and DKM start from one k-means initialisation
+    # post-training k-means and DKM start from one k-means initialisation, importance-weighted by default
+    assert [kind for kind, _ in initialised] == ["weighted"] and results["recipe"]["importance_batches"] == 16
     # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
     per_bits = results["recipe"]["per_bits"]["4"]
     assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)
@@ -338,6 +342,12 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     clm.main(argv)
     rows = sum(shape[0] for shape in calls[1])
     assert 6 < rows < 3000 and len(calls[1]) == -(-rows // 3) and all(shape[0] > 0 for shape in calls[1])
+    # 0: the plain recipe, one unweighted k-means at load, no importance pass, the plain loop
+    argv[argv.index("--importance_batches") + 1] = "0"
+    kmeans_runs.clear()
+    results = clm.main(argv)
+    assert results["recipe"]["importance_batches"] == 0 and len(calls) == 2 and len(weighted_loops) == 3
+    assert kmeans_runs and not any(kmeans_runs)
 
 
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
