@@ -45,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded unless the caller asks for it
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dkm_common, causal_lm
 
+import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 from dkm_common import checkpoint_bytes, parse_arguments, peak_rss_mb  # noqa: E402
 from transformers import (  # noqa: E402
@@ -308,7 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer, time.time() - t0
 
     controls: dict[str, str] = {}  # training recipe -> its control row's name
-    importance = None  # of the dense weights: one for every bit width
+    # the importance of the dense weights, computed once for every bit width and kept on disk in between: in memory
+    # it would be one more float32 copy of the model during each DKM phase
+    importance_file, importance_saved = out / "importance.safetensors", False
     for bits in dkm_args.bits:
         bits_dkm_args, bits_training_args = recipe_for(bits, dkm_args, training_args, argv)
         config = bits_dkm_args.config(bits)
@@ -346,17 +349,22 @@ def main(argv: list[str] | None = None) -> dict:
         if model_args.importance_batches > 0:
             # no plain k-means at load: the weighted one below is the initialisation
             model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(dense_dir), config, init=False)
-            if importance is None:
+            if not importance_saved:
                 batch = bits_training_args.per_device_train_batch_size
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training_args.seed))
                 drawn = min(model_args.importance_batches * batch, len(train))
                 blocks = [train[order[i : i + batch]] for i in range(0, drawn, batch)]
                 importance = dkm_hf.gradient_importance(model, [{"input_ids": b, "labels": b} for b in blocks])
+                safetensors.torch.save_file(importance, importance_file)
+                importance_saved = True
+            else:
+                importance = safetensors.torch.load_file(importance_file)
             dkm_hf.init_centroids(model, importance)
             # the per-row LUTs' loop only: the 8-bit per-tensor embedding runs the uniquified path (attention per
             # distinct 16-bit value, 256 centroids), which has no per-weight sample weights
             per_row = {name for name, state in dkm_hf.dkm_modules(model) if state.layout.lut_shape[0] > 1}
             dkm_hf.set_importance(model, {name: f for name, f in importance.items() if name in per_row})
+            del importance  # set_importance keeps what the loop needs (the per-row LUTs' sample weights)
         else:
             model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         ptq_dir = str(out / f"post-training-{bits}bit")
