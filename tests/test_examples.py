@@ -213,9 +213,8 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} --other_file {tmp_path / 'other.txt'} "
     argv += f"--validation_file {tmp_path / 'validation.txt'} --output_dir {out} --bits 4 --weight_threshold 512 "
     argv += "--block_size 16 --eval_tokens 64 --max_steps 3 --logging_steps 1 --new_tokens 4 --prompt good"
-    from dkm_hf.integrations import quantizer
-
     import dkm_hf
+    from dkm_hf.integrations import quantizer
 
     initialised = []
     plain_init, weighted_init = quantizer.init_centroids, dkm_hf.init_centroids

