@@ -301,7 +301,10 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         return gradient_importance(model, batches)
 
     monkeypatch.setattr(dkm_hf, "gradient_importance", counted)
-    monkeypatch.setattr(dkm_hf, "init_centroids", lambda m, f=None: inits.append(sorted(f)) or init_centroids(m, f))
+    given = []  # the importance each width's k-means got
+    monkeypatch.setattr(
+        dkm_hf, "init_centroids", lambda m, f: given.append(f) or inits.append(sorted(f)) or init_centroids(m, f)
+    )
     weighted_loops = []
     set_importance = dkm_hf.set_importance
     monkeypatch.setattr(
@@ -325,6 +328,9 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     assert kmeans_runs and all(kmeans_runs)
     assert calls == [[(3, 16), (3, 16)]]
     assert len(inits) == 2 and inits[0] == inits[1] and "model.layers.0.mlp.up_proj" in inits[0]
+    # the second width reads the importance the first computed back from the output folder, unchanged
+    assert (tmp_path / "out" / "importance.safetensors").is_file() and given[0] is not given[1]
+    assert all(torch.equal(given[0][name], given[1][name]) for name in inits[0])
     assert results["recipe"]["importance_batches"] == 2
     # the loop is weighted for the per-row LUTs only (the 8-bit per-tensor embedding keeps its fused / bucket path)
     assert (
