@@ -344,7 +344,9 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     # more batches asked for than the training set has: every block once, no empty batch
     argv[argv.index("--importance_batches") + 1] = "1000"
     del argv[argv.index("--bits") + 2]  # 4 bits only
+    (tmp_path / "out" / "importance.safetensors").unlink()
     clm.main(argv)
+    assert not (tmp_path / "out" / "importance.safetensors").exists()  # one width: nothing to keep it for
     rows = sum(shape[0] for shape in calls[1])
     assert 6 < rows < 3000 and len(calls[1]) == -(-rows // 3) and all(shape[0] > 0 for shape in calls[1])
     # 0: the plain recipe, one unweighted k-means at load, no importance pass, the plain loop

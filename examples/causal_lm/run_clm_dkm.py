@@ -13,8 +13,8 @@ What it does, top to bottom:
      clustering, once per distinct learning rate and step count, with the same distillation loss under --distill
   4. post-training k-means at the same granularity (no training), saved palettized and reloaded from disk; with
      --importance_batches N (16 by default, 0 turns it off) the k-means and the per-row LUTs' DKM loop are weighted by
-     the dense model's squared gradients over N training batches, computed once for every bit width (and kept in
-     importance.safetensors in the output folder)
+     the dense model's squared gradients over N training batches, computed once for every bit width (written to
+     importance.safetensors in the output folder for the widths after the first)
   5. DKM fine-tuning with DKMTrainer (--distill: from the dense model), the palettized checkpoint saved and reloaded
   6. results.json / results.md: perplexity on both texts with its ratio to the dense model and to the control,
      checkpoint size, train time, peak RSS, a short greedy generation from every model, and one line per DKM row on
@@ -310,10 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
         return trainer, time.time() - t0
 
     controls: dict[str, str] = {}  # training recipe -> its control row's name
-    # the importance of the dense weights, computed once for every bit width and kept on disk in between: in memory
-    # it would be one more float32 copy of the model during each DKM phase
-    importance_file, importance_saved = out / "importance.safetensors", False
-    for bits in dkm_args.bits:
+    # the importance of the dense weights, computed once for every bit width and kept on disk until the next one: in
+    # memory it would be one more float32 copy of the model during each DKM phase
+    importance_file = None
+    for index, bits in enumerate(dkm_args.bits):
         bits_dkm_args, bits_training_args = recipe_for(bits, dkm_args, training_args, argv)
         config = bits_dkm_args.config(bits)
         lr, steps = bits_training_args.learning_rate, bits_training_args.max_steps
@@ -350,14 +350,15 @@ def main(argv: list[str] | None = None) -> dict:
         if model_args.importance_batches > 0:
             # no plain k-means at load: the weighted one below is the initialisation
             model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(dense_dir), config, init=False)
-            if not importance_saved:
+            if importance_file is None:
                 batch = bits_training_args.per_device_train_batch_size
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(training_args.seed))
                 drawn = min(model_args.importance_batches * batch, len(train))
                 blocks = [train[order[i : i + batch]] for i in range(0, drawn, batch)]
                 importance = dkm_hf.gradient_importance(model, [{"input_ids": b, "labels": b} for b in blocks])
-                safetensors.torch.save_file(importance, importance_file)
-                importance_saved = True
+                if index + 1 < len(dkm_args.bits):  # another width follows
+                    importance_file = out / "importance.safetensors"
+                    safetensors.torch.save_file(importance, importance_file)
             else:
                 importance = safetensors.torch.load_file(importance_file)
             dkm_hf.init_centroids(model, importance)
