@@ -1,5 +1,10 @@
 """The DKM loop as fused kernels: one pass over the weight per iteration, the N x k attention never in memory.
 
+On CPU, a LUT group of up to 2,048 vectors (per-row LUTs: one row) is one work item whose attention stays in cache
+between the sums of an iteration and what needs its new centroids, so an iteration and the soft weight (backward: the
+gradient of C_T and dL/dw) share one pass: the LLM recipe's one iteration is one pass forward and one backward. Larger
+groups take a second pass for the soft weight (backward: for the gradient of C_T).
+
     fused_dkm(w, c0, tau, epsilon, max_iters, importance) -> (W~, C_T, history, masses, T)   torch.ops.dkm_hf.fused_dkm
     fused_dkm_backward(w, grad, history, masses, T, tau, importance) -> dL/dw   torch.ops.dkm_hf.fused_dkm_backward
 
@@ -40,7 +45,7 @@ else:
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
 KMEANS_SOURCE = Path(__file__).with_name("dkm_kmeans.cpp")  # Lloyd iterations of 1-D k-means (kmeans.py)
-ABI_VERSION = 5
+ABI_VERSION = 6
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None
@@ -189,6 +194,20 @@ if fused_triton is not None:
     def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau, importance=None):
         w32, grad32 = w.float().contiguous(), grad.float().contiguous()
         return fused_triton.backward(w32, grad32, history, masses, T, tau, importance).to(w.dtype)
+
+
+@torch.library.custom_op("dkm_hf::group_variance", mutates_args=(), device_types="cpu")
+def group_variance(v: torch.Tensor) -> torch.Tensor:
+    """layout.group_variance of float32 vectors (G, n, d) on CPU in one pass over each group while it is in cache."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        raise RuntimeError("dkm_hf::group_variance: the CPU kernel is not available")
+    return kernels.group_variance(v.contiguous())
+
+
+@group_variance.register_fake
+def _group_variance_fake(v):
+    return v.new_empty(v.shape[0])
 
 
 def per_group(value: float | torch.Tensor, groups: int, device: torch.device) -> torch.Tensor:

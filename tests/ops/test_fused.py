@@ -122,18 +122,20 @@ def test_fused_importance_of_ones_is_the_plain_kernel():
         fused.fused_dkm(w, c0, tau, eps, 2, f[:, :10].contiguous())
 
 
+@pytest.mark.parametrize("n", [700, 3001])  # groups of one work item (one pass per iteration) and of several
 @pytest.mark.parametrize("epsilon_scale", [0.0, 300.0, 1e9])
 @pytest.mark.parametrize("tau_scale", ["variance", "absolute"])
-def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale):
+def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale, n):
     """No early stop, a stop after a few iterations (per-group epsilon with tau_scale="variance"), a stop after the
     first one; from centroids far from converged."""
-    w = weights(4, 700, 1)
+    w = weights(4, n, 1)
     _assert_as_accurate_as_reference(w, 4, 6, epsilon_scale, tau_scale, c0_scale=1.5)
 
 
+@pytest.mark.parametrize("n", [700, 3001])
 @pytest.mark.parametrize("epsilon_scale", [100.0, 300.0])
-def test_fused_stops_at_the_same_iteration_as_the_reference(epsilon_scale):
-    w = weights(4, 700, 1)
+def test_fused_stops_at_the_same_iteration_as_the_reference(epsilon_scale, n):
+    w = weights(4, n, 1)
     c0 = kmeans_init(w, 16, seed=0) * 1.5  # far from converged: centroids move for a few iterations
     tau, epsilon = _settings(w, "variance")
     tau, epsilon = tau.float(), epsilon.float() * epsilon_scale
@@ -175,8 +177,9 @@ def test_a_16_bit_weight_is_saved_as_itself():
     torch.library.opcheck(fused.fused_dkm, (w.detach().clone().requires_grad_(), c0, tau, eps, 2))
 
 
-def test_fused_result_does_not_depend_on_the_thread_count():
-    w = weights(3, 5000, 1)  # several work items per group
+@pytest.mark.parametrize("shape", [(3, 5000), (40, 700)])  # several work items per group; one per group
+def test_fused_result_does_not_depend_on_the_thread_count(shape):
+    w = weights(*shape, 1)
     c0 = kmeans_init(w, 16, seed=0)
     grad = torch.randn_like(w)
     threads = torch.get_num_threads()
@@ -189,6 +192,15 @@ def test_fused_result_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("n", [2047, 2048, 2049, 4096])
+def test_fused_at_the_work_item_boundary(n):
+    """Groups of up to 2,048 vectors take one pass per iteration, larger ones two (sums, then the soft weight): both
+    sides of the boundary as accurate as the reference, one iteration (the LLM recipe's) and several."""
+    w = weights(2, n, 1, seed=n)
+    _assert_as_accurate_as_reference(w, 4, 1, epsilon_scale=0.0)
+    _assert_as_accurate_as_reference(w, 4, 3, epsilon_scale=0.0, weighted=True)
 
 
 def test_auto_and_fused_choose_a_kernel_only_where_one_serves():
@@ -241,3 +253,22 @@ def test_a_failed_build_warns_once_and_keeps_the_torch_path(tmp_path, monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert choose_implementation("auto", w) == "chunked"
+
+
+@pytest.mark.parametrize("shape", [(7, 1, 1), (300, 577, 1), (5, 2048, 1), (30, 50, 3)])
+def test_group_variance_kernel_matches_float64(shape):
+    """The relative tau's scale from the compiled kernel (layout.group_variance on float32 CPU vectors): the mean
+    squared distance to each group's mean vector, as accurate as the torch expression it replaces, far from zero mean
+    too; the torch expression still serves tensors that need a gradient."""
+    from dkm_hf.nn.layout import group_variance
+
+    v = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.5
+    truth = (v.double() - v.double().mean(1, keepdim=True)).square().sum((1, 2)) / shape[1]
+    got = group_variance(v)
+    torch_path = torch.linalg.vector_norm(v - v.mean(1, keepdim=True), dim=(1, 2)).square() / shape[1]
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    err, err_torch = _rel(got, truth), _rel(torch_path, truth)
+    assert err <= FACTOR * err_torch + FLOOR, f"kernel {err:.3g}, torch {err_torch:.3g}"
+    with_grad = group_variance(v.clone().requires_grad_())
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), torch_path)
+    torch.library.opcheck(fused.group_variance, (v,))
