@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from accuracy import FACTOR, FLOOR, assert_as_accurate_as_reference, importance_of, rel, run, settings
 from reference import weights
 
 from dkm_hf.ops import dkm, fused
@@ -28,63 +29,20 @@ LAYOUTS = {  # (groups, vectors per group): per-tensor, grouped, per-row (n not 
     "grouped": (4, 700),
     "per_row": (96, 37),
 }
-FACTOR, FLOOR = 4.0, 2e-6
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def _settings(w: torch.Tensor, tau_scale: str) -> tuple:
-    """(tau, epsilon) as the modules make them: per-group tensors for tau_scale="variance"."""
-    if tau_scale == "absolute":
-        return 1e-3, 1e-4
-    var = (w - w.mean(1, keepdim=True)).square().sum(-1).mean(1).double()
-    return 0.01 * var, 1e-3 * var.sqrt()
-
-
-def _run(w, c0, tau, epsilon, iters, implementation, grad, importance=None):
-    x = w.clone().requires_grad_()
-    y, c = dkm_cluster(x, c0, tau, iters, epsilon, implementation, importance=importance)
-    (y * grad).sum().backward()
-    return y.detach(), c, x.grad
-
-
-def _importance(w: torch.Tensor) -> torch.Tensor:
-    """Sample weights (G, n) over four orders of magnitude, as squared gradients are."""
-    return 10 ** (4 * torch.rand(w.shape[:2], generator=torch.Generator().manual_seed(7), dtype=torch.float64) - 2)
-
-
-def _assert_as_accurate_as_reference(
-    w, bits, iters, epsilon_scale=1.0, tau_scale="variance", seed=0, c0_scale=1.0, weighted=False
-):
-    c0 = kmeans_init(w, 2**bits, seed=seed) * c0_scale
-    tau, epsilon = _settings(w, tau_scale)
-    epsilon = epsilon * epsilon_scale
-    grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
-    f = _importance(w) if weighted else None
-    truth = _run(w.double(), c0.double(), tau, epsilon, iters, "chunked", grad.double(), f)
-    tau32, eps32, f32 = (x.float() if isinstance(x, torch.Tensor) else x for x in (tau, epsilon, f))
-    ref = _run(w, c0, tau32, eps32, iters, "chunked", grad, f32)
-    got = _run(w, c0, tau32, eps32, iters, "fused", grad, f32)
-    for name, r, g, t in zip(("soft weight", "centroids", "gradient"), ref, got, truth):
-        assert g.dtype == r.dtype and g.shape == r.shape
-        err_ref, err_got = _rel(r, t), _rel(g, t)
-        assert err_got <= FACTOR * err_ref + FLOOR, f"{name}: fused {err_got:.3g}, float32 reference {err_ref:.3g}"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_fused_matches_reference_over_bits_and_layouts(layout, bits):
     groups, n = LAYOUTS[layout]
-    _assert_as_accurate_as_reference(weights(groups, n, 1, seed=bits), bits, 3)
+    assert_as_accurate_as_reference(weights(groups, n, 1, seed=bits), bits, 3)
 
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("layout", ["grouped", "per_row"])
 def test_fused_matches_reference_for_vectors(layout, d):
     groups, n = LAYOUTS[layout]
-    _assert_as_accurate_as_reference(weights(groups, n, d), 3, 3)
+    assert_as_accurate_as_reference(weights(groups, n, d), 3, 3)
 
 
 @pytest.mark.parametrize("d", [1, 2])
@@ -94,7 +52,7 @@ def test_fused_importance_weighted_loop_matches_reference(layout, bits, d):
     """The importance-weighted loop (C = A^T (f w) / A^T f, f over four orders of magnitude) in the fused kernel:
     values, centroids and gradients as accurate as the chunked float32 path against its float64 result."""
     groups, n = LAYOUTS[layout]
-    _assert_as_accurate_as_reference(weights(groups, n, d, seed=bits), bits, 3, epsilon_scale=0.0, weighted=True)
+    assert_as_accurate_as_reference(weights(groups, n, d, seed=bits), bits, 3, epsilon_scale=0.0, weighted=True)
 
 
 def test_fused_importance_of_ones_is_the_plain_kernel():
@@ -103,18 +61,18 @@ def test_fused_importance_of_ones_is_the_plain_kernel():
     w = weights(6, 500, 1)
     c0 = kmeans_init(w, 16, seed=0) * 1.3
     grad = torch.randn_like(w)
-    plain = _run(w, c0, 1e-3, 0.0, 3, "fused", grad)
-    for a, b in zip(_run(w, c0, 1e-3, 0.0, 3, "fused", grad, torch.ones(6, 500)), plain):
+    plain = run(w, c0, 1e-3, 0.0, 3, "fused", grad)
+    for a, b in zip(run(w, c0, 1e-3, 0.0, 3, "fused", grad, torch.ones(6, 500)), plain):
         assert torch.equal(a, b)
-    f = _importance(w).float()
-    weighted = _run(w, c0, 1e-3, 0.0, 3, "auto", grad, f)
+    f = importance_of(w).float()
+    weighted = run(w, c0, 1e-3, 0.0, 3, "auto", grad, f)
     assert not torch.equal(weighted[1], plain[1])
-    for a, b in zip(_run(w, c0, 1e-3, 0.0, 3, "uniquified", grad, f), weighted):  # no buckets for weighted loops
+    for a, b in zip(run(w, c0, 1e-3, 0.0, 3, "uniquified", grad, f), weighted):  # no buckets for weighted loops
         assert torch.equal(a, b)
     wb, gb = w.bfloat16(), grad.bfloat16()
-    got = _run(wb, c0, 1e-3, 0.0, 3, "fused", gb, f)
+    got = run(wb, c0, 1e-3, 0.0, 3, "fused", gb, f)
     assert got[0].dtype == got[2].dtype == torch.bfloat16
-    ref = _run(wb.float(), c0, 1e-3, 0.0, 3, "fused", gb.float(), f)
+    ref = run(wb.float(), c0, 1e-3, 0.0, 3, "fused", gb.float(), f)
     assert torch.equal(got[0], ref[0].bfloat16()) and torch.equal(got[2], ref[2].bfloat16())
     tau, eps = torch.full((6,), 1e-3), torch.zeros(6)
     torch.library.opcheck(fused.fused_dkm, (w.clone().requires_grad_(), c0, tau, eps, 2, f))
@@ -129,7 +87,7 @@ def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale, n):
     """No early stop, a stop after a few iterations (per-group epsilon with tau_scale="variance"), a stop after the
     first one; from centroids far from converged."""
     w = weights(4, n, 1)
-    _assert_as_accurate_as_reference(w, 4, 6, epsilon_scale, tau_scale, c0_scale=1.5)
+    assert_as_accurate_as_reference(w, 4, 6, epsilon_scale, tau_scale, c0_scale=1.5)
 
 
 @pytest.mark.parametrize("n", [700, 3001])
@@ -137,7 +95,7 @@ def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale, n):
 def test_fused_stops_at_the_same_iteration_as_the_reference(epsilon_scale, n):
     w = weights(4, n, 1)
     c0 = kmeans_init(w, 16, seed=0) * 1.5  # far from converged: centroids move for a few iterations
-    tau, epsilon = _settings(w, "variance")
+    tau, epsilon = settings(w, "variance")
     tau, epsilon = tau.float(), epsilon.float() * epsilon_scale
     *_, T = fused.fused_dkm(w, c0, fused.per_group(tau, 4, w.device), fused.per_group(epsilon, 4, w.device), 6)
     history, _, T_ref, _ = dkm._iterate(w, c0, tau.view(-1, 1, 1), 6, epsilon.view(-1, 1, 1))
@@ -150,15 +108,15 @@ def test_fused_16_bit_weights_run_the_loop_in_float32(dtype):
     float32 reference's soft weight rounded to the dtype, and the gradient of that rounding."""
     w = weights(8, 300, 1).to(dtype)
     c0 = kmeans_init(w.float(), 16, seed=0)
-    tau, epsilon = (x.float() for x in _settings(w.float(), "variance"))
+    tau, epsilon = (x.float() for x in settings(w.float(), "variance"))
     grad = torch.randn(w.shape).to(dtype)
-    ref = _run(w.float(), c0, tau, epsilon, 3, "chunked", grad.float())
-    got = _run(w, c0, tau, epsilon, 3, "fused", grad)
+    ref = run(w.float(), c0, tau, epsilon, 3, "chunked", grad.float())
+    got = run(w, c0, tau, epsilon, 3, "fused", grad)
     assert got[0].dtype == got[2].dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got[0], ref[0].to(dtype), rtol=eps, atol=0)
     torch.testing.assert_close(got[1].float(), ref[1], rtol=eps, atol=0)
-    assert _rel(got[2], ref[2]) < eps
+    assert rel(got[2], ref[2]) < eps
 
 
 def test_a_16_bit_weight_is_saved_as_itself():
@@ -187,7 +145,7 @@ def test_fused_result_does_not_depend_on_the_thread_count(shape):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(_run(w, c0, 1e-3, 0.0, 3, "fused", grad))
+            results.append(run(w, c0, 1e-3, 0.0, 3, "fused", grad))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -199,8 +157,8 @@ def test_fused_at_the_work_item_boundary(n):
     """Groups of up to 2,048 vectors take one pass per iteration, larger ones two (sums, then the soft weight): both
     sides of the boundary as accurate as the reference, one iteration (the LLM recipe's) and several."""
     w = weights(2, n, 1, seed=n)
-    _assert_as_accurate_as_reference(w, 4, 1, epsilon_scale=0.0)
-    _assert_as_accurate_as_reference(w, 4, 3, epsilon_scale=0.0, weighted=True)
+    assert_as_accurate_as_reference(w, 4, 1, epsilon_scale=0.0)
+    assert_as_accurate_as_reference(w, 4, 3, epsilon_scale=0.0, weighted=True)
 
 
 def test_auto_and_fused_choose_a_kernel_only_where_one_serves():
@@ -267,7 +225,7 @@ def test_group_variance_kernel_matches_float64(shape):
     got = group_variance(v)
     torch_path = torch.linalg.vector_norm(v - v.mean(1, keepdim=True), dim=(1, 2)).square() / shape[1]
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
-    err, err_torch = _rel(got, truth), _rel(torch_path, truth)
+    err, err_torch = rel(got, truth), rel(torch_path, truth)
     assert err <= FACTOR * err_torch + FLOOR, f"kernel {err:.3g}, torch {err_torch:.3g}"
     with_grad = group_variance(v.clone().requires_grad_())
     assert with_grad.requires_grad and torch.equal(with_grad.detach(), torch_path)
