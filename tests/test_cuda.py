@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accuracy import assert_as_accurate_as_reference, rel, run
 from conftest import AUTO, U, assert_within, tiny_inputs
 from reference import weights
 from torch import nn
 
 import dkm_hf
 from dkm_hf import DKMConfig
+from dkm_hf.nn.layout import group_variance
 from dkm_hf.ops import dkm as ops_dkm
+from dkm_hf.ops import fused
 from dkm_hf.ops.buckets import unique_buckets
 from dkm_hf.ops.dkm import dkm_cluster
 from dkm_hf.ops.kmeans import kmeans_init, kmeans_init_many
@@ -45,15 +48,79 @@ def test_dkm_loop_matches_the_cpu(implementation, epsilon):
         assert cuda.device.type == "cuda" and _rel(cuda, cpu) < 1e-4
 
 
+LAYOUTS = {"per_tensor": (1, 3001), "grouped": (4, 700), "per_row": (96, 37), "smollm2_row": (64, 1536)}
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_triton_kernels_are_as_accurate_as_the_reference(bits, layout, weighted, iters):
+    """The Triton forward and backward on the GPU against the chunked float32 path on the CPU, both measured from its
+    float64 result (tests/accuracy.py): bits 1-8, per-tensor / grouped / per-row LUTs, importance-weighted or not; one
+    iteration (one launch each way where the groups are many or short) and three (a launch per stage)."""
+    groups, n = LAYOUTS[layout]
+    assert fused.available(torch.zeros(1, 1, 1, device="cuda"))
+    w = weights(groups, n, 1, seed=bits)
+    assert_as_accurate_as_reference(w, bits, iters, epsilon_scale=0.0, weighted=weighted, device="cuda")
+
+
+def test_group_variance_on_the_gpu():
+    """The relative tau's scale from torch.var on a GPU, as accurate as float32 allows against float64."""
+    for shape in [(300, 577, 1), (30, 50, 3)]:
+        v = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.5
+        truth = (v.double() - v.double().mean(1, keepdim=True)).square().sum((1, 2)) / shape[1]
+        got = group_variance(v.cuda())
+        assert got.is_cuda and got.shape == (shape[0],) and rel(got, truth) < 1e-5
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_triton_kernels_for_vectors(d):
+    assert_as_accurate_as_reference(weights(8, 301, d), 3, 3, device="cuda")
+
+
+@pytest.mark.parametrize("epsilon_scale", [0.0, 300.0, 1e9])
+def test_triton_early_stop(epsilon_scale):
+    assert_as_accurate_as_reference(weights(4, 700, 1), 4, 6, epsilon_scale, c0_scale=1.5, device="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_kernels_take_16_bit_weights(dtype):
+    """A 16-bit weight on the GPU: the float32 loop's results rounded to its dtype (within one rounding of the CPU's
+    float32 reference), the gradient in that dtype."""
+    w = weights(64, 1536, 1).to(dtype)
+    c0 = kmeans_init(w.float(), 16, seed=0)
+    tau = (w.float() - w.float().mean(1, keepdim=True)).square().mean((1, 2)) * 0.01
+    grad = torch.randn(w.shape).to(dtype)
+    ref = run(w.float(), c0, tau, 0.0, 1, "chunked", grad.float())
+    got = run(w, c0, tau, 0.0, 1, "fused", grad, device="cuda")
+    eps = torch.finfo(dtype).eps
+    assert got[0].dtype == got[2].dtype == dtype
+    torch.testing.assert_close(got[0], ref[0].to(dtype), rtol=eps, atol=0)
+    assert rel(got[2], ref[2]) < eps
+
+
+def test_triton_ops_pass_opcheck():
+    w = weights(3, 1000, 1).cuda()
+    c0 = kmeans_init(w, 16, seed=0)
+    tau, eps = torch.full((3,), 1e-3, device="cuda"), torch.zeros(3, device="cuda")
+    torch.library.opcheck(fused.fused_dkm, (w.clone().requires_grad_(), c0, tau, eps, 3))
+    torch.library.opcheck(fused.fused_dkm, (w.bfloat16().requires_grad_(), c0, tau, eps, 1))
+
+
 def test_the_dkm_loop_never_synchronises_with_the_host():
-    """No host synchronisation in the loop (forward and backward), checked by CUDA's sync debug mode."""
+    """No host synchronisation in the loop (forward and backward; the fused one at one iteration), checked by CUDA's
+    sync debug mode."""
     w = weights(2, 4000, 1).cuda().requires_grad_()
     c0 = kmeans_init(w.detach(), 16, seed=0)
     values, counts, _ = unique_buckets(w.detach().squeeze(-1), torch.float16)  # before the loop: it may sync
+    dkm_cluster(w, c0, 1e-3, 1, 1e-3, "fused")[0].sum().backward()  # the Triton kernels compiled before
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         y, _ = dkm_cluster(w, c0, 1e-3, 3, 1e-3, "chunked")
+        y.square().sum().backward()
+        y, _ = dkm_cluster(w, c0, 1e-3, 1, 1e-3, "fused")  # one iteration (the LLM recipe): no early-stop test
         y.square().sum().backward()
         history, masses, T, _ = ops_dkm._iterate(values.unsqueeze(-1), c0, 1e-3, 3, 1e-3, counts.float())
         ops_dkm._backward(values.unsqueeze(-1), history, masses, T, 1e-3, torch.ones_like(values).unsqueeze(-1))

@@ -245,10 +245,14 @@ TAU_SCALES = ("variance", "absolute")
 def group_variance(v: torch.Tensor) -> torch.Tensor:
     """var(w_g) of `ClusterSettings` for vectors v (G, n, d): the mean squared distance to each group's mean vector,
     (G,). Float32 vectors on CPU take the compiled kernel (two passes over each group in cache); otherwise a centred
-    norm, 10-50x faster on CPU than torch.var's Welford pass (benchmarks/step_loops.py)."""
-    if v.device.type == "cpu" and v.dtype == torch.float32 and not v.requires_grad and fused.available(v):
-        return fused.group_variance(v)
-    return torch.linalg.vector_norm(v - v.mean(1, keepdim=True), dim=(1, 2)).square() / v.shape[1]
+    norm on CPU, 10-50x faster there than torch.var's Welford pass (benchmarks/step_loops.py), and torch.var on a GPU
+    (one launch instead of five: a step of per-row DKM there is bound by launches)."""
+    if v.device.type == "cpu":
+        if v.dtype == torch.float32 and not v.requires_grad and fused.available(v):
+            return fused.group_variance(v)
+        return torch.linalg.vector_norm(v - v.mean(1, keepdim=True), dim=(1, 2)).square() / v.shape[1]
+    variance = torch.var(v, dim=1, correction=0)  # (G, d)
+    return variance.squeeze(-1) if v.shape[-1] == 1 else variance.sum(-1)
 
 
 @dataclass

@@ -187,13 +187,12 @@ if fused_triton is not None:
 
     @fused_dkm.register_kernel("cuda")
     def _fused_dkm_cuda(w, c0, tau, epsilon, max_iters, importance=None):
-        out, *rest = fused_triton.forward(w.float().contiguous(), c0, tau, epsilon, max_iters, importance)
-        return out.to(w.dtype), *rest
+        return fused_triton.forward(w.contiguous(), c0, tau, epsilon, max_iters, importance)
 
     @fused_dkm_backward.register_kernel("cuda")
     def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau, importance=None):
-        w32, grad32 = w.float().contiguous(), grad.float().contiguous()
-        return fused_triton.backward(w32, grad32, history, masses, T, tau, importance).to(w.dtype)
+        grad = grad.to(w.dtype).contiguous()
+        return fused_triton.backward(w.contiguous(), grad, history, masses, T, tau, importance)
 
 
 @torch.library.custom_op("dkm_hf::group_variance", mutates_args=(), device_types="cpu")
