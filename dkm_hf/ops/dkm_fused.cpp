@@ -25,11 +25,11 @@
 
 namespace {
 
-// Flush-to-zero and denormals-are-zero on the thread while a pass runs, the caller's mode restored after. Attention
-// entries go down to 2^-115 (EXP_FLOOR), and their products with weights, gradients and other entries fall below
-// float32's normal range (1.2e-38): on Intel cores each such operand or result takes a microcode assist, which made a
-// per-row SmolLM2 layer's forward and backward 10x slower there (AMD's cores take none). Numbers that small change
-// none of the sums they join beyond float32's rounding.
+// Flush-to-zero and denormals-are-zero on the thread while a pass runs (`for_items`), the caller's mode restored
+// after. Attention entries go down to 2^-115 (EXP_FLOOR), and their products with weights, gradients and other entries
+// fall below float32's normal range (1.2e-38): on Intel cores each such operand or result takes a microcode assist,
+// which made a per-row SmolLM2 layer's forward and backward 10x slower there (AMD's cores take none). Numbers that
+// small change none of the sums they join beyond float32's rounding.
 struct FlushDenormals {
 #if defined(__x86_64__) || defined(__i386__)
   const unsigned int saved = _mm_getcsr();
@@ -151,6 +151,17 @@ struct Scratch {
   Scratch(int64_t k, int64_t d) : a(k), dz(k), acc(k * (d + 1)), x(d), y(d) {}
 };
 
+// body(scratch, lo, hi) over the work items [lo, hi) of each parallel task, every DKM pass's loop: a scratch per task,
+// denormals flushed on its thread meanwhile.
+template <typename Body>
+void for_items(const std::vector<Work>& items, int64_t n, int64_t k, int64_t d, const Body& body) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
+    FlushDenormals flush;
+    Scratch s(k, d);
+    body(s, lo, hi);
+  });
+}
+
 // Where every group is one work item (n <= kChunk: per-row LUTs and small groups), a group's next centroids depend on
 // its own vectors only. One pass over the group then serves both what needs the attention before those centroids are
 // known (the sums S_t, m_t; in backward dL/dC_T) and what needs it after (W~; dL/dw): the exponentials of all its
@@ -236,9 +247,7 @@ std::vector<double> reduce_pass(const float* w, const float* y, const float* f, 
   const int64_t k = K ? K : k_rt;
   const int64_t width = k * (d + 1);
   std::vector<float> slots(items.size() * width);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
-    FlushDenormals flush;
-    Scratch s(k, d);
+  for_items(items, n, k, d, [&](Scratch& s, int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
       const Work& item = items[it];
       reduce_item<D, K>(w, y, f, c + item.group * k * d, base2(tau[item.group]), n, k, d, item, s,
@@ -264,9 +273,7 @@ void soft_output(const float* w, const float* c_in, const float* c_out, const fl
                  int64_t d_rt, const std::vector<Work>& items, float* out) {
   const int64_t k = K ? K : k_rt;
   const int64_t d = D ? D : d_rt;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
-    FlushDenormals flush;
-    Scratch s(k, d);
+  for_items(items, n, k, d, [&](Scratch& s, int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
       const Work& item = items[it];
       const int64_t g = item.group;
@@ -287,9 +294,7 @@ void whole_group_iteration(const float* w, const float* f, const float* c, const
   const int64_t k = K ? K : k_rt;
   const int64_t d = D ? D : d_rt;
   const int64_t tiles = (n + V - 1) / V;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
-    FlushDenormals flush;
-    Scratch s(k, d);
+  for_items(items, n, k, d, [&](Scratch& s, int64_t lo, int64_t hi) {
     s.ex.resize(tiles * k);
     s.inv.resize(tiles);
     std::vector<float> sums(k * (d + 1));
@@ -462,9 +467,7 @@ void backward_iteration(const float* w, const float* grad, const float* f, const
   const int64_t k = K ? K : k_rt;
   const int64_t d = D ? D : d_rt;
   const int64_t width = k * (d + 1);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
-    FlushDenormals flush;
-    Scratch s(k, d);
+  for_items(items, n, k, d, [&](Scratch& s, int64_t lo, int64_t hi) {
     for (int64_t it = lo; it < hi; ++it) {
       const Work& item = items[it];
       const int64_t g = item.group;
@@ -495,9 +498,7 @@ void whole_group_last_iteration(const float* w, const float* grad, const float* 
   const int64_t d = D ? D : d_rt;
   const int64_t width = k * (d + 1);
   const int64_t tiles = (n + V - 1) / V;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), grain(n), [&](int64_t lo, int64_t hi) {
-    FlushDenormals flush;
-    Scratch s(k, d);
+  for_items(items, n, k, d, [&](Scratch& s, int64_t lo, int64_t hi) {
     s.ex.resize(tiles * k);
     s.inv.resize(tiles);
     for (int64_t it = lo; it < hi; ++it) {

@@ -191,8 +191,7 @@ if fused_triton is not None:
 
     @fused_dkm_backward.register_kernel("cuda")
     def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau, importance=None):
-        grad = grad.to(w.dtype).contiguous()
-        return fused_triton.backward(w.contiguous(), grad, history, masses, T, tau, importance)
+        return fused_triton.backward(w.contiguous(), grad.contiguous(), history, masses, T, tau, importance)
 
 
 @torch.library.custom_op("dkm_hf::group_variance", mutates_args=(), device_types="cpu")

@@ -32,6 +32,23 @@ def _load_rows(ptr, g, offs, mn, cols, mc, rows, D):
 
 
 @triton.jit
+def _gradient(x, a, cp, ds, dm, f, gt, ct, two_tau, HAS_F: tl.constexpr, DIRECT: tl.constexpr):
+    """For BLOCK_N vectors x with attention a (from centroids cp) in iteration t: (what iteration t adds to dL/dx, the
+    softmax's dz): the terms through S_t and m_t (ds, dm; scaled by the importance f with HAS_F) and, with DIRECT,
+    through W~ = A_T C_T (gt: dL/dW~, ct: C_T)."""
+    ga = tl.sum(x[:, None, :] * ds[None, :, :], axis=2) + dm[None, :]  # dL/dA through S_t and m_t
+    mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
+    if HAS_F:  # importance-weighted: the terms through S_t and m_t scale by f
+        ga = ga * f[:, None]
+        mix = mix * f[:, None]
+    if DIRECT:  # and through W~ = A_T C_T
+        ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)
+    dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a  # softmax backward
+    pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
+    return mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau, dz
+
+
+@triton.jit
 def reduce_kernel(
     w_ptr,
     y_ptr,
@@ -133,20 +150,14 @@ def backward_kernel(
     a = _attention(x, cp, mk, tl.load(q_ptr + g), EXP2_FLOOR)
     ds = _load_rows(ds_ptr, g, ks, mk, dd, md, K, D)
     dm = tl.load(dm_ptr + g * K + ks, mask=mk, other=0.0)
-    ga = tl.sum(x[:, None, :] * ds[None, :, :], axis=2) + dm[None, :]  # dL/dA through S_t and m_t
-    mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
-    if HAS_F:  # importance-weighted: the terms through S_t and m_t scale by f
+    f = x  # read only with HAS_F
+    if HAS_F:
         f = tl.load(f_ptr + g * n + offs, mask=mn, other=0.0)
-        ga = ga * f[:, None]
-        mix = mix * f[:, None]
-    if DIRECT:  # and through W~ = A_T C_T
+    gt, ct = x, cp  # read only with DIRECT
+    if DIRECT:
         gt = _load_rows(grad_ptr, g, offs, mn, dd, md, n, D)
         ct = _load_rows(ct_ptr, g, ks, mk, dd, md, K, D)
-        ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)
-    dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a  # softmax backward
-    two_tau = 2.0 / tl.load(tau_ptr + g)
-    pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
-    add = mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau
+    add, dz = _gradient(x, a, cp, ds, dm, f, gt, ct, 2.0 / tl.load(tau_ptr + g), HAS_F, DIRECT)
     b_ptrs = b_ptr + (g * n + offs)[:, None] * D + dd[None, :]
     bm = mn[:, None] & md[None, :]
     tl.store(b_ptrs, tl.load(b_ptrs, mask=bm, other=0.0) + add, mask=bm)
@@ -261,15 +272,9 @@ def one_iteration_backward_kernel(
         x = _load_rows(w_ptr, g, offs, mn, dd, md, n, D).to(tl.float32)
         gt = _load_rows(grad_ptr, g, offs, mn, dd, md, n, D).to(tl.float32)
         a = _attention(x, cp, mk, q, EXP2_FLOOR)
-        ga = tl.sum(x[:, None, :] * ds[None, :, :], axis=2) + dm[None, :]  # dL/dA through S_1 and m_1
-        mix = tl.sum(a[:, :, None] * ds[None, :, :], axis=1)
+        f = x  # read only with HAS_F
         if HAS_F:
             f = tl.load(f_ptr + g * n + offs, mask=mn, other=0.0)
-            ga = ga * f[:, None]
-            mix = mix * f[:, None]
-        ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)  # and through W~ = A C_1
-        dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a
-        pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
-        b = mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau
+        b, _ = _gradient(x, a, cp, ds, dm, f, gt, ct, two_tau, HAS_F, True)
         b_ptrs = b_ptr + (g * n + offs)[:, None] * D + dd[None, :]
         tl.store(b_ptrs, b.to(b_ptr.dtype.element_ty), mask=mn[:, None] & md[None, :])
