@@ -106,9 +106,10 @@ class Buckets(NamedTuple):
 
 
 def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:
-    """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (G = 1 on CPU),
-    else by `unique_buckets`' inverse."""
-    kernels = fused.cpu_kernels() if w.shape[0] == 1 and w.device.type == "cpu" else None  # dkm_buckets.cpp
+    """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (G = 1 on CPU, a
+    weight of at most 32 bits: their tables are float32), else by `unique_buckets`' inverse."""
+    served = w.shape[0] == 1 and w.device.type == "cpu" and w.element_size() <= 4
+    kernels = fused.cpu_kernels() if served else None  # dkm_buckets.cpp
     if kernels is None:
         return Buckets(*unique_buckets(w, bucket_dtype), None)
     keys = w.detach().reshape(-1).to(bucket_dtype).view(torch.int16)  # a view, no copy, of a weight in bucket_dtype

@@ -24,7 +24,9 @@ reference.
 For d = 1 the eDKM "uniquification" (Cho et al., 2023) makes the heavy part independent of n: attention is computed
 once per distinct 16-bit value (bucket, see `buckets`) and gathered. Each weight still gets its own gradient:
 dL/dw_i = a(u_i) * g_i + b(u_i), where g_i is the upstream gradient of weight i, a(u) the derivative of the soft
-weight at bucket u and b(u) the shared path through the centroids.
+weight at bucket u and b(u) the shared path through the centroids. On CPU (float32) the loop over the buckets runs in
+the fused kernel with the counts as importance, and its backward (a and b per bucket) in the kernel's
+`backward_buckets`: the torch loop here is their reference.
 """
 
 from __future__ import annotations
@@ -265,13 +267,22 @@ class _UniquifiedDKM(torch.autograd.Function):
             buckets = bucket_index(w.squeeze(-1), bucket_dtype)
             u = buckets.values.unsqueeze(-1)
             weight = buckets.counts.to(w.dtype)
-            history, masses, T, cache = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
-            c_in, c_out = _select(history, T)
-            out_u = _soft_output(u, c_in, c_out, tau, cache)
+            kernels = fused.cpu_kernels() if u.device.type == "cpu" and u.dtype == torch.float32 else None
+            if kernels is not None:  # the loop over the buckets in the CPU kernel, the counts as importance
+                G = u.shape[0]
+                tau = fused.per_group(tau, G, u.device)
+                out_u, c_out, stacked, masses, T = kernels.forward(
+                    u.contiguous(), c0.contiguous(), tau, fused.per_group(epsilon, G, u.device), max_iters, weight
+                )
+                history, masses, T_saved = [stacked], [masses], [T]
+            else:
+                history, masses, T, cache = _iterate(u, c0, tau, max_iters, epsilon, weight=weight)
+                c_in, c_out = _select(history, T)
+                out_u = _soft_output(u, c_in, c_out, tau, cache)
+                T_saved = [T] if isinstance(T, torch.Tensor) else []
             out = buckets.gather(out_u.view(-1)).view_as(w)
-        T_saved = [T] if isinstance(T, torch.Tensor) else []
         ctx.save_for_backward(u, weight, buckets.index, buckets.present, *history, *masses, *T_saved)
-        ctx.tau, ctx.S, ctx.T = tau, len(masses), None if T_saved else T
+        ctx.tau, ctx.S, ctx.T, ctx.kernel = tau, len(masses), None if T_saved else T, kernels is not None
         c_final = c_out.clone()
         ctx.mark_non_differentiable(c_final)
         return out, c_final
@@ -282,12 +293,16 @@ class _UniquifiedDKM(torch.autograd.Function):
         S = ctx.S
         u, weight, index, present = saved[:4]
         buckets = Buckets(u.squeeze(-1), weight, index, present)
-        history, masses = list(saved[4 : S + 5]), list(saved[S + 5 : 2 * S + 5])
-        T = ctx.T if ctx.T is not None else saved[-1]
         with torch.no_grad():
             g = grad_out.reshape(-1)
             g_rows = buckets.sums(g).view_as(u)
-            b, a = _backward(u, history, masses, T, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
+            if ctx.kernel:  # saved: the kernel's (history, masses, T)
+                sums = g_rows.float().contiguous()
+                b, a = fused.cpu_kernels().backward_buckets(u, sums, weight, *saved[4:], ctx.tau)
+            else:
+                history, masses = list(saved[4 : S + 5]), list(saved[S + 5 : 2 * S + 5])
+                T = ctx.T if ctx.T is not None else saved[-1]
+                b, a = _backward(u, history, masses, T, ctx.tau, g_rows, weight=weight, direct_per_unit=True)
             grad_w = buckets.grad(a.view(-1), b.view(-1), g)  # dL/dw_i = a(u_i) * g_i + b(u_i)
         return grad_w.view_as(grad_out), None, None, None, None, None
 

@@ -20,7 +20,7 @@
 #include <limits>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -66,20 +66,27 @@ inline float lane_sum(vf x) {
   return s;
 }
 
-// 2^z for z in [kExp2Floor, 0]: z = n + r with n = round(z) (the magic-number rounding, whose low bits also hold
-// n + 127, the exponent of 2^n), |r| <= 1/2, and 2^r by its degree-5 relative-minimax polynomial (relative error
-// < 2.4e-7 in float32 over the whole range), evaluated by Estrin's scheme: the exponentials of a tile's centroids are
-// independent, and a shorter dependency chain lets more of them overlap (forward and backward ~15% faster than Horner).
-inline vf exp2_neg(vf z) {
-  const vf t = z + 12583039.0f;  // 1.5 * 2^23 + 127
-  const vf r = z - (t - 12583039.0f);
-  const vf r2 = r * r;  // three multiply-adds deep instead of Horner's five
+inline vf exp2_poly(vf r) {
+  const vf r2 = r * r;
   const vf p45 = r * 1.3276458520705865e-3f + 9.6755396214926181e-3f;
   const vf p23 = r * 5.5507132941447497e-2f + 2.4022119756078925e-1f;
   const vf p01 = r * 6.9314696706561463e-1f + 1.0000000716480113f;
-  const vf p = (p45 * r2 + p23) * r2 + p01;
-  return p * (vf)((vi)t << 23);
+  return (p45 * r2 + p23) * r2 + p01;
 }
+#if defined(__AVX512F__)
+inline vf exp2_neg(vf z) {
+  const vf n = (vf)_mm512_roundscale_ps((__m512)z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp2_poly(z - n), (__m512)n);
+}
+inline vf vmax_(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+inline vf exp2_neg(vf z) {
+  const vf t = z + 12583039.0f;
+  const vf r = z - (t - 12583039.0f);
+  return exp2_poly(r) * (vf)((vi)t << 23);
+}
+inline vf vmax_(vf a, vf b) { return vmax(a, b); }
+#endif
 
 struct Work {
   int64_t group, begin, end;
@@ -133,9 +140,10 @@ inline vf attention_tile(const vf* x, const float* c, int64_t k_rt, int64_t d_rt
     a[j] = dist;
     lo = vmin(lo, dist);
   }
-#pragma GCC unroll 4  // interleaves independent exponentials (with Estrin's scheme, forward and backward ~15% faster)
+
+#pragma GCC unroll 4
   for (int64_t j = 0; j < k; ++j) {
-    const vf e = exp2_neg(vmax((lo - a[j]) * q, splat(kExp2Floor)));
+    const vf e = exp2_neg(vmax_((lo - a[j]) * q, splat(kExp2Floor)));
     a[j] = e;
     sum += e;
   }
@@ -401,23 +409,25 @@ void iteration_terms(const float* dc, const float* c_t, const float* m_t, int64_
 
 // dL/dw of one tile for iteration t (see backward_iteration), from the tile's exponentials a against C_{t-1} and 1 /
 // their sum: added into bg, or written there when `direct`; with `want_dc`, sum_j dz_j w and sum_j dz_j into acc.
-template <int D, int K>
+// Weighted: f is the importance (the terms through S_t and m_t scale by it), else null.
+template <int D, int K, bool Weighted>
 inline void gradient_tile(const vf* x, const vf* gt, const float* f, int64_t i0, int64_t end, int count, const vf* a,
                           vf inv, const float* cp, const float* ct, const float* dsg, const float* dmg, float two_tau,
                           bool direct, bool want_dc, int64_t k_rt, int64_t d_rt, vf* dz, vf* acc, float* bg) {
   const int64_t k = K ? K : k_rt;
   const int64_t d = D ? D : d_rt;
   vf fv = splat(1.0f);
-  if (f) load_tile<1>(f, i0, end, 1, &fv);
-  // Hidden from the optimiser, so that the code is the same with and without an importance: with the ones known,
-  // `gj * fv + ct * gt` could be contracted into a different multiply-add than gj + ct * gt, and an importance of ones
-  // would no longer give the plain loop's bits.
-  asm("" : "+m"(fv));
+  if (Weighted) load_tile<1>(f, i0, end, 1, &fv);
   vf bar = vf{}, dzsum = vf{};
   for (int64_t j = 0; j < k; ++j) {  // dL/dA_j: through S_t, m_t and (last iteration) W~ = A_T C_T
     vf gj = splat(dmg[j]);
     for (int64_t dd = 0; dd < d; ++dd) gj += dsg[j * d + dd] * x[dd];
-    gj *= fv;
+    if (Weighted) {
+      gj *= fv;
+      // rounded here, as the unweighted code's gj is: an importance of ones gives the plain loop's bits (otherwise
+      // `gj * fv + ct * gt` could become a different multiply-add than gj + ct * gt)
+      asm("" : "+v"(gj));
+    }
     if (direct)
       for (int64_t dd = 0; dd < d; ++dd) gj += ct[j * d + dd] * gt[dd];
     dz[j] = gj;
@@ -434,7 +444,11 @@ inline void gradient_tile(const vf* x, const vf* gt, const float* f, int64_t i0,
       mix += a[j] * dsg[j * d + dd];
       pull += dz[j] * cp[j * d + dd];
     }
-    const vf add = (mix * fv + (pull - x[dd] * dzsum) * two_tau) * inv;
+    if (Weighted) {
+      mix *= fv;
+      asm("" : "+v"(mix));
+    }
+    const vf add = (mix + (pull - x[dd] * dzsum) * two_tau) * inv;
     if (d == 1 && count == V) {
       vf old = vf{};
       if (!direct) std::memcpy(&old, bg, sizeof old);
@@ -454,6 +468,15 @@ inline void gradient_tile(const vf* x, const vf* gt, const float* f, int64_t i0,
       acc[k * d + j] += zj;
     }
   }
+}
+
+// gradient_tile with the importance's flag from f.
+template <int D, int K, typename... Args>
+inline void gradient_tile_any(const float* f, Args... args) {
+  if (f)
+    gradient_tile<D, K, true>(args...);
+  else
+    gradient_tile<D, K, false>(args...);
 }
 
 // One iteration t of `_backward` (chunked path), adding dL/dw into b (G, n, d), or writing it there for the first
@@ -476,7 +499,8 @@ void backward_iteration(const float* w, const float* grad, const float* f, const
         const int count = load_tile<D>(w + g * n * d, i0, item.end, d, s.x.data());
         if (direct) load_tile<D>(grad + g * n * d, i0, item.end, d, s.y.data());
         const vf inv = attention_tile<D, K>(s.x.data(), c_prev + g * k * d, k, d, base2(tau[g]), s.a.data());
-        gradient_tile<D, K>(s.x.data(), s.y.data(), f ? f + g * n : nullptr, i0, item.end, count, s.a.data(), inv,
+        const float* fg = f ? f + g * n : nullptr;
+        gradient_tile_any<D, K>(fg, s.x.data(), s.y.data(), fg, i0, item.end, count, s.a.data(), inv,
                          c_prev + g * k * d, c_t + g * k * d, ds + g * k * d, dm + g * k, 2.0f / tau[g], direct,
                          want_dc, k, d, s.dz.data(), s.acc.data(), b + (g * n + i0) * d);
       }
@@ -521,7 +545,8 @@ void whole_group_last_iteration(const float* w, const float* grad, const float* 
       for (int64_t i0 = 0, tile = 0; i0 < n; i0 += V, ++tile) {
         const int count = load_tile<D>(wg, i0, n, d, s.x.data());
         load_tile<D>(gg, i0, n, d, s.y.data());
-        gradient_tile<D, K>(s.x.data(), s.y.data(), f ? f + g * n : nullptr, i0, n, count, &s.ex[tile * k], s.inv[tile],
+        const float* fg = f ? f + g * n : nullptr;
+        gradient_tile_any<D, K>(fg, s.x.data(), s.y.data(), fg, i0, n, count, &s.ex[tile * k], s.inv[tile],
                          cp, c_t + g * k * d, ds + g * k * d, dm + g * k, 2.0f / tau[g], true, want_dc, k, d,
                          s.dz.data(), s.acc.data(), b + (g * n + i0) * d);
       }
@@ -599,6 +624,118 @@ const float* importance_data(const at::Tensor& w, const at::Tensor& importance) 
               "dkm_fused: importance must be a contiguous float32 (G, n) tensor for w ", w.sizes(), ", got ",
               importance.sizes());
   return importance.data_ptr<float>();
+}
+
+// The uniquified path's backward (dkm.py `_UniquifiedDKM`, d = 1): the vectors are a weight's distinct values u (G,
+// U, 1), `counts` (G, U) how many weights each stands for (the forward's loop ran with them as importance) and `grad`
+// the sums of the upstream gradient g over each bucket's weights. A single weight w_i of bucket u gets dL/dw_i = a(u)
+// g_i + b(u): b (G, U, 1) the part through the centroids (one weight's share of S_t and m_t, every iteration), a (G,
+// U, 1) the derivative of the soft weight at u (the direct term of t = T with C_T held fixed). dL/dC_{t-1} takes the
+// vectors' softmax gradient with the counts and the bucket sums, as a weighted loop's backward (backward_impl).
+inline void bucket_gradient_tile(const vf& x, const vf& gt, const vf& fv, int count, const vf* a, vf inv,
+                                 const float* cp, const float* ct, const float* ds, const float* dm, float two_tau,
+                                 bool direct, bool want_dc, int64_t k, vf* dz, vf* dz_direct, vf* acc, float* bg,
+                                 float* ag) {
+  vf bar = vf{}, bar_direct = vf{};
+  for (int64_t j = 0; j < k; ++j) {
+    dz[j] = ds[j] * x + dm[j];  // dL/dA_j through S_t and m_t for one weight
+    bar += a[j] * dz[j];
+    if (direct) bar_direct += a[j] * ct[j];  // dA_j / dw . C_T
+  }
+  bar *= inv;
+  bar_direct *= inv;
+  vf mix = vf{}, pull = vf{}, dzsum = vf{}, pull_direct = vf{}, dzsum_direct = vf{};
+  for (int64_t j = 0; j < k; ++j) {
+    dz[j] = (dz[j] - bar) * a[j];
+    dzsum += dz[j];
+    mix += a[j] * ds[j];
+    pull += dz[j] * cp[j];
+    if (direct) {
+      dz_direct[j] = (splat(ct[j]) - bar_direct) * a[j];
+      dzsum_direct += dz_direct[j];
+      pull_direct += dz_direct[j] * cp[j];
+    }
+  }
+  vf b = (mix + (pull - x * dzsum) * two_tau) * inv;
+  vf old = vf{};
+  std::memcpy(&old, bg, count * sizeof(float));
+  b += old;
+  std::memcpy(bg, &b, count * sizeof(float));
+  if (direct) {
+    const vf da = (pull_direct - x * dzsum_direct) * two_tau * inv;
+    std::memcpy(ag, &da, count * sizeof(float));
+  }
+  if (want_dc) {  // softmax gradient of the weighted loop: counts * dz + (t = T) bucket sum * dz_direct
+    const vf scale = inv * lane_mask(count);
+    for (int64_t j = 0; j < k; ++j) {
+      vf zj = dz[j] * fv;
+      if (direct) zj += dz_direct[j] * gt;
+      zj *= scale;
+      acc[j] += zj * x;
+      acc[k + j] += zj;
+    }
+  }
+}
+
+std::vector<at::Tensor> dkm_backward_buckets(const at::Tensor& u, const at::Tensor& grad, const at::Tensor& counts,
+                                             const at::Tensor& history, const at::Tensor& masses, const at::Tensor& T,
+                                             const at::Tensor& tau) {
+  check_inputs(u, history[0], tau);
+  TORCH_CHECK(u.size(2) == 1, "dkm_fused: the bucket backward needs d = 1, got ", u.sizes());
+  TORCH_CHECK(grad.sizes() == u.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "dkm_fused: grad must be a contiguous float32 tensor of shape ", u.sizes());
+  const float* pf = importance_data(u, counts);
+  TORCH_CHECK(pf != nullptr, "dkm_fused: the bucket backward needs the buckets' counts");
+  TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
+              "dkm_fused: contiguous float32 history and masses expected");
+  const int64_t last = T.item<int64_t>();
+  TORCH_CHECK(last >= 1 && last < history.size(0) && last <= masses.size(0), "dkm_fused: T = ", last, " out of range");
+  const int64_t G = u.size(0), n = u.size(1), k = history.size(2), ck = G * k;
+  const auto items = work_items(G, n);
+  const float* pu = u.data_ptr<float>();
+  const float* pg = grad.data_ptr<float>();
+  const float* ph = history.data_ptr<float>();
+  const float* pm = masses.data_ptr<float>();
+  const float* ptau = tau.data_ptr<float>();
+  auto b = at::zeros_like(u);
+  auto a = at::empty_like(u);
+  float* pb = b.data_ptr<float>();
+  float* pa = a.data_ptr<float>();
+  std::vector<float> dc(ck), ds(ck), dm(ck), dc_prev(ck), slots(items.size() * 2 * k);
+  const auto out_sums = reduce_pass<1, 0>(pu, pg, nullptr, ph + (last - 1) * ck, ptau, G, n, k, 1, items);
+  for (int64_t g = 0; g < G; ++g)  // dL/dC_T = sum_u A_T,u (sum of g over u's weights)
+    for (int64_t j = 0; j < k; ++j) dc[g * k + j] = static_cast<float>(out_sums[g * 2 * k + j]);
+  for (int64_t t = last; t >= 1; --t) {
+    const float* c_t = ph + t * ck;
+    const float* c_prev = ph + (t - 1) * ck;
+    for (int64_t g = 0; g < G; ++g)
+      iteration_terms(dc.data() + g * k, c_t + g * k, pm + (t - 1) * ck + g * k, k, 1, ds.data() + g * k,
+                      dm.data() + g * k, dc_prev.data() + g * k);
+    const bool direct = t == last, want_dc = t > 1;
+    for_items(items, n, k, 1, [&](Scratch& s, int64_t lo, int64_t hi) {
+      std::vector<vf> dz_direct(k);
+      for (int64_t it = lo; it < hi; ++it) {
+        const Work& item = items[it];
+        const int64_t g = item.group;
+        std::fill(s.acc.begin(), s.acc.end(), vf{});
+        for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
+          vf x, gt = vf{}, fv;
+          const int count = load_tile<1>(pu + g * n, i0, item.end, 1, &x);
+          load_tile<1>(pg + g * n, i0, item.end, 1, &gt);
+          load_tile<1>(pf + g * n, i0, item.end, 1, &fv);
+          const vf inv = attention_tile<1, 0>(&x, c_prev + g * k, k, 1, base2(ptau[g]), s.a.data());
+          bucket_gradient_tile(x, gt, fv, count, s.a.data(), inv, c_prev + g * k, c_t + g * k, ds.data() + g * k,
+                               dm.data() + g * k, 2.0f / ptau[g], direct, want_dc, k, s.dz.data(), dz_direct.data(),
+                               s.acc.data(), pb + g * n + i0, pa + g * n + i0);
+        }
+        if (want_dc)
+          for (int64_t r = 0; r < 2 * k; ++r) slots[it * 2 * k + r] = lane_sum(s.acc[r]);
+      }
+    });
+    if (want_dc) add_attention_terms(items, slots, c_prev, ptau, G, k, 1, dc_prev.data());
+    dc.swap(dc_prev);
+  }
+  return {b, a};
 }
 
 std::vector<at::Tensor> dkm_forward(const at::Tensor& w, const at::Tensor& c0, const at::Tensor& tau,
@@ -685,7 +822,7 @@ at::Tensor group_variance(const at::Tensor& v) {
 
 }  // namespace
 
-int64_t abi_version() { return 6; }
+int64_t abi_version() { return 7; }
 
 // dkm_buckets.cpp
 at::Tensor bucket_counts(const at::Tensor& keys);
@@ -700,6 +837,7 @@ at::Tensor lloyd_sorted(const at::Tensor& x, const at::Tensor& s1, const at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dkm_forward, "DKM loop and soft weight: (W~, C_T, history, masses, T)");
   m.def("backward", &dkm_backward, "dL/dw through the DKM loop, recomputing attention");
+  m.def("backward_buckets", &dkm_backward_buckets, "the uniquified path's backward: (b, a) per bucket");
   m.def("bucket_counts", &bucket_counts, "weights per 16-bit key: (65536,) int64");
   m.def("bucket_gather", &bucket_gather, "table[keys]");
   m.def("bucket_sums", &bucket_sums, "per-key sums of g: (65536,) float32");

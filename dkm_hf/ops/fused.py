@@ -17,6 +17,10 @@ itself (for a 16-bit weight no float32 copy stays alive between forward and back
 custom ops with fake implementations and the backward registered as their autograd formula: autograd, torch.compile
 and FSDP2 see ordinary ops.
 
+The uniquified path of `dkm.py` calls the CPU extension directly: its loop over a weight's distinct values is the
+forward with the values' counts as importance, and `backward_buckets(u, sums, counts, history, masses, T, tau) -> (b,
+a)` gives each distinct value's share of the gradient through the centroids and the derivative of its soft weight.
+
 On CPU the kernel is `dkm_fused.cpp`, built on first use with `torch.utils.cpp_extension.load` (-O3, OpenMP, the -m
 flags of `native.arch_flags`) into `<cache>/dkm_hf/fused/torch-<version>-<arch>`; on CUDA it is the Triton kernel
 of `fused_triton.py` when triton is installed. When neither is there (a failed build warns once, naming the reason;
@@ -45,7 +49,7 @@ else:
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
 KMEANS_SOURCE = Path(__file__).with_name("dkm_kmeans.cpp")  # Lloyd iterations of 1-D k-means (kmeans.py)
-ABI_VERSION = 6
+ABI_VERSION = 7
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None

@@ -251,3 +251,26 @@ def test_group_variance_kernel_matches_float64(shape):
     with_grad = group_variance(v.clone().requires_grad_())
     assert with_grad.requires_grad and torch.equal(with_grad.detach(), torch_path)
     torch.library.opcheck(fused.group_variance, (v,))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize(
+    ("bits", "iters", "eps_scale"), [(1, 3, 0.0), (4, 1, 0.0), (4, 3, 0.0), (4, 6, 300.0), (8, 1, 0.0)]
+)
+def test_uniquified_loop_in_the_kernel_is_as_accurate_as_the_torch_loop(monkeypatch, groups, bits, iters, eps_scale):
+    """On CPU the uniquified path runs its loop over the buckets (the counts as importance) and its backward (each
+    bucket's shared term and soft-weight derivative, `backward_buckets`) in the kernel: as accurate as its torch loop,
+    both measured from that loop in float64, over one and several iterations, an early stop and 1-8 bits."""
+    w = (torch.randn(groups, 40_000, 1, generator=torch.Generator().manual_seed(bits)) * 0.02).half().float()
+    c0 = kmeans_init(w, 2**bits, seed=0)
+    tau, epsilon = settings(w, "variance")
+    grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    truth = run(w.double(), c0.double(), tau, epsilon * eps_scale, iters, "uniquified", grad.double())
+    args = (w, c0, tau.float(), (epsilon * eps_scale).float(), iters, "uniquified", grad)
+    got = run(*args)
+    monkeypatch.setattr(fused, "cpu_kernels", lambda: None)  # the torch loop (and torch's bucket maps)
+    ref = run(*args)
+    assert not torch.equal(got[2], ref[2])  # two loops (another order of the sums), not one
+    for name, a, b, t in zip(("soft weight", "centroids", "gradient"), got, ref, truth):
+        err_got, err_ref = rel(a, t), rel(b, t)
+        assert err_got <= FACTOR * err_ref + FLOOR, f"{name}: kernel {err_got:.3g}, torch loop {err_ref:.3g}"
