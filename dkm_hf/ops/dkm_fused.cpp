@@ -193,10 +193,13 @@ template <int D, int K>
 inline void accumulate_tile(const vf* a, vf scale, const vf* y, int64_t k_rt, int64_t d_rt, vf* acc) {
   const int64_t k = K ? K : k_rt;
   const int64_t d = D ? D : d_rt;
+  vf scaled[D ? D : 16];  // y * scale once per tile: every centroid's sums are then one multiply-add each
+  const bool small = d <= 16;
+  if (small)
+    for (int64_t dd = 0; dd < d; ++dd) scaled[dd] = y[dd] * scale;
   for (int64_t j = 0; j < k; ++j) {
-    const vf aj = a[j] * scale;  // normalised and masked in one multiply: the same product as both
-    acc[k * d + j] += aj;
-    for (int64_t dd = 0; dd < d; ++dd) acc[j * d + dd] += aj * y[dd];
+    acc[k * d + j] += a[j] * scale;
+    for (int64_t dd = 0; dd < d; ++dd) acc[j * d + dd] += a[j] * (small ? scaled[dd] : y[dd] * scale);
   }
 }
 
