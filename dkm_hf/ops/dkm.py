@@ -42,8 +42,11 @@ from .buckets import Buckets, bucket_dtype_for, bucket_index
 _TINY = 1e-30
 IMPLEMENTATIONS = ("chunked", "uniquified", "fused")
 # "auto" takes the uniquified path (cluster_dim 1) from this many vectors per LUT: against the chunked path
-# (benchmarks/dkm_paths.py), against the fused kernel (which takes 0.62x the uniquified path's time at 32k weights
-# per LUT, 1.19x at 131k, 1.65x at 524k: 768x3072 weights at 4 bits, 3 iterations, one thread).
+# (benchmarks/dkm_paths.py), against the fused kernel (which took 0.62x the uniquified path's time at 32k weights
+# per LUT, 1.19x at 131k, 1.65x at 524k: 768x3072 weights at 4 bits, 3 iterations, one thread, the uniquified loop in
+# torch). With that loop in the CPU kernel, the uniquified path is the faster one on CPU from ~24k weights per LUT at
+# 4 bits (0.83x the fused kernel's time at 32k, 0.37x at 131k) and below 8k at 8 bits; the threshold stays, so that a
+# layer keeps the exact float32 attention (not its float16 values') up to the size it always had.
 UNIQUIFY_MIN_WEIGHTS = 1 << 13
 UNIQUIFY_MIN_WEIGHTS_FUSED = 1 << 17
 # Device types whose early stop is checked on the host after each iteration (a cheap synchronisation there).
