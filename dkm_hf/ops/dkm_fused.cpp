@@ -645,70 +645,34 @@ const float* importance_data(const at::Tensor& w, const at::Tensor& importance) 
   return importance.data_ptr<float>();
 }
 
+// The backward's inputs checked: w and grad (G, n, d), the forward's history and masses, and T, returned as a number.
+int64_t checked_backward_inputs(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
+                                const at::Tensor& masses, const at::Tensor& T, const at::Tensor& tau) {
+  check_inputs(w, history[0], tau);
+  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
+              "dkm_fused: grad must be a contiguous float32 tensor of w's shape ", w.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
+              "dkm_fused: contiguous float32 history and masses expected");
+  const int64_t t = T.item<int64_t>();
+  TORCH_CHECK(t >= 1 && t < history.size(0) && t <= masses.size(0), "dkm_fused: T = ", t, " out of range");
+  return t;
+}
+
 // The uniquified path's backward (dkm.py `_UniquifiedDKM`, d = 1): the vectors are a weight's distinct values u (G,
 // U, 1), `counts` (G, U) how many weights each stands for (the forward's loop ran with them as importance) and `grad`
 // the sums of the upstream gradient g over each bucket's weights. A single weight w_i of bucket u gets dL/dw_i = a(u)
 // g_i + b(u): b (G, U, 1) the part through the centroids (one weight's share of S_t and m_t, every iteration), a (G,
-// U, 1) the derivative of the soft weight at u (the direct term of t = T with C_T held fixed). dL/dC_{t-1} takes the
-// vectors' softmax gradient with the counts and the bucket sums, as a weighted loop's backward (backward_impl).
-inline void bucket_gradient_tile(const vf& x, const vf& gt, const vf& fv, int count, const vf* a, vf inv,
-                                 const float* cp, const float* ct, const float* ds, const float* dm, float two_tau,
-                                 bool direct, bool want_dc, int64_t k, vf* dz, vf* dz_direct, vf* acc, float* bg,
-                                 float* ag) {
-  vf bar = vf{}, bar_direct = vf{};
-  for (int64_t j = 0; j < k; ++j) {
-    dz[j] = ds[j] * x + dm[j];  // dL/dA_j through S_t and m_t for one weight
-    bar += a[j] * dz[j];
-    if (direct) bar_direct += a[j] * ct[j];  // dA_j / dw . C_T
-  }
-  bar *= inv;
-  bar_direct *= inv;
-  vf mix = vf{}, pull = vf{}, dzsum = vf{}, pull_direct = vf{}, dzsum_direct = vf{};
-  for (int64_t j = 0; j < k; ++j) {
-    dz[j] = (dz[j] - bar) * a[j];
-    dzsum += dz[j];
-    mix += a[j] * ds[j];
-    pull += dz[j] * cp[j];
-    if (direct) {
-      dz_direct[j] = (splat(ct[j]) - bar_direct) * a[j];
-      dzsum_direct += dz_direct[j];
-      pull_direct += dz_direct[j] * cp[j];
-    }
-  }
-  vf b = (mix + (pull - x * dzsum) * two_tau) * inv;
-  vf old = vf{};
-  std::memcpy(&old, bg, count * sizeof(float));
-  b += old;
-  std::memcpy(bg, &b, count * sizeof(float));
-  if (direct) {
-    const vf da = (pull_direct - x * dzsum_direct) * two_tau * inv;
-    std::memcpy(ag, &da, count * sizeof(float));
-  }
-  if (want_dc) {  // softmax gradient of the weighted loop: counts * dz + (t = T) bucket sum * dz_direct
-    const vf scale = inv * lane_mask(count);
-    for (int64_t j = 0; j < k; ++j) {
-      vf zj = dz[j] * fv;
-      if (direct) zj += dz_direct[j] * gt;
-      zj *= scale;
-      acc[j] += zj * x;
-      acc[k + j] += zj;
-    }
-  }
-}
-
+// U, 1) the derivative of the soft weight at u (the direct term of t = T with C_T held fixed). Each is gradient_tile
+// of one term (the softmax backward is linear in its upstream gradient): b without importance or direct term, a with
+// only the direct term for an upstream gradient of one; and dL/dC_{t-1} takes the weighted backward's own (the counts
+// as importance, the bucket sums as gradient), whose dL/du is not needed.
 std::vector<at::Tensor> dkm_backward_buckets(const at::Tensor& u, const at::Tensor& grad, const at::Tensor& counts,
                                              const at::Tensor& history, const at::Tensor& masses, const at::Tensor& T,
                                              const at::Tensor& tau) {
-  check_inputs(u, history[0], tau);
+  const int64_t last = checked_backward_inputs(u, grad, history, masses, T, tau);
   TORCH_CHECK(u.size(2) == 1, "dkm_fused: the bucket backward needs d = 1, got ", u.sizes());
-  TORCH_CHECK(grad.sizes() == u.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
-              "dkm_fused: grad must be a contiguous float32 tensor of shape ", u.sizes());
   const float* pf = importance_data(u, counts);
   TORCH_CHECK(pf != nullptr, "dkm_fused: the bucket backward needs the buckets' counts");
-  TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
-              "dkm_fused: contiguous float32 history and masses expected");
-  const int64_t last = T.item<int64_t>();
-  TORCH_CHECK(last >= 1 && last < history.size(0) && last <= masses.size(0), "dkm_fused: T = ", last, " out of range");
   const int64_t G = u.size(0), n = u.size(1), k = history.size(2), ck = G * k;
   const auto items = work_items(G, n);
   const float* pu = u.data_ptr<float>();
@@ -720,7 +684,7 @@ std::vector<at::Tensor> dkm_backward_buckets(const at::Tensor& u, const at::Tens
   auto a = at::empty_like(u);
   float* pb = b.data_ptr<float>();
   float* pa = a.data_ptr<float>();
-  std::vector<float> dc(ck), ds(ck), dm(ck), dc_prev(ck), slots(items.size() * 2 * k);
+  std::vector<float> dc(ck), ds(ck), dm(ck), dc_prev(ck), none(k), slots(items.size() * 2 * k);
   const auto out_sums = reduce_pass<1, 0>(pu, pg, nullptr, ph + (last - 1) * ck, ptau, G, n, k, 1, items);
   for (int64_t g = 0; g < G; ++g)  // dL/dC_T = sum_u A_T,u (sum of g over u's weights)
     for (int64_t j = 0; j < k; ++j) dc[g * k + j] = static_cast<float>(out_sums[g * 2 * k + j]);
@@ -732,20 +696,27 @@ std::vector<at::Tensor> dkm_backward_buckets(const at::Tensor& u, const at::Tens
                       dm.data() + g * k, dc_prev.data() + g * k);
     const bool direct = t == last, want_dc = t > 1;
     for_items(items, n, k, 1, [&](Scratch& s, int64_t lo, int64_t hi) {
-      std::vector<vf> dz_direct(k);
+      const vf one = splat(1.0f);
+      float unused[V] = {};  // the weighted call's dL/du, not needed
       for (int64_t it = lo; it < hi; ++it) {
-        const Work& item = items[it];
-        const int64_t g = item.group;
+        const int64_t g = items[it].group, end = items[it].end;
+        const float *cp = c_prev + g * k, *ct = c_t + g * k, *dsg = ds.data() + g * k, *dmg = dm.data() + g * k;
+        const float two_tau = 2.0f / ptau[g];
         std::fill(s.acc.begin(), s.acc.end(), vf{});
-        for (int64_t i0 = item.begin; i0 < item.end; i0 += V) {
-          vf x, gt = vf{}, fv;
-          const int count = load_tile<1>(pu + g * n, i0, item.end, 1, &x);
-          load_tile<1>(pg + g * n, i0, item.end, 1, &gt);
-          load_tile<1>(pf + g * n, i0, item.end, 1, &fv);
-          const vf inv = attention_tile<1, 0>(&x, c_prev + g * k, k, 1, base2(ptau[g]), s.a.data());
-          bucket_gradient_tile(x, gt, fv, count, s.a.data(), inv, c_prev + g * k, c_t + g * k, ds.data() + g * k,
-                               dm.data() + g * k, 2.0f / ptau[g], direct, want_dc, k, s.dz.data(), dz_direct.data(),
-                               s.acc.data(), pb + g * n + i0, pa + g * n + i0);
+        for (int64_t i0 = items[it].begin; i0 < end; i0 += V) {
+          const int count = load_tile<1>(pu + g * n, i0, end, 1, s.x.data());
+          load_tile<1>(pg + g * n, i0, end, 1, s.y.data());
+          const vf inv = attention_tile<1, 0>(s.x.data(), cp, k, 1, base2(ptau[g]), s.a.data());
+          const vf* ex = s.a.data();
+          gradient_tile<1, 0, false>(s.x.data(), s.y.data(), nullptr, i0, end, count, ex, inv, cp, ct, dsg, dmg,
+                                     two_tau, false, false, k, 1, s.dz.data(), s.acc.data(), pb + g * n + i0);
+          if (direct)
+            gradient_tile<1, 0, false>(s.x.data(), &one, nullptr, i0, end, count, ex, inv, cp, ct, none.data(),
+                                       none.data(), two_tau, true, false, k, 1, s.dz.data(), s.acc.data(),
+                                       pa + g * n + i0);
+          if (want_dc)
+            gradient_tile<1, 0, true>(s.x.data(), s.y.data(), pf + g * n, i0, end, count, ex, inv, cp, ct, dsg, dmg,
+                                      two_tau, direct, true, k, 1, s.dz.data(), s.acc.data(), unused);
         }
         if (want_dc)
           for (int64_t r = 0; r < 2 * k; ++r) slots[it * 2 * k + r] = lane_sum(s.acc[r]);
@@ -774,14 +745,8 @@ std::vector<at::Tensor> dkm_forward(const at::Tensor& w, const at::Tensor& c0, c
 at::Tensor dkm_backward(const at::Tensor& w, const at::Tensor& grad, const at::Tensor& history,
                         const at::Tensor& masses, const at::Tensor& T, const at::Tensor& tau,
                         const at::Tensor& importance) {
-  check_inputs(w, history[0], tau);
+  const int64_t t = checked_backward_inputs(w, grad, history, masses, T, tau);
   const float* pf = importance_data(w, importance);
-  TORCH_CHECK(grad.sizes() == w.sizes() && grad.scalar_type() == at::kFloat && grad.is_contiguous(),
-              "dkm_fused: grad must be a contiguous float32 tensor of w's shape ", w.sizes(), ", got ", grad.sizes());
-  TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
-              "dkm_fused: contiguous float32 history and masses expected");
-  const int64_t t = T.item<int64_t>();
-  TORCH_CHECK(t >= 1 && t < history.size(0) && t <= masses.size(0), "dkm_fused: T = ", t, " out of range");
   const int64_t d = w.size(2), k = history.size(2);
   if (d == 1 && k == 16) return backward_impl<1, 16>(w, grad, history, masses, t, tau, pf);
   if (d == 1 && k == 8) return backward_impl<1, 8>(w, grad, history, masses, t, tau, pf);
