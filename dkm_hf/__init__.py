@@ -35,6 +35,7 @@ from .nn import (
 )
 from .surgery import (
     get_dkm_config,
+    gptq_snap,
     gradient_importance,
     init_centroids,
     palettize,
@@ -62,6 +63,7 @@ __all__ = [
     "dkm_modules",
     "full_weights",
     "get_dkm_config",
+    "gptq_snap",
     "gradient_importance",
     "init_centroids",
     "palettize",

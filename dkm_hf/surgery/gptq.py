@@ -1,0 +1,218 @@
+"""Error-compensated snapping onto the LUTs (GPTQ): a better start for DKM at low bit widths.
+
+Post-training k-means snaps every weight to its nearest centroid independently. GPTQ (Frantar et al., 2022) snaps
+the input features of a layer one at a time and spreads each snap's error over the features not yet snapped, through
+the inverse of H = X^T X, the Gram matrix of the layer's inputs over a few calibration batches: the layer's output on
+those inputs, not its weight, is what is kept close. `gptq_snap` does that with the centroids DKM already has (any
+k-means, plain or importance-weighted): afterwards every snapped weight sits on one of its LUT's centroids, so the
+hard model is what GPTQ chose, and DKM fine-tunes from there:
+
+    model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(path), config, init=False)
+    importance = dkm_hf.gradient_importance(model, batches)
+    dkm_hf.init_centroids(model, importance)
+    dkm_hf.gptq_snap(model, batches)            # the weights now on the centroids, errors compensated
+    dkm_hf.set_importance(model, importance)    # then train as usual
+
+It applies to the weights of Linear layers and transformers' Conv1D clustered with cluster_dim 1 (per-row, grouped
+or per-tensor LUTs, per-channel scales included), whose input features are the last dimension of the layer's input.
+Other weights (embeddings, convolutions, stacked experts, vectors of d > 1, weights sharing a LUT with another) are
+left as they are and named in the returned report. H is float32 (features^2 per layer): the layers are taken in
+chunks of at most `max_hessian_bytes` of H, each chunk with one pass over the calibration batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..nn.dkm import DKMWeight, _whole, dkm_modules
+from .importance import _to
+
+logger = logging.get_logger(__name__)
+
+
+@torch.no_grad()
+def snap_rows(
+    rows: torch.Tensor,
+    lut: torch.Tensor,
+    hessian: torch.Tensor,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """GPTQ of one weight seen as (channels, features) rows onto per-channel value sets: the index of each weight's
+    value, (C, F) int64.
+
+    rows (C, F) float32; lut (C, k): the values each channel may take; hessian (F, F): X^T X of the inputs.
+    Feature j is snapped to each channel's nearest value, and the error e = (w_j - q_j) / U_jj updates the features
+    after it by -e U_j,j+1: (U: the upper Cholesky factor of (H + damp mean(diag H) I)^-1). Features that never see
+    an input (H_jj = 0) are snapped to their nearest value and spread nothing."""
+    w = rows.detach().float().clone()
+    features = w.shape[1]
+    h = hessian.detach().float().clone()
+    diagonal = h.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    mean = diagonal.mean()
+    u = None
+    for attempt in range(4):  # more damping when H (+ damping) is not positive definite in float32
+        h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (damp * 10**attempt * mean)
+        factor, info = torch.linalg.cholesky_ex(h_damped)
+        if not bool(info):  # one sync per weight, outside any training loop
+            inverse = torch.cholesky_inverse(factor)
+            u, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if not bool(info):
+                break
+            u = None
+    if u is None:
+        raise ValueError(f"gptq_snap: the inputs' Gram matrix is not positive definite even with damping {damp * 1e3}")
+    out = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    for start in range(0, features, block_size):
+        end = min(start + block_size, features)
+        block, errors, u_block = w[:, start:end], torch.empty_like(w[:, start:end]), u[start:end, start:end]
+        for j in range(end - start):
+            column = block[:, j]
+            nearest = (column[:, None] - lut).abs().argmin(1, keepdim=True)
+            snapped = lut.gather(1, nearest).squeeze(1)
+            out[:, start + j] = nearest.squeeze(1)
+            error = (column - snapped) / u_block[j, j]
+            block[:, j:].sub_(error[:, None] * u_block[j, j:][None, :])
+            errors[:, j] = error
+        w[:, end:].sub_(errors @ u[start:end, end:])
+    return out
+
+
+def _supported(state: DKMWeight, tied: set[int]) -> str | None:
+    """Why `state` cannot be snapped by GPTQ, or None."""
+    layout = state.layout
+    if id(state) in tied or state.tied_source is not None:
+        return "shares its LUT with another weight"
+    if state.param != "weight" or not (isinstance(state.module, nn.Linear) or layout.transposed):
+        return "not the weight of a Linear or Conv1D"
+    if layout.cluster_dim != 1 or layout.channel_dims != 1:
+        return "vectors of d > 1 or stacked experts"
+    return None
+
+
+def _value_sets(state: DKMWeight) -> torch.Tensor:
+    """(channels, k) float32: the values each channel's weights may take, as the palettized weight stores them (its
+    group's centroids and its scale rounded to the LUT's dtype), so that the hard model is the snapped weight."""
+    layout, lut_dtype = state.layout, state.settings.lut_torch_dtype
+    lut = state.centroids[..., 0].to(lut_dtype).float()  # (groups, k)
+    values = lut.repeat_interleave(layout.channels // layout.groups, dim=0)
+    if layout.per_channel_scale:
+        values = values * state.weight_scale.to(lut_dtype).float()
+    return values
+
+
+def _first_tensor(args: tuple, kwargs: Mapping) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def gptq_snap(
+    model: nn.Module,
+    batches: Iterable,
+    forward: Callable[[nn.Module, object], object] | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    max_hessian_bytes: int = 2**31,
+) -> dict[str, str]:
+    """Snap the weights of `model`'s Linear / Conv1D DKM weights onto their centroids with GPTQ's error compensation
+    (see the module's docstring); returns {name: why it was left as it was} for the DKM weights not snapped.
+
+    `batches`: a re-iterable of dicts of model inputs (tensors are moved to the model's device; labels are harmless),
+    or of anything `forward(model, batch)` runs the model on; the model runs in eval mode with its clustering off
+    (the dense weights' inputs), under no_grad; its mode and clustering flags are restored. Run it after the centroids
+    are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it."""
+    batches = batches if isinstance(batches, (list, tuple)) else list(batches)
+    if not batches:
+        raise ValueError("gptq_snap: `batches` gave no batch")
+    states = dkm_modules(model)
+    if not states:
+        raise ValueError("gptq_snap() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
+    not_ready = [name for name, state in states if state.tied_source is None and not state.dkm_ready]
+    if not_ready:
+        raise ValueError(f"gptq_snap: initialise the centroids first (init_centroids); not ready: {not_ready[:3]}")
+    sharded = [name for name, state in states if not _whole(state.weight)]
+    if sharded:
+        raise ValueError(f"gptq_snap: run it before FSDP2's fully_shard; these weights are sharded: {sharded[:3]}")
+    tied = {id(state.tied_source) for _, state in states if state.tied_source is not None}
+    skipped = {name: why for name, state in states if (why := _supported(state, tied)) is not None}
+    todo = [(name, state) for name, state in states if name not in skipped]
+    chunks: list[list[tuple[str, DKMWeight]]] = [[]]
+    for name, state in todo:
+        size = 4 * state.layout.features**2
+        if chunks[-1] and sum(4 * s.layout.features**2 for _, s in chunks[-1]) + size > max_hessian_bytes:
+            chunks.append([])
+        chunks[-1].append((name, state))
+    device = next(model.parameters()).device
+    flags = [(state, state.dkm_enabled) for _, state in states]
+    training = model.training
+    try:
+        for state, _ in flags:
+            state.dkm_enabled = False
+            state.forget()
+        model.eval()
+        # every chunk sees the dense model's inputs: the choices (one byte per weight) are kept until all are made
+        chosen: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            if not chunk:
+                continue
+            grams = _grams(model, chunk, batches, forward, device)
+            for name, state in chunk:
+                if name not in grams:
+                    skipped[name] = "saw no input in the calibration batches"
+                    continue
+                rows = state.layout.to_rows(state.weight.detach()).float()
+                indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size)
+                chosen[name] = indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16)
+        for name, state in todo:
+            if name in chosen:
+                snapped = _value_sets(state).gather(1, chosen.pop(name).long())
+                state.weight.data.copy_(state.layout.from_rows(snapped).to(state.weight.dtype))
+    finally:
+        for state, enabled in flags:
+            state.dkm_enabled = enabled
+            state.forget()
+        model.train(training)
+    logger.info(f"dkm_hf: gptq_snap snapped {len(states) - len(skipped)} of {len(states)} DKM weights")
+    return skipped
+
+
+@torch.no_grad()
+def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
+    """X^T X (float32) of the inputs of every layer in `chunk` over `batches`, {name: (features, features)}."""
+    grams: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str, state: DKMWeight):
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if x is None or x.shape[-1] != state.layout.features:
+                raise ValueError(
+                    f"gptq_snap: {name}'s input does not end in its {state.layout.features} input features "
+                    f"(got {None if x is None else tuple(x.shape)})"
+                )
+            x = x.detach().reshape(-1, x.shape[-1]).float()
+            if name in grams:
+                grams[name].addmm_(x.t(), x)
+            else:
+                grams[name] = x.t() @ x
+
+        return hook
+
+    handles = [s.module.register_forward_pre_hook(hook_for(n, s), with_kwargs=True) for n, s in chunk]
+    try:
+        for batch in batches:
+            if forward is not None:
+                forward(model, batch)
+            else:
+                model(**_to(batch, device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams

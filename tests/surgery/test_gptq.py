@@ -1,0 +1,184 @@
+"""`gptq_snap`: the weights snapped onto their centroids with GPTQ's error compensation (`snap_rows` per weight)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import AUTO, tiny_inputs
+
+import dkm_hf
+from dkm_hf import DKMConfig
+from dkm_hf.surgery.gptq import snap_rows
+
+CONFIG = {
+    "bits": 2,
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "weight_threshold": 0,
+    "kmeans_restarts": 2,
+}
+
+
+def _batches(count: int = 3) -> list[dict]:
+    out = []
+    for i in range(count):
+        ids = tiny_inputs("llama", batch=2)["input_ids"].roll(i, 1)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _snap(rows, lut, hessian, **kwargs):
+    return lut.gather(1, snap_rows(rows, lut, hessian, **kwargs))
+
+
+def _nearest(rows: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    return lut.gather(1, (rows[:, :, None] - lut[:, None, :]).abs().argmin(-1))
+
+
+def test_snap_rows_is_the_optimal_brain_quantizer_on_two_features():
+    """Two features: the first snaps to its nearest value, and the second moves by the OBQ update
+    -(w_1 - q_1) [H^-1]_12 / [H^-1]_11 before it snaps (float64, no damping)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    lut = torch.randn(64, 4, generator=g, dtype=torch.float64).sort(1).values
+    a = torch.randn(2, 2, generator=g, dtype=torch.float64)
+    hessian = a @ a.t() + 0.5 * torch.eye(2, dtype=torch.float64)
+    inverse = torch.linalg.inv(hessian)
+    q1 = _nearest(rows[:, :1], lut)[:, 0]
+    moved = rows[:, 1] - (rows[:, 0] - q1) * inverse[0, 1] / inverse[0, 0]
+    q2 = _nearest(moved[:, None], lut)[:, 0]
+    out = _snap(rows, lut, hessian, damp=0.0).double()
+    snapped = _snap(rows.float(), lut.float(), hessian.float(), damp=0.0)
+    expected = torch.stack([q1, q2], 1)
+    torch.testing.assert_close(out, expected.float().double(), rtol=0, atol=1e-6)
+    assert (snapped.double() - expected).abs().max() < 1e-6
+    assert (q2 != _nearest(rows[:, 1:], lut)[:, 0]).any()  # the update changed some choices
+
+
+def test_snap_rows_with_uncorrelated_inputs_is_nearest_rounding():
+    """A diagonal H (inputs with uncorrelated features) spreads nothing: every weight goes to its nearest value; a
+    feature that never saw an input (H_jj = 0) too."""
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(16, 300, generator=g)
+    lut = torch.randn(16, 8, generator=g)
+    diagonal = torch.rand(300, generator=g) + 0.1
+    diagonal[[3, 150]] = 0
+    out = _snap(rows, lut, torch.diag(diagonal), block_size=64)
+    torch.testing.assert_close(out, _nearest(rows, lut), rtol=0, atol=0)
+
+
+def test_snap_rows_keeps_the_layer_output_closer_than_nearest_rounding():
+    """Correlated inputs: the output error ||X (W - Q)^T|| on the inputs H came from is well below nearest
+    rounding's, and every weight is one of its channel's values; blocks of any size give the same result."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 48, generator=g) @ torch.randn(48, 96, generator=g)  # rank 48 of 96 features
+    x += 0.05 * torch.randn(512, 96, generator=g)
+    rows = torch.randn(32, 96, generator=g)
+    lut = torch.quantile(rows, torch.linspace(0.05, 0.95, 8), dim=1).t().contiguous()  # (32, 8) per row
+    hessian = x.t() @ x
+    out = _snap(rows, lut, hessian)
+    nearest = _nearest(rows, lut)
+    gptq_error = (x @ (rows - out).t()).square().sum()
+    nearest_error = (x @ (rows - nearest).t()).square().sum()
+    assert gptq_error < 0.5 * nearest_error, (gptq_error, nearest_error)
+    assert ((out[:, :, None] - lut[:, None, :]).abs().amin(-1) == 0).all()
+    torch.testing.assert_close(_snap(rows, lut, hessian, block_size=7), out, rtol=0, atol=1e-5)
+
+
+def _hard_loss(model, batches) -> float:
+    model.eval()
+    with torch.no_grad():
+        return sum(model(**b).loss.item() for b in batches) / len(batches)
+
+
+@torch.no_grad()
+def _dense_inputs(model, batches, names) -> dict[str, torch.Tensor]:
+    """The inputs the dense model gives each named layer over `batches`, (tokens, features)."""
+    states = dict(dkm_hf.dkm_modules(model))
+    inputs = {name: [] for name in names}
+    hooks = [states[n].module.register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n in names]
+    for state in states.values():
+        state.dkm_enabled = False
+    model.eval()
+    for batch in batches:
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    for state in states.values():
+        state.dkm_enabled = True
+    return {name: torch.cat([t.reshape(-1, t.shape[-1]) for t in ts]) for name, ts in inputs.items()}
+
+
+def _output_error(model, inputs, dense, snapped) -> float:
+    """sum over the layers of ||X (W - W_snapped)^T||^2 on their dense inputs X."""
+    states = dict(dkm_hf.dkm_modules(model))
+    rows = {name: states[name].layout.to_rows(dense[name] - snapped[name]) for name in inputs}
+    return sum((inputs[name] @ rows[name].t()).square().sum().item() for name in inputs)
+
+
+@pytest.mark.parametrize("per_channel_scale", [False, True])
+def test_gptq_snap_on_a_tiny_llama(tiny_dir, per_channel_scale):
+    """Every Linear weight ends on its centroids (the hard model is the weight itself), the calibration loss of the
+    hard model is below nearest snapping's, the tied embedding / LM head are left and named, the model's mode and
+    clustering flags are restored, and chunks of H give the same weights as one pass."""
+    path = tiny_dir("llama")
+    config = DKMConfig(**CONFIG, per_channel_scale=per_channel_scale)
+    model = AUTO["llama"].from_pretrained(path, dkm_config=config)
+    before = _hard_loss(model, _batches())
+    linear = [name for name, _ in dkm_hf.dkm_modules(model) if name not in ("model.embed_tokens", "lm_head")]
+    inputs = _dense_inputs(model, _batches(), linear)
+    states = dict(dkm_hf.dkm_modules(model))
+    dense = {name: states[name].weight.detach().clone() for name in linear}
+    nearest = {name: states[name].hard_weight().clone() for name in linear}
+    twin = AUTO["llama"].from_pretrained(path, dkm_config=config)
+    model.train()
+    skipped = dkm_hf.gptq_snap(model, _batches())
+    assert model.training and all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))
+    names = dict(dkm_hf.dkm_modules(model))
+    assert set(skipped) == {"model.embed_tokens", "lm_head"} and "LUT" in skipped["lm_head"]
+    snapped = [name for name in names if name not in skipped]
+    assert len(snapped) == 7 * model.config.num_hidden_layers
+    for name in snapped:
+        state = names[name]
+        torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=1e-6)
+    after = _hard_loss(model, _batches())
+    assert after < before, (after, before)
+    gptq = {name: states[name].weight.detach().clone() for name in linear}
+    gptq_error, nearest_error = _output_error(model, inputs, dense, gptq), _output_error(model, inputs, dense, nearest)
+    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+    dkm_hf.gptq_snap(twin, _batches(), max_hessian_bytes=1)  # one layer per chunk
+    twins = dict(dkm_hf.dkm_modules(twin))
+    for name in snapped:
+        torch.testing.assert_close(twins[name].weight, names[name].weight, rtol=0, atol=0)
+
+
+def test_gptq_snap_on_gpt2_conv1d(tiny_dir):
+    """transformers' Conv1D stores (in, out): its rows are the columns, its features the input's last dimension."""
+    path = tiny_dir("gpt2")
+    model = AUTO["gpt2"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
+    ids = tiny_inputs("gpt2")["input_ids"]
+    batches = [{"input_ids": ids.roll(i, 1), "labels": ids.roll(i, 1)} for i in range(3)]
+    states = dict(dkm_hf.dkm_modules(model))
+    conv = [name for name, state in states.items() if state.layout.transposed]
+    inputs = _dense_inputs(model, batches, conv)
+    dense = {name: states[name].weight.detach().clone() for name in conv}
+    nearest = {name: states[name].hard_weight().clone() for name in conv}
+    skipped = dkm_hf.gptq_snap(model, batches)
+    assert conv and not any(name in skipped for name in conv)
+    for name in conv:
+        torch.testing.assert_close(states[name].hard_weight(), states[name].weight.detach(), rtol=0, atol=1e-6)
+    snapped = {name: states[name].weight.detach().clone() for name in conv}
+    assert _output_error(model, inputs, dense, snapped) < 0.8 * _output_error(model, inputs, dense, nearest)
+
+
+def test_gptq_snap_bad_input(tiny_dir):
+    path = tiny_dir("llama")
+    with pytest.raises(ValueError, match="no batch"):
+        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG)), [])
+    with pytest.raises(ValueError, match="DKM modules"):
+        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path), _batches())
+    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**CONFIG), init=False)
+    weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
+    with pytest.raises(ValueError, match="init_centroids"):
+        dkm_hf.gptq_snap(prepared, _batches())
+    assert all(torch.equal(p, weights[n]) for n, p in prepared.named_parameters())
