@@ -223,7 +223,7 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]
     control_name = "control: the recipe without clustering (lr 0.0003, 3 steps)"
-    assert names == ["dense", control_name, "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk"]
+    assert names == ["dense", control_name, "post-training k-means + GPTQ 4-bit", "DKM 4-bit, reloaded from disk"]
     # post-training k-means and DKM start from one k-means initialisation, importance-weighted by default
     assert [kind for kind, _ in initialised] == ["weighted"] and results["recipe"]["importance_batches"] == 16
     # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
@@ -292,12 +292,13 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     (tmp_path / "train.txt").write_text("\n\n".join(docs))
     import dkm_hf
 
-    calls, inits = [], []
+    calls, inits, drawn = [], [], []
     gradient_importance, init_centroids = dkm_hf.gradient_importance, dkm_hf.init_centroids
 
     def counted(model, batches):
         batches = list(batches)
         calls.append([tuple(b["input_ids"].shape) for b in batches])
+        drawn.append([b["input_ids"] for b in batches])
         return gradient_importance(model, batches)
 
     monkeypatch.setattr(dkm_hf, "gradient_importance", counted)
@@ -319,10 +320,17 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         return kmeans_init_many(vectors, k, importance=importance, **kwargs)
 
     monkeypatch.setattr(convert, "kmeans_init_many", kmeans_counted)
+    snapped, gptq_snap = [], dkm_hf.gptq_snap
+
+    def gptq_counted(model, batches):
+        snapped.append([b["input_ids"] for b in batches])
+        return gptq_snap(model, batches)
+
+    monkeypatch.setattr(dkm_hf, "gptq_snap", gptq_counted)
     argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
             str(tmp_path / "out"), "--bits", "4", "3", "--weight_threshold", "512", "--block_size", "16",
             "--eval_tokens", "64", "--max_steps", "1", "--new_tokens", "2", "--control", "false",
-            "--importance_batches", "2", "--per_device_train_batch_size", "3"]  # fmt: skip
+            "--importance_batches", "2", "--per_device_train_batch_size", "3", "--gptq_batches", "5"]  # fmt: skip
     results = clm.main(argv)
     # the weighted k-means is the only initialisation: no plain one at load first
     assert kmeans_runs and all(kmeans_runs)
@@ -338,9 +346,13 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     )
     assert set(weighted_loops[0]) == set(inits[0]) - {"model.embed_tokens"}
     assert [row["model"] for row in results["rows"]][1:] == [
-        "post-training k-means 4-bit", "DKM 4-bit, reloaded from disk",
-        "post-training k-means 3-bit", "DKM 3-bit, reloaded from disk",
+        "post-training k-means + GPTQ 4-bit", "DKM 4-bit, reloaded from disk",
+        "post-training k-means + GPTQ 3-bit", "DKM 3-bit, reloaded from disk",
     ]  # fmt: skip
+    # GPTQ at every width, on --gptq_batches batches of the same seeded draw as the importance's
+    assert len(snapped) == 2 and all([tuple(b.shape) for b in batches] == [(3, 16)] * 5 for batches in snapped)
+    assert all(torch.equal(a, b) for a, b in zip(snapped[0][:2], drawn[0], strict=True))
+    assert results["recipe"]["per_bits"]["3"]["gptq"] and results["recipe"]["per_bits"]["4"]["gptq"]
     # more batches asked for than the training set has: every block once, no empty batch
     argv[argv.index("--importance_batches") + 1] = "1000"
     del argv[argv.index("--bits") + 2]  # 4 bits only
@@ -354,7 +366,9 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     kmeans_runs.clear()
     results = clm.main(argv)
     assert results["recipe"]["importance_batches"] == 0 and len(calls) == 2 and len(weighted_loops) == 3
-    assert kmeans_runs and not any(kmeans_runs)
+    assert kmeans_runs and not any(kmeans_runs) and len(snapped) == 4  # GPTQ on the plain k-means' centroids too
+    results = clm.main(argv + ["--gptq", "false"])
+    assert len(snapped) == 4 and results["rows"][1]["model"] == "post-training k-means 4-bit"
 
 
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
@@ -362,26 +376,31 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     argv = ["--output_dir", str(tmp_path), "--max_steps", "3"]
     from dkm_common import parse_arguments
 
-    _, _, dkm_args, training_args = parse_arguments(
+    model_args, _, dkm_args, training_args = parse_arguments(
         clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS, argv
     )
-    four = clm.recipe_for(4, dkm_args, training_args, argv)
-    assert (four[1].learning_rate, four[1].max_steps) == (3e-4, 3)
-    assert four[0].config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
-    assert four[1].tau_end_ratio == 0.1  # 4 bits anneals tau too (DKMTrainer's default keeps it flat there)
+
+    def recipe(bits, extra=()):
+        return clm.recipe_for(bits, model_args, dkm_args, training_args, argv + list(extra))
+
+    four_model, four_dkm, four_train = recipe(4)
+    assert (four_train.learning_rate, four_train.max_steps) == (3e-4, 3)
+    assert four_dkm.config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
+    assert four_train.tau_end_ratio == 0.1  # 4 bits anneals tau too (DKMTrainer's default keeps it flat there)
+    assert four_model.gptq and model_args.gptq  # GPTQ's snapping at every width by default
     # an end given on the command line replaces the recipe's: as a ratio, or as one tau for every layer
-    assert clm.recipe_for(4, dkm_args, training_args, argv + ["--tau_end_ratio", "0.5"])[1].tau_end_ratio is None
-    assert clm.recipe_for(4, dkm_args, training_args, argv + ["--tau_end=0.001"])[1].tau_end_ratio is None
-    three_dkm, three_train = clm.recipe_for(3, dkm_args, training_args, argv)
+    assert recipe(4, ["--tau_end_ratio", "0.5"])[2].tau_end_ratio is None
+    assert recipe(4, ["--tau_end=0.001"])[2].tau_end_ratio is None
+    three_model, three_dkm, three_train = recipe(3)
     # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 30; the tau
     # is DKMConfig's default for 3 bits
-    assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3)
+    assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3) and three_model.gptq
     assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
     assert three_dkm.config(3).kmeans_restarts == 4  # the example's choice for per-row LUTs
     # the 8-bit embedding keeps its own bit width's tau
     assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.01
     # an option given on the command line is left as parsed
-    given = clm.recipe_for(3, dkm_args, training_args, argv + ["--learning_rate=1e-3"])[1]
+    given = recipe(3, ["--learning_rate=1e-3"])[2]
     assert given.learning_rate == training_args.learning_rate != 5e-4
 
 
