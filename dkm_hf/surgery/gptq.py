@@ -41,6 +41,7 @@ def snap_rows(
     hessian: torch.Tensor,
     damp: float = 0.01,
     block_size: int = 128,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ of one weight seen as (channels, features) rows onto per-channel value sets: the index of each weight's
     value, (C, F) int64.
@@ -48,10 +49,15 @@ def snap_rows(
     rows (C, F) float32; lut (C, k): the values each channel may take; hessian (F, F): X^T X of the inputs.
     Feature j is snapped to each channel's nearest value, and the error e = (w_j - q_j) / U_jj updates the features
     after it by -e U_j,j+1: (U: the upper Cholesky factor of (H + damp mean(diag H) I)^-1). Features that never see
-    an input (H_jj = 0) are snapped to their nearest value and spread nothing."""
+    an input (H_jj = 0) are snapped to their nearest value and spread nothing. `act_order`: the features in the order
+    of decreasing H_jj (the inputs of most energy first, while the most features are left to take their error)."""
     w = rows.detach().float().clone()
     features = w.shape[1]
     h = hessian.detach().float().clone()
+    order = None
+    if act_order:
+        order = h.diagonal().argsort(descending=True)
+        w, h = w[:, order], h[order][:, order]
     diagonal = h.diagonal()
     dead = diagonal == 0
     diagonal[dead] = 1.0
@@ -81,6 +87,8 @@ def snap_rows(
             block[:, j:].sub_(error[:, None] * u_block[j, j:][None, :])
             errors[:, j] = error
         w[:, end:].sub_(errors @ u[start:end, end:])
+    if order is not None:
+        out = torch.empty_like(out).index_copy_(1, order, out)
     return out
 
 
@@ -121,6 +129,7 @@ def gptq_snap(
     damp: float = 0.01,
     block_size: int = 128,
     max_hessian_bytes: int = 2**31,
+    act_order: bool = False,
 ) -> dict[str, str]:
     """Snap the weights of `model`'s Linear / Conv1D DKM weights onto their centroids with GPTQ's error compensation
     (see the module's docstring); returns {name: why it was left as it was} for the DKM weights not snapped.
@@ -169,7 +178,7 @@ def gptq_snap(
                     skipped[name] = "saw no input in the calibration batches"
                     continue
                 rows = state.layout.to_rows(state.weight.detach()).float()
-                indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size)
+                indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size, act_order)
                 chosen[name] = indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16)
         for name, state in todo:
             if name in chosen:
