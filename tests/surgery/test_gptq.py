@@ -190,3 +190,14 @@ def test_gptq_snap_bad_input(tiny_dir):
     with pytest.raises(ValueError, match="init_centroids"):
         dkm_hf.gptq_snap(prepared, _batches())
     assert all(torch.equal(p, weights[n]) for n, p in prepared.named_parameters())
+
+
+def test_gptq_snap_bfloat16_weights(tiny_dir):
+    """A bf16 model keeps bf16 weights, each on a centroid as the LUT stores it (its hard weight is the weight)."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG), dtype=torch.bfloat16)
+    skipped = dkm_hf.gptq_snap(model, _batches())
+    snapped = [(name, state) for name, state in dkm_hf.dkm_modules(model) if name not in skipped]
+    assert len(snapped) == 7 * model.config.num_hidden_layers
+    for name, state in snapped:
+        assert state.weight.dtype == torch.bfloat16, name
+        torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=0)
