@@ -198,3 +198,24 @@ def test_bf16_llama_trains_and_health_logs_on_cuda(tiny_dir, tmp_path):
     with torch.no_grad():
         inputs = {k: v.cuda() for k, v in tiny_inputs("llama").items()}
         assert torch.equal(reloaded(**inputs).logits, dkm_hf.palettize(model)(**inputs).logits)
+
+
+def test_gptq_snap_on_cuda(tiny_dir):
+    """GPTQ's snapping on the GPU: the same choices as on the CPU up to float reordering (at most 1% of the weights),
+    every weight on a centroid, the weights still on the GPU."""
+    config = DKMConfig(bits=2, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+    path = tiny_dir("llama")
+    batches = [{"input_ids": tiny_inputs("llama")["input_ids"].roll(i, 1)} for i in range(3)]
+    cpu = AUTO["llama"].from_pretrained(path, dkm_config=config)
+    gpu = AUTO["llama"].from_pretrained(path, dkm_config=config).cuda()
+    skipped = dkm_hf.gptq_snap(cpu, batches)
+    assert dkm_hf.gptq_snap(gpu, batches) == skipped
+    cpu_states, differing, total = dict(dkm_hf.dkm_modules(cpu)), 0, 0
+    for name, state in dkm_hf.dkm_modules(gpu):
+        if name in skipped:
+            continue
+        assert state.weight.is_cuda
+        torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=0)
+        differing += int((state.weight.detach().cpu() != cpu_states[name].weight.detach()).sum())
+        total += state.weight.numel()
+    assert differing <= total // 100, (differing, total)
