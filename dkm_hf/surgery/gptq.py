@@ -73,7 +73,9 @@ def snap_rows(
                 break
             u = None
     if u is None:
-        raise ValueError(f"gptq_snap: the inputs' Gram matrix is not positive definite even with damping {damp * 1e3}")
+        raise ValueError(
+            f"the inputs' Gram matrix is not positive definite even with {damp * 1e3:g} x its mean diagonal added"
+        )
     out = torch.empty(w.shape, dtype=torch.long, device=w.device)
     for start in range(0, features, block_size):
         end = min(start + block_size, features)
@@ -178,7 +180,10 @@ def gptq_snap(
                     skipped[name] = "saw no input in the calibration batches"
                     continue
                 rows = state.layout.to_rows(state.weight.detach()).float()
-                indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size, act_order)
+                try:
+                    indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size, act_order)
+                except ValueError as error:  # nothing has changed yet: the choices are applied after all are made
+                    raise ValueError(f"gptq_snap: {name}: {error}") from None
                 chosen[name] = indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16)
         for name, state in todo:
             if name in chosen:

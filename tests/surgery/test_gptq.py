@@ -201,3 +201,11 @@ def test_gptq_snap_bfloat16_weights(tiny_dir):
     for name, state in snapped:
         assert state.weight.dtype == torch.bfloat16, name
         torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=0)
+
+
+def test_snap_rows_refuses_a_gram_matrix_that_damping_cannot_fix():
+    """A Gram matrix with NaN (inputs that overflowed) is refused with a ValueError that says so."""
+    hessian = torch.eye(4)
+    hessian[1, 2] = hessian[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="not positive definite"):
+        snap_rows(torch.randn(3, 4), torch.randn(3, 2), hessian)
