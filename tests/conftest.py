@@ -126,6 +126,26 @@ def tiny_inputs(name: str, batch: int = 2) -> dict:
     return {"input_ids": torch.randint(1, 99, (batch, 9), generator=g)}
 
 
+# One 2-bit LUT per output row of every weight, whatever its size: the layout LLMs use, on the tiny models.
+PER_ROW_2BIT = {
+    "bits": 2,
+    "granularity": "per_grouped_channel",
+    "group_size": 1,
+    "weight_threshold": 0,
+    "kmeans_restarts": 2,
+}
+
+
+def tiny_lm_batches(count: int = 3, name: str = "llama") -> list[dict]:
+    """`count` language-model batches for the tiny `name` model: tiny_inputs' tokens rolled by 0..count-1, the
+    same tokens as labels."""
+    out = []
+    for i in range(count):
+        ids = tiny_inputs(name, batch=2)["input_ids"].roll(i, 1)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
 @pytest.fixture
 def tiny_dir(tmp_path):
     return lambda name: save_tiny(name, tmp_path / name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accuracy import assert_as_accurate_as_reference, rel, run
-from conftest import AUTO, U, assert_within, tiny_inputs
+from conftest import AUTO, PER_ROW_2BIT, U, assert_within, tiny_inputs, tiny_lm_batches
 from reference import weights
 from torch import nn
 
@@ -203,9 +203,7 @@ def test_bf16_llama_trains_and_health_logs_on_cuda(tiny_dir, tmp_path):
 def test_gptq_snap_on_cuda(tiny_dir):
     """GPTQ's snapping on the GPU: the same choices as on the CPU up to float reordering (at most 1% of the weights),
     every weight on a centroid, the weights still on the GPU."""
-    config = DKMConfig(bits=2, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
-    path = tiny_dir("llama")
-    batches = [{"input_ids": tiny_inputs("llama")["input_ids"].roll(i, 1)} for i in range(3)]
+    config, path, batches = DKMConfig(**PER_ROW_2BIT), tiny_dir("llama"), tiny_lm_batches()
     cpu = AUTO["llama"].from_pretrained(path, dkm_config=config)
     gpu = AUTO["llama"].from_pretrained(path, dkm_config=config).cuda()
     skipped = dkm_hf.gptq_snap(cpu, batches)

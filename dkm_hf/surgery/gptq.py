@@ -156,11 +156,14 @@ def gptq_snap(
     skipped = {name: why for name, state in states if (why := _supported(state, tied)) is not None}
     todo = [(name, state) for name, state in states if name not in skipped]
     chunks: list[list[tuple[str, DKMWeight]]] = [[]]
+    used = 0  # bytes of H in the last chunk
     for name, state in todo:
         size = 4 * state.layout.features**2
-        if chunks[-1] and sum(4 * s.layout.features**2 for _, s in chunks[-1]) + size > max_hessian_bytes:
+        if chunks[-1] and used + size > max_hessian_bytes:
             chunks.append([])
+            used = 0
         chunks[-1].append((name, state))
+        used += size
     device = next(model.parameters()).device
     flags = [(state, state.dkm_enabled) for _, state in states]
     training = model.training
@@ -169,8 +172,9 @@ def gptq_snap(
             state.dkm_enabled = False
             state.forget()
         model.eval()
-        # every chunk sees the dense model's inputs: the choices (one byte per weight) are kept until all are made
-        chosen: dict[str, torch.Tensor] = {}
+        # every chunk sees the dense model's inputs: the choices (one byte per weight, with each row's values) are
+        # kept until all are made
+        chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for chunk in chunks:
             if not chunk:
                 continue
@@ -179,15 +183,16 @@ def gptq_snap(
                 if name not in grams:
                     skipped[name] = "saw no input in the calibration batches"
                     continue
-                rows = state.layout.to_rows(state.weight.detach()).float()
+                rows, values = state.layout.to_rows(state.weight.detach()).float(), _value_sets(state)
                 try:
-                    indices = snap_rows(rows, _value_sets(state), grams.pop(name), damp, block_size, act_order)
+                    indices = snap_rows(rows, values, grams.pop(name), damp, block_size, act_order)
                 except ValueError as error:  # nothing has changed yet: the choices are applied after all are made
                     raise ValueError(f"gptq_snap: {name}: {error}") from None
-                chosen[name] = indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16)
+                chosen[name] = (indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16), values)
         for name, state in todo:
             if name in chosen:
-                snapped = _value_sets(state).gather(1, chosen.pop(name).long())
+                indices, values = chosen.pop(name)
+                snapped = values.gather(1, indices.long())
                 state.weight.data.copy_(state.layout.from_rows(snapped).to(state.weight.dtype))
     finally:
         for state, enabled in flags:

@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
     # memory it would be one more float32 copy of the model during each DKM phase
     importance_file = None
     for index, bits in enumerate(dkm_args.bits):
-        recipe = recipe_for(bits, model_args, dkm_args, training_args, argv)
-        bits_model_args, bits_dkm_args, bits_training_args = recipe
+        bits_model_args, bits_dkm_args, bits_training_args = recipe_for(
+            bits, model_args, dkm_args, training_args, argv
+        )
         config = bits_dkm_args.config(bits)
         lr, steps = bits_training_args.learning_rate, bits_training_args.max_steps
         results["recipe"].setdefault("per_bits", {})[str(bits)] = {

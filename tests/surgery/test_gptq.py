@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUTO, tiny_inputs
+from conftest import AUTO, PER_ROW_2BIT, tiny_lm_batches
 
 import dkm_hf
 from dkm_hf import DKMConfig
 from dkm_hf.surgery.gptq import snap_rows
-
-CONFIG = {
-    "bits": 2,
-    "granularity": "per_grouped_channel",
-    "group_size": 1,
-    "weight_threshold": 0,
-    "kmeans_restarts": 2,
-}
-
-
-def _batches(count: int = 3) -> list[dict]:
-    out = []
-    for i in range(count):
-        ids = tiny_inputs("llama", batch=2)["input_ids"].roll(i, 1)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def _snap(rows, lut, hessian, **kwargs):
@@ -130,17 +114,17 @@ def test_gptq_snap_on_a_tiny_llama(tiny_dir, per_channel_scale):
     hard model is below nearest snapping's, the tied embedding / LM head are left and named, the model's mode and
     clustering flags are restored, and chunks of H give the same weights as one pass."""
     path = tiny_dir("llama")
-    config = DKMConfig(**CONFIG, per_channel_scale=per_channel_scale)
+    config = DKMConfig(**PER_ROW_2BIT, per_channel_scale=per_channel_scale)
     model = AUTO["llama"].from_pretrained(path, dkm_config=config)
-    before = _hard_loss(model, _batches())
+    before = _hard_loss(model, tiny_lm_batches())
     linear = [name for name, _ in dkm_hf.dkm_modules(model) if name not in ("model.embed_tokens", "lm_head")]
-    inputs = _dense_inputs(model, _batches(), linear)
+    inputs = _dense_inputs(model, tiny_lm_batches(), linear)
     states = dict(dkm_hf.dkm_modules(model))
     dense = {name: states[name].weight.detach().clone() for name in linear}
     nearest = {name: states[name].hard_weight().clone() for name in linear}
     twin = AUTO["llama"].from_pretrained(path, dkm_config=config)
     model.train()
-    skipped = dkm_hf.gptq_snap(model, _batches())
+    skipped = dkm_hf.gptq_snap(model, tiny_lm_batches())
     assert model.training and all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))
     names = dict(dkm_hf.dkm_modules(model))
     assert set(skipped) == {"model.embed_tokens", "lm_head"} and "LUT" in skipped["lm_head"]
@@ -149,12 +133,12 @@ def test_gptq_snap_on_a_tiny_llama(tiny_dir, per_channel_scale):
     for name in snapped:
         state = names[name]
         torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=1e-6)
-    after = _hard_loss(model, _batches())
+    after = _hard_loss(model, tiny_lm_batches())
     assert after < before, (after, before)
     gptq = {name: states[name].weight.detach().clone() for name in linear}
     gptq_error, nearest_error = _output_error(model, inputs, dense, gptq), _output_error(model, inputs, dense, nearest)
     assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
-    dkm_hf.gptq_snap(twin, _batches(), max_hessian_bytes=1)  # one layer per chunk
+    dkm_hf.gptq_snap(twin, tiny_lm_batches(), max_hessian_bytes=1)  # one layer per chunk
     twins = dict(dkm_hf.dkm_modules(twin))
     for name in snapped:
         torch.testing.assert_close(twins[name].weight, names[name].weight, rtol=0, atol=0)
@@ -163,9 +147,8 @@ def test_gptq_snap_on_a_tiny_llama(tiny_dir, per_channel_scale):
 def test_gptq_snap_on_gpt2_conv1d(tiny_dir):
     """transformers' Conv1D stores (in, out): its rows are the columns, its features the input's last dimension."""
     path = tiny_dir("gpt2")
-    model = AUTO["gpt2"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
-    ids = tiny_inputs("gpt2")["input_ids"]
-    batches = [{"input_ids": ids.roll(i, 1), "labels": ids.roll(i, 1)} for i in range(3)]
+    model = AUTO["gpt2"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
+    batches = tiny_lm_batches(name="gpt2")
     states = dict(dkm_hf.dkm_modules(model))
     conv = [name for name, state in states.items() if state.layout.transposed]
     inputs = _dense_inputs(model, batches, conv)
@@ -182,20 +165,21 @@ def test_gptq_snap_on_gpt2_conv1d(tiny_dir):
 def test_gptq_snap_bad_input(tiny_dir):
     path = tiny_dir("llama")
     with pytest.raises(ValueError, match="no batch"):
-        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG)), [])
+        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT)), [])
     with pytest.raises(ValueError, match="DKM modules"):
-        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path), _batches())
-    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**CONFIG), init=False)
+        dkm_hf.gptq_snap(AUTO["llama"].from_pretrained(path), tiny_lm_batches())
+    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**PER_ROW_2BIT), init=False)
     weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
     with pytest.raises(ValueError, match="init_centroids"):
-        dkm_hf.gptq_snap(prepared, _batches())
+        dkm_hf.gptq_snap(prepared, tiny_lm_batches())
     assert all(torch.equal(p, weights[n]) for n, p in prepared.named_parameters())
 
 
 def test_gptq_snap_bfloat16_weights(tiny_dir):
     """A bf16 model keeps bf16 weights, each on a centroid as the LUT stores it (its hard weight is the weight)."""
-    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG), dtype=torch.bfloat16)
-    skipped = dkm_hf.gptq_snap(model, _batches())
+    config = DKMConfig(**PER_ROW_2BIT)
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=config, dtype=torch.bfloat16)
+    skipped = dkm_hf.gptq_snap(model, tiny_lm_batches())
     snapped = [(name, state) for name, state in dkm_hf.dkm_modules(model) if name not in skipped]
     assert len(snapped) == 7 * model.config.num_hidden_layers
     for name, state in snapped:

@@ -5,44 +5,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import AUTO, tiny_inputs
+from conftest import AUTO, PER_ROW_2BIT, tiny_lm_batches
 
 import dkm_hf
 from dkm_hf import DKMConfig
 from dkm_hf.ops.kmeans import kmeans_init
-
-CONFIG = {
-    "bits": 2,
-    "granularity": "per_grouped_channel",
-    "group_size": 1,
-    "weight_threshold": 0,
-    "kmeans_restarts": 2,
-}
-
-
-def _batches(count: int = 3) -> list[dict]:
-    out = []
-    for i in range(count):
-        ids = tiny_inputs("llama", batch=2)["input_ids"].roll(i, 1)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def test_gradient_importance_is_the_dense_models_summed_squared_gradients(tiny_dir):
     """Equal to the sum of squared gradients of the same model without DKM (the same kernels in the same order);
     the model's mode, clustering, requires_grad and .grad are as they were."""
     path = tiny_dir("llama")
-    model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
+    model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
     model.train()
     norm = dict(model.named_parameters())["model.norm.weight"]
     norm.requires_grad_(False)
     marker = torch.ones_like(norm)
     norm.grad = marker
-    importance = dkm_hf.gradient_importance(model, _batches())
+    importance = dkm_hf.gradient_importance(model, tiny_lm_batches())
 
     dense = AUTO["llama"].from_pretrained(path).eval()
     expected = {}
-    for batch in _batches():
+    for batch in tiny_lm_batches():
         dense.zero_grad()
         dense(**batch).loss.backward()
         for name, p in dense.named_parameters():
@@ -61,10 +45,10 @@ def test_init_centroids_with_importance(tiny_dir):
     """Each weight's centroids are its importance-weighted k-means (what `kmeans_init` gives its vectors); weights
     without an entry keep the plain k-means of loading; a tied weight's entry serves its source; an unknown name is
     refused before anything changes."""
-    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
     states = dict(dkm_hf.dkm_modules(model))
     plain = {name: s.centroids.clone() for name, s in states.items() if s.tied_source is None}
-    importance = dkm_hf.gradient_importance(model, _batches())
+    importance = dkm_hf.gradient_importance(model, tiny_lm_batches())
     with pytest.raises(ValueError, match="not DKM-clustered"):
         dkm_hf.init_centroids(model, {"model.layers.0.nonexistent": importance["model.embed_tokens"]})
     assert all(torch.equal(states[n].centroids, c) for n, c in plain.items())
@@ -90,9 +74,9 @@ def test_init_centroids_with_importance(tiny_dir):
 
 
 def test_importance_bad_input(tiny_dir):
-    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
     with pytest.raises(ValueError, match="returned no loss"):
-        dkm_hf.gradient_importance(model, [{"input_ids": _batches(1)[0]["input_ids"]}])
+        dkm_hf.gradient_importance(model, [{"input_ids": tiny_lm_batches(1)[0]["input_ids"]}])
     assert all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))  # restored after the error
     with pytest.raises(ValueError, match="gave no batch"):
         dkm_hf.gradient_importance(model, [])
@@ -100,7 +84,7 @@ def test_importance_bad_input(tiny_dir):
         dkm_hf.init_centroids(model, {"model.layers.0.mlp.down_proj": torch.ones(3, 3)})
     dense = AUTO["llama"].from_pretrained(tiny_dir("llama"))
     with pytest.raises(ValueError, match="no DKM-clustered weight"):
-        dkm_hf.gradient_importance(dense, _batches(1))
+        dkm_hf.gradient_importance(dense, tiny_lm_batches(1))
     with pytest.raises(ValueError, match="needs a model with DKM modules"):
         dkm_hf.init_centroids(dense)
 
@@ -112,8 +96,8 @@ def test_set_importance_weighs_the_dkm_loop(tiny_dir):
     from dkm_hf.ops.dkm import dkm_cluster
     from dkm_hf.ops.kmeans import sample_weights
 
-    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**CONFIG))
-    importance = dkm_hf.gradient_importance(model, _batches())
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
+    importance = dkm_hf.gradient_importance(model, tiny_lm_batches())
     states = dict(dkm_hf.dkm_modules(model))
     name = "model.layers.0.mlp.down_proj"
     assert dkm_hf.set_importance(model, {name: importance[name], "lm_head": importance["model.embed_tokens"]}) is model
@@ -148,11 +132,11 @@ def test_weighted_initialisation_without_a_plain_kmeans_first(tiny_dir):
     it, and the weighted `init_centroids` gives the centroids the same model loaded with dkm_config= (a plain k-means
     at load, then replaced) gets; its importance is that model's too."""
     path = tiny_dir("llama")
-    loaded = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**CONFIG))
-    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**CONFIG), init=False)
+    loaded = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
+    prepared = dkm_hf.prepare(AUTO["llama"].from_pretrained(path), DKMConfig(**PER_ROW_2BIT), init=False)
     assert not any(state.dkm_ready for _, state in dkm_hf.dkm_modules(prepared) if state.tied_source is None)
-    importance = dkm_hf.gradient_importance(prepared, _batches())
-    expected = dkm_hf.gradient_importance(loaded, _batches())
+    importance = dkm_hf.gradient_importance(prepared, tiny_lm_batches())
+    expected = dkm_hf.gradient_importance(loaded, tiny_lm_batches())
     assert sorted(importance) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(importance[name], expected[name], rtol=0, atol=0)
@@ -164,5 +148,5 @@ def test_weighted_initialisation_without_a_plain_kmeans_first(tiny_dir):
         if state.tied_source is not None:
             continue
         torch.testing.assert_close(state.centroids, states[name].centroids, rtol=0, atol=0)
-    ids = _batches(1)[0]["input_ids"]
+    ids = tiny_lm_batches(1)[0]["input_ids"]
     torch.testing.assert_close(prepared.eval()(ids).logits, loaded.eval()(ids).logits, rtol=0, atol=0)
