@@ -320,11 +320,12 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         return kmeans_init_many(vectors, k, importance=importance, **kwargs)
 
     monkeypatch.setattr(convert, "kmeans_init_many", kmeans_counted)
-    snapped, gptq_snap = [], dkm_hf.gptq_snap
+    snapped, given_hessians, gptq_snap = [], [], dkm_hf.gptq_snap
 
-    def gptq_counted(model, batches):
+    def gptq_counted(model, batches, hessians):
         snapped.append([b["input_ids"] for b in batches])
-        return gptq_snap(model, batches)
+        given_hessians.append(dict(hessians))
+        return gptq_snap(model, batches, hessians=hessians)
 
     monkeypatch.setattr(dkm_hf, "gptq_snap", gptq_counted)
     argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
@@ -353,6 +354,9 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     assert len(snapped) == 2 and all([tuple(b.shape) for b in batches] == [(3, 16)] * 5 for batches in snapped)
     assert all(torch.equal(a, b) for a, b in zip(snapped[0][:2], drawn[0], strict=True))
     assert results["recipe"]["per_bits"]["3"]["gptq"] and results["recipe"]["per_bits"]["4"]["gptq"]
+    # the first width computes the Gram matrices, the second reads them back from the output folder
+    assert given_hessians[0] == {} and "model.layers.0.mlp.up_proj" in given_hessians[1]
+    assert (tmp_path / "out" / "gptq-hessians-5.safetensors").is_file()
     # more batches asked for than the training set has: every block once, no empty batch
     argv[argv.index("--importance_batches") + 1] = "1000"
     del argv[argv.index("--bits") + 2]  # 4 bits only

@@ -132,6 +132,7 @@ def gptq_snap(
     block_size: int = 128,
     max_hessian_bytes: int = 2**31,
     act_order: bool = False,
+    hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, str]:
     """Snap the weights of `model`'s Linear / Conv1D DKM weights onto their centroids with GPTQ's error compensation
     (see the module's docstring); returns {name: why it was left as it was} for the DKM weights not snapped.
@@ -139,7 +140,12 @@ def gptq_snap(
     `batches`: a re-iterable of dicts of model inputs (tensors are moved to the model's device; labels are harmless),
     or of anything `forward(model, batch)` runs the model on; the model runs in eval mode with its clustering off
     (the dense weights' inputs), under no_grad; its mode and clustering flags are restored. Run it after the centroids
-    are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it."""
+    are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it.
+
+    `hessians`: a dict kept between calls on models of the same dense weights (e.g. one per bit width): the Gram
+    matrices it holds (by weight name) are used instead of a pass over the batches, and those computed are added to
+    it, so a second call with every name in it runs no forward pass. The caller owns it (its size: features^2
+    float32 per weight) and drops it when done."""
     batches = batches if isinstance(batches, (list, tuple)) else list(batches)
     if not batches:
         raise ValueError("gptq_snap: `batches` gave no batch")
@@ -155,9 +161,18 @@ def gptq_snap(
     tied = {id(state.tied_source) for _, state in states if state.tied_source is not None}
     skipped = {name: why for name, state in states if (why := _supported(state, tied)) is not None}
     todo = [(name, state) for name, state in states if name not in skipped]
+    cached = {} if hessians is None else hessians
+    for name, state in todo:
+        if name in cached and tuple(cached[name].shape) != (state.layout.features,) * 2:
+            raise ValueError(
+                f"gptq_snap: hessians[{name!r}] is {tuple(cached[name].shape)}, the weight has "
+                f"{state.layout.features} input features: the dict belongs to another model"
+            )
     chunks: list[list[tuple[str, DKMWeight]]] = [[]]
     used = 0  # bytes of H in the last chunk
     for name, state in todo:
+        if name in cached:
+            continue
         size = 4 * state.layout.features**2
         if chunks[-1] and used + size > max_hessian_bytes:
             chunks.append([])
@@ -175,17 +190,21 @@ def gptq_snap(
         # every chunk sees the dense model's inputs: the choices (one byte per weight, with each row's values) are
         # kept until all are made
         chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for chunk in chunks:
-            if not chunk:
-                continue
-            grams = _grams(model, chunk, batches, forward, device)
+        ready = [(name, state) for name, state in todo if name in cached]  # no pass over the batches for these
+        for chunk in ([ready] if ready else []) + [c for c in chunks if c]:
+            if chunk is ready:
+                grams = {name: cached[name] for name, _ in chunk}
+            else:
+                grams = _grams(model, chunk, batches, forward, device)
+                if hessians is not None:
+                    hessians.update(grams)
             for name, state in chunk:
                 if name not in grams:
                     skipped[name] = "saw no input in the calibration batches"
                     continue
                 rows, values = state.layout.to_rows(state.weight.detach()).float(), _value_sets(state)
                 try:
-                    indices = snap_rows(rows, values, grams.pop(name), damp, block_size, act_order)
+                    indices = snap_rows(rows, values, grams.pop(name).to(rows.device), damp, block_size, act_order)
                 except ValueError as error:  # nothing has changed yet: the choices are applied after all are made
                     raise ValueError(f"gptq_snap: {name}: {error}") from None
                 chosen[name] = (indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16), values)
@@ -205,8 +224,10 @@ def gptq_snap(
 
 @torch.no_grad()
 def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
-    """X^T X (float32) of the inputs of every layer in `chunk` over `batches`, {name: (features, features)}."""
+    """X^T X (float32) of the inputs of every layer in `chunk` over `batches`, {name: (features, features)}. Layers
+    fed the same tensor in one forward pass (q / k / v, gate / up) share one product per batch."""
     grams: dict[str, torch.Tensor] = {}
+    products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, X^T X), for one batch
 
     def hook_for(name: str, state: DKMWeight):
         def hook(module, args, kwargs):
@@ -216,22 +237,27 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
                     f"gptq_snap: {name}'s input does not end in its {state.layout.features} input features "
                     f"(got {None if x is None else tuple(x.shape)})"
                 )
-            x = x.detach().reshape(-1, x.shape[-1]).float()
+            seen = products.get(id(x))
+            if seen is None or seen[0] is not x:
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                seen = products[id(x)] = (x, flat.t() @ flat)
             if name in grams:
-                grams[name].addmm_(x.t(), x)
+                grams[name].add_(seen[1])
             else:
-                grams[name] = x.t() @ x
+                grams[name] = seen[1].clone()
 
         return hook
 
     handles = [s.module.register_forward_pre_hook(hook_for(n, s), with_kwargs=True) for n, s in chunk]
     try:
         for batch in batches:
+            products.clear()
             if forward is not None:
                 forward(model, batch)
             else:
                 model(**_to(batch, device))
     finally:
+        products.clear()
         for handle in handles:
             handle.remove()
     return grams

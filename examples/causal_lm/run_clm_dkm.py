@@ -16,7 +16,8 @@ What it does, top to bottom:
      the dense model's squared gradients over N training batches, computed once for every bit width (written to
      importance.safetensors in the output folder for the widths after the first); with --gptq (on by default) the
      Linear weights are then snapped onto their centroids with GPTQ's error compensation over the inputs
-     of --gptq_batches training batches (dkm_hf.gptq_snap), the start of both this row and the next
+     of --gptq_batches training batches (dkm_hf.gptq_snap), the start of both this row and the next (their Gram
+     matrices computed once, kept in gptq-hessians-N.safetensors for the widths after the first)
   5. DKM fine-tuning with DKMTrainer (--distill: from the dense model), the palettized checkpoint saved and reloaded
   6. results.json / results.md: perplexity on both texts with its ratio to the dense model and to the control,
      checkpoint size, train time, peak RSS, a short greedy generation from every model, and one line per DKM row on
@@ -333,6 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
     # the importance of the dense weights, computed once for every bit width and kept on disk until the next one: in
     # memory it would be one more float32 copy of the model during each DKM phase
     importance_file = None
+    hessian_files: dict[int, Path] = {}  # GPTQ's Gram matrices by calibration batch count
     for index, bits in enumerate(dkm_args.bits):
         bits_model_args, bits_dkm_args, bits_training_args = recipe_for(
             bits, model_args, dkm_args, training_args, argv
@@ -385,8 +387,15 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)
         if bits_model_args.gptq:
-            batches = calibration(model_args.gptq_batches, bits_training_args.per_device_train_batch_size)
-            dkm_hf.gptq_snap(model, [{"input_ids": b} for b in batches])
+            count = bits_model_args.gptq_batches
+            batches = calibration(count, bits_training_args.per_device_train_batch_size)
+            # the Gram matrices of the dense model's layer inputs serve every width: computed once, on disk between
+            hessians = safetensors.torch.load_file(hessian_files[count]) if count in hessian_files else {}
+            dkm_hf.gptq_snap(model, [{"input_ids": b} for b in batches], hessians=hessians)
+            if count not in hessian_files and index + 1 < len(dkm_args.bits):
+                hessian_files[count] = out / f"gptq-hessians-{count}.safetensors"
+                safetensors.torch.save_file(hessians, hessian_files[count])
+            del hessians
         if model_args.importance_batches > 0:
             # the per-row LUTs' loop only: the 8-bit per-tensor embedding runs the uniquified path (attention per
             # distinct 16-bit value, 256 centroids), which has no per-weight sample weights

@@ -193,3 +193,58 @@ def test_snap_rows_refuses_a_gram_matrix_that_damping_cannot_fix():
     hessian[1, 2] = hessian[2, 1] = float("nan")
     with pytest.raises(ValueError, match="not positive definite"):
         snap_rows(torch.randn(3, 4), torch.randn(3, 2), hessian)
+
+
+def test_gptq_grams_shared_by_layers_of_one_input(tiny_dir):
+    """q / k / v and gate / up read one tensor: their Gram matrices are that tensor's X^T X, computed by hand."""
+    from dkm_hf.surgery.gptq import _grams
+
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
+    states = dict(dkm_hf.dkm_modules(model))
+    layer = "model.layers.0"
+    names = [f"{layer}.self_attn.{p}_proj" for p in "qkvo"] + [f"{layer}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    inputs = _dense_inputs(model, tiny_lm_batches(), names)
+    for state in states.values():
+        state.dkm_enabled = False
+    model.eval()
+    grams = _grams(model, [(n, states[n]) for n in names], tiny_lm_batches(), None, torch.device("cpu"))
+    for name in names:
+        x = inputs[name].float()
+        torch.testing.assert_close(grams[name], x.t() @ x, rtol=1e-5, atol=1e-4)
+    q, gate = grams[f"{layer}.self_attn.q_proj"], grams[f"{layer}.mlp.gate_proj"]
+    assert torch.equal(grams[f"{layer}.self_attn.k_proj"], q) and torch.equal(grams[f"{layer}.self_attn.v_proj"], q)
+    assert torch.equal(grams[f"{layer}.mlp.up_proj"], gate)
+    assert grams[f"{layer}.self_attn.k_proj"].data_ptr() != q.data_ptr()  # each layer owns its matrix
+
+
+def test_gptq_snap_reuses_the_hessians_it_is_given(tiny_dir):
+    """A dict passed as `hessians` collects every snapped weight's Gram matrix; a second model of the same dense
+    weights (another bit width) snapped with it runs no forward pass and gets what a pass of its own gives; a
+    matrix of the wrong size is refused naming the weight, before anything changes."""
+    path = tiny_dir("llama")
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        model(**batch)
+
+    hessians: dict[str, torch.Tensor] = {}
+    first = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
+    skipped = dkm_hf.gptq_snap(first, tiny_lm_batches(), forward=forward, hessians=hessians)
+    snapped = [name for name, _ in dkm_hf.dkm_modules(first) if name not in skipped]
+    assert sorted(hessians) == sorted(snapped) and len(calls) == len(tiny_lm_batches())
+    saved = {name: h.clone() for name, h in hessians.items()}
+    config = DKMConfig(**{**PER_ROW_2BIT, "bits": 3})
+    cached, fresh = (AUTO["llama"].from_pretrained(path, dkm_config=config) for _ in range(2))
+    calls.clear()
+    assert dkm_hf.gptq_snap(cached, tiny_lm_batches(), forward=forward, hessians=hessians) == skipped
+    assert not calls and all(torch.equal(hessians[n], saved[n]) for n in saved)  # used, not consumed or changed
+    dkm_hf.gptq_snap(fresh, tiny_lm_batches())
+    ours, theirs = dict(dkm_hf.dkm_modules(cached)), dict(dkm_hf.dkm_modules(fresh))
+    for name in snapped:
+        torch.testing.assert_close(ours[name].weight, theirs[name].weight, rtol=0, atol=0)
+    wrong = {**saved, snapped[0]: torch.eye(3)}
+    weights = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    with pytest.raises(ValueError, match=f"{snapped[0]}.*input features"):
+        dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=wrong)
+    assert all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
