@@ -22,7 +22,7 @@ chunks of at most `max_hessian_bytes` of H, each chunk with one pass over the ca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 
 import torch
 from torch import nn
@@ -161,12 +161,18 @@ def gptq_snap(
     tied = {id(state.tied_source) for _, state in states if state.tied_source is not None}
     skipped = {name: why for name, state in states if (why := _supported(state, tied)) is not None}
     todo = [(name, state) for name, state in states if name not in skipped]
+    if hessians is not None and not isinstance(hessians, MutableMapping):
+        raise ValueError(f"gptq_snap: `hessians` must be a dict of weight name -> Gram matrix, got {type(hessians)}")
     cached = {} if hessians is None else hessians
     for name, state in todo:
-        if name in cached and tuple(cached[name].shape) != (state.layout.features,) * 2:
+        given = cached.get(name)
+        if given is not None and not (
+            isinstance(given, torch.Tensor) and tuple(given.shape) == (state.layout.features,) * 2
+        ):
+            shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
             raise ValueError(
-                f"gptq_snap: hessians[{name!r}] is {tuple(cached[name].shape)}, the weight has "
-                f"{state.layout.features} input features: the dict belongs to another model"
+                f"gptq_snap: hessians[{name!r}] is {shape}, not the ({state.layout.features}, "
+                f"{state.layout.features}) Gram matrix of the weight's input features: from another model"
             )
     chunks: list[list[tuple[str, DKMWeight]]] = [[]]
     used = 0  # bytes of H in the last chunk

@@ -247,4 +247,8 @@ def test_gptq_snap_reuses_the_hessians_it_is_given(tiny_dir):
     weights = {n: p.detach().clone() for n, p in fresh.named_parameters()}
     with pytest.raises(ValueError, match=f"{snapped[0]}.*input features"):
         dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=wrong)
+    with pytest.raises(ValueError, match=f"{snapped[0]}.*list"):
+        dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians={**saved, snapped[0]: [[1.0]]})
+    with pytest.raises(ValueError, match="must be a dict"):
+        dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=list(saved.values()))
     assert all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
