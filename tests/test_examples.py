@@ -396,13 +396,13 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     assert recipe(4, ["--tau_end_ratio", "0.5"])[2].tau_end_ratio is None
     assert recipe(4, ["--tau_end=0.001"])[2].tau_end_ratio is None
     three_model, three_dkm, three_train = recipe(3)
-    # 3 bits takes its measured learning rate; --max_steps on the command line wins over the recipe's 30; the tau
-    # is DKMConfig's default for 3 bits
+    # 3 bits takes its measured learning rate and tau; --max_steps on the command line wins over the recipe's 30
     assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3) and three_model.gptq
-    assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
+    assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.02  # DKMConfig's own: 0.05
     assert three_dkm.config(3).kmeans_restarts == 4  # the example's choice for per-row LUTs
-    # the 8-bit embedding keeps its own bit width's tau
-    assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.01
+    # the recipe's tau is one tau for every layer, the 8-bit embedding's too (as measured)
+    assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.02
+    assert recipe(3, ["--tau", "0.05"])[1].config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
     # an option given on the command line is left as parsed
     given = recipe(3, ["--learning_rate=1e-3"])[2]
     assert given.learning_rate == training_args.learning_rate != 5e-4
