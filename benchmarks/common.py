@@ -7,9 +7,12 @@ function; `run_suite_child` starts one and `outcome` says in words why one did n
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
+import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -23,6 +26,17 @@ COREMLTOOLS_ANCHORS = (
     "anchors measured before on this kind of machine: Linear 768x3072 MLP at 4 bits ~85 s first step, ~3.6 s/step, "
     "1.9 GB; at 8 bits > 14.8 GB and > 6 min; all-MiniLM-L6-v2 4 bits 375 s first step and 11 GB"
 )
+
+
+def package_at(revision: str, into: Path) -> Path:
+    """`dkm_hf` as it was at git `revision`, extracted into the folder `into` (returned: put it first on PYTHONPATH to
+    run that revision's package against the checkout's)."""
+    archive = subprocess.run(
+        ["git", "archive", revision, "dkm_hf"], cwd=HERE.parent, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return Path(into)
 
 
 def have_coremltools() -> bool:

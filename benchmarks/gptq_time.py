@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from common import package_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,11 +111,7 @@ def main() -> None:
     import torch
 
     with tempfile.TemporaryDirectory() as old_dir:
-        archive = subprocess.run(
-            ["git", "archive", args.old_ref, "dkm_hf"], cwd=ROOT, capture_output=True, check=True
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(old_dir, filter="data")
+        package_at(args.old_ref, Path(old_dir))
         runs: dict[str, list[dict]] = {"old": [], "new": []}
         files = {"old": str(Path(old_dir) / "old.pt"), "new": str(Path(old_dir) / "new.pt")}
         for _ in range(args.repeats):  # interleaved: a change in the machine's load hits both

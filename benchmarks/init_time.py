@@ -14,16 +14,16 @@ squared distances of every clustered vector to its nearest centroid), so speed a
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from common import package_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,11 +108,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     with tempfile.TemporaryDirectory() as old_dir:
-        archive = subprocess.run(
-            ["git", "archive", args.old_ref, "dkm_hf"], cwd=ROOT, capture_output=True, check=True
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(old_dir, filter="data")
+        package_at(args.old_ref, Path(old_dir))
         runs = {"old": [], "new": []}
         for _ in range(args.repeats):  # interleaved: a change in the machine's load hits both
             runs["old"].append(measure(Path(old_dir), args, f"old-{args.old_ref}"))
