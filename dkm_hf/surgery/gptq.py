@@ -22,6 +22,7 @@ chunks of at most `max_hessian_bytes` of H, each chunk with one pass over the ca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 
 import torch
@@ -50,7 +51,10 @@ def snap_rows(
     Feature j is snapped to each channel's nearest value, and the error e = (w_j - q_j) / U_jj updates the features
     after it by -e U_j,j+1: (U: the upper Cholesky factor of (H + damp mean(diag H) I)^-1). Features that never see
     an input (H_jj = 0) are snapped to their nearest value and spread nothing. `act_order`: the features in the order
-    of decreasing H_jj (the inputs of most energy first, while the most features are left to take their error)."""
+    of decreasing H_jj (the inputs of most energy first, while the most features are left to take their error).
+    When H + damping is not positive definite in float32, the damping is raised tenfold up to three times (from 1e-4
+    when `damp` is 0) before a ValueError."""
+    _check_options(damp, block_size)
     w = rows.detach().float().clone()
     features = w.shape[1]
     h = hessian.detach().float().clone()
@@ -63,8 +67,10 @@ def snap_rows(
     diagonal[dead] = 1.0
     mean = diagonal.mean()
     u = None
-    for attempt in range(4):  # more damping when H (+ damping) is not positive definite in float32
-        h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (damp * 10**attempt * mean)
+    levels = [(damp or 1e-5) * 10**attempt for attempt in range(4)]
+    levels[0] = damp  # more damping when H (+ damping) is not positive definite in float32
+    for level in levels:
+        h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (level * mean)
         factor, info = torch.linalg.cholesky_ex(h_damped)
         if not bool(info):  # one sync per weight, outside any training loop
             inverse = torch.cholesky_inverse(factor)
@@ -74,7 +80,7 @@ def snap_rows(
             u = None
     if u is None:
         raise ValueError(
-            f"the inputs' Gram matrix is not positive definite even with {damp * 1e3:g} x its mean diagonal added"
+            f"the inputs' Gram matrix is not positive definite even with {levels[-1]:g} x its mean diagonal added"
         )
     out = torch.empty(w.shape, dtype=torch.long, device=w.device)
     for start in range(0, features, block_size):
@@ -92,6 +98,14 @@ def snap_rows(
     if order is not None:
         out = torch.empty_like(out).index_copy_(1, order, out)
     return out
+
+
+def _check_options(damp: float, block_size: int, max_hessian_bytes: int = 1) -> None:
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"gptq_snap: damp must be a number >= 0 (a fraction of H's mean diagonal), got {damp!r}")
+    for name, value in (("block_size", block_size), ("max_hessian_bytes", max_hessian_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"gptq_snap: {name} must be a positive int, got {value!r}")
 
 
 def _supported(state: DKMWeight, tied: set[int]) -> str | None:
@@ -140,12 +154,14 @@ def gptq_snap(
     `batches`: a re-iterable of dicts of model inputs (tensors are moved to the model's device; labels are harmless),
     or of anything `forward(model, batch)` runs the model on; the model runs in eval mode with its clustering off
     (the dense weights' inputs), under no_grad; its mode and clustering flags are restored. Run it after the centroids
-    are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it.
+    are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it (0:
+    none, unless H is singular; see `snap_rows`).
 
     `hessians`: a dict kept between calls on models of the same dense weights (e.g. one per bit width): the Gram
     matrices it holds (by weight name) are used instead of a pass over the batches, and those computed are added to
     it, so a second call with every name in it runs no forward pass. The caller owns it (its size: features^2
     float32 per weight) and drops it when done."""
+    _check_options(damp, block_size, max_hessian_bytes)
     batches = batches if isinstance(batches, (list, tuple)) else list(batches)
     if not batches:
         raise ValueError("gptq_snap: `batches` gave no batch")

@@ -172,7 +172,27 @@ def test_gptq_snap_bad_input(tiny_dir):
     weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
     with pytest.raises(ValueError, match="init_centroids"):
         dkm_hf.gptq_snap(prepared, tiny_lm_batches())
+    dkm_hf.init_centroids(prepared)
+    weights = {n: p.detach().clone() for n, p in prepared.named_parameters()}
+    for option, value in [
+        ("damp", -0.01), ("damp", float("nan")), ("damp", "0.01"), ("block_size", 0), ("block_size", 64.0),
+        ("max_hessian_bytes", 0),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"{option} must be"):
+            dkm_hf.gptq_snap(prepared, tiny_lm_batches(), **{option: value})
     assert all(torch.equal(p, weights[n]) for n, p in prepared.named_parameters())
+
+
+def test_snap_rows_without_damping_falls_back_on_a_singular_gram_matrix():
+    """damp=0 is GPTQ without damping; a rank-deficient H (fewer inputs than features) gets the fallback damping
+    and every weight still lands on one of its row's values."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)  # 3 samples, 8 features: rank 3
+    rows, lut = torch.randn(5, 8), torch.randn(5, 4)
+    indices = snap_rows(rows, lut, x.t() @ x, damp=0)
+    assert indices.shape == (5, 8) and int(indices.min()) >= 0 and int(indices.max()) < 4
+    full = torch.randn(64, 8)  # full rank: damp 0 runs undamped and differs from the damped result
+    assert not torch.equal(snap_rows(rows, lut, full.t() @ full, damp=0), snap_rows(rows, lut, full.t() @ full, 1.0))
 
 
 def test_gptq_snap_bfloat16_weights(tiny_dir):
