@@ -375,6 +375,30 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     assert len(snapped) == 4 and results["rows"][1]["model"] == "post-training k-means 4-bit"
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--gptq_batches", "0"], "--gptq_batches must be >= 1"),
+        (["--importance_batches", "-1"], "--importance_batches and --new_tokens"),
+        (["--block_size", "128", "--eval_tokens", "64"], "--eval_tokens >= --block_size"),
+        (["--train_file", "missing.txt"], "--train_file missing.txt: no such file"),
+    ],
+)
+def test_causal_lm_example_refuses_bad_arguments_before_any_row(tmp_path, bad, message):
+    """Arguments the example cannot use are refused when parsed, before the dense model loads (not minutes later)."""
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    with pytest.raises(ValueError, match=message):
+        clm.main(["--output_dir", str(tmp_path), "--model_name_or_path", str(tmp_path / "absent")] + bad)
+    assert not (tmp_path / "results.json").exists()
+    from dkm_common import parse_arguments
+
+    model_args = parse_arguments(  # --gptq false needs no batches
+        clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS,
+        ["--output_dir", str(tmp_path), "--gptq", "false", "--gptq_batches", "0"],
+    )[0]  # fmt: skip
+    assert not model_args.gptq
+
+
 def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     clm = load_script("examples/causal_lm/run_clm_dkm.py")
     argv = ["--output_dir", str(tmp_path), "--max_steps", "3"]

