@@ -153,7 +153,8 @@ def gptq_snap(
 
     `batches`: a re-iterable of dicts of model inputs (tensors are moved to the model's device; labels are harmless),
     or of anything `forward(model, batch)` runs the model on; the model runs in eval mode with its clustering off
-    (the dense weights' inputs), under no_grad; its mode and clustering flags are restored. Run it after the centroids
+    (the dense weights' inputs), under no_grad, its output head (a language model's logits) only on the first batch;
+    its mode and clustering flags are restored. Run it after the centroids
     are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it (0:
     none, unless H is singular; see `snap_rows`).
 
@@ -244,19 +245,30 @@ def gptq_snap(
     return skipped
 
 
+class _HeadReached(Exception):
+    """Raised before the output head: the layers' inputs are collected, the logits are not needed."""
+
+
 @torch.no_grad()
 def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
     """X^T X (float32) of the inputs of every layer in `chunk` over `batches`, {name: (features, features)}. Layers
-    fed the same tensor in one forward pass (q / k / v, gate / up) share one product per batch."""
+    fed the same tensor in one forward pass (q / k / v, gate / up) share one product per batch. The model's output
+    head (`get_output_embeddings()`, a language model's vocabulary projection), when not in `chunk`, is not run after
+    the first batch has shown that no layer of `chunk` runs after it: its logits (batch x tokens x vocabulary, a fifth
+    of SmolLM2's forward pass) are not needed."""
     grams: dict[str, torch.Tensor] = {}
     products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, X^T X), for one batch
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = head if isinstance(head, nn.Module) and all(s.module is not head for _, s in chunk) else None
+    state = {"head_ran": False, "after_head": False, "stop": False}
 
-    def hook_for(name: str, state: DKMWeight):
+    def hook_for(name: str, dkm_state: DKMWeight):
         def hook(module, args, kwargs):
+            state["after_head"] |= state["head_ran"]
             x = _first_tensor(args, kwargs)
-            if x is None or x.shape[-1] != state.layout.features:
+            if x is None or x.shape[-1] != dkm_state.layout.features:
                 raise ValueError(
-                    f"gptq_snap: {name}'s input does not end in its {state.layout.features} input features "
+                    f"gptq_snap: {name}'s input does not end in its {dkm_state.layout.features} input features "
                     f"(got {None if x is None else tuple(x.shape)})"
                 )
             seen = products.get(id(x))
@@ -270,14 +282,27 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
 
         return hook
 
+    def head_hook(module, args):
+        state["head_ran"] = True
+        if state["stop"]:
+            raise _HeadReached
+
     handles = [s.module.register_forward_pre_hook(hook_for(n, s), with_kwargs=True) for n, s in chunk]
+    if head is not None:
+        handles.append(head.register_forward_pre_hook(head_hook))
     try:
-        for batch in batches:
+        for index, batch in enumerate(batches):
             products.clear()
-            if forward is not None:
-                forward(model, batch)
-            else:
-                model(**_to(batch, device))
+            state["head_ran"] = False
+            try:
+                if forward is not None:
+                    forward(model, batch)
+                else:
+                    model(**_to(batch, device))
+            except _HeadReached:
+                pass
+            # from the second batch on, stop at the head if the first ran it after every layer of the chunk
+            state["stop"] = index == 0 and state["head_ran"] and not state["after_head"] or state["stop"]
     finally:
         products.clear()
         for handle in handles:

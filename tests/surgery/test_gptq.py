@@ -272,3 +272,56 @@ def test_gptq_snap_reuses_the_hessians_it_is_given(tiny_dir):
     with pytest.raises(ValueError, match="must be a dict"):
         dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=list(saved.values()))
     assert all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
+
+
+def test_gptq_grams_skip_the_output_head_after_the_first_batch(tiny_dir):
+    """The LM head (vocabulary x tokens logits) runs on the first calibration batch only, and the Gram matrices of
+    the last decoder layer, which reads what comes before the head, are those of every batch."""
+    from dkm_hf.surgery.gptq import _grams
+
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
+    states = dict(dkm_hf.dkm_modules(model))
+    last = f"model.layers.{model.config.num_hidden_layers - 1}"
+    names = [f"{last}.self_attn.{p}_proj" for p in "qkvo"] + [f"{last}.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    batches = tiny_lm_batches()
+    assert len(batches) > 1
+    inputs = _dense_inputs(model, batches, names)
+    for state in states.values():
+        state.dkm_enabled = False
+    model.eval()
+    head_runs = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: head_runs.append(1))
+    grams = _grams(model, [(n, states[n]) for n in names], batches, None, torch.device("cpu"))
+    assert len(head_runs) == 1
+    for name in names:
+        x = inputs[name].float()
+        torch.testing.assert_close(grams[name], x.t() @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_grams_run_the_head_when_a_layer_follows_it():
+    """A model whose `get_output_embeddings()` runs before one of the layers snapped keeps running it: that layer's
+    inputs come after it."""
+    from dkm_hf.surgery.gptq import _grams
+
+    class HeadInTheMiddle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.head, self.last = (torch.nn.Linear(64, 64) for _ in range(3))
+
+        def get_output_embeddings(self):
+            return self.head
+
+        def forward(self, x):
+            return self.last(self.head(self.first(x)))
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(HeadInTheMiddle(), DKMConfig(bits=2, weight_threshold=0, modules_to_not_convert=["head"]))
+    states = dict(dkm_hf.dkm_modules(model))
+    assert sorted(states) == ["first", "last"]
+    batches = [{"x": torch.randn(5, 64)} for _ in range(3)]
+    for state in states.values():
+        state.dkm_enabled = False
+    grams = _grams(model, [("last", states["last"])], batches, None, torch.device("cpu"))
+    with torch.no_grad():
+        x = torch.cat([model.head(model.first(b["x"])) for b in batches])
+    torch.testing.assert_close(grams["last"], x.t() @ x, rtol=1e-5, atol=1e-4)
