@@ -123,13 +123,15 @@ def main() -> None:
     old_first = statistics.median(r["first"] for r in runs["old"])
     new_first = statistics.median(r["first"] for r in runs["new"])
     new_second = statistics.median(r["second"] for r in runs["new"])
+    # a revision without `hessians=` runs its second width like its first
+    old_second = statistics.median(r["second"] if r["second"] is not None else r["first"] for r in runs["old"])
     print(f"gptq_snap on {model}, {args.batches} batches of 4 x 128, {args.threads} thread(s), {args.repeats} runs")
     print("| call | old " + args.old_ref + " (s) | this checkout (s) | ratio |")
     print("|---|---|---|---|")
     print(f"| first width | {old_first:.1f} | {new_first:.1f} | {new_first / old_first:.2f} |")
-    print(f"| second width | {old_first:.1f} | {new_second:.1f} | {new_second / old_first:.2f} |")
-    print(f"| both widths | {2 * old_first:.1f} | {new_first + new_second:.1f} | "
-          f"{(new_first + new_second) / (2 * old_first):.2f} |")  # fmt: skip
+    print(f"| second width | {old_second:.1f} | {new_second:.1f} | {new_second / old_second:.2f} |")
+    print(f"| both widths | {old_first + old_second:.1f} | {new_first + new_second:.1f} | "
+          f"{(new_first + new_second) / (old_first + old_second):.2f} |")  # fmt: skip
     print(f"snapping choices that differ between the revisions' first calls: {differ:.2e}")
 
 
