@@ -245,6 +245,14 @@ def gptq_snap(
     return skipped
 
 
+def _output_head(model: nn.Module) -> nn.Module | None:
+    try:  # some models' get_output_embeddings raise instead of returning None
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    except (NotImplementedError, AttributeError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
 class _HeadReached(Exception):
     """Raised before the output head: the layers' inputs are collected, the logits are not needed."""
 
@@ -258,8 +266,8 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
     of SmolLM2's forward pass) are not needed."""
     grams: dict[str, torch.Tensor] = {}
     products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, X^T X), for one batch
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = head if isinstance(head, nn.Module) and all(s.module is not head for _, s in chunk) else None
+    head = _output_head(model)
+    head = head if head is not None and all(s.module is not head for _, s in chunk) else None
     state = {"head_ran": False, "after_head": False, "stop": False}
 
     def hook_for(name: str, dkm_state: DKMWeight):

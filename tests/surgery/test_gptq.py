@@ -300,15 +300,18 @@ def test_gptq_grams_skip_the_output_head_after_the_first_batch(tiny_dir):
 
 def test_gptq_grams_run_the_head_when_a_layer_follows_it():
     """A model whose `get_output_embeddings()` runs before one of the layers snapped keeps running it: that layer's
-    inputs come after it."""
+    inputs come after it; one whose `get_output_embeddings()` raises runs whole too."""
     from dkm_hf.surgery.gptq import _grams
 
     class HeadInTheMiddle(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.first, self.head, self.last = (torch.nn.Linear(64, 64) for _ in range(3))
+            self.refuse = False
 
         def get_output_embeddings(self):
+            if self.refuse:
+                raise NotImplementedError
             return self.head
 
         def forward(self, x):
@@ -325,3 +328,6 @@ def test_gptq_grams_run_the_head_when_a_layer_follows_it():
     with torch.no_grad():
         x = torch.cat([model.head(model.first(b["x"])) for b in batches])
     torch.testing.assert_close(grams["last"], x.t() @ x, rtol=1e-5, atol=1e-4)
+    model.refuse = True  # a model that cannot say which module is its head: every batch runs whole
+    torch.testing.assert_close(_grams(model, [("last", states["last"])], batches, None, torch.device("cpu"))["last"],
+                               grams["last"], rtol=0, atol=0)  # fmt: skip
