@@ -67,8 +67,8 @@ def snap_rows(
     diagonal[dead] = 1.0
     mean = diagonal.mean()
     u = None
-    levels = [(damp or 1e-5) * 10**attempt for attempt in range(4)]
-    levels[0] = damp  # more damping when H (+ damping) is not positive definite in float32
+    # more damping when H (+ damping) is not positive definite in float32
+    levels = [damp] + [(damp or 1e-5) * 10**attempt for attempt in (1, 2, 3)]
     for level in levels:
         h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (level * mean)
         factor, info = torch.linalg.cholesky_ex(h_damped)
@@ -309,8 +309,8 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
                     model(**_to(batch, device))
             except _HeadReached:
                 pass
-            # from the second batch on, stop at the head if the first ran it after every layer of the chunk
-            state["stop"] = index == 0 and state["head_ran"] and not state["after_head"] or state["stop"]
+            if index == 0:  # from the second batch on, stop at the head if the first ran it after every layer
+                state["stop"] = state["head_ran"] and not state["after_head"]
     finally:
         products.clear()
         for handle in handles:
