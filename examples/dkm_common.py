@@ -60,7 +60,19 @@ class DKMArguments:
     )
     kmeans_seed: int = field(default=0, metadata={"help": "Seed of the k-means initialisation (DKMConfig.seed)."})
 
+    def __post_init__(self):
+        # every width's config is built once here, so that a bad width, tau, granularity or --overrides is refused
+        # when the command line is parsed, not after the widths before it have trained
+        if len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"--bits {' '.join(map(str, self.bits))}: each bit width once")
+        for bits in self.bits:
+            self.config(bits)
+
     def config(self, bits: int) -> dkm_hf.DKMConfig:
+        try:
+            overrides = json.loads(self.overrides)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--overrides is not JSON ({error}): {self.overrides!r}") from None
         return dkm_hf.DKMConfig(
             bits=bits,
             cluster_dim=self.cluster_dim,
@@ -70,7 +82,7 @@ class DKMArguments:
             granularity=self.granularity,
             group_size=self.group_size,
             per_channel_scale=self.per_channel_scale,
-            overrides=json.loads(self.overrides),
+            overrides=overrides,
             weight_threshold=self.weight_threshold,
             kmeans_restarts=self.kmeans_restarts,
             seed=self.kmeans_seed,

@@ -382,6 +382,11 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         (["--importance_batches", "-1"], "--importance_batches and --new_tokens"),
         (["--block_size", "128", "--eval_tokens", "64"], "--eval_tokens >= --block_size"),
         (["--train_file", "missing.txt"], "--train_file missing.txt: no such file"),
+        (["--bits", "4", "9"], r"DKMConfig.bits must be an integer in \[1, 8\].* 9"),
+        (["--bits", "4", "4"], "--bits 4 4: each bit width once"),
+        (["--overrides", '{".*embed": {"bits": 8}'], "--overrides is not JSON"),
+        (["--overrides", '{"(": {"bits": 8}}'], "not a valid regex"),
+        (["--granularity", "per_row"], "DKMConfig.granularity must be one of"),
     ],
 )
 def test_causal_lm_example_refuses_bad_arguments_before_any_row(tmp_path, bad, message):
