@@ -455,3 +455,20 @@ def test_sft_example(tmp_path):
     assert results["palettized_weights"] > 0 and [step for step, _ in results["eval_loss"]] == [0, 1]
     assert results["bytes"] == (out / "model.safetensors").stat().st_size
     assert isinstance(results["generation"], str)
+
+
+def test_token_gap_categories():
+    """benchmarks/clm_token_gap.py: every predicted token in exactly one category, counted from the last EOS (the
+    tokens of a block before its first EOS are not a document's start)."""
+    gap = load_script("benchmarks/clm_token_gap.py")
+    eos = 0
+    block = torch.tensor([[5, 6, 7, eos, 8, 9, 10, 11, 12, eos, eos, 13]])
+    masks = gap.categories(block, eos)
+    assert torch.stack(list(masks.values())).sum(0).eq(1).all()
+    targets = {name: block[0, 1:][mask[0]].tolist() for name, mask in masks.items()}
+    assert targets == {
+        "end of document (EOS)": [eos, eos, eos],
+        "first token of a document": [8, 13],
+        "2nd-4th token": [9, 10, 11],
+        "the rest": [6, 7, 12],
+    }
