@@ -320,12 +320,13 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         return kmeans_init_many(vectors, k, importance=importance, **kwargs)
 
     monkeypatch.setattr(convert, "kmeans_init_many", kmeans_counted)
-    snapped, given_hessians, gptq_snap = [], [], dkm_hf.gptq_snap
+    snapped, given_hessians, act_orders, gptq_snap = [], [], [], dkm_hf.gptq_snap
 
-    def gptq_counted(model, batches, hessians):
+    def gptq_counted(model, batches, hessians, act_order):
         snapped.append([b["input_ids"] for b in batches])
         given_hessians.append(dict(hessians))
-        return gptq_snap(model, batches, hessians=hessians)
+        act_orders.append(act_order)
+        return gptq_snap(model, batches, hessians=hessians, act_order=act_order)
 
     monkeypatch.setattr(dkm_hf, "gptq_snap", gptq_counted)
     argv = ["--model_name_or_path", model, "--train_file", str(tmp_path / "train.txt"), "--output_dir",
@@ -354,6 +355,7 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
     assert len(snapped) == 2 and all([tuple(b.shape) for b in batches] == [(3, 16)] * 5 for batches in snapped)
     assert all(torch.equal(a, b) for a, b in zip(snapped[0][:2], drawn[0], strict=True))
     assert results["recipe"]["per_bits"]["3"]["gptq"] and results["recipe"]["per_bits"]["4"]["gptq"]
+    assert act_orders == [False, True] and results["recipe"]["per_bits"]["3"]["gptq_act_order"]  # 3 bits: act-order
     # the first width computes the Gram matrices, the second reads them back from the output folder
     assert given_hessians[0] == {} and "model.layers.0.mlp.up_proj" in given_hessians[1]
     assert (tmp_path / "out" / "gptq-hessians-5.safetensors").is_file()
@@ -421,12 +423,14 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     assert four_dkm.config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
     assert four_train.tau_end_ratio == 0.1  # 4 bits anneals tau too (DKMTrainer's default keeps it flat there)
     assert four_model.gptq and model_args.gptq  # GPTQ's snapping at every width by default
+    assert not four_model.gptq_act_order
     # an end given on the command line replaces the recipe's: as a ratio, or as one tau for every layer
     assert recipe(4, ["--tau_end_ratio", "0.5"])[2].tau_end_ratio is None
     assert recipe(4, ["--tau_end=0.001"])[2].tau_end_ratio is None
     three_model, three_dkm, three_train = recipe(3)
     # 3 bits takes its measured learning rate and tau; --max_steps on the command line wins over the recipe's 30
     assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3) and three_model.gptq
+    assert three_model.gptq_act_order and not recipe(3, ["--gptq_act_order", "false"])[0].gptq_act_order
     assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.02  # DKMConfig's own: 0.05
     assert three_dkm.config(3).kmeans_restarts == 4  # the example's choice for per-row LUTs
     # the recipe's tau is one tau for every layer, the 8-bit embedding's too (as measured)
