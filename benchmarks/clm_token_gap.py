@@ -37,7 +37,7 @@ def categories(blocks, eos: int) -> dict:
     return {
         "end of document (EOS)": end,
         "first token of a document": first & ~end,
-        "2nd-4th token": early & ~first,
+        "2nd-4th token": early,
         "the rest": ~(end | first | early),
     }
 

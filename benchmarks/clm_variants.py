@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 import dkm_hf
-from dkm_hf.surgery.gptq import _first_tensor, _value_sets, snap_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,15 +28,15 @@ class _Caught(Exception):
 
 @torch.no_grad()
 def gptq_snap_sequential(model, batches, damp=0.01, block_size=128, act_order=False, **_unused) -> dict:
-    states = dict(dkm_hf.dkm_modules(model))
-    layers = model.model.layers
-    flags = [(state, state.dkm_enabled) for state in states.values()]
+    """`dkm_hf.gptq_snap` on one decoder layer at a time, each fed what the layers before it (snapped) give."""
+    states = [state for _, state in dkm_hf.dkm_modules(model)]
+    flags = [(state, state.dkm_enabled) for state in states]
     training = model.training
-    for state, _ in flags:
+    for state in states:
         state.dkm_enabled = False  # the weights as they are: dense, then snapped layer by layer
         state.forget()
     model.eval()
-    caught = []
+    layers, caught = model.model.layers, []
 
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -53,38 +52,15 @@ def gptq_snap_sequential(model, batches, damp=0.01, block_size=128, act_order=Fa
                 pass
     finally:
         handle.remove()
-    inputs, kwargs = [h for h, _ in caught], [k for _, k in caught]
+
+    def run(layer, batch):
+        out = layer(batch[0], **batch[1])
+        return out[0] if isinstance(out, tuple) else out
+
     for layer in layers:
-        inside = {id(m) for m in layer.modules()}
-        todo = [(name, state) for name, state in states.items() if id(state.module) in inside]
-        grams, products = {}, {}
-
-        def hook_for(name):
-            def hook(module, args, kw):
-                x = _first_tensor(args, kw)
-                seen = products.get(id(x))
-                if seen is None or seen[0] is not x:
-                    flat = x.detach().reshape(-1, x.shape[-1]).float()
-                    seen = products[id(x)] = (x, flat.t() @ flat)
-                grams[name] = grams[name] + seen[1] if name in grams else seen[1].clone()
-
-            return hook
-
-        handles = [state.module.register_forward_pre_hook(hook_for(name), with_kwargs=True) for name, state in todo]
-        try:
-            for x, kw in zip(inputs, kwargs):
-                products.clear()
-                layer(x, **kw)
-        finally:
-            products.clear()
-            for handle in handles:
-                handle.remove()
-        for name, state in todo:
-            rows, values = state.layout.to_rows(state.weight.detach()).float(), _value_sets(state)
-            indices = snap_rows(rows, values, grams.pop(name), damp, block_size, act_order)
-            state.weight.data.copy_(state.layout.from_rows(values.gather(1, indices)).to(state.weight.dtype))
-        outputs = [layer(x, **kw) for x, kw in zip(inputs, kwargs)]
-        inputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
+        # gptq_snap restores the flags it found (off): the snapped weights compute the next layer's inputs
+        dkm_hf.gptq_snap(layer, caught, forward=run, damp=damp, block_size=block_size, act_order=act_order)
+        caught = [(run(layer, batch), batch[1]) for batch in caught]
     for state, enabled in flags:
         state.dkm_enabled = enabled
         state.forget()
