@@ -6,7 +6,10 @@ weight stays buffers (LUT + packed indices), never a parameter. Merging cannot w
 adapters' product into `base_layer.weight.data`, which here is a temporary decoded for the read, so the merge would be
 lost without a word (and W + BA is no longer a LUT + indices anyway). peft's own hook for "this model cannot be
 merged", `BaseTuner._check_merge_allowed` (run by `merge_and_unload`, `merge_adapter` and `PeftModel` merging), is
-wrapped to refuse it, naming the modules and the way out: decode to dense first (`dkm_hf.dequantize`).
+wrapped to refuse it, naming the modules and the way out: decode to dense first (`dkm_hf.dequantize`). So is the
+layer-level `check_adapters_to_merge` that every tuner layer's own `merge()` runs first (a `LoraLayer.merge()` called
+directly would otherwise mark the layer merged and drop its adapter from the output); peft's modules import it by
+name, so it is replaced in every peft module loaded that holds it, and in tuners_utils before the others load.
 
 dkm_hf does not import peft (an optional dependency, slow to import): the patch is applied when peft's
 `tuners.tuners_utils` is imported, or at once if it already is.
@@ -37,6 +40,16 @@ def palettized_base_layers(model: nn.Module, tuner_layer: type) -> list[str]:
     ]
 
 
+def _refuse_merge(names: list[str]) -> None:
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"cannot merge adapters into palettized weights ({shown}): a palettized weight is a LUT + packed "
+            "indices decoded on every read, and the merged weight W + BA is neither. Decode the base model to "
+            "dense weights first, dkm_hf.dequantize(peft_model), then merge"
+        )
+
+
 def _patch(tuners_utils: ModuleType) -> None:
     base_tuner, tuner_layer = tuners_utils.BaseTuner, tuners_utils.BaseTunerLayer
     original = base_tuner._check_merge_allowed
@@ -45,18 +58,26 @@ def _patch(tuners_utils: ModuleType) -> None:
 
     @functools.wraps(original)
     def check_merge_allowed(self) -> None:
-        names = palettized_base_layers(self.model, tuner_layer)
-        if names:
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            raise ValueError(
-                f"cannot merge adapters into palettized weights ({shown}): a palettized weight is a LUT + packed "
-                "indices decoded on every read, and the merged weight W + BA is neither. Decode the base model to "
-                "dense weights first, dkm_hf.dequantize(peft_model.get_base_model()), then merge"
-            )
+        _refuse_merge(palettized_base_layers(self.model, tuner_layer))
         original(self)
 
     setattr(check_merge_allowed, _MARK, True)
     base_tuner._check_merge_allowed = check_merge_allowed
+
+    original_check = tuners_utils.check_adapters_to_merge
+
+    @functools.wraps(original_check)
+    def check_adapters_to_merge(module, adapter_names=None):
+        if isinstance(module, tuner_layer) and isinstance(module.get_base_layer(), PalettizedMixin):
+            _refuse_merge([f"a {type(module).__name__} adapter layer"])
+        return original_check(module, adapter_names)
+
+    setattr(check_adapters_to_merge, _MARK, True)
+    for name, module in list(sys.modules.items()):
+        holds = getattr(module, "check_adapters_to_merge", None) is original_check
+        if (name == "peft" or name.startswith("peft.")) and holds:
+            module.check_adapters_to_merge = check_adapters_to_merge
+    tuners_utils.check_adapters_to_merge = check_adapters_to_merge
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

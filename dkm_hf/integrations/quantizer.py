@@ -240,7 +240,15 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
 
 
 def dequantize(model: nn.Module) -> nn.Module:
-    """A plain model with dense weights that saves and loads without dkm_hf (transformers' `model.dequantize()`)."""
-    if isinstance(model, PreTrainedModel) and getattr(model, "hf_quantizer", None) is not None:
-        model = model.dequantize()
+    """A plain model with dense weights that saves and loads without dkm_hf (transformers' `model.dequantize()`).
+
+    A wrapper with `get_base_model()` (peft's PeftModel) is decoded in place through its base model, whose quantizer
+    and `quantization_config` go too: merged into, it saves as a plain dense checkpoint."""
+    base = (
+        model.get_base_model()
+        if not isinstance(model, PreTrainedModel) and hasattr(model, "get_base_model")
+        else model
+    )
+    if isinstance(base, PreTrainedModel) and getattr(base, "hf_quantizer", None) is not None:
+        base.dequantize()  # in place: transformers drops the quantizer and the config's quantization_config
     return surgery.dequantize(model)

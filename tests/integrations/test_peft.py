@@ -103,11 +103,34 @@ def test_merging_into_palettized_weights_is_refused_and_dequantize_first_merges(
         model.merge_adapter()
     assert torch.equal(_logits(model), expected)  # nothing changed
 
+    layers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    with pytest.raises(ValueError, match=r"cannot merge adapters into palettized weights \(a Linear adapter layer"):
+        layers[0].merge()  # a layer's own merge: it would mark the layer merged and drop the adapter from the output
+    assert not any(layer.merged for layer in layers)
+    assert torch.equal(_logits(model), expected)
+
     dkm_hf.dequantize(model.get_base_model())
     merged = model.merge_and_unload()
     assert not dkm_hf.palettized_modules(merged)
     assert all(not n.count("lora") for n, _ in merged.named_parameters())
     torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=1e-5)
+
+
+def test_dequantize_of_the_peft_model_itself_merges_into_a_plain_checkpoint(trained, tmp_path):
+    """`dkm_hf.dequantize(peft_model)` decodes the base model in place and drops its quantizer, so the merged model
+    saves as a plain dense checkpoint (before: a "train" checkpoint without centroids that did not reload)."""
+    model, _, _, _ = trained
+    expected = _logits(model)
+    assert dkm_hf.dequantize(model) is model
+    assert not dkm_hf.palettized_modules(model)
+    merged = model.merge_and_unload()
+    assert getattr(merged, "hf_quantizer", None) is None
+    assert getattr(merged.config, "quantization_config", None) is None
+    merged.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    reloaded = AUTO["llama"].from_pretrained(tmp_path / "merged")
+    assert not dkm_hf.palettized_modules(reloaded) and not dkm_hf.dkm_modules(reloaded)
+    torch.testing.assert_close(_logits(reloaded), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("name", "targets"), [("llama", TARGETS), ("gpt2", ["c_attn", "c_proj", "c_fc"])])
@@ -144,8 +167,10 @@ def test_backward_decodes_again_instead_of_keeping_the_decoded_weights(tiny_dir,
 def test_the_merge_check_is_installed_whichever_package_is_imported_first(order):
     first, second = ("dkm_hf", "peft") if order == "dkm_hf first" else ("peft", "dkm_hf")
     code = (
-        f"import {first}, {second}, peft.tuners.tuners_utils as t; "
-        "print(getattr(t.BaseTuner._check_merge_allowed, '_dkm_hf_patched', False))"
+        f"import {first}, {second}, peft.tuners.tuners_utils as t, peft.tuners.lora.layer as lora; "
+        "print(getattr(t.BaseTuner._check_merge_allowed, '_dkm_hf_patched', False), "
+        "lora.check_adapters_to_merge is t.check_adapters_to_merge, "
+        "getattr(t.check_adapters_to_merge, '_dkm_hf_patched', False))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True", out.stderr
+    assert out.stdout.strip() == "True True True", out.stderr
