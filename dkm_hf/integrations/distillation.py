@@ -11,6 +11,8 @@ its device.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,8 +63,13 @@ def distilled_loss(
     LM (`labels[..., 1:]`, the targets of the logits `[:, :-1]`)."""
     hidden = hidden_weight > 0
     outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
+    teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if "use_cache" in inspect.signature(teacher.forward).parameters:
+        # no KV cache: with one, transformers builds the causal mask without looking for packed sequences in
+        # position_ids, so a teacher with use_cache on would attend across them where the student (cache off) does not
+        teacher_inputs["use_cache"] = False
     with torch.no_grad():
-        reference = teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=hidden)
+        reference = teacher(**teacher_inputs, output_hidden_states=hidden)
     student_logits, teacher_logits = outputs.logits, reference.logits
     if shifted:
         student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]

@@ -166,7 +166,10 @@ class DKMTrainerMixin:
                 "class DKMSFTTrainer(DKMTrainerMixin, SFTTrainer)"
             )
         self.teacher = None
-        self._distill_terms: dict[str, torch.Tensor] = {}
+        # the distillation terms since the last log, each micro-batch's weighted by its labelled items (as Trainer
+        # weighs their losses within a step), and the items: logged as means
+        self._distill_sums: dict[str, torch.Tensor] = {}
+        self._distill_items: torch.Tensor | int = 0
         self._palettize_next_save = False
         super().__init__(*args, **kwargs)
         if get_dkm_config(self.model) is None or not dkm_modules(self.model):
@@ -195,6 +198,13 @@ class DKMTrainerMixin:
                 raise ValueError(
                     f"teacher_model and compute_loss_func both define the training loss: {type(self).__name__}'s "
                     "distillation loss would ignore compute_loss_func; pass one of them"
+                )
+            loss_type = getattr(a, "loss_type", None)  # TRL's SFTConfig: "nll" (the model's own) or "dft"
+            if a.label_smoothing_factor or loss_type not in (None, "nll"):
+                raise ValueError(
+                    f"teacher_model: the distillation loss takes the model's own cross-entropy as its task term, so "
+                    f"label_smoothing_factor={a.label_smoothing_factor} and loss_type={loss_type!r} would apply in "
+                    "evaluation only, not in training; drop them or the teacher"
                 )
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
@@ -232,7 +242,7 @@ class DKMTrainerMixin:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs)
             loss, outputs = result if return_outputs else (result, None)
         else:
-            loss, outputs, self._distill_terms = distilled_loss(
+            loss, outputs, terms = distilled_loss(
                 model,
                 self.teacher,
                 inputs,
@@ -242,6 +252,10 @@ class DKMTrainerMixin:
                 labels.ne(-100),
                 shifted,
             )
+            items = labels.ne(-100).sum()
+            for name, value in terms.items():  # device tensors: no host sync until the log
+                self._distill_sums[name] = self._distill_sums.get(name, 0) + value * items
+            self._distill_items = self._distill_items + items
         if num_items_in_batch is not None and not custom:
             items = labels.ne(-100).sum()
             # a micro-batch without a labelled item has no mean (nan): its share of the step is nothing
@@ -250,14 +264,20 @@ class DKMTrainerMixin:
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
-            logs = {**logs, **self.dkm_callback.pending, **{k: v.item() for k, v in self._distill_terms.items()}}
+            items = self._distill_items
+            terms = {name: (total / items.clamp_min(1)).item() for name, total in self._distill_sums.items()}
+            self._distill_sums, self._distill_items = {}, 0
+            logs = {**logs, **self.dkm_callback.pending, **terms}
         super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """Metrics of the hard (palettized) model, the one that ships; with `eval_soft`, the soft model's next to them
         as `{prefix}_soft_*`, in the same log entry (see `evaluation_loop`)."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
+        # the training loop's call only (eval_dataset None): with a dict of eval datasets Trainer calls evaluate once
+        # per dataset with its partial metrics, then returns them merged, and the best-model rule needs them merged
+        outer = eval_dataset is None
+        if outer and self.is_in_train and self.state.global_step == 0 and self.args.load_best_model_at_end:
             checkpoint_initial_model(self, metrics)  # post-training k-means: a candidate for the best model
         return metrics
 
