@@ -461,6 +461,39 @@ def test_sft_example(tmp_path):
     assert isinstance(results["generation"], str)
 
 
+def test_sft_example_resumes_and_refuses_bad_arguments(tmp_path):
+    """--resume_from_checkpoint continues the run it names (before, the script restarted from step 0 and rewrote
+    the checkpoints); a training file of another kind, a negative --eval_examples and a best-model rule without an
+    evaluation are refused before any model loads."""
+    pytest.importorskip("trl")
+    sft = load_script("examples/causal_lm/sft_dkm.py")
+    model = tiny_causal_model(tmp_path)
+    rng = random.Random(0)
+    (tmp_path / "train.txt").write_text("\n\n".join(" ".join(rng.choices(WORDS, k=12)) for _ in range(40)))
+    out = tmp_path / "out"
+    argv = f"--model_name_or_path {model} --train_file {tmp_path / 'train.txt'} --output_dir {out} --bits 4 "
+    argv += "--weight_threshold 512 --max_length 16 --logging_steps 1 --eval_examples 0 --new_tokens 1 "
+    argv += "--save_strategy steps --save_steps 2"
+    sft.main(f"{argv} --max_steps 2".split())
+    state = out / "checkpoint-2" / "trainer_state.json"
+    written = state.stat().st_mtime_ns
+    sft.main(f"{argv} --max_steps 3 --resume_from_checkpoint {out / 'checkpoint-2'}".split())
+    assert state.stat().st_mtime_ns == written  # not trained (and saved) again
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    assert json.loads(state.read_text())["log_history"] == history[:2]
+
+    for bad, message in (
+        (f"--train_file {tmp_path / 'train.csv'}", r"\.txt, \.json or \.jsonl expected"),
+        (f"--train_file {tmp_path / 'missing.jsonl'}", "no such file"),
+        ("--eval_examples -1", "must be >= 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sft.main(f"--model_name_or_path {model} --output_dir {out} {bad}".split())
+    with pytest.raises(SystemExit, match="needs an evaluation"):
+        sft.main(f"{argv} --max_steps 1 --load_best_model_at_end true --eval_steps 2".split())
+
+
 def test_token_gap_categories():
     """benchmarks/clm_token_gap.py: every predicted token in exactly one category, counted from the last EOS (the
     tokens of a block before its first EOS are not a document's start)."""

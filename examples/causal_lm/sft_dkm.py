@@ -87,6 +87,15 @@ class ScriptArguments:
     prompt: str = field(default="The government said", metadata={"help": "Prompt of the final greedy generation."})
     new_tokens: int = field(default=24, metadata={"help": "Tokens generated from the prompt."})
 
+    def __post_init__(self):  # refused before any model loads
+        if self.eval_examples < 0 or self.new_tokens < 0:
+            raise ValueError("--eval_examples and --new_tokens must be >= 0")
+        if self.train_file is not None:
+            if Path(self.train_file).suffix not in (".txt", ".json", ".jsonl"):
+                raise ValueError(f"--train_file {self.train_file}: .txt, .json or .jsonl expected")
+            if not Path(self.train_file).is_file():
+                raise ValueError(f"--train_file {self.train_file}: no such file")
+
 
 def datasets_from(script_args: ScriptArguments, seed: int) -> tuple[Dataset, Dataset]:
     """(train, held out): BBC News by default, else --train_file, its last 10% held out."""
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     script_args, dkm_args, training_args = parser.parse_args_and_config(args=argv)
     if len(dkm_args.bits) != 1:
         raise SystemExit(f"--bits takes one bit width here, got {dkm_args.bits}")
+    if script_args.eval_examples == 0 and training_args.load_best_model_at_end:
+        raise SystemExit("--load_best_model_at_end needs an evaluation: --eval_examples 0 leaves nothing to evaluate")
     set_seed(training_args.seed)
 
     # Model and tokenizer
@@ -135,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         teacher_model=teacher,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     # Save (palettized: LUTs + packed indices, with the tokenizer) and reload as any user would
     trainer.save_model(training_args.output_dir)
