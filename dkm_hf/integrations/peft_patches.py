@@ -11,6 +11,9 @@ layer-level `check_adapters_to_merge` that every tuner layer's own `merge()` run
 directly would otherwise mark the layer merged and drop its adapter from the output); peft's modules import it by
 name, so it is replaced in every peft module loaded that holds it, and in tuners_utils before the others load.
 
+`modules_to_save` (a trainable copy of a whole module, e.g. the LM head) of a module holding palettized weights is
+refused too: the copy's palettized weights are buffers, so it would train nothing without a word.
+
 dkm_hf does not import peft (an optional dependency, slow to import): the patch is applied when peft's
 `tuners.tuners_utils` is imported, or at once if it already is.
 """
@@ -78,6 +81,22 @@ def _patch(tuners_utils: ModuleType) -> None:
         if (name == "peft" or name.startswith("peft.")) and holds:
             module.check_adapters_to_merge = check_adapters_to_merge
     tuners_utils.check_adapters_to_merge = check_adapters_to_merge
+
+    wrapper = sys.modules["peft.utils.other"].ModulesToSaveWrapper  # imported by tuners_utils
+    original_update = wrapper.update
+
+    @functools.wraps(original_update)
+    def update(self, adapter_name, *args, **kwargs):
+        held = [name or "itself" for name, m in self.original_module.named_modules() if isinstance(m, PalettizedMixin)]
+        if held:
+            raise ValueError(
+                f"modules_to_save: a {type(self.original_module).__name__} holding palettized weights ({held[0]}) "
+                "cannot be trained as a copy: its palettized weights are buffers (LUT + packed indices), not "
+                "parameters. Decode that module first (dkm_hf.dequantize(model.<module>)) or leave it out"
+            )
+        return original_update(self, adapter_name, *args, **kwargs)
+
+    wrapper.update = update
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -174,3 +174,18 @@ def test_the_merge_check_is_installed_whichever_package_is_imported_first(order)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True True True", out.stderr
+
+
+def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(palettized_dir):
+    """A trainable copy (`modules_to_save`) of a module with palettized weights would train nothing (they are
+    buffers), silently; refused, naming the way out, which then trains a dense copy."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"], lora_dropout=0.0)
+    model = AUTO["llama"].from_pretrained(palettized_dir)
+    with pytest.raises(ValueError, match=r"modules_to_save: a \w+ holding palettized weights.*dkm_hf.dequantize"):
+        peft.get_peft_model(model, config)
+    model = AUTO["llama"].from_pretrained(palettized_dir)
+    for layer in model.model.layers:
+        dkm_hf.dequantize(layer.self_attn.o_proj)
+    lora = peft.get_peft_model(model, config)
+    copies = [n for n, p in lora.named_parameters() if p.requires_grad and "o_proj.modules_to_save" in n]
+    assert len(copies) == len(model.model.layers)
