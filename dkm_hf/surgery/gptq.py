@@ -154,18 +154,17 @@ def gptq_snap(
     `batches`: a re-iterable of dicts of model inputs (tensors are moved to the model's device; labels are harmless),
     or of anything `forward(model, batch)` runs the model on; the model runs in eval mode with its clustering off
     (the dense weights' inputs), under no_grad, its output head (a language model's logits) only on the first batch;
-    its mode and clustering flags are restored. Run it after the centroids
+    its mode and clustering flags are restored. A dict batch's 2-D `attention_mask` leaves its padded positions out
+    of the Gram matrices of the layers whose inputs are (batch, tokens, features). Run it after the centroids
     are initialised (`init_centroids`) and before training. `damp`: the fraction of H's mean diagonal added to it (0:
     none, unless H is singular; see `snap_rows`).
 
     `hessians`: a dict kept between calls on models of the same dense weights (e.g. one per bit width): the Gram
     matrices it holds (by weight name) are used instead of a pass over the batches, and those computed are added to
-    it, so a second call with every name in it runs no forward pass. The caller owns it (its size: features^2
-    float32 per weight) and drops it when done."""
+    it, so a second call with every name in it runs no forward pass (and may be given no batches). The caller owns
+    it (its size: features^2 float32 per weight) and drops it when done."""
     _check_options(damp, block_size, max_hessian_bytes)
     batches = batches if isinstance(batches, (list, tuple)) else list(batches)
-    if not batches:
-        raise ValueError("gptq_snap: `batches` gave no batch")
     states = dkm_modules(model)
     if not states:
         raise ValueError("gptq_snap() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
@@ -191,6 +190,8 @@ def gptq_snap(
                 f"gptq_snap: hessians[{name!r}] is {shape}, not the ({state.layout.features}, "
                 f"{state.layout.features}) Gram matrix of the weight's input features: from another model"
             )
+    if not batches and any(name not in cached for name, _ in todo):
+        raise ValueError("gptq_snap: `batches` gave no batch")
     chunks: list[list[tuple[str, DKMWeight]]] = [[]]
     used = 0  # bytes of H in the last chunk
     for name, state in todo:
@@ -268,7 +269,7 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
     products: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(input) -> (input, X^T X), for one batch
     head = _output_head(model)
     head = head if head is not None and all(s.module is not head for _, s in chunk) else None
-    state = {"head_ran": False, "after_head": False, "stop": False}
+    state = {"head_ran": False, "after_head": False, "stop": False, "mask": None}
 
     def hook_for(name: str, dkm_state: DKMWeight):
         def hook(module, args, kwargs):
@@ -281,7 +282,11 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
                 )
             seen = products.get(id(x))
             if seen is None or seen[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                mask = state["mask"]
+                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):  # (batch, tokens): no padding
+                    flat = x.detach()[mask.to(x.device, torch.bool)].float()
+                else:
+                    flat = x.detach().reshape(-1, x.shape[-1]).float()
                 seen = products[id(x)] = (x, flat.t() @ flat)
             if name in grams:
                 grams[name].add_(seen[1])
@@ -302,6 +307,8 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
         for index, batch in enumerate(batches):
             products.clear()
             state["head_ran"] = False
+            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            state["mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             try:
                 if forward is not None:
                     forward(model, batch)

@@ -121,8 +121,17 @@ def _owners(model: nn.Module, importance: Mapping[str, torch.Tensor]) -> list[tu
     unknown = sorted(set(importance) - set(states))
     if unknown:
         raise ValueError(f"importance names weights that are not DKM-clustered in this model: {unknown[:5]}")
-    owners = [(states[name].tied_source or states[name], f) for name, f in importance.items()]
-    return [(state, f.reshape(state.weight.shape) if f.numel() == state.weight.numel() else f) for state, f in owners]
+    owners = []
+    for name, f in importance.items():  # all checked before the caller changes anything
+        state = states[name].tied_source or states[name]
+        if not isinstance(f, torch.Tensor):
+            raise ValueError(f"importance[{name!r}] is a {type(f).__name__}, not a tensor")
+        if tuple(f.shape) != tuple(state.weight.shape):  # a transpose has the right count and the wrong layout
+            raise ValueError(f"importance[{name!r}] is {tuple(f.shape)}, not the weight's {tuple(state.weight.shape)}")
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"importance[{name!r}] has non-finite values (inf or nan)")
+        owners.append((state, f))
+    return owners
 
 
 def set_importance(model: nn.Module, importance: Mapping[str, torch.Tensor] | None) -> nn.Module:

@@ -274,6 +274,33 @@ def test_gptq_snap_reuses_the_hessians_it_is_given(tiny_dir):
     assert all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
 
 
+def test_gptq_grams_leave_padded_positions_out(tiny_dir):
+    """A batch of sequences right-padded to one length with their attention_mask gives the Gram matrices of the
+    same sequences fed one by one unpadded (the pad positions' hidden states were added to X^T X), and an empty
+    list of batches is enough when every Gram matrix is given."""
+    path = tiny_dir("llama")
+    ids = tiny_lm_batches(1)[0]["input_ids"]
+    lengths = [ids.shape[1], ids.shape[1] - 5]
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    padded = [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}]
+    alone = [{"input_ids": ids[row : row + 1, :length]} for row, length in enumerate(lengths)]
+    grams = {}
+    for batches in (padded, alone):
+        model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
+        grams[len(batches)] = hessians = {}
+        dkm_hf.gptq_snap(model, batches, hessians=hessians)
+    assert grams[1].keys() == grams[2].keys() and len(grams[1]) > 0
+    for name, h in grams[2].items():  # float32 sums of 3-7 rows in another order
+        torch.testing.assert_close(grams[1][name], h, rtol=1e-5, atol=1e-5 * h.diagonal().max().item())
+    model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(**PER_ROW_2BIT))
+    skipped = dkm_hf.gptq_snap(model, [], hessians=grams[2])
+    assert len(skipped) + len(grams[2]) == len(dkm_hf.dkm_modules(model))
+    with pytest.raises(ValueError, match="gave no batch"):
+        dkm_hf.gptq_snap(model, [], hessians={})
+
+
 def test_gptq_grams_skip_the_output_head_after_the_first_batch(tiny_dir):
     """The LM head (vocabulary x tokens logits) runs on the first calibration batch only, and the Gram matrices of
     the last decoder layer, which reads what comes before the head, are those of every batch."""

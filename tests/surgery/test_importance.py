@@ -80,8 +80,35 @@ def test_importance_bad_input(tiny_dir):
     assert all(state.dkm_enabled for _, state in dkm_hf.dkm_modules(model))  # restored after the error
     with pytest.raises(ValueError, match="gave no batch"):
         dkm_hf.gradient_importance(model, [])
-    with pytest.raises(ValueError, match="importance of shape"):
+    with pytest.raises(ValueError, match=r"down_proj'\] is \(3, 3\), not the weight's"):
         dkm_hf.init_centroids(model, {"model.layers.0.mlp.down_proj": torch.ones(3, 3)})
+
+
+def test_importance_of_the_wrong_layout_or_not_finite_is_refused_before_anything_changes(tiny_dir):
+    """The weight's own shape only (a transpose or a flat copy has the right count and the wrong layout: it was
+    reshaped onto the weight), finite values only (inf made the next training forward nan for good), a tensor: each
+    refused by name, before any weight's centroids or loop weights change."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
+    states = dict(dkm_hf.dkm_modules(model))
+    names = sorted(name for name, state in states.items() if state.tied_source is None)
+    good = {name: torch.rand(states[name].weight.shape) + 0.1 for name in names}
+    dkm_hf.set_importance(model, good)
+    loops = {name: states[name].importance.clone() for name in names}
+    centroids = {name: states[name].centroids.clone() for name in names}
+    last = names[-1]
+    weight = good[last]
+    for bad, message in (
+        (weight.t(), r"is \(\d+, \d+\), not the weight's"),
+        (weight.flatten(), r"is \(\d+,\), not the weight's"),
+        (torch.where(weight > 0.5, float("inf"), weight), "has non-finite"),
+        (torch.where(weight > 0.5, float("nan"), weight), "has non-finite"),
+        (weight.tolist(), "is a list, not a tensor"),
+    ):
+        for call in (dkm_hf.set_importance, dkm_hf.init_centroids):
+            with pytest.raises(ValueError, match=f"importance\\['{last}'\\] {message}"):
+                call(model, {**good, last: bad})  # the bad entry last: every other one checked and valid
+            assert all(torch.equal(states[n].importance, loops[n]) for n in names)
+            assert all(torch.equal(states[n].centroids, centroids[n]) for n in names)
     dense = AUTO["llama"].from_pretrained(tiny_dir("llama"))
     with pytest.raises(ValueError, match="no DKM-clustered weight"):
         dkm_hf.gradient_importance(dense, tiny_lm_batches(1))
@@ -120,7 +147,7 @@ def test_set_importance_weighs_the_dkm_loop(tiny_dir):
 
     with pytest.raises(ValueError, match="not DKM-clustered"):
         dkm_hf.set_importance(model, {"nope": importance[name]})
-    with pytest.raises(ValueError, match="importance of shape"):
+    with pytest.raises(ValueError, match=r"is \(2, 2\), not the weight.s"):
         dkm_hf.set_importance(model, {name: torch.ones(2, 2)})
     assert torch.equal(state.importance, f)  # unchanged by the refused calls
     dkm_hf.set_importance(model, None)
