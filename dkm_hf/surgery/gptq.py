@@ -50,8 +50,9 @@ def snap_rows(
     rows (C, F) float32; lut (C, k): the values each channel may take; hessian (F, F): X^T X of the inputs.
     Feature j is snapped to each channel's nearest value, and the error e = (w_j - q_j) / U_jj updates the features
     after it by -e U_j,j+1: (U: the upper Cholesky factor of (H + damp mean(diag H) I)^-1). Features that never see
-    an input (H_jj = 0) are snapped to their nearest value and spread nothing. `act_order`: the features in the order
-    of decreasing H_jj (the inputs of most energy first, while the most features are left to take their error).
+    an input (H_jj = 0, taken as the other features' mean, so that the result does not depend on the inputs' scale)
+    are snapped to their nearest value and spread nothing. `act_order`: the features in the order of decreasing
+    H_jj (the inputs of most energy first, while the most features are left to take their error).
     When H + damping is not positive definite in float32, the damping is raised tenfold up to three times (from 1e-4
     when `damp` is 0) before a ValueError."""
     _check_options(damp, block_size)
@@ -64,7 +65,8 @@ def snap_rows(
         w, h = w[:, order], h[order][:, order]
     diagonal = h.diagonal()
     dead = diagonal == 0
-    diagonal[dead] = 1.0
+    # the live inputs' scale, not 1.0: the damping (a fraction of the mean diagonal) stays relative to the inputs
+    diagonal[dead] = diagonal[~dead].mean() if bool((~dead).any()) else 1.0
     mean = diagonal.mean()
     u = None
     # more damping when H (+ damping) is not positive definite in float32
@@ -190,6 +192,8 @@ def gptq_snap(
                 f"gptq_snap: hessians[{name!r}] is {shape}, not the ({state.layout.features}, "
                 f"{state.layout.features}) Gram matrix of the weight's input features: from another model"
             )
+        if given is not None and not bool(torch.isfinite(given).all()):
+            raise ValueError(f"gptq_snap: hessians[{name!r}] has non-finite values (inf or nan)")
     if not batches and any(name not in cached for name, _ in todo):
         raise ValueError("gptq_snap: `batches` gave no batch")
     chunks: list[list[tuple[str, DKMWeight]]] = [[]]

@@ -207,6 +207,20 @@ def test_gptq_snap_bfloat16_weights(tiny_dir):
         torch.testing.assert_close(state.hard_weight(), state.weight.detach(), rtol=0, atol=0)
 
 
+def test_snap_rows_with_a_dead_feature_does_not_depend_on_the_inputs_scale():
+    """A feature that never sees an input (H_jj = 0) used to count as 1.0 in the mean diagonal that sets the damping:
+    with small inputs the damping swamped H (GPTQ's error 0.996 of nearest rounding at input scale 1e-4, 0.888 at 1).
+    The choices must be the same at every scale, as they are without a dead feature."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 16, generator=g) @ torch.randn(16, 16, generator=g)
+    x[:, 5] = 0.0
+    rows, lut = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g).sort(1).values
+    # powers of two: every float operation scales exactly, so the choices may be compared exactly
+    chosen = [_snap(rows, lut, (x * scale).t() @ (x * scale)) for scale in (1.0, 2.0**-7, 2.0**-13)]
+    assert all(torch.equal(c, chosen[0]) for c in chosen[1:])
+    assert not torch.equal(chosen[0], _nearest(rows, lut))  # the compensation did something
+
+
 def test_snap_rows_refuses_a_gram_matrix_that_damping_cannot_fix():
     """A Gram matrix with NaN (inputs that overflowed) is refused with a ValueError that says so."""
     hessian = torch.eye(4)
@@ -269,6 +283,8 @@ def test_gptq_snap_reuses_the_hessians_it_is_given(tiny_dir):
         dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=wrong)
     with pytest.raises(ValueError, match=f"{snapped[0]}.*list"):
         dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians={**saved, snapped[0]: [[1.0]]})
+    with pytest.raises(ValueError, match=f"{snapped[0]}.*non-finite"):
+        dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians={**saved, snapped[0]: saved[snapped[0]] * float("nan")})
     with pytest.raises(ValueError, match="must be a dict"):
         dkm_hf.gptq_snap(fresh, tiny_lm_batches(), hessians=list(saved.values()))
     assert all(torch.equal(p, weights[n]) for n, p in fresh.named_parameters())
