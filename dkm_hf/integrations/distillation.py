@@ -11,6 +11,7 @@ its device.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -23,6 +24,12 @@ def prepare_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype
     teacher = teacher.to(device=device, dtype=dtype).eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    """The named parameters of a module class's forward, read once per class (not on every training step)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -64,7 +71,7 @@ def distilled_loss(
     hidden = hidden_weight > 0
     outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
     teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    if "use_cache" in inspect.signature(teacher.forward).parameters:
+    if "use_cache" in _forward_parameters(type(teacher)):
         # no KV cache: with one, transformers builds the causal mask without looking for packed sequences in
         # position_ids, so a teacher with use_cache on would attend across them where the student (cache off) does not
         teacher_inputs["use_cache"] = False

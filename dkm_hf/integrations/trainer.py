@@ -237,6 +237,8 @@ class DKMTrainerMixin:
         if not model.training or (custom and self.teacher is None) or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shifted = counted_labels(self, inputs)
+        targets = labels.ne(-100)
+        items = targets.sum()
         if self.teacher is None:
             # outputs only when asked for: TRL's SFTTrainer computes the logits for them in another forward
             result = super().compute_loss(model, inputs, return_outputs=return_outputs)
@@ -249,15 +251,13 @@ class DKMTrainerMixin:
                 self.dkm_option("distill_alpha"),
                 self.dkm_option("distill_temperature"),
                 self.dkm_option("distill_hidden_weight"),
-                labels.ne(-100),
+                targets,
                 shifted,
             )
-            items = labels.ne(-100).sum()
             for name, value in terms.items():  # device tensors: no host sync until the log
                 self._distill_sums[name] = self._distill_sums.get(name, 0) + value * items
             self._distill_items = self._distill_items + items
         if num_items_in_batch is not None and not custom:
-            items = labels.ne(-100).sum()
             # a micro-batch without a labelled item has no mean (nan): its share of the step is nothing
             loss = torch.where(items > 0, loss * accumulated_batch_share(self, items, num_items_in_batch), 0.0)
         return (loss, outputs) if return_outputs else loss
