@@ -806,7 +806,7 @@ at::Tensor group_variance(const at::Tensor& v) {
 
 }  // namespace
 
-int64_t abi_version() { return 7; }
+int64_t abi_version() { return 8; }
 
 // dkm_buckets.cpp
 at::Tensor bucket_counts(const at::Tensor& keys);
@@ -817,6 +817,8 @@ at::Tensor nearest_sorted(const at::Tensor& x, const at::Tensor& sorted_c, const
 // dkm_kmeans.cpp
 at::Tensor lloyd_sorted(const at::Tensor& x, const at::Tensor& s1, const at::Tensor& c, const at::Tensor& bounds,
                         int64_t iters);
+// dkm_gptq.cpp
+std::tuple<at::Tensor, at::Tensor> gptq_block(at::Tensor& block, const at::Tensor& lut, const at::Tensor& u);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &dkm_forward, "DKM loop and soft weight: (W~, C_T, history, masses, T)");
@@ -828,6 +830,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bucket_grad", &bucket_grad, "a[keys] * g + b[keys]");
   m.def("nearest_sorted", &nearest_sorted, "nearest of sorted centroids (d = 1): (G, n) int64");
   m.def("lloyd_sorted", &lloyd_sorted, "Lloyd iterations of 1-D k-means on sorted values: (G, r, k) double");
+  m.def("gptq_block", &gptq_block, "GPTQ's loop in one block of features: (indices, errors), the block updated");
   m.def("group_variance", &group_variance, "mean squared distance to each group's mean vector: (G,) float32");
   m.def("abi_version", &abi_version);
 }

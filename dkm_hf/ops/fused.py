@@ -49,7 +49,8 @@ else:
 SOURCE = Path(__file__).with_name("dkm_fused.cpp")
 BUCKETS_SOURCE = Path(__file__).with_name("dkm_buckets.cpp")  # the uniquified path's per-weight loops (buckets.py)
 KMEANS_SOURCE = Path(__file__).with_name("dkm_kmeans.cpp")  # Lloyd iterations of 1-D k-means (kmeans.py)
-ABI_VERSION = 7
+GPTQ_SOURCE = Path(__file__).with_name("dkm_gptq.cpp")  # GPTQ's loop inside a block of features (surgery/gptq.py)
+ABI_VERSION = 8
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # weights the kernels take (the loop runs in float32)
 _LOCK = threading.Lock()
 _CPU: ModuleType | None = None
@@ -57,7 +58,7 @@ _CPU_TRIED = False
 
 
 def sources() -> list[Path]:
-    return [SOURCE, BUCKETS_SOURCE, KMEANS_SOURCE]
+    return [SOURCE, BUCKETS_SOURCE, KMEANS_SOURCE, GPTQ_SOURCE]
 
 
 def build_dir() -> Path:

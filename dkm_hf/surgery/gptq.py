@@ -30,6 +30,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..nn.dkm import DKMWeight, _whole, dkm_modules
+from ..ops import fused
 from .importance import _to
 
 logger = logging.get_logger(__name__)
@@ -85,17 +86,24 @@ def snap_rows(
             f"the inputs' Gram matrix is not positive definite even with {levels[-1]:g} x its mean diagonal added"
         )
     out = torch.empty(w.shape, dtype=torch.long, device=w.device)
+    lut = lut.float().contiguous()
+    kernels = fused.cpu_kernels() if w.device.type == "cpu" else None
     for start in range(0, features, block_size):
         end = min(start + block_size, features)
-        block, errors, u_block = w[:, start:end], torch.empty_like(w[:, start:end]), u[start:end, start:end]
-        for j in range(end - start):
-            column = block[:, j]
-            nearest = (column[:, None] - lut).abs().argmin(1, keepdim=True)
-            snapped = lut.gather(1, nearest).squeeze(1)
-            out[:, start + j] = nearest.squeeze(1)
-            error = (column - snapped) / u_block[j, j]
-            block[:, j:].sub_(error[:, None] * u_block[j, j:][None, :])
-            errors[:, j] = error
+        u_block = u[start:end, start:end]
+        if kernels is not None:  # the loop below in C++ (dkm_gptq.cpp), the same float operations
+            block = w[:, start:end].contiguous()
+            out[:, start:end], errors = kernels.gptq_block(block, lut, u_block.contiguous())
+        else:
+            block, errors = w[:, start:end], torch.empty_like(w[:, start:end])
+            for j in range(end - start):
+                column = block[:, j]
+                nearest = (column[:, None] - lut).abs().argmin(1, keepdim=True)
+                snapped = lut.gather(1, nearest).squeeze(1)
+                out[:, start + j] = nearest.squeeze(1)
+                error = (column - snapped) / u_block[j, j]
+                block[:, j:].sub_(error[:, None] * u_block[j, j:][None, :])
+                errors[:, j] = error
         w[:, end:].sub_(errors @ u[start:end, end:])
     if order is not None:
         out = torch.empty_like(out).index_copy_(1, order, out)

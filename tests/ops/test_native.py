@@ -199,7 +199,7 @@ def test_build_directory_changes_with_the_sources(tmp_path):
     os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same timestamp, other contents
     assert extension.source_tag([a, b]) != tag
     assert fused.build_dir().name.endswith(extension.source_tag(fused.sources()))
-    assert fused.KMEANS_SOURCE in fused.sources()
+    assert fused.KMEANS_SOURCE in fused.sources() and fused.GPTQ_SOURCE in fused.sources()
 
 
 @needs_native

@@ -40,6 +40,46 @@ def test_snap_rows_is_the_optimal_brain_quantizer_on_two_features():
 
 
 @pytest.mark.parametrize("act_order", [False, True])
+def test_snap_rows_kernel_equals_the_torch_loop(monkeypatch, act_order):
+    """The C++ loop inside each block of features (dkm_gptq.cpp) makes the torch loop's choices to the bit: 300
+    features (two full blocks of 128 and a partial one), per-row LUTs with a repeated value (ties go to the first, as
+    argmin), correlated inputs, at one thread and at two; a CUDA or no-compiler run takes the torch loop."""
+    gptq = pytest.importorskip("dkm_hf.surgery.gptq")
+    kernel = gptq.fused.cpu_kernels()
+    if kernel is None:
+        pytest.skip("the CPU extension is not available")
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(96, 300, generator=g) * 0.05
+    lut = torch.randn(96, 16, generator=g).sort(1).values * 0.05
+    lut[:, 5] = lut[:, 4]  # equal values: the first index wins in both loops
+    x = torch.randn(512, 300, generator=g) @ (torch.eye(300) + 0.3 * torch.randn(300, 300, generator=g))
+    hessian = x.t() @ x
+    calls = []
+
+    class Counting:
+        def gptq_block(self, *args):
+            calls.append(args[0].shape)
+            return kernel.gptq_block(*args)
+
+    threads = torch.get_num_threads()
+    try:
+        fast = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            monkeypatch.setattr(gptq.fused, "cpu_kernels", lambda: Counting())
+            fast.append(snap_rows(rows, lut, hessian, act_order=act_order))
+        monkeypatch.setattr(gptq.fused, "cpu_kernels", lambda: None)
+        slow = snap_rows(rows, lut, hessian, act_order=act_order)
+    finally:
+        torch.set_num_threads(threads)
+    assert [tuple(shape) for shape in calls] == [(96, 128), (96, 128), (96, 44)] * 2
+    assert torch.equal(fast[0], slow) and torch.equal(fast[1], slow)
+    nearest = (rows[:, :, None] - lut[:, None, :]).abs().argmin(-1)
+    assert (slow != nearest).float().mean() > 0.1  # the compensation changed many choices: the loops did work
+    assert not (slow == 5).any()  # the second of two equal values is never chosen
+
+
+@pytest.mark.parametrize("act_order", [False, True])
 def test_snap_rows_with_uncorrelated_inputs_is_nearest_rounding(act_order):
     """A diagonal H (inputs with uncorrelated features) spreads nothing: every weight goes to its nearest value; a
     feature that never saw an input (H_jj = 0) too."""
