@@ -165,7 +165,7 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
         dense = _original_weight(original, name) if original else None
         if dense is not None and dense.numel() == layout.numel:
             if scale is not None:
-                rows_ = dense.t() if layout.transposed else dense.reshape(layout.channels, -1)
+                rows_ = layout.to_rows(dense)
                 dense = rows_ / scale.float()
             values, label = dense.reshape(-1), "original"
         else:

@@ -99,6 +99,8 @@ def _problem(module: PalettizedWeight, ios18: bool, ios16: bool) -> str | None:
     ]
     if late and not ios18:
         return f"{' and '.join(late)} need(s) iOS18 / macOS15 or later (grouped / vector LUTs, blockwise scale)"
+    if lay.transposed and len(lay.shape) > 2:
+        return f"stacked experts stored (experts, in, out) {tuple(lay.shape)}: Core ML's LUT fills one channel axis"
     if lay.cluster_dim > 1 and _vector_axis(lay.shape, lay.transposed, lay.cluster_dim) is None:
         return (
             f"its cluster_dim={lay.cluster_dim} vectors cross an axis of its weight {tuple(lay.shape)}: Core ML "

@@ -3,8 +3,11 @@
 A weight is seen as (channels, features) rows: channels are output channels (rows of a Linear, filters of a Conv,
 columns of transformers' Conv1D, which stores (in, out), tokens of an Embedding). A stacked 3-D parameter (the
 experts of a mixture-of-experts layer, (experts, out, in)) has `channel_dims=2`: its channels are the rows of every
-expert, and its LUT groups never straddle two experts (at least one LUT per expert). Vectors of `cluster_dim` values
-run along the features of one channel; LUT group g holds channels [g * C/G, (g + 1) * C/G). A palettized weight is
+expert, and its LUT groups never straddle two experts (at least one LUT per expert). Experts stored (experts, in,
+out) (GPT-OSS, Llama4) are `transposed` like Conv1D: their channels are each expert's columns, and their record
+says so (`"transposed": true`; Conv1D's transposition is read from the model's module class). Vectors of
+`cluster_dim` values run along the features of one channel; LUT group g holds channels [g * C/G, (g + 1) * C/G).
+A palettized weight is
 
     lut      (groups, 2**bits, cluster_dim)       the centroids
     indices  groups * vectors_per_group indices   b-bit, packed
@@ -28,7 +31,7 @@ from ..ops import fused
 from ..ops.packing import packed_size
 
 RECORD_KEYS = ("bits", "cluster_dim", "groups", "shape", "per_channel_scale")
-OPTIONAL_RECORD_KEYS = ("channel_dims",)  # written only when not 1
+OPTIONAL_RECORD_KEYS = ("channel_dims", "transposed")  # written only when not 1 / only for stacked experts
 LUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -39,7 +42,7 @@ class Layout:
     cluster_dim: int = 1
     groups: int = 1
     per_channel_scale: bool = False
-    transposed: bool = False  # transformers' Conv1D: the weight is stored (features, channels)
+    transposed: bool = False  # stored (features, channels): transformers' Conv1D, experts (experts, in, out)
     tied_to: str | None = None  # the weight whose LUT and indices this one shares
     channel_dims: int = 1  # leading dimensions that index channels (2 for stacked experts)
 
@@ -87,7 +90,9 @@ class Layout:
 
     @property
     def channels(self) -> int:
-        return self.shape[1] if self.transposed else math.prod(self.shape[: self.channel_dims])
+        if self.transposed:  # (in, out) or (experts, in, out)
+            return math.prod(self.shape[: self.channel_dims - 1]) * self.shape[-1]
+        return math.prod(self.shape[: self.channel_dims])
 
     @property
     def stacks(self) -> int:
@@ -129,10 +134,18 @@ class Layout:
     # -- views of the weight ------------------------------------------------------------------------------------------
     def to_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """(channels, features) view of the weight."""
-        return weight.t() if self.transposed else weight.reshape(self.channels, self.features)
+        if not self.transposed:
+            return weight.reshape(self.channels, self.features)
+        if weight.dim() == 2:
+            return weight.t()
+        return weight.transpose(-1, -2).reshape(self.channels, self.features)
 
     def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.t() if self.transposed else rows.reshape(self.shape)
+        if not self.transposed:
+            return rows.reshape(self.shape)
+        if len(self.shape) == 2:
+            return rows.t()
+        return rows.reshape(*self.shape[:-2], self.shape[-1], self.shape[-2]).transpose(-1, -2)
 
     def to_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """(groups, vectors_per_group, cluster_dim) view of the rows."""
@@ -161,6 +174,8 @@ class Layout:
         }
         if self.channel_dims != 1:
             record["channel_dims"] = self.channel_dims
+            if self.transposed:
+                record["transposed"] = True
         return record
 
     @classmethod
@@ -185,6 +200,14 @@ class Layout:
         channel_dims = record.get("channel_dims", 1)
         if not _is_count(channel_dims) or not 1 <= channel_dims < max(2, len(shape)):
             raise PalettizedCheckpointError(f"{where} has invalid channel_dims {channel_dims!r} for shape {shape}")
+        if "transposed" in record:  # stacked experts say how they are stored; Conv1D's comes from the model
+            if channel_dims == 1 or record["transposed"] is not True:
+                raise PalettizedCheckpointError(
+                    f"{where} has 'transposed': {record['transposed']!r}, which only stacked experts (channel_dims "
+                    "2) record, as true"
+                )
+        if channel_dims > 1:
+            transposed = record.get("transposed", False)
         if not isinstance(record["per_channel_scale"], bool):
             raise PalettizedCheckpointError(
                 f"{where} needs a bool 'per_channel_scale', got {record['per_channel_scale']!r}"

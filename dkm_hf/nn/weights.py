@@ -53,9 +53,20 @@ def buffer_name(param: str, kind: str) -> str:
     return f"{param}_{kind}"
 
 
+# Stacked experts stored (experts, in, out) and applied as x @ W[e] whose classes do not say so with transformers'
+# `use_experts_implementation(is_transposed=True)` (which sets `module.is_transposed`).
+INPUT_MAJOR_EXPERTS = {"Llama4TextExperts"}
+
+
 def is_transposed(module: nn.Module, param: str = "weight") -> bool:
-    """transformers' Conv1D stores its weight (in, out)."""
-    return param == "weight" and isinstance(module, Conv1D)
+    """Whether a weight is stored inputs first: transformers' Conv1D (in, out), and stacked experts (experts, in, out)
+    (GPT-OSS and Aria declare it with `is_transposed`, Llama4's experts by their class)."""
+    if param == "weight":
+        return isinstance(module, Conv1D)
+    parameter = module._parameters.get(param)
+    if parameter is None or parameter.dim() != STACKED_NDIM:
+        return False
+    return getattr(module, "is_transposed", False) is True or base_class(module).__name__ in INPUT_MAJOR_EXPERTS
 
 
 def channel_dims(module: nn.Module, param: str, ndim: int) -> int:

@@ -62,3 +62,56 @@ GOOD = {"bits": 3, "cluster_dim": 1, "groups": 1, "shape": [8, 8], "per_channel_
 def test_bad_records_name_the_module(records, message):
     with pytest.raises(PalettizedCheckpointError, match=message):
         layouts_from_records(records)
+
+
+def test_stacked_experts_stored_inputs_first():
+    """Experts stored (experts, in, out) (GPT-OSS, Llama4) are transposed: their channels are each expert's output
+    columns, one LUT per output row of an expert with group_size 1; rows round-trip; the record says so, and a
+    record of stacked experts without it (written before) reads as stored (experts, out, in), whatever the model."""
+    layout = Layout.for_weight((4, 32, 80), 4, 1, 1, transposed=True, channel_dims=2)
+    assert (layout.channels, layout.features, layout.groups, layout.stacks) == (320, 32, 320, 4)
+    w = torch.randn(4, 32, 80)
+    rows = layout.to_rows(w)
+    torch.testing.assert_close(rows[80 + 7], w[1, :, 7])  # expert 1's output 7 over its 32 inputs
+    torch.testing.assert_close(layout.from_rows(rows), w)
+    record = layout.to_record()
+    assert record["transposed"] is True and record["channel_dims"] == 2
+    assert Layout.from_record("experts", record, transposed=False) == layout
+    old = {k: v for k, v in record.items() if k != "transposed"} | {"groups": 128}
+    assert not Layout.from_record("experts", old, transposed=True).transposed
+    with pytest.raises(PalettizedCheckpointError, match="'transposed'"):
+        Layout.from_record("linear", {"bits": 4, "cluster_dim": 1, "groups": 1, "shape": [8, 4],
+                                      "per_channel_scale": False, "transposed": True})  # fmt: skip
+
+
+@torch.no_grad()
+def test_gpt_oss_experts_get_one_lut_per_output_row(tmp_path):
+    """GPT-OSS applies its experts as x @ W[e] with W stored (experts, in, out): per-row LUTs run along each expert's
+    inputs for every output (before: one LUT per input feature), 8-bit per-row clustering leaves the model's output
+    as it was, and the palettized checkpoint reloads to the hard model."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    import dkm_hf
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    dense = GptOssForCausalLM(config).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = dense(input_ids=ids).logits
+    options = {"granularity": "per_grouped_channel", "group_size": 1, "weight_threshold": 0}
+    model = GptOssForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=dkm_hf.DKMConfig(bits=8, **options))
+    states = dict(dkm_hf.dkm_modules(model))
+    gate_up = states["model.layers.0.mlp.experts.gate_up_proj"].layout
+    assert gate_up.transposed and gate_up.shape == (4, 32, 80) and gate_up.groups == 4 * 80
+    assert states["model.layers.0.mlp.experts.down_proj"].layout.groups == 4 * 32
+    hard = model.eval()(input_ids=ids).logits
+    assert (hard - expected).abs().max() <= 0.02 * expected.abs().max()
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "palettized")
+    reloaded = GptOssForCausalLM.from_pretrained(tmp_path / "palettized")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, hard)
+    record = reloaded.config.quantization_config.record.modules["model.layers.0.mlp.experts.gate_up_proj"]
+    assert record["transposed"] is True
