@@ -208,7 +208,8 @@ class DKMConfig(QuantizationConfigMixin):
         _check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
         _check_choice("tau_scale", self.tau_scale, TAU_SCALES)
         _check_absolute_tau("tau", self.tau, self.tau_scale)
-        if self.implementation == "uniquified" and self.cluster_dim != 1:
+        uniquified = self.implementation == "uniquified"
+        if uniquified and self.cluster_dim != 1:
             raise ValueError(
                 f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
             )
@@ -225,12 +226,30 @@ class DKMConfig(QuantizationConfigMixin):
                 )
             _check_layer_fields(f"overrides[{pattern!r}].", {f: getattr(self, f) for f in OVERRIDABLE} | values)
             _check_absolute_tau(f"overrides[{pattern!r}]", values.get("tau", self.tau), self.tau_scale)
+            if uniquified and values.get("cluster_dim", 1) != 1:
+                raise ValueError(
+                    f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but overrides[{pattern!r}] sets "
+                    f"cluster_dim={values['cluster_dim']}"
+                )
         for name in ("target_modules", "modules_to_not_convert"):
             patterns = getattr(self, name)
             if patterns is not None and not isinstance(patterns, list):
                 raise ValueError(f"DKMConfig.{name} must be a list of strings, but the value passed is {patterns!r}")
             for pattern in patterns or []:
                 _check_pattern(name, pattern)
+
+    def update(self, **kwargs) -> dict[str, Any]:
+        """Set the fields named in `kwargs` (as transformers' configs do; the others are returned), then check the
+        result as the constructor does: on an error, every field is as it was before."""
+        before = {f.name: getattr(self, f.name) for f in fields(self)}
+        unused = super().update(**kwargs)
+        try:
+            self.post_init()
+        except (ValueError, TypeError):
+            for name, value in before.items():
+                setattr(self, name, value)
+            raise
+        return unused
 
     # -- per-module resolution -------------------------------------------------------------------------------------
     def _values_for(self, module_name: str) -> dict[str, Any]:
@@ -311,6 +330,8 @@ class DKMConfig(QuantizationConfigMixin):
         result = super().from_dict(settings, return_unused_kwargs=return_unused_kwargs, **kwargs)
         config = result[0] if return_unused_kwargs else result
         config.record = record
+        if kwargs:  # transformers' from_dict sets them after the constructor's checks
+            config.post_init()
         return result
 
     def to_json_string(self, use_diff: bool = True) -> str:

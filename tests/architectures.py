@@ -340,9 +340,11 @@ def _training_step(model: torch.nn.Module, dense: torch.nn.Module, inputs: dict[
     dense_grads = set()
     with torch.enable_grad():
         reference = copy.deepcopy(dense).train()
+        torch.manual_seed(0)  # train-mode randomness (dropout, a router's jitter) the same in both passes
         logits_of(reference, inputs).square().mean().backward()
         dense_grads = {n for n, p in reference.named_parameters() if p.grad is not None and bool(p.grad.ne(0).any())}
         model.train()
+        torch.manual_seed(0)
         loss = logits_of(model, inputs).square().mean()
         if not math.isfinite(loss.item()):
             raise AssertionError(f"training loss {loss.item()}")

@@ -188,3 +188,31 @@ def test_callers_config_is_not_mutated(tiny_dir, tmp_path):
     model.save_pretrained(tmp_path / "out")
     assert config.record.format == "train" and config.record.modules == {}
     assert model.config.quantization_config.record.format == "palettized"
+
+
+def test_a_config_changed_after_it_was_built_is_checked_before_anything_changes(tiny_dir):
+    """`update` (transformers' API), `from_dict(**kwargs)` and plain assignment cannot slip a bad value past the
+    constructor's checks: `update` and `from_dict` refuse it (an `update` leaves every field as it was), and a
+    config assigned a bad field is refused by `prepare` and `from_pretrained` before any weight is converted."""
+    config = DKMConfig(weight_threshold=0)
+    with pytest.raises(ValueError, match=r"bits .* 9"):
+        config.update(bits=9, tau=0.5)
+    assert config.bits == 4 and config.tau is None
+    assert config.update(bits=3, unknown=1) == {"unknown": 1} and config.bits == 3
+    with pytest.raises(ValueError, match=r"bits .* 12"):
+        DKMConfig.from_dict({"bits": 3}, bits=12)
+    assert DKMConfig.from_dict({"bits": 3}, bits=2).bits == 2
+    config.bits = 0
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"))
+    with pytest.raises(ValueError, match=r"bits .* 0"):
+        dkm_hf.prepare(model, config)
+    assert not dkm_hf.dkm_modules(model) and dkm_hf.get_dkm_config(model) is None
+    for kwargs in ({"dkm_config": config}, {"quantization_config": config}):
+        with pytest.raises(ValueError, match=r"bits .* 0"):
+            AutoModelForSequenceClassification.from_pretrained(tiny_dir("bert"), **kwargs)
+
+
+def test_uniquified_refuses_an_override_with_vectors():
+    with pytest.raises(ValueError, match=r"uniquified.*overrides\['.\*dense'\].*cluster_dim=2"):
+        DKMConfig(implementation="uniquified", overrides={".*dense": {"cluster_dim": 2}})
+    DKMConfig(implementation="uniquified", overrides={".*dense": {"cluster_dim": 1, "bits": 3}})

@@ -148,7 +148,13 @@ class DKMWeight:
             self.register_state()
         if self.layout.per_channel_scale:
             rows = self.layout.to_rows(self.weight.detach().float())
-            self.weight_scale.copy_(rows.abs().amax(1, keepdim=True).clamp_min(_SCALE_FLOOR))
+            amax = rows.abs().amax(1, keepdim=True)
+            # An all-zero row (a padding token's embedding) takes the other rows' mean scale, not the floor: once
+            # training moves it, w / 1e-12 would be ~1e7 and the attention of its values overflow.
+            live = amax > _SCALE_FLOOR
+            typical = (amax * live).sum() / live.sum().clamp_min(1)
+            typical = torch.where(typical > _SCALE_FLOOR, typical, torch.ones_like(typical))
+            self.weight_scale.copy_(torch.where(live, amax, typical))
 
     @torch.no_grad()
     def set_centroids(self, centroids: torch.Tensor) -> None:

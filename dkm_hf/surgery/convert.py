@@ -75,6 +75,8 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     pairs = tied_pairs(model)
     done: dict[str, DKMWeight] = {}
     ordered = sorted(names, key=lambda n: pairs.get(n) in names)  # sources before their tied targets
+    # every weight's layout first (a geometry error names its weight): nothing is attached before all are valid
+    planned = []
     for module_name, module, params in _by_module(model, ordered):
         _check_not_offloaded(module, module_name)
         states = {}
@@ -88,6 +90,8 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
                 layout = layout_for(config, name, module, param)
                 state = DKMWeight(module, param, layout, config.settings_for(name), config.seed)
             states[param] = done[name] = state
+        planned.append((module, states))
+    for module, states in planned:
         DKMMixin.attach(module, states)
         if with_state:
             for state in states.values():
@@ -210,6 +214,14 @@ def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dty
     The layouts come from config.json; each is checked against the weight it replaces (errors name it).
     """
     pairs = tied_pairs(model)
+    for target, source in pairs.items():
+        if (target in layouts) != (source in layouts):
+            listed, other = (target, source) if target in layouts else (source, target)
+            raise PalettizedCheckpointError(
+                f"config.json: palettized module {listed!r} shares its weight with {other!r} in this model (tied), "
+                f"but quantization_config.modules has no record of {other!r} (a tied weight is recorded as "
+                f"{{'tied_to': {source!r}}}); restore the checkpoint's config.json"
+            )
     done: dict[str, PalettizedWeight] = {}
     for name in sorted(layouts, key=lambda n: layouts[n].tied_to is not None):
         layout = layouts[name]

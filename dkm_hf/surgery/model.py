@@ -34,6 +34,7 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     if get_dkm_config(model) is not None or dkm_modules(model) or palettized_modules(model):
         raise ValueError("this model is already prepared for DKM (or palettized)")
     config = copy.deepcopy(config)
+    config.post_init()  # a config changed after it was built is checked before anything changes
     to_dkm(model, config)
     if init:
         init_centroids(model)

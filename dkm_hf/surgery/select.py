@@ -87,12 +87,30 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
             )
     # A tied weight is clustered once, by its source; if either side is left out, both are.
     chosen = set(selected)
-    for target, source in tied_pairs(model).items():
+    pairs = tied_pairs(model)
+    for target, source in pairs.items():
         if (target in chosen) != (source in chosen):
             logger.info(f"dkm_hf: {target} and {source} share a weight but only one is selected: clustering neither")
             chosen.discard(target)
             chosen.discard(source)
+    for target, source in pairs.items():
+        if target in chosen:
+            _check_tied_overrides(config, target, source)
     return [name for name in selected if name in chosen]
+
+
+def _check_tied_overrides(config: DKMConfig, target: str, source: str) -> None:
+    """An override that matches the tied side of a weight but not its source would be ignored (the pair is
+    clustered once, with the source's settings): refused where it gives the pair settings other than the source's."""
+    own = [p for p in config.overrides if name_matches(p, target) and not name_matches(p, source)]
+    mine, theirs = config._values_for(target), config._values_for(source)
+    differ = [f"{k}: {mine[k]!r} against {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+    if own and differ:
+        raise ValueError(
+            f"DKMConfig.overrides {own} match {target}, which shares its weight with {source} (tied): the pair is "
+            f"clustered once, with the settings of {source}, and these differ ({'; '.join(differ)}). Use a pattern "
+            f"that matches {source} too, or untie the weights."
+        )
 
 
 select_modules = select_weights  # the name of earlier releases

@@ -349,3 +349,40 @@ def test_a_bf16_layer_keeps_no_float32_copy_of_its_weight_for_backward(monkeypat
     assert out.dtype == torch.bfloat16
     out.float().square().sum().backward()
     assert layer.weight.grad.dtype == torch.bfloat16 and layer.weight.grad.abs().sum() > 0
+
+
+def test_a_geometry_error_leaves_the_model_as_it_was():
+    """Every layout is worked out before any weight is converted: a weight whose geometry does not fit, late in the
+    model, leaves no earlier weight clustered, and the model can be prepared again with a config that fits."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(30, 32))
+    with pytest.raises(ValueError, match=r"cluster_dim=4 .* 30 features .* 2"):
+        dkm_hf.prepare(model, DKMConfig(weight_threshold=0, cluster_dim=4))
+    assert [type(m) for m in model] == [nn.Linear] * 3 and not dkm_hf.dkm_modules(model)
+    assert all(set(dict(m.named_buffers())) == set() for m in model)
+    dkm_hf.prepare(model, DKMConfig(weight_threshold=0, cluster_dim=2))
+    assert len(dkm_hf.dkm_modules(model)) == 3
+
+
+def test_an_all_zero_row_takes_a_typical_scale_and_trains(tiny_dir):
+    """per_channel_scale: the padding token's embedding row is all zeros when the model is built; its scale is the
+    other rows' mean (not the 1e-12 floor, which made the row's values ~1e7 once the tied head's gradient moved it,
+    and the gradients non-finite), and three AdamW steps keep every gradient finite."""
+    from conftest import tiny_lm_batches
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+    assert model.config.pad_token_id == 0 and bool(model.model.embed_tokens.weight[0].eq(0).all())
+    config = DKMConfig(
+        bits=4, per_channel_scale=True, granularity="per_grouped_channel", group_size=1, weight_threshold=0
+    )
+    dkm_hf.prepare(model, config)
+    state = dict(dkm_hf.dkm_modules(model))["model.embed_tokens"]
+    scale = state.weight_scale[:, 0]
+    torch.testing.assert_close(scale[0], scale[1:].mean())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for batch in tiny_lm_batches(3):
+        model(**batch).loss.backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import AUTO
 from torch import nn
@@ -43,3 +44,21 @@ def test_target_modules_and_threshold():
     assert select_modules(model, DKMConfig(weight_threshold=0, target_modules=["1", "2"])) == ["1", "2"]
     dkm_hf.prepare(model, DKMConfig(weight_threshold=0, target_modules=[r"[02]"]))
     assert [isinstance(m, dkm_hf.DKMMixin) for m in model] == [True, False, True]
+
+
+def test_an_override_of_the_tied_side_alone_is_refused(tiny_dir):
+    """The tied LM head is clustered once, with its embedding's settings: an override that matches the head alone and
+    gives it other settings is refused naming both sides; one that matches both sides, or only the source, applies."""
+    from transformers import AutoModelForCausalLM
+
+    def prepared(overrides):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+        return dkm_hf.prepare(model, DKMConfig(bits=4, weight_threshold=0, overrides=overrides), init=False)
+
+    with pytest.raises(ValueError, match=r"\['lm_head'\] match lm_head, which shares its weight with "
+                       r"model.embed_tokens .*bits: 8 against 4"):  # fmt: skip
+        prepared({"lm_head": {"bits": 8}})
+    for overrides in ({"lm_head|.*embed_tokens": {"bits": 8}}, {".*embed_tokens": {"bits": 8}}):
+        bits = {name: w.layout.bits for name, w in dkm_hf.dkm_modules(prepared(overrides))}
+        assert bits["model.embed_tokens"] == bits["lm_head"] == 8 and bits["model.layers.0.mlp.up_proj"] == 4
+    prepared({"lm_head": {"bits": 4}})  # the same settings as the source's: nothing to refuse
