@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import uuid
 import zlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -129,7 +130,8 @@ def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
         raise PalettizedCheckpointError(
             f"{', '.join(files[:3]) or 'the weight files'}: written by save {written!r}, but config.json's "
             f"quantization_config.save_id is {record.save_id!r}; the directory mixes files of two checkpoints (an "
-            "interrupted save?). Save the model again, or restore the matching config.json"
+            "interrupted save, or an older model.safetensors beside newer shards: transformers reads the single file "
+            "first). Remove the older weight files, save the model again, or restore the matching config.json"
         )
     if written is None and header.metadata.get(VERSION_KEY) == str(FORMAT_VERSION):
         raise PalettizedCheckpointError(
@@ -215,15 +217,30 @@ def _check_unclustered(tensors: NameTable, claimed: set[str], model: nn.Module) 
             )
 
 
-def carries_training_state(header: SafetensorsHeader, layouts: dict[str, Layout]) -> bool:
+def carries_training_state(
+    header: SafetensorsHeader, layouts: dict[str, Layout], in_model: Callable[[str], bool] = lambda name: True
+) -> bool:
     """Whether a `format: train` checkpoint holds the DKM state of these modules (True) or is a dense checkpoint
     whose config.json declares DKM (False: initialise from the weights). Partial state is an error naming the
-    modules that lack it."""
+    modules that lack it, and so are centroids of a weight of the model (`in_model(weight name)`) that is not among
+    `layouts` (a config edited since the save: that weight would load dense)."""
     owners = {n: lay for n, lay in layouts.items() if lay.tied_to is None}
     tensors = header.tensors
     wanted = {state_key(tensors, n, "centroids"): lay.lut_shape for n, lay in owners.items()}
     wanted |= {state_key(tensors, n, "scale"): lay.scale_shape for n, lay in owners.items() if lay.per_channel_scale}
     found = {key: find_tensor(header.tensors, key) for key in wanted}
+    train = header.metadata.get(FORMAT_KEY) == "train"
+    known = {entry.name for entry in found.values() if entry is not None}
+    stray = sorted(n for n in tensors.keys() if n.endswith("centroids") and n not in known and in_model(n[:-10]))
+    if train and stray:
+        raise PalettizedCheckpointError(
+            f"training checkpoint with the centroids of {len(stray)} weight(s) that config.json's "
+            f"quantization_config does not cluster, e.g. {stray[:3]} (were its target_modules / "
+            "modules_to_not_convert / overrides edited?); they would load as dense layers. Restore the config it was "
+            "saved with"
+        )
+    if not wanted:  # a config that selects no weight (warned when it was applied): nothing to look for
+        return train
     if not any(found.values()):
         if header.metadata.get(FORMAT_KEY) == "train":
             raise PalettizedCheckpointError(

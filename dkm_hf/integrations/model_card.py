@@ -10,6 +10,7 @@ from pathlib import Path
 from huggingface_hub import ModelCardData
 from torch import nn
 
+from .safetensors_files import saved_variant
 from .summary import CheckpointSummary, summarize
 
 CARD_NAME = "README.md"
@@ -141,7 +142,7 @@ def write_model_card(model: nn.Module, directory: str, repo: str, replace_genera
             return False
         tags = re.findall(r"^- (\S+)$", existing.split("\n---", 1)[0], flags=re.M)
     base_model = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    card = model_card(summarize(directory), base_model, repo, tags)
+    card = model_card(summarize(directory, saved_variant(directory)), base_model, repo, tags)
     path.unlink(missing_ok=True)  # may be a hard link into the directory being replaced (see saving.atomic_save)
     path.write_text(card, encoding="utf-8")
     return True

@@ -11,6 +11,7 @@ the values (a checkpoint its loader would refuse is not saved) and records what 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import replace
 
@@ -49,7 +50,10 @@ class DKMHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: DKMConfig, **kwargs):
         # A private copy: saving records the checkpoint's layout in the config, which must not leak into the caller's.
-        super().__init__(copy.deepcopy(quantization_config), **kwargs)
+        config = copy.deepcopy(quantization_config)
+        if isinstance(config, DKMConfig):
+            config.post_init()  # a config changed after it was built (`config.bits = 9`) is checked before loading
+        super().__init__(config, **kwargs)
         self.file_metadata: dict[str, str] = {}
         self.init_after_load = not self.pre_quantized
         self.state_dict_to_save: dict | None = None  # a `save_pretrained(state_dict=...)` argument, for the hook
@@ -91,7 +95,8 @@ class DKMHfQuantizer(HfQuantizer):
             n: w.layout if w.tied_source is None else _tied(w.layout, names[id(w.tied_source)])
             for n, w in weights.items()
         }
-        self.init_after_load = not carries_training_state(header, layouts)
+        in_model = functools.partial(_in_model, model)
+        self.init_after_load = not carries_training_state(header, layouts, in_model)
         if self.init_after_load:  # a dense checkpoint whose config.json declares DKM
             for weight in weights.values():
                 weight.drop_state()
@@ -169,9 +174,10 @@ class DKMHfQuantizer(HfQuantizer):
 
 def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
     """{recorded weight name: the name of that weight in `model`}. A checkpoint of a model with a head loads into its
-    base model and the other way round (as transformers maps their keys through `base_model_prefix`): a name is kept,
-    or its prefix dropped or added. A recorded weight of a head the model does not have is left out (its tensors are
-    then unexpected keys, which transformers reports); any other name is kept, for `to_shells` to refuse by name."""
+    base model and the other way round (as transformers maps their keys through `base_model_prefix`), and into
+    another head class of the same base model: a name is kept, or its prefix dropped or added. A recorded weight of a
+    head the model does not have (outside its base model) is left out (its tensors are then unexpected keys, which
+    transformers reports, as for a dense checkpoint); any other name is kept, for `to_shells` to refuse by name."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     has_base = bool(prefix) and hasattr(model, prefix)
     names = {}
@@ -184,11 +190,18 @@ def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
         found = next((c for c in candidates if _resolves(model, c)), None)
         if found is not None:
             names[name] = found
-        elif not (prefix and name.startswith(prefix + ".")) and not has_base and prefix:
-            continue  # a head's weight, loading into the base model
+        elif prefix and not name.startswith(prefix + "."):
+            continue  # a head's weight, loading into the base model or into another head
         else:
             names[name] = name
     return names
+
+
+def _in_model(model: nn.Module, name: str) -> bool:
+    """Whether weight `name` of a checkpoint (with or without the model's base prefix) is a weight of `model`."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
+    return any(_resolves(model, c) for c in candidates)
 
 
 def _resolves(model: nn.Module, name: str) -> bool:

@@ -11,6 +11,7 @@ import bisect
 import json
 import math
 import os
+import re
 import stat
 import struct
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
@@ -277,15 +278,39 @@ def check_inside(directory: str | os.PathLike, files: Iterable[str | os.PathLike
             )
 
 
-def checkpoint_files(directory: str | os.PathLike) -> list[str]:
+def variant_name(name: str, variant: str | None) -> str:
+    """transformers' file name of a weights `variant` ("model.safetensors" -> "model.v1.safetensors")."""
+    if not variant:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def saved_variant(directory: str | os.PathLike) -> str | None:
+    """The weights variant a save wrote into `directory` (`save_pretrained(variant=...)`): None where the plain
+    names are there, else the one variant of its safetensors files (None if none or several)."""
+    directory = Path(directory)
+    if (directory / SINGLE_NAME).is_file() or (directory / INDEX_NAME).is_file():
+        return None
+    found = set()
+    for name in os.listdir(directory):
+        match = re.fullmatch(r"model\.safetensors\.index\.([^.]+)\.json|model\.([^.-]+)\.safetensors", name)
+        if match:
+            found.add(match.group(1) or match.group(2))
+    return found.pop() if len(found) == 1 else None
+
+
+def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -> list[str]:
     """The safetensors files of a saved model directory: model.safetensors when it is there, else the files its
     shard index names, the rule transformers' `from_pretrained` follows, so that every reader of a checkpoint
-    (loading, `dkm-hf inspect`) sees the same files. Each must be a regular file inside the directory; nothing is
-    opened before that is known (a FIFO would block the reader forever)."""
+    (loading, `dkm-hf inspect`) sees the same files; `variant`: those of `save_pretrained(variant=...)`. Each must be
+    a regular file inside the directory; nothing is opened before that is known (a FIFO would block the reader
+    forever)."""
     directory = Path(directory)
-    index = directory / INDEX_NAME
-    if (directory / SINGLE_NAME).is_file():
-        files = {SINGLE_NAME: str(directory / SINGLE_NAME)}
+    single_name, index_name = variant_name(SINGLE_NAME, variant), variant_name(INDEX_NAME, variant)
+    index = directory / index_name
+    if (directory / single_name).is_file():
+        files = {single_name: str(directory / single_name)}
     elif index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -299,7 +324,7 @@ def checkpoint_files(directory: str | os.PathLike) -> list[str]:
             raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {bad!r}")
         files = {f"{index.name}: weight_map entry {n!r}": str(directory / n) for n in names}
     else:
-        raise PalettizedCheckpointError(f"{directory}: no {SINGLE_NAME} or {INDEX_NAME}")
+        raise PalettizedCheckpointError(f"{directory}: no {single_name} or {index_name}")
     check_inside(directory, files.values())
     for where, file in files.items():
         try:
@@ -329,7 +354,7 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
 
 
-def preflight(pretrained: str | os.PathLike, subfolder: str = "") -> None:
+def preflight(pretrained: str | os.PathLike, subfolder: str = "", variant: str | None = None) -> None:
     """Before transformers opens anything in a local directory: a dkm_hf checkpoint's shard index, file locations and
     safetensors headers must be sound (errors name the file), so that a damaged checkpoint fails with a
     `PalettizedCheckpointError` rather than inside transformers' or safetensors' own parsers; and files that dkm_hf
@@ -341,13 +366,16 @@ def preflight(pretrained: str | os.PathLike, subfolder: str = "") -> None:
     except (OSError, ValueError):
         return  # not a local checkpoint directory, or transformers reports its config.json itself
     quant = config.get("quantization_config") if isinstance(config, dict) else None
-    has_weights = (directory / INDEX_NAME).is_file() or (directory / SINGLE_NAME).is_file()
+    names = (variant_name(INDEX_NAME, variant), variant_name(SINGLE_NAME, variant))
+    has_weights = any((directory / name).is_file() for name in names)
     if isinstance(quant, dict) and quant.get("quant_method") == "dkm":
         if has_weights:
-            read_headers(checkpoint_files(directory))
+            read_headers(checkpoint_files(directory, variant))
         return
     try:
-        written = read_headers(checkpoint_files(directory)).metadata.get("dkm_format") if has_weights else None
+        written = None
+        if has_weights:
+            written = read_headers(checkpoint_files(directory, variant)).metadata.get("dkm_format")
     except PalettizedCheckpointError:
         return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
     if written == "palettized":

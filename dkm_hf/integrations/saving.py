@@ -31,13 +31,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .safetensors_files import INDEX_NAME, SINGLE_NAME, variant_name
+
 try:
     import fcntl
 except ImportError:  # no flock (Windows): leftovers are never removed, so no live save's directory is either
     fcntl = None
 
 # Files of an older checkpoint that a new save replaces (never carried over into the new directory).
-WEIGHT_FILE = re.compile(r"(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index\.json)?")
+WEIGHT_FILE = re.compile(r"(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index(\.[^.]+)?\.json)?")
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.dkm-(tmp|old)-[0-9a-f]{12}")
 # Where these stop a sibling directory from being made, renamed or exchanged, the save goes in place.
 IN_PLACE_ERRNOS = frozenset({errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY})
@@ -246,3 +248,28 @@ def _replace_files(staged: Path, target: Path) -> None:
         if destination.is_dir() and not destination.is_symlink():
             shutil.rmtree(destination)
         os.replace(staged / name, destination)
+
+
+def stale_single_file_guard(save_directory: str | os.PathLike, variant: str | None) -> Callable[[], None]:
+    """Call before a save into `save_directory`; the function it returns, called after it, removes a single-file
+    checkpoint (`model.safetensors`, of `variant`) that the save did not write when the save wrote a new shard index:
+    loading reads the single file first, so it would shadow the new shards."""
+    single, index = (variant_name(name, variant) for name in (SINGLE_NAME, INDEX_NAME))
+    directory = Path(save_directory)
+
+    def stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_ino
+
+    before = stamp(directory / index), stamp(directory / single)
+
+    def remove_stale() -> None:
+        wrote_index = stamp(directory / index) not in (None, before[0])
+        old_single = before[1] is not None and stamp(directory / single) == before[1]  # there, and not rewritten
+        if wrote_index and old_single:
+            (directory / single).unlink()
+
+    return remove_stale

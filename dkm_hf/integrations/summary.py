@@ -68,8 +68,8 @@ class CheckpointSummary:
         return total
 
 
-def summarize(directory: str | os.PathLike) -> CheckpointSummary:
-    """Per-module layout and bytes of a saved palettized checkpoint."""
+def summarize(directory: str | os.PathLike, variant: str | None = None) -> CheckpointSummary:
+    """Per-module layout and bytes of a saved palettized checkpoint (`variant`: of `save_pretrained(variant=...)`)."""
     path = Path(directory) / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -78,7 +78,7 @@ def summarize(directory: str | os.PathLike) -> CheckpointSummary:
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quant, dict) or quant.get("quant_method") != "dkm" or quant.get("format") != "palettized":
         raise PalettizedCheckpointError(f"{directory}: config.json does not describe a dkm_hf palettized checkpoint")
-    files = checkpoint_files(directory)
+    files = checkpoint_files(directory, variant)
     header = read_headers(files)
     records = quant.get("modules", {})
     layouts = layouts_from_records(records, lambda name: guess_transposed(header.tensors, name, records.get(name)))

@@ -9,7 +9,9 @@ what it relies on.
    the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first. For a
    local dkm_hf checkpoint it also checks the shard index and headers before transformers parses them.
 2. `save_pretrained`: a palettized save is atomic (see `saving`) and writes a model card; there is no hook around the
-   whole save, so `PreTrainedModel.save_pretrained` is wrapped. For a quantized model transformers replaces a
+   whole save, so `PreTrainedModel.save_pretrained` is wrapped. Any other save that writes shards over a single-file
+   checkpoint removes that file (transformers' clean-up only knows shard names, and loading reads the single file
+   first: the old weights, or an error naming two checkpoints). For a quantized model transformers replaces a
    `state_dict=` argument by what the quantizer returns; the wrapper hands the argument to the quantizer.
 3. `push_to_hub`'s card: transformers writes its placeholder README.md after `save_pretrained`, just before the
    upload; its private `_upload_modified_files` is the last point where dkm_hf's card can replace it.
@@ -58,7 +60,7 @@ from ..nn.palettized import MODES, palettized_modules
 from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
 from .safetensors_files import preflight
-from .saving import atomic_save
+from .saving import atomic_save, stale_single_file_guard
 
 _MARK = "_dkm_hf_patched"
 _SAVE_PARAMETERS: frozenset[str] = frozenset()
@@ -141,7 +143,7 @@ def _patch_from_pretrained() -> None:
         if dkm_inference_mode is not None and dkm_inference_mode not in MODES:
             raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
         if args and isinstance(args[0], (str, os.PathLike)) and os.path.isdir(args[0]):
-            preflight(args[0], kw.get("subfolder") or "")
+            preflight(args[0], kw.get("subfolder") or "", kw.get("variant"))
         result = original_func(cls, *args, **kw)
         if dkm_inference_mode is not None:
             set_inference_mode(result[0] if isinstance(result, tuple) else result, dkm_inference_mode)
@@ -173,7 +175,11 @@ def _patch_save_pretrained() -> None:
             kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
-            return original(self, save_directory, *args, **kwargs)
+            index = stale_single_file_guard(save_directory, kwargs.get("variant"))
+            result = original(self, save_directory, *args, **kwargs)
+            if self.should_save_on_this_rank(is_main):
+                index()
+            return result
 
         def finish(tmp: str) -> None:
             write_model_card(self, tmp, repo=os.fspath(save_directory))

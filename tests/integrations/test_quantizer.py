@@ -291,3 +291,62 @@ def test_a_palettized_checkpoint_loads_into_its_base_model_and_the_base_into_a_h
     }
     with torch.no_grad():
         assert torch.equal(headed.bert(**inputs).last_hidden_state, base(**inputs).last_hidden_state)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_palettized_causal_lm_loads_into_another_head(tiny_dir, tmp_path, tie):
+    """As a dense checkpoint does, a palettized causal LM loads into the sequence-classification class of its
+    architecture: the backbone palettized and equal to the saved one, the LM head's tensors unexpected, the new head
+    initialised (before: refused naming lm_head, tied or not)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), tie_word_embeddings=tie)
+    dense.save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=DKMConfig(bits=4, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "palettized")
+    inputs = tiny_inputs("llama")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "palettized", num_labels=3)
+    backbone = AutoModel.from_pretrained(tmp_path / "palettized")
+    names = {name for name, _ in dkm_hf.palettized_modules(classifier)}
+    assert "model.layers.0.mlp.up_proj" in names and not any(n.startswith(("lm_head", "score")) for n in names)
+    torch.testing.assert_close(classifier.model(**inputs).last_hidden_state, backbone(**inputs).last_hidden_state)
+    torch.testing.assert_close(backbone(**inputs).last_hidden_state, model.model(**inputs).last_hidden_state)
+    assert classifier(**inputs).logits.shape == (2, 3)
+
+
+def test_training_checkpoint_with_centroids_the_config_does_not_cluster_is_refused(tiny_dir, tmp_path):
+    """A training checkpoint whose config.json was edited to leave a clustered weight out would load that weight as
+    a dense layer (its centroids unexpected keys): refused naming the centroids. Loading into the base model (the
+    head's centroids are not the model's) still works."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir("llama"), dkm_config=DKMConfig(bits=4, weight_threshold=0), tie_word_embeddings=False
+    )
+    model.save_pretrained(tmp_path / "out")
+    assert len(dkm_hf.dkm_modules(AutoModel.from_pretrained(tmp_path / "out"))) == len(dkm_hf.dkm_modules(model)) - 1
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["modules_to_not_convert"] = ["model.layers.0.mlp.up_proj"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(
+        PalettizedCheckpointError, match=r"centroids of 1 weight.*model.layers.0.mlp.up_proj.centroids"
+    ):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_a_palettized_checkpoint_without_its_tie_record_is_refused_by_name(tiny_dir, tmp_path):
+    """The tied LM head's record removed from config.json: refused naming the record (before: an AttributeError
+    from transformers' tie_weights about model.embed_tokens.weight)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=4, weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "out")
+    path = tmp_path / "out" / "config.json"
+    config = json.loads(path.read_text())
+    assert config["quantization_config"]["modules"].pop("lm_head") == {"tied_to": "model.embed_tokens"}
+    path.write_text(json.dumps(config))
+    with pytest.raises(PalettizedCheckpointError, match=r"'model.embed_tokens' shares its weight with 'lm_head'.*no "
+                       r"record of 'lm_head'"):  # fmt: skip
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -445,3 +445,67 @@ def test_a_lut_that_overflows_float16_is_not_saved(tmp_path):
     wide = dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=config))
     wide.save_pretrained(tmp_path / "out")
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out")), _logits(wide))
+
+
+def _tiny_llama_dkm(tiny_dir, **config):
+    from conftest import tiny_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(bits=4, weight_threshold=0, **config)
+    )
+    return model, tiny_inputs("llama")
+
+
+@torch.no_grad()
+def test_a_sharded_save_over_a_single_file_checkpoint_removes_it(tiny_dir, tmp_path):
+    """transformers' clean-up removes old shards, not an old model.safetensors, and loading reads that file first:
+    a training-format save in shards over a single-file one, and a dequantized (dense) save in shards over a
+    palettized single file, each load their own weights (before: a save-id error that saving again did not fix, and
+    an error asking to restore the palettized config of the stale file)."""
+    model, inputs = _tiny_llama_dkm(tiny_dir)
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    model.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # a different model: the stale file would not load as it
+    model.eval()
+    expected = model(**inputs).logits
+    model.save_pretrained(out, max_shard_size="4KB")
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out).eval()(**inputs).logits, expected)
+
+    shutil.rmtree(out)
+    dkm_hf.palettize(model).save_pretrained(out)
+    dense = dkm_hf.dequantize(AutoModelForCausalLM.from_pretrained(out))
+    dense.save_pretrained(out, max_shard_size="4KB")
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(out)(**inputs).logits, expected)
+    assert not (out / "model.safetensors").exists()
+
+
+@torch.no_grad()
+def test_palettized_save_with_a_variant(tiny_dir, tmp_path):
+    """`save_pretrained(variant=...)` writes model.<variant>.safetensors with its model card (before: the card's
+    summary looked for model.safetensors and the save failed), and `from_pretrained(variant=...)` reads it back."""
+    model, inputs = _tiny_llama_dkm(tiny_dir)
+    dkm_hf.palettize(model)
+    expected = model(**inputs).logits
+    for max_shard_size in ("1GB", "4KB"):
+        out = tmp_path / f"variant-{max_shard_size}"
+        model.save_pretrained(out, variant="v1", max_shard_size=max_shard_size)
+        names = set(os.listdir(out))
+        assert "README.md" in names and not {"model.safetensors", "model.safetensors.index.json"} & names
+        assert {"model.v1.safetensors", "model.safetensors.index.v1.json"} & names
+        reloaded = AutoModelForCausalLM.from_pretrained(out, variant="v1")
+        assert dkm_hf.palettized_modules(reloaded)
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+
+
+def test_a_config_that_selects_nothing_saves_a_checkpoint_that_loads(tiny_dir, tmp_path, caplog):
+    """A DKMConfig whose target_modules match no weight (warned) saves a training-format checkpoint that loads back
+    (before: refused as 'damaged', since it holds no centroids)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(target_modules=["qeury"])
+    )
+    assert not dkm_hf.dkm_modules(model)
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not dkm_hf.dkm_modules(reloaded)
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
