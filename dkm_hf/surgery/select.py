@@ -65,6 +65,7 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     regex.
     """
     skipped = skipped_patterns(model, config)
+    _warn_unmatched(model, config)
     selected = []
     for name, module_name, module, param in named_weights(model):
         if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
@@ -97,6 +98,18 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
         if target in chosen:
             _check_tied_overrides(config, target, source)
     return [name for name in selected if name in chosen]
+
+
+def _warn_unmatched(model: nn.Module, config: DKMConfig) -> None:
+    """A warning for each of the user's `target_modules` / `modules_to_not_convert` patterns that names no weight of
+    the model (a misspelt `modules_to_not_convert` entry would otherwise cluster what it meant to keep, silently)."""
+    names = [(name, module_name, f"{module_name}.{param}") for name, module_name, _, param in named_weights(model)]
+    for pattern in config.target_modules or []:
+        if not any(name_matches(pattern, name) for name, _, _ in names):
+            logger.warning(f"dkm_hf: DKMConfig.target_modules pattern {pattern!r} names no weight in the model")
+    for pattern in config.modules_to_not_convert or []:
+        if all(should_convert_module(m, [pattern]) and should_convert_module(f, [pattern]) for _, m, f in names):
+            logger.warning(f"dkm_hf: DKMConfig.modules_to_not_convert entry {pattern!r} names no weight in the model")
 
 
 def _check_tied_overrides(config: DKMConfig, target: str, source: str) -> None:
