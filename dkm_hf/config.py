@@ -227,10 +227,8 @@ class DKMConfig(QuantizationConfigMixin):
             _check_layer_fields(f"overrides[{pattern!r}].", {f: getattr(self, f) for f in OVERRIDABLE} | values)
             _check_absolute_tau(f"overrides[{pattern!r}]", values.get("tau", self.tau), self.tau_scale)
             if uniquified and values.get("cluster_dim", 1) != 1:
-                raise ValueError(
-                    f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but overrides[{pattern!r}] sets "
-                    f"cluster_dim={values['cluster_dim']}"
-                )
+                what = f"overrides[{pattern!r}] sets cluster_dim={values['cluster_dim']}"
+                raise ValueError(f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but {what}")
         for name in ("target_modules", "modules_to_not_convert"):
             patterns = getattr(self, name)
             if patterns is not None and not isinstance(patterns, list):
@@ -241,13 +239,11 @@ class DKMConfig(QuantizationConfigMixin):
     def update(self, **kwargs) -> dict[str, Any]:
         """Set the fields named in `kwargs` (as transformers' configs do; the others are returned), then check the
         result as the constructor does: on an error, every field is as it was before."""
-        before = {f.name: getattr(self, f.name) for f in fields(self)}
-        unused = super().update(**kwargs)
+        before, unused = {f.name: getattr(self, f.name) for f in fields(self)}, super().update(**kwargs)
         try:
             self.post_init()
         except (ValueError, TypeError):
-            for name, value in before.items():
-                setattr(self, name, value)
+            self.__dict__.update(before)
             raise
         return unused
 

@@ -152,8 +152,7 @@ class DKMWeight:
             # An all-zero row (a padding token's embedding) takes the other rows' mean scale, not the floor: once
             # training moves it, w / 1e-12 would be ~1e7 and the attention of its values overflow.
             live = amax > _SCALE_FLOOR
-            typical = (amax * live).sum() / live.sum().clamp_min(1)
-            typical = torch.where(typical > _SCALE_FLOOR, typical, torch.ones_like(typical))
+            typical = ((amax * live).sum() / live.sum().clamp_min(1)).clamp_min(_SCALE_FLOOR)
             self.weight_scale.copy_(torch.where(live, amax, typical))
 
     @torch.no_grad()
