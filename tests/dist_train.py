@@ -14,6 +14,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 import dkm_hf
 
 model_path, out, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+distill = sys.argv[4:] == ["distill"]  # from the dense model, its KL and hidden-state terms logged
 rank = int(os.environ.get("RANK", 0))
 
 
@@ -48,15 +49,18 @@ args = dkm_hf.DKMTrainingArguments(
     use_cpu=True,
     seed=0,
     disable_tqdm=True,
+    **({"distill_hidden_weight": 0.5} if distill else {}),
 )
 record = Record()
-trainer = dkm_hf.DKMTrainer(model=model, args=args, train_dataset=ToyDataset(128), callbacks=[record])
+teacher = {"teacher_model": AutoModelForSequenceClassification.from_pretrained(model_path)} if distill else {}
+trainer = dkm_hf.DKMTrainer(model=model, args=args, train_dataset=ToyDataset(128), callbacks=[record], **teacher)
 trainer.train()
 trainer.save_model(os.path.join(out, "final"))
 world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 weights = {name: module.weight.detach().tolist() for name, module in dkm_hf.dkm_modules(model)}
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump({"per_step": record.per_step, "world": world, "weights": weights}, f)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    json.dump({"per_step": record.per_step, "world": world, "weights": weights, "logs": logs}, f)
 if torch.distributed.is_initialized():  # leave together (see accelerate_fsdp_train.py)
     torch.distributed.barrier()
 trainer.accelerator.end_training()  # destroys the process group: a rank leaving with gloo alive can abort at exit

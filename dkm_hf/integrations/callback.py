@@ -23,12 +23,15 @@ from collections import Counter
 
 import torch
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from ..config import default_tau_end_ratio
 from ..nn.dkm import DKMWeight, dkm_modules
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
+
+logger = logging.get_logger(__name__)
 
 TAU_SCHEDULES = ("constant", "linear", "cosine")
 DEFAULT_TAU_SCHEDULE = "cosine"  # with the default end ratio: flat at >= 4 bits, annealed to a tenth at <= 3 bits
@@ -187,6 +190,11 @@ class DKMCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         milestone = self._milestone(model)
+        if milestone >= state.max_steps > 0:
+            logger.warning(
+                f"dkm_hf: the DKM milestone ({milestone}) is at or past the run's last step ({state.max_steps}): no "
+                "step clusters, and the saved model snaps the trained weights onto the centroids of loading time"
+            )
         for _, module in self._modules(model):
             # At step == milestone > 0 (a fresh run or a resume from checkpoint-<milestone>) clustering is still off:
             # on_step_begin initialises the centroids from the weights of that moment, then switches it on.
@@ -220,7 +228,8 @@ class DKMCallback(TrainerCallback):
         # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
         if not (self.log_cluster_health or self.reseed) or state.global_step < self._milestone(model):
             return
-        if not (state.global_step % max(1, int(args.logging_steps)) == 0 or state.global_step == state.max_steps):
+        every = max(1, int(state.logging_steps or args.logging_steps))  # Trainer's steps for a ratio < 1
+        if not (state.global_step % every == 0 or state.global_step == state.max_steps):
             return
         entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
         for name, module in gathered_by_unit(model, self._modules(model)):

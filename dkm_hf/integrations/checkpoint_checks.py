@@ -239,6 +239,13 @@ def carries_training_state(
             "modules_to_not_convert / overrides edited?); they would load as dense layers. Restore the config it was "
             "saved with"
         )
+    unscaled = [n for n, lay in owners.items() if not lay.per_channel_scale]
+    scales = [e.name for n in unscaled if (e := find_tensor(tensors, state_key(tensors, n, "scale"))) is not None]
+    if train and scales:
+        raise PalettizedCheckpointError(
+            f"training checkpoint with per-channel scales ({scales[:3]}) for weights clustered without them: it was "
+            "trained with per_channel_scale=True"
+        )
     if not wanted:  # a config that selects no weight (warned when it was applied): nothing to look for
         return train
     if not any(found.values()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import replace
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -25,7 +26,10 @@ from transformers.utils import (
 )
 
 from ..errors import PalettizedCheckpointError
-from .safetensors_files import checkpoint_files
+from ..nn.dkm import dkm_modules
+from ..nn.layout import Layout
+from .checkpoint_checks import carries_training_state
+from .safetensors_files import checkpoint_files, read_headers
 
 logger = logging.get_logger(__name__)
 
@@ -110,3 +114,25 @@ def resolve_resume(resume_from_checkpoint: str | os.PathLike | bool | None, outp
     if problem is not None:
         raise ValueError(f"cannot resume training from {os.fspath(resume_from_checkpoint)}: {problem}")
     return os.fspath(resume_from_checkpoint)
+
+
+def model_problem(directory: str | os.PathLike, model) -> str | None:
+    """Why the DKM state saved in training checkpoint `directory` does not fit `model`'s DKM weights (a DKMConfig
+    other than the one it was trained with: other bits, LUT groups or per-channel scales, other weights clustered),
+    or None. Loading would only warn about missing or unexpected keys and train on mismatched centroids."""
+    directory = os.fspath(directory)
+    names = os.listdir(directory)
+    if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
+        return None  # sharded FSDP or .bin weights: transformers' loading checks those
+    states = dkm_modules(model)
+    owner = {id(state): name for name, state in states}
+    layouts: dict[str, Layout] = {}
+    for name, state in states:
+        source = owner.get(id(state.tied_source)) if state.tied_source is not None else None
+        layouts[name] = state.layout if source is None else replace(state.layout, tied_to=source)
+    try:
+        header = read_headers(checkpoint_files(directory))
+        carries_training_state(header, layouts)
+    except PalettizedCheckpointError as err:
+        return f"its DKM state does not fit this model's DKM weights ({err})"
+    return None

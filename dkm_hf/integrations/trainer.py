@@ -27,7 +27,7 @@ from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
-from .resume import resolve_resume
+from .resume import model_problem, resolve_resume
 from .transformers_patches import accumulated_batch_share, checkpoint_initial_model, counted_labels
 
 
@@ -221,6 +221,12 @@ class DKMTrainerMixin:
         while saving leaves an incomplete one, skipped with a warning), and a directory that cannot be resumed from
         (a palettized checkpoint, an incomplete one) is refused saying why."""
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        problem = model_problem(resume, self.model) if resume is not None else None
+        if problem is not None:
+            raise ValueError(
+                f"cannot resume training from {resume}: {problem}. Build the model with the DKMConfig the checkpoint "
+                "was trained with (its config.json's quantization_config)"
+            )
         return super().train(resume, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -263,9 +269,15 @@ class DKMTrainerMixin:
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:
-            items = self._distill_items
-            terms = {name: (total / items.clamp_min(1)).item() for name, total in self._distill_sums.items()}
+        if "loss" in logs:  # the training log, which Trainer writes on every process after reducing the loss
+            items, sums = self._distill_items, self._distill_sums
+            if sums and self.accelerator.num_processes > 1:  # the global batch's terms, as the loss
+                total = self.accelerator.reduce(
+                    torch.stack([torch.as_tensor(items).to(s) for s in [*sums.values()][:1]] + list(sums.values())),
+                    reduction="sum",
+                )
+                items, sums = total[0], dict(zip(sums, total[1:]))
+            terms = {name: (value / items.clamp_min(1)).item() for name, value in sums.items()}
             self._distill_sums, self._distill_items = {}, 0
             logs = {**logs, **self.dkm_callback.pending, **terms}
         super().log(logs, *args, **kwargs)
@@ -301,7 +313,7 @@ class DKMTrainerMixin:
         best = self.state.best_model_checkpoint
         return best is not None and os.path.basename(os.path.normpath(best)) == f"{PREFIX_CHECKPOINT_DIR}-0"
 
-    def evaluation_loop(
+    def _evaluation_loop(
         self, dataloader, description: str, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """Trainer's loop; in an evaluation with `eval_soft`, the same batches run first with the soft DKM weights,
@@ -327,6 +339,20 @@ class DKMTrainerMixin:
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(soft)
         return output
+
+    def evaluation_loop(self, dataloader, description: str, *args, **kwargs):
+        """Before the DKM milestone the training forward uses the dense weights; an evaluation still measures the
+        hard model (the trained weights on the centroids they have), which is what `save_model` would ship then and
+        what the best-model rule must compare."""
+        ready = [m for _, m in dkm_modules(self.model) if not m.dkm_enabled and (m.dkm_ready or m.tied_source)]
+        for module in ready:
+            module.dkm_enabled = True
+        try:
+            return self._evaluation_loop(dataloader, description, *args, **kwargs)
+        finally:
+            for module in ready:
+                module.dkm_enabled = False
+                module.forget()
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         palettize = self.dkm_option("palettize_on_save") and (not _internal_call or self._palettize_next_save)

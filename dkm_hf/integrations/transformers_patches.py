@@ -93,7 +93,14 @@ def mark_initialized(tensor: torch.Tensor) -> torch.Tensor:
 def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
     """(8) Record the step-0 metrics for `load_best_model_at_end` and save checkpoint-0 (a training checkpoint)."""
     if trainer._determine_best_metric(metrics=metrics, trial=None):
-        trainer._save_checkpoint(trainer.model, trial=None)
+        # No optimizer step has run: its state is empty and the scheduler's is the initial one, so they are not saved
+        # (a resume from checkpoint-0 starts both afresh, as they are). Gathering FSDP2's empty optimizer state would
+        # run a step with zero gradients and count it in AdamW's `step`.
+        trainer._save_optimizer_and_scheduler = lambda output_dir: None
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        finally:
+            del trainer._save_optimizer_and_scheduler
         # `_save_checkpoint` takes best_global_step == 0 for "no best yet": name checkpoint-0 itself
         folder = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
         trainer.state.best_model_checkpoint = os.path.join(trainer._get_output_dir(trial=None), folder)

@@ -448,3 +448,124 @@ def test_cluster_health_entropy_is_measured_on_a_sample_of_groups_and_weights(ro
         assert seen[0] == (4, 256, 1) and entropy == pytest.approx(per_weight.mean().item(), rel=1e-5)
     else:  # every 128th row: within sampling error of the whole layer's mean entropy
         assert seen[0][0] == 4 and entropy == pytest.approx(per_weight[::128].mean().item(), rel=1e-5)
+
+
+BEST_BY_LOSS = {
+    "eval_strategy": "steps",
+    "eval_steps": 2,
+    "save_strategy": "steps",
+    "save_steps": 2,
+    "load_best_model_at_end": True,
+    "metric_for_best_model": "loss",
+}
+
+
+def test_checkpoint_zero_holds_no_optimizer_state_and_resumes_like_the_run(toy_path, tmp_path):
+    """checkpoint-0 (the step-0 hard model as a best-model candidate) is written before any optimizer step: no
+    optimizer or scheduler state is saved (under FSDP2, gathering the empty state ran a zero-gradient step that
+    AdamW counted), and a run resumed from it equals the uninterrupted one."""
+
+    def run(out, resume=None):
+        args = _args(tmp_path, output_dir=str(out), max_steps=4, weight_decay=0.1, **BEST_BY_LOSS)
+        trainer = DKMTrainer(
+            model=_model(toy_path), args=args, train_dataset=ToyDataset(128), eval_dataset=ToyDataset(32, seed=1)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full")
+    zero, two = tmp_path / "full" / "checkpoint-0", tmp_path / "full" / "checkpoint-2"
+    assert zero.is_dir() and not {"optimizer.pt", "scheduler.pt"} & set(os.listdir(zero))
+    assert {"optimizer.pt", "scheduler.pt"} <= set(os.listdir(two))
+    assert torch.load(two / "optimizer.pt", weights_only=True)["state"][0]["step"].item() == 2
+    resumed = run(tmp_path / "full", resume=str(zero))
+    assert _losses(resumed) == _losses(full)
+
+
+def test_evaluation_before_the_milestone_measures_the_hard_model(toy_path, tmp_path):
+    """Before the DKM milestone training runs on the dense weights, but an evaluation measures the hard model (the
+    weights on their centroids: what save_model ships at that point), so the best-model rule never picks a dense
+    score; clustering stays off in training until the milestone."""
+    model = _model(toy_path, bits=1)
+    dense = AutoModelForSequenceClassification.from_pretrained(toy_path).eval()
+    eval_set = ToyDataset(32, seed=1)
+    hard = Trainer(model=model, args=_args(tmp_path, TrainingArguments)).evaluate(eval_set)["eval_loss"]
+    plain = Trainer(model=dense, args=_args(tmp_path, TrainingArguments)).evaluate(eval_set)["eval_loss"]
+    assert abs(hard - plain) > 1e-3  # 1-bit clustering changes the loss: the two are told apart
+    args = _args(tmp_path, max_steps=4, dkm_milestone=3, learning_rate=0.0, **BEST_BY_LOSS)
+    trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(128), eval_dataset=eval_set)
+    trainer.train()
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert evals[:2] == pytest.approx([hard, hard], rel=1e-6)  # steps 0 and 2: before the milestone, hard
+    assert [e["dkm_enabled"] for e in trainer.state.log_history if "loss" in e] == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_resuming_into_a_model_of_another_dkm_config_is_refused(toy_path, tmp_path):
+    """A checkpoint's centroids only fit the DKMConfig it was trained with: other per-channel scales, bit widths or
+    clustered weights are refused before training, naming the tensors (before: transformers' missing / unexpected
+    key warnings, then training on mismatched centroids)."""
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(64)).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    for overrides, message in (
+        ({"per_channel_scale": True}, "weight_scale"),
+        ({"bits": 2}, "expected a float tensor of shape"),
+        ({"weight_threshold": 5000}, "centroids of .* weight.*not cluster"),
+    ):
+        trainer = DKMTrainer(model=_model(toy_path, **overrides), args=args, train_dataset=ToyDataset(64))
+        with pytest.raises(ValueError, match=f"cannot resume training from .*checkpoint-2: .*{message}"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+    DKMTrainer(model=_model(toy_path, per_channel_scale=False), args=_args(tmp_path, max_steps=3),
+               train_dataset=ToyDataset(64)).train(resume_from_checkpoint=checkpoint)  # fmt: skip
+
+
+def test_cluster_health_follows_a_logging_ratio(toy_path, tmp_path):
+    """logging_steps=0.5 of 8 steps logs at steps 4 and 8, as logging_steps=4: cluster health and re-seeding run at
+    those steps only (before: every step, the changed fraction measured over one step)."""
+    logs = []
+    for every in (0.5, 4):
+        trainer = DKMTrainer(
+            model=_model(toy_path),
+            args=_args(tmp_path, max_steps=8, logging_steps=every),
+            train_dataset=ToyDataset(256),
+        )
+        trainer.train()
+        logs.append([e for e in trainer.state.log_history if "loss" in e])
+    assert [e["step"] for e in logs[0]] == [e["step"] for e in logs[1]] == [4, 8]
+    for a, b in zip(*logs):
+        assert a["dkm_changed_fraction" if "dkm_changed_fraction" in a else "dkm_entropy"] == pytest.approx(
+            b.get("dkm_changed_fraction", b["dkm_entropy"]), rel=1e-6
+        )
+
+
+def test_a_milestone_past_the_last_step_is_warned(toy_path, tmp_path, caplog):
+    hf_logging.enable_propagation()
+    trainer = DKMTrainer(
+        model=_model(toy_path), args=_args(tmp_path, max_steps=2, dkm_milestone=5), train_dataset=ToyDataset(64)
+    )
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert "milestone (5) is at or past the run's last step (2)" in caplog.text
+
+
+def test_two_process_distillation_logs_the_global_batchs_terms(toy_path, tmp_path):
+    """torchrun, 2 ranks of 8 against one process of 16: the logged distill_task_loss / distill_kl /
+    distill_hidden_mse are the global batch's token-weighted means, as the loss is (before: rank 0's half only, its
+    KL 1e-3 of the whole's at the last step). Equal up to float reordering of the sums (rel 1e-4, as the loss)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dist_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    dist, single = tmp_path / "dist", tmp_path / "single"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    for command in ([*cmd, script, toy_path, str(dist), "8", "distill"], [sys.executable, script, toy_path,
+                                                                           str(single), "16", "distill"]):  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((dist / "rank0.json").read_text())["logs"]
+    one = json.loads((single / "rank0.json").read_text())["logs"]
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "distill_task_loss", "distill_kl", "distill_hidden_mse"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
