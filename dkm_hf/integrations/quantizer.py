@@ -149,9 +149,9 @@ class DKMHfQuantizer(HfQuantizer):
         return state_dict, save_metadata(model, record)
 
     def _dequantize(self, model, dtype=None):
+        # The dense weights come out in the dtype the model computes in (that of a later `.to(dtype)` too); the
+        # `dtype` transformers passes is the one the model was loaded in (or config.json's string), not applied.
         to_dense(model)
-        if dtype is not None:
-            model.to(dtype)
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:

@@ -16,8 +16,8 @@ forward (and anything else reading `m.p`) sees the weight the checkpoint holds. 
               memory the decoded weight's on top of the checkpoint's.
 
 On CPU the decode runs in `ops.native`'s kernels when available (bit for bit the torch decode). A packed plain Linear
-(or Conv1D) with float32 input and at most `GEMV_MAX_ROWS` rows (batch-1 generation) never decodes its weight: the
-fused LUT gemv reads the indices (equal to the decoded weight's output within float32 summation order). LUTs and
+(or Conv1D) with float32 input and at most `GEMV_MAX_ROWS` rows (batch-1 generation; not under autocast) never
+decodes its weight: the fused LUT gemv reads the indices (the decoded weight's output up to summation order). LUTs and
 scales keep their dtype through `model.to(dtype)`, `.half()`, `.bfloat16()`: the cast sets the decode's
 `compute_dtype`, so a cast model saves the same checkpoint it loaded from.
 """
@@ -47,13 +47,13 @@ from .weights import (
     set_tie,
     swap_class,
     variant_class,
+    version,
     weight_name,
 )
 
 MODES = ("dense", "packed")
-# Packed by default: the model never holds more than its checkpoint's bytes plus one decoded weight at a time; the
-# native kernels make it as fast as dense mode on CPU (README, "What packed mode costs").
-DEFAULT_MODE = "packed"
+# Packed by default: the model holds its checkpoint's bytes plus one decoded weight at a time, as fast as dense mode
+DEFAULT_MODE = "packed"  # on CPU with the native kernels (README, "What packed mode costs")
 DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
 KINDS = ("lut", "indices", "scale")
 KEPT_DTYPE_KINDS = ("lut", "scale")
@@ -174,14 +174,13 @@ class PalettizedWeight:
         their indices when a row's indices fill whole bytes; otherwise rows of the whole decoded weight."""
         lay = self.layout
         per_row = lay.features // lay.cluster_dim
-        if lay.transposed or self.tied_source is not None:
-            return self.decode().reshape(lay.channels, -1)[rows]
-        palette = self._native_palette()
+        palette = None if lay.transposed or self.tied_source is not None else self._native_palette()
         if palette is not None:
             return native.decode_rows(palette, rows)
-        if (per_row * lay.bits) % 8:
-            return self.decode().reshape(lay.channels, -1)[rows]
-        packed = self.weight_indices.view(lay.channels, per_row * lay.bits // 8)[rows]
+        if lay.transposed or self.tied_source is not None or (per_row * lay.bits) % 8:
+            return self.decode().reshape(lay.channels, -1).index_select(0, rows.reshape(-1))
+        row_bytes = per_row * lay.bits // 8  # index_select: a negative id is an IndexError, as in nn.Embedding
+        packed = self.weight_indices[: lay.channels * row_bytes].view(lay.channels, row_bytes).index_select(0, rows)
         idx = unpack_bytes(packed, lay.bits).to(torch.int32)
         if lay.groups > 1:
             idx += (rows.to(torch.int32) // (lay.channels // lay.groups) * lay.n_clusters).unsqueeze(-1)
@@ -215,7 +214,9 @@ class PalettizedWeight:
         """The fused LUT gemv y = x W^T + bias for a few float32 CPU rows of input, or None."""
         if x.device.type != "cpu" or x.dtype != torch.float32 or self.compute_dtype != torch.float32:
             return None
-        if x.dim() == 0 or x.numel() > GEMV_MAX_ROWS * x.shape[-1] or (x.requires_grad and torch.is_grad_enabled()):
+        grad = x.requires_grad and torch.is_grad_enabled()
+        # under autocast, F.linear on the decoded weight gives autocast's dtype
+        if torch.is_autocast_enabled("cpu") or grad or x.dim() == 0 or x.numel() > GEMV_MAX_ROWS * x.shape[-1]:
             return None
         palette = self._native_palette()
         if palette is None or x.shape[-1] != palette.shape[1]:
@@ -229,7 +230,7 @@ class PalettizedWeight:
         source = self.tied_source if self.tied_source is not None else self
         buffers = source.module._buffers
         return tuple(
-            (t.data_ptr(), t._version) for t in (buffers.get(n) for n in source.buffer_names()) if t is not None
+            (t.data_ptr(), version(t)) for t in (buffers.get(n) for n in source.buffer_names()) if t is not None
         )
 
     def value(self) -> torch.Tensor:
@@ -350,6 +351,8 @@ class PalettizedMixin:
         (x,) = args
         forward = base_class(self).forward
         if forward is nn.Embedding.forward and state.tied_source is None and state.layout.channel_dims == 1:
+            if x.is_meta:  # no torch.unique on the meta device: the decoded weight's shapes
+                return None
             tokens, inverse = torch.unique(x, return_inverse=True)  # decode the rows this batch looks up, only
             return F.embedding(inverse, state.decode_rows(tokens), None, self.max_norm, self.norm_type)
         if forward in _LINEAR_FORWARDS:

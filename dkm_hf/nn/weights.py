@@ -27,6 +27,12 @@ STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LU
 _VARIANTS: dict[tuple[type, type, tuple[str, ...]], type] = {}
 
 
+def version(tensor: torch.Tensor) -> int:
+    """A tensor's in-place write counter; -1 for an inference tensor (made under torch.inference_mode), which has
+    none and cannot be written outside it."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 def weight_name(module_name: str, param: str) -> str:
     """The name of parameter `param` of module `module_name` in config.json and in every dkm_hf listing."""
     if param == "weight" and module_name:

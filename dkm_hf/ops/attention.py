@@ -89,7 +89,7 @@ def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     G, n, d = w.shape
     c = centroids.to(w.dtype)
     # 16-bit squares tie too often to match argmin; non-finite centroids do not sort
-    if d == 1 and w.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(c).all()):
+    if d == 1 and w.dtype in (torch.float32, torch.float64) and not c.is_meta and bool(torch.isfinite(c).all()):
         return _hard_assign_1d(w[..., 0], c[..., 0])
     idx = torch.empty(G, n, dtype=torch.int64, device=w.device)
     for gs, ms in blocks(G, n, c.shape[1], w.device):

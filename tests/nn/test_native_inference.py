@@ -4,6 +4,8 @@ the dense-mode output within float32 summation-order tolerance; DKM_HF_NATIVE=0 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -133,3 +135,87 @@ def test_first_forward_under_inference_mode(mode):
         assert torch.equal(model[0](x), expected)
         assert torch.equal(model[0](x), expected)
     assert torch.equal(model[0](x), expected)
+
+
+def _tiny_palettized_llama(tiny_dir, **config):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(weight_threshold=0, **{"bits": 4, **config})
+    )
+    return dkm_hf.palettize(model)
+
+
+@torch.no_grad()
+def test_autocast_gives_the_autocast_dtype_on_every_path(tiny_dir):
+    """Under CPU autocast a palettized Linear returns bfloat16 for a few rows (the LUT gemv's range) as for many, as
+    nn.Linear does, so static-cache generation under autocast runs and equals the dequantized model's (before: the
+    gemv returned float32 and the static cache refused it)."""
+    model = _tiny_palettized_llama(tiny_dir)
+    plain = dkm_hf.dequantize(copy.deepcopy(model))
+    layer = model.model.layers[0].mlp.up_proj
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for rows in (1, 8, 9):
+            assert layer(torch.randn(rows, 32)).dtype == torch.bfloat16
+        ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
+        options = {"max_new_tokens": 5, "do_sample": False, "cache_implementation": "static"}
+        out = model.generate(ids, **options, output_scores=True, return_dict_in_generate=True)
+        ref = plain.generate(ids, **options, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores))
+
+
+@torch.no_grad()
+def test_a_model_palettized_under_inference_mode_runs(tiny_dir):
+    """palettize / deepcopy under torch.inference_mode() make inference tensors, which have no version counter: the
+    forward runs in both modes, inside and outside inference mode (before: 'Inference tensors do not track version
+    counter' on every forward)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(weight_threshold=0))
+    expected = dkm_hf.palettize(copy.deepcopy(model)).eval()(ids).logits
+    with torch.inference_mode():
+        palettized = dkm_hf.palettize(copy.deepcopy(model)).eval()
+        assert palettized.model.layers[0].mlp.up_proj.weight_lut.is_inference()
+        torch.testing.assert_close(palettized(ids).logits, expected)
+    for mode in ("packed", "dense"):
+        dkm_hf.set_inference_mode(palettized, mode)
+        torch.testing.assert_close(palettized(ids).logits, expected)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape_bits", [(50, 10, 4, 1), (99, 36, 8, 2), (64, 10, 3, 1)])
+def test_torch_path_embedding_rows_with_padded_indices_and_bad_ids(monkeypatch, shape_bits):
+    """The packed Embedding without the native kernels (GPUs, DKM_HF_NATIVE=0): a weight whose packed indices end
+    in padding bytes decodes the looked-up rows (before: a view of the padded buffer failed), and a negative id is an
+    IndexError as in nn.Embedding (before: the last row, silently)."""
+    monkeypatch.setenv("DKM_HF_NATIVE", "0")
+    tokens, features, bits, d = shape_bits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(tokens, features))
+    config = dkm_hf.DKMConfig(bits=bits, cluster_dim=d, weight_threshold=0)
+    hard = dkm_hf.prepare(model, config).eval()
+    ids = torch.tensor([[1, 2, tokens - 1, 1]])
+    expected = hard(ids)
+    palettized = dkm_hf.palettize(hard)
+    torch.testing.assert_close(palettized(ids), expected, rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        palettized(torch.tensor([[1, -1]]))
+    with pytest.raises(IndexError):
+        palettized(torch.tensor([[tokens]]))
+
+
+def test_palettized_and_dkm_models_run_on_the_meta_device(tiny_dir):
+    """On the meta device (shapes only) a packed palettized model and a DKM model in eval run a forward, as the
+    plain model does (before: torch.unique / a .item() on meta tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    for model in (
+        _tiny_palettized_llama(tiny_dir),
+        AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dkm_config=dkm_hf.DKMConfig(weight_threshold=0)),
+    ):
+        with torch.no_grad():
+            out = model.eval().to("meta")(ids).logits
+        assert out.is_meta and out.shape == (2, 6, 99)

@@ -56,3 +56,27 @@ def test_trainer_evaluates_a_reloaded_palettized_model(tiny_dir, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True)
     metrics = Trainer(model=reloaded, args=args, eval_dataset=data).evaluate()
     assert metrics["eval_loss"] > 0
+
+
+@torch.no_grad()
+def test_dequantize_after_a_save_and_after_a_cast(tiny_dir, tmp_path):
+    """dequantize keeps the dtype the model computes in: after a save (config.dtype then holds a string, which was
+    passed to model.to and failed half-way, the quantizer left on a model with dense layers) and after a cast made
+    since loading (which it undid: bfloat16 back from float32, or float32 doubling a bfloat16 model's memory)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = tiny_inputs("llama")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(weight_threshold=0))
+    model.save_pretrained(tmp_path / "train")
+    expected = model.eval()(ids).logits
+    plain = dkm_hf.dequantize(model)
+    assert getattr(plain, "hf_quantizer", None) is None and not dkm_hf.dkm_modules(plain)
+    torch.testing.assert_close(plain(ids).logits, expected)
+    dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(tmp_path / "train")).save_pretrained(tmp_path / "pal")
+    for loaded, cast in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "pal", dtype=loaded).to(cast)
+        model.save_pretrained(tmp_path / "again")
+        expected = model(ids).logits
+        plain = dkm_hf.dequantize(model)
+        assert plain.model.layers[0].mlp.up_proj.weight.dtype == cast and plain(ids).logits.dtype == cast
+        torch.testing.assert_close(plain(ids).logits, expected)
