@@ -153,6 +153,7 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     DKM modules will come back, keep their parents' scopes."""
     done: dict[int, PalettizedWeight] = {}  # id of a DKM weight -> its palettized weight
     out: dict[str, PalettizedWeight] = {}
+    flushed: list[str] = []  # weights whose LUT loses centroids below the LUT dtype's normal range
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
     # modules whose weights are all sources first, so that tied targets find theirs
     modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
@@ -169,6 +170,8 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
                     state.init_centroids()
                 lut_dtype = state.settings.lut_torch_dtype
                 scale = state.weight_scale.to(lut_dtype) if state.layout.per_channel_scale else None
+                if _underflows(state.centroids, lut_dtype):
+                    flushed.append(weight_name(module_name, param))
                 values[param] = (
                     state.centroids.to(lut_dtype),
                     pack_indices(state.assignments(), state.layout.bits),
@@ -191,7 +194,20 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
         PalettizedMixin.attach(target, new)
     if not view:
         remove_parent_scopes(model)
+    if flushed:
+        logger.warning(
+            f"dkm_hf: {len(flushed)} weight(s) have LUTs whose every centroid is below the LUT dtype's normal range, "
+            f"stored as subnormals or zeros with less precision (e.g. {flushed[:3]}): use per_channel_scale=True or "
+            "lut_dtype='bfloat16' / 'float32'"
+        )
     return out
+
+
+def _underflows(centroids: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a LUT group's centroids (G, k, d) are all below `dtype`'s smallest normal number (float16: 6.1e-5) and
+    not all zero: the group is stored with less than the dtype's precision, or as zeros."""
+    largest = centroids.abs().flatten(1).amax(1)
+    return bool(((largest > 0) & (largest < torch.finfo(dtype).tiny)).any())
 
 
 def layouts_of(model: nn.Module) -> dict[str, Layout]:

@@ -105,3 +105,23 @@ def test_batched_init_centroids_gives_each_module_its_own_centroids():
         modules[name].init_centroids()
         assert torch.equal(modules[name].centroids, centroids), name
         assert torch.equal(modules[name].weight_scale, scale), name
+
+
+def test_palettize_warns_when_a_float16_lut_cannot_hold_its_centroids(caplog):
+    """A layer whose weights are ~1e-7 gets a float16 LUT of subnormals and zeros (its output then zero): palettize
+    warns, naming the weight and the ways out; weights of ordinary size, and a bfloat16 LUT, are not warned."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    for scale, lut_dtype, warned in ((1e-7, "float16", True), (1e-2, "float16", False), (1e-7, "bfloat16", False)):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+        with torch.no_grad():
+            net[0].weight.mul_(scale)
+        dkm_hf.prepare(net, dkm_hf.DKMConfig(weight_threshold=0, lut_dtype=lut_dtype))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            dkm_hf.palettize(net)
+        assert ("below the LUT dtype's normal range" in caplog.text and "['0']" in caplog.text) == warned
