@@ -44,9 +44,10 @@ def snap_rows(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    factor: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """GPTQ of one weight seen as (channels, features) rows onto per-channel value sets: the index of each weight's
-    value, (C, F) int64.
+    value, (C, F) int64. `factor`: `inverse_factor(hessian, damp, act_order)` where several weights share one H.
 
     rows (C, F) float32; lut (C, k): the values each channel may take; hessian (F, F): X^T X of the inputs.
     Feature j is snapped to each channel's nearest value, and the error e = (w_j - q_j) / U_jj updates the features
@@ -58,33 +59,10 @@ def snap_rows(
     when `damp` is 0) before a ValueError."""
     _check_options(damp, block_size)
     w = rows.detach().float().clone()
+    u, order = factor if factor is not None else inverse_factor(hessian, damp, act_order)
+    if order is not None:
+        w = w[:, order]
     features = w.shape[1]
-    h = hessian.detach().float().clone()
-    order = None
-    if act_order:
-        order = h.diagonal().argsort(descending=True)
-        w, h = w[:, order], h[order][:, order]
-    diagonal = h.diagonal()
-    dead = diagonal == 0
-    # the live inputs' scale, not 1.0: the damping (a fraction of the mean diagonal) stays relative to the inputs
-    diagonal[dead] = diagonal[~dead].mean() if bool((~dead).any()) else 1.0
-    mean = diagonal.mean()
-    u = None
-    # more damping when H (+ damping) is not positive definite in float32
-    levels = [damp] + [(damp or 1e-5) * 10**attempt for attempt in (1, 2, 3)]
-    for level in levels:
-        h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (level * mean)
-        factor, info = torch.linalg.cholesky_ex(h_damped)
-        if not bool(info):  # one sync per weight, outside any training loop
-            inverse = torch.cholesky_inverse(factor)
-            u, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if not bool(info):
-                break
-            u = None
-    if u is None:
-        raise ValueError(
-            f"the inputs' Gram matrix is not positive definite even with {levels[-1]:g} x its mean diagonal added"
-        )
     out = torch.empty(w.shape, dtype=torch.long, device=w.device)
     lut = lut.float().contiguous()
     kernels = fused.cpu_kernels() if w.device.type == "cpu" else None
@@ -108,6 +86,43 @@ def snap_rows(
     if order is not None:
         out = torch.empty_like(out).index_copy_(1, order, out)
     return out
+
+
+@torch.no_grad()
+def inverse_factor(
+    hessian: torch.Tensor, damp: float = 0.01, act_order: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(U, order) of `snap_rows`: U the upper Cholesky factor of (H + damping)^-1 in the features' snapping order,
+    `order` that order (None: as stored). Weights fed the same input (q / k / v) share it."""
+    _check_options(damp, 1)
+    h = hessian.detach().float().clone()
+    features = h.shape[0]
+    order = None
+    if act_order:
+        order = h.diagonal().argsort(descending=True)
+        h = h[order][:, order]
+    diagonal = h.diagonal()
+    dead = diagonal == 0
+    # the live inputs' scale, not 1.0: the damping (a fraction of the mean diagonal) stays relative to the inputs
+    diagonal[dead] = diagonal[~dead].mean() if bool((~dead).any()) else 1.0
+    mean = diagonal.mean()
+    u = None
+    # more damping when H (+ damping) is not positive definite in float32
+    levels = [damp] + [(damp or 1e-5) * 10**attempt for attempt in (1, 2, 3)]
+    for level in levels:
+        h_damped = h + torch.eye(features, dtype=h.dtype, device=h.device) * (level * mean)
+        factor, info = torch.linalg.cholesky_ex(h_damped)
+        if not bool(info):  # one sync per weight, outside any training loop
+            inverse = torch.cholesky_inverse(factor)
+            u, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if not bool(info):
+                break
+            u = None
+    if u is None:
+        raise ValueError(
+            f"the inputs' Gram matrix is not positive definite even with {levels[-1]:g} x its mean diagonal added"
+        )
+    return u, order
 
 
 def _check_options(damp: float, block_size: int, max_hessian_bytes: int = 1) -> None:
@@ -234,13 +249,17 @@ def gptq_snap(
                 grams = _grams(model, chunk, batches, forward, device)
                 if hessians is not None:
                     hessians.update(grams)
+            shared = None  # (H, its factor): q / k / v and gate / up have equal Gram matrices, factored once
             for name, state in chunk:
                 if name not in grams:
                     skipped[name] = "saw no input in the calibration batches"
                     continue
                 rows, values = state.layout.to_rows(state.weight.detach()).float(), _value_sets(state)
+                hessian = grams.pop(name).to(rows.device)
                 try:
-                    indices = snap_rows(rows, values, grams.pop(name).to(rows.device), damp, block_size, act_order)
+                    if shared is None or shared[0].shape != hessian.shape or not torch.equal(shared[0], hessian):
+                        shared = (hessian, inverse_factor(hessian, damp, act_order))
+                    indices = snap_rows(rows, values, hessian, damp, block_size, act_order, shared[1])
                 except ValueError as error:  # nothing has changed yet: the choices are applied after all are made
                     raise ValueError(f"gptq_snap: {name}: {error}") from None
                 chosen[name] = (indices.to(torch.uint8 if state.layout.n_clusters <= 256 else torch.int16), values)

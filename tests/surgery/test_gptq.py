@@ -414,3 +414,24 @@ def test_gptq_grams_run_the_head_when_a_layer_follows_it():
     model.refuse = True  # a model that cannot say which module is its head: every batch runs whole
     torch.testing.assert_close(_grams(model, [("last", states["last"])], batches, None, torch.device("cpu"))["last"],
                                grams["last"], rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_layers_of_one_input_share_one_factorisation(tiny_dir, monkeypatch, act_order):
+    """q / k / v and gate / up have equal Gram matrices: (H + damping)^-1 is factored once for each group (four
+    factorisations a decoder layer instead of seven), and every choice is the one a factorisation per weight makes."""
+    from dkm_hf.surgery import gptq
+
+    config = DKMConfig(**PER_ROW_2BIT)
+    models = [AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=config) for _ in range(2)]
+    calls = []
+    factor = gptq.inverse_factor
+    monkeypatch.setattr(gptq, "inverse_factor", lambda *a: calls.append(a[0].shape) or factor(*a))
+    dkm_hf.gptq_snap(models[0], tiny_lm_batches(), act_order=act_order)
+    assert len(calls) == 4 * models[0].config.num_hidden_layers
+    monkeypatch.setattr(gptq.torch, "equal", lambda a, b: False)  # no sharing: one factorisation per weight
+    dkm_hf.gptq_snap(models[1], tiny_lm_batches(), act_order=act_order)
+    assert len(calls) == 11 * models[0].config.num_hidden_layers
+    monkeypatch.undo()
+    for (name, a), (_, b) in zip(dkm_hf.dkm_modules(models[0]), dkm_hf.dkm_modules(models[1])):
+        assert torch.equal(a.weight, b.weight), name
