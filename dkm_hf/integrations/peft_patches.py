@@ -12,7 +12,8 @@ directly would otherwise mark the layer merged and drop its adapter from the out
 name, so it is replaced in every peft module loaded that holds it, and in tuners_utils before the others load.
 
 `modules_to_save` (a trainable copy of a whole module, e.g. the LM head) of a module holding palettized weights is
-refused too: the copy's palettized weights are buffers, so it would train nothing without a word.
+refused too: the copy's palettized weights are buffers, so it would train nothing without a word; and so are
+`target_parameters` that name palettized weights (stacked experts): peft matches parameters only, and skipped them.
 
 dkm_hf does not import peft (an optional dependency, slow to import): the patch is applied when peft's
 `tuners.tuners_utils` is imported, or at once if it already is.
@@ -81,6 +82,28 @@ def _patch(tuners_utils: ModuleType) -> None:
         if (name == "peft" or name.startswith("peft.")) and holds:
             module.check_adapters_to_merge = check_adapters_to_merge
     tuners_utils.check_adapters_to_merge = check_adapters_to_merge
+
+    original_inject = base_tuner._inject_parameters
+
+    @functools.wraps(original_inject)
+    def inject_parameters(self, peft_config, model, *args, **kwargs):
+        targets = list(getattr(peft_config, "target_parameters", None) or [])
+        held = [
+            f"{name}.{param}"
+            for name, module in model.named_modules()
+            if isinstance(module, PalettizedMixin)
+            for param in module.palettized_weights
+        ]
+        hit = [n for n in held if any(n == t or n.endswith(f".{t}") for t in targets)]
+        if hit:
+            raise ValueError(
+                f"target_parameters name palettized weights ({hit[0]}{' and more' if len(hit) > 1 else ''}): a "
+                "palettized weight is a LUT + packed indices (buffers), not a parameter peft can adapt. Decode it "
+                "first (dkm_hf.dequantize(model.<module>)) or target other weights"
+            )
+        return original_inject(self, peft_config, model, *args, **kwargs)
+
+    base_tuner._inject_parameters = inject_parameters
 
     wrapper = sys.modules["peft.utils.other"].ModulesToSaveWrapper  # imported by tuners_utils
     original_update = wrapper.update

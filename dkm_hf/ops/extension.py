@@ -32,9 +32,12 @@ def warn_once(key: str, message: str) -> None:
 
 
 def build_root() -> Path:
-    """The build directories' parent: one per torch version and Python, so an upgrade never loads a stale build."""
+    """The build directories' parent: one per torch version, Python and torch installation (virtual environment),
+    so an upgrade never loads a stale build, and two environments never rebuild each other's (ninja's build files
+    name the environment's include paths: a build from another one looks out of date and is redone)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    tag = f"torch-{torch.__version__.replace('+', '-')}-py{sys.version_info.major}{sys.version_info.minor}"
+    where = hashlib.sha1(os.path.realpath(os.path.dirname(torch.__file__)).encode()).hexdigest()[:8]
+    tag = f"torch-{torch.__version__.replace('+', '-')}-py{sys.version_info.major}{sys.version_info.minor}-{where}"
     return Path(base) / "dkm_hf" / "torch_extensions" / tag
 
 

@@ -231,7 +231,8 @@ def dkm(
     epsilon: float | torch.Tensor,
     importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, in w's dtype).
+    """`dkm_cluster` through the fused kernels: (W~ in w's dtype, differentiable; C_T detached, float32: a 16-bit
+    model's centroids keep the loop's precision between steps, as the float32 buffer that holds them).
     `importance` (G, n): the vectors' sample weights of an importance-weighted loop."""
     G = w.shape[0]
     if importance is not None:
@@ -244,4 +245,4 @@ def dkm(
         max_iters,
         importance,
     )
-    return out, c_final.to(w.dtype)
+    return out, c_final

@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from ..nn.dkm import DKMWeight, _whole, dkm_modules
 from ..ops import fused
-from .importance import _to
+from .importance import _to, check_in_memory
 
 logger = logging.get_logger(__name__)
 
@@ -193,6 +193,7 @@ def gptq_snap(
     states = dkm_modules(model)
     if not states:
         raise ValueError("gptq_snap() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
+    check_in_memory(model, "gptq_snap", batches, forward)
     not_ready = [name for name, state in states if state.tied_source is None and not state.dkm_ready]
     if not_ready:
         raise ValueError(f"gptq_snap: initialise the centroids first (init_centroids); not ready: {not_ready[:3]}")
@@ -232,7 +233,7 @@ def gptq_snap(
         used += size
     device = next(model.parameters()).device
     flags = [(state, state.dkm_enabled) for _, state in states]
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     try:
         for state, _ in flags:
             state.dkm_enabled = False
@@ -267,12 +268,14 @@ def gptq_snap(
             if name in chosen:
                 indices, values = chosen.pop(name)
                 snapped = values.gather(1, indices.long())
-                state.weight.data.copy_(state.layout.from_rows(snapped).to(state.weight.dtype))
+                with torch.no_grad():  # a write autograd's saved-tensor checks see (a forward awaiting backward)
+                    state.weight.copy_(state.layout.from_rows(snapped).to(state.weight.dtype))
     finally:
         for state, enabled in flags:
             state.dkm_enabled = enabled
             state.forget()
-        model.train(training)
+        for module, mode in modes:
+            module.training = mode
     logger.info(f"dkm_hf: gptq_snap snapped {len(states) - len(skipped)} of {len(states)} DKM weights")
     return skipped
 
@@ -314,8 +317,11 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
             seen = products.get(id(x))
             if seen is None or seen[0] is not x:
                 mask = state["mask"]
-                if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):  # (batch, tokens): no padding
-                    flat = x.detach()[mask.to(x.device, torch.bool)].float()
+                rows = math.prod(x.shape[:-1])
+                if mask is not None and (tuple(x.shape[:-1]) == tuple(mask.shape) or rows == mask.numel()):
+                    # (batch, tokens, features), or flattened to (batch * tokens, features) (a shared expert's input)
+                    keep = mask.to(x.device, torch.bool).reshape(-1)
+                    flat = x.detach().reshape(rows, x.shape[-1])[keep].float()
                 else:
                     flat = x.detach().reshape(-1, x.shape[-1]).float()
                 seen = products[id(x)] = (x, flat.t() @ flat)

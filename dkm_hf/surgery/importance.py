@@ -38,6 +38,25 @@ def _to(batch, device: torch.device):
     return batch
 
 
+def check_in_memory(model: nn.Module, caller: str, batches: Iterable, forward: object) -> None:
+    """The checks `gradient_importance` and `gptq_snap` make before anything changes: weights in memory (not on
+    the meta device, not offloaded by accelerate's hooks) and dict batches unless a function runs them."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    offloaded = [n for n, m in model.named_modules() if getattr(getattr(m, "_hf_hook", None), "offload", False)]
+    if meta or offloaded:
+        raise ValueError(
+            f"{caller} needs the model's weights in memory; {(meta or offloaded)[:3]} are on the meta device or "
+            "offloaded by accelerate (device_map / cpu_offload): load the model without offloading"
+        )
+    if forward is None and isinstance(batches, (list, tuple)):
+        bad = next((type(b).__name__ for b in batches if not isinstance(b, Mapping)), None)
+        if bad is not None:
+            raise ValueError(
+                f"{caller}: batches must be dicts of model inputs, got a {bad}; pass a function that runs the model "
+                "on one batch for any other kind"
+            )
+
+
 def gradient_importance(
     model: nn.Module,
     batches: Iterable,
@@ -54,10 +73,11 @@ def gradient_importance(
     states = [(name, state) for name, state in dkm_modules(model) if state.tied_source is None]
     if not states:
         raise ValueError("gradient_importance: the model has no DKM-clustered weight (dkm_config= / prepare())")
+    check_in_memory(model, "gradient_importance", batches, loss_fn)
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     flags = [(state, state.dkm_enabled) for _, state in dkm_modules(model)]
-    training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     clustered = {id(state.weight) for _, state in states}
     sums = {
         name: torch.zeros(state.weight.shape, dtype=torch.float32, device=state.weight.device)
@@ -75,14 +95,21 @@ def gradient_importance(
         model.eval()
         for batch in batches:
             if loss_fn is not None:
-                loss = loss_fn(model, batch)
+                with torch.enable_grad():  # also when called under no_grad
+                    loss = loss_fn(model, batch)
             else:
-                loss = getattr(model(**_to(batch, device)), "loss", None)
+                if not isinstance(batch, Mapping):
+                    raise ValueError(
+                        f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn"
+                    )
+                with torch.enable_grad():
+                    loss = getattr(model(**_to(batch, device)), "loss", None)
                 if loss is None:
                     raise ValueError(
                         "gradient_importance: the model returned no loss; give batches with labels or a loss_fn"
                     )
-            loss.backward()
+            with torch.enable_grad():
+                loss.backward()
             for name, state in states:
                 grad = state.weight.grad
                 if grad is not None:
@@ -96,7 +123,8 @@ def gradient_importance(
         for state, enabled in flags:
             state.dkm_enabled = enabled
             state.forget()
-        model.train(training)
+        for module, mode in modes:
+            module.training = mode
     if count == 0:
         raise ValueError("gradient_importance: `batches` gave no batch")
     return sums

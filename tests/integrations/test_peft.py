@@ -189,3 +189,26 @@ def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(p
     lora = peft.get_peft_model(model, config)
     copies = [n for n, p in lora.named_parameters() if p.requires_grad and "o_proj.modules_to_save" in n]
     assert len(copies) == len(model.model.layers)
+
+
+def test_target_parameters_naming_palettized_experts_are_refused():
+    """peft's target_parameters adapt parameters; palettized stacked experts are buffers, and peft skipped them
+    without a word (only q_proj trained). Refused naming the weight; on the dense model the experts get adapters."""
+    import peft
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def mixtral():
+        torch.manual_seed(0)
+        config = MixtralConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        return MixtralForCausalLM(config)
+
+    lora = {"r": 4, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+    dense = peft.get_peft_model(mixtral(), peft.LoraConfig(**lora))
+    assert any("experts" in n for n, p in dense.named_parameters() if p.requires_grad)
+    config = DKMConfig(bits=4, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+    palettized = dkm_hf.palettize(dkm_hf.prepare(mixtral(), config))
+    with pytest.raises(ValueError, match=r"target_parameters name palettized weights \(model.layers.0.mlp.experts"):
+        peft.get_peft_model(palettized, peft.LoraConfig(**lora))

@@ -182,6 +182,10 @@ def test_build_directory_is_per_torch_version(monkeypatch, tmp_path):
     root = extension.build_root()
     assert root.parent == tmp_path / "dkm_hf" / "torch_extensions"
     assert root.name.startswith(f"torch-{torch.__version__.split('+')[0]}")
+    # one per torch installation: two virtual environments with one torch version never rebuild each other's
+    monkeypatch.setattr(extension.torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    other = extension.build_root()
+    assert other != root and other.name.rsplit("-", 1)[0] == root.name.rsplit("-", 1)[0]
 
 
 def test_build_directory_changes_with_the_sources(tmp_path):

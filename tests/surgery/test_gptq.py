@@ -435,3 +435,58 @@ def test_layers_of_one_input_share_one_factorisation(tiny_dir, monkeypatch, act_
     monkeypatch.undo()
     for (name, a), (_, b) in zip(dkm_hf.dkm_modules(models[0]), dkm_hf.dkm_modules(models[1])):
         assert torch.equal(a.weight, b.weight), name
+
+
+def test_gptq_grams_leave_padding_out_of_flattened_inputs():
+    """Qwen2-MoE's shared expert reads the hidden states flattened to (batch * tokens, features): its Gram matrices
+    leave the padded positions out too (before: relative difference 1.1-1.6 against the sequences fed alone)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    def fresh():
+        torch.manual_seed(0)
+        config = Qwen2MoeConfig(
+            vocab_size=99, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+            shared_expert_intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2, pad_token_id=0, decoder_sparse_step=1, mlp_only_layers=[],
+        )  # fmt: skip
+        return dkm_hf.prepare(Qwen2MoeForCausalLM(config), DKMConfig(**PER_ROW_2BIT))
+
+    ids = torch.randint(1, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    padded = [{"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}]
+    alone = [{"input_ids": ids[:1]}, {"input_ids": ids[1:, :4]}]
+    grams = [{}, {}]
+    for batches, hessians in zip((padded, alone), grams):
+        dkm_hf.gptq_snap(fresh(), batches, hessians=hessians)
+    shared = [name for name in grams[1] if "shared_expert" in name]
+    assert len(shared) == 4
+    for name in grams[1]:
+        torch.testing.assert_close(grams[0][name], grams[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_and_importance_restore_every_modules_mode_and_refuse_what_they_cannot_run(tiny_dir):
+    """Each submodule's train / eval mode is put back (before: only the top module's); a model on the meta device
+    is refused naming its weights, tuple batches without a function to run them are refused in one line, the
+    importance pass runs under no_grad, and gptq_snap's write is one autograd sees (a forward awaiting backward)."""
+    config = DKMConfig(**PER_ROW_2BIT)
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=config)
+    model.train()
+    model.model.layers[0].eval()
+    with torch.no_grad():
+        importance = dkm_hf.gradient_importance(model, tiny_lm_batches(2))
+    assert all(bool(f.gt(0).any()) for f in importance.values())
+    dkm_hf.gptq_snap(model, tiny_lm_batches(2))
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    tuples = [tuple(b.values()) for b in tiny_lm_batches(2)]
+    for call in (dkm_hf.gptq_snap, dkm_hf.gradient_importance):
+        with pytest.raises(ValueError, match="batches must be dicts of model inputs, got a tuple"):
+            call(model, tuples)
+    loss = model(**tiny_lm_batches(1)[0]).loss  # a training forward, then the weights snapped before its backward
+    dkm_hf.gptq_snap(model, tiny_lm_batches(2))
+    with pytest.raises(RuntimeError, match="modified in place before backward"):
+        loss.backward()
+    meta = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=config).to("meta")
+    for call in (dkm_hf.gptq_snap, dkm_hf.gradient_importance):
+        with pytest.raises(ValueError, match=r"needs the model's weights in memory; \['model.embed_tokens.weight'"):
+            call(meta, tiny_lm_batches(2))
