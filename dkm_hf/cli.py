@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from .errors import PalettizedCheckpointError
 from .integrations.checkpoint_checks import CHECKSUM_PREFIX, VERSION_KEY, check_palettized_headers, checksum
 from .integrations.coreml import coreml_target, load_palettized, to_coreml
 from .integrations.model_card import human_bytes
-from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files, read_tensor
+from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files, read_tensor, saved_variant
 from .integrations.summary import CheckpointSummary, summarize
 from .nn.layout import Layout
 from .ops.packing import unpack_indices
@@ -40,7 +41,7 @@ MAX_PLOTS = 16
 
 def load_summary(directory: str) -> CheckpointSummary:
     """`summarize`, plus the header checks a load would make (so every stored tensor the table reads exists)."""
-    summary = summarize(directory)
+    summary = summarize(directory, saved_variant(directory) if os.path.isdir(directory) else None)
     lut_dtype = summary.config["quantization_config"].get("lut_dtype", "float16")
     if lut_dtype not in ("float16", "bfloat16", "float32"):
         raise PalettizedCheckpointError(f"{directory}/config.json: unknown lut_dtype {lut_dtype!r}")
@@ -144,6 +145,8 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if os.path.isdir(out) or out.endswith(("/", os.sep)) or not os.path.splitext(os.path.basename(out))[0]:
+        raise ValueError(f"--out {out!r} is a folder, not a file name (e.g. {os.path.join(out, 'plot.png')})")
     summary = load_summary(directory)
     try:
         pattern = re.compile(layers) if layers else None

@@ -265,3 +265,24 @@ def test_inspect_cost_grows_with_the_header_not_with_layers_times_header(checkpo
     inspect = _cpu_seconds(lambda: main(["inspect", str(path)]))
     assert capsys.readouterr().out == expected
     assert inspect < 3 * parse + 1.0, (inspect, parse)
+
+
+def test_variants_folders_and_file_names(checkpoint, tmp_path, capsys):
+    """A checkpoint saved with variant= is inspected as the plain one (before: 'no model.safetensors'); export of a
+    folder that is not there is refused at once (before: 31 s of Hub retries); plot --out naming a folder is refused
+    (before: it wrote a hidden '.png' inside)."""
+    out, _ = checkpoint
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.save_pretrained(tmp_path / "variant", variant="v1")
+    assert main(["inspect", str(out)]) == 0
+    plain = capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "variant")]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == plain.splitlines()[1:]  # all but the folder's name
+    start = time.perf_counter()
+    assert main(["export", "--coreml", str(tmp_path / "missing"), str(tmp_path / "m.mlpackage")]) == 2
+    assert "is not a folder" in capsys.readouterr().err and time.perf_counter() - start < 10
+    (tmp_path / "plots").mkdir()
+    for target in (tmp_path / "plots", f"{tmp_path / 'plots'}/"):
+        assert main(["plot", str(out), "--out", str(target)]) == 2
+        assert "is a folder, not a file name" in capsys.readouterr().err
+    assert not list((tmp_path / "plots").iterdir())

@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from ..nn.palettized import PalettizedWeight, palettized_modules
 from ..nn.weights import weight_name
 from ..ops.packing import unpack_indices
 from ..surgery.convert import plain_modules
+from .safetensors_files import saved_variant
 
 METADATA_KEY = "dkm_hf.weights"  # user_defined_metadata: JSON {module name: its constexpr_lut_to_dense op}
 
@@ -99,8 +101,11 @@ def _problem(module: PalettizedWeight, ios18: bool, ios16: bool) -> str | None:
     ]
     if late and not ios18:
         return f"{' and '.join(late)} need(s) iOS18 / macOS15 or later (grouped / vector LUTs, blockwise scale)"
-    if lay.transposed and len(lay.shape) > 2:
-        return f"stacked experts stored (experts, in, out) {tuple(lay.shape)}: Core ML's LUT fills one channel axis"
+    if lay.channel_dims > 1 and (lay.transposed or lay.groups > lay.stacks):
+        return (
+            f"stacked experts {tuple(lay.shape)} with LUTs per row or stored (experts, in, out): Core ML's grouped "
+            "LUT runs along one axis (one LUT per expert, per_tensor, exports)"
+        )
     if lay.cluster_dim > 1 and _vector_axis(lay.shape, lay.transposed, lay.cluster_dim) is None:
         return (
             f"its cluster_dim={lay.cluster_dim} vectors cross an axis of its weight {tuple(lay.shape)}: Core ML "
@@ -288,12 +293,14 @@ def _placeholder(weight) -> nn.Parameter:
 
 def load_palettized(directory: str) -> nn.Module:
     """A palettized checkpoint directory as its model class (config.json's `architectures`), in eval mode."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a folder (a palettized checkpoint saved with save_pretrained)")
     config = transformers.AutoConfig.from_pretrained(directory)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     if cls is None:
         raise ValueError(f"{directory}/config.json names no transformers model class in 'architectures'")
-    model = cls.from_pretrained(directory)
+    model = cls.from_pretrained(directory, variant=saved_variant(directory))
     if not palettized_modules(model):
         raise ValueError(f"{directory} is not a palettized dkm_hf checkpoint (no palettized modules after loading)")
     return model.eval()

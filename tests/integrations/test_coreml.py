@@ -280,3 +280,21 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, tiny_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and err.startswith("dkm-hf export:")
     assert not (tmp_path / "o.mlpackage").exists()
+
+
+def test_stacked_experts_with_luts_per_row_are_refused_by_name():
+    """Mixtral's experts with a LUT per row passed the layout check and failed inside coremltools ('indices' not
+    divisible by 'lut', no weight named): refused before conversion, naming them (one LUT per expert exports)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    dkm = dkm_hf.DKMConfig(bits=4, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+    model = dkm_hf.palettize(dkm_hf.prepare(MixtralForCausalLM(config), dkm))
+    with pytest.raises(
+        ValueError, match=r"mlp.experts.gate_up_proj: stacked experts \(4, 128, 32\) with LUTs per row"
+    ):
+        to_coreml(model, {"input_ids": torch.ones(1, 8, dtype=torch.long)}, "unused.mlpackage")
