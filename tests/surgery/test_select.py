@@ -62,3 +62,27 @@ def test_an_override_of_the_tied_side_alone_is_refused(tiny_dir):
         bits = {name: w.layout.bits for name, w in dkm_hf.dkm_modules(prepared(overrides))}
         assert bits["model.embed_tokens"] == bits["lm_head"] == 8 and bits["model.layers.0.mlp.up_proj"] == 4
     prepared({"lm_head": {"bits": 4}})  # the same settings as the source's: nothing to refuse
+
+
+def test_patterns_that_match_no_weight_are_warned(tiny_dir, caplog):
+    """A misspelt modules_to_not_convert entry would cluster the layer it meant to keep: every target_modules /
+    modules_to_not_convert pattern that names no weight is warned by name; the ones that match are not."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
+    config = DKMConfig(
+        weight_threshold=0,
+        target_modules=["qeury", "q_proj", "up_proj"],
+        modules_to_not_convert=["model.layers.0.mlp", "lm_heda"],
+    )
+    with caplog.at_level(logging.WARNING):
+        dkm_hf.prepare(model, config, init=False)
+    warned = [r.getMessage() for r in caplog.records if "names no weight" in r.getMessage()]
+    assert len(warned) == 2 and "'qeury'" in warned[0] and "'lm_heda'" in warned[1]
+    assert {n for n, _ in dkm_hf.dkm_modules(model)} == {
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"
+    }  # fmt: skip
