@@ -249,7 +249,7 @@ def carries_training_state(
     if not wanted:  # a config that selects no weight (warned when it was applied): nothing to look for
         return train
     if not any(found.values()):
-        if header.metadata.get(FORMAT_KEY) == "train":
+        if train:
             raise PalettizedCheckpointError(
                 "these files were written by dkm_hf as a training checkpoint but hold no `*.centroids`; they are "
                 "damaged or were re-saved without the DKM state"

@@ -23,11 +23,11 @@ from transformers.quantizers.base import HfQuantizer
 from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
-from ..nn.layout import LUT_DTYPES, Layout, layouts_from_records
+from ..nn.layout import LUT_DTYPES, layouts_from_records
 from ..nn.palettized import palettized_modules
 from ..nn.weights import is_transposed, split_name
 from ..surgery import model as surgery
-from ..surgery.convert import init_centroids, to_dense, to_dkm, to_shells
+from ..surgery.convert import init_centroids, to_dense, to_dkm, to_shells, weight_layouts
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -90,11 +90,7 @@ class DKMHfQuantizer(HfQuantizer):
             untie(model, tied)
             return model
         weights = to_dkm(model, config, with_state=True)
-        names = {id(w): n for n, w in weights.items()}
-        layouts = {
-            n: w.layout if w.tied_source is None else _tied(w.layout, names[id(w.tied_source)])
-            for n, w in weights.items()
-        }
+        layouts = weight_layouts(weights.items())
         in_model = functools.partial(_in_model, model)
         self.init_after_load = not carries_training_state(header, layouts, in_model)
         if self.init_after_load:  # a dense checkpoint whose config.json declares DKM
@@ -182,12 +178,7 @@ def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
     has_base = bool(prefix) and hasattr(model, prefix)
     names = {}
     for name in records if isinstance(records, dict) else ():
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1 :])
-        elif prefix and has_base:
-            candidates.append(f"{prefix}.{name}")
-        found = next((c for c in candidates if _resolves(model, c)), None)
+        found = next((c for c in _candidates(prefix, has_base, name) if _resolves(model, c)), None)
         if found is not None:
             names[name] = found
         elif prefix and not name.startswith(prefix + "."):
@@ -197,11 +188,18 @@ def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
     return names
 
 
+def _candidates(prefix: str, has_base: bool, name: str) -> list[str]:
+    """The names a checkpoint's weight `name` may have in a model: itself, without the base prefix, or with it."""
+    if prefix and name.startswith(prefix + "."):
+        return [name, name[len(prefix) + 1 :]]
+    return [name, f"{prefix}.{name}"] if prefix and has_base else [name]
+
+
 def _in_model(model: nn.Module, name: str) -> bool:
     """Whether weight `name` of a checkpoint (with or without the model's base prefix) is a weight of `model`."""
     prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"] if prefix else [name]
-    return any(_resolves(model, c) for c in candidates)
+    has_base = bool(prefix) and hasattr(model, prefix)
+    return any(_resolves(model, c) for c in _candidates(prefix, has_base, name))
 
 
 def _resolves(model: nn.Module, name: str) -> bool:
@@ -229,10 +227,6 @@ def _param_key(model: nn.Module, name: str) -> str:
     except AttributeError:
         return f"{name}.weight"
     return f"{module_name}.{param}" if module_name else param
-
-
-def _tied(layout: Layout, source: str) -> Layout:
-    return replace(layout, tied_to=source)
 
 
 def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -27,7 +26,7 @@ from transformers.utils import (
 
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
-from ..nn.layout import Layout
+from ..surgery.convert import weight_layouts
 from .checkpoint_checks import carries_training_state
 from .safetensors_files import checkpoint_files, read_headers
 
@@ -124,15 +123,8 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     names = os.listdir(directory)
     if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
         return None  # sharded FSDP or .bin weights: transformers' loading checks those
-    states = dkm_modules(model)
-    owner = {id(state): name for name, state in states}
-    layouts: dict[str, Layout] = {}
-    for name, state in states:
-        source = owner.get(id(state.tied_source)) if state.tied_source is not None else None
-        layouts[name] = state.layout if source is None else replace(state.layout, tied_to=source)
     try:
-        header = read_headers(checkpoint_files(directory))
-        carries_training_state(header, layouts)
+        carries_training_state(read_headers(checkpoint_files(directory)), weight_layouts(dkm_modules(model)))
     except PalettizedCheckpointError as err:
         return f"its DKM state does not fit this model's DKM weights ({err})"
     return None

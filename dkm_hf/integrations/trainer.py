@@ -272,10 +272,8 @@ class DKMTrainerMixin:
         if "loss" in logs:  # the training log, which Trainer writes on every process after reducing the loss
             items, sums = self._distill_items, self._distill_sums
             if sums and self.accelerator.num_processes > 1:  # the global batch's terms, as the loss
-                total = self.accelerator.reduce(
-                    torch.stack([torch.as_tensor(items).to(s) for s in [*sums.values()][:1]] + list(sums.values())),
-                    reduction="sum",
-                )
+                first = next(iter(sums.values()))
+                total = self.accelerator.reduce(torch.stack([torch.as_tensor(items).to(first), *sums.values()]), "sum")
                 items, sums = total[0], dict(zip(sums, total[1:]))
             terms = {name: (value / items.clamp_min(1)).item() for name, value in sums.items()}
             self._distill_sums, self._distill_items = {}, 0

@@ -182,10 +182,10 @@ def _patch_save_pretrained() -> None:
             kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
-            index = stale_single_file_guard(save_directory, kwargs.get("variant"))
+            remove_stale = stale_single_file_guard(save_directory, kwargs.get("variant"))
             result = original(self, save_directory, *args, **kwargs)
             if self.should_save_on_this_rank(is_main):
-                index()
+                remove_stale()
             return result
 
         def finish(tmp: str) -> None:

@@ -13,7 +13,7 @@ converted once, by its source; the others point at it (`tied_source`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace as replace_fields
 
 import torch
@@ -212,7 +212,12 @@ def _underflows(centroids: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def layouts_of(model: nn.Module) -> dict[str, Layout]:
     """{name: layout} of every palettized weight; a tied weight's layout names its source (`tied_to`)."""
-    weights = palettized_modules(model)
+    return weight_layouts(palettized_modules(model))
+
+
+def weight_layouts(weights: Iterable[tuple[str, DKMWeight | PalettizedWeight]]) -> dict[str, Layout]:
+    """{name: layout} of (name, DKM or palettized weight) pairs; a tied weight's layout names its source."""
+    weights = list(weights)
     names = {id(w): n for n, w in weights}
     return {
         name: w.layout if w.tied_source is None else _tied(w.layout, names[id(w.tied_source)]) for name, w in weights

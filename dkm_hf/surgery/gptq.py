@@ -318,7 +318,7 @@ def _grams(model, chunk, batches, forward, device) -> dict[str, torch.Tensor]:
             if seen is None or seen[0] is not x:
                 mask = state["mask"]
                 rows = math.prod(x.shape[:-1])
-                if mask is not None and (tuple(x.shape[:-1]) == tuple(mask.shape) or rows == mask.numel()):
+                if mask is not None and rows == mask.numel():
                     # (batch, tokens, features), or flattened to (batch * tokens, features) (a shared expert's input)
                     keep = mask.to(x.device, torch.bool).reshape(-1)
                     flat = x.detach().reshape(rows, x.shape[-1])[keep].float()

@@ -94,21 +94,17 @@ def gradient_importance(
             state.forget()
         model.eval()
         for batch in batches:
-            if loss_fn is not None:
-                with torch.enable_grad():  # also when called under no_grad
+            if loss_fn is None and not isinstance(batch, Mapping):
+                raise ValueError(f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn")
+            with torch.enable_grad():  # also when called under no_grad
+                if loss_fn is not None:
                     loss = loss_fn(model, batch)
-            else:
-                if not isinstance(batch, Mapping):
-                    raise ValueError(
-                        f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn"
-                    )
-                with torch.enable_grad():
+                else:
                     loss = getattr(model(**_to(batch, device)), "loss", None)
-                if loss is None:
-                    raise ValueError(
-                        "gradient_importance: the model returned no loss; give batches with labels or a loss_fn"
-                    )
-            with torch.enable_grad():
+                    if loss is None:
+                        raise ValueError(
+                            "gradient_importance: the model returned no loss; give batches with labels or a loss_fn"
+                        )
                 loss.backward()
             for name, state in states:
                 grad = state.weight.grad
