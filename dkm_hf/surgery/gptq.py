@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from ..nn.dkm import DKMWeight, _whole, dkm_modules
 from ..ops import fused
-from .importance import _to, check_in_memory
+from .importance import _to, check_in_memory, dense_eval
 
 logger = logging.get_logger(__name__)
 
@@ -232,13 +232,7 @@ def gptq_snap(
         chunks[-1].append((name, state))
         used += size
     device = next(model.parameters()).device
-    flags = [(state, state.dkm_enabled) for _, state in states]
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        for state, _ in flags:
-            state.dkm_enabled = False
-            state.forget()
-        model.eval()
+    with dense_eval(model):
         # every chunk sees the dense model's inputs: the choices (one byte per weight, with each row's values) are
         # kept until all are made
         chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -270,12 +264,6 @@ def gptq_snap(
                 snapped = values.gather(1, indices.long())
                 with torch.no_grad():  # a write autograd's saved-tensor checks see (a forward awaiting backward)
                     state.weight.copy_(state.layout.from_rows(snapped).to(state.weight.dtype))
-    finally:
-        for state, enabled in flags:
-            state.dkm_enabled = enabled
-            state.forget()
-        for module, mode in modes:
-            module.training = mode
     logger.info(f"dkm_hf: gptq_snap snapped {len(states) - len(skipped)} of {len(states)} DKM weights")
     return skipped
 

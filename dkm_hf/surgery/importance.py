@@ -22,7 +22,8 @@ that path for the fused kernel's work per weight and centroid: give it the weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -57,6 +58,27 @@ def check_in_memory(model: nn.Module, caller: str, batches: Iterable, forward: o
             )
 
 
+@contextlib.contextmanager
+def dense_eval(model: nn.Module) -> Iterator[None]:
+    """Within the context the model computes with its dense weights (every DKM weight's clustering off) in eval mode;
+    afterwards every module's mode and every clustering flag are as they were (a DKM weight's cached hard weight is
+    dropped on the way in and out)."""
+    flags = [(state, state.dkm_enabled) for _, state in dkm_modules(model)]
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        for state, _ in flags:
+            state.dkm_enabled = False
+            state.forget()
+        model.eval()
+        yield
+    finally:
+        for state, enabled in flags:
+            state.dkm_enabled = enabled
+            state.forget()
+        for module, mode in modes:
+            module.training = mode
+
+
 def gradient_importance(
     model: nn.Module,
     batches: Iterable,
@@ -76,8 +98,6 @@ def gradient_importance(
     check_in_memory(model, "gradient_importance", batches, loss_fn)
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
-    flags = [(state, state.dkm_enabled) for _, state in dkm_modules(model)]
-    modes = [(module, module.training) for module in model.modules()]
     clustered = {id(state.weight) for _, state in states}
     sums = {
         name: torch.zeros(state.weight.shape, dtype=torch.float32, device=state.weight.device)
@@ -89,38 +109,33 @@ def gradient_importance(
         for p in params:  # only the clustered weights' gradients are computed
             p.requires_grad_(id(p) in clustered)
             p.grad = None
-        for state, _ in flags:
-            state.dkm_enabled = False
-            state.forget()
-        model.eval()
-        for batch in batches:
-            if loss_fn is None and not isinstance(batch, Mapping):
-                raise ValueError(f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn")
-            with torch.enable_grad():  # also when called under no_grad
-                if loss_fn is not None:
-                    loss = loss_fn(model, batch)
-                else:
-                    loss = getattr(model(**_to(batch, device)), "loss", None)
-                    if loss is None:
-                        raise ValueError(
-                            "gradient_importance: the model returned no loss; give batches with labels or a loss_fn"
-                        )
-                loss.backward()
-            for name, state in states:
-                grad = state.weight.grad
-                if grad is not None:
-                    sums[name].add_(grad.float().square())
-                    state.weight.grad = None
-            count += 1
+        with dense_eval(model):
+            for batch in batches:
+                if loss_fn is None and not isinstance(batch, Mapping):
+                    raise ValueError(
+                        f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn"
+                    )
+                with torch.enable_grad():  # also when called under no_grad
+                    if loss_fn is not None:
+                        loss = loss_fn(model, batch)
+                    else:
+                        loss = getattr(model(**_to(batch, device)), "loss", None)
+                        if loss is None:
+                            raise ValueError(
+                                "gradient_importance: the model returned no loss; give batches with labels or a "
+                                "loss_fn"
+                            )
+                    loss.backward()
+                for name, state in states:
+                    grad = state.weight.grad
+                    if grad is not None:
+                        sums[name].add_(grad.float().square())
+                        state.weight.grad = None
+                count += 1
     finally:
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
-        for state, enabled in flags:
-            state.dkm_enabled = enabled
-            state.forget()
-        for module, mode in modes:
-            module.training = mode
     if count == 0:
         raise ValueError("gradient_importance: `batches` gave no batch")
     return sums
