@@ -335,14 +335,19 @@ def run_case(model_type: str, head: str) -> CaseResult:
 
 
 def _training_step(model: torch.nn.Module, dense: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
-    """One forward and backward in train mode; the number of clustered weights without a finite gradient whose
-    dense counterpart gets one."""
+    """One forward and backward in train mode; the number of clustered weights without a finite, non-zero gradient
+    whose dense counterpart gets a material one."""
     dense_grads = set()
     with torch.enable_grad():
         reference = copy.deepcopy(dense).train()
         torch.manual_seed(0)  # train-mode randomness (dropout, a router's jitter) the same in both passes
         logits_of(reference, inputs).square().mean().backward()
-        dense_grads = {n for n, p in reference.named_parameters() if p.grad is not None and bool(p.grad.ne(0).any())}
+        # A gradient far below the model's largest can vanish when the train-mode forward moves within the test's
+        # tolerance (PhiMoE's sparsemixer gives its router a gradient only through tokens whose second expert is
+        # within the jitter threshold): only material gradients are required of the clustered model.
+        largest = {n: float(p.grad.abs().max()) for n, p in reference.named_parameters() if p.grad is not None}
+        floor = 1e-3 * max(largest.values(), default=0.0)
+        dense_grads = {n for n, value in largest.items() if value > floor}
         model.train()
         torch.manual_seed(0)
         loss = logits_of(model, inputs).square().mean()
