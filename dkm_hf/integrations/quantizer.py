@@ -27,7 +27,7 @@ from ..nn.layout import LUT_DTYPES, layouts_from_records
 from ..nn.palettized import palettized_modules
 from ..nn.weights import is_transposed, split_name
 from ..surgery import model as surgery
-from ..surgery.convert import init_centroids, to_dense, to_dkm, to_shells, weight_layouts
+from ..surgery.convert import init_centroids, to_dkm, to_shells, weight_layouts
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -147,8 +147,7 @@ class DKMHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         # The dense weights come out in the dtype the model computes in (that of a later `.to(dtype)` too); the
         # `dtype` transformers passes is the one the model was loaded in (or config.json's string), not applied.
-        to_dense(model)
-        return model
+        return surgery.dequantize(model)  # the dense modules, and no DKMConfig left on the model
 
     def is_serializable(self, safe_serialization=None) -> bool:
         return True

@@ -39,6 +39,12 @@ what it relies on.
     neither its weights nor the memory they hold. `num_parameters()` counts every palettized weight's elements (as
     frozen parameters: not with `only_trainable=True`), `get_memory_footprint()` adds the decoded weights it keeps;
     `dtype` / `device` of a model whose every float parameter is palettized come from its palettized weights.
+11. `tie_weights()`: called on its own (by users, `resize_token_embeddings`, accelerate) it rebuilds the tie map from
+    the config and sets each tied target to its source parameter; palettized weights are no parameters (their tie is
+    the shared LUT and indices already), so they are left out of the map, as loading leaves them out (4).
+12. `resize_token_embeddings`: the LUTs, indices and centroids of a clustered embedding or head are laid out for its
+    rows; transformers would replace the module by a plain one (a clustered head) or copy into a temporary (a
+    palettized embedding). It is refused, naming the modules, before anything changes.
 """
 
 from __future__ import annotations
@@ -55,8 +61,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import DKMConfig
-from ..nn.dkm import dkm_modules
-from ..nn.palettized import MODES, palettized_modules
+from ..nn.dkm import DKMMixin, dkm_modules
+from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
 from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
 from .safetensors_files import preflight
@@ -282,6 +288,56 @@ def _patch_accounting() -> None:
     PreTrainedModel.device = property(functools.wraps(device)(palettized_device))
 
 
+def _palettized_keys(model: nn.Module) -> set[str]:
+    return {
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        if isinstance(module, PalettizedMixin)
+        for param in module.palettized_weights
+    }
+
+
+def _patch_ties_and_resizing() -> None:
+    """(11), (12)"""
+    tie, resize = PreTrainedModel.tie_weights, PreTrainedModel.resize_token_embeddings
+    if getattr(tie, _MARK, False):
+        return
+
+    @functools.wraps(tie)
+    def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
+        palettized = _palettized_keys(self)
+        if not palettized:
+            return tie(self, missing_keys=missing_keys, recompute_mapping=recompute_mapping)
+        mapping = (
+            self.get_expanded_tied_weights_keys(all_submodels=True)
+            if recompute_mapping
+            else self.all_tied_weights_keys
+        )
+        self.all_tied_weights_keys = {t: s for t, s in mapping.items() if t not in palettized and s not in palettized}
+        return tie(self, missing_keys=missing_keys, recompute_mapping=False)
+
+    @functools.wraps(resize)
+    def resize_token_embeddings(self, *args, **kwargs):
+        clustered = [
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, (DKMMixin, PalettizedMixin))
+            and module in (self.get_input_embeddings(), self.get_output_embeddings())
+        ]
+        if clustered:
+            raise ValueError(
+                f"resize_token_embeddings: {', '.join(clustered)} hold DKM-clustered or palettized weights, whose "
+                "centroids / LUTs and indices are laid out for their rows; resize the dense model before loading it "
+                "with dkm_config= (or dkm_hf.prepare), or dkm_hf.dequantize() this one first"
+            )
+        return resize(self, *args, **kwargs)
+
+    for function in (tie_weights, resize_token_embeddings):
+        setattr(function, _MARK, True)
+    PreTrainedModel.tie_weights = tie_weights
+    PreTrainedModel.resize_token_embeddings = resize_token_embeddings
+
+
 def install(config_cls: type, quantizer_cls: type) -> None:
     """Apply every patch (idempotent: importing or reloading dkm_hf twice patches once)."""
     register(config_cls, quantizer_cls)
@@ -290,3 +346,4 @@ def install(config_cls: type, quantizer_cls: type) -> None:
     _patch_upload()
     _patch_casts()
     _patch_accounting()
+    _patch_ties_and_resizing()

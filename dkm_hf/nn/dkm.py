@@ -32,35 +32,25 @@ from ..ops.dkm import choose_implementation, dkm_cluster
 from ..ops.kmeans import kmeans_init
 from .layout import ClusterSettings, Layout, group_variance
 from .weights import (
+    _pack,
     _rebuild,
+    _unpack,
     apply_keeping_dtype,
     base_class,
     buffer_name,
     describe_weights,
+    module_lock,
     only_weight,
     set_tie,
     swap_class,
     variant_class,
+    version,
     weight_name,
 )
 
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
 _SCALE_FLOOR = 1e-12
 _VAR_FLOOR = 1e-24
-
-
-def _pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return tensor, tensor._version
-
-
-def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
-    tensor, version = packed
-    if tensor._version != version:  # the check autograd makes for the tensors it saves itself
-        raise RuntimeError(
-            f"a tensor of shape {tuple(tensor.shape)} saved by the DKM loop for backward was modified in place "
-            "before backward ran (e.g. the weight or the centroids changed between forward and backward)"
-        )
-    return tensor
 
 
 class DKMWeight:
@@ -253,12 +243,13 @@ class DKMWeight:
             return self.tied_source.hard_weight().view(self.weight.shape)
         if not self.dkm_ready:
             self.init_centroids()
-        key = (self.weight._version, self.weight.data_ptr(), self.centroids._version, self.centroids.data_ptr())
+        key = (version(self.weight), self.weight.data_ptr(), version(self.centroids), self.centroids.data_ptr())
         if self._hard is None or self._hard[0] != key:
-            lut_dtype = self.settings.lut_torch_dtype
-            snapped = gather_centroids(self.assignments(), self.centroids.to(lut_dtype).float())
-            scale = self.weight_scale.to(lut_dtype).float() if self.layout.per_channel_scale else None
-            hard = self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype).contiguous()
+            with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
+                lut_dtype = self.settings.lut_torch_dtype
+                snapped = gather_centroids(self.assignments(), self.centroids.to(lut_dtype).float())
+                scale = self.weight_scale.to(lut_dtype).float() if self.layout.per_channel_scale else None
+                hard = self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype).contiguous()
             self._hard = (key, hard)
         return self._hard[1]
 
@@ -336,16 +327,18 @@ class DKMMixin:
     def clustered_parameters(self):
         """Within the context, each clustered parameter reads as its clustered weight (an instance attribute that
         shadows the parameter; the parameter itself is untouched). Contexts nest (a parent's scope around the
-        module's own forward): leaving one restores what the enclosing one set."""
-        shadow = {p: w.clustered_weight() for p, w in self.dkm_weights.items() if w.dkm_enabled and _whole(w.weight)}
-        previous = {p: self.__dict__[p] for p in shadow if p in self.__dict__}
-        self.__dict__.update(shadow)
-        try:
-            yield
-        finally:
-            for p in shadow:
-                self.__dict__.pop(p, None)
-            self.__dict__.update(previous)
+        module's own forward): leaving one restores what the enclosing one set. Threads take turns (`module_lock`)."""
+        with module_lock(self):
+            active = [(p, w) for p, w in self.dkm_weights.items() if w.dkm_enabled and _whole(w.weight)]
+            shadow = {p: w.clustered_weight() for p, w in active}
+            previous = {p: self.__dict__[p] for p in shadow if p in self.__dict__}
+            self.__dict__.update(shadow)
+            try:
+                yield
+            finally:
+                for p in shadow:
+                    self.__dict__.pop(p, None)
+                self.__dict__.update(previous)
 
     def forward(self, *args, **kwargs):
         with self.clustered_parameters():

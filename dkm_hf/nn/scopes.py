@@ -8,6 +8,7 @@ attention blocks fuse their projections' weights); `ParentScope` hooks extend th
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from torch import nn
 
@@ -21,21 +22,30 @@ class ParentScope:
     weights are the ones the children's own forwards compute (cached: no extra DKM pass)."""
 
     def __init__(self):
-        self.open: list[contextlib.ExitStack] = []
+        self.local = threading.local()  # each thread's open scopes (a stack: a parent may run inside itself)
 
     def __getstate__(self) -> dict:
-        return {"open": []}
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.local = threading.local()
+
+    def _open(self) -> list[contextlib.ExitStack]:
+        if not hasattr(self.local, "open"):
+            self.local.open = []
+        return self.local.open
 
     def enter(self, module: nn.Module, args) -> None:
         stack = contextlib.ExitStack()
         for child in module.children():
             if isinstance(child, DKMMixin):
                 stack.enter_context(child.clustered_parameters())
-        self.open.append(stack)
+        self._open().append(stack)
 
     def exit(self, module: nn.Module, args, output) -> None:
-        if self.open:
-            self.open.pop().close()
+        opened = self._open()
+        if opened:
+            opened.pop().close()
 
 
 def add_parent_scopes(model: nn.Module) -> None:

@@ -16,6 +16,8 @@ of the same name. The buffers of a weight `p` are `p_lut`, `p_indices`, `p_scale
 from __future__ import annotations
 
 import sys
+import threading
+import weakref
 
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
@@ -25,12 +27,40 @@ from transformers.pytorch_utils import Conv1D
 STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LUT (at least) per expert
 
 _VARIANTS: dict[tuple[type, type, tuple[str, ...]], type] = {}
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The re-entrant lock of a module whose parameters are shadowed during a forward: two threads running one model
+    take turns in that module (each shadow is an instance attribute every thread sees). Kept outside the module, so
+    copies and pickles of it are unaffected and each copy has its own."""
+    lock = _LOCKS.get(module)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(module, threading.RLock())
+    return lock
 
 
 def version(tensor: torch.Tensor) -> int:
     """A tensor's in-place write counter; -1 for an inference tensor (made under torch.inference_mode), which has
     none and cannot be written outside it."""
     return -1 if tensor.is_inference() else tensor._version
+
+
+def _pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return tensor, tensor._version
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The check autograd makes for the tensors it saves itself, for those a saved-tensor hook keeps as they are."""
+    tensor, saved_version = packed
+    if tensor._version != saved_version:
+        raise RuntimeError(
+            f"a tensor of shape {tuple(tensor.shape)} saved by the DKM loop for backward was modified in place "
+            "before backward ran (e.g. the weight or the centroids changed between forward and backward)"
+        )
+    return tensor
 
 
 def weight_name(module_name: str, param: str) -> str:

@@ -287,8 +287,15 @@ def to_dense(model: nn.Module) -> nn.Module:
     new_weights: dict[int, nn.Parameter] = {}  # id of a weight's state -> its new parameter (for tied weights)
 
     def dense(state) -> nn.Parameter:
-        if state.tied_source is not None:
+        if state.tied_source is not None and id(state.tied_source) in new_weights:
             return new_weights[id(state.tied_source)]
+        if state.tied_source is not None:  # its source stays clustered (`dequantize(model.lm_head)`): its own copy
+            logger.warning(
+                f"dkm_hf: {base_class(state.module).__name__}.{state.param} was tied to a clustered weight outside "
+                "what is dequantized; it now holds a dense copy of its own, no longer tied to it"
+            )
+            value = state.hard_weight() if isinstance(state, DKMWeight) else state.decode()
+            return nn.Parameter(value.detach().clone())
         if isinstance(state, DKMWeight):
             value = state.hard_weight() if state.dkm_enabled else state.weight
             return nn.Parameter(value.detach().clone(), requires_grad=state.weight.requires_grad)
@@ -303,6 +310,7 @@ def to_dense(model: nn.Module) -> nn.Module:
         if isinstance(module, DKMMixin):
             module.detach_dkm()
             for param, tensor in params.items():
+                module.__dict__.pop(param, None)  # no shadow outlives a forward, but none may hide the parameter
                 module._parameters[param] = tensor
         else:
             module.detach_palettized(params)

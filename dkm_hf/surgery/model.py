@@ -11,7 +11,8 @@ from torch import nn
 
 from ..config import CheckpointRecord, DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
-from ..nn.palettized import MODES, palettized_modules
+from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
+from ..nn.weights import swap_class
 from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
 
 
@@ -87,7 +88,9 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     `gathered(model)` is the context the conversion runs in (`dkm_hf.full_weights` for a sharded model).
     """
     originals = [(name, m) for name, m in model.named_modules() if name and isinstance(m, DKMMixin)]
-    if not originals:
+    # a root holding clustered weights itself is converted in place: its class and attributes are put back
+    root = (type(model), {k: (v.copy() if isinstance(v, dict) else v) for k, v in model.__dict__.items()})
+    if not originals and not isinstance(model, DKMMixin):
         yield model
         return
     was_training = model.training
@@ -98,4 +101,8 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     finally:
         for name, module in originals:
             model.set_submodule(name, module)
+        if isinstance(model, PalettizedMixin) or root[0] is not type(model):
+            model.__dict__.clear()
+            model.__dict__.update(root[1])
+            swap_class(model, root[0])
         model.train(was_training)

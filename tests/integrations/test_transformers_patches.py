@@ -11,12 +11,13 @@ import inspect
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import AUTO, TINY, tiny_inputs
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 from transformers.utils.hub import PushToHubMixin
 
 import dkm_hf
+from dkm_hf import DKMConfig
 from dkm_hf.integrations import transformers_patches
 
 
@@ -152,3 +153,44 @@ def test_patch_10_accounting_methods_keep_their_signatures():
         list(inspect.signature(footprint).parameters)[1:] == ["return_buffers"],
         "get_memory_footprint(return_buffers)",
     )
+
+
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_tie_weights_on_a_palettized_tied_model_keeps_its_outputs(tiny_dir, tmp_path, reloaded):
+    """(11) `tie_weights()` rebuilt the tie map and looked up `model.embed_tokens.weight`, which a palettized
+    embedding does not have as a parameter: AttributeError after `palettize()` and after reloading."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
+    dkm_hf.palettize(model)
+    if reloaded:
+        model.save_pretrained(tmp_path / "p")
+        model = AUTO["llama"].from_pretrained(tmp_path / "p").eval()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.tie_weights()
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.palettized_weights["weight"].tied_source is embedding.palettized_weights["weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("palettized", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_token_embeddings_of_a_clustered_model_is_refused_naming_the_modules(tiny_dir, palettized, tied):
+    """(12) A DKM model accepted the resize and failed at its next forward on a reshape; a palettized one kept its
+    128 rows (transformers copied into a decoded temporary) while its head became a dense Linear."""
+    path = tiny_dir("llama")
+    model = AUTO["llama"].from_pretrained(path, tie_word_embeddings=tied, dkm_config=DKMConfig(weight_threshold=0))
+    if palettized:
+        dkm_hf.palettize(model)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        expected = model.eval()(**inputs).logits
+    with pytest.raises(ValueError, match=r"resize_token_embeddings: model\.embed_tokens, lm_head hold"):
+        model.resize_token_embeddings(136)
+    assert model.config.vocab_size == 99
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    dense = AUTO["llama"].from_pretrained(path, tie_word_embeddings=tied)
+    dense.resize_token_embeddings(136)  # a dense model still resizes
+    assert dense.get_input_embeddings().weight.shape[0] == 136

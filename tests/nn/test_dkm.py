@@ -406,3 +406,61 @@ def test_a_16_bit_models_centroids_keep_float32_between_steps(tiny_dir):
     fused, chunked = centroids["auto"], centroids["chunked"]
     assert not torch.equal(fused, fused.bfloat16().float())  # not bfloat16 values
     assert (fused - chunked).abs().max() <= 1e-5 * chunked.abs().max()
+
+
+def _tiny_llama_dkm(hidden: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    return dkm_hf.prepare(model, DKMConfig(bits=4, weight_threshold=256))
+
+
+def test_two_threads_running_one_dkm_model_agree_and_leave_nothing_behind():
+    """Each clustered parameter is shadowed by an instance attribute during its module's forward: two threads running
+    one model took turns restoring each other's shadows, leaving a stale copy of the hard weight in front of the
+    parameter for good (the dequantized model then computed with it). Threads now take turns per module."""
+    import threading
+
+    model = _tiny_llama_dkm(128).eval()
+    inputs = [torch.randint(3, 128, (1, 4 * n)) for n in (1, 7)]
+    with torch.no_grad():
+        expected = [model(x).logits for x in inputs]
+    results, errors = {0: [], 1: []}, []
+
+    def work(i):
+        try:
+            for _ in range(60):
+                with torch.no_grad():
+                    results[i].append(model(inputs[i]).logits)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in (0, 1):
+        assert all(torch.equal(out, expected[i]) for out in results[i])
+    stale = [n for n, m in model.named_modules() if isinstance(m, DKMMixin) and "weight" in m.__dict__]
+    assert stale == []
+
+
+def test_a_hard_weight_made_under_inference_mode_serves_a_later_forward_with_gradients():
+    """The eval-mode hard weight is cached; made under torch.inference_mode it was an inference tensor, and a later
+    eval-mode forward whose input needs a gradient (saliency, prompt tuning) failed to save it for backward."""
+    model = _tiny_llama_dkm().eval()
+    ids = torch.randint(3, 128, (1, 8))
+    with torch.inference_mode():
+        reference = model(ids).logits.clone()
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds).logits
+    out.sum().backward()
+    assert embeds.grad is not None and bool(torch.isfinite(embeds.grad).all())
+    torch.testing.assert_close(out.detach(), reference)

@@ -80,3 +80,61 @@ def test_dequantize_after_a_save_and_after_a_cast(tiny_dir, tmp_path):
         plain = dkm_hf.dequantize(model)
         assert plain.model.layers[0].mlp.up_proj.weight.dtype == cast and plain(ids).logits.dtype == cast
         torch.testing.assert_close(plain(ids).logits, expected)
+
+
+def test_transformers_dequantize_leaves_no_dkm_config_behind():
+    """`model.dequantize()` (transformers') of a prepared model kept its DKMConfig: `get_dkm_config` still returned
+    it and a second `prepare` was refused as "already prepared"."""
+    from conftest import TINY
+
+    cls, make_config = TINY["llama"]
+    model = dkm_hf.prepare(cls(make_config()), DKMConfig(bits=3, weight_threshold=0))
+    model.dequantize()
+    assert dkm_hf.get_dkm_config(model) is None and not dkm_hf.dkm_modules(model)
+    dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
+    assert {s.layout.bits for _, s in dkm_hf.dkm_modules(model)} == {2}
+
+
+@pytest.mark.parametrize("palettized", [False, True])
+def test_dequantizing_the_tied_head_alone_gives_it_a_dense_copy(tiny_dir, palettized, caplog):
+    """README: `dkm_hf.dequantize(model.lm_head)` decodes one module (e.g. for peft's modules_to_save). With the head
+    tied to the clustered embedding it failed with a bare KeyError; the head now gets its own dense copy (a warning
+    says the tie is gone) and the model computes as before."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
+    if palettized:
+        dkm_hf.palettize(model)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with caplog.at_level("WARNING"):
+        dkm_hf.dequantize(model.lm_head)
+    assert type(model.lm_head) is torch.nn.Linear and isinstance(model.lm_head.weight, torch.nn.Parameter)
+    assert "no longer tied" in caplog.text
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, dkm_hf.PalettizedMixin if palettized else dkm_hf.DKMMixin)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_palettized_view_puts_back_a_weight_the_root_module_holds():
+    """A clustered parameter of the root module itself (not a `weight` of a child) was palettized in place by the
+    view and never put back: gone from named_parameters, still palettized after the view (which save_model uses)."""
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.randn(16, 16))
+            self.fc = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x @ self.proj)
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(Root(), DKMConfig(bits=2, weight_threshold=0, target_modules=["proj", "fc"]))
+    before = sorted(n for n, _ in model.named_parameters())
+    with dkm_hf.palettized_view(model) as view:
+        assert {n for n, _ in dkm_hf.palettized_modules(view)} == {"proj", "fc"}
+    assert sorted(n for n, _ in model.named_parameters()) == before
+    assert {n for n, _ in dkm_hf.dkm_modules(model)} == {"proj", "fc"} and not dkm_hf.palettized_modules(model)
+    model.train()(torch.randn(2, 16)).sum().backward()
+    assert model.proj.grad is not None
