@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..config import default_tau_end_ratio
-from ..nn.dkm import DKMWeight, dkm_modules
+from ..nn.dkm import DKMWeight, _whole, dkm_modules
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
@@ -126,20 +126,26 @@ def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None)
 
 
 @torch.no_grad()
-def check_centroids_finite(modules: list[tuple[str, DKMWeight]], step: int) -> None:
+def check_centroids_finite(modules: list[tuple[str, DKMWeight]], step: int, weights: bool = False) -> None:
     """Stop training once a layer's centroids went NaN or infinite (a diverged loss): every later step, evaluation
-    and checkpoint would carry them. One host synchronisation per step, for all layers together."""
+    and checkpoint would carry them. With `weights` (before a checkpoint or an evaluation), the weights the last
+    optimizer step wrote too: their centroids only follow at the next forward. One host synchronisation per step,
+    for all layers together. Weights FSDP2 holds sharded are left to the next step's centroids, which every process
+    sees alike."""
     active = [(n, m) for n, m in modules if m.dkm_enabled and m.dkm_ready and m.has_state]
-    if not active:
+    checks = [(f"{n}.centroids", m.centroids) for n, m in active]
+    if weights:
+        checks += [(n, m.weight) for n, m in modules if _whole(m.weight) and m.weight.is_floating_point()]
+    if not checks:
         return
-    finite = torch.stack([torch.isfinite(m.centroids).all() for _, m in active])
+    finite = torch.stack([torch.isfinite(tensor).all().to(checks[0][1].device) for _, tensor in checks])
     if bool(finite.all()):
         return
-    name, module = next((n, m) for (n, m), ok in zip(active, finite.tolist()) if not ok)
-    bad = int((~torch.isfinite(module.centroids)).sum())
+    name, tensor = next(check for check, ok in zip(checks, finite.tolist()) if not ok)
+    bad = int((~torch.isfinite(tensor)).sum())
     raise FloatingPointError(
-        f"{name}.centroids: {bad} value(s) became NaN or infinite at step {step} (the loss or the gradients "
-        "diverged); training stopped before any checkpoint holds them. Lower the learning rate, clip gradients "
+        f"{name}: {bad} value(s) became NaN or infinite at step {step} (the loss or the gradients diverged); "
+        "training stopped before any checkpoint holds them. Lower the learning rate, clip gradients "
         "(max_grad_norm) or resume from the last checkpoint"
     )
 
@@ -222,7 +228,9 @@ class DKMCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._health(args, state, model)
-        check_centroids_finite(self._modules(model), state.global_step)
+        # Trainer's flow callback, which runs first, has decided whether this step saves or evaluates
+        before_a_save = control.should_save or control.should_evaluate or control.should_training_stop
+        check_centroids_finite(self._modules(model), state.global_step, weights=before_a_save)
 
     def _health(self, args, state, model) -> None:
         # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
@@ -258,8 +266,15 @@ class DKMCallback(TrainerCallback):
                 self.pending["dkm_changed_fraction"] = sum(changed) / len(changed)
                 self.pending["dkm_centroid_drift"] = sum(drift) / len(drift)
 
+    def _dkm_merge_logs(self, logs: dict | None) -> None:
+        """The DKM metrics into a training log; called before any callback sees it (transformers_patches (13)), so
+        the reporting integrations, which Trainer lists before a user's callbacks, log them too."""
+        if logs is not None and "loss" in logs:
+            logs.update(self.pending)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs.update(self.pending)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(self.pending)
+            self.pending = {}  # each value is logged once: the next log gets those set after this one

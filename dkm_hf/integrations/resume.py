@@ -4,7 +4,8 @@ A training checkpoint (`checkpoint-N/`, written by Trainer's `_save_checkpoint`)
 layer's centroids, then the optimizer, scheduler and RNG states, and last `trainer_state.json`. It is complete when
 that last file reads as a trainer state and the model's config and weight files are there: a run killed while
 `checkpoint-N` was being written leaves it without them. A palettized checkpoint (what `save_model` writes at the
-end) holds LUTs and packed indices instead and cannot be trained from.
+end) holds LUTs and packed indices instead and cannot be trained from. A peft model's checkpoint holds its adapter
+(`adapter_config.json` and its weights) instead of the model's config and weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import re
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
     CONFIG_NAME,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -42,11 +46,15 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return "it is not a directory"
+    # a peft model's checkpoint holds its adapter (the base model is rebuilt by the script, as it was built)
+    adapter = os.path.isfile(os.path.join(directory, ADAPTER_CONFIG_NAME))
     try:
         with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return f"it has no readable {CONFIG_NAME} (the model was not saved completely)"
+        if not adapter:
+            return f"it has no readable {CONFIG_NAME} (the model was not saved completely)"
+        config = None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if isinstance(quant, dict) and quant.get("quant_method") == "dkm" and quant.get("format") == "palettized":
         return (
@@ -63,6 +71,11 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
         return f"its {TRAINER_STATE_NAME}, the file Trainer writes last, is cut short or damaged ({err})"
     if not isinstance(state, dict) or "global_step" not in state:
         return f"its {TRAINER_STATE_NAME} is not a trainer state (no global_step)"
+    if adapter:
+        weights = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+        if not any(os.path.isfile(os.path.join(directory, name)) for name in weights):
+            return f"it has {ADAPTER_CONFIG_NAME} but no adapter weights ({' or '.join(weights)})"
+        return None
     return _weights_problem(directory)
 
 

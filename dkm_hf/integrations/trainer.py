@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
 
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
@@ -29,6 +30,8 @@ from .distillation import distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_weights
 from .resume import model_problem, resolve_resume
 from .transformers_patches import accumulated_batch_share, checkpoint_initial_model, counted_labels
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -104,12 +107,13 @@ class DKMTrainingFields:
                 "load_best_model_at_end=True and eval_hard_on_start=True"
             )
         if self.torch_compile:
-            raise ValueError(
-                "torch_compile=True is not supported with DKM: the clustering loop stops early on a "
-                "data-dependent test and runs outside the compiled graph; train without it"
-            )
+            raise ValueError(NO_COMPILE)
 
 
+NO_COMPILE = (
+    "torch_compile=True is not supported with DKM: the clustering loop stops early on a data-dependent test and runs "
+    "outside the compiled graph; train without it"
+)
 DKM_DEFAULTS = {f.name: f.default for f in fields(DKMTrainingFields) if f.default is not MISSING}
 
 
@@ -177,6 +181,8 @@ class DKMTrainerMixin:
                 f"{type(self).__name__} needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
                 "dkm_hf.prepare(model, DKMConfig(...))"
             )
+        if self.args.torch_compile:  # plain TrainingArguments / SFTConfig carry no DKM fields to refuse it
+            raise ValueError(NO_COMPILE)
         self.dkm_callback = DKMCallback(
             milestone=self.dkm_option("dkm_milestone"),
             **{
@@ -209,7 +215,10 @@ class DKMTrainerMixin:
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
             self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
+        # set here, not by the user: a resume does not evaluate its starting step again (see train)
+        self._eval_on_start_set = False
         if self.dkm_option("eval_hard_on_start") and a.eval_strategy != "no" and self.eval_dataset is not None:
+            self._eval_on_start_set = not a.eval_on_start
             a.eval_on_start = True
 
     def dkm_option(self, name: str):
@@ -227,7 +236,14 @@ class DKMTrainerMixin:
                 f"cannot resume training from {resume}: {problem}. Build the model with the DKMConfig the checkpoint "
                 "was trained with (its config.json's quantization_config)"
             )
-        return super().train(resume, *args, **kwargs)
+        again = resume is not None and self._eval_on_start_set  # step 0's evaluation, not the resumed step's
+        if again:
+            self.args.eval_on_start = False
+        try:
+            return super().train(resume, *args, **kwargs)
+        finally:
+            if again:
+                self.args.eval_on_start = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The training loss, the same for every split of a global batch into micro-batches and processes.
@@ -277,13 +293,14 @@ class DKMTrainerMixin:
                 items, sums = total[0], dict(zip(sums, total[1:]))
             terms = {name: (value / items.clamp_min(1)).item() for name, value in sums.items()}
             self._distill_sums, self._distill_items = {}, 0
-            logs = {**logs, **self.dkm_callback.pending, **terms}
+            logs = {**logs, **terms}  # DKMCallback adds its own before any callback sees the log
         super().log(logs, *args, **kwargs)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **kwargs):
         """Metrics of the hard (palettized) model, the one that ships; with `eval_soft`, the soft model's next to them
-        as `{prefix}_soft_*`, in the same log entry (see `evaluation_loop`)."""
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        as `{prefix}_soft_*`, in the same log entry (see `evaluation_loop`). Other keyword arguments go to the
+        Trainer class's own `evaluate` (Seq2SeqTrainer's generation settings)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         # the training loop's call only (eval_dataset None): with a dict of eval datasets Trainer calls evaluate once
         # per dataset with its partial metrics, then returns them merged, and the best-model rule needs them merged
         outer = eval_dataset is None
@@ -356,7 +373,14 @@ class DKMTrainerMixin:
         palettize = self.dkm_option("palettize_on_save") and (not _internal_call or self._palettize_next_save)
         if not palettize:
             return super().save_model(output_dir, _internal_call)
-        with palettized_view(self.accelerator.unwrap_model(self.model), gathered=full_weights):
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            logger.warning(
+                "dkm_hf: save_model of a peft model writes its adapter only; the palettized base it was trained "
+                "on is not saved: write it with dkm_hf.palettize(copy.deepcopy(model.get_base_model()))"
+                ".save_pretrained(path)"
+            )
+        with palettized_view(model, gathered=full_weights):
             super().save_model(output_dir, _internal_call)
 
     def push_to_hub(self, *args, **kwargs):

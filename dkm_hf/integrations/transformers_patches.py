@@ -45,6 +45,9 @@ what it relies on.
 12. `resize_token_embeddings`: the LUTs, indices and centroids of a clustered embedding or head are laid out for its
     rows; transformers would replace the module by a plain one (a clustered head) or copy into a temporary (a
     palettized embedding). It is refused, naming the modules, before anything changes.
+13. `CallbackHandler.on_log`: Trainer lists the reporting integrations (TensorBoard, W&B, ...) before the callbacks a
+    user passes, and each consumes the log as it comes; a `DKMCallback` given to a plain `Trainer` would add its
+    metrics after they have gone. Every callback with a `_dkm_merge_logs` method adds its metrics first.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.trainer_callback import CallbackHandler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import DKMConfig
@@ -338,6 +342,24 @@ def _patch_ties_and_resizing() -> None:
     PreTrainedModel.resize_token_embeddings = resize_token_embeddings
 
 
+def _patch_log_order() -> None:
+    """(13)"""
+    original = CallbackHandler.on_log
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def on_log(self, args, state, control, logs, **kwargs):
+        for callback in self.callbacks:
+            merge = getattr(callback, "_dkm_merge_logs", None)
+            if merge is not None:
+                merge(logs)
+        return original(self, args, state, control, logs, **kwargs)
+
+    setattr(on_log, _MARK, True)
+    CallbackHandler.on_log = on_log
+
+
 def install(config_cls: type, quantizer_cls: type) -> None:
     """Apply every patch (idempotent: importing or reloading dkm_hf twice patches once)."""
     register(config_cls, quantizer_cls)
@@ -347,3 +369,4 @@ def install(config_cls: type, quantizer_cls: type) -> None:
     _patch_casts()
     _patch_accounting()
     _patch_ties_and_resizing()
+    _patch_log_order()

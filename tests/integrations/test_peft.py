@@ -212,3 +212,38 @@ def test_target_parameters_naming_palettized_experts_are_refused():
     palettized = dkm_hf.palettize(dkm_hf.prepare(mixtral(), config))
     with pytest.raises(ValueError, match=r"target_parameters name palettized weights \(model.layers.0.mlp.experts"):
         peft.get_peft_model(palettized, peft.LoraConfig(**lora))
+
+
+def test_lora_on_a_dkm_model_resumes_from_its_adapter_checkpoints(tmp_path, caplog):
+    """Trainer saves a peft model's checkpoints as its adapter (no config.json, no model weights); DKMTrainer's
+    resume check refused every one as "not saved completely". A resume now continues the uninterrupted run; and
+    save_model, which writes the adapter only, says that the palettized base is not in it."""
+    from conftest import TINY
+    from transformers import TrainingArguments
+
+    data = _lm_rows(16)
+
+    def run(out, resume=None):
+        cls, make_config = TINY["llama"]
+        torch.manual_seed(0)
+        model = dkm_hf.prepare(cls(make_config()), DKMConfig(bits=3, weight_threshold=0))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        args = TrainingArguments(
+            output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_steps=1, seed=0, data_seed=0,
+        )  # fmt: skip
+        trainer = dkm_hf.DKMTrainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    full, losses = run(tmp_path / "full")
+    resumed, resumed_losses = run(tmp_path / "full", resume=True)
+    assert resumed.state.global_step == 4 and resumed_losses[2:] == losses[2:]
+    with caplog.at_level("WARNING"):
+        full.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() and "writes its adapter only" in caplog.text
+
+
+def _lm_rows(count: int) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    return [{"input_ids": (ids := torch.randint(1, 99, (9,), generator=g)), "labels": ids} for _ in range(count)]

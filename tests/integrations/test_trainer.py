@@ -569,3 +569,94 @@ def test_two_process_distillation_logs_the_global_batchs_terms(toy_path, tmp_pat
     for a, b in zip(one, two):
         for key in ("loss", "distill_task_loss", "distill_kl", "distill_hidden_mse"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+
+
+def test_weights_an_optimizer_step_made_non_finite_stop_training_before_the_checkpoint(toy_path, tmp_path):
+    """A NaN gradient in step 2's update writes NaN into a weight while step 2's centroids (from its forward) are
+    finite: the check of the centroids alone let checkpoint-2 be saved with the NaN weight, and the run stopped a
+    step later, its message pointing at that checkpoint. Before a save the weights are checked too."""
+    layer = "bert.encoder.layer.0.intermediate.dense"
+
+    class Diverge(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:  # the update of step 2
+                model.get_submodule(layer).weight.grad[0, 0] = float("nan")
+
+    out = tmp_path / "out"
+    args = _args(tmp_path, output_dir=str(out), max_steps=4, save_strategy="steps", save_steps=1, max_grad_norm=0)
+    trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(96), callbacks=[Diverge()])
+    with pytest.raises(FloatingPointError, match=rf"{layer}: 1 value\(s\) became NaN .* at step 2"):
+        trainer.train()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+
+
+def test_dkm_metrics_reach_the_reporting_integrations_once_each(toy_path, tmp_path):
+    """Trainer lists the reporting integrations (TensorBoard, W&B) before a user's callbacks, and each consumes the
+    log when it comes: with a plain Trainer and DKMCallback they never saw a dkm_* metric. And a value set once
+    (the teacher's size) was logged again at every later log."""
+
+    class Integration(TrainerCallback):  # what a reporting integration sees, placed where Trainer puts them
+        def __init__(self):
+            self.seen = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.seen.append(dict(logs))
+
+    for trainer_cls in (Trainer, DKMTrainer):
+        kwargs = {"callbacks": [DKMCallback()]} if trainer_cls is Trainer else {"teacher_model": _model(toy_path)}
+        args = _args(tmp_path, TrainingArguments if trainer_cls is Trainer else DKMTrainingArguments, max_steps=4)
+        trainer = trainer_cls(model=_model(toy_path), args=args, train_dataset=ToyDataset(64), **kwargs)
+        integration = Integration()
+        trainer.callback_handler.callbacks.insert(0, integration)
+        trainer.train()
+        training = [logs for logs in integration.seen if "loss" in logs]
+        assert len(training) == 4
+        assert all({"dkm_tau", "dkm_enabled", "dkm_entropy"} <= set(logs) for logs in training), trainer_cls
+        if trainer_cls is DKMTrainer:
+            assert ["dkm_teacher_mb" in logs for logs in training] == [True, False, False, False]
+            assert all("distill_kl" in logs for logs in training)
+
+
+def test_torch_compile_in_plain_arguments_is_refused_too(toy_path, tmp_path):
+    """DKMTrainingArguments refuse torch_compile=True; plain TrainingArguments (or TRL's SFTConfig) given to the
+    trainer carried it through, and the compiled run moved the centroids 1.4-2.3x more than the eager one."""
+    args = _args(tmp_path, TrainingArguments, torch_compile=True)
+    with pytest.raises(ValueError, match="torch_compile=True is not supported with DKM"):
+        DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(16))
+
+
+def test_the_mixin_passes_evaluate_keyword_arguments_on(toy_path, tmp_path):
+    """Seq2SeqTrainer.evaluate takes generation settings (max_new_tokens, num_beams) as keyword arguments; the
+    mixin's evaluate refused them with a TypeError."""
+
+    class Generating(Trainer):
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", **gen_kwargs):
+            self.gen_kwargs = gen_kwargs
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    class DKMGenerating(dkm_hf.DKMTrainerMixin, Generating):
+        pass
+
+    args = _args(tmp_path, eval_strategy="no")
+    trainer = DKMGenerating(model=_model(toy_path), args=args, eval_dataset=ToyDataset(16))
+    metrics = trainer.evaluate(max_new_tokens=3, num_beams=2)
+    assert trainer.gen_kwargs == {"max_new_tokens": 3, "num_beams": 2} and math.isfinite(metrics["eval_loss"])
+
+
+def test_a_resume_does_not_evaluate_its_starting_step_again(toy_path, tmp_path):
+    """eval_hard_on_start turns Trainer's eval_on_start on; a resume from checkpoint-2 then evaluated step 2 again
+    (evaluations at 0, 2, 2, 4), paying a whole evaluation per resume."""
+
+    def run(resume=None):
+        args = _args(
+            tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+            per_device_eval_batch_size=16,
+        )  # fmt: skip
+        trainer = DKMTrainer(
+            model=_model(toy_path), args=args, train_dataset=ToyDataset(64), eval_dataset=ToyDataset(32)
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+
+    assert run() == [0, 2, 4]
+    assert run(str(tmp_path / "out" / "checkpoint-2")) == [0, 2, 4]
