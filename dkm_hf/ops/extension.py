@@ -7,11 +7,14 @@ one folder per content of the sources: ninja rebuilds by timestamps, and an upgr
 the objects of the previous version's build, which would then be loaded as they are), loads the
 library, whose `TORCH_LIBRARY` blocks register its operators under `torch.ops`, and returns its path. When it cannot
 (no compiler or ninja, a failed build), it warns once, naming the reason, and returns None: the caller takes its
-torch path. `warn_once` is that warning for any other fallback.
+torch path. `warn_once` is that warning for any other fallback. `guarded_build` is what every build runs inside:
+torch's own lock file outlives a build killed with SIGKILL (every later process would wait on it forever), and a
+library damaged after its build (a copy cut short, a full disk) would be loaded as it is and kill the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -49,6 +52,41 @@ def source_tag(sources: list[Path]) -> str:
     return digest.hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def guarded_build(directory: Path, name: str):
+    """Around torch's build and load of library `name` in `directory`:
+
+    - an OS lock on `dkm_hf.lock` (released by the kernel when its holder dies, unlike torch's `lock` file, which a
+      killed build leaves behind). Holding it, no dkm_hf build of this folder runs, so a torch `lock` there is a
+      dead build's and is removed instead of waited on forever;
+    - the library's SHA-256, recorded after its first load: a library whose bytes differ, or without a record (its
+      process died between build and record), is removed and built again rather than loaded (a damaged shared object
+      kills the process with SIGBUS; no exception is raised).
+    """
+    library, record = directory / f"{name}.so", directory / f"{name}.sha256"
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): torch's lock alone
+        yield
+        return
+    with open(directory / "dkm_hf.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            if library.exists() and (not record.exists() or record.read_text().strip() != _sha256(library)):
+                library.unlink()
+                record.unlink(missing_ok=True)
+            yield
+            if library.exists() and not record.exists():
+                record.write_text(_sha256(library))
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def load_extension(
     name: str,
     sources: list[Path],
@@ -68,15 +106,16 @@ def load_extension(
 
         directory = build_root() / f"{name}-{source_tag(sources)}"
         directory.mkdir(parents=True, exist_ok=True)
-        path = cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=extra_cflags or [],
-            extra_ldflags=extra_ldflags or [],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        with guarded_build(directory, name):
+            path = cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=extra_cflags or [],
+                extra_ldflags=extra_ldflags or [],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
         reason = " ".join(str(error).split())[-600:] or type(error).__name__
         if warn:

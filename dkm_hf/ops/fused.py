@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import native
-from .extension import build_root, source_tag
+from .extension import build_root, guarded_build, source_tag
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -82,14 +82,15 @@ def cpu_kernels() -> ModuleType | None:
 
             directory = build_dir()
             directory.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(
-                name="dkm_hf_fused",
-                sources=[str(path) for path in sources()],
-                build_directory=str(directory),
-                extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            with guarded_build(directory, "dkm_hf_fused"):
+                module = cpp_extension.load(
+                    name="dkm_hf_fused",
+                    sources=[str(path) for path in sources()],
+                    build_directory=str(directory),
+                    extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
             if module.abi_version() != ABI_VERSION:
                 raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
             _CPU = module

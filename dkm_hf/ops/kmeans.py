@@ -316,6 +316,8 @@ def kmeans_init_many(
     for i, w in enumerate(weights):
         if w.dim() != 3 or 0 in w.shape:
             raise ValueError(f"kmeans_init_many: weight {i} has shape {tuple(w.shape)}; expected (groups, n, d) > 0")
+        if not bool(torch.isfinite(w).all()):  # one inf would make every centroid of its group inf
+            raise ValueError(f"kmeans_init_many: weight {i} has non-finite values (NaN or inf)")
         f = importance[i]
         if f is not None:
             if tuple(f.shape) != tuple(w.shape):

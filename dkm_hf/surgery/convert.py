@@ -87,6 +87,7 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
                     raise ValueError(f"{name} is tied to {pairs[name]} but their weights have different shapes")
                 state = DKMWeight(module, param, source.layout, source.settings, config.seed, source)
             else:
+                _check_finite(name, module._parameters[param])
                 layout = layout_for(config, name, module, param)
                 state = DKMWeight(module, param, layout, config.settings_for(name), config.seed)
             states[param] = done[name] = state
@@ -106,12 +107,24 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     return {name: done[name] for name in names}
 
 
+def _check_finite(name: str, weight: torch.Tensor) -> None:
+    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
+        raise ValueError(
+            f"{name}: {int((~torch.isfinite(weight)).sum())} value(s) of the weight are NaN or infinite; k-means "
+            "would make every centroid of its LUT non-finite. Repair the weight or leave it out "
+            "(modules_to_not_convert)"
+        )
+
+
 def init_centroids(model: nn.Module, importance: Mapping[int, torch.Tensor] | None = None) -> None:
     """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
     restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
     is slow. Each weight gets what its own `init_centroids` gives it. `importance`: {id of a DKM weight: the
     importance of its vectors (groups, n, d)}, which weighs that weight's k-means (`surgery.importance`)."""
     weighted = importance or {}
+    for name, module in dkm_modules(model):  # a checkpoint just loaded into the model
+        if module.tied_source is None:
+            _check_finite(name, module.weight)
     batches: dict[tuple, list[list[DKMWeight]]] = {}
     for _, module in dkm_modules(model):
         if module.tied_source is None:

@@ -255,3 +255,47 @@ def test_other_cpu_variants(arch):
         text=True,
     )
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_on(tmp_path):
+    """torch's `lock` file outlives a build killed with SIGKILL, and torch waits on it with no timeout: every later
+    process hung at its first DKM forward. Under dkm_hf's OS lock (which dies with its holder) no build of the folder
+    runs, so the file is a dead build's and goes."""
+    from dkm_hf.ops.extension import guarded_build
+
+    (tmp_path / "lock").touch()
+    with guarded_build(tmp_path, "lib"):
+        assert not (tmp_path / "lock").exists()
+
+
+@pytest.mark.parametrize("record", ["matching", "other bytes", "none"])
+def test_a_library_whose_bytes_differ_from_its_record_is_built_again(tmp_path, record):
+    """A damaged shared object (a copy cut short, a full disk) killed the process with SIGBUS when loaded, every run.
+    The library's SHA-256 is recorded after its first load; one that differs, or has no record, is removed before
+    torch's build (which then builds it again) and the new one recorded."""
+    import hashlib
+
+    from dkm_hf.ops.extension import guarded_build
+
+    library = tmp_path / "lib.so"
+    library.write_bytes(b"\x7fELF built")
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    if record != "none":
+        (tmp_path / "lib.sha256").write_text(digest if record == "matching" else "0" * 64)
+    with guarded_build(tmp_path, "lib"):
+        assert library.exists() == (record == "matching")
+        if not library.exists():
+            library.write_bytes(b"\x7fELF rebuilt")  # what torch's build writes
+    assert (tmp_path / "lib.sha256").read_text() == hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+def test_the_built_extension_carries_its_record():
+    from dkm_hf.ops import fused
+
+    if fused.cpu_kernels() is None:
+        pytest.skip("no C++ toolchain")
+    import hashlib
+
+    library = fused.build_dir() / "dkm_hf_fused.so"
+    record = (fused.build_dir() / "dkm_hf_fused.sha256").read_text()
+    assert record == hashlib.sha256(library.read_bytes()).hexdigest()

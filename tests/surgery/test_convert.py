@@ -125,3 +125,21 @@ def test_palettize_warns_when_a_float16_lut_cannot_hold_its_centroids(caplog):
         with caplog.at_level(logging.WARNING):
             dkm_hf.palettize(net)
         assert ("below the LUT dtype's normal range" in caplog.text and "['0']" in caplog.text) == warned
+
+
+def test_a_non_finite_weight_is_refused_by_name_before_anything_converts():
+    """One inf in a weight made k-means return inf for every centroid of its LUT, silently: prepare() succeeded and
+    the whole hard layer was non-finite."""
+    from dkm_hf.ops.kmeans import kmeans_init
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[1].weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"^1: 1 value\(s\) of the weight are NaN or infinite"):
+        dkm_hf.prepare(model, DKMConfig(bits=4, weight_threshold=0))
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear and not hasattr(model, "dkm_config")
+    w = torch.randn(1, 5000, 1)
+    w[0, 7] = float("nan")
+    with pytest.raises(ValueError, match="weight 0 has non-finite values"):
+        kmeans_init(w, 4)
