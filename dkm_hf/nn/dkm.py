@@ -211,11 +211,12 @@ class DKMWeight:
             # the fused kernels take a 16-bit weight as it is (and save it, not a float32 copy, for backward)
             vectors = self.vectors(weight, float32=False)
             implementation = choose_implementation(self.implementation, vectors, weighted=self.importance is not None)
+            # the 16-bit type whose patterns are the vectors' values: a 16-bit weight's own, unless divided by a scale
+            buckets = bucket_dtype_for(vectors)
             vectors = vectors if implementation == "fused" else vectors.float()
             tau, epsilon = self.temperature(vectors)
             soft, centroids = dkm_cluster(
-                vectors, self.centroids, tau, s.max_iters, epsilon, implementation,
-                bucket_dtype=bucket_dtype_for(weight),  # of the weight's own dtype, before the float32 copy
+                vectors, self.centroids, tau, s.max_iters, epsilon, implementation, bucket_dtype=buckets,
                 importance=self.importance,
             )  # fmt: skip
             scale = self.weight_scale if self.layout.per_channel_scale else None

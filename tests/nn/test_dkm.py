@@ -464,3 +464,24 @@ def test_a_hard_weight_made_under_inference_mode_serves_a_later_forward_with_gra
     out.sum().backward()
     assert embeds.grad is not None and bool(torch.isfinite(embeds.grad).all())
     torch.testing.assert_close(out.detach(), reference)
+
+
+def test_a_bf16_weight_divided_by_its_scale_is_bucketed_as_float32_values():
+    """The uniquified path keyed a bf16 weight's vectors by their bf16 rounding also when they were divided by a
+    per-channel scale (float32 values, no longer bf16 ones): gradients 12% off the exact path against 1.5% for a
+    float32 weight. Scaled vectors take float16 buckets, as float32 weights do."""
+
+    def step(implementation):
+        torch.manual_seed(0)
+        layer = nn.Linear(512, 512)  # 262,144 weights in one LUT: "auto" takes the uniquified path
+        with torch.no_grad():
+            layer.weight.normal_(0, 0.02).mul_(torch.rand(512, 1) * 3 + 0.1)
+        layer = layer.bfloat16()
+        config = DKMConfig(bits=4, weight_threshold=0, implementation=implementation, per_channel_scale=True)
+        dkm_hf.prepare(nn.Sequential(layer), config)
+        x = torch.randn(8, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+        layer.train()(x).float().square().sum().backward()
+        return layer.weight.grad.float()
+
+    exact, auto = step("chunked"), step("auto")
+    assert ((auto - exact).norm() / exact.norm()).item() < 0.04
