@@ -242,6 +242,12 @@ def export(args) -> None:
         raise ValueError("choose the format: --coreml")
     sizes = example_shapes(args.example_shape)
     coreml_target(args.target)
+    try:  # the example inputs are checked against config.json before the model loads
+        from transformers import AutoConfig
+
+        example_inputs(AutoConfig.from_pretrained(args.directory), sizes)
+    except (OSError, KeyError, TypeError):
+        pass  # not a readable checkpoint: load_palettized says what is wrong
     model = load_palettized(args.directory)
     inputs = example_inputs(model.config, sizes)
     shapes = ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in inputs.items())

@@ -246,7 +246,8 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
 
 
 def dequantize(model: nn.Module) -> nn.Module:
-    """A plain model with dense weights that saves and loads without dkm_hf (transformers' `model.dequantize()`).
+    """`model` made (in place, and returned) a plain model with dense weights that saves and loads without dkm_hf
+    (transformers' `model.dequantize()`).
 
     A wrapper with `get_base_model()` (peft's PeftModel) is decoded in place through its base model, whose quantizer
     and `quantization_config` go too: merged into, it saves as a plain dense checkpoint."""

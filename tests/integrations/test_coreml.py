@@ -298,3 +298,17 @@ def test_stacked_experts_with_luts_per_row_are_refused_by_name():
         ValueError, match=r"mlp.experts.gate_up_proj: stacked experts \(4, 128, 32\) with LUTs per row"
     ):
         to_coreml(model, {"input_ids": torch.ones(1, 8, dtype=torch.long)}, "unused.mlpackage")
+
+
+def test_cli_checks_the_example_shapes_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """The model loaded before its config refused the shape: transformers' loading bar went to stderr with the one
+    line the CLI promises (3 lines), and the load cost its time for nothing."""
+    from dkm_hf import cli
+
+    palettized("bert").save_pretrained(tmp_path / "palettized")
+    loaded = []
+    monkeypatch.setattr(cli, "load_palettized", lambda path: loaded.append(path))
+    capsys.readouterr()
+    args = ["export", "--coreml", str(tmp_path / "palettized"), str(tmp_path / "o.mlpackage")]
+    assert main([*args, "--example-shape", "input_ids=1x100000"]) == 2
+    assert loaded == [] and "more than the model's max_position_embeddings" in capsys.readouterr().err
