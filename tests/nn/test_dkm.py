@@ -424,6 +424,7 @@ def test_two_threads_running_one_dkm_model_agree_and_leave_nothing_behind():
     """Each clustered parameter is shadowed by an instance attribute during its module's forward: two threads running
     one model took turns restoring each other's shadows, leaving a stale copy of the hard weight in front of the
     parameter for good (the dequantized model then computed with it). Threads now take turns per module."""
+    import sys
     import threading
 
     model = _tiny_llama_dkm(128).eval()
@@ -441,10 +442,15 @@ def test_two_threads_running_one_dkm_model_agree_and_leave_nothing_behind():
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: the window between a shadow's set and restore is hit
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert not errors
     for i in (0, 1):
         assert all(torch.equal(out, expected[i]) for out in results[i])
