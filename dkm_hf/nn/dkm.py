@@ -308,6 +308,9 @@ class DKMMixin:
 
     def _apply(self, fn, recurse=True):
         apply_keeping_dtype(self, fn, self._state_names(), lambda f: super(DKMMixin, self)._apply(f, recurse))
+        for state in self.dkm_weights.values():  # `set_importance`'s sample weights follow the weight's device
+            if state.importance is not None:
+                state.importance = state.importance.to(state.weight.device)
         self._forget()
         return self
 

@@ -190,14 +190,34 @@ def _backward(ctx, grad_out, *_):
 
 fused_dkm.register_autograd(_backward, setup_context=_setup_context)
 if fused_triton is not None:
+    # Triton launches on the current device: the weight's is made current (a layer on cuda:1 under device_map).
+    # The inputs get the CPU kernel's checks, and the layouts the Triton kernels read.
 
     @fused_dkm.register_kernel("cuda")
     def _fused_dkm_cuda(w, c0, tau, epsilon, max_iters, importance=None):
-        return fused_triton.forward(w.contiguous(), c0, tau, epsilon, max_iters, importance)
+        _check_cuda_inputs(w, c0, tau, epsilon)
+        with torch.cuda.device(w.device):
+            return fused_triton.forward(
+                w.contiguous(), c0.float().contiguous(), tau.float().contiguous(), epsilon.float().contiguous(),
+                max_iters, None if importance is None else importance.float().contiguous(),
+            )  # fmt: skip
 
     @fused_dkm_backward.register_kernel("cuda")
     def _fused_dkm_backward_cuda(w, grad, history, masses, T, tau, importance=None):
-        return fused_triton.backward(w.contiguous(), grad.contiguous(), history, masses, T, tau, importance)
+        with torch.cuda.device(w.device):
+            return fused_triton.backward(
+                w.contiguous(), grad.contiguous(), history, masses, T, tau.float().contiguous(),
+                None if importance is None else importance.float().contiguous(),
+            )  # fmt: skip
+
+
+def _check_cuda_inputs(w, c0, tau, epsilon) -> None:
+    """What the CPU kernel refuses (dkm_fused.cpp), refused on CUDA too: the Triton kernels would read past the end."""
+    if w.dim() != 3 or c0.dim() != 3 or c0.shape[0] != w.shape[0] or c0.shape[2] != w.shape[2]:
+        raise ValueError(f"fused_dkm: w {tuple(w.shape)} and c0 {tuple(c0.shape)} are not (G, n, d) and (G, k, d)")
+    for name, value in (("tau", tau), ("epsilon", epsilon)):
+        if value.numel() != w.shape[0]:
+            raise ValueError(f"fused_dkm: {name} has {value.numel()} values for {w.shape[0]} groups")
 
 
 @torch.library.custom_op("dkm_hf::group_variance", mutates_args=(), device_types="cpu")

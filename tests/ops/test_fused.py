@@ -274,3 +274,18 @@ def test_uniquified_loop_in_the_kernel_is_as_accurate_as_the_torch_loop(monkeypa
     for name, a, b, t in zip(("soft weight", "centroids", "gradient"), got, ref, truth):
         err_got, err_ref = rel(a, t), rel(b, t)
         assert err_got <= FACTOR * err_ref + FLOOR, f"{name}: kernel {err_got:.3g}, torch loop {err_ref:.3g}"
+
+
+def test_the_cuda_kernels_inputs_are_checked_as_the_cpu_kernels_are():
+    """The CUDA registration of torch.ops.dkm_hf.fused_dkm checked nothing: a tau with fewer values than groups
+    made the Triton kernel read past its end."""
+    from dkm_hf.ops import fused as fused_ops
+
+    if not hasattr(fused_ops, "_check_cuda_inputs"):
+        pytest.skip("no Triton")
+    w, c0 = torch.randn(3, 10, 1), torch.randn(3, 4, 1)
+    fused_ops._check_cuda_inputs(w, c0, torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="tau has 1 values for 3 groups"):
+        fused_ops._check_cuda_inputs(w, c0, torch.ones(1), torch.ones(3))
+    with pytest.raises(ValueError, match=r"w \(3, 10, 1\) and c0 \(2, 4, 1\)"):
+        fused_ops._check_cuda_inputs(w, c0[:2], torch.ones(3), torch.ones(3))

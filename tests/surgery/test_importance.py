@@ -177,3 +177,15 @@ def test_weighted_initialisation_without_a_plain_kmeans_first(tiny_dir):
         torch.testing.assert_close(state.centroids, states[name].centroids, rtol=0, atol=0)
     ids = tiny_lm_batches(1)[0]["input_ids"]
     torch.testing.assert_close(prepared.eval()(ids).logits, loaded.eval()(ids).logits, rtol=0, atol=0)
+
+
+def test_set_importances_sample_weights_follow_the_model_to_another_device(tiny_dir):
+    """The sample weights were a plain attribute that `model.to(...)` left behind: importance set on the CPU model
+    stayed there when the trainer moved it to a GPU (a host-to-device copy in every forward, and a device mismatch
+    in re-seeding). The meta device stands in for the GPU."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(**PER_ROW_2BIT))
+    name = "model.layers.0.mlp.down_proj"
+    dkm_hf.set_importance(model, {name: dkm_hf.gradient_importance(model, tiny_lm_batches())[name]})
+    state = dict(dkm_hf.dkm_modules(model))[name]
+    model.to("meta")
+    assert state.importance.device.type == "meta" and state.importance.dtype == torch.float32
