@@ -226,6 +226,11 @@ class DKMCallback(TrainerCallback):
             self.pending["dkm_tau_min"], self.pending["dkm_tau_max"] = min(taus), max(taus)
         self.pending["dkm_enabled"] = float(step >= milestone)
 
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        # epoch strategies decide here (the flow callback, first, has set the flags) to save or evaluate
+        if control.should_save or control.should_evaluate:
+            check_centroids_finite(self._modules(model), state.global_step, weights=True)
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._health(args, state, model)
         # Trainer's flow callback, which runs first, has decided whether this step saves or evaluates

@@ -309,19 +309,39 @@ def _patch_ties_and_resizing() -> None:
 
     @functools.wraps(tie)
     def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
-        palettized = _palettized_keys(self)
-        if not palettized:
+        if not (dkm_modules(self) or palettized_modules(self)):
             return tie(self, missing_keys=missing_keys, recompute_mapping=recompute_mapping)
-        mapping = (
-            self.get_expanded_tied_weights_keys(all_submodels=True)
-            if recompute_mapping
-            else self.all_tied_weights_keys
-        )
-        self.all_tied_weights_keys = {t: s for t, s in mapping.items() if t not in palettized and s not in palettized}
+        palettized = _palettized_keys(self)
+        mapping = self.all_tied_weights_keys
+        if recompute_mapping:
+            try:  # a pattern (a tied bias: BERT's MLM head) is matched against names that palettized buffers change
+                mapping = self.get_expanded_tied_weights_keys(all_submodels=True)
+            except ValueError:
+                pass  # the map loading or an earlier call kept
+
+        def clustered(key: str) -> bool:
+            owner = key.rpartition(".")[0]
+            try:
+                return isinstance(self.get_submodule(owner), (DKMMixin, PalettizedMixin))
+            except AttributeError:
+                return False
+
+        # a side dequantized alone (`dkm_hf.dequantize(model.lm_head)`) holds its own copy: no longer tied
+        self.all_tied_weights_keys = {
+            t: s
+            for t, s in mapping.items()
+            if t not in palettized and s not in palettized and clustered(t) == clustered(s)
+        }
         return tie(self, missing_keys=missing_keys, recompute_mapping=False)
 
     @functools.wraps(resize)
-    def resize_token_embeddings(self, *args, **kwargs):
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, *args, **kwargs):
+        rows = getattr(self.get_input_embeddings(), "num_embeddings", None)
+        target = rows if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of and target is not None:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target == rows:  # nothing is resized (`resize_token_embeddings(len(tokenizer))` at the same size)
+            return resize(self, new_num_tokens, pad_to_multiple_of, *args, **kwargs)
         clustered = [
             name
             for name, module in self.named_modules()
@@ -334,7 +354,7 @@ def _patch_ties_and_resizing() -> None:
                 "centroids / LUTs and indices are laid out for their rows; resize the dense model before loading it "
                 "with dkm_config= (or dkm_hf.prepare), or dkm_hf.dequantize() this one first"
             )
-        return resize(self, *args, **kwargs)
+        return resize(self, new_num_tokens, pad_to_multiple_of, *args, **kwargs)
 
     for function in (tie_weights, resize_token_embeddings):
         setattr(function, _MARK, True)

@@ -36,11 +36,11 @@ class ParentScope:
         return self.local.open
 
     def enter(self, module: nn.Module, args) -> None:
-        stack = contextlib.ExitStack()
-        for child in module.children():
-            if isinstance(child, DKMMixin):
-                stack.enter_context(child.clustered_parameters())
-        self._open().append(stack)
+        with contextlib.ExitStack() as stack:  # a child that fails closes those opened before it, in this thread
+            for child in module.children():
+                if isinstance(child, DKMMixin):
+                    stack.enter_context(child.clustered_parameters())
+            self._open().append(stack.pop_all())
 
     def exit(self, module: nn.Module, args, output) -> None:
         opened = self._open()

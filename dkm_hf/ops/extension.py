@@ -70,7 +70,11 @@ def guarded_build(directory: Path, name: str):
         yield
         return
     with open(directory / "dkm_hf.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some NFS, Lustre, FUSE mounts): torch's lock alone
+            yield
+            return
         try:
             (directory / "lock").unlink(missing_ok=True)
             if library.exists() and (not record.exists() or record.read_text().strip() != _sha256(library)):

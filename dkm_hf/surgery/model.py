@@ -88,8 +88,9 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     `gathered(model)` is the context the conversion runs in (`dkm_hf.full_weights` for a sharded model).
     """
     originals = [(name, m) for name, m in model.named_modules() if name and isinstance(m, DKMMixin)]
-    # a root holding clustered weights itself is converted in place: its class and attributes are put back
-    root = (type(model), {k: (v.copy() if isinstance(v, dict) else v) for k, v in model.__dict__.items()})
+    # a root holding clustered weights itself is converted in place: its class and attributes are put back, each dict
+    # the same object as before (hook handles hold the hook dicts)
+    root = (type(model), {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in model.__dict__.items()})
     if not originals and not isinstance(model, DKMMixin):
         yield model
         return
@@ -103,6 +104,10 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
             model.set_submodule(name, module)
         if isinstance(model, PalettizedMixin) or root[0] is not type(model):
             model.__dict__.clear()
-            model.__dict__.update(root[1])
+            for key, (value, contents) in root[1].items():
+                if contents is not None:
+                    value.clear()
+                    value.update(contents)
+                model.__dict__[key] = value
             swap_class(model, root[0])
         model.train(was_training)

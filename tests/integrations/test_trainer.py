@@ -660,3 +660,21 @@ def test_a_resume_does_not_evaluate_its_starting_step_again(toy_path, tmp_path):
 
     assert run() == [0, 2, 4]
     assert run(str(tmp_path / "out" / "checkpoint-2")) == [0, 2, 4]
+
+
+def test_an_epoch_strategy_save_checks_the_weights_too(toy_path, tmp_path):
+    """Epoch strategies decide to save at the end of the epoch, after the step's checks: a NaN the optimizer wrote
+    in the epoch's last step went into that epoch's checkpoint."""
+    layer = "bert.encoder.layer.0.intermediate.dense"
+
+    class Diverge(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 3:  # the update of step 4, the epoch's last
+                model.get_submodule(layer).weight.grad[0, 0] = float("nan")
+
+    out = tmp_path / "out"
+    args = _args(tmp_path, output_dir=str(out), max_steps=8, save_strategy="epoch", max_grad_norm=0)
+    trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(64), callbacks=[Diverge()])
+    with pytest.raises(FloatingPointError, match=rf"{layer}: 1 value\(s\) became NaN .* at step 4"):
+        trainer.train()
+    assert not out.exists() or not any(out.iterdir())

@@ -194,3 +194,31 @@ def test_resize_token_embeddings_of_a_clustered_model_is_refused_naming_the_modu
     dense = AUTO["llama"].from_pretrained(path, tie_word_embeddings=tied)
     dense.resize_token_embeddings(136)  # a dense model still resizes
     assert dense.get_input_embeddings().weight.shape[0] == 136
+
+
+def test_tie_weights_of_a_palettized_model_whose_tie_map_has_patterns():
+    """(11) BERT's MLM head ties a bias too, which makes transformers match patterns against the model's names;
+    the palettized embedding's buffers made it raise a ValueError."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37
+    )
+    model = dkm_hf.palettize(dkm_hf.prepare(BertForMaskedLM(config), DKMConfig(bits=3, weight_threshold=0))).eval()
+    inputs = tiny_inputs("bert")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    model.tie_weights()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+
+
+def test_resize_token_embeddings_to_the_same_size_goes_through(tiny_dir):
+    """(12) Scripts call `resize_token_embeddings(len(tokenizer))` whatever the size; at the current size (or None)
+    nothing is resized and the call must not be refused."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(weight_threshold=0))
+    model.resize_token_embeddings(99)
+    model.resize_token_embeddings()
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        model.resize_token_embeddings(99, pad_to_multiple_of=64)  # 128 rows

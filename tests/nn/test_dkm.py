@@ -491,3 +491,35 @@ def test_a_bf16_weight_divided_by_its_scale_is_bucketed_as_float32_values():
 
     exact, auto = step("chunked"), step("auto")
     assert ((auto - exact).norm() / exact.norm()).item() < 0.04
+
+
+def test_a_child_failing_in_its_parents_scope_leaves_no_lock_held(monkeypatch):
+    """A parent's scope opens each DKM child's shadow in turn; when a later child failed (out of memory, say), the
+    earlier ones stayed open, their locks held until the traceback was collected, in another thread if the error
+    crossed threads (a server's pool): the next forward from any other thread waited forever."""
+    import concurrent.futures
+    import threading
+
+    from dkm_hf.nn.dkm import DKMWeight
+
+    model = _tiny_llama_dkm().eval()
+    attention = model.model.layers[0].self_attn
+    second = attention.k_proj.dkm_weights["weight"]
+    original, failed = DKMWeight.clustered_weight, []
+
+    def flaky(self):
+        if self is second and not failed:
+            failed.append(True)
+            raise torch.OutOfMemoryError("simulated")
+        return original(self)
+
+    monkeypatch.setattr(DKMWeight, "clustered_weight", flaky)
+    ids = torch.randint(3, 128, (1, 8))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(torch.OutOfMemoryError):
+            pool.submit(lambda: model(ids)).result()
+        done = []
+        runner = threading.Thread(target=lambda: done.append(model(ids).logits.shape), daemon=True)
+        runner.start()
+        runner.join(timeout=60)
+    assert done == [(1, 8, 128)] and "weight" not in attention.q_proj.__dict__

@@ -299,3 +299,20 @@ def test_the_built_extension_carries_its_record():
     library = fused.build_dir() / "dkm_hf_fused.so"
     record = (fused.build_dir() / "dkm_hf_fused.sha256").read_text()
     assert record == hashlib.sha256(library.read_bytes()).hexdigest()
+
+
+def test_a_file_system_without_flock_builds_under_torchs_lock_alone(tmp_path, monkeypatch):
+    """Some NFS, Lustre and FUSE mounts refuse flock(); the OSError escaped and every native extension fell back to
+    the torch path."""
+    import fcntl
+
+    from dkm_hf.ops.extension import guarded_build
+
+    def refuse(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    ran = []
+    with guarded_build(tmp_path, "lib"):
+        ran.append(True)
+    assert ran == [True]

@@ -138,3 +138,39 @@ def test_palettized_view_puts_back_a_weight_the_root_module_holds():
     assert {n for n, _ in dkm_hf.dkm_modules(model)} == {"proj", "fc"} and not dkm_hf.palettized_modules(model)
     model.train()(torch.randn(2, 16)).sum().backward()
     assert model.proj.grad is not None
+
+
+def test_palettized_view_of_a_root_holding_a_weight_keeps_its_hook_handles():
+    """The view put the root's dicts back as copies: a handle taken before it removed nothing afterwards."""
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Parameter(torch.randn(16, 16))
+
+        def forward(self, x):
+            return x @ self.proj
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(Root(), DKMConfig(bits=2, weight_threshold=0, target_modules=["proj"]))
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    with dkm_hf.palettized_view(model):
+        pass
+    handle.remove()
+    model(torch.randn(2, 16))
+    assert calls == []
+
+
+def test_a_head_dequantized_alone_is_not_tied_back_to_the_clustered_embedding(tiny_dir):
+    """After `dequantize(model.lm_head)` the tie map still named the embedding: a later `tie_weights()` (accelerate's
+    FSDP2 preparation calls it) pointed the head at the embedding's unclustered parameter (logits 0.08 off)."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0)).eval()
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    dkm_hf.dequantize(model.lm_head)
+    model.tie_weights()
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-6)
