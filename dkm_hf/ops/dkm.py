@@ -366,5 +366,15 @@ def dkm_cluster(
     if implementation == "uniquified":
         if w.shape[-1] != 1:
             raise ValueError(f"the uniquified DKM path needs cluster_dim 1, got {w.shape[-1]}")
-        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype or bucket_dtype_for(w))
+        bucket_dtype = bucket_dtype or bucket_dtype_for(w)
+        if bucket_dtype == torch.float16 and w.dtype != torch.float16:
+            # float16 keys of w's rounding lose precision below 2**-14 (subnormals: a layer of weights ~1e-5 fell
+            # into a few buckets): each group is keyed at a power-of-two scale that takes its largest value to
+            # [1, 2), exact in float32 (the loop is the same at any scale once tau and epsilon follow)
+            largest = w.detach().abs().amax(dim=(1, 2), keepdim=True).clamp_min(2.0**-40)
+            scale = torch.exp2(-torch.floor(torch.log2(largest)))
+            tau, epsilon = tau * scale.square(), epsilon * scale
+            out, c_final = _UniquifiedDKM.apply(w * scale, c0 * scale, tau, max_iters, epsilon, bucket_dtype)
+            return out / scale, c_final / scale
+        return _UniquifiedDKM.apply(w, c0, tau, max_iters, epsilon, bucket_dtype)
     return _ChunkedDKM.apply(w, c0, tau, max_iters, epsilon, importance)
