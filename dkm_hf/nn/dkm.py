@@ -51,6 +51,9 @@ from .weights import (
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
 _SCALE_FLOOR = 1e-12
 _VAR_FLOOR = 1e-24
+# tau's variance floor, of the mean squared centroid (a spread of 0.1% of the weights' size): 2 / tau of a constant
+# group (variance 0) turned float rounding into gradients of 1e11
+_VAR_RELATIVE_FLOOR = 1e-6
 
 
 class DKMWeight:
@@ -98,14 +101,10 @@ class DKMWeight:
         return tuple(buffer_name(self.param, kind) for kind in STATE_KINDS)
 
     def register_state(self) -> None:
-        options = {"device": self.weight.device, "dtype": torch.float32}
-        self.module.register_buffer(
-            buffer_name(self.param, "centroids"), torch.zeros(self.layout.lut_shape, **options)
-        )
+        options, register = {"device": self.weight.device, "dtype": torch.float32}, self.module.register_buffer
+        register(buffer_name(self.param, "centroids"), torch.zeros(self.layout.lut_shape, **options))
         if self.layout.per_channel_scale:
-            self.module.register_buffer(
-                buffer_name(self.param, "scale"), torch.ones(self.layout.scale_shape, **options)
-            )
+            register(buffer_name(self.param, "scale"), torch.ones(self.layout.scale_shape, **options))
 
     def drop_state(self) -> None:
         """Forget the centroids (and scales): the next `init_centroids` makes them from the weight."""
@@ -195,7 +194,9 @@ class DKMWeight:
         if s.tau_scale == "absolute":
             return s.tau, s.epsilon
         v = self.vectors() if vectors is None else vectors.detach().float()
-        var = group_variance(v).clamp_min(_VAR_FLOOR)  # (G,)
+        size = self.centroids if len(v) == len(self.centroids) else v  # floored by the centroids' size (or a sample's)
+        floor = size.square().mean(dim=(1, 2)).mul_(_VAR_RELATIVE_FLOOR).clamp_min_(_VAR_FLOOR)
+        var = torch.maximum(group_variance(v), floor)  # (G,)
         return s.tau * var, s.epsilon * var.sqrt()
 
     def soft_weight(self, update: bool = True) -> torch.Tensor:

@@ -523,3 +523,21 @@ def test_a_child_failing_in_its_parents_scope_leaves_no_lock_held(monkeypatch):
         runner.start()
         runner.join(timeout=60)
     assert done == [(1, 8, 128)] and "weight" not in attention.q_proj.__dict__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_constant_weight_gets_the_gradient_of_its_mean(dtype):
+    """A LUT group of equal weights has no variance: tau fell to its 1e-26 floor and 2 / tau multiplied float rounding
+    into the gradients (1e11 for bf16, inf for fp16). The floor is relative to the centroids' size; every weight's
+    gradient is then what moving all of them moves: the mean of the upstream gradients through the layer."""
+    layer = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.3)
+    layer = layer.to(dtype)
+    dkm_hf.prepare(nn.Sequential(layer), DKMConfig(bits=4, weight_threshold=0))
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    layer.train()(x).float().sum().backward()
+    grad = layer.weight.grad.float()
+    exact = x.float().sum(0).mean()  # d/dw of sum(x @ (w 1)^T) spread evenly: each weight moves with the centroid
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(grad, torch.full_like(grad, exact.item()), rtol=0.05, atol=0.05)
