@@ -17,6 +17,7 @@ NAMED = [
     ("qwen3_moe", "causal-lm"),
     ("vit", "image-classification"),  # checkpoint keys renamed by transformers
     ("gpt2", "sequence-classification"),  # transformers' Conv1D
+    ("roberta", "causal-lm"),  # an LM head whose bias is tied to another module's parameter
 ]
 
 

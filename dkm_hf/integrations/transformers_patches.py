@@ -319,12 +319,13 @@ def _patch_ties_and_resizing() -> None:
             except ValueError:
                 pass  # the map loading or an earlier call kept
 
-        def clustered(key: str) -> bool:
-            owner = key.rpartition(".")[0]
+        def clustered(key: str) -> bool:  # the parameter itself (a clustered Linear's bias is not)
+            owner, _, param = key.rpartition(".")
             try:
-                return isinstance(self.get_submodule(owner), (DKMMixin, PalettizedMixin))
+                module = self.get_submodule(owner)
             except AttributeError:
                 return False
+            return param in getattr(module, "dkm_weights", getattr(module, "palettized_weights", {}))
 
         # a side dequantized alone (`dkm_hf.dequantize(model.lm_head)`) holds its own copy: no longer tied
         self.all_tied_weights_keys = {

@@ -221,8 +221,8 @@ class PalettizedWeight:
         palette = self._native_palette()
         if palette is None or x.shape[-1] != palette.shape[1]:
             return None
-        if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-            return None
+        if bias is not None and (bias.requires_grad and torch.is_grad_enabled() or bias.device.type != "cpu"):
+            return None  # F.linear's path: a bias's gradient, or a bias elsewhere (an error there, as nn.Linear's)
         return native.lut_gemv(palette, x, bias.detach() if bias is not None else None)
 
     def _state_key(self) -> tuple:

@@ -219,3 +219,15 @@ def test_palettized_and_dkm_models_run_on_the_meta_device(tiny_dir):
         with torch.no_grad():
             out = model.eval().to("meta")(ids).logits
         assert out.is_meta and out.shape == (2, 6, 99)
+
+
+@needs_native
+def test_the_lut_gemv_leaves_a_bias_on_another_device_to_f_linear():
+    """The few-row LUT gemv handed any bias to the native kernel, which checks its size, not its device: a meta
+    bias (a tie transformers had not made) gave values read from no tensor, where nn.Linear raises."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(32, 8)), dkm_hf.DKMConfig(bits=4, weight_threshold=0))
+    layer = dkm_hf.palettize(model)[0]
+    layer.bias = nn.Parameter(torch.empty(8, device="meta"), requires_grad=False)
+    with pytest.raises(RuntimeError, match="meta"):
+        layer(torch.randn(1, 32))
