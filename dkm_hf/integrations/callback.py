@@ -278,8 +278,7 @@ class DKMCallback(TrainerCallback):
             logs.update(self.pending)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs.update(self.pending)
+        if logs is not None and "loss" in logs:  # `_dkm_merge_logs` has added them to `logs` before any callback ran
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(self.pending)
             self.pending = {}  # each value is logged once: the next log gets those set after this one

@@ -30,6 +30,7 @@ from types import ModuleType
 from torch import nn
 
 from ..nn.palettized import PalettizedMixin
+from ..nn.weights import parameter_keys
 
 TARGET = "peft.tuners.tuners_utils"
 _MARK = "_dkm_hf_patched"
@@ -88,12 +89,7 @@ def _patch(tuners_utils: ModuleType) -> None:
     @functools.wraps(original_inject)
     def inject_parameters(self, peft_config, model, *args, **kwargs):
         targets = list(getattr(peft_config, "target_parameters", None) or [])
-        held = [
-            f"{name}.{param}"
-            for name, module in model.named_modules()
-            if isinstance(module, PalettizedMixin)
-            for param in module.palettized_weights
-        ]
+        held = parameter_keys(model, "palettized_weights")
         hit = [n for n in held if any(n == t or n.endswith(f".{t}") for t in targets)]
         if hit:
             raise ValueError(

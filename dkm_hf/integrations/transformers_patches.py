@@ -67,6 +67,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..config import DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
+from ..nn.weights import parameter_keys
 from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
 from .safetensors_files import preflight
@@ -292,15 +293,6 @@ def _patch_accounting() -> None:
     PreTrainedModel.device = property(functools.wraps(device)(palettized_device))
 
 
-def _palettized_keys(model: nn.Module) -> set[str]:
-    return {
-        f"{name}.{param}" if name else param
-        for name, module in model.named_modules()
-        if isinstance(module, PalettizedMixin)
-        for param in module.palettized_weights
-    }
-
-
 def _patch_ties_and_resizing() -> None:
     """(11), (12)"""
     tie, resize = PreTrainedModel.tie_weights, PreTrainedModel.resize_token_embeddings
@@ -309,9 +301,11 @@ def _patch_ties_and_resizing() -> None:
 
     @functools.wraps(tie)
     def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
-        if not (dkm_modules(self) or palettized_modules(self)):
+        clustered = set(parameter_keys(self, "dkm_weights"))
+        palettized = set(parameter_keys(self, "palettized_weights"))
+        if not (clustered or palettized):
             return tie(self, missing_keys=missing_keys, recompute_mapping=recompute_mapping)
-        palettized = _palettized_keys(self)
+        clustered |= palettized  # the parameters themselves (a clustered Linear's bias is not)
         mapping = self.all_tied_weights_keys
         if recompute_mapping:
             try:  # a pattern (a tied bias: BERT's MLM head) is matched against names that palettized buffers change
@@ -319,19 +313,12 @@ def _patch_ties_and_resizing() -> None:
             except ValueError:
                 pass  # the map loading or an earlier call kept
 
-        def clustered(key: str) -> bool:  # the parameter itself (a clustered Linear's bias is not)
-            owner, _, param = key.rpartition(".")
-            try:
-                module = self.get_submodule(owner)
-            except AttributeError:
-                return False
-            return param in getattr(module, "dkm_weights", getattr(module, "palettized_weights", {}))
-
-        # a side dequantized alone (`dkm_hf.dequantize(model.lm_head)`) holds its own copy: no longer tied
+        # palettized ties are the shared LUT and indices already; a side dequantized alone
+        # (`dkm_hf.dequantize(model.lm_head)`) holds its own copy: no longer tied
         self.all_tied_weights_keys = {
             t: s
             for t, s in mapping.items()
-            if t not in palettized and s not in palettized and clustered(t) == clustered(s)
+            if t not in palettized and s not in palettized and (t in clustered) == (s in clustered)
         }
         return tie(self, missing_keys=missing_keys, recompute_mapping=False)
 
@@ -343,11 +330,11 @@ def _patch_ties_and_resizing() -> None:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         if target == rows:  # nothing is resized (`resize_token_embeddings(len(tokenizer))` at the same size)
             return resize(self, new_num_tokens, pad_to_multiple_of, *args, **kwargs)
+        embeddings = (self.get_input_embeddings(), self.get_output_embeddings())
         clustered = [
             name
             for name, module in self.named_modules()
-            if isinstance(module, (DKMMixin, PalettizedMixin))
-            and module in (self.get_input_embeddings(), self.get_output_embeddings())
+            if isinstance(module, (DKMMixin, PalettizedMixin)) and module in embeddings
         ]
         if clustered:
             raise ValueError(

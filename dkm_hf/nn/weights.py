@@ -82,6 +82,16 @@ def split_name(model: nn.Module, name: str) -> tuple[str, str]:
     return module_name, param
 
 
+def parameter_keys(model: nn.Module, attribute: str) -> list[str]:
+    """The state-dict names (`module.param`) of the weights every module of `model` holds in its dict `attribute`
+    ("dkm_weights" or "palettized_weights"), in model order."""
+    return [
+        f"{name}.{param}" if name else param
+        for name, module in model.named_modules()
+        for param in getattr(module, attribute, None) or ()
+    ]
+
+
 def buffer_name(param: str, kind: str) -> str:
     """The buffer of weight `param`: kind is "lut", "indices", "scale" or "centroids"."""
     if kind == "centroids" and param == "weight":

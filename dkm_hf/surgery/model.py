@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import CheckpointRecord, DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
-from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
+from ..nn.palettized import MODES, palettized_modules
 from ..nn.weights import swap_class
 from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
 
@@ -88,12 +88,14 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     `gathered(model)` is the context the conversion runs in (`dkm_hf.full_weights` for a sharded model).
     """
     originals = [(name, m) for name, m in model.named_modules() if name and isinstance(m, DKMMixin)]
-    # a root holding clustered weights itself is converted in place: its class and attributes are put back, each dict
-    # the same object as before (hook handles hold the hook dicts)
-    root = (type(model), {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in model.__dict__.items()})
     if not originals and not isinstance(model, DKMMixin):
         yield model
         return
+    # a root holding clustered weights itself is converted in place: its class and attributes are put back, each dict
+    # the same object as before (hook handles hold the hook dicts)
+    root = None
+    if isinstance(model, DKMMixin):
+        root = (type(model), {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in model.__dict__.items()})
     was_training = model.training
     try:
         with gathered(model):
@@ -102,7 +104,7 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     finally:
         for name, module in originals:
             model.set_submodule(name, module)
-        if isinstance(model, PalettizedMixin) or root[0] is not type(model):
+        if root is not None:
             model.__dict__.clear()
             for key, (value, contents) in root[1].items():
                 if contents is not None:
