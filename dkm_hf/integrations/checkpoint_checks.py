@@ -87,16 +87,38 @@ def stored_buffers(model: nn.Module):
                     yield (f"{module_name}.{buffer}" if module_name else buffer), tensor
 
 
-def save_metadata(model: nn.Module, record: CheckpointRecord) -> dict[str, str]:
+def save_metadata(model: nn.Module, record: CheckpointRecord, state_dict: dict | None = None) -> dict[str, str]:
     """The safetensors metadata of a checkpoint being saved: its format, its save id and a checksum per palettized
-    tensor. The values are checked first (finite, zero padding): a save its loader would refuse fails here."""
+    tensor. The values are checked first (finite, zero padding): a save its loader would refuse fails here.
+    `state_dict`: what is written instead of the model's own (`save_pretrained(state_dict=...)`); the checksums are
+    those of its tensors, each palettized buffer must be in it as the model holds it (dtype, shape) and finite."""
     check_values(model, saving=True)
     metadata = {FORMAT_KEY: record.format, VERSION_KEY: str(record.format_version)}
     if record.save_id is not None:
         metadata[SAVE_ID_KEY] = record.save_id
     for key, tensor in stored_buffers(model):
+        if state_dict is not None:
+            tensor = _given(state_dict, key, tensor)
         metadata[f"{CHECKSUM_PREFIX}{key}"] = checksum(tensor)
     return metadata
+
+
+def _given(state_dict: dict, key: str, own: torch.Tensor) -> torch.Tensor:
+    value = state_dict.get(key)
+    where = f"save_pretrained(state_dict=...): {key}"
+    if not isinstance(value, torch.Tensor):
+        raise PalettizedCheckpointError(
+            f"{where} is missing: a palettized checkpoint stores every LUT and packed indices of the model; nothing "
+            "was saved"
+        )
+    if value.dtype != own.dtype or value.shape != own.shape:
+        raise PalettizedCheckpointError(
+            f"{where} is {value.dtype} {list(value.shape)}, the model's {own.dtype} {list(own.shape)} (what "
+            "config.json records for it); nothing was saved"
+        )
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise PalettizedCheckpointError(f"{where} has NaN or infinite values; nothing was saved")
+    return value
 
 
 # -- before loading ---------------------------------------------------------------------------------------------------
@@ -287,12 +309,14 @@ def check_values(model: nn.Module, saving: bool = False) -> None:
 
 
 @torch.no_grad()
-def check_loaded(model: nn.Module, metadata: dict[str, str]) -> None:
-    """After loading: `check_values`, and the checksums recorded in the files' metadata (required since version 2)."""
+def check_loaded(model: nn.Module, metadata: dict[str, str], prefix: str | None = None) -> None:
+    """After loading: `check_values`, and the checksums recorded in the files' metadata (required since version 2);
+    `prefix`: the model's base prefix, the only part in which a saved name may differ from the model's."""
     check_values(model)
     version = int(metadata.get(VERSION_KEY, "1"))
     required = version >= 2 or SAVE_ID_KEY in metadata
-    checksums = NameTable({k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)})
+    sums = {k[len(CHECKSUM_PREFIX) :]: v for k, v in metadata.items() if k.startswith(CHECKSUM_PREFIX)}
+    checksums = NameTable(sums, prefix)
     for key, tensor in stored_buffers(model):
         recorded = checksums.find(key)
         if recorded is None and required:

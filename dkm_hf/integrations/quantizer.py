@@ -72,6 +72,7 @@ class DKMHfQuantizer(HfQuantizer):
             to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
             return model
         header = self._read_files(model, list(checkpoint_files or []))
+        header.tensors.prefix = getattr(model, "base_model_prefix", "") or ""  # this model's names, not any suffix
         check_save_id(header, config.record)
         check_format(header, config.record)
         self.file_metadata = header.metadata
@@ -124,7 +125,7 @@ class DKMHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for _, weight in palettized_modules(model):
             weight.placeholder = None
-        check_loaded(model, self.file_metadata)
+        check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")
         if self.init_after_load:
             init_centroids(model)
         else:
@@ -142,7 +143,9 @@ class DKMHfQuantizer(HfQuantizer):
         if state_dict is None and is_sharded(model):
             # FSDP2: the modules' own state dicts hold shards; save the gathered one (every rank calls save_pretrained)
             state_dict = full_state_dict(model)
-        return state_dict, save_metadata(model, record)
+        # an empty dict is what FSDP2's gathering gives the ranks that write nothing
+        given = state_dict if record.format == "palettized" and state_dict else None
+        return state_dict, save_metadata(model, record, given)
 
     def _dequantize(self, model, dtype=None):
         # The dense weights come out in the dtype the model computes in (that of a later `.to(dtype)` too); the
@@ -236,6 +239,11 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     """
     surgery.prepare(model, config, init)
     if isinstance(model, PreTrainedModel):
+        # its own config object: one built in code may be shared with other models (a teacher) that stay dense
+        shared, model.config = model.config, copy.copy(model.config)
+        for module in model.modules():
+            if getattr(module, "config", None) is shared:
+                module.config = model.config
         config = model.dkm_config
         model.hf_quantizer = DKMHfQuantizer(config, pre_quantized=False)
         model.hf_quantizer.quantization_config = config

@@ -69,8 +69,9 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
         return f"it has no {TRAINER_STATE_NAME}, the file Trainer writes last (the save did not finish)"
     except ValueError as err:
         return f"its {TRAINER_STATE_NAME}, the file Trainer writes last, is cut short or damaged ({err})"
-    if not isinstance(state, dict) or "global_step" not in state:
-        return f"its {TRAINER_STATE_NAME} is not a trainer state (no global_step)"
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"its {TRAINER_STATE_NAME} is not a trainer state (global_step {step!r}, not a step count)"
     if adapter:
         weights = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
         if not any(os.path.isfile(os.path.join(directory, name)) for name in weights):
@@ -85,10 +86,11 @@ def _weights_problem(directory: str) -> str | None:
         return None
     if SAFE_WEIGHTS_NAME in names or SAFE_WEIGHTS_INDEX_NAME in names:
         try:
-            missing = [f for f in checkpoint_files(directory) if not os.path.isfile(f)]
+            files = checkpoint_files(directory)  # each a regular file, or an error naming it
+            read_headers(files)  # a file cut short (a crash before it reached the disk) fails here
         except PalettizedCheckpointError as err:
-            return str(err)
-        return f"weight file(s) {[os.path.basename(f) for f in missing]} are missing" if missing else None
+            return f"its weight files are missing or damaged ({err})"
+        return None
     if WEIGHTS_NAME in names or WEIGHTS_INDEX_NAME in names:
         return None
     return f"it has no model weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME})"
@@ -137,7 +139,20 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
         return None  # sharded FSDP or .bin weights: transformers' loading checks those
     try:
-        carries_training_state(read_headers(checkpoint_files(directory)), weight_layouts(dkm_modules(model)))
+        header = read_headers(checkpoint_files(directory))
     except PalettizedCheckpointError as err:
-        return f"its DKM state does not fit this model's DKM weights ({err})"
+        return f"its weight files are missing or damaged ({err})"
+    header.tensors.prefix = getattr(model, "base_model_prefix", "") or ""
+    try:
+        carries_training_state(header, weight_layouts(dkm_modules(model)))
+    except PalettizedCheckpointError as err:
+        return (
+            f"its DKM state does not fit this model's DKM weights ({err}). Build the model with the DKMConfig the "
+            "checkpoint was trained with (its config.json's quantization_config)"
+        )
+    # a clustered weight the files lack would keep its starting value (transformers only reports missing keys)
+    keys = [f"{n}.weight" if s.param == "weight" else n for n, s in dkm_modules(model) if s.tied_source is None]
+    missing = [key for key in keys if header.tensors.find(key) is None]
+    if missing:
+        return f"it lacks the clustered weight(s) {missing[:3]} (the files were altered or belong to another model)"
     return None

@@ -68,12 +68,15 @@ class TensorEntry:
 
 class NameTable(Mapping[str, Any]):
     """A read-only mapping keyed by tensor name whose `find` also matches a name saved with or without the model's base
-    prefix (`bert.encoder.x` against `encoder.x` and back), in O(depth + log n): a header holds up to millions of
-    names and every clustered module looks up a few of them."""
+    prefix (`bert.encoder.x` against `encoder.x` and back). With `prefix` set (the loading model's
+    `base_model_prefix`; "" for none) only that prefix is added or dropped; without it (no model at hand: a
+    checkpoint read on its own) any one name ending with the other matches, found in O(depth + log n): a header holds
+    up to millions of names and every clustered module looks up a few of them."""
 
-    def __init__(self, items: Mapping[str, Any]) -> None:
+    def __init__(self, items: Mapping[str, Any], prefix: str | None = None) -> None:
         self._items = dict(items)
         self._reversed: list[str] | None = None
+        self.prefix = prefix
 
     def __getitem__(self, key: str) -> Any:
         return self._items[key]
@@ -98,6 +101,11 @@ class NameTable(Mapping[str, Any]):
         there is none or more than one)."""
         if key in self._items:
             return self._items[key]
+        if self.prefix is not None:  # a model's block.proj is not its proj: only the base prefix may differ
+            if not self.prefix:
+                return None
+            other = key[len(self.prefix) + 1 :] if key.startswith(self.prefix + ".") else f"{self.prefix}.{key}"
+            return self._items.get(other)
         parts = key.split(".")
         matches = [name for name in (".".join(parts[i:]) for i in range(1, len(parts))) if name in self._items]
         if self._reversed is None:
@@ -352,36 +360,3 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
             f"{os.path.basename(entry.file)}: tensor {entry.name!r} ends past the end of the file (truncated)"
         )
     return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
-
-
-def preflight(pretrained: str | os.PathLike, subfolder: str = "", variant: str | None = None) -> None:
-    """Before transformers opens anything in a local directory: a dkm_hf checkpoint's shard index, file locations and
-    safetensors headers must be sound (errors name the file), so that a damaged checkpoint fails with a
-    `PalettizedCheckpointError` rather than inside transformers' or safetensors' own parsers; and files that dkm_hf
-    wrote as a palettized checkpoint must not load under a config.json that no longer declares them (transformers
-    would build a model with random weights for every clustered layer)."""
-    directory = Path(pretrained) / subfolder
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # not a local checkpoint directory, or transformers reports its config.json itself
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
-    names = (variant_name(INDEX_NAME, variant), variant_name(SINGLE_NAME, variant))
-    has_weights = any((directory / name).is_file() for name in names)
-    if isinstance(quant, dict) and quant.get("quant_method") == "dkm":
-        if has_weights:
-            read_headers(checkpoint_files(directory, variant))
-        return
-    try:
-        written = None
-        if has_weights:
-            written = read_headers(checkpoint_files(directory, variant)).metadata.get("dkm_format")
-    except PalettizedCheckpointError:
-        return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
-    if written == "palettized":
-        method = quant.get("quant_method") if isinstance(quant, dict) else None
-        raise PalettizedCheckpointError(
-            f"{directory / 'config.json'}: the weights are a dkm_hf palettized checkpoint but the config's "
-            f"quantization_config does not declare it (quant_method={method!r}); restore "
-            '`"quant_method": "dkm"` or the original config.json'
-        )

@@ -6,10 +6,12 @@ The new checkpoint is written into a hidden sibling directory, completed with th
 directory (or holds it), the process moves into the new directory right after the exchange.
 
 In place: where the system cannot exchange, or the target is a mount point (`EXDEV`) or its parent is read-only
-(`EROFS`, `EACCES`, `EPERM`: no sibling can be made or renamed), the new checkpoint is staged inside the target and
-its files replace the old ones one by one, weights first and config.json last. Every save writes one save id into
-every weight file's metadata and into config.json, and a load refuses files of different saves (naming one), so a
-save killed between two replacements leaves the old checkpoint, the new one, or a directory whose load fails by
+(`EROFS`, `EACCES`, `EPERM`: no sibling can be made or renamed), or the target holds a mount point (a mounted
+dataset: an exchange would move it into the old copy, which is then removed) or belongs to another user or group than
+the new directory would (an exchange would change the directory's owner), the new checkpoint is staged inside the
+target and its files replace the old ones one by one, weights first and config.json last. Every save writes one save
+id into every weight file's metadata and into config.json, and a load refuses files of different saves (naming one),
+so a save killed between two replacements leaves the old checkpoint, the new one, or a directory whose load fails by
 name, never a mix that loads.
 
 Each save holds an exclusive `flock` on its staging directory for its whole life; hidden leftovers of a killed save
@@ -38,8 +40,20 @@ try:
 except ImportError:  # no flock (Windows): leftovers are never removed, so no live save's directory is either
     fcntl = None
 
-# Files of an older checkpoint that a new save replaces (never carried over into the new directory).
-WEIGHT_FILE = re.compile(r"(model|pytorch_model)([.-].*)?\.(safetensors|bin)(\.index(\.[^.]+)?\.json)?")
+
+def weight_files(variant: str | None = None) -> re.Pattern:
+    """The names of the weight files transformers writes for `variant` (single file, shards, shard index; safetensors
+    or pickle): those of an older checkpoint that a new save of that variant replaces (never carried over). Other
+    variants' files and a user's own (`model-ema.safetensors`) are not weights of this checkpoint and stay."""
+    tag = rf"\.{re.escape(variant)}" if variant else ""
+    shard = r"(-\d{5,}-of-\d{5,})?"
+    return re.compile(
+        rf"(model{tag}{shard}\.safetensors|pytorch_model{tag}{shard}\.bin"
+        rf"|model\.safetensors\.index{tag}\.json|pytorch_model\.bin\.index{tag}\.json)"
+    )
+
+
+WEIGHT_FILE = weight_files()
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.dkm-(tmp|old)-[0-9a-f]{12}")
 # Where these stop a sibling directory from being made, renamed or exchanged, the save goes in place.
 IN_PLACE_ERRNOS = frozenset({errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY})
@@ -47,28 +61,74 @@ _STAGING_TRIES = 8
 
 
 def atomic_save(
-    save_directory: str | os.PathLike, write: Callable[[str], Any], finish: Callable[[str], None] | None = None
+    save_directory: str | os.PathLike,
+    write: Callable[[str], Any],
+    finish: Callable[[str], None] | None = None,
+    variant: str | None = None,
 ) -> Any:
     """Run `write(tmp)` in a fresh hidden staging directory and put the result at `save_directory` once complete.
 
     If `write` raises, the staging directory is removed and `save_directory` is untouched. `finish(tmp)` runs after
-    the old directory's other files were carried over (e.g. to add a model card if none exists).
+    the old directory's other files were carried over (e.g. to add a model card if none exists). `variant`: the
+    weights variant being saved (`save_pretrained(variant=...)`), whose older weight files the new ones replace.
     """
     target = Path(os.path.realpath(save_directory))
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
-    with _staging(target) as tmp:
+    weights = weight_files(variant)
+    in_place = target.is_dir() and _must_stay(target)
+    with _staging(target, inside=in_place) as tmp:
         result = write(str(tmp))
-        carried = _carry_over(target, tmp) if target.is_dir() else set()
+        # staged inside the target, only the files a save might rewrite are carried (for `finish` to see them)
+        carried = _carry_over(target, tmp, weights, directories=tmp.parent != target) if target.is_dir() else set()
         if target.is_dir() and tmp.parent != target:
             shutil.copymode(target, tmp)
+            _copy_owner(target, tmp)
         if finish is not None:
             finish(str(tmp))
-        _put_in_place(tmp, target, carried)
+        _put_in_place(tmp, target, carried, weights)
     return result
 
 
-def _put_in_place(tmp: Path, target: Path, carried: set[str]) -> None:
+def _must_stay(target: Path) -> bool:
+    """Whether an exchange must not replace the directory `target`: it holds a mount point (the exchange would move
+    the mounted file system into the old copy, which is removed), or its owner or group is one this process cannot
+    give the new directory (the exchange would change them: its users could no longer write into it)."""
+    info = target.stat()
+    if os.geteuid() != 0 and (info.st_uid != os.geteuid() or info.st_gid not in (os.getegid(), *os.getgroups())):
+        return True
+    return _holds_mount(target)
+
+
+def _holds_mount(target: Path, table: str = "/proc/self/mountinfo") -> bool:
+    inside = str(target).rstrip("/") + "/"
+    try:
+        with open(table, encoding="utf-8") as lines:
+            points = [_unescape(line.split()[4]) for line in lines if len(line.split()) > 4]
+        return any(point.startswith(inside) for point in points)
+    except OSError:  # no mount table: a directory on another device is a mount point (bind mounts are not seen)
+        device = target.stat().st_dev
+        for root, directories, _ in os.walk(target):
+            for name in directories:
+                path = os.path.join(root, name)
+                if not os.path.islink(path) and os.lstat(path).st_dev != device:
+                    return True
+        return False
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash are written as octal escapes (\\040 ...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def _copy_owner(source: Path, destination: Path) -> None:
+    info = source.stat()
+    mine = destination.stat()
+    if (info.st_uid, info.st_gid) != (mine.st_uid, mine.st_gid):
+        os.chown(destination, info.st_uid if os.geteuid() == 0 else -1, info.st_gid)
+
+
+def _put_in_place(tmp: Path, target: Path, carried: set[str], weights: re.Pattern = WEIGHT_FILE) -> None:
     if tmp.parent != target:
         try:
             if not target.exists():
@@ -87,7 +147,7 @@ def _put_in_place(tmp: Path, target: Path, carried: set[str]) -> None:
         for name in os.listdir(tmp):
             if name not in carried or not _unchanged(tmp / name, target / name):
                 shutil.move(tmp / name, inner / name)
-        _replace_files(inner, target)
+        _replace_files(inner, target, weights)
 
 
 @contextlib.contextmanager
@@ -172,16 +232,19 @@ def _cwd_inside(target: Path) -> Path | None:
     return cwd.relative_to(target) if cwd == target or cwd.is_relative_to(target) else None
 
 
-def _carry_over(old: Path, new: Path) -> set[str]:
-    """Link the old directory's files that the new checkpoint does not replace into it; the names carried."""
+def _carry_over(old: Path, new: Path, weights: re.Pattern = WEIGHT_FILE, directories: bool = True) -> set[str]:
+    """Link the old directory's files that the new checkpoint does not replace into it; the names carried
+    (`directories=False`: files and links only)."""
     present, carried = set(os.listdir(new)), set()
     for entry in os.scandir(old):
-        if entry.name in present or WEIGHT_FILE.fullmatch(entry.name) or _HIDDEN.fullmatch(entry.name):
+        if entry.name in present or weights.fullmatch(entry.name) or _HIDDEN.fullmatch(entry.name):
             continue
         destination = new / entry.name
         if entry.is_symlink():
             os.symlink(os.readlink(entry.path), destination)
         elif entry.is_dir():
+            if not directories:
+                continue
             shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
         else:
             _link_or_copy(entry.path, destination)
@@ -234,15 +297,15 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
 
 
-def _replace_files(staged: Path, target: Path) -> None:
+def _replace_files(staged: Path, target: Path, weights: re.Pattern = WEIGHT_FILE) -> None:
     """File by file: new weights first, then the other files, config.json last; old weight files no longer named
     by the new checkpoint are removed before config.json names the new ones."""
-    names = sorted(os.listdir(staged), key=lambda n: (n == "config.json", not WEIGHT_FILE.fullmatch(n), n))
+    names = sorted(os.listdir(staged), key=lambda n: (n == "config.json", not weights.fullmatch(n), n))
     for name in names:
         if name == "config.json":
             # the shard index first: no index ever names a shard that is gone
-            for old in sorted(os.listdir(target), key=lambda n: not n.endswith(".index.json")):
-                if WEIGHT_FILE.fullmatch(old) and old not in names:
+            for old in sorted(os.listdir(target), key=lambda n: not n.endswith(".json")):
+                if weights.fullmatch(old) and old not in names:
                     os.remove(target / old)
         destination = target / name
         if destination.is_dir() and not destination.is_symlink():

@@ -232,10 +232,7 @@ class DKMTrainerMixin:
         resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
         problem = model_problem(resume, self.model) if resume is not None else None
         if problem is not None:
-            raise ValueError(
-                f"cannot resume training from {resume}: {problem}. Build the model with the DKMConfig the checkpoint "
-                "was trained with (its config.json's quantization_config)"
-            )
+            raise ValueError(f"cannot resume training from {resume}: {problem}")
         again = resume is not None and self._eval_on_start_set  # step 0's evaluation, not the resumed step's
         if again:
             self.args.eval_on_start = False

@@ -8,7 +8,8 @@ what it relies on.
 1. `from_pretrained(..., dkm_config=, dkm_inference_mode=)`: transformers passes keyword arguments it does not know to
    the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first. For a
    local dkm_hf checkpoint it also checks the shard index and headers before transformers parses them.
-2. `save_pretrained`: a palettized save is atomic (see `saving`) and writes a model card; there is no hook around the
+2. `save_pretrained`: a save of a DKM or palettized model is atomic (see `saving`); a palettized one writes a model
+   card; there is no hook around the
    whole save, so `PreTrainedModel.save_pretrained` is wrapped. Any other save that writes shards over a single-file
    checkpoint removes that file (transformers' clean-up only knows shard names, and loading reads the single file
    first: the old weights, or an error naming two checkpoints). For a quantized model transformers replaces a
@@ -70,7 +71,7 @@ from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
 from ..nn.weights import parameter_keys
 from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
-from .safetensors_files import preflight
+from .preflight import preflight
 from .saving import atomic_save, stale_single_file_guard
 
 _MARK = "_dkm_hf_patched"
@@ -160,8 +161,9 @@ def _patch_from_pretrained() -> None:
             kw["quantization_config"] = dkm_config
         if dkm_inference_mode is not None and dkm_inference_mode not in MODES:
             raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
-        if args and isinstance(args[0], (str, os.PathLike)) and os.path.isdir(args[0]):
-            preflight(args[0], kw.get("subfolder") or "", kw.get("variant"))
+        path = args[0] if args else kw.get("pretrained_model_name_or_path")
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            preflight(path, kw.get("subfolder") or "", kw.get("variant"), kw.get("config"))
         result = original_func(cls, *args, **kw)
         if dkm_inference_mode is not None:
             set_inference_mode(result[0] if isinstance(result, tuple) else result, dkm_inference_mode)
@@ -192,7 +194,8 @@ def _patch_save_pretrained() -> None:
             # keep the model's own parameter names, which transformers loads as they are.
             kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
-        if not is_palettized(self) or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
+        ours = is_palettized(self) or bool(dkm_modules(self))
+        if not ours or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             remove_stale = stale_single_file_guard(save_directory, kwargs.get("variant"))
             result = original(self, save_directory, *args, **kwargs)
             if self.should_save_on_this_rank(is_main):
@@ -206,7 +209,10 @@ def _patch_save_pretrained() -> None:
             # transformers names the repo after the directory; the card is written before the upload (3)
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
             finish = None
-        return atomic_save(save_directory, lambda tmp: original(self, tmp, *args, **kwargs), finish)
+        if not is_palettized(self):
+            finish = None  # a training checkpoint: atomic as well, with transformers' own card (if any)
+        write = lambda tmp: original(self, tmp, *args, **kwargs)  # noqa: E731
+        return atomic_save(save_directory, write, finish, variant=kwargs.get("variant"))
 
     setattr(save_pretrained, _MARK, True)
     PreTrainedModel.save_pretrained = save_pretrained

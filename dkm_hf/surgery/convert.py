@@ -167,6 +167,7 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     done: dict[int, PalettizedWeight] = {}  # id of a DKM weight -> its palettized weight
     out: dict[str, PalettizedWeight] = {}
     flushed: list[str] = []  # weights whose LUT loses centroids below the LUT dtype's normal range
+    small_scales: list[str] = []  # and those whose per-channel scales it loses
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
     # modules whose weights are all sources first, so that tied targets find theirs
     modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
@@ -185,6 +186,8 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
                 scale = state.weight_scale.to(lut_dtype) if state.layout.per_channel_scale else None
                 if _underflows(state.centroids, lut_dtype):
                     flushed.append(weight_name(module_name, param))
+                if scale is not None and _underflows(state.weight_scale.reshape(-1, 1, 1), lut_dtype):
+                    small_scales.append(weight_name(module_name, param))
                 values[param] = (
                     state.centroids.to(lut_dtype),
                     pack_indices(state.assignments(), state.layout.bits),
@@ -210,8 +213,14 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     if flushed:
         logger.warning(
             f"dkm_hf: {len(flushed)} weight(s) have LUTs whose every centroid is below the LUT dtype's normal range, "
-            f"stored as subnormals or zeros with less precision (e.g. {flushed[:3]}): use per_channel_scale=True or "
-            "lut_dtype='bfloat16' / 'float32'"
+            f"stored as subnormals or zeros with less precision (e.g. {flushed[:3]}): use lut_dtype='bfloat16' / "
+            "'float32' (or per_channel_scale=True, where the rows' own scales are within its range)"
+        )
+    if small_scales:
+        logger.warning(
+            f"dkm_hf: {len(small_scales)} weight(s) have per-channel scales below the LUT dtype's normal range, "
+            f"stored as subnormals or zeros with less precision (e.g. {small_scales[:3]}): use lut_dtype='bfloat16' "
+            "or 'float32'"
         )
     return out
 
@@ -255,6 +264,12 @@ def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dty
                 f"config.json: palettized module {listed!r} shares its weight with {other!r} in this model (tied), "
                 f"but quantization_config.modules has no record of {other!r} (a tied weight is recorded as "
                 f"{{'tied_to': {source!r}}}); restore the checkpoint's config.json"
+            )
+        if target in layouts and source in layouts and source != layouts[target].tied_to != target:
+            raise PalettizedCheckpointError(
+                f"config.json: palettized modules {target!r} and {source!r} are stored untied (a LUT and indices "
+                "each), but this model ties their weights (tie_word_embeddings?); load it with the config it was "
+                "saved with"
             )
     done: dict[str, PalettizedWeight] = {}
     for name in sorted(layouts, key=lambda n: layouts[n].tied_to is not None):

@@ -220,7 +220,9 @@ def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path, milestone):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.centroids, b.centroids), n
 
 
-@pytest.mark.parametrize("cut", ["no trainer state", "trainer state cut short", "no weights"])
+@pytest.mark.parametrize(
+    "cut", ["no trainer state", "trainer state cut short", "no weights", "weights cut short", "step not a count"]
+)
 def test_resume_true_skips_a_checkpoint_whose_save_did_not_finish(toy_path, tmp_path, caplog, cut):
     """A run killed while checkpoint-6 was being written: Trainer writes trainer_state.json last, so a checkpoint
     without a whole one (or without its weights) is incomplete. resume_from_checkpoint=True resumes from checkpoint-3,
@@ -250,8 +252,12 @@ def test_resume_true_skips_a_checkpoint_whose_save_did_not_finish(toy_path, tmp_
     state = json.dumps(full.state.log_history)
     if cut == "trainer state cut short":
         (incomplete / "trainer_state.json").write_text(state[: len(state) // 2])
-    elif cut == "no weights":
+    elif cut in ("no weights", "weights cut short"):
         (incomplete / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
+        if cut == "weights cut short":  # a crash before the file reached the disk
+            (incomplete / "model.safetensors").write_bytes(b"\x00" * 10)
+    elif cut == "step not a count":
+        (incomplete / "trainer_state.json").write_text(json.dumps({"global_step": "6"}))
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         resumed, steps = run(tmp_path / "full", resume=True)
@@ -259,6 +265,8 @@ def test_resume_true_skips_a_checkpoint_whose_save_did_not_finish(toy_path, tmp_
         "no trainer state": "it has no trainer_state.json, the file Trainer writes last",
         "trainer state cut short": "its trainer_state.json, the file Trainer writes last, is cut short",
         "no weights": "it has no model weights",
+        "weights cut short": "its weight files are missing or damaged (model.safetensors:",
+        "step not a count": "its trainer_state.json is not a trainer state (global_step '6', not a step count)",
     }[cut]
     assert f"not resuming from {incomplete}: {reason}" in caplog.text
     assert steps == [4, 5, 6, 7, 8, 9]
@@ -517,6 +525,25 @@ def test_resuming_into_a_model_of_another_dkm_config_is_refused(toy_path, tmp_pa
             trainer.train(resume_from_checkpoint=checkpoint)
     DKMTrainer(model=_model(toy_path, per_channel_scale=False), args=_args(tmp_path, max_steps=3),
                train_dataset=ToyDataset(64)).train(resume_from_checkpoint=checkpoint)  # fmt: skip
+
+
+def test_a_checkpoint_without_a_clustered_weight_is_refused(toy_path, tmp_path):
+    """Transformers loads a checkpoint that lacks a weight with a warning and keeps the model's starting value: the
+    resume check names the missing clustered weight instead."""
+    from safetensors.torch import load_file, save_file
+
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(64)).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    tensors = load_file(checkpoint / "model.safetensors")
+    with open(checkpoint / "model.safetensors", "rb") as f:
+        metadata = json.loads(f.read(int.from_bytes(f.read(8), "little"))).get("__metadata__")
+    name, _ = dkm_hf.dkm_modules(_model(toy_path))[1]
+    del tensors[f"{name}.weight"]
+    save_file(tensors, checkpoint / "model.safetensors", metadata=metadata)
+    trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(64))
+    with pytest.raises(ValueError, match=f"lacks the clustered weight.*{name}.weight"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_cluster_health_follows_a_logging_ratio(toy_path, tmp_path):

@@ -115,16 +115,21 @@ def test_palettize_warns_when_a_float16_lut_cannot_hold_its_centroids(caplog):
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_propagation()
-    for scale, lut_dtype, warned in ((1e-7, "float16", True), (1e-2, "float16", False), (1e-7, "bfloat16", False)):
+    cases = [(1e-7, "float16", False, True), (1e-2, "float16", False, False), (1e-7, "bfloat16", False, False)]
+    # per-channel scales of ~1e-7 underflow a float16 LUT as well (before: no warning, 23% error, zero rows at 1e-8)
+    cases += [(1e-7, "float16", True, True), (1e-2, "float16", True, False), (1e-7, "float32", True, False)]
+    for scale, lut_dtype, per_channel_scale, warned in cases:
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
         with torch.no_grad():
             net[0].weight.mul_(scale)
-        dkm_hf.prepare(net, dkm_hf.DKMConfig(weight_threshold=0, lut_dtype=lut_dtype))
+        config = dkm_hf.DKMConfig(weight_threshold=0, lut_dtype=lut_dtype, per_channel_scale=per_channel_scale)
+        dkm_hf.prepare(net, config)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             dkm_hf.palettize(net)
-        assert ("below the LUT dtype's normal range" in caplog.text and "['0']" in caplog.text) == warned
+        what = "per-channel scales below" if per_channel_scale else "below the LUT dtype's normal range"
+        assert (what in caplog.text and "['0']" in caplog.text) == warned, (scale, lut_dtype, per_channel_scale)
 
 
 def test_a_non_finite_weight_is_refused_by_name_before_anything_converts():

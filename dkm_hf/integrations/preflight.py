@@ -1,0 +1,59 @@
+"""The check `from_pretrained` makes of a local directory before transformers opens anything in it.
+
+A damaged dkm_hf checkpoint must fail with a `PalettizedCheckpointError` naming the file rather than inside
+transformers' or safetensors' own parsers, and palettized files must never load as a dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import PalettizedCheckpointError
+from .safetensors_files import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_headers, variant_name
+
+
+def preflight(
+    pretrained: str | os.PathLike, subfolder: str = "", variant: str | None = None, config: Any = None
+) -> None:
+    """Before transformers opens anything in a local directory: a dkm_hf checkpoint's shard index, file locations and
+    safetensors headers must be sound (errors name the file), so that a damaged checkpoint fails with a
+    `PalettizedCheckpointError` rather than inside transformers' or safetensors' own parsers; and files that dkm_hf
+    wrote as a palettized checkpoint must not load under a config.json that no longer declares them (transformers
+    would build a model with random weights for every clustered layer). `config`: from_pretrained's `config=`
+    argument, which transformers builds the model from instead of the directory's config.json (a config object; a
+    path names the directory to read config.json from)."""
+    directory = Path(pretrained) / subfolder
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        quant = getattr(config, "quantization_config", None)
+        quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    else:
+        source = Path(config) if config is not None else directory
+        source = source / "config.json" if source.is_dir() else source
+        try:
+            loaded = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # not a local checkpoint directory, or transformers reports its config.json itself
+        quant = loaded.get("quantization_config") if isinstance(loaded, dict) else None
+    names = (variant_name(INDEX_NAME, variant), variant_name(SINGLE_NAME, variant))
+    has_weights = any((directory / name).is_file() for name in names)
+    if isinstance(quant, dict) and quant.get("quant_method") == "dkm":
+        if has_weights:
+            read_headers(checkpoint_files(directory, variant))
+        return
+    try:
+        written = None
+        if has_weights:
+            written = read_headers(checkpoint_files(directory, variant)).metadata.get("dkm_format")
+    except PalettizedCheckpointError:
+        return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
+    if written == "palettized":
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        where = "the `config=` given" if config is not None else directory / "config.json"
+        raise PalettizedCheckpointError(
+            f"{where}: the weights are a dkm_hf palettized checkpoint but the config's quantization_config does not "
+            f'declare it (quant_method={method!r}); restore `"quant_method": "dkm"` or the original config.json'
+            + (" (or load without config=)" if config is not None else "")
+        )

@@ -1,0 +1,153 @@
+"""Saving and loading where the directory holds more than one checkpoint: other variants and files of the user's,
+mounted file systems, another owner, a failed write, a `state_dict=` argument, and a config given apart from the
+directory's."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers.modeling_utils as modeling_utils
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from transformers.utils import logging
+
+import dkm_hf
+from dkm_hf.integrations import saving
+
+logging.set_verbosity_error()
+logging.disable_progress_bar()
+
+
+def _models(tiny_dir):
+    from conftest import tiny_inputs
+
+    dense = tiny_dir("llama")
+    dkm = AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig(bits=4, weight_threshold=0))
+    return dense, dkm, tiny_inputs("llama")
+
+
+@torch.no_grad()
+def _logits(model, inputs):
+    return model.eval()(**inputs).logits
+
+
+def test_a_save_leaves_other_variants_and_the_users_own_weight_files(tiny_dir, tmp_path):
+    """A palettized save replaces the weight files of its own variant only, as transformers does (before: every
+    `model*.safetensors`, another variant's and a user's `model-ema.safetensors`, was deleted)."""
+    dense, dkm, inputs = _models(tiny_dir)
+    out = tmp_path / "out"
+    AutoModelForCausalLM.from_pretrained(dense).save_pretrained(out, variant="fp16")
+    (out / "model-ema.safetensors").write_bytes(b"the user's own")
+    AutoModelForCausalLM.from_pretrained(dense).save_pretrained(out)  # the default variant's old weights
+    dkm_hf.palettize(dkm).save_pretrained(out)
+    names = set(os.listdir(out))
+    assert {"model.fp16.safetensors", "model-ema.safetensors", "model.safetensors"} <= names
+    assert (out / "model-ema.safetensors").read_bytes() == b"the user's own"
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), inputs), _logits(dkm, inputs))
+
+
+def test_the_mount_table_finds_a_mount_point_inside_the_target(tmp_path):
+    table = tmp_path / "mountinfo"
+    inside, outside = tmp_path / "out dir" / "data", tmp_path / "out dir2"
+    escaped = str(inside).replace(" ", "\\040")
+    table.write_text(f"36 35 98:0 / {escaped} rw - tmpfs tmpfs rw\n37 35 98:0 / {outside} rw - tmpfs tmpfs rw\n")
+    assert saving._holds_mount(tmp_path / "out dir", str(table))
+    assert not saving._holds_mount(tmp_path / "out dir2", str(table))  # the target itself is a mount point: EXDEV
+    assert not saving._holds_mount(tmp_path / "elsewhere", str(table))
+
+
+def test_a_directory_holding_a_mount_point_or_of_another_owner_is_saved_in_place(tiny_dir, tmp_path, monkeypatch):
+    """An exchange would move a mounted file system into the old copy and remove its files, or give the directory
+    this process's owner: the save replaces the files inside the directory instead, leaving the rest alone."""
+    dense, dkm, inputs = _models(tiny_dir)
+    pal = dkm_hf.palettize(dkm)
+    for reason in ("mount", "owner"):
+        out = tmp_path / reason
+        AutoModelForCausalLM.from_pretrained(dense).save_pretrained(out)
+        (out / "data").mkdir()
+        (out / "data" / "precious.txt").write_text("kept")
+        inode = os.stat(out).st_ino
+        with monkeypatch.context() as patch:
+            if reason == "mount":
+                patch.setattr(saving, "_holds_mount", lambda target, table=None: target == out)
+            else:
+                patch.setattr(os, "geteuid", lambda: os.stat(out).st_uid + 1)  # neither the owner nor root
+            patch.setattr(saving, "exchange", lambda a, b: pytest.fail("exchanged"))
+            pal.save_pretrained(out)
+        assert os.stat(out).st_ino == inode
+        assert (out / "data" / "precious.txt").read_text() == "kept"
+        torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), inputs), _logits(pal, inputs))
+
+
+@pytest.mark.parametrize("kind", ["training", "palettized"])
+def test_a_save_that_fails_writing_leaves_the_previous_checkpoint(tiny_dir, tmp_path, monkeypatch, kind):
+    """Out of space halfway: the directory still loads as the previous checkpoint (before: a training-format save
+    went in place, and the old checkpoint was gone)."""
+    dense, dkm, inputs = _models(tiny_dir)
+    out = tmp_path / "out"
+    dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig(bits=2))).save_pretrained(
+        out
+    )
+    before = _logits(AutoModelForCausalLM.from_pretrained(out), inputs)
+    model = dkm if kind == "training" else dkm_hf.palettize(dkm)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    with pytest.raises(OSError, match="No space"):
+        model.save_pretrained(out)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(out), inputs), before)
+
+
+def test_a_state_dict_argument_is_what_the_checksums_cover(tiny_dir, tmp_path):
+    """`save_pretrained(state_dict=...)` of a palettized model: the checksums are the given tensors' (before: the
+    model's buffers', so the checkpoint failed to load as 'altered'); a state dict without a LUT is refused before
+    anything is written."""
+    _, dkm, inputs = _models(tiny_dir)
+    pal = dkm_hf.palettize(dkm)
+    state = pal.state_dict()
+    key = next(k for k in state if k.endswith("weight_lut") and ".layers." in k)
+    state[key] = state[key] * 1.01
+    pal.save_pretrained(tmp_path / "edited", state_dict=dict(state))  # transformers empties the dict it is given
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    torch.testing.assert_close(reloaded.state_dict()[key], state[key])
+    del state[key]
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=f"{key} is missing"):
+        pal.save_pretrained(tmp_path / "partial", state_dict=dict(state))
+    assert not (tmp_path / "partial").exists()
+
+
+def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(tiny_dir, tmp_path):
+    """The path as a keyword, and a `config=` without the DKM quantization_config, are refused like the positional
+    path with an edited config.json (before: every clustered layer loaded with random weights)."""
+    dense, dkm, _ = _models(tiny_dir)
+    out = tmp_path / "out"
+    dkm_hf.palettize(dkm).save_pretrained(out)
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="config=` given"):
+        AutoModelForCausalLM.from_pretrained(out, config=AutoConfig.from_pretrained(dense))
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for name in os.listdir(out):
+        (edited / name).write_bytes((out / name).read_bytes())
+    (edited / "config.json").write_bytes((Path(dense) / "config.json").read_bytes())
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="does not declare it"):
+        LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path=edited)
+    assert dkm_hf.palettized_modules(AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path=out))
+
+
+def test_an_untied_checkpoint_loaded_tied_is_refused_by_name(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=dkm_hf.DKMConfig(weight_threshold=0))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="'lm_head' and 'model.embed_tokens' are stored untied"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "pal", tie_word_embeddings=True)
