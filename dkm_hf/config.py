@@ -213,6 +213,9 @@ class DKMConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
             )
+        pairs = isinstance(self.overrides, list) and all(isinstance(p, (list, tuple)) for p in self.overrides)
+        if pairs and all(len(p) == 2 for p in self.overrides) and len(dict(self.overrides)) == len(self.overrides):
+            self.overrides = dict(self.overrides)  # to_dict's [pattern, settings] pairs, in order
         if not isinstance(self.overrides, dict):
             raise ValueError(f"DKMConfig.overrides must be a dict of regex -> settings, but is {self.overrides!r}")
         for pattern, values in self.overrides.items():
@@ -261,16 +264,8 @@ class DKMConfig(QuantizationConfigMixin):
         """The layout of weight `module_name`: defaults, then every matching override in order."""
         v = self._values_for(module_name)
         group_size = v["group_size"] if v["granularity"] == "per_grouped_channel" else None
-        return Layout.for_weight(
-            shape,
-            v["bits"],
-            v["cluster_dim"],
-            group_size,
-            v["per_channel_scale"],
-            transposed,
-            module_name,
-            channel_dims,
-        )
+        values = (v["bits"], v["cluster_dim"], group_size, v["per_channel_scale"])
+        return Layout.for_weight(shape, *values, transposed, module_name, channel_dims)
 
     def settings_for(self, module_name: str) -> ClusterSettings:
         v = self._values_for(module_name)
@@ -288,6 +283,8 @@ class DKMConfig(QuantizationConfigMixin):
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         settings = {f.name: getattr(self, f.name) for f in fields(self)}
+        # overrides as [pattern, settings] pairs: JSON writers sort dict keys, and their order decides which one wins
+        settings["overrides"] = [[pattern, values] for pattern, values in self.overrides.items()]
         return copy.deepcopy(settings | asdict(self.record))
 
     def to_diff_dict(self) -> dict[str, Any]:

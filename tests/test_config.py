@@ -50,7 +50,7 @@ from dkm_hf.config import FORMAT_VERSION
         ({"weight_threshold": 1.5}, "weight_threshold"),
         ({"max_iters": True}, "max_iters"),
         ({"overrides": {".*": {"tau": float("inf")}}}, "tau"),
-        ({"overrides": []}, "overrides"),
+        ({"overrides": ["a"]}, "overrides"),
     ],
 )
 def test_invalid_values_name_the_field_and_value(kwargs, field):
@@ -216,3 +216,48 @@ def test_uniquified_refuses_an_override_with_vectors():
     with pytest.raises(ValueError, match=r"uniquified.*overrides\['.\*dense'\].*cluster_dim=2"):
         DKMConfig(implementation="uniquified", overrides={".*dense": {"cluster_dim": 2}})
     DKMConfig(implementation="uniquified", overrides={".*dense": {"cluster_dim": 1, "bits": 3}})
+
+
+def test_the_order_of_overrides_survives_json_and_a_checkpoint(tmp_path):
+    """The later of two matching overrides wins, and JSON writers sort dict keys: overrides are written as
+    [pattern, settings] pairs (before: a reloaded training checkpoint applied them in sorted order, other settings
+    for `layers.0`, or with `bits` in them, centroids of another shape that failed to load)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    overrides = {r".*layers\.0\..*": {"tau": 0.5, "bits": 2}, ".*": {"tau": 0.02, "bits": 3}}
+    config = DKMConfig(bits=4, weight_threshold=0, overrides=overrides)
+    reloaded = DKMConfig.from_dict(json.loads(config.to_json_string()))
+    assert list(reloaded.overrides) == list(overrides) and reloaded == config
+    name = "model.layers.0.mlp.up_proj"
+    assert (config.settings_for(name).tau, config.layout_for(name, (8, 8)).bits) == (0.02, 3)
+    assert DKMConfig(overrides=[["a", {"bits": 2}], ["b", {"bits": 3}]]).overrides == {
+        "a": {"bits": 2},
+        "b": {"bits": 3},
+    }
+
+    tiny = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    LlamaForCausalLM(tiny).save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=config)
+    model.save_pretrained(tmp_path / "train")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "train")
+    for (n, a), (_, b) in zip(dkm_hf.dkm_modules(model), dkm_hf.dkm_modules(again)):
+        assert (a.layout, a.settings) == (b.layout, b.settings), n
+        assert a.layout.bits == 3
+
+
+def test_prepare_leaves_a_config_shared_with_another_model_alone(tmp_path):
+    """Two models built in code from one config object (a student and its teacher): preparing one gives it a config
+    of its own (before: the teacher's config declared DKM, and the dense teacher saved a checkpoint that failed to
+    load)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    shared = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    student, teacher = LlamaForCausalLM(shared), LlamaForCausalLM(shared)
+    dkm_hf.prepare(student, DKMConfig(weight_threshold=0))
+    assert getattr(teacher.config, "quantization_config", None) is None
+    assert student.model.config is student.config  # the modules that kept a reference follow
+    student.save_pretrained(tmp_path / "student")
+    teacher.save_pretrained(tmp_path / "teacher")
+    assert not dkm_hf.dkm_modules(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"))

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..config import default_tau_end_ratio
-from ..nn.dkm import DKMWeight, _whole, dkm_modules
+from ..nn.dkm import DKMWeight, dkm_modules
+from ..nn.weights import is_whole
 from ..ops.attention import attention
 from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
@@ -135,7 +136,7 @@ def check_centroids_finite(modules: list[tuple[str, DKMWeight]], step: int, weig
     active = [(n, m) for n, m in modules if m.dkm_enabled and m.dkm_ready and m.has_state]
     checks = [(f"{n}.centroids", m.centroids) for n, m in active]
     if weights:
-        checks += [(n, m.weight) for n, m in modules if _whole(m.weight) and m.weight.is_floating_point()]
+        checks += [(n, m.weight) for n, m in modules if is_whole(m.weight) and m.weight.is_floating_point()]
     if not checks:
         return
     finite = torch.stack([torch.isfinite(tensor).all().to(checks[0][1].device) for _, tensor in checks])

@@ -11,8 +11,9 @@ instance attribute that shadows the parameter for that call only.
 One soft weight per step. The soft weight is computed once and reused until its gradient has been computed (or the
 weight, the centroids or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, a
 layer recomputed by activation checkpointing) costs one DKM pass and every use sees the same tensor. The centroids
-advance only in forwards that record gradients; a `no_grad` forward in train mode reads them without moving them.
-"""
+advance only in forwards that record gradients; a `no_grad` forward in train mode reads them without moving them
+(and, while a soft weight awaits its gradient, uses it: a reentrant checkpoint's no_grad forward sees what its
+recomputation will)."""
 
 from __future__ import annotations
 
@@ -21,17 +22,13 @@ import contextlib
 import torch
 from torch import nn
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - a torch without distributed tensors
-    DTensor = None
-
 from ..ops.attention import gather_centroids, hard_assign
 from ..ops.buckets import bucket_dtype_for
 from ..ops.dkm import choose_implementation, dkm_cluster
 from ..ops.kmeans import kmeans_init
 from .layout import ClusterSettings, Layout, group_variance
 from .weights import (
+    HardWeightGradient,
     _pack,
     _rebuild,
     _unpack,
@@ -39,6 +36,7 @@ from .weights import (
     base_class,
     buffer_name,
     describe_weights,
+    is_whole,
     module_lock,
     only_weight,
     set_tie,
@@ -182,7 +180,11 @@ class DKMWeight:
             self.init_centroids()
         if self.module.training:
             return self.soft_weight()
-        return self.soft_weight(update=False) if self.soft_eval else self.hard_weight()
+        if self.soft_eval:
+            return self.soft_weight(update=False)
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return HardWeightGradient.apply(self.hard_weight(), self.weight)  # warns in a backward through it
+        return self.hard_weight()
 
     def _soft_key(self) -> tuple:
         w, c, s = self.weight, self.centroids, self.settings
@@ -203,7 +205,7 @@ class DKMWeight:
         """W~ = A C from the current centroids; with `update` (and gradients recorded) C_T becomes the next start."""
         weight = self.weight
         record = torch.is_grad_enabled() and weight.requires_grad
-        if record and self._soft is not None and self._soft[0] == self._soft_key():
+        if self._soft is not None and self._soft[0] == self._soft_key():  # awaiting its gradient: the step's weight
             return self._soft[1]
         s = self.settings
         # Saved for backward as they are, also under activation checkpointing: a recomputed forward reuses this
@@ -334,7 +336,7 @@ class DKMMixin:
         shadows the parameter; the parameter itself is untouched). Contexts nest (a parent's scope around the
         module's own forward): leaving one restores what the enclosing one set. Threads take turns (`module_lock`)."""
         with module_lock(self):
-            active = [(p, w) for p, w in self.dkm_weights.items() if w.dkm_enabled and _whole(w.weight)]
+            active = [(p, w) for p, w in self.dkm_weights.items() if w.dkm_enabled and is_whole(w.weight)]
             shadow = {p: w.clustered_weight() for p, w in active}
             previous = {p: self.__dict__[p] for p in shadow if p in self.__dict__}
             self.__dict__.update(shadow)
@@ -381,11 +383,6 @@ class DKMMixin:
 
     def assignments(self) -> torch.Tensor:
         return self._only().assignments()
-
-
-def _whole(tensor: torch.Tensor) -> bool:
-    """False for a parameter FSDP2 holds sharded (outside its unit's forward): only whole weights are clustered."""
-    return not (DTensor is not None and isinstance(tensor, DTensor))
 
 
 def dkm_modules(model: nn.Module) -> list[tuple[str, DKMWeight]]:

@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 import weakref
 
 import torch
 from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - a torch without distributed tensors
+    DTensor = None
 
 STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LUT (at least) per expert
 
@@ -142,12 +149,13 @@ def base_class(module: nn.Module) -> type:
 
 
 def variant_class(mixin: type, base: type, params: tuple[str, ...]) -> type:
-    """`<mixin.prefix><Base>`: a subclass of `base` (the module's own class) and `mixin`, made once per
-    (mixin, base, clustered parameters). `mixin.weight_property(name)` makes the class attribute of each clustered
-    parameter, if the mixin needs one. Instances pickle through `_rebuild` (after `import dkm_hf`)."""
+    """`<mixin.prefix><Base>` (a model keeps its own name): a subclass of `base` (the module's own class) and `mixin`,
+    made once per (mixin, base, clustered parameters). `mixin.weight_property(name)` makes the class attribute of each
+    clustered parameter, if the mixin needs one. Instances pickle through `_rebuild` (after `import dkm_hf`)."""
     key = (mixin, base, params)
     if key not in _VARIANTS:
-        name = f"{mixin.prefix}{base.__name__}"
+        # a model keeps its own name: transformers records it in config.json's `architectures`
+        name = base.__name__ if issubclass(base, PreTrainedModel) else f"{mixin.prefix}{base.__name__}"
         namespace = {"__module__": mixin.__module__, "__qualname__": name, "_dkm_base": base, "_dkm_params": params}
         namespace.update(mixin.class_attributes(params))
         _VARIANTS[key] = type(name, (mixin, base), namespace)
@@ -184,17 +192,39 @@ def apply_keeping_dtype(
     """Run nn.Module._apply (`apply(fn)`) on `module` but only move the buffers `names` between devices, never cast
     them: `model.to(torch.bfloat16)` must not round centroids or LUTs. Returns what `fn` makes of an empty tensor of
     `probe_dtype`, so the caller can follow the cast elsewhere."""
-    order = list(module._buffers)
-    kept = [(name, module._buffers.pop(name)) for name in names if module._buffers.get(name) is not None]
-    try:
-        apply(fn)
-    finally:
-        for name, tensor in kept:
-            moved = fn(tensor)
-            if moved.dtype != tensor.dtype:
-                moved = moved.to(tensor.dtype) if tensor.is_meta else tensor.to(moved.device)
-            module._buffers[name] = moved
-        for name in order:  # the state dict keeps its order
-            module._buffers[name] = module._buffers.pop(name)
-    device = kept[0][1].device if kept else torch.device("cpu")
+    kept = [module._buffers[name] for name in names if module._buffers.get(name) is not None]
+    ids = {id(tensor) for tensor in kept}
+
+    def keeping(tensor: torch.Tensor) -> torch.Tensor:
+        moved = fn(tensor)
+        if id(tensor) in ids and moved.dtype != tensor.dtype:
+            moved = moved.to(tensor.dtype) if tensor.is_meta else tensor.to(moved.device)
+        return moved
+
+    # the buffers stay in place meanwhile: a module's own _apply may read its weights (an RNN's flat weights)
+    apply(keeping)
+    device = kept[0].device if kept else torch.device("cpu")
     return fn(torch.empty(0, dtype=probe_dtype, device=device))
+
+
+def is_whole(tensor: torch.Tensor) -> bool:
+    """False for a parameter FSDP2 holds sharded (outside its unit's forward): only whole weights are clustered."""
+    return not (DTensor is not None and isinstance(tensor, DTensor))
+
+
+class HardWeightGradient(torch.autograd.Function):
+    """The hard weight an eval() forward computes with, in the graph of the weight it snaps: nothing reaches the
+    weight through it, and a backward that tries says so (a training loop in eval mode trains nothing clustered)."""
+
+    @staticmethod
+    def forward(ctx, hard: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return hard.detach()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        warnings.warn(
+            "dkm_hf: a DKM model in eval() computes with its hard (snapped) weights, through which no gradient "
+            "reaches the clustered weights: call model.train() to train them (in eval mode only the others train)",
+            stacklevel=2,
+        )
+        return None, None

@@ -30,7 +30,7 @@ def unique_buckets(w: torch.Tensor, bucket_dtype: torch.dtype):
     """
     G, n = w.shape
     device = w.device
-    keys = w.detach().to(bucket_dtype).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    keys = w.detach().contiguous().to(bucket_dtype).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
     rounded = bucket_dtype == torch.float16 and w.dtype != torch.float16
     if G == 1:
         counts = torch.bincount(keys.view(-1), minlength=65536)

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..nn.dkm import DKMWeight, _whole, dkm_modules
+from ..nn.dkm import DKMWeight, dkm_modules
+from ..nn.weights import is_whole
 from ..ops import fused
 from .importance import _to, check_in_memory, dense_eval
 
@@ -197,7 +198,7 @@ def gptq_snap(
     not_ready = [name for name, state in states if state.tied_source is None and not state.dkm_ready]
     if not_ready:
         raise ValueError(f"gptq_snap: initialise the centroids first (init_centroids); not ready: {not_ready[:3]}")
-    sharded = [name for name, state in states if not _whole(state.weight)]
+    sharded = [name for name, state in states if not is_whole(state.weight)]
     if sharded:
         raise ValueError(f"gptq_snap: run it before FSDP2's fully_shard; these weights are sharded: {sharded[:3]}")
     tied = {id(state.tied_source) for _, state in states if state.tied_source is not None}

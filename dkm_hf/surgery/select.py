@@ -20,6 +20,11 @@ def named_weights(model: nn.Module):
     parameter shared by two modules (tied embeddings) is listed under both."""
     for module_name, module in model.named_modules():
         for param, tensor in module._parameters.items():
+            if isinstance(tensor, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"{module_name or type(module).__name__}.{param} is not materialised yet (a lazy module, e.g. "
+                    "nn.LazyLinear): run the model once on an input before clustering it"
+                )
             if tensor is not None and tensor.dim() >= 2:
                 yield weight_name(module_name, param), module_name, module, param
 
@@ -70,8 +75,12 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     for name, module_name, module, param in named_weights(model):
         if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
             continue
-        if isinstance(module, nn.Embedding) and param == "weight" and not config.cluster_embeddings:
-            continue
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and param == "weight":
+            if not config.cluster_embeddings:
+                continue
+            if module.sparse:  # DKM's soft weight is dense: its gradient cannot be sparse
+                logger.warning(f"dkm_hf: {name} has sparse gradients (sparse=True): left unclustered")
+                continue
         full = f"{module_name}.{param}" if module_name else param
         if not (should_convert_module(module_name, skipped) and should_convert_module(full, skipped)):
             continue
@@ -91,7 +100,10 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     pairs = tied_pairs(model)
     for target, source in pairs.items():
         if (target in chosen) != (source in chosen):
-            logger.info(f"dkm_hf: {target} and {source} share a weight but only one is selected: clustering neither")
+            logger.warning(
+                f"dkm_hf: {target} and {source} share a weight but only one is selected (target_modules / "
+                "modules_to_not_convert / weight_threshold): clustering neither"
+            )
             chosen.discard(target)
             chosen.discard(source)
     for target, source in pairs.items():
