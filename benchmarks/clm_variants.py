@@ -7,6 +7,8 @@ benchmarks/RESULTS.md ("Where the gap to the control is, token by token").
 decoder layer are caught once, then each decoder layer in turn gets its Gram matrices from inputs computed by the
 layers before it already snapped, is snapped, and computes the next layer's inputs. For decoder LLMs whose layers
 sit in `model.model.layers` and take the same keyword arguments each (Llama and its kind); measured, not adopted.
+`true-fisher`: the importance (`gradient_importance`) with every token's label drawn from the dense model's own
+next-token distribution instead of the text's next token.
 Everything after the variant's name goes to examples/causal_lm/run_clm_dkm.py.
 """
 
@@ -68,13 +70,33 @@ def gptq_snap_sequential(model, batches, damp=0.01, block_size=128, act_order=Fa
     return {}
 
 
-VARIANTS = {"sequential-gptq": gptq_snap_sequential}
+_gradient_importance = dkm_hf.gradient_importance
+
+
+def true_fisher_importance(model, batches, loss_fn=None):
+    """`dkm_hf.gradient_importance` with each token's label drawn from the dense model's own next-token distribution
+    (the Fisher information of the model's predictions, not of the calibration text's labels; one draw per token,
+    seeded)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def sampled_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+        with torch.no_grad():
+            probs = torch.softmax(logits.reshape(-1, logits.shape[-1]), -1)
+            labels = torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels)
+
+    return _gradient_importance(model, batches, loss_fn=sampled_loss)
+
+
+VARIANTS = {"sequential-gptq": gptq_snap_sequential, "true-fisher": true_fisher_importance}
+PATCHED = {"sequential-gptq": "gptq_snap", "true-fisher": "gradient_importance"}
 
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
         sys.exit(f"usage: python benchmarks/clm_variants.py {{{','.join(VARIANTS)}}} [example arguments]")
-    dkm_hf.gptq_snap = VARIANTS[sys.argv[1]]  # the example calls dkm_hf.gptq_snap
+    setattr(dkm_hf, PATCHED[sys.argv[1]], VARIANTS[sys.argv[1]])  # the example calls dkm_hf.<name>
     sys.path.insert(0, str(ROOT / "examples"))
     from causal_lm.run_clm_dkm import main as example
 
