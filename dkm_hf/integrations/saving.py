@@ -55,6 +55,7 @@ def weight_files(variant: str | None = None) -> re.Pattern:
 
 WEIGHT_FILE = weight_files()
 _HIDDEN = re.compile(r"\.(?P<name>.+)\.dkm-(tmp|old)-[0-9a-f]{12}")
+_TRAINER_CHECKPOINT, TRAINER_STATE = re.compile(r"checkpoint-\d+"), "trainer_state.json"
 # Where these stop a sibling directory from being made, renamed or exchanged, the save goes in place.
 IN_PLACE_ERRNOS = frozenset({errno.EXDEV, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY})
 _STAGING_TRIES = 8
@@ -142,6 +143,8 @@ def _put_in_place(tmp: Path, target: Path, carried: set[str], weights: re.Patter
         except OSError as err:
             if err.errno not in IN_PLACE_ERRNOS or not target.is_dir():
                 raise
+    if _TRAINER_CHECKPOINT.fullmatch(target.name):  # stale beside new weights (see `_carry_over`)
+        (target / TRAINER_STATE).unlink(missing_ok=True)
     with _staging(target, inside=True) as inner:
         # on the target's own filesystem, so that every replacement below is a rename
         for name in os.listdir(tmp):
@@ -236,8 +239,11 @@ def _carry_over(old: Path, new: Path, weights: re.Pattern = WEIGHT_FILE, directo
     """Link the old directory's files that the new checkpoint does not replace into it; the names carried
     (`directories=False`: files and links only)."""
     present, carried = set(os.listdir(new)), set()
+    # a Trainer checkpoint's state describes the weights beside it: new weights make it stale, and its absence marks
+    # the checkpoint incomplete until Trainer writes the new one (last), so a save killed between is not resumed
+    stale = {TRAINER_STATE} if _TRAINER_CHECKPOINT.fullmatch(old.name) else set()
     for entry in os.scandir(old):
-        if entry.name in present or weights.fullmatch(entry.name) or _HIDDEN.fullmatch(entry.name):
+        if entry.name in present | stale or weights.fullmatch(entry.name) or _HIDDEN.fullmatch(entry.name):
             continue
         destination = new / entry.name
         if entry.is_symlink():

@@ -5,6 +5,7 @@ directory's."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -151,3 +152,27 @@ def test_an_untied_checkpoint_loaded_tied_is_refused_by_name(tmp_path):
     dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match="'lm_head' and 'model.embed_tokens' are stored untied"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "pal", tie_word_embeddings=True)
+
+
+def test_new_weights_in_a_trainer_checkpoint_make_its_trainer_state_stale(tiny_dir, tmp_path, monkeypatch):
+    """A second run into the same output_dir, killed after writing its weights into the first run's checkpoint-4
+    and before its trainer_state.json: the first run's state is gone with its weights, so resume_from_checkpoint=True
+    skips checkpoint-4 (before: the second run's weights resumed with the first run's optimizer and state), on the
+    exchange path and in place."""
+    from dkm_hf.integrations.resume import newest_complete_checkpoint
+
+    _, dkm, _ = _models(tiny_dir)
+    for path in ("exchange", "in place"):
+        run = tmp_path / path
+        for step in (2, 4):  # the first run's complete checkpoints
+            dkm.save_pretrained(run / f"checkpoint-{step}")
+            (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if path == "in place":
+            monkeypatch.setattr(saving, "exchange", lambda a, b: False)
+        dkm.save_pretrained(run / "checkpoint-4")  # the second run's weights; killed before its state
+        assert not (run / "checkpoint-4" / "trainer_state.json").exists()
+        assert newest_complete_checkpoint(run) == str(run / "checkpoint-2")
+        dkm.save_pretrained(run / "elsewhere")
+        (run / "elsewhere" / "trainer_state.json").write_text("{}")
+        dkm.save_pretrained(run / "elsewhere")  # not a Trainer checkpoint: the file is the user's
+        assert (run / "elsewhere" / "trainer_state.json").exists()
