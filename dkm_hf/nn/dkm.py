@@ -69,7 +69,7 @@ class DKMWeight:
         self.module, self.param = module, param
         self.layout, self.settings, self.dkm_seed = layout, settings, seed
         self.dkm_enabled, self.dkm_ready, self.soft_eval = True, tied_source is not None, False
-        self._soft = self._hard = None  # (cache key, weight)
+        self._soft = self._hard = None  # (cache key, weight, its version: a forward may write into it, max_norm)
         self.importance = None  # (G, n) sample weights of an importance-weighted loop (surgery.importance)
         set_tie(self, tied_source)
 
@@ -205,7 +205,7 @@ class DKMWeight:
         """W~ = A C from the current centroids; with `update` (and gradients recorded) C_T becomes the next start."""
         weight = self.weight
         record = torch.is_grad_enabled() and weight.requires_grad
-        if self._soft is not None and self._soft[0] == self._soft_key():  # awaiting its gradient: the step's weight
+        if _fresh(self._soft, self._soft_key()):  # awaiting its gradient: the step's weight
             return self._soft[1]
         s = self.settings
         # Saved for backward as they are, also under activation checkpointing: a recomputed forward reuses this
@@ -229,7 +229,7 @@ class DKMWeight:
                 with torch.no_grad():
                     self.centroids.copy_(centroids)
                 self._hard = None
-            self._soft = (self._soft_key(), out)
+            self._soft = (self._soft_key(), out, version(out))
             out.register_hook(self._release_soft)
         return out
 
@@ -248,13 +248,13 @@ class DKMWeight:
         if not self.dkm_ready:
             self.init_centroids()
         key = (version(self.weight), self.weight.data_ptr(), version(self.centroids), self.centroids.data_ptr())
-        if self._hard is None or self._hard[0] != key:
+        if not _fresh(self._hard, key):
             with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
                 lut_dtype = self.settings.lut_torch_dtype
                 snapped = gather_centroids(self.assignments(), self.centroids.to(lut_dtype).float())
                 scale = self.weight_scale.to(lut_dtype).float() if self.layout.per_channel_scale else None
                 hard = self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype).contiguous()
-            self._hard = (key, hard)
+            self._hard = (key, hard, version(hard))
         return self._hard[1]
 
     def describe(self) -> str:
@@ -383,6 +383,10 @@ class DKMMixin:
 
     def assignments(self) -> torch.Tensor:
         return self._only().assignments()
+
+
+def _fresh(cache: tuple | None, key: tuple) -> bool:
+    return cache is not None and cache[0] == key and version(cache[1]) == cache[2]
 
 
 def dkm_modules(model: nn.Module) -> list[tuple[str, DKMWeight]]:

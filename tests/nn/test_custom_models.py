@@ -208,3 +208,21 @@ def test_a_model_holding_a_clustered_parameter_keeps_its_name_in_config_json(tmp
     dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
     for folder in ("train", "pal"):  # before: "DKMPosModel" and "PalettizedPosModel"
         assert json.loads((tmp_path / folder / "config.json").read_text())["architectures"] == ["PosModel"]
+
+
+def test_gradient_accumulation_through_an_embedding_with_max_norm():
+    """nn.Embedding(max_norm=...) renormalises the weight its forward reads in place: the cached soft weight is
+    recomputed once written into (before: the second accumulated backward ran through a freed graph), and the hard
+    weight stays what the palettized model holds."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(100, 6, max_norm=1.0))
+    model = dkm_hf.prepare(copy.deepcopy(dense), dkm_hf.DKMConfig(bits=3, weight_threshold=0))
+    ids = torch.randint(0, 100, (3, 4), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        model(ids).pow(2).mean().backward()
+    assert model[0].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        before = model[0].dkm_weights["weight"].hard_weight().clone()
+        model(ids)
+        torch.testing.assert_close(model[0].dkm_weights["weight"].hard_weight(), before, rtol=0, atol=0)
