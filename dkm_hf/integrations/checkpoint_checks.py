@@ -152,8 +152,9 @@ def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
         raise PalettizedCheckpointError(
             f"{', '.join(files[:3]) or 'the weight files'}: written by save {written!r}, but config.json's "
             f"quantization_config.save_id is {record.save_id!r}; the directory mixes files of two checkpoints (an "
-            "interrupted save, or an older model.safetensors beside newer shards: transformers reads the single file "
-            "first). Remove the older weight files, save the model again, or restore the matching config.json"
+            "interrupted save, an older model.safetensors beside newer shards: transformers reads the single file "
+            "first, or a save of another variant into the directory since: its config.json records the last dkm_hf "
+            "save). Remove the older weight files, save the model again, or restore the matching config.json"
         )
     if written is None and header.metadata.get(VERSION_KEY) == str(FORMAT_VERSION):
         raise PalettizedCheckpointError(

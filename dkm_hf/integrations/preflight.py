@@ -30,7 +30,9 @@ def preflight(
         quant = getattr(config, "quantization_config", None)
         quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
     else:
-        source = Path(config) if config is not None else directory
+        source = directory if config is None else Path(config)
+        if config is not None and source.is_dir():
+            source = source / subfolder  # where transformers reads a config directory's config.json too
         source = source / "config.json" if source.is_dir() else source
         try:
             loaded = json.loads(source.read_text(encoding="utf-8"))

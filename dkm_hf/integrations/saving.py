@@ -77,6 +77,9 @@ def atomic_save(
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     weights = weight_files(variant)
+    if _TRAINER_CHECKPOINT.fullmatch(target.name):
+        # other processes write into a Trainer checkpoint meanwhile (each rank's RNG state): no exchange, in place
+        target.mkdir(exist_ok=True)
     in_place = target.is_dir() and _must_stay(target)
     with _staging(target, inside=in_place) as tmp:
         result = write(str(tmp))
@@ -92,9 +95,11 @@ def atomic_save(
 
 
 def _must_stay(target: Path) -> bool:
-    """Whether an exchange must not replace the directory `target`: it holds a mount point (the exchange would move
-    the mounted file system into the old copy, which is removed), or its owner or group is one this process cannot
-    give the new directory (the exchange would change them: its users could no longer write into it)."""
+    """Whether an exchange must not replace the directory `target`: a Trainer checkpoint (other ranks write into it),
+    or it holds a mount point (the exchange would move the mounted file system into the old copy, which is removed),
+    or its owner or group is one this process cannot give the new directory (its users could no longer write)."""
+    if _TRAINER_CHECKPOINT.fullmatch(target.name):
+        return True
     info = target.stat()
     if os.geteuid() != 0 and (info.st_uid != os.geteuid() or info.st_gid not in (os.getegid(), *os.getgroups())):
         return True

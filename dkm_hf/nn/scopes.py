@@ -3,9 +3,12 @@
 A DKM module shadows its parameters with their clustered weights while its own forward runs. Some parents read a
 child's weight directly instead of calling the child (a Mamba mixer passes `conv1d.weight` to its convolution, some
 attention blocks fuse their projections' weights, a hand-written LM multiplies by its embedding's weight in its top
-forward); `ParentScope` hooks extend the shadowing to the forward of every ancestor, so that whatever a forward
-reads of the model's clustered weights is what the palettized model will hold. (A method other than a forward that
-reads a weight sees the plain parameter.)
+forward); `ParentScope` hooks extend the shadowing to the parent's forward, and to every ancestor's where the
+clustered weights are kept through the forward anyway (training with gradients, evaluation with hard weights), so
+that what a forward reads of the model's clustered weights is what the palettized model will hold. (A method other
+than a forward that reads a weight sees the plain parameter; so does an ancestor beyond the parent in a train-mode
+forward without gradients or in soft evaluation, where computing every weight up front would hold a dense copy of
+the model.)
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
 from torch import nn
 
 from .dkm import DKMMixin
+from .weights import is_whole
 
 
 class ParentScope:
@@ -40,12 +45,18 @@ class ParentScope:
 
     def enter(self, module: nn.Module, args) -> None:
         covered = _covered()  # shadowed already by an enclosing scope of this thread: nothing to add
+        children = {id(child) for child in module.children()}
         with contextlib.ExitStack() as stack:  # a child that fails closes those opened before it, in this thread
             added = []
             for child in module.modules():
-                if child is not module and isinstance(child, DKMMixin) and id(child) not in covered:
-                    stack.enter_context(child.clustered_parameters())
-                    added.append(id(child))
+                if child is module or not isinstance(child, DKMMixin) or id(child) in covered:
+                    continue
+                if id(child) not in children and not _kept(child):
+                    continue  # made here, a deeper weight would live through the whole forward: its parent's scope
+                if not all(is_whole(w.weight) for w in child.dkm_weights.values()):
+                    continue  # sharded by FSDP2 until its unit runs: the scopes inside that unit shadow it
+                stack.enter_context(child.clustered_parameters())
+                added.append(id(child))
             covered.update(added)
             stack.callback(covered.difference_update, added)
             self._open().append(stack.pop_all())
@@ -57,6 +68,16 @@ class ParentScope:
 
 
 _THREAD = threading.local()
+
+
+def _kept(module: DKMMixin) -> bool:
+    """Whether the module's clustered weights live through the forward anyway (so an ancestor's scope costs no memory):
+    soft weights awaiting their gradient in training, the cached hard weights in evaluation. Not in a train-mode
+    forward without gradients, nor in soft evaluation: each is computed and dropped in turn there."""
+    weights = module.dkm_weights.values()
+    if module.training:
+        return torch.is_grad_enabled() and all(w.weight.requires_grad for w in weights)
+    return not any(w.soft_eval for w in weights)
 
 
 def _covered() -> set[int]:

@@ -216,9 +216,15 @@ class HardWeightGradient(torch.autograd.Function):
     """The hard weight an eval() forward computes with, in the graph of the weight it snaps: nothing reaches the
     weight through it, and a backward that tries says so (a training loop in eval mode trains nothing clustered)."""
 
+    generate_vmap_rule = True  # torch.func transforms (vmap over a model in eval mode)
+
     @staticmethod
-    def forward(ctx, hard: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(hard: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return hard.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

@@ -157,8 +157,8 @@ def test_an_untied_checkpoint_loaded_tied_is_refused_by_name(tmp_path):
 def test_new_weights_in_a_trainer_checkpoint_make_its_trainer_state_stale(tiny_dir, tmp_path, monkeypatch):
     """A second run into the same output_dir, killed after writing its weights into the first run's checkpoint-4
     and before its trainer_state.json: the first run's state is gone with its weights, so resume_from_checkpoint=True
-    skips checkpoint-4 (before: the second run's weights resumed with the first run's optimizer and state), on the
-    exchange path and in place."""
+    skips checkpoint-4 (before: the second run's weights resumed with the first run's optimizer and state), with
+    the system's exchange or without it."""
     from dkm_hf.integrations.resume import newest_complete_checkpoint
 
     _, dkm, _ = _models(tiny_dir)
@@ -176,3 +176,23 @@ def test_new_weights_in_a_trainer_checkpoint_make_its_trainer_state_stale(tiny_d
         (run / "elsewhere" / "trainer_state.json").write_text("{}")
         dkm.save_pretrained(run / "elsewhere")  # not a Trainer checkpoint: the file is the user's
         assert (run / "elsewhere" / "trainer_state.json").exists()
+
+
+def test_a_trainer_checkpoint_is_saved_in_place_keeping_what_other_ranks_write(tiny_dir, tmp_path, monkeypatch):
+    """Every rank writes its RNG state into checkpoint-N while the main one saves the model (no barrier between):
+    the save goes in place, so a file written meanwhile stays (before: one written between the carry-over and the
+    exchange went with the old copy)."""
+    _, dkm, inputs = _models(tiny_dir)
+    target = tmp_path / "run" / "checkpoint-2"
+    real = saving._replace_files
+
+    def replace(staged, directory, weights):
+        torch.save({"rng": 1}, directory / "rng_state_1.pth")  # another rank, meanwhile
+        return real(staged, directory, weights)
+
+    monkeypatch.setattr(saving, "_replace_files", replace)
+    monkeypatch.setattr(saving, "exchange", lambda a, b: pytest.fail("exchanged"))
+    for _ in range(2):  # a new checkpoint folder, then one that exists
+        dkm.save_pretrained(target)
+        assert (target / "rng_state_1.pth").exists()
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(target), inputs), _logits(dkm, inputs))
