@@ -196,3 +196,15 @@ def test_a_trainer_checkpoint_is_saved_in_place_keeping_what_other_ranks_write(t
         dkm.save_pretrained(target)
         assert (target / "rng_state_1.pth").exists()
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(target), inputs), _logits(dkm, inputs))
+
+
+def test_a_config_directory_with_a_subfolder_is_read_where_transformers_reads_it(tiny_dir, tmp_path):
+    """`from_pretrained(parent, subfolder="sub", config=parent)`: transformers reads parent/sub/config.json, and so
+    does the check (before: parent/config.json, a dense one here, and a palettized checkpoint refused)."""
+    dense, dkm, inputs = _models(tiny_dir)
+    parent = tmp_path / "parent"
+    dkm_hf.palettize(dkm).save_pretrained(parent / "sub")
+    (parent / "config.json").write_bytes((Path(dense) / "config.json").read_bytes())
+    model = LlamaForCausalLM.from_pretrained(parent, subfolder="sub", config=str(parent))  # Auto* loads it itself
+    assert dkm_hf.palettized_modules(model)
+    torch.testing.assert_close(_logits(model, inputs), _logits(dkm, inputs))
