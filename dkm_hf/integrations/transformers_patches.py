@@ -194,7 +194,8 @@ def _patch_save_pretrained() -> None:
             # keep the model's own parameter names, which transformers loads as they are.
             kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
-        ours = is_palettized(self) or bool(dkm_modules(self))
+        palettized = is_palettized(self)
+        ours = palettized or bool(dkm_modules(self))
         if not ours or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             remove_stale = stale_single_file_guard(save_directory, kwargs.get("variant"))
             result = original(self, save_directory, *args, **kwargs)
@@ -209,7 +210,7 @@ def _patch_save_pretrained() -> None:
             # transformers names the repo after the directory; the card is written before the upload (3)
             kwargs.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
             finish = None
-        if not is_palettized(self):
+        if not palettized:
             finish = None  # a training checkpoint: atomic as well, with transformers' own card (if any)
         write = lambda tmp: original(self, tmp, *args, **kwargs)  # noqa: E731
         return atomic_save(save_directory, write, finish, variant=kwargs.get("variant"))

@@ -88,10 +88,11 @@ def _covered() -> set[int]:
 
 def add_parent_scopes(model: nn.Module) -> None:
     """Give every module with DKM descendants a `ParentScope` (once)."""
+    holders = _dkm_ancestors(model)
     for module in model.modules():
         if "_dkm_parent_scope" in module.__dict__:
             continue
-        if _has_dkm_descendants(module):
+        if id(module) in holders:
             scope = ParentScope()
             handles = (
                 module.register_forward_pre_hook(scope.enter),
@@ -102,13 +103,21 @@ def add_parent_scopes(model: nn.Module) -> None:
 
 def remove_parent_scopes(model: nn.Module) -> None:
     """Remove the `ParentScope` of every module that no longer has DKM descendants."""
+    holders = _dkm_ancestors(model)
     for module in model.modules():
         handles = module.__dict__.get("_dkm_parent_scope")
-        if handles is not None and not _has_dkm_descendants(module):
+        if handles is not None and id(module) not in holders:
             for handle in handles:
                 handle.remove()
             del module.__dict__["_dkm_parent_scope"]
 
 
-def _has_dkm_descendants(module: nn.Module) -> bool:
-    return any(m is not module and isinstance(m, DKMMixin) for m in module.modules())
+def _dkm_ancestors(model: nn.Module) -> set[int]:
+    """The ids of the modules of `model` that have a DKM module below them, along every path (one pass)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    ancestors: set[int] = set()
+    for name, module in modules.items():
+        if name and isinstance(module, DKMMixin):
+            parts = name.split(".")
+            ancestors.update(id(modules[".".join(parts[:i])]) for i in range(len(parts)))
+    return ancestors
