@@ -234,6 +234,8 @@ def test_the_order_of_overrides_survives_json_and_a_checkpoint(tmp_path):
         "a": {"bits": 2},
         "b": {"bits": 3},
     }
+    swapped = DKMConfig(bits=4, weight_threshold=0, overrides=dict(reversed(overrides.items())))
+    assert swapped.layout_for(name, (8, 8)).bits == 2 and swapped != config  # equal dicts, other behaviour
 
     tiny = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     LlamaForCausalLM(tiny).save_pretrained(tmp_path / "dense")
