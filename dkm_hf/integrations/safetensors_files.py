@@ -262,11 +262,13 @@ def read_headers(files: Iterable[str | os.PathLike]) -> SafetensorsHeader:
 
 
 def _allowed_roots(directory: Path) -> list[Path]:
-    """The checkpoint directory, and for a Hub cache snapshot (.../snapshots/<rev>) the repo's blobs/ folder its
-    files link into."""
+    """The checkpoint directory, and inside a Hub cache snapshot (.../snapshots/<rev>, a subfolder of it, or a link
+    to either) the repo's blobs/ folder its files link into."""
     roots = [directory.resolve()]
-    if directory.parent.name == "snapshots":
-        roots.append((directory.parent.parent / "blobs").resolve())
+    for path in (directory.absolute(), roots[0]):
+        snapshot = next((p for p in (path, *path.parents) if p.parent.name == "snapshots"), None)
+        if snapshot is not None:
+            roots.append((snapshot.parent.parent / "blobs").resolve())
     return roots
 
 

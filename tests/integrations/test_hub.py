@@ -140,3 +140,43 @@ def test_auto_class_names():
     assert auto_class_name("BertForSequenceClassification") == "AutoModelForSequenceClassification"
     assert auto_class_name("ResNetForImageClassification") == "AutoModelForImageClassification"
     assert auto_class_name("BertModel") == "AutoModel"
+
+
+def _hub_cache(cache: Path, repo: str, files: Path, subfolder: str = "") -> Path:
+    """`files` laid out as huggingface_hub's cache holds a download: snapshots/<rev>/... link into blobs/."""
+    import hashlib
+    import os
+
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = repo_dir / "snapshots" / revision / subfolder
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in files.iterdir():
+        blob = repo_dir / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs" / "main").write_text(revision)
+    return repo_dir / "snapshots" / revision
+
+
+def test_palettized_checkpoint_loads_from_the_hub_cache(palettized, tmp_path):
+    """A downloaded checkpoint's files are links into the cache's blobs/: allowed at the snapshot's root, in a
+    subfolder of it (`subfolder=`), and through a link to the snapshot (before: refused as files outside the
+    checkpoint but at the root)."""
+    model, _ = palettized
+    model.save_pretrained(tmp_path / "saved")
+    x = torch.randint(0, 100, (1, 8))
+    cache = tmp_path / "cache"
+    root = _hub_cache(cache, "org/root", tmp_path / "saved")
+    _hub_cache(cache, "org/nested", tmp_path / "saved", subfolder="inner")
+    (tmp_path / "link").symlink_to(root)
+    loads = [
+        AutoModelForCausalLM.from_pretrained("org/root", cache_dir=cache, local_files_only=True),
+        AutoModelForCausalLM.from_pretrained("org/nested", subfolder="inner", cache_dir=cache, local_files_only=True),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "link"),
+    ]
+    for loaded in loads:
+        assert len(list(dkm_hf.palettized_modules(loaded))) == len(list(dkm_hf.palettized_modules(model))) > 0
+        torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
