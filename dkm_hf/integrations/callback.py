@@ -173,6 +173,7 @@ class DKMCallback(TrainerCallback):
         self._previous: dict[str, torch.Tensor] = {}  # a fixed sample of each module's assignments at the last log
         self._centroids: dict[str, torch.Tensor] = {}
         self.pending: dict[str, float] = {}
+        self._checked: int | None = None  # the last step whose cluster health was measured
 
     def _modules(self, model):
         modules = [(n, m) for n, m in dkm_modules(model) if m.tied_source is None]
@@ -196,7 +197,7 @@ class DKMCallback(TrainerCallback):
         return tau_at(step, milestone, max_steps, self.tau_schedule, start, end)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        milestone = self._milestone(model)
+        milestone, self._checked = self._milestone(model), None
         if milestone >= state.max_steps > 0:
             logger.warning(
                 f"dkm_hf: the DKM milestone ({milestone}) is at or past the run's last step ({state.max_steps}): no "
@@ -228,23 +229,29 @@ class DKMCallback(TrainerCallback):
         self.pending["dkm_enabled"] = float(step >= milestone)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        # epoch strategies decide here (the flow callback, first, has set the flags) to save or evaluate
+        # epoch strategies decide here (the flow callback, first, has set the flags) to log, save or evaluate
+        if control.should_log:
+            self._health(args, state, model, logging=True)
         if control.should_save or control.should_evaluate:
             check_centroids_finite(self._modules(model), state.global_step, weights=True)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self._health(args, state, model)
+        self._health(args, state, model, logging=control.should_log)
         # Trainer's flow callback, which runs first, has decided whether this step saves or evaluates
         before_a_save = control.should_save or control.should_evaluate or control.should_training_stop
         check_centroids_finite(self._modules(model), state.global_step, weights=before_a_save)
 
-    def _health(self, args, state, model) -> None:
-        # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes.
-        if not (self.log_cluster_health or self.reseed) or state.global_step < self._milestone(model):
+    def _health(self, args, state, model, logging: bool) -> None:
+        # Runs on every rank (unlike on_log), so the re-seeding stays identical across processes: at each step that
+        # logs (Trainer's flow callback has decided: every logging_steps, the first step, each epoch's end), every
+        # logging_steps whatever the strategy (the re-seeding's pace) and at the last step; once a step.
+        step = state.global_step
+        if not (self.log_cluster_health or self.reseed) or step < self._milestone(model) or step == self._checked:
             return
         every = max(1, int(state.logging_steps or args.logging_steps))  # Trainer's steps for a ratio < 1
-        if not (state.global_step % every == 0 or state.global_step == state.max_steps):
+        if not (logging or step % every == 0 or step == state.max_steps):
             return
+        self._checked = step
         entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
         for name, module in gathered_by_unit(model, self._modules(model)):
             assign = module.assignments()

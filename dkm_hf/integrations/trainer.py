@@ -13,6 +13,7 @@ evaluation, and palettized saving).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
@@ -183,20 +184,20 @@ class DKMTrainerMixin:
             )
         if self.args.torch_compile:  # plain TrainingArguments / SFTConfig carry no DKM fields to refuse it
             raise ValueError(NO_COMPILE)
-        self.dkm_callback = DKMCallback(
-            milestone=self.dkm_option("dkm_milestone"),
-            **{
-                name: self.dkm_option(name)
-                for name in (
-                    "tau_schedule",
-                    "tau_start",
-                    "tau_end",
-                    "tau_end_ratio",
-                    "log_cluster_health",
-                    "reseed_dead_centroids",
-                )
-            },
+        if any(isinstance(c, DKMCallback) for c in self.callback_handler.callbacks):
+            raise ValueError(
+                f"{type(self).__name__} adds its own DKMCallback from the arguments' dkm_* fields (tau_schedule, "
+                "tau_start, ...); set them there instead of passing a DKMCallback, or use a plain Trainer with yours"
+            )
+        names = (
+            "tau_schedule",
+            "tau_start",
+            "tau_end",
+            "tau_end_ratio",
+            "log_cluster_health",
+            "reseed_dead_centroids",
         )
+        self.dkm_callback = DKMCallback(self.dkm_option("dkm_milestone"), **{n: self.dkm_option(n) for n in names})
         self.add_callback(self.dkm_callback)
         a = self.args
         if teacher_model is not None:
@@ -219,7 +220,8 @@ class DKMTrainerMixin:
         self._eval_on_start_set = False
         if self.dkm_option("eval_hard_on_start") and a.eval_strategy != "no" and self.eval_dataset is not None:
             self._eval_on_start_set = not a.eval_on_start
-            a.eval_on_start = True
+            self.args = copy.copy(a)  # the caller's arguments stay as they were (a control run may share them)
+            self.args.eval_on_start = True
 
     def dkm_option(self, name: str):
         """The DKM field `name` of the trainer's arguments; its `DKMTrainingFields` default when they lack it."""
@@ -250,9 +252,11 @@ class DKMTrainerMixin:
         by that count. The loss here is the micro-batch's mean (the model's own loss, or the distillation mix), made
         the micro-batch's share of the whole by `accumulated_batch_share`; a model that ignores the count (BERT's
         sequence classification) and the distillation terms are scaled right that way. Otherwise Trainer divides the
-        mean by the accumulation steps itself.
+        mean by the accumulation steps itself. A subclass whose own `compute_loss` sets `loss_is_scaled_for_ga` (as
+        transformers asks) computes the loss as it says, with the count.
         """
-        custom = self.compute_loss_func is not None or not self.model_accepts_loss_kwargs
+        stated = getattr(self, "loss_is_scaled_for_ga", None) is not None  # transformers >= 5.19
+        custom = self.compute_loss_func is not None or not self.model_accepts_loss_kwargs or stated
         if not model.training or (custom and self.teacher is None) or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shifted = counted_labels(self, inputs)
@@ -276,7 +280,8 @@ class DKMTrainerMixin:
             for name, value in terms.items():  # device tensors: no host sync until the log
                 self._distill_sums[name] = self._distill_sums.get(name, 0) + value * items
             self._distill_items = self._distill_items + items
-        if num_items_in_batch is not None and not custom:
+        scaled = self.loss_is_scaled_for_ga if stated else not custom  # whether Trainer leaves the loss as it is
+        if num_items_in_batch is not None and scaled:
             # a micro-batch without a labelled item has no mean (nan): its share of the step is nothing
             loss = torch.where(items > 0, loss * accumulated_batch_share(self, items, num_items_in_batch), 0.0)
         return (loss, outputs) if return_outputs else loss

@@ -705,3 +705,86 @@ def test_an_epoch_strategy_save_checks_the_weights_too(toy_path, tmp_path):
     with pytest.raises(FloatingPointError, match=rf"{layer}: 1 value\(s\) became NaN .* at step 4"):
         trainer.train()
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cluster_health_at_every_step_that_logs(toy_path, tmp_path):
+    """Trainer's own logging decides: each epoch's end (logging_strategy="epoch") and the first step
+    (logging_first_step) carry the health values, the changed fraction from the second log on (before: only steps
+    that were multiples of logging_steps, 500 by default for the epoch strategy, and the last step)."""
+    runs = {
+        "epoch": {"logging_strategy": "epoch", "logging_steps": 500, "num_train_epochs": 3, "max_steps": -1},
+        "first": {"logging_first_step": True, "logging_steps": 4, "max_steps": 8},
+    }
+    for name, options in runs.items():
+        trainer = DKMTrainer(
+            model=_model(toy_path), args=_args(tmp_path / name, **options), train_dataset=ToyDataset(64)
+        )
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        assert [e["step"] for e in logs] == ([4, 8, 12] if name == "epoch" else [1, 4, 8])
+        assert all("dkm_entropy" in e and "dkm_reseeded" in e for e in logs), name
+        assert ["dkm_changed_fraction" in e for e in logs] == [False, True, True], name
+
+
+class _MeanLossTrainer(Trainer):
+    """A subclass with its own loss, as transformers asks: a micro-batch mean, which Trainer divides by the
+    accumulation steps (`loss_is_scaled_for_ga = False`)."""
+
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+class _TokenSumTrainer(Trainer):
+    """Its loss normalised over the accumulated batch by Trainer's count (`loss_is_scaled_for_ga = True`)."""
+
+    loss_is_scaled_for_ga = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("base", [_MeanLossTrainer, _TokenSumTrainer])
+def test_the_mixin_keeps_a_subclass_loss_as_it_states(toy_path, tmp_path, base):
+    """A Trainer subclass stating `loss_is_scaled_for_ga` computes its loss with the count, and one global batch
+    gives the same update for 1 x 16 and 2 x 8 (before: a mean loss was scaled twice, half the update; a loss
+    normalised by the count failed, the count not passed on)."""
+
+    class Mixed(dkm_hf.DKMTrainerMixin, base):
+        pass
+
+    updates = []
+    for accumulation in (1, 2):
+        model = _model(toy_path, milestone=100)  # the dense phase: one gradient for either split
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        args = _args(
+            tmp_path / f"{accumulation}",
+            max_steps=1,
+            per_device_train_batch_size=16 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0,
+        )
+        Mixed(model=model, args=args, train_dataset=ToyDataset(16)).train()
+        updates.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()]))
+    assert updates[0].abs().sum() > 0
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_dkm_trainer_leaves_the_callers_arguments_and_callbacks_alone(toy_path, tmp_path):
+    """Step 0's hard evaluation is set on the trainer's own copy of the arguments (before: on the caller's, so a
+    control run sharing them evaluated at step 0 too), and a DKMCallback passed in is refused by name (before: two
+    ran, and the arguments' tau schedule overrode the user's)."""
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=4)
+    trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(32), eval_dataset=ToyDataset(16))
+    assert trainer.args.eval_on_start and not args.eval_on_start
+    with pytest.raises(ValueError, match="adds its own DKMCallback"):
+        DKMTrainer(
+            model=_model(toy_path), args=_args(tmp_path), train_dataset=ToyDataset(32), callbacks=[DKMCallback()]
+        )
