@@ -174,7 +174,11 @@ def guess_transposed(tensors: NameTable, name: str, record: dict) -> bool:
 
 
 def check_palettized_headers(
-    header: SafetensorsHeader, layouts: dict[str, Layout], lut_dtype: str, model: nn.Module | None = None
+    header: SafetensorsHeader,
+    layouts: dict[str, Layout],
+    lut_dtype: str,
+    model: nn.Module | None = None,
+    ignore_mismatched_sizes: bool = False,
 ) -> None:
     """Every recorded module stores exactly its LUT, packed indices and scale, with the dtypes and shapes its layout
     implies; no other palettized buffer and no dense weight of a palettized module is stored. With the meta-device
@@ -221,16 +225,18 @@ def check_palettized_headers(
                 f"{name}: a palettized buffer of a module that config.json does not list as palettized"
             )
     if model is not None:
-        _check_unclustered(tensors, claimed, model)
+        _check_unclustered(tensors, claimed, model, ignore_mismatched_sizes)
 
 
-def _check_unclustered(tensors: NameTable, claimed: set[str], model: nn.Module) -> None:
+def _check_unclustered(tensors: NameTable, claimed: set[str], model: nn.Module, mismatched: bool = False) -> None:
+    """Unclustered tensors as the model expects them; with from_pretrained's ignore_mismatched_sizes=True, one of
+    another shape is transformers' to re-initialise (a new head)."""
     expected = model.state_dict()
     for name, entry in tensors.items():
         if name in claimed or name not in expected:
             continue
         want = expected[name]
-        if entry.shape != tuple(want.shape):
+        if entry.shape != tuple(want.shape) and not mismatched:
             raise PalettizedCheckpointError(
                 f"{name}: shape {list(entry.shape)} in the checkpoint, the model expects {list(want.shape)}"
             )

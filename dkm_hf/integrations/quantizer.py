@@ -40,7 +40,7 @@ from .checkpoint_checks import (
 from .distributed import full_state_dict, is_sharded
 from .model_card import TAGS
 from .safetensors_files import SafetensorsHeader, check_inside, read_headers
-from .transformers_patches import mark_initialized, untie
+from .transformers_patches import LOAD_OPTIONS, mark_initialized, untie
 
 
 class DKMHfQuantizer(HfQuantizer):
@@ -71,6 +71,11 @@ class DKMHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
             return model
+        if LOAD_OPTIONS.get().get("key_mapping"):
+            raise ValueError(
+                "key_mapping= does not apply to a dkm_hf checkpoint: its tensors carry the saving model's own names, "
+                "which config.json's quantization_config records; load it without key_mapping"
+            )
         header = self._read_files(model, list(checkpoint_files or []))
         header.tensors.prefix = getattr(model, "base_model_prefix", "") or ""  # this model's names, not any suffix
         check_save_id(header, config.record)
@@ -79,7 +84,8 @@ class DKMHfQuantizer(HfQuantizer):
         if config.record.format == "palettized":
             names = _model_names(model, config.record.modules)
             stored = layouts_from_records(config.record.modules, lambda name: _transposed(model, names.get(name)))
-            check_palettized_headers(header, stored, config.lut_dtype, model)
+            mismatched = bool(LOAD_OPTIONS.get().get("ignore_mismatched_sizes"))
+            check_palettized_headers(header, stored, config.lut_dtype, model, mismatched)
             layouts = {
                 names[n]: replace(lay, tied_to=names.get(lay.tied_to)) if lay.tied_to else lay
                 for n, lay in stored.items()
@@ -123,6 +129,12 @@ class DKMHfQuantizer(HfQuantizer):
         return read_headers(files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if dkm_modules(model) and "disk" in (getattr(model, "hf_device_map", None) or {}).values():
+            raise ValueError(
+                "a DKM model cannot have weights offloaded to disk (device_map placed modules on 'disk'): its "
+                "forward computes clustered weights from every layer's parameters; give max_memory room for the "
+                "model or load it on one device (a palettized checkpoint can be offloaded)"
+            )
         for _, weight in palettized_modules(model):
             weight.placeholder = None
         check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")

@@ -53,6 +53,7 @@ what it relies on.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import os
@@ -75,6 +76,8 @@ from .preflight import preflight
 from .saving import atomic_save, stale_single_file_guard
 
 _MARK = "_dkm_hf_patched"
+# from_pretrained's options that transformers keeps from the quantizer's hooks, for the load under way
+LOAD_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("dkm_hf_load_options", default={})
 _SAVE_PARAMETERS: frozenset[str] = frozenset()
 
 
@@ -164,7 +167,11 @@ def _patch_from_pretrained() -> None:
         path = args[0] if args else kw.get("pretrained_model_name_or_path")
         if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
             preflight(path, kw.get("subfolder") or "", kw.get("variant"), kw.get("config"))
-        result = original_func(cls, *args, **kw)
+        token = LOAD_OPTIONS.set({k: kw.get(k) for k in ("key_mapping", "ignore_mismatched_sizes")})
+        try:
+            result = original_func(cls, *args, **kw)
+        finally:
+            LOAD_OPTIONS.reset(token)
         if dkm_inference_mode is not None:
             set_inference_mode(result[0] if isinstance(result, tuple) else result, dkm_inference_mode)
         return result

@@ -1,0 +1,61 @@
+"""from_pretrained's own options on dkm_hf checkpoints: those that apply, and those refused up front by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy import save_toy_bert
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging
+
+import dkm_hf
+
+logging.set_verbosity_error()
+logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A toy BERT's dense checkpoint, its palettized and its training checkpoints (the 2-label head unclustered)."""
+    root = tmp_path_factory.mktemp("load_options")
+    dense = save_toy_bert(root / "dense")
+    config = dkm_hf.DKMConfig(bits=3, weight_threshold=1000)
+    model = AutoModelForSequenceClassification.from_pretrained(dense, dkm_config=config)
+    model.save_pretrained(root / "train")
+    dkm_hf.palettize(model).save_pretrained(root / "palettized")
+    return {"dense": dense, "train": root / "train", "palettized": root / "palettized", "model": model}
+
+
+def test_a_palettized_backbone_takes_a_new_head_with_ignore_mismatched_sizes(saved):
+    """num_labels changed: transformers re-initialises the unclustered head, the palettized body loads (before: the
+    header check refused the head's shape, which the flag lets transformers handle)."""
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        saved["palettized"], num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert sorted(k for k, *_ in info["mismatched_keys"]) == ["classifier.bias", "classifier.weight"]
+    assert model.classifier.out_features == 5
+    x = torch.randint(0, 99, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model.bert(x).last_hidden_state, saved["model"].bert(x).last_hidden_state)
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="classifier.bias: shape"):
+        AutoModelForSequenceClassification.from_pretrained(saved["palettized"], num_labels=5)
+
+
+@pytest.mark.parametrize("kind", ["palettized", "train"])
+def test_key_mapping_is_refused_for_dkm_checkpoints(saved, kind):
+    """Their tensors carry the saving model's names, checked against config.json's records (before: names mapped
+    away from the records loaded a palettized checkpoint as random dense layers, without an error)."""
+    with pytest.raises(ValueError, match="key_mapping= does not apply"):
+        AutoModelForSequenceClassification.from_pretrained(saved[kind], key_mapping={"^bert\\.": "bert."})
+
+
+@pytest.mark.parametrize("kind", ["dense", "train"])
+def test_a_dkm_model_offloaded_to_disk_is_refused_by_name(saved, kind, tmp_path):
+    """device_map sending modules to disk: a DKM model's forward reads every layer's parameters (before: k-means on
+    the offloaded meta tensors failed in `.item()`, or the first forward failed with a device error)."""
+    kwargs = {"dkm_config": dkm_hf.DKMConfig(bits=3, weight_threshold=1000)} if kind == "dense" else {}
+    device_map = {"bert.embeddings": "cpu", "bert.encoder": "disk", "bert.pooler": "cpu", "classifier": "cpu"}
+    with pytest.raises(ValueError, match="offloaded to disk"):
+        AutoModelForSequenceClassification.from_pretrained(
+            saved[kind], device_map=device_map, offload_folder=str(tmp_path / "offload"), **kwargs
+        )
