@@ -82,7 +82,7 @@ if rank == 0:
     kept = {
         k: v.tolist()
         for k, v in full.items()
-        if k.endswith(("centroids", "mlp.up_proj.weight", "embed_tokens.weight"))
+        if k.endswith(("centroids", "mlp.up_proj.weight", "embed_tokens.weight", "bias"))
     }
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump({"losses": losses, "state": kept, "world": world}, f)

@@ -19,6 +19,7 @@ from dataclasses import replace as replace_fields
 import torch
 from accelerate.hooks import add_hook_to_module
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers.utils import logging
 
 from ..config import DKMConfig
@@ -171,12 +172,17 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
     # modules whose weights are all sources first, so that tied targets find theirs
     modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
     for module_name, module in modules:
         states = module.dkm_weights
         target = module
         if module_name:
             target = _shallow_copy(module)
             model.set_submodule(module_name, target)
+            for key, p in target._parameters.items():
+                if sharded and p is not None and key not in states:
+                    # FSDP2's gathered tensor (a bias), freed when the unit shards again: the copy keeps its own
+                    target._parameters[key] = nn.Parameter(p.detach().clone(), p.requires_grad)
         values = {}  # the LUT, packed indices and scale of every weight that owns its LUT
         for param, state in states.items():
             if state.tied_source is None:

@@ -97,6 +97,33 @@ def test_fsdp2_matches_one_process_resumes_and_saves_once(tmp_path):
     assert dkm_hf.palettized_modules(reloaded) and not dkm_hf.dkm_modules(reloaded)
 
 
+def test_fsdp2_palettized_save_of_layers_with_biases(tmp_path):
+    """The palettized copies of gathered layers keep their own biases (before: they held FSDP2's gathered tensors,
+    freed when the units sharded again, and the save failed reading storage of size 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=True,
+        mlp_bias=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    _run([str(tmp_path / "llama"), str(tmp_path / "fsdp"), "1"], 2)
+    trained = json.loads((tmp_path / "fsdp" / "result.json").read_text())["state"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")
+    assert len(dkm_hf.palettized_modules(reloaded)) == 2 * 7 + 2  # every Linear, the embedding and the head
+    biases = [k for k in trained if k.endswith("bias")]
+    assert len(biases) == 2 * 7
+    for key in biases:
+        assert torch.equal(reloaded.state_dict()[key], torch.tensor(trained[key])), key
+
+
 def test_trainer_with_accelerate_fsdp2_plugin_matches_one_process_and_saves_once(tmp_path):
     """DKMTrainer with `fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": [...]}`: accelerate
     shards the model itself (its fsdp2_prepare_model: a unit per decoder layer, embeddings + norm + lm_head in one, the
