@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,11 @@ def _problem(module: PalettizedWeight, ios18: bool, ios16: bool) -> str | None:
     ]
     if late and not ios18:
         return f"{' and '.join(late)} need(s) iOS18 / macOS15 or later (grouped / vector LUTs, blockwise scale)"
-    if lay.channel_dims > 1 and (lay.transposed or lay.groups > lay.stacks):
+    if lay.channel_dims > 1 and (lay.transposed or lay.groups > lay.stacks or lay.per_channel_scale):
         return (
-            f"stacked experts {tuple(lay.shape)} with LUTs per row or stored (experts, in, out): Core ML's grouped "
-            "LUT runs along one axis (one LUT per expert, per_tensor, exports)"
+            f"a weight of {lay.channel_dims} channel axes {tuple(lay.shape)} (stacked experts, a (1, n, d) "
+            "embedding) with LUTs per row, per-channel scales or stored (experts, in, out): Core ML's grouped LUT "
+            "and scale run along one axis (one LUT per leading index, per_tensor without scales, exports)"
         )
     if lay.cluster_dim > 1 and _vector_axis(lay.shape, lay.transposed, lay.cluster_dim) is None:
         return (
@@ -334,9 +336,11 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
     `options` go to `coremltools.convert` (e.g. compute_precision=ct.precision.FLOAT32 keeps float32 / bfloat16
     LUTs exact; the default fp16 precision stores every LUT as fp16, with a warning for wider ones).
     """
-    ct = _coremltools()
-    if Path(path).suffix != ".mlpackage":
+    ct, out = _coremltools(), Path(path)
+    if out.suffix != ".mlpackage":
         raise ValueError(f"{path}: Core ML programs are saved as an .mlpackage directory (name it *.mlpackage)")
+    if out.exists() and not (out / "Manifest.json").is_file():  # coremltools deletes whatever is there
+        raise ValueError(f"{path} exists and is not a Core ML package: refusing to replace it")
     target = coreml_target(minimum_deployment_target)
     model = load_palettized(str(model_or_dir)) if isinstance(model_or_dir, (str, Path)) else model_or_dir
     weights = coreml_weights(model, target)
@@ -387,5 +391,9 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
             op_of[int(found.group(1))] = op.name
     mapping = {name: op_of[number[id(w)]] for name, w in weights.items() if number[id(w)] in op_of}
     mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(mapping, sort_keys=True)
-    mlmodel.save(str(path))
+    staged = out.with_name(f".{out.stem}.{os.getpid()}.mlpackage")  # the old package stays until the new is whole
+    mlmodel.save(str(staged))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staged, out)
     return mlmodel

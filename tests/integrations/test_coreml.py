@@ -282,9 +282,15 @@ def test_cli_bad_input_exits_2_with_one_line(args, message, tiny_dir, tmp_path, 
     assert not (tmp_path / "o.mlpackage").exists()
 
 
-def test_stacked_experts_with_luts_per_row_are_refused_by_name():
-    """Mixtral's experts with a LUT per row passed the layout check and failed inside coremltools ('indices' not
-    divisible by 'lut', no weight named): refused before conversion, naming them (one LUT per expert exports)."""
+@pytest.mark.parametrize(
+    "layout",
+    [{"granularity": "per_grouped_channel", "group_size": 1}, {"per_channel_scale": True}],
+    ids=["luts-per-row", "per-channel-scales"],
+)
+def test_stacked_experts_with_luts_per_row_are_refused_by_name(layout):
+    """Mixtral's experts with a LUT per row (or per-channel scales: a ViT's (1, n, d) position embedding too) passed
+    the layout check and failed inside coremltools ('indices' not divisible by 'lut', no weight named): refused
+    before conversion, naming them."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -292,11 +298,9 @@ def test_stacked_experts_with_luts_per_row_are_refused_by_name():
         vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
     )  # fmt: skip
-    dkm = dkm_hf.DKMConfig(bits=4, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
+    dkm = dkm_hf.DKMConfig(bits=4, weight_threshold=0, **layout)
     model = dkm_hf.palettize(dkm_hf.prepare(MixtralForCausalLM(config), dkm))
-    with pytest.raises(
-        ValueError, match=r"mlp.experts.gate_up_proj: stacked experts \(4, 128, 32\) with LUTs per row"
-    ):
+    with pytest.raises(ValueError, match=r"mlp.experts.gate_up_proj: a weight of 2 channel axes \(4, 128, 32\)"):
         to_coreml(model, {"input_ids": torch.ones(1, 8, dtype=torch.long)}, "unused.mlpackage")
 
 
@@ -312,3 +316,20 @@ def test_cli_checks_the_example_shapes_before_loading_the_model(tmp_path, capsys
     args = ["export", "--coreml", str(tmp_path / "palettized"), str(tmp_path / "o.mlpackage")]
     assert main([*args, "--example-shape", "input_ids=1x100000"]) == 2
     assert loaded == [] and "more than the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_export_replaces_a_package_but_never_another_directory(tmp_path):
+    """coremltools deletes whatever is at the path it saves to: a folder of the user's that is not a Core ML package
+    is refused (before: emptied, the checkpoint inside it too); a package is replaced once the new one is whole."""
+    model = palettized("bert", bits=3)
+    folder = tmp_path / "work.mlpackage"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a Core ML package"):
+        to_coreml(model, tiny_inputs("bert", 1), folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    path = tmp_path / "model.mlpackage"
+    for _ in range(2):
+        to_coreml(model, tiny_inputs("bert", 1), path)
+        check_package(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage", "work.mlpackage"]
