@@ -29,6 +29,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def saves_no_full_model(trainer) -> bool:
+    """Whether Trainer's save_model writes no model file: FSDP with a state dict type other than FULL_STATE_DICT
+    (SHARDED_STATE_DICT checkpoints are torch.distributed.checkpoint folders)."""
+    return trainer.is_fsdp_enabled and "FULL" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 

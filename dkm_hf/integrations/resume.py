@@ -14,6 +14,8 @@ import json
 import os
 import re
 
+from accelerate.utils import save_fsdp_model
+from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
@@ -46,13 +48,14 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return "it is not a directory"
-    # a peft model's checkpoint holds its adapter (the base model is rebuilt by the script, as it was built)
+    # a peft model's checkpoint holds its adapter (the base model is rebuilt by the script, as it was built); an FSDP
+    # SHARDED_STATE_DICT one its weights in torch.distributed.checkpoint folders, without config.json
     adapter = os.path.isfile(os.path.join(directory, ADAPTER_CONFIG_NAME))
     try:
         with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        if not adapter:
+        if not adapter and not _fsdp_sharded(directory):
             return f"it has no readable {CONFIG_NAME} (the model was not saved completely)"
         config = None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
@@ -80,9 +83,13 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
     return _weights_problem(directory)
 
 
+def _fsdp_sharded(directory: str) -> bool:
+    return any(_FSDP_WEIGHTS.match(n) and os.path.isdir(os.path.join(directory, n)) for n in os.listdir(directory))
+
+
 def _weights_problem(directory: str) -> str | None:
     names = os.listdir(directory)
-    if any(_FSDP_WEIGHTS.match(n) and os.path.isdir(os.path.join(directory, n)) for n in names):
+    if _fsdp_sharded(directory):
         return None
     if SAFE_WEIGHTS_NAME in names or SAFE_WEIGHTS_INDEX_NAME in names:
         try:
@@ -156,3 +163,29 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     if missing:
         return f"it lacks the clustered weight(s) {missing[:3]} (the files were altered or belong to another model)"
     return None
+
+
+def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
+    """(8) Record the step-0 metrics for `load_best_model_at_end` and save checkpoint-0 (a training checkpoint)."""
+    if trainer._determine_best_metric(metrics=metrics, trial=None):
+        # No optimizer step has run: its state is empty and the scheduler's is the initial one, so they are not saved
+        # (a resume from checkpoint-0 starts both afresh, as they are). Gathering FSDP2's empty optimizer state would
+        # run a step with zero gradients and count it in AdamW's `step`. Under FSDP that method also writes the model
+        # file Trainer loads a best model (or a resume) from: that part stays.
+        trainer._save_optimizer_and_scheduler = lambda out: (
+            trainer.is_fsdp_enabled
+            and save_fsdp_model(
+                trainer.accelerator.state.fsdp_plugin,
+                trainer.accelerator,
+                trainer.model,
+                out,
+                **get_fsdp_ckpt_kwargs(),
+            )
+        )
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        finally:
+            del trainer._save_optimizer_and_scheduler
+        # `_save_checkpoint` takes best_global_step == 0 for "no best yet": name checkpoint-0 itself
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        trainer.state.best_model_checkpoint = os.path.join(trainer._get_output_dir(trial=None), folder)

@@ -28,9 +28,9 @@ from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import distilled_loss, model_bytes, prepare_teacher
-from .distributed import full_weights
-from .resume import model_problem, resolve_resume
-from .transformers_patches import accumulated_batch_share, checkpoint_initial_model, counted_labels
+from .distributed import full_state_dict, full_weights, saves_no_full_model
+from .resume import checkpoint_initial_model, model_problem, resolve_resume
+from .transformers_patches import accumulated_batch_share, counted_labels
 
 logger = logging.get_logger(__name__)
 
@@ -383,7 +383,10 @@ class DKMTrainerMixin:
                 ".save_pretrained(path)"
             )
         with palettized_view(model, gathered=full_weights):
-            super().save_model(output_dir, _internal_call)
+            if saves_no_full_model(self):
+                self._save(output_dir, full_state_dict(model))
+            else:
+                super().save_model(output_dir, _internal_call)
 
     def push_to_hub(self, *args, **kwargs):
         self._palettize_next_save = True

@@ -26,9 +26,9 @@ what it relies on.
    the entries of transformers' AUTO_QUANTIZATION_CONFIG_MAPPING / AUTO_QUANTIZER_MAPPING.
 7. `.half()` / `.float()`: transformers refuses them on every quantized model; DKM and palettized models cast safely
    (centroids and LUTs keep their dtype, the compute dtype follows), as `.to(dtype)` and `.bfloat16()` already do.
-8. `checkpoint_initial_model`: Trainer's best-model tracking only sees evaluations it runs after a step; the step-0
-   evaluation (`eval_on_start`) of the hard model, which is post-training k-means, is made a candidate through the
-   Trainer's private `_determine_best_metric`, `_save_checkpoint` and `_get_output_dir`.
+8. `checkpoint_initial_model` (resume.py): Trainer's best-model tracking only sees evaluations it runs after a step;
+   the step-0 evaluation (`eval_on_start`) of the hard model, which is post-training k-means, is made a candidate
+   through the Trainer's private `_determine_best_metric`, `_save_checkpoint` and `_get_output_dir`.
 9. `accumulated_batch_share`: when the model's forward takes `**kwargs`, Trainer counts the labelled items of the whole
    accumulated batch (`num_items_in_batch`) and no longer divides the loss by the accumulation steps, trusting the
    model to have divided by that count. Models whose loss is a plain batch mean (BERT's sequence classification) and
@@ -64,7 +64,6 @@ from transformers import PreTrainedModel
 from transformers.quantizers import register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.trainer_callback import CallbackHandler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
@@ -103,22 +102,6 @@ def mark_initialized(tensor: torch.Tensor) -> torch.Tensor:
     """(5) Tell transformers' weight initialisation to leave `tensor` alone."""
     tensor._is_hf_initialized = True
     return tensor
-
-
-def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:
-    """(8) Record the step-0 metrics for `load_best_model_at_end` and save checkpoint-0 (a training checkpoint)."""
-    if trainer._determine_best_metric(metrics=metrics, trial=None):
-        # No optimizer step has run: its state is empty and the scheduler's is the initial one, so they are not saved
-        # (a resume from checkpoint-0 starts both afresh, as they are). Gathering FSDP2's empty optimizer state would
-        # run a step with zero gradients and count it in AdamW's `step`.
-        trainer._save_optimizer_and_scheduler = lambda output_dir: None
-        try:
-            trainer._save_checkpoint(trainer.model, trial=None)
-        finally:
-            del trainer._save_optimizer_and_scheduler
-        # `_save_checkpoint` takes best_global_step == 0 for "no best yet": name checkpoint-0 itself
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
-        trainer.state.best_model_checkpoint = os.path.join(trainer._get_output_dir(trial=None), folder)
 
 
 def counted_labels(trainer, inputs: dict) -> tuple[torch.Tensor, bool]:

@@ -165,3 +165,19 @@ def test_trainer_with_accelerate_fsdp2_plugin_matches_one_process_and_saves_once
     fallback = json.loads((gated / "result.json").read_text())
     assert fallback["distributed_type"] == "DistributedType.MULTI_CPU" and not fallback["fsdp_enabled"]
     assert not fallback["units"]
+
+
+def test_fsdp2_sharded_state_dict_checkpoints_best_step_zero_and_palettized_save(tmp_path):
+    """accelerate's FSDP2 plugin with SHARDED_STATE_DICT: checkpoint-0 holds the model Trainer loads as the best one
+    (before: the run failed at its end, checkpoint-0 lacking FSDP's model file), a checkpoint without config.json
+    resumes (refused as incomplete before), and save_model writes the palettized checkpoint (nothing before)."""
+    script = os.path.join(TESTS, "fsdp_checkpoints_train.py")
+    model, out = save_tiny("llama", tmp_path / "llama"), tmp_path / "run"
+    _run([model, str(out), "train"], 2, script)
+    _run([model, str(out), "resume"], 2, script)
+    trained, resumed = (json.loads((out / f"{stage}.json").read_text()) for stage in ("train", "resume"))
+    assert trained["best"] == str(out / "checkpoint-0") and trained["step"] == resumed["step"] == 2
+    assert "pytorch_model_fsdp_0" in trained["checkpoint_0"] and "optimizer_0" not in trained["checkpoint_0"]
+    assert not (out / "checkpoint-1" / "config.json").exists()
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert len(dkm_hf.palettized_modules(final)) == 16 and not dkm_hf.dkm_modules(final)  # the tied head too
