@@ -71,6 +71,17 @@ class DKMHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
             return model
+        given = LOAD_OPTIONS.get().get("quantization_config")
+        if (
+            config.record.format == "palettized"
+            and isinstance(given, DKMConfig)
+            and given.record.format != "palettized"
+        ):
+            raise ValueError(
+                "this checkpoint is already palettized (LUTs and packed indices): a DKMConfig cannot cluster it again "
+                "(load it without one, turn it dense with dkm_hf.dequantize(model) and prepare it with "
+                "dkm_hf.prepare(model, DKMConfig(...)))"
+            )
         if LOAD_OPTIONS.get().get("key_mapping"):
             raise ValueError(
                 "key_mapping= does not apply to a dkm_hf checkpoint: its tensors carry the saving model's own names, "

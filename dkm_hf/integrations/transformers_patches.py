@@ -150,7 +150,9 @@ def _patch_from_pretrained() -> None:
         path = args[0] if args else kw.get("pretrained_model_name_or_path")
         if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
             preflight(path, kw.get("subfolder") or "", kw.get("variant"), kw.get("config"))
-        token = LOAD_OPTIONS.set({k: kw.get(k) for k in ("key_mapping", "ignore_mismatched_sizes")})
+        token = LOAD_OPTIONS.set(
+            {k: kw.get(k) for k in ("key_mapping", "ignore_mismatched_sizes", "quantization_config")}
+        )
         try:
             result = original_func(cls, *args, **kw)
         finally:

@@ -59,3 +59,14 @@ def test_a_dkm_model_offloaded_to_disk_is_refused_by_name(saved, kind, tmp_path)
         AutoModelForSequenceClassification.from_pretrained(
             saved[kind], device_map=device_map, offload_folder=str(tmp_path / "offload"), **kwargs
         )
+
+
+def test_a_dkm_config_given_for_a_palettized_checkpoint_is_refused(saved):
+    """transformers keeps the checkpoint's quantization_config when another is passed: a new DKMConfig was ignored
+    and the palettized model came back without a DKM weight to train (before: only transformers' generic warning).
+    The checkpoint's own config passed back loads it."""
+    with pytest.raises(ValueError, match="already palettized.*dequantize"):
+        AutoModelForSequenceClassification.from_pretrained(saved["palettized"], dkm_config=dkm_hf.DKMConfig(bits=2))
+    own = AutoModelForSequenceClassification.from_pretrained(saved["palettized"]).config.quantization_config
+    again = AutoModelForSequenceClassification.from_pretrained(saved["palettized"], quantization_config=own)
+    assert dkm_hf.palettized_modules(again)
