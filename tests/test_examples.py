@@ -576,3 +576,16 @@ def test_examples_refuse_what_they_cannot_do(tmp_path):
     gguf = load_script("examples/causal_lm/convert_gguf.py")
     with pytest.raises(SystemExit, match="is a file, not a directory"):  # transformers only logged it: exit 0
         gguf.convert(str(tmp_path / "short.txt"))
+
+
+def test_glue_example_counts_labels_of_every_split(tmp_path):
+    """An integer label seen only in the validation file gets its class (before: the head had the training labels'
+    classes only, and evaluation failed with 'Target 2 is out of bounds' after the dense fine-tune)."""
+    glue = load_script("examples/glue/run_glue_dkm.py")
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(8)))
+    (tmp_path / "dev.csv").write_text("text,label\na,0\nb,2\n")
+    args = glue.DataTrainingArguments(
+        train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "dev.csv")
+    )
+    _, keys, label_names = glue.load_data(args, seed=0)
+    assert keys == ("text", None) and label_names == ["0", "1", "2"]
