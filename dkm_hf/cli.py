@@ -186,7 +186,7 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
         ax.axis("off")
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, format=Path(out).suffix[1:] or "png")  # no suffix: the name as given, a PNG
     plt.close(fig)
     return chosen
 

@@ -98,6 +98,16 @@ def test_plot_writes_a_png(checkpoint, tmp_path, capsys, with_original):
         assert len(set(image.convert("L").getdata())) > 10  # something is drawn
 
 
+def test_plot_writes_the_file_it_names(checkpoint, tmp_path, capsys):
+    """An --out without a suffix is written under that name, a PNG (matplotlib wrote `hist.png` while the command
+    printed `wrote hist`)."""
+    assert main(["plot", str(checkpoint[0]), "--out", str(tmp_path / "hist"), "--layers", r"h\.0\.mlp"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hist"] and "wrote " + str(tmp_path / "hist") in (
+        capsys.readouterr().out
+    )
+    assert (tmp_path / "hist").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_with_no_matching_layer_fails_cleanly(checkpoint, tmp_path, capsys):
     assert main(["plot", str(checkpoint[0]), "--out", str(tmp_path / "x.png"), "--layers", "nope"]) == 2
     assert "no palettized layer matches 'nope'" in capsys.readouterr().err
@@ -155,6 +165,10 @@ BAD_INPUTS = {
         "needs a positive integer 'bits'",
     ),
     "no config": ({"edit_config": lambda q: q.clear()}, "does not describe a dkm_hf palettized checkpoint"),
+    "a newer format": (  # from_pretrained refuses it; inspect printed every layer "ok"
+        {"edit_config": lambda q: q.__setitem__("format_version", 99)},
+        "format_version must be 1 or 2 .* upgrade dkm_hf",
+    ),
 }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import CheckpointRecord
 from ..errors import PalettizedCheckpointError
 from ..nn.layout import Layout, layouts_from_records
 from .checkpoint_checks import find_tensor, guess_transposed, state_key
@@ -78,6 +79,10 @@ def summarize(directory: str | os.PathLike, variant: str | None = None) -> Check
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(quant, dict) or quant.get("quant_method") != "dkm" or quant.get("format") != "palettized":
         raise PalettizedCheckpointError(f"{directory}: config.json does not describe a dkm_hf palettized checkpoint")
+    try:  # a format this dkm_hf cannot read (a newer one) is refused as from_pretrained refuses it
+        CheckpointRecord(*(quant[key] for key in CheckpointRecord.KEYS if key in quant))
+    except (ValueError, TypeError) as err:
+        raise PalettizedCheckpointError(f"{path}: {err}") from None
     files = checkpoint_files(directory, variant)
     header = read_headers(files)
     records = quant.get("modules", {})
