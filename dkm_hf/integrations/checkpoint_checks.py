@@ -147,6 +147,12 @@ def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
     """config.json and the weight files must come from the same save (`read_headers` already checked that the files
     agree with each other): an in-place save interrupted between two files leaves a mix that must not load."""
     written = header.metadata.get(SAVE_ID_KEY)
+    if written != record.save_id and header.tensors and FORMAT_KEY not in header.metadata:
+        raise PalettizedCheckpointError(
+            f"config.json's quantization_config declares a dkm_hf {record.format} checkpoint, but the weight files "
+            "carry no dkm_hf metadata: dkm_hf did not write them (a model built with from_config from a dkm_hf "
+            "config and saved?). Load them without that quantization_config"
+        )
     if written != record.save_id:
         files = sorted({os.path.basename(e.file) for e in header.tensors.values()})
         raise PalettizedCheckpointError(

@@ -188,6 +188,14 @@ def _patch_save_pretrained() -> None:
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         palettized = is_palettized(self)
         ours = palettized or bool(dkm_modules(self))
+        declared = getattr(self.config, "quantization_config", None)
+        declared = declared.to_dict() if isinstance(declared, DKMConfig) else declared
+        if not ours and isinstance(declared, dict) and declared.get("quant_method") == "dkm" and not quantizer:
+            raise ValueError(
+                f"{type(self).__name__}.config declares a dkm_hf checkpoint (quantization_config) but the model holds "
+                "no DKM or palettized weight (built with from_config?); nothing was saved. Delete "
+                "model.config.quantization_config to save it as a dense model"
+            )
         if not ours or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             remove_stale = stale_single_file_guard(save_directory, kwargs.get("variant"))
             result = original(self, save_directory, *args, **kwargs)
