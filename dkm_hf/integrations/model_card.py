@@ -56,7 +56,11 @@ def model_card(summary: CheckpointSummary, base_model: str | None, repo: str, ex
     """Markdown with YAML metadata (huggingface_hub's ModelCardData) describing a palettized checkpoint."""
     config = summary.config
     architecture = (config.get("architectures") or [None])[0]
+    auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     auto = auto_class_name(architecture)
+    if auto_map:  # the model's own code: an Auto class its auto_map names, with trust_remote_code
+        auto = auto if auto in auto_map else next((k for k in auto_map if k.startswith("AutoModel")), auto)
+    remote = ", trust_remote_code=True" if auto_map else ""
     total, fp32, fp16 = summary.total_bytes, summary.dense_bytes(4), summary.dense_bytes(2)
     hub_base = base_model if base_model and _REPO_ID.fullmatch(base_model) and not os.path.exists(base_model) else None
     tags = TAGS + [t for t in extra_tags if t not in TAGS]
@@ -116,9 +120,9 @@ def model_card(summary: CheckpointSummary, base_model: str | None, repo: str, ex
         "import dkm_hf  # registers the `dkm` quantization method: import it before from_pretrained",
         f"from transformers import {auto}",
         "",
-        f'model = {auto}.from_pretrained("{repo}")',
-        "# lowest memory: decode the weights in every forward instead of once",
-        f'# model = {auto}.from_pretrained("{repo}", dkm_inference_mode="packed")',
+        f'model = {auto}.from_pretrained("{repo}"{remote})',
+        "# packed (the default) decodes each weight in its forward: the least memory; dense decodes once and keeps it",
+        f'# model = {auto}.from_pretrained("{repo}"{remote}, dkm_inference_mode="dense")',
         "```",
         "",
         "Without `import dkm_hf`, transformers only warns that it does not know the `dkm` quantization method and "

@@ -180,3 +180,22 @@ def test_palettized_checkpoint_loads_from_the_hub_cache(palettized, tmp_path):
     for loaded in loads:
         assert len(list(dkm_hf.palettized_modules(loaded))) == len(list(dkm_hf.palettized_modules(model))) > 0
         torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
+
+
+def test_card_load_lines_name_the_default_mode_and_remote_code(palettized, tmp_path):
+    """The card's alternative load line offered packed mode, which is the default, as the low-memory option; a model
+    with its own code (auto_map) got a line without trust_remote_code that fails."""
+    import json
+
+    from dkm_hf.integrations.model_card import model_card
+
+    model, _ = palettized
+    model.save_pretrained(tmp_path / "saved")
+    card = model_card(summarize(tmp_path / "saved"), None, "me/tiny")
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny")' in card
+    assert 'dkm_inference_mode="dense"' in card and 'dkm_inference_mode="packed"' not in card
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.Mine"}
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
+    card = model_card(summarize(tmp_path / "saved"), None, "me/tiny")
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny", trust_remote_code=True)' in card
