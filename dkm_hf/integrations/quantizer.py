@@ -28,6 +28,7 @@ from ..nn.palettized import palettized_modules
 from ..nn.weights import is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import init_centroids, to_dkm, to_shells, weight_layouts
+from ..surgery.select import tied_pairs
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -102,6 +103,15 @@ class DKMHfQuantizer(HfQuantizer):
                 for n, lay in stored.items()
                 if n in names and (lay.tied_to is None or lay.tied_to in names)
             }
+            for target, source in tied_pairs(model).items():
+                # a head the saving model did not have (a base model's checkpoint), tied here to a palettized
+                # embedding: it shares that embedding, as transformers ties it for a dense checkpoint
+                if (
+                    source in layouts
+                    and target not in layouts
+                    and header.tensors.find(_param_key(model, target)) is None
+                ):
+                    layouts[target] = replace(layouts[source], transposed=_transposed(model, target), tied_to=source)
             tied = [_param_key(model, name) for name, layout in layouts.items() if layout.tied_to is not None]
             for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
                 weight.placeholder = mark_initialized(torch.empty(weight.layout.shape, device="meta"))

@@ -90,3 +90,24 @@ def test_a_model_built_from_a_dkm_config_saves_and_loads_with_clear_errors(saved
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(config))
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match="carry no dkm_hf metadata"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "mixed")
+
+
+def test_a_palettized_base_model_loads_into_a_head_tied_to_its_embedding(tmp_path):
+    """LlamaModel (tie_word_embeddings) saved palettized, loaded as LlamaForCausalLM: the new head shares the
+    palettized embedding, as transformers ties it for a dense checkpoint (before: refused, telling the user to restore
+    a config.json nobody had edited)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = dkm_hf.prepare(LlamaModel(config), dkm_hf.DKMConfig(bits=3, weight_threshold=0))
+    dkm_hf.palettize(base).save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    assert model.lm_head.tied_source is model.model.embed_tokens
+    x = torch.randint(0, 99, (1, 6))
+    with torch.no_grad():
+        hidden = base(x).last_hidden_state
+        torch.testing.assert_close(model(x).logits, hidden @ model.model.embed_tokens.weight.T)
