@@ -118,11 +118,18 @@ class DKMHfQuantizer(HfQuantizer):
             untie(model, tied)
             return model
         weights = to_dkm(model, config, with_state=True)
-        layouts = weight_layouts(weights.items())
+        # weights the checkpoint does not hold at all (a head class's new layer): their centroids come from the
+        # weights transformers initialises, after loading
+        self.fresh = {
+            n
+            for n, w in weights.items()
+            if w.tied_source is None and header.tensors.find(_param_key(model, n)) is None
+        }
+        layouts = weight_layouts((n, w) for n, w in weights.items() if n not in self.fresh)
         in_model = functools.partial(_in_model, model)
         self.init_after_load = not carries_training_state(header, layouts, in_model)
-        if self.init_after_load:  # a dense checkpoint whose config.json declares DKM
-            for weight in weights.values():
+        for name, weight in weights.items():
+            if self.init_after_load or name in self.fresh:  # all: a dense checkpoint whose config.json declares DKM
                 weight.drop_state()
         return model
 
@@ -162,8 +169,11 @@ class DKMHfQuantizer(HfQuantizer):
         if self.init_after_load:
             init_centroids(model)
         else:
-            for _, weight in dkm_modules(model):
-                weight.dkm_ready = True
+            for name, weight in dkm_modules(model):
+                if name in getattr(self, "fresh", ()):
+                    weight.init_centroids()
+                else:
+                    weight.dkm_ready = True
         return model
 
     def get_state_dict_and_metadata(self, model):

@@ -111,3 +111,24 @@ def test_a_palettized_base_model_loads_into_a_head_tied_to_its_embedding(tmp_pat
     with torch.no_grad():
         hidden = base(x).last_hidden_state
         torch.testing.assert_close(model(x).logits, hidden @ model.model.embed_tokens.weight.T)
+
+
+def test_a_training_checkpoint_loads_into_a_head_class_with_a_new_clustered_layer(tmp_path):
+    """A BertModel without its pooler, trained with DKM and saved (training format), loaded as
+    BertForSequenceClassification: the new pooler, clustered by the config, gets centroids from its fresh weights
+    (before: refused, the checkpoint 'without the DKM state' of a layer it never had); the rest loads as saved."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = dkm_hf.prepare(BertModel(config, add_pooling_layer=False), dkm_hf.DKMConfig(bits=3, weight_threshold=1000))
+    base.save_pretrained(tmp_path / "train")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "train")
+    modules = dict(dkm_hf.dkm_modules(model))
+    assert "bert.pooler.dense" in modules and modules["bert.pooler.dense"].dkm_ready
+    pooler = modules["bert.pooler.dense"]
+    assert pooler.centroids.min() >= pooler.weight.min() and pooler.centroids.max() <= pooler.weight.max()
+    for name, state in dkm_hf.dkm_modules(base):
+        torch.testing.assert_close(modules["bert." + name].centroids, state.centroids, rtol=0, atol=0)
