@@ -11,7 +11,6 @@ the values (a checkpoint its loader would refuse is not saved) and records what 
 from __future__ import annotations
 
 import copy
-import functools
 import os
 from dataclasses import replace
 
@@ -118,15 +117,15 @@ class DKMHfQuantizer(HfQuantizer):
             untie(model, tied)
             return model
         weights = to_dkm(model, config, with_state=True)
-        # weights the checkpoint does not hold at all (a head class's new layer): their centroids come from the
-        # weights transformers initialises, after loading
+        # weights the checkpoint does not hold (a head class's new layer), or of another shape that transformers
+        # re-initialises (ignore_mismatched_sizes): their centroids come from the weights after loading
+        mismatched = bool(LOAD_OPTIONS.get().get("ignore_mismatched_sizes"))
+        entries = {n: header.tensors.find(_param_key(model, n)) for n, w in weights.items() if w.tied_source is None}
         self.fresh = {
-            n
-            for n, w in weights.items()
-            if w.tied_source is None and header.tensors.find(_param_key(model, n)) is None
+            n for n, e in entries.items() if e is None or (mismatched and tuple(e.shape) != weights[n].layout.shape)
         }
         layouts = weight_layouts((n, w) for n, w in weights.items() if n not in self.fresh)
-        in_model = functools.partial(_in_model, model)
+        in_model = lambda name: _in_model(model, name) and name not in self.fresh  # noqa: E731
         self.init_after_load = not carries_training_state(header, layouts, in_model)
         for name, weight in weights.items():
             if self.init_after_load or name in self.fresh:  # all: a dense checkpoint whose config.json declares DKM

@@ -132,3 +132,26 @@ def test_a_training_checkpoint_loads_into_a_head_class_with_a_new_clustered_laye
     assert pooler.centroids.min() >= pooler.weight.min() and pooler.centroids.max() <= pooler.weight.max()
     for name, state in dkm_hf.dkm_modules(base):
         torch.testing.assert_close(modules["bert." + name].centroids, state.centroids, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_a_training_checkpoint_takes_a_new_clustered_head_with_ignore_mismatched_sizes(tmp_path, per_row):
+    """num_labels changed on a training checkpoint whose classifier is clustered: transformers re-initialises the
+    head, and its centroids come from the new weights (before: per-row LUTs were refused, a per-tensor LUT kept the
+    old head's centroids, 25x the new weights' range)."""
+    from toy import save_toy_bert
+
+    layout = {"granularity": "per_grouped_channel", "group_size": 1} if per_row else {}
+    config = dkm_hf.DKMConfig(bits=2, weight_threshold=0, **layout)
+    model = AutoModelForSequenceClassification.from_pretrained(save_toy_bert(tmp_path / "dense"), dkm_config=config)
+    with torch.no_grad():
+        model.classifier.weight.mul_(25)  # the trained head: far from a fresh one
+    model.classifier.init_centroids()
+    model.save_pretrained(tmp_path / "train")
+    loaded = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "train", num_labels=5, ignore_mismatched_sizes=True
+    )
+    head = loaded.classifier
+    assert head.weight.shape == (5, 32) and head.dkm_ready
+    assert head.centroids.abs().max() <= head.weight.abs().max()
+    torch.testing.assert_close(loaded.bert.pooler.dense.centroids, model.bert.pooler.dense.centroids)
