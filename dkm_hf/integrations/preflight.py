@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError
+
 from ..errors import PalettizedCheckpointError
 from .safetensors_files import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_headers, variant_name
 
@@ -59,3 +62,19 @@ def preflight(
             f'declare it (quant_method={method!r}); restore `"quant_method": "dkm"` or the original config.json'
             + (" (or load without config=)" if config is not None else "")
         )
+
+
+def cached_snapshot(repo_id: str, subfolder: str, cache_dir: Any = None, revision: str | None = None) -> str | None:
+    """The local snapshot directory of Hub repo `repo_id` when its config.json is in the Hub cache (a repo loaded
+    before, or offline), for `preflight` to read as a local directory; None otherwise (nothing is downloaded here:
+    files transformers downloads afterwards are not checked before loading)."""
+    try:
+        found = try_to_load_from_cache(
+            repo_id, "/".join(filter(None, (subfolder, "config.json"))), cache_dir, revision
+        )
+    except (HFValidationError, ValueError, OSError):
+        return None
+    if not isinstance(found, str):
+        return None
+    folder = Path(found).parent
+    return str(folder.parents[len(Path(subfolder).parts) - 1] if subfolder else folder)

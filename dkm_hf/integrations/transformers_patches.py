@@ -71,7 +71,7 @@ from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
 from ..nn.weights import parameter_keys
 from ..surgery.model import get_dkm_config, set_inference_mode
 from .model_card import write_model_card
-from .preflight import preflight
+from .preflight import cached_snapshot, preflight
 from .saving import atomic_save, stale_single_file_guard
 
 _MARK = "_dkm_hf_patched"
@@ -148,7 +148,9 @@ def _patch_from_pretrained() -> None:
         if dkm_inference_mode is not None and dkm_inference_mode not in MODES:
             raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
         path = args[0] if args else kw.get("pretrained_model_name_or_path")
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):  # a Hub repo: its cached download
+            path = cached_snapshot(os.fspath(path), kw.get("subfolder") or "", kw.get("cache_dir"), kw.get("revision"))
+        if path is not None and os.path.isdir(path):
             preflight(path, kw.get("subfolder") or "", kw.get("variant"), kw.get("config"))
         token = LOAD_OPTIONS.set(
             {k: kw.get(k) for k in ("key_mapping", "ignore_mismatched_sizes", "quantization_config")}

@@ -180,6 +180,12 @@ def test_palettized_checkpoint_loads_from_the_hub_cache(palettized, tmp_path):
     for loaded in loads:
         assert len(list(dkm_hf.palettized_modules(loaded))) == len(list(dkm_hf.palettized_modules(model))) > 0
         torch.testing.assert_close(_logits(loaded, x), _logits(model, x), rtol=0, atol=0)
+    # palettized files under a config that does not declare them are refused for a cached repo too (before: for a
+    # local directory only; the repo loaded with every clustered weight random)
+    _, dense = palettized
+    plain = GPT2LMHeadModel.config_class.from_pretrained(dense)
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="does not declare it"):
+        AutoModelForCausalLM.from_pretrained("org/nested", subfolder="inner", cache_dir=cache, config=plain)
 
 
 def test_card_load_lines_name_the_default_mode_and_remote_code(palettized, tmp_path):
