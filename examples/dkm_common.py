@@ -239,6 +239,16 @@ class ClassificationTask:
     details: dict[str, Any] = field(default_factory=dict)  # task options recorded in results.json
 
 
+def check_dkm_configs(model_class, config, dkm_configs) -> None:
+    """Each bit width's DKMConfig applied to a meta-device copy of the model (no weights, no k-means): an override
+    that matches no weight, or a layout that does not fit one, is refused before anything trains (not after the
+    dense fine-tune and the control)."""
+    for dkm_config in dkm_configs:
+        with torch.device("meta"):
+            model = model_class.from_config(config)
+        dkm_hf.prepare(model, dkm_config, init=False)
+
+
 def run_classification(
     argv: list[str] | None,
     model_arguments: type,
@@ -297,6 +307,7 @@ def run_classification(
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
+    check_dkm_configs(task.model_class, config, [dkm_args.config(bits) for bits in dkm_args.bits])
     model = task.model_class.from_pretrained(task.model_path, config=config, ignore_mismatched_sizes=True)
     dense_run = phase_arguments(
         training_args,

@@ -573,6 +573,19 @@ def test_examples_refuse_what_they_cannot_do(tmp_path):
         parse_arguments(
             glue.ModelArguments, glue.DataTrainingArguments, {}, ["--output_dir", str(tmp_path), *validation]
         )
+    # an override that matches no weight is refused before the dense row (before: after the dense model and the
+    # control had run); so is a layout that fits no weight, in the classification examples too
+    bad_override = ["--overrides", '{"encoder.layers.*": {"bits": 2}}']
+    with pytest.raises(ValueError, match="matches none of the"):
+        clm.main(argv + validation + ["--train_file", str(tmp_path / "long.txt")] + bad_override)
+    assert not (tmp_path / "clm" / "dense").exists()
+    text_model = tiny_text_model(tmp_path)
+    sentiment_csv(tmp_path / "train.csv", 16, seed=0)
+    glue_argv = ["--model_name_or_path", str(text_model), "--train_file", str(tmp_path / "train.csv")]
+    glue_argv += ["--output_dir", str(tmp_path / "glue"), "--cluster_dim", "7", "--weight_threshold", "512"]
+    with pytest.raises(ValueError, match="cluster_dim=7 does not divide"):
+        glue.main(glue_argv)
+    assert not (tmp_path / "glue" / "dense").exists()
     gguf = load_script("examples/causal_lm/convert_gguf.py")
     with pytest.raises(SystemExit, match="is a file, not a directory"):  # transformers only logged it: exit 0
         gguf.convert(str(tmp_path / "short.txt"))

@@ -51,8 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # examples/: dk
 
 import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
-from dkm_common import checkpoint_bytes, parse_arguments, peak_rss_mb  # noqa: E402
+from dkm_common import check_dkm_configs, checkpoint_bytes, parse_arguments, peak_rss_mb  # noqa: E402
 from transformers import (  # noqa: E402
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     Trainer,
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def reload(folder: str):
         return AutoModelForCausalLM.from_pretrained(folder)
+
+    configs = [recipe_for(b, model_args, dkm_args, training_args, argv)[1].config(b) for b in dkm_args.bits]
+    check_dkm_configs(AutoModelForCausalLM, AutoConfig.from_pretrained(model_path), configs)
 
     # -- dense --------------------------------------------------------------------------------------------------------
     peak_rss_mb(reset=True)
