@@ -54,6 +54,7 @@ what it relies on.
 from __future__ import annotations
 
 import contextvars
+import copy
 import functools
 import inspect
 import os
@@ -193,11 +194,14 @@ def _patch_save_pretrained() -> None:
         declared = getattr(self.config, "quantization_config", None)
         declared = declared.to_dict() if isinstance(declared, DKMConfig) else declared
         if not ours and isinstance(declared, dict) and declared.get("quant_method") == "dkm" and not quantizer:
-            raise ValueError(
-                f"{type(self).__name__}.config declares a dkm_hf checkpoint (quantization_config) but the model holds "
-                "no DKM or palettized weight (built with from_config?); nothing was saved. Delete "
-                "model.config.quantization_config to save it as a dense model"
-            )
+            # no DKM or palettized weight (from_config on a dkm_hf config, the base model of a model clustered in its
+            # head only): it saves as the dense model it is, not under a config that declares dkm_hf files
+            config, self.config = self.config, copy.copy(self.config)
+            del self.config.quantization_config
+            try:
+                return save_pretrained(self, save_directory, *args, **kwargs)
+            finally:
+                self.config = config
         if not ours or os.path.isfile(save_directory) or not self.should_save_on_this_rank(is_main):
             remove_stale = stale_single_file_guard(save_directory, kwargs.get("variant"))
             result = original(self, save_directory, *args, **kwargs)

@@ -74,17 +74,21 @@ def test_a_dkm_config_given_for_a_palettized_checkpoint_is_refused(saved):
 
 def test_a_model_built_from_a_dkm_config_saves_and_loads_with_clear_errors(saved, tmp_path):
     """from_config on a palettized checkpoint's config builds plain layers under a config that declares palettized
-    files: its save is refused, nothing written (before: written, and its reload blamed an interrupted save); dense
-    weight files under such a config.json are refused saying dkm_hf did not write them."""
+    files: it saves as the dense model it is (before: under that config, and its reload blamed an interrupted save);
+    dense weight files under such a config.json are refused saying dkm_hf did not write them."""
     import json
     import shutil
 
     from transformers import AutoConfig
 
     model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(saved["palettized"]))
-    with pytest.raises(ValueError, match="holds no DKM or palettized weight.*nothing was saved"):
-        model.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    model.save_pretrained(tmp_path / "out")
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    assert model.config.quantization_config["quant_method"] == "dkm"  # the model's own config is left as it was
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    x = torch.randint(0, 99, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model.eval()(x).logits)
     shutil.copytree(saved["dense"], tmp_path / "mixed")
     config = json.loads((saved["palettized"] / "config.json").read_text())
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(config))
