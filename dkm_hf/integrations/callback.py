@@ -119,6 +119,7 @@ def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None)
         if module.importance is not None:  # the objective of an importance-weighted loop
             error = error * module.importance[g]
         far = error.topk(min(dead.numel(), error.numel())).indices
+        far = far[error[far] > 0]  # a vector its centroid already equals would only duplicate it again
         module.centroids[g, dead[: far.numel()]] = vectors[g, far]
         reseeded += far.numel()
     if reseeded:

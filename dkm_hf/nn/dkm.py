@@ -83,8 +83,9 @@ class DKMWeight:
         return self.module._parameters[self.param]
 
     @property
-    def centroids(self) -> torch.Tensor:
-        return self.module._buffers[buffer_name(self.param, "centroids")]
+    def centroids(self) -> torch.Tensor:  # a tied weight's are its source's
+        owner = self if self.tied_source is None else self.tied_source
+        return owner.module._buffers[buffer_name(owner.param, "centroids")]
 
     @property
     def weight_scale(self) -> torch.Tensor:

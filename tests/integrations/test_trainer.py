@@ -385,6 +385,23 @@ def test_dead_and_duplicate_centroids_are_reseeded():
     assert reseed_dead_centroids(layer.dkm_weights["weight"]) == 2
     sizes = torch.bincount(layer.assignments().view(-1), minlength=4)
     assert (sizes > 0).all() and torch.unique(layer.centroids).numel() == 4
+    # a constant weight has one value for four centroids: nothing to re-seed them onto, and none is counted (before:
+    # 3 "re-seeded" at every logging step, the centroids unchanged)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+        layer.centroids.fill_(0.5)
+    assert reseed_dead_centroids(layer.dkm_weights["weight"]) == 0
+
+
+def test_a_tied_weights_centroids_are_its_sources():
+    """`centroids` of a tied weight (GPT-2's lm_head) raised a bare KeyError: they are the source's LUT."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=16))
+    dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
+    states = dict(dkm_hf.dkm_modules(model))
+    assert states["lm_head"].tied_source is states["transformer.wte"]
+    assert states["lm_head"].centroids is states["transformer.wte"].centroids
 
 
 def test_reseeding_of_an_importance_weighted_loop_takes_the_largest_weighted_error():
