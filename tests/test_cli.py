@@ -300,3 +300,10 @@ def test_variants_folders_and_file_names(checkpoint, tmp_path, capsys):
         assert main(["plot", str(out), "--out", str(target)]) == 2
         assert "is a folder, not a file name" in capsys.readouterr().err
     assert not list((tmp_path / "plots").iterdir())
+
+
+def test_inspect_reads_a_config_without_a_format_version(checkpoint, tmp_path, capsys):
+    """from_pretrained takes the current format for a quantization_config without format_version; inspect read
+    the record's fields by position, took the modules for the version and refused the checkpoint."""
+    path = _damage(checkpoint[0], tmp_path, edit_config=lambda q: q.pop("format_version"))
+    assert main(["inspect", str(path)]) == 0, capsys.readouterr().err

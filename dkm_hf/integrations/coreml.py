@@ -325,8 +325,9 @@ def _check_model(model: nn.Module, example_inputs: dict[str, Any]) -> None:
 
 
 def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minimum_deployment_target=None, **options):
-    """Write `path` (.mlpackage): the model converted by coremltools, every palettized weight as Core ML LUT ops
-    holding its own LUT, indices and scale. Returns the saved `coremltools.models.MLModel`.
+    """Write `path` (.mlpackage; one already there is replaced only if it is a Core ML package or empty, a link the
+    package it names): the model converted by coremltools, every palettized weight as Core ML LUT ops holding its own
+    LUT, indices and scale. Returns the saved `coremltools.models.MLModel`.
 
     `model_or_dir`: a palettized model or a palettized checkpoint directory. `example_inputs`: the forward's tensor
     arguments, whose shapes become the model's fixed input shapes (integer tensors are int32 in Core ML).
@@ -334,12 +335,11 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
     `logits` (or first output) is the output "logits". The package's user_defined_metadata[METADATA_KEY] maps
     each clustered module to its constexpr_lut_to_dense op (a per-channel scale op reads that op's output).
     `options` go to `coremltools.convert` (e.g. compute_precision=ct.precision.FLOAT32 keeps float32 / bfloat16
-    LUTs exact; the default fp16 precision stores every LUT as fp16, with a warning for wider ones).
-    """
-    ct, out = _coremltools(), Path(path)
-    if out.suffix != ".mlpackage":
+    LUTs exact; the default fp16 precision stores every LUT as fp16, with a warning for wider ones)."""
+    ct, out = _coremltools(), Path(path).resolve()
+    if Path(path).suffix != ".mlpackage":
         raise ValueError(f"{path}: Core ML programs are saved as an .mlpackage directory (name it *.mlpackage)")
-    if out.exists() and not (out / "Manifest.json").is_file():  # coremltools deletes whatever is there
+    if out.exists() and not ((out / "Manifest.json").is_file() or (out.is_dir() and not any(out.iterdir()))):
         raise ValueError(f"{path} exists and is not a Core ML package: refusing to replace it")
     target = coreml_target(minimum_deployment_target)
     model = load_palettized(str(model_or_dir)) if isinstance(model_or_dir, (str, Path)) else model_or_dir
@@ -362,9 +362,8 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
             exported = exported.run_decompositions({})
     finally:
         model.train(was_training)
-    number: dict[int, int] = {}  # id of a weight (tied modules share one) -> its token
-    for weight in weights.values():
-        number.setdefault(id(weight), len(number))
+    ids = dict.fromkeys(id(weight) for weight in weights.values())  # tied modules share one weight
+    number = {i: token for token, i in enumerate(ids)}  # id of a weight -> its token
     by_arg = {}
     for arg, param in exported.graph_signature.inputs_to_parameters.items():
         module, _, name = param.removeprefix("model.").rpartition(".")
@@ -392,8 +391,10 @@ def to_coreml(model_or_dir, example_inputs: dict[str, torch.Tensor], path, minim
     mapping = {name: op_of[number[id(w)]] for name, w in weights.items() if number[id(w)] in op_of}
     mlmodel.user_defined_metadata[METADATA_KEY] = json.dumps(mapping, sort_keys=True)
     staged = out.with_name(f".{out.stem}.{os.getpid()}.mlpackage")  # the old package stays until the new is whole
-    mlmodel.save(str(staged))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staged, out)
+    try:
+        mlmodel.save(str(staged))
+        shutil.rmtree(out, ignore_errors=True)  # as coremltools' own save deletes it
+        os.replace(staged, out)
+    finally:  # left only by a failure
+        shutil.rmtree(staged, ignore_errors=True)
     return mlmodel

@@ -64,17 +64,23 @@ def preflight(
         )
 
 
-def cached_snapshot(repo_id: str, subfolder: str, cache_dir: Any = None, revision: str | None = None) -> str | None:
-    """The local snapshot directory of Hub repo `repo_id` when its config.json is in the Hub cache (a repo loaded
-    before, or offline), for `preflight` to read as a local directory; None otherwise (nothing is downloaded here:
-    files transformers downloads afterwards are not checked before loading)."""
+def cached_snapshot(
+    repo_id: str, subfolder: str, cache_dir: Any, revision: str | None, variant: str | None
+) -> str | None:
+    """The local snapshot directory of Hub repo `repo_id` when its config.json and every weight file are in the Hub
+    cache (a repo loaded before, or offline), for `preflight` to read as a local directory; None otherwise: nothing is
+    downloaded here, and files transformers downloads afterwards (an interrupted download's other shards) are only
+    checked as they load."""
     try:
-        found = try_to_load_from_cache(
-            repo_id, "/".join(filter(None, (subfolder, "config.json"))), cache_dir, revision
-        )
+        name = "/".join(filter(None, (subfolder, "config.json")))
+        found = try_to_load_from_cache(repo_id, name, cache_dir, revision)
     except (HFValidationError, ValueError, OSError):
         return None
     if not isinstance(found, str):
         return None
     folder = Path(found).parent
+    try:
+        checkpoint_files(folder, variant)
+    except PalettizedCheckpointError:
+        return None
     return str(folder.parents[len(Path(subfolder).parts) - 1] if subfolder else folder)

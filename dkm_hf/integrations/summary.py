@@ -80,7 +80,7 @@ def summarize(directory: str | os.PathLike, variant: str | None = None) -> Check
     if not isinstance(quant, dict) or quant.get("quant_method") != "dkm" or quant.get("format") != "palettized":
         raise PalettizedCheckpointError(f"{directory}: config.json does not describe a dkm_hf palettized checkpoint")
     try:  # a format this dkm_hf cannot read (a newer one) is refused as from_pretrained refuses it
-        CheckpointRecord(*(quant[key] for key in CheckpointRecord.KEYS if key in quant))
+        CheckpointRecord(**{key: quant[key] for key in CheckpointRecord.KEYS if key in quant})
     except (ValueError, TypeError) as err:
         raise PalettizedCheckpointError(f"{path}: {err}") from None
     files = checkpoint_files(directory, variant)

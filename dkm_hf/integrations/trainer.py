@@ -13,7 +13,6 @@ evaluation, and palettized saving).
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
@@ -216,12 +215,6 @@ class DKMTrainerMixin:
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
             self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
-        # set here, not by the user: a resume does not evaluate its starting step again (see train)
-        self._eval_on_start_set = False
-        if self.dkm_option("eval_hard_on_start") and a.eval_strategy != "no" and self.eval_dataset is not None:
-            self._eval_on_start_set = not a.eval_on_start
-            self.args = copy.copy(a)  # the caller's arguments stay as they were (a control run may share them)
-            self.args.eval_on_start = True
 
     def dkm_option(self, name: str):
         """The DKM field `name` of the trainer's arguments; its `DKMTrainingFields` default when they lack it."""
@@ -235,14 +228,16 @@ class DKMTrainerMixin:
         problem = model_problem(resume, self.model) if resume is not None else None
         if problem is not None:
             raise ValueError(f"cannot resume training from {resume}: {problem}")
-        again = resume is not None and self._eval_on_start_set  # step 0's evaluation, not the resumed step's
-        if again:
-            self.args.eval_on_start = False
+        # step 0's hard evaluation, for this run only: the caller's arguments stay as they were (a control run may
+        # share them), and a resume does not evaluate its starting step again
+        a = self.args
+        start = resume is None and not a.eval_on_start and self.dkm_option("eval_hard_on_start")
+        start = start and a.eval_strategy != "no" and self.eval_dataset is not None
+        a.eval_on_start = a.eval_on_start or start
         try:
             return super().train(resume, *args, **kwargs)
         finally:
-            if again:
-                self.args.eval_on_start = True
+            a.eval_on_start = a.eval_on_start and not start
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The training loss, the same for every split of a global batch into micro-batches and processes.

@@ -150,7 +150,8 @@ def _patch_from_pretrained() -> None:
             raise ValueError(f"dkm_inference_mode must be one of {list(MODES)}, got {dkm_inference_mode!r}")
         path = args[0] if args else kw.get("pretrained_model_name_or_path")
         if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):  # a Hub repo: its cached download
-            path = cached_snapshot(os.fspath(path), kw.get("subfolder") or "", kw.get("cache_dir"), kw.get("revision"))
+            where = (kw.get("subfolder") or "", kw.get("cache_dir"), kw.get("revision"), kw.get("variant"))
+            path = cached_snapshot(os.fspath(path), *where)
         if path is not None and os.path.isdir(path):
             preflight(path, kw.get("subfolder") or "", kw.get("variant"), kw.get("config"))
         token = LOAD_OPTIONS.set(

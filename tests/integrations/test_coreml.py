@@ -329,7 +329,11 @@ def test_export_replaces_a_package_but_never_another_directory(tmp_path):
         to_coreml(model, tiny_inputs("bert", 1), folder)
     assert (folder / "notes.txt").read_text() == "mine"
     path = tmp_path / "model.mlpackage"
+    path.mkdir()  # an empty directory: nothing to lose
     for _ in range(2):
         to_coreml(model, tiny_inputs("bert", 1), path)
         check_package(model, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.mlpackage", "work.mlpackage"]
+    (tmp_path / "link.mlpackage").symlink_to(path)  # a link: the package it names is replaced, nothing left beside
+    to_coreml(model, tiny_inputs("bert", 1), tmp_path / "link.mlpackage")
+    check_package(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mlpackage", "model.mlpackage", "work.mlpackage"]

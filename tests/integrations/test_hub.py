@@ -205,3 +205,20 @@ def test_card_load_lines_name_the_default_mode_and_remote_code(palettized, tmp_p
     (tmp_path / "saved" / "config.json").write_text(json.dumps(config))
     card = model_card(summarize(tmp_path / "saved"), None, "me/tiny")
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny", trust_remote_code=True)' in card
+
+
+def test_a_partly_downloaded_repo_is_left_to_transformers(palettized, tmp_path):
+    """An interrupted download (the index and some shards in the Hub cache): the check before loading no longer
+    reads the cached snapshot as a damaged checkpoint, so transformers downloads the rest (before: refused, naming
+    the shard not downloaded yet); a complete one is checked."""
+    from dkm_hf.integrations.preflight import cached_snapshot
+
+    model, _ = palettized
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="2KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    cache = tmp_path / "cache"
+    snapshot = _hub_cache(cache, "org/sharded", tmp_path / "sharded")
+    assert cached_snapshot("org/sharded", "", cache, None, None) == str(snapshot)
+    (snapshot / shards[-1].name).unlink()
+    assert cached_snapshot("org/sharded", "", cache, None, None) is None

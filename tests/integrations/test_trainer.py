@@ -800,7 +800,10 @@ def test_a_dkm_trainer_leaves_the_callers_arguments_and_callbacks_alone(toy_path
     ran, and the arguments' tau schedule overrode the user's)."""
     args = _args(tmp_path, eval_strategy="steps", eval_steps=4)
     trainer = DKMTrainer(model=_model(toy_path), args=args, train_dataset=ToyDataset(32), eval_dataset=ToyDataset(16))
-    assert trainer.args.eval_on_start and not args.eval_on_start
+    args.max_steps = 4  # changed after the trainer was built, as with a plain Trainer: it applies
+    trainer.train()
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert trainer.args is args and evaluated == [0, 4] and not args.eval_on_start
     with pytest.raises(ValueError, match="adds its own DKMCallback"):
         DKMTrainer(
             model=_model(toy_path), args=_args(tmp_path), train_dataset=ToyDataset(32), callbacks=[DKMCallback()]
