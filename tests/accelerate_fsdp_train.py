@@ -30,7 +30,8 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import dkm_hf
-from dkm_hf.integrations.distributed import full_state_dict, is_sharded
+from dkm_hf.integrations.distributed import full_state_dict
+from dkm_hf.nn.weights import is_sharded
 
 model_path, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 keep_gate = "--keep-cpu-gate" in sys.argv

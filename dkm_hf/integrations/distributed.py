@@ -16,10 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-try:  # torch >= 2.6
-    from torch.distributed.fsdp import FSDPModule
-except ImportError:  # pragma: no cover - older torch: no FSDP2, nothing to gather
-    FSDPModule = ()
+from ..nn.weights import FSDPModule
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -33,10 +30,6 @@ def saves_no_full_model(trainer) -> bool:
     """Whether Trainer's save_model writes no model file: FSDP with a state dict type other than FULL_STATE_DICT
     (SHARDED_STATE_DICT checkpoints are torch.distributed.checkpoint folders)."""
     return trainer.is_fsdp_enabled and "FULL" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 @contextlib.contextmanager

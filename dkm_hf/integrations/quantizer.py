@@ -24,7 +24,7 @@ from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..nn.layout import LUT_DTYPES, layouts_from_records
 from ..nn.palettized import palettized_modules
-from ..nn.weights import is_transposed, split_name
+from ..nn.weights import is_sharded, is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import init_centroids, to_dkm, to_shells, weight_layouts
 from ..surgery.select import tied_pairs
@@ -37,7 +37,7 @@ from .checkpoint_checks import (
     new_save_id,
     save_metadata,
 )
-from .distributed import full_state_dict, is_sharded
+from .distributed import full_state_dict
 from .model_card import TAGS
 from .safetensors_files import SafetensorsHeader, check_inside, read_headers
 from .transformers_patches import LOAD_OPTIONS, mark_initialized, untie
@@ -71,7 +71,8 @@ class DKMHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
             return model
-        given = LOAD_OPTIONS.get().get("quantization_config")
+        options = LOAD_OPTIONS.get()  # from_pretrained's, which transformers does not pass to this hook
+        mismatched, given = bool(options.get("ignore_mismatched_sizes")), options.get("quantization_config")
         if (
             config.record.format == "palettized"
             and isinstance(given, DKMConfig)
@@ -82,7 +83,7 @@ class DKMHfQuantizer(HfQuantizer):
                 "(load it without one, turn it dense with dkm_hf.dequantize(model) and prepare it with "
                 "dkm_hf.prepare(model, DKMConfig(...)))"
             )
-        if LOAD_OPTIONS.get().get("key_mapping"):
+        if options.get("key_mapping"):
             raise ValueError(
                 "key_mapping= does not apply to a dkm_hf checkpoint: its tensors carry the saving model's own names, "
                 "which config.json's quantization_config records; load it without key_mapping"
@@ -95,7 +96,6 @@ class DKMHfQuantizer(HfQuantizer):
         if config.record.format == "palettized":
             names = _model_names(model, config.record.modules)
             stored = layouts_from_records(config.record.modules, lambda name: _transposed(model, names.get(name)))
-            mismatched = bool(LOAD_OPTIONS.get().get("ignore_mismatched_sizes"))
             check_palettized_headers(header, stored, config.lut_dtype, model, mismatched)
             layouts = {
                 names[n]: replace(lay, tied_to=names.get(lay.tied_to)) if lay.tied_to else lay
@@ -119,7 +119,6 @@ class DKMHfQuantizer(HfQuantizer):
         weights = to_dkm(model, config, with_state=True)
         # weights the checkpoint does not hold (a head class's new layer), or of another shape that transformers
         # re-initialises (ignore_mismatched_sizes): their centroids come from the weights after loading
-        mismatched = bool(LOAD_OPTIONS.get().get("ignore_mismatched_sizes"))
         entries = {n: header.tensors.find(_param_key(model, n)) for n, w in weights.items() if w.tied_source is None}
         self.fresh = {
             n for n, e in entries.items() if e is None or (mismatched and tuple(e.shape) != weights[n].layout.shape)

@@ -30,6 +30,10 @@ try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - a torch without distributed tensors
     DTensor = None
+try:  # torch >= 2.6
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - older torch: no FSDP2, nothing to gather
+    FSDPModule = ()
 
 STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LUT (at least) per expert
 
@@ -205,6 +209,11 @@ def apply_keeping_dtype(
     apply(keeping)
     device = kept[0].device if kept else torch.device("cpu")
     return fn(torch.empty(0, dtype=probe_dtype, device=device))
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards (a part of) `model`."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def is_whole(tensor: torch.Tensor) -> bool:

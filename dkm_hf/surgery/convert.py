@@ -19,7 +19,6 @@ from dataclasses import replace as replace_fields
 import torch
 from accelerate.hooks import add_hook_to_module
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from transformers.utils import logging
 
 from ..config import DKMConfig
@@ -28,7 +27,16 @@ from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
 from ..nn.layout import Layout
 from ..nn.palettized import PalettizedMixin, PalettizedWeight, palettized_modules
 from ..nn.scopes import add_parent_scopes, remove_parent_scopes
-from ..nn.weights import base_class, channel_dims, is_transposed, split_name, swap_class, variant_class, weight_name
+from ..nn.weights import (
+    base_class,
+    channel_dims,
+    is_sharded,
+    is_transposed,
+    split_name,
+    swap_class,
+    variant_class,
+    weight_name,
+)
 from ..ops.kmeans import kmeans_init_many
 from ..ops.packing import pack_indices
 from .select import select_weights, tied_pairs
@@ -172,7 +180,7 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
     # modules whose weights are all sources first, so that tied targets find theirs
     modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
-    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    sharded = is_sharded(model)
     for module_name, module in modules:
         states = module.dkm_weights
         target = module

@@ -29,7 +29,7 @@ import subprocess
 import sys
 
 import torch
-from conftest import U, assert_within, free_port, save_tiny, weight_rounding
+from conftest import TINY, U, assert_within, free_port, save_tiny, weight_rounding
 from transformers import AutoModelForCausalLM
 
 import dkm_hf
@@ -100,20 +100,12 @@ def test_fsdp2_matches_one_process_resumes_and_saves_once(tmp_path):
 def test_fsdp2_palettized_save_of_layers_with_biases(tmp_path):
     """The palettized copies of gathered layers keep their own biases (before: they held FSDP2's gathered tensors,
     freed when the units sharded again, and the save failed reading storage of size 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    cls, make_config = TINY["llama"]
+    config = make_config()
+    config.attention_bias = config.mlp_bias = True
+    config.tie_word_embeddings = False
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        mlp_bias=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    cls(config).save_pretrained(tmp_path / "llama")
     _run([str(tmp_path / "llama"), str(tmp_path / "fsdp"), "1"], 2)
     trained = json.loads((tmp_path / "fsdp" / "result.json").read_text())["state"]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")
