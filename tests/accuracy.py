@@ -26,12 +26,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def settings(w: torch.Tensor, tau_scale: str) -> tuple:
-    """(tau, epsilon) as the modules make them: per-group tensors for tau_scale="variance"."""
+def settings(w: torch.Tensor, tau_scale: str, tau_ratio: float = 0.01) -> tuple:
+    """(tau, epsilon) as the modules make them: per-group tensors for tau_scale="variance" (tau = tau_ratio times the
+    group's variance)."""
     if tau_scale == "absolute":
         return 1e-3, 1e-4
     var = (w - w.mean(1, keepdim=True)).square().sum(-1).mean(1).double()
-    return 0.01 * var, 1e-3 * var.sqrt()
+    return tau_ratio * var, 1e-3 * var.sqrt()
 
 
 def run(w, c0, tau, epsilon, iters, implementation, grad, importance=None, device="cpu"):
@@ -52,11 +53,20 @@ def importance_of(w: torch.Tensor) -> torch.Tensor:
 
 
 def assert_as_accurate_as_reference(
-    w, bits, iters, epsilon_scale=1.0, tau_scale="variance", seed=0, c0_scale=1.0, weighted=False, device="cpu"
+    w,
+    bits,
+    iters,
+    epsilon_scale=1.0,
+    tau_scale="variance",
+    seed=0,
+    c0_scale=1.0,
+    weighted=False,
+    device="cpu",
+    tau_ratio=0.01,
 ):
     """The fused kernel on `device` against the chunked float32 path on the CPU, both measured from float64."""
     c0 = kmeans_init(w, 2**bits, seed=seed) * c0_scale
-    tau, epsilon = settings(w, tau_scale)
+    tau, epsilon = settings(w, tau_scale, tau_ratio)
     epsilon = epsilon * epsilon_scale
     grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed))
     f = importance_of(w) if weighted else None

@@ -43,7 +43,11 @@ def _gradient(x, a, cp, ds, dm, f, gt, ct, two_tau, HAS_F: tl.constexpr, DIRECT:
         mix = mix * f[:, None]
     if DIRECT:  # and through W~ = A_T C_T
         ga += tl.sum(gt[:, None, :] * ct[None, :, :], axis=2)
-    dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a  # softmax backward
+    # softmax backward, relative to the nearest centroid's ga (any one value per vector gives the same dz): the mean is
+    # formed from differences that vanish with their a at a small tau, not as ga_nearest plus an ulp times 2 / tau
+    ref = tl.max(tl.where(a == tl.max(a, axis=1)[:, None], ga, float("-inf")), axis=1)
+    ga = ga - ref[:, None]
+    dz = (ga - tl.sum(a * ga, axis=1)[:, None]) * a
     pull = tl.sum(dz[:, :, None] * cp[None, :, :], axis=1)
     return mix + (pull - x * tl.sum(dz, axis=1)[:, None]) * two_tau, dz
 

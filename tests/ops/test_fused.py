@@ -91,6 +91,20 @@ def test_fused_early_stop_matches_reference(epsilon_scale, tau_scale, n):
     assert_as_accurate_as_reference(w, 4, 6, epsilon_scale, tau_scale, c0_scale=1.5)
 
 
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("tau_ratio", [1e-4, 1e-8])
+@pytest.mark.parametrize("layout", ["grouped", "per_row"])
+def test_fused_gradients_stay_accurate_at_a_small_tau(layout, tau_ratio, iters):
+    """At a small tau each weight's attention is its nearest centroid's, exactly 1, and the rest vanish against it:
+    the softmax backward's (g - mean g) a is then zero for the nearest. The kernel's exponential gives 1 there
+    exactly, as torch's does (an exponential of 1 + 2^-23 left an ulp of residue, times 2 / tau: gradients 4x their
+    own norm off at tau = 1e-8 of the variance, where the reference's error is 7e-8). In between (1e-6) both paths
+    lose digits as 1 / tau (errors 1e-5 to 1e-4, the kernel's up to 6x the reference's in one case of four)."""
+    groups, n = LAYOUTS[layout]
+    assert_as_accurate_as_reference(weights(groups, n, 1), 4, iters, epsilon_scale=0.0, tau_ratio=tau_ratio)
+    assert_as_accurate_as_reference(weights(groups, n, 1), 3, iters, 0.0, weighted=True, tau_ratio=tau_ratio)
+
+
 @pytest.mark.parametrize("n", [700, 3001])
 @pytest.mark.parametrize("epsilon_scale", [100.0, 300.0])
 def test_fused_stops_at_the_same_iteration_as_the_reference(epsilon_scale, n):

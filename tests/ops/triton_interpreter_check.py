@@ -23,12 +23,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(
-    groups: int, n: int, d: int, bits: int, epsilon_scale: float, weighted: bool = False, iters: int = 4, dtype=None
+    groups: int,
+    n: int,
+    d: int,
+    bits: int,
+    epsilon_scale: float,
+    weighted: bool = False,
+    iters: int = 4,
+    dtype=None,
+    tau_ratio: float = 0.01,
 ) -> None:
     w = weights(groups, n, d) if dtype is None else weights(groups, n, d).to(dtype).float()  # representable
     c0 = kmeans_init(w, 2**bits, seed=0) * 1.5
     var = (w - w.mean(1, keepdim=True)).square().sum(-1).mean(1)
-    tau, epsilon = 0.01 * var, 1e-3 * var.sqrt() * epsilon_scale
+    tau, epsilon = tau_ratio * var, 1e-3 * var.sqrt() * epsilon_scale
     grad = torch.randn_like(w) if dtype is None else torch.randn_like(w).to(dtype).float()
     # importance over four orders of magnitude, as squared gradients are
     f = 10 ** (4 * torch.rand(groups, n, generator=torch.Generator().manual_seed(1)) - 2) if weighted else None
@@ -45,6 +53,7 @@ def check(
     assert out.dtype == g.dtype == wt.dtype
     errors = (_rel(out.float(), y_ref.detach()), _rel(c_final, c_ref), _rel(g.float(), x.grad))
     shape = f"G={groups} n={n} d={d} bits={bits} eps x{epsilon_scale:g} weighted={weighted} iters={iters} {dtype}"
+    shape += f" tau {tau_ratio:g} x var"
     print(f"{shape} ({path}) T={int(T)}: rel. errors {errors}")
     # float32: the same sums in another order; 16-bit: W~ and the gradient rounded to the dtype (and grad's rounding)
     assert max(errors) < (1e-4 if dtype is None else 2 * torch.finfo(dtype).eps), errors
@@ -60,4 +69,8 @@ for args in [(5, 37, 1, 3, 0.0), (2, 40, 2, 2, 0.0), (3, 1300, 1, 4, 0.0), (1, 3
 check(3, 1300, 1, 4, 0.0, weighted=True, iters=1)
 check(4, 600, 1, 4, 0.0, iters=1, dtype=torch.bfloat16)
 check(1, 3000, 1, 4, 0.0, iters=1, dtype=torch.float16)
+# a small tau: each weight's attention is its nearest centroid's (the softmax backward taken relative to it)
+for tau_ratio in (1e-4, 1e-8):
+    check(5, 37, 1, 4, 0.0, iters=1, tau_ratio=tau_ratio)
+    check(3, 50, 1, 3, 0.0, weighted=True, iters=2, tau_ratio=tau_ratio)
 print("ok")
