@@ -14,6 +14,8 @@ SmolLM2-135M step took 9.3 s on an H200 (80x a plain step), launching ~55 blocks
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from . import fused
@@ -95,6 +97,25 @@ def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     for gs, ms in blocks(G, n, c.shape[1], w.device):
         idx[gs, ms] = squared_distance(w[gs, ms], c[gs]).argmin(1)
     return idx
+
+
+ASSIGN_SLICE = 1 << 20  # vectors per call of `hard_assign_slices`: 8 MB of int64 indices at a time
+
+
+def hard_assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = None) -> Iterator[torch.Tensor]:
+    """`hard_assign(w, centroids).reshape(-1)` in pieces of about `size` vectors (ASSIGN_SLICE), in order: whole
+    groups at a time, or parts of one group where a group is larger. Saving packs them as they come, so a weight's
+    indices never exist at once as int64 (8 bytes a weight, and as many again in each step of packing them)."""
+    G, n, _ = w.shape
+    size = size or ASSIGN_SLICE
+    if n <= size:
+        step = max(1, size // max(n, 1))
+        for g in range(0, G, step):
+            yield hard_assign(w[g : g + step], centroids[g : g + step]).reshape(-1)
+        return
+    for g in range(G):
+        for i in range(0, n, size):
+            yield hard_assign(w[g : g + 1, i : i + size], centroids[g : g + 1]).reshape(-1)
 
 
 _NEIGHBOURS = 3  # sorted positions compared exactly around the one found by midpoint search

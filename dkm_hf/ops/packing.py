@@ -12,6 +12,8 @@ The last block is zero-padded, so n indices take ceil(n / 8) * b bytes: the info
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -32,6 +34,30 @@ def pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
     value = (blocks << shifts).sum(1)  # < 2**64, wraps into int64's sign bit at 8 bits: masked below
     byte_shifts = torch.arange(bits, device=flat.device) * 8
     return ((value.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).view(-1)
+
+
+def pack_stream(pieces: Iterable[torch.Tensor], n: int, bits: int, device: torch.device) -> torch.Tensor:
+    """`pack_indices` of the concatenation of `pieces` (n indices in all) without forming it: each piece is packed
+    as it comes (the fewer than 8 indices left over at its end go with the next one) into one uint8 tensor."""
+    out = torch.empty(packed_size(n, bits), dtype=torch.uint8, device=device)
+    pos, carry, count = 0, None, 0
+    for piece in pieces:
+        count += piece.numel()
+        if count > n:
+            raise ValueError(f"expected {n} indices to pack, got more")
+        if carry is not None and carry.numel():
+            piece = torch.cat([carry, piece.reshape(-1)])
+        whole = piece.numel() - piece.numel() % 8
+        packed = pack_indices(piece[:whole], bits)
+        out[pos : pos + packed.numel()] = packed
+        pos, carry = pos + packed.numel(), piece[whole:]
+    if carry is not None and carry.numel():
+        packed = pack_indices(carry, bits)
+        out[pos : pos + packed.numel()] = packed
+        pos += packed.numel()
+    if count != n:
+        raise ValueError(f"expected {n} indices to pack, got {count}")
+    return out
 
 
 def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -37,8 +37,9 @@ from ..nn.weights import (
     variant_class,
     weight_name,
 )
+from ..ops.attention import hard_assign_slices
 from ..ops.kmeans import kmeans_init_many
-from ..ops.packing import pack_indices
+from ..ops.packing import pack_stream
 from .select import select_weights, tied_pairs
 
 logger = logging.get_logger(__name__)
@@ -166,6 +167,13 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
+def _packed_indices(state: DKMWeight) -> torch.Tensor:
+    """The packed nearest-centroid indices of a weight, assigned and packed a slice at a time."""
+    vectors = state.vectors()
+    pieces = hard_assign_slices(vectors, state.centroids)
+    return pack_stream(pieces, vectors.shape[0] * vectors.shape[1], state.layout.bits, vectors.device)
+
+
 @torch.no_grad()
 def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedWeight]:
     """Make every DKM weight a palettized weight (its vectors snapped to their nearest centroids); tied weights keep
@@ -204,7 +212,7 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
                     small_scales.append(weight_name(module_name, param))
                 values[param] = (
                     state.centroids.to(lut_dtype),
-                    pack_indices(state.assignments(), state.layout.bits),
+                    _packed_indices(state),
                     scale,
                 )
         for state in states.values():  # the DKM buffers go before palettized ones (`weight_scale`) take their names

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkm_hf.ops.packing import pack_indices, packed_size, unpack_indices, unpack_range
+from dkm_hf.ops.attention import hard_assign, hard_assign_slices
+from dkm_hf.ops.packing import pack_indices, pack_stream, packed_size, unpack_indices, unpack_range
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -50,3 +51,27 @@ def test_bad_input_is_refused():
         unpack_indices(torch.zeros(2, dtype=torch.uint8), 3, 8)
     with pytest.raises(ValueError, match="uint8"):
         unpack_indices(torch.zeros(3, dtype=torch.int8), 3, 8)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 7])
+def test_pack_stream_packs_pieces_as_one(bits):
+    """Pieces of any sizes (not multiples of 8, empty ones) give the bytes of packing their concatenation."""
+    g = torch.Generator().manual_seed(bits)
+    pieces = [torch.randint(0, 2**bits, (n,), generator=g) for n in (5, 0, 13, 8, 1, 30, 3)]
+    whole = torch.cat(pieces)
+    assert torch.equal(pack_stream(pieces, whole.numel(), bits, whole.device), pack_indices(whole, bits))
+    with pytest.raises(ValueError, match="expected 61 indices to pack, got 60"):
+        pack_stream(pieces, 61, bits, whole.device)
+    with pytest.raises(ValueError, match="expected 59 indices to pack, got more"):
+        pack_stream(pieces, 59, bits, whole.device)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 1), (3, 50, 1), (4, 9, 2)])
+def test_hard_assign_slices_are_hard_assign_in_order(shape):
+    """Whole groups a slice at a time, or parts of a group larger than a slice: hard_assign's indices, in its order."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(shape[0], 8, shape[2], generator=torch.Generator().manual_seed(1))
+    for size in (4, 16, 1000):
+        pieces = list(hard_assign_slices(w, c, size))
+        assert max(p.numel() for p in pieces) <= max(size, shape[1] if shape[1] <= size else size)
+        assert torch.equal(torch.cat(pieces), hard_assign(w, c).reshape(-1))
