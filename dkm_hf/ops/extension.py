@@ -34,6 +34,21 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+# What a failed build's output says about its cause, in order of preference: a compiler's error, then a missing or
+# refused program or file, a killed process or an exceeded limit (ninja's own last line says only that it stopped).
+_CAUSES = (("error:",), ("not found", "no such file", "permission denied", "killed", "limit exceeded", "no space"))
+
+
+def build_failure_reason(error: Exception) -> str:
+    """The line of a build or load failure that says why (e.g. "/bin/sh: 1: c++: not found"), else its last line."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    for markers in _CAUSES:
+        found = [line for line in lines if any(marker in line.lower() for marker in markers)]
+        if found:
+            return found[0][:600]
+    return lines[-1][-600:] if lines else type(error).__name__
+
+
 def build_root() -> Path:
     """The build directories' parent: one per torch version, Python and torch installation (virtual environment),
     so an upgrade never loads a stale build, and two environments never rebuild each other's (ninja's build files
@@ -121,7 +136,7 @@ def load_extension(
                 verbose=False,
             )
     except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
-        reason = " ".join(str(error).split())[-600:] or type(error).__name__
+        reason = build_failure_reason(error)
         if warn:
             warn_once(name, f"dkm_hf: the native extension {name} could not be built or loaded ({reason}){what}")
         path = None

@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import native
-from .extension import build_root, guarded_build, source_tag
+from .extension import build_failure_reason, build_root, guarded_build, source_tag
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -95,20 +95,13 @@ def cpu_kernels() -> ModuleType | None:
                 raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
             _CPU = module
         except Exception as error:  # noqa: BLE001 - any build or load failure: keep the torch path
-            reason = _reason(error)
+            reason = build_failure_reason(error)
             warnings.warn(
                 f"dkm_hf: the fused CPU DKM kernel ({SOURCE.name}) could not be built, using the torch path: {reason}",
                 RuntimeWarning,
                 stacklevel=3,
             )
         return _CPU
-
-
-def _reason(error: Exception) -> str:
-    """The line of a build failure that says why: the first compiler error, else the message's last line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or [type(error).__name__])[0 if errors else -1]
 
 
 def available(w: torch.Tensor) -> bool:

@@ -316,3 +316,27 @@ def test_a_file_system_without_flock_builds_under_torchs_lock_alone(tmp_path, mo
     with guarded_build(tmp_path, "lib"):
         ran.append(True)
     assert ran == [True]
+
+
+def test_a_build_failure_is_reported_by_the_line_that_says_why():
+    """ninja's last line says only that the build stopped: the reason is a compiler error, else a missing program or
+    file, a refusal or a limit (no compiler on PATH gave "ninja: build stopped: subcommand failed" alone)."""
+    from dkm_hf.ops.extension import build_failure_reason
+
+    head = "Error building extension 'dkm_hf_fused':\n[1/2] c++ -MMD -MF dkm_fused.o.d -O3 -c dkm_fused.cpp\n"
+    head += "FAILED: dkm_fused.o\nc++ -MMD -MF dkm_fused.o.d -O3 -c dkm_fused.cpp\n"
+    tail = "ninja: build stopped: subcommand failed.\n"
+    assert build_failure_reason(RuntimeError(head + "/bin/sh: 1: c++: not found\n" + tail)) == (
+        "/bin/sh: 1: c++: not found"
+    )
+    compiler = "dkm_fused.cpp:3:2: error: #error this kernel does not compile\n"
+    assert build_failure_reason(RuntimeError(head + "In file included from x.h,\n" + compiler + tail)) == (
+        compiler.strip()
+    )
+    assert build_failure_reason(RuntimeError(head + "File size limit exceeded (core dumped)\n" + tail)) == (
+        "File size limit exceeded (core dumped)"
+    )
+    assert build_failure_reason(RuntimeError("Ninja is required to load C++ extensions")) == (
+        "Ninja is required to load C++ extensions"
+    )
+    assert build_failure_reason(OSError()) == "OSError"
