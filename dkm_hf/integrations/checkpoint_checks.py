@@ -159,8 +159,9 @@ def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
             f"{', '.join(files[:3]) or 'the weight files'}: written by save {written!r}, but config.json's "
             f"quantization_config.save_id is {record.save_id!r}; the directory mixes files of two checkpoints (an "
             "interrupted save, an older model.safetensors beside newer shards: transformers reads the single file "
-            "first, or a save of another variant into the directory since: its config.json records the last dkm_hf "
-            "save). Remove the older weight files, save the model again, or restore the matching config.json"
+            "first, a save of another variant into the directory since: its config.json records the last dkm_hf "
+            "save, or a save into it while this load read it: load again once it has finished). Remove the older "
+            "weight files, save the model again, or restore the matching config.json"
         )
     if written is None and header.metadata.get(VERSION_KEY) == str(FORMAT_VERSION):
         raise PalettizedCheckpointError(
@@ -340,7 +341,8 @@ def check_loaded(model: nn.Module, metadata: dict[str, str], prefix: str | None 
         if recorded is not None and checksum(tensor, version) != recorded:
             raise PalettizedCheckpointError(
                 f"{key}: checksum {checksum(tensor, version)} does not match the {recorded} recorded when it was "
-                "saved (the file is damaged or was altered)"
+                "saved (the file is damaged or was altered, or a save into the directory replaced it while this "
+                "load read it: load again once that save has finished)"
             )
 
 
