@@ -10,6 +10,8 @@ library, whose `TORCH_LIBRARY` blocks register its operators under `torch.ops`, 
 torch path. `warn_once` is that warning for any other fallback. `guarded_build` is what every build runs inside:
 torch's own lock file outlives a build killed with SIGKILL (every later process would wait on it forever), and a
 library damaged after its build (a copy cut short, a full disk) would be loaded as it is and kill the process.
+A build folder this process cannot write (a read-only shared cache) is used as it is when its library matches its
+recorded checksum (`prebuilt`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,17 @@ def guarded_build(directory: Path, name: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def prebuilt(directory: Path, name: str) -> Path | None:
+    """Library `name` built before in a folder this process cannot write (a cache shared read-only, baked into an
+    image, or another user's): its path where its SHA-256 record matches it, else None. Neither torch's build nor
+    `guarded_build`'s lock can run there, and what the folder holds is this code's build (its name follows the
+    sources, torch and Python), so it is loaded as it is."""
+    library, record = directory / f"{name}.so", directory / f"{name}.sha256"
+    if os.access(directory, os.W_OK) or not library.is_file() or not record.is_file():
+        return None
+    return library if record.read_text().strip() == _sha256(library) else None
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -124,17 +137,22 @@ def load_extension(
         from torch.utils import cpp_extension
 
         directory = build_root() / f"{name}-{source_tag(sources)}"
-        directory.mkdir(parents=True, exist_ok=True)
-        with guarded_build(directory, name):
-            path = cpp_extension.load(
-                name=name,
-                sources=[str(s) for s in sources],
-                extra_cflags=extra_cflags or [],
-                extra_ldflags=extra_ldflags or [],
-                build_directory=str(directory),
-                is_python_module=False,
-                verbose=False,
-            )
+        ready = prebuilt(directory, name)
+        if ready is not None:
+            torch.ops.load_library(str(ready))
+            path = str(ready)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            with guarded_build(directory, name):
+                path = cpp_extension.load(
+                    name=name,
+                    sources=[str(s) for s in sources],
+                    extra_cflags=extra_cflags or [],
+                    extra_ldflags=extra_ldflags or [],
+                    build_directory=str(directory),
+                    is_python_module=False,
+                    verbose=False,
+                )
     except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
         reason = build_failure_reason(error)
         if warn:

@@ -340,3 +340,47 @@ def test_a_build_failure_is_reported_by_the_line_that_says_why():
         "Ninja is required to load C++ extensions"
     )
     assert build_failure_reason(OSError()) == "OSError"
+
+
+def test_a_read_only_cache_with_a_verified_build_is_used_as_it_is(monkeypatch, tmp_path):
+    """A build folder this process cannot write (a cache shared read-only, another user's): torch's build and the
+    build lock both need to write there (every kernel fell back to torch, ~32x slower, with a complete build in
+    place). Its library is loaded as it is when it matches its recorded checksum; otherwise it is not."""
+    from torch.utils import cpp_extension
+
+    from dkm_hf.ops import extension, fused
+
+    if fused.cpu_kernels() is None or not native.available():
+        pytest.skip("the kernels did not build here")
+    real_access = os.access
+
+    def read_only(path, mode, *args, **kwargs):
+        return False if mode == os.W_OK else real_access(path, mode, *args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise PermissionError("[Errno 13] Permission denied: 'dkm_hf.lock'")
+
+    monkeypatch.setattr(os, "access", read_only)
+    monkeypatch.setattr(cpp_extension, "load", refused)
+    monkeypatch.setattr(extension, "guarded_build", refused)
+    monkeypatch.setattr(fused, "guarded_build", refused)
+    monkeypatch.setattr(fused, "_CPU", None)
+    monkeypatch.setattr(fused, "_CPU_TRIED", False)
+    monkeypatch.setattr(extension, "_LOADED", {})
+    monkeypatch.setattr(extension, "_WARNED", set())
+    monkeypatch.setattr(native, "_LOADED", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        kernels = fused.cpu_kernels()
+        assert kernels is not None and kernels.abi_version() == fused.ABI_VERSION
+        assert native.available()
+    library = tmp_path / "x.so"
+    library.write_bytes(b"\x7fELF built before")
+    assert extension.prebuilt(tmp_path, "x") is None  # no checksum record: its process died before writing it
+    (tmp_path / "x.sha256").write_text(extension._sha256(library))
+    assert extension.prebuilt(tmp_path, "x") == library
+    library.write_bytes(b"\x7fELF damaged since")
+    assert extension.prebuilt(tmp_path, "x") is None
+    monkeypatch.setattr(os, "access", real_access)
+    (tmp_path / "x.sha256").write_text(extension._sha256(library))
+    assert extension.prebuilt(tmp_path, "x") is None  # a folder it can write: built and locked as usual
