@@ -108,6 +108,11 @@ def hard_assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | Non
     indices never exist at once as int64 (8 bytes a weight, and as many again in each step of packing them)."""
     G, n, _ = w.shape
     size = size or ASSIGN_SLICE
+    if w.is_meta or not bool(torch.isfinite(centroids).all()):
+        # hard_assign picks its method from the centroids it is given: slices of broken centroids (NaN, inf) could
+        # then be assigned otherwise than the whole, which decides the ties of all-infinite distances
+        yield hard_assign(w, centroids).reshape(-1)
+        return
     if n <= size:
         step = max(1, size // max(n, 1))
         for g in range(0, G, step):

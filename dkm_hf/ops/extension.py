@@ -36,16 +36,32 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-# What a failed build's output says about its cause, in order of preference: a compiler's error, then a missing or
-# refused program or file, a killed process or an exceeded limit (ninja's own last line says only that it stopped).
-_CAUSES = (("error:",), ("not found", "no such file", "permission denied", "killed", "limit exceeded", "no space"))
+# What a failed build's output says about its cause, in order of preference: a compiler's error, then what the
+# linker could not find, a missing or refused program or file, a killed process or an exceeded limit (ninja's own
+# last line says only that it stopped, and the compiler driver's "collect2: error: ld returned 1 exit status" only
+# that the linker failed).
+_CAUSES = (
+    ("error:",),
+    (
+        "undefined reference",
+        "cannot find",
+        "not found",
+        "no such file",
+        "permission denied",
+        "killed",
+        "limit exceeded",
+    ),
+    ("no space",),
+)
+_NOT_CAUSES = ("collect2:", "ld returned")
 
 
 def build_failure_reason(error: Exception) -> str:
     """The line of a build or load failure that says why (e.g. "/bin/sh: 1: c++: not found"), else its last line."""
     lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines if not any(marker in line for marker in _NOT_CAUSES)]
     for markers in _CAUSES:
-        found = [line for line in lines if any(marker in line.lower() for marker in markers)]
+        found = [line for line in causes if any(marker in line.lower() for marker in markers)]
         if found:
             return found[0][:600]
     return lines[-1][-600:] if lines else type(error).__name__

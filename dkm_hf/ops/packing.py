@@ -42,11 +42,12 @@ def pack_stream(pieces: Iterable[torch.Tensor], n: int, bits: int, device: torch
     out = torch.empty(packed_size(n, bits), dtype=torch.uint8, device=device)
     pos, carry, count = 0, None, 0
     for piece in pieces:
+        piece = piece.reshape(-1)
         count += piece.numel()
         if count > n:
             raise ValueError(f"expected {n} indices to pack, got more")
         if carry is not None and carry.numel():
-            piece = torch.cat([carry, piece.reshape(-1)])
+            piece = torch.cat([carry, piece])
         whole = piece.numel() - piece.numel() % 8
         packed = pack_indices(piece[:whole], bits)
         out[pos : pos + packed.numel()] = packed

@@ -336,6 +336,10 @@ def test_a_build_failure_is_reported_by_the_line_that_says_why():
     assert build_failure_reason(RuntimeError(head + "File size limit exceeded (core dumped)\n" + tail)) == (
         "File size limit exceeded (core dumped)"
     )
+    link = "[2/3] c++ dkm_fused.o -shared -lc10 -o dkm_hf_fused.so\nFAILED: dkm_hf_fused.so\n"
+    for cause in ("/usr/bin/ld: cannot find -lc10: No such file or directory", "undefined reference to `g'"):
+        linked = link + cause + "\ncollect2: error: ld returned 1 exit status\n" + tail
+        assert build_failure_reason(RuntimeError(linked)) == cause  # not the compiler driver's summary
     assert build_failure_reason(RuntimeError("Ninja is required to load C++ extensions")) == (
         "Ninja is required to load C++ extensions"
     )

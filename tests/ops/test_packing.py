@@ -60,6 +60,10 @@ def test_pack_stream_packs_pieces_as_one(bits):
     pieces = [torch.randint(0, 2**bits, (n,), generator=g) for n in (5, 0, 13, 8, 1, 30, 3)]
     whole = torch.cat(pieces)
     assert torch.equal(pack_stream(pieces, whole.numel(), bits, whole.device), pack_indices(whole, bits))
+    shaped = [pieces[5].view(3, 10), pieces[0]]  # any shape, as pack_indices takes
+    assert torch.equal(
+        pack_stream(shaped, 35, bits, whole.device), pack_indices(torch.cat([pieces[5], pieces[0]]), bits)
+    )
     with pytest.raises(ValueError, match="expected 61 indices to pack, got 60"):
         pack_stream(pieces, 61, bits, whole.device)
     with pytest.raises(ValueError, match="expected 59 indices to pack, got more"):
@@ -75,3 +79,8 @@ def test_hard_assign_slices_are_hard_assign_in_order(shape):
         pieces = list(hard_assign_slices(w, c, size))
         assert max(p.numel() for p in pieces) <= max(size, shape[1] if shape[1] <= size else size)
         assert torch.equal(torch.cat(pieces), hard_assign(w, c).reshape(-1))
+    # a group's broken centroids (NaN, inf) decide hard_assign's method for all: assigned whole, as it would be
+    w, c = w.clone(), c.clone()
+    w[1:] = float("inf")
+    c[0, 0] = float("nan")
+    assert torch.equal(torch.cat(list(hard_assign_slices(w, c, 4))), hard_assign(w, c).reshape(-1))
