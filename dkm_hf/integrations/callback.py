@@ -211,6 +211,14 @@ class DKMCallback(TrainerCallback):
         uninitialised = [(n, m) for n, m in self._modules(model) if m.dkm_enabled and not m.dkm_ready]
         for _, module in gathered_by_unit(model, uninitialised):
             module.init_centroids()
+        every = max(1, int(state.logging_steps or args.logging_steps))
+        resumed = state.global_step > 0 and state.global_step >= milestone and state.global_step % every == 0
+        if self.log_cluster_health and resumed and all(m.dkm_ready for _, m in self._modules(model)):
+            # a resume from a step that measured cluster health (saves every k logging steps): its samples, taken
+            # again from the checkpoint's weights and centroids, so that the first log after the resume has
+            # dkm_changed_fraction / dkm_centroid_drift as an uninterrupted run's has
+            for name, module in gathered_by_unit(model, self._modules(model)):
+                self._remember(name, module, module.assignments())
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         milestone = self._milestone(model)
@@ -259,15 +267,12 @@ class DKMCallback(TrainerCallback):
             stats = cluster_health(module, assign)
             entropy.append(stats["entropy"])
             empty += stats["empty"]
-            flat = assign.view(-1)
-            sample = flat[_sample(flat.numel(), CHANGE_SAMPLE)].to(torch.uint8)
             if name in self._previous:
-                changed.append((sample != self._previous[name]).float().mean().item())
+                changed.append((self._sample_of(assign) != self._previous[name]).float().mean().item())
                 drift.append((module.centroids - self._centroids[name]).abs().mean().item())
-            self._previous[name] = sample
             if self.reseed:
                 reseeded += reseed_dead_centroids(module, assign)
-            self._centroids[name] = module.centroids.detach().clone()
+            self._remember(name, module, assign)
         if self.log_cluster_health:
             self.pending.update(
                 {
@@ -279,6 +284,16 @@ class DKMCallback(TrainerCallback):
             if changed:  # only once there is a previous logging step to compare with
                 self.pending["dkm_changed_fraction"] = sum(changed) / len(changed)
                 self.pending["dkm_centroid_drift"] = sum(drift) / len(drift)
+
+    @staticmethod
+    def _sample_of(assign: torch.Tensor) -> torch.Tensor:
+        flat = assign.view(-1)
+        return flat[_sample(flat.numel(), CHANGE_SAMPLE)].to(torch.uint8)
+
+    def _remember(self, name: str, module: DKMWeight, assign: torch.Tensor) -> None:
+        """What the next health check compares with: a fixed sample of the assignments and the centroids."""
+        self._previous[name] = self._sample_of(assign)
+        self._centroids[name] = module.centroids.detach().clone()
 
     def _dkm_merge_logs(self, logs: dict | None) -> None:
         """The DKM metrics into a training log; called before any callback sees it (transformers_patches (13)), so

@@ -216,6 +216,13 @@ def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path, milestone):
     assert saved["format"] == "train"
     resumed, resumed_model = run(tmp_path / "cut", resume=str(checkpoint))
     assert _losses(resumed)[4:] == _losses(full)[4:]
+    # the cluster-health logs too: the first after the resume compares with checkpoint-4's step, as the run's does
+    # (before: it had no dkm_changed_fraction / dkm_centroid_drift, the samples of the last log being lost)
+    health = ("dkm_changed_fraction", "dkm_centroid_drift", "dkm_entropy", "dkm_reseeded")
+    full_logs, resumed_logs = ([e for e in t.state.log_history if "loss" in e] for t in (full, resumed))
+    for a, b in zip(full_logs[4:], resumed_logs[4:]):
+        assert {k: a.get(k) for k in health} == {k: b.get(k) for k in health}, a["step"]
+    assert all(k in full_logs[-1] for k in health)
     for (n, a), (_, b) in zip(dkm_hf.dkm_modules(full_model), dkm_hf.dkm_modules(resumed_model)):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.centroids, b.centroids), n
 
