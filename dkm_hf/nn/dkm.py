@@ -22,7 +22,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..ops.attention import gather_centroids, hard_assign
+from ..ops.attention import hard_assign, snap
 from ..ops.buckets import bucket_dtype_for
 from ..ops.dkm import choose_implementation, dkm_cluster
 from ..ops.kmeans import kmeans_init
@@ -252,7 +252,7 @@ class DKMWeight:
         if not _fresh(self._hard, key):
             with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
                 lut_dtype = self.settings.lut_torch_dtype
-                snapped = gather_centroids(self.assignments(), self.centroids.to(lut_dtype).float())
+                snapped = snap(self.vectors(), self.centroids, self.centroids.to(lut_dtype).float())
                 scale = self.weight_scale.to(lut_dtype).float() if self.layout.per_channel_scale else None
                 hard = self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype).contiguous()
             self._hard = (key, hard, version(hard))

@@ -102,25 +102,41 @@ def hard_assign(w: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 ASSIGN_SLICE = 1 << 20  # vectors per call of `hard_assign_slices`: 8 MB of int64 indices at a time
 
 
-def hard_assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = None) -> Iterator[torch.Tensor]:
-    """`hard_assign(w, centroids).reshape(-1)` in pieces of about `size` vectors (ASSIGN_SLICE), in order: whole
-    groups at a time, or parts of one group where a group is larger. Saving packs them as they come, so a weight's
-    indices never exist at once as int64 (8 bytes a weight, and as many again in each step of packing them)."""
+def assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = None) -> Iterator[tuple]:
+    """(groups, vectors, indices) of `hard_assign(w, centroids)` in pieces of about `size` vectors (ASSIGN_SLICE), in
+    order: whole groups at a time, or parts of one group where a group is larger; `groups` and `vectors` are the
+    slices of w that `indices` (int64, their shape) assigns. A weight's indices then never exist at once as int64 (8
+    bytes a weight, and as many again in each step of packing them or gathering their centroids)."""
     G, n, _ = w.shape
     size = size or ASSIGN_SLICE
     if w.is_meta or not bool(torch.isfinite(centroids).all()):
         # hard_assign picks its method from the centroids it is given: slices of broken centroids (NaN, inf) could
         # then be assigned otherwise than the whole, which decides the ties of all-infinite distances
-        yield hard_assign(w, centroids).reshape(-1)
+        yield slice(None), slice(None), hard_assign(w, centroids)
         return
     if n <= size:
         step = max(1, size // max(n, 1))
         for g in range(0, G, step):
-            yield hard_assign(w[g : g + step], centroids[g : g + step]).reshape(-1)
+            yield slice(g, g + step), slice(None), hard_assign(w[g : g + step], centroids[g : g + step])
         return
     for g in range(G):
         for i in range(0, n, size):
-            yield hard_assign(w[g : g + 1, i : i + size], centroids[g : g + 1]).reshape(-1)
+            rows, part = slice(g, g + 1), slice(i, i + size)
+            yield rows, part, hard_assign(w[rows, part], centroids[rows])
+
+
+def hard_assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = None) -> Iterator[torch.Tensor]:
+    """`hard_assign(w, centroids).reshape(-1)` in pieces (`assign_slices`), in order, packed as they come."""
+    for _, _, indices in assign_slices(w, centroids, size):
+        yield indices.reshape(-1)
+
+
+def snap(w: torch.Tensor, centroids: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """`gather_centroids(hard_assign(w, centroids), lut)`, (G, n, d) in lut's dtype, assigned a slice at a time."""
+    out = torch.empty(w.shape, dtype=lut.dtype, device=w.device)
+    for groups, vectors, indices in assign_slices(w, centroids):
+        out[groups, vectors] = gather_centroids(indices, lut[groups])
+    return out
 
 
 _NEIGHBOURS = 3  # sorted positions compared exactly around the one found by midpoint search

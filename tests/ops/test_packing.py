@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dkm_hf.ops.attention import hard_assign, hard_assign_slices
+from dkm_hf.ops import attention
+from dkm_hf.ops.attention import gather_centroids, hard_assign, hard_assign_slices, snap
 from dkm_hf.ops.packing import pack_indices, pack_stream, packed_size, unpack_indices, unpack_range
 
 
@@ -84,3 +85,16 @@ def test_hard_assign_slices_are_hard_assign_in_order(shape):
     w[1:] = float("inf")
     c[0, 0] = float("nan")
     assert torch.equal(torch.cat(list(hard_assign_slices(w, c, 4))), hard_assign(w, c).reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 1), (3, 50, 1), (4, 9, 2)])
+def test_snap_gathers_the_nearest_centroids_a_slice_at_a_time(monkeypatch, shape):
+    """The hard weight's vectors (a DKM layer's `hard_weight`) assigned a slice at a time: the whole weight's int64
+    indices, 8 bytes a weight (4 GB for a 525M-weight embedding at each evaluation of the hard model), never exist."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(shape[0], 8, shape[2], generator=torch.Generator().manual_seed(1))
+    lut = c.half().float()
+    expected = gather_centroids(hard_assign(w, c), lut)
+    for size in (4, 16, 1000):
+        monkeypatch.setattr(attention, "ASSIGN_SLICE", size)
+        assert torch.equal(snap(w, c, lut), expected)
