@@ -211,8 +211,8 @@ class DKMCallback(TrainerCallback):
         uninitialised = [(n, m) for n, m in self._modules(model) if m.dkm_enabled and not m.dkm_ready]
         for _, module in gathered_by_unit(model, uninitialised):
             module.init_centroids()
-        every = max(1, int(state.logging_steps or args.logging_steps))
-        resumed = state.global_step > 0 and state.global_step >= milestone and state.global_step % every == 0
+        step = state.global_step
+        resumed = step > 0 and step >= milestone and step % self._health_every(args, state) == 0
         if self.log_cluster_health and resumed and all(m.dkm_ready for _, m in self._modules(model)):
             # a resume from a step that measured cluster health (saves every k logging steps): its samples, taken
             # again from the checkpoint's weights and centroids, so that the first log after the resume has
@@ -257,8 +257,7 @@ class DKMCallback(TrainerCallback):
         step = state.global_step
         if not (self.log_cluster_health or self.reseed) or step < self._milestone(model) or step == self._checked:
             return
-        every = max(1, int(state.logging_steps or args.logging_steps))  # Trainer's steps for a ratio < 1
-        if not (logging or step % every == 0 or step == state.max_steps):
+        if not (logging or step % self._health_every(args, state) == 0 or step == state.max_steps):
             return
         self._checked = step
         entropy, empty, changed, drift, reseeded = [], 0, [], [], 0
@@ -284,6 +283,12 @@ class DKMCallback(TrainerCallback):
             if changed:  # only once there is a previous logging step to compare with
                 self.pending["dkm_changed_fraction"] = sum(changed) / len(changed)
                 self.pending["dkm_centroid_drift"] = sum(drift) / len(drift)
+
+    @staticmethod
+    def _health_every(args, state) -> int:
+        """The steps between health checks whatever the logging strategy: logging_steps (Trainer's steps for a
+        ratio < 1)."""
+        return max(1, int(state.logging_steps or args.logging_steps))
 
     @staticmethod
     def _sample_of(assign: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import sys
 import warnings
@@ -131,6 +132,36 @@ def prebuilt(directory: Path, name: str) -> Path | None:
     return library if record.read_text().strip() == _sha256(library) else None
 
 
+def build_and_load(
+    directory: Path, name: str, sources: list[Path], cflags: list[str], ldflags: list[str], module: bool
+):
+    """Library `name` of `sources` built in `directory` (`guarded_build`) and loaded, or a read-only folder's build
+    loaded as it is (`prebuilt`): the Python module with `module`, else the library's path (its operators
+    registered). Raises what the build or the load raises."""
+    ready = prebuilt(directory, name)
+    if ready is not None and module:
+        spec = importlib.util.spec_from_file_location(name, ready)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    if ready is not None:
+        torch.ops.load_library(str(ready))
+        return str(ready)
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with guarded_build(directory, name):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(directory),
+            is_python_module=module,
+            verbose=False,
+        )
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -150,25 +181,8 @@ def load_extension(
         return _LOADED[name]
     path = None
     try:
-        from torch.utils import cpp_extension
-
         directory = build_root() / f"{name}-{source_tag(sources)}"
-        ready = prebuilt(directory, name)
-        if ready is not None:
-            torch.ops.load_library(str(ready))
-            path = str(ready)
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            with guarded_build(directory, name):
-                path = cpp_extension.load(
-                    name=name,
-                    sources=[str(s) for s in sources],
-                    extra_cflags=extra_cflags or [],
-                    extra_ldflags=extra_ldflags or [],
-                    build_directory=str(directory),
-                    is_python_module=False,
-                    verbose=False,
-                )
+        path = build_and_load(directory, name, sources, extra_cflags or [], extra_ldflags or [], module=False)
     except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
         reason = build_failure_reason(error)
         if warn:

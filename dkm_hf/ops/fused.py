@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import native
-from .extension import build_failure_reason, build_root, guarded_build, prebuilt, source_tag
+from .extension import build_and_load, build_failure_reason, build_root, source_tag
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -78,25 +78,9 @@ def cpu_kernels() -> ModuleType | None:
         if not native.enabled():
             return None
         try:
-            from torch.utils import cpp_extension
-
             directory = build_dir()
-            ready = prebuilt(directory, "dkm_hf_fused")
-            if ready is not None:  # a read-only cache's build
-                spec = importlib.util.spec_from_file_location("dkm_hf_fused", ready)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)
-            else:
-                directory.mkdir(parents=True, exist_ok=True)
-                with guarded_build(directory, "dkm_hf_fused"):
-                    module = cpp_extension.load(
-                        name="dkm_hf_fused",
-                        sources=[str(path) for path in sources()],
-                        build_directory=str(directory),
-                        extra_cflags=["-O3", "-fopenmp", *native.arch_flags()],
-                        extra_ldflags=["-fopenmp"],
-                        verbose=False,
-                    )
+            flags = ["-O3", "-fopenmp", *native.arch_flags()]
+            module = build_and_load(directory, "dkm_hf_fused", sources(), flags, ["-fopenmp"], module=True)
             if module.abi_version() != ABI_VERSION:
                 raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
             _CPU = module

@@ -367,7 +367,6 @@ def test_a_read_only_cache_with_a_verified_build_is_used_as_it_is(monkeypatch, t
     monkeypatch.setattr(os, "access", read_only)
     monkeypatch.setattr(cpp_extension, "load", refused)
     monkeypatch.setattr(extension, "guarded_build", refused)
-    monkeypatch.setattr(fused, "guarded_build", refused)
     monkeypatch.setattr(fused, "_CPU", None)
     monkeypatch.setattr(fused, "_CPU_TRIED", False)
     monkeypatch.setattr(extension, "_LOADED", {})
