@@ -47,11 +47,10 @@ from .weights import (
 )
 
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
-_SCALE_FLOOR = 1e-12
-_VAR_FLOOR = 1e-24
+_SCALE_FLOOR, _VAR_FLOOR = 1e-12, 1e-24
 # tau's variance floor, of the mean squared centroid (a spread of 0.1% of the weights' size): 2 / tau of a constant
-# group (variance 0) turned float rounding into gradients of 1e11
-_VAR_RELATIVE_FLOOR = 1e-6
+# group (variance 0) turned float rounding into gradients of 1e11; and tau's own floor, below which the softmax is an
+_VAR_RELATIVE_FLOOR, _TAU_FLOOR = 1e-6, 1e-30  # argmin anyway and 1 / tau overflows float32 (0 * inf: NaN gradients)
 
 
 class DKMWeight:
@@ -195,12 +194,12 @@ class DKMWeight:
         """(tau, epsilon) of the loop: numbers, or one value per LUT group for `tau_scale="variance"`."""
         s = self.settings
         if s.tau_scale == "absolute":
-            return s.tau, s.epsilon
+            return max(s.tau, _TAU_FLOOR), s.epsilon
         v = self.vectors() if vectors is None else vectors.detach().float()
         size = self.centroids if len(v) == len(self.centroids) else v  # floored by the centroids' size (or a sample's)
         floor = size.square().mean(dim=(1, 2)).mul_(_VAR_RELATIVE_FLOOR).clamp_min_(_VAR_FLOOR)
         var = torch.maximum(group_variance(v), floor)  # (G,)
-        return s.tau * var, s.epsilon * var.sqrt()
+        return (s.tau * var).clamp_min_(_TAU_FLOOR), s.epsilon * var.sqrt()
 
     def soft_weight(self, update: bool = True) -> torch.Tensor:
         """W~ = A C from the current centroids; with `update` (and gradients recorded) C_T becomes the next start."""

@@ -40,7 +40,7 @@ from ..nn.weights import (
 from ..ops.attention import hard_assign_slices
 from ..ops.kmeans import kmeans_init_many
 from ..ops.packing import pack_stream
-from .select import select_weights, tied_pairs
+from .select import check_clusterable, select_weights, tied_pairs
 
 logger = logging.get_logger(__name__)
 
@@ -97,7 +97,7 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
                     raise ValueError(f"{name} is tied to {pairs[name]} but their weights have different shapes")
                 state = DKMWeight(module, param, source.layout, source.settings, config.seed, source)
             else:
-                _check_finite(name, module._parameters[param])
+                check_clusterable(name, module._parameters[param], config.settings_for(name).lut_torch_dtype)
                 layout = layout_for(config, name, module, param)
                 state = DKMWeight(module, param, layout, config.settings_for(name), config.seed)
             states[param] = done[name] = state
@@ -117,15 +117,6 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     return {name: done[name] for name in names}
 
 
-def _check_finite(name: str, weight: torch.Tensor) -> None:
-    if not weight.is_meta and not bool(torch.isfinite(weight).all()):
-        raise ValueError(
-            f"{name}: {int((~torch.isfinite(weight)).sum())} value(s) of the weight are NaN or infinite; k-means "
-            "would make every centroid of its LUT non-finite. Repair the weight or leave it out "
-            "(modules_to_not_convert)"
-        )
-
-
 def init_centroids(model: nn.Module, importance: Mapping[int, torch.Tensor] | None = None) -> None:
     """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
     restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
@@ -134,7 +125,7 @@ def init_centroids(model: nn.Module, importance: Mapping[int, torch.Tensor] | No
     weighted = importance or {}
     for name, module in dkm_modules(model):  # a checkpoint just loaded into the model
         if module.tied_source is None:
-            _check_finite(name, module.weight)
+            check_clusterable(name, module.weight, module.settings.lut_torch_dtype)
     batches: dict[tuple, list[list[DKMWeight]]] = {}
     for _, module in dkm_modules(model):
         if module.tied_source is None:

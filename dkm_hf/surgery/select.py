@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
@@ -139,3 +140,31 @@ def _check_tied_overrides(config: DKMConfig, target: str, source: str) -> None:
 
 
 select_modules = select_weights  # the name of earlier releases
+
+
+def check_clusterable(name: str, weight: torch.Tensor, lut_dtype: torch.dtype) -> None:
+    """A ValueError naming the problem for a weight whose values cannot be clustered: NaN or infinite values; values
+    beyond the LUT dtype's range (the palettized model would hold inf); values whose squared distances, summed over
+    the weight in float32 by k-means and the DKM loop, could overflow."""
+    if weight.is_meta:
+        return
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise ValueError(
+            f"{name}: {bad} value(s) of the weight are NaN or infinite; k-means would make every centroid of its LUT "
+            "non-finite. Repair the weight or leave it out (modules_to_not_convert)"
+        )
+    largest = float(weight.detach().abs().amax()) if weight.numel() else 0.0
+    if largest > torch.finfo(lut_dtype).max:
+        raise ValueError(
+            f"{name}: values up to {largest:.3g}, beyond the LUT dtype's range ({str(lut_dtype)[6:]}: "
+            f"+-{torch.finfo(lut_dtype).max:.5g}); the palettized weight would hold inf. Use lut_dtype='bfloat16' or "
+            "'float32', or leave the weight out (modules_to_not_convert)"
+        )
+    limit = (torch.finfo(torch.float32).max / (4 * weight.numel())) ** 0.5
+    if largest > limit:
+        raise ValueError(
+            f"{name}: values up to {largest:.3g}; the squared distances that k-means and the DKM loop sum in "
+            f"float32 could overflow above {limit:.3g} for a weight of {weight.numel()} values. Rescale the weight or "
+            "leave it out (modules_to_not_convert)"
+        )

@@ -430,17 +430,24 @@ def test_two_processes_saving_into_one_directory(variants, tmp_path):
 
 # -- values the loader would refuse ----------------------------------------------------------------------------------
 def test_a_lut_that_overflows_float16_is_not_saved(tmp_path):
-    """A weight of 1e5 has a centroid of 1e5, which a float16 LUT stores as inf: the save fails naming the tensor,
-    before anything is written, instead of writing a checkpoint its own loader refuses."""
+    """A weight of 1e5 has a centroid of 1e5, which a float16 LUT stores as inf: refused by name when the model is
+    prepared; centroids that grew beyond float16 in training make the save fail naming the tensor, before anything
+    is written, instead of writing a checkpoint its own loader refuses."""
     torch.manual_seed(0)
     dense = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16))
-    with torch.no_grad():
-        dense.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5
     dense.save_pretrained(tmp_path / "dense")
-    model = _palettized(tmp_path / "dense", 4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=dkm_hf.DKMConfig(weight_threshold=0))
+    state = model.transformer.h[0].mlp.c_fc.dkm_weights["weight"]
+    state.set_centroids(state.centroids.index_fill(1, torch.tensor([0]), 1e5))
+    model = dkm_hf.palettize(model)
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"mlp\.c_fc\.weight_lut: 1 value\(s\) are NaN or inf"):
         model.save_pretrained(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    with torch.no_grad():
+        dense.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e5
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"^transformer\.h\.0\.mlp\.c_fc: values up to 1e\+05, beyond the LUT"):
+        _palettized(tmp_path / "dense", 4)
     config = dkm_hf.DKMConfig(bits=4, weight_threshold=0, lut_dtype="float32")
     wide = dkm_hf.palettize(AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=config))
     wide.save_pretrained(tmp_path / "out")

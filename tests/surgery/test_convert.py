@@ -150,6 +150,52 @@ def test_a_non_finite_weight_is_refused_by_name_before_anything_converts():
         kmeans_init(w, 4)
 
 
+@pytest.mark.parametrize(
+    "scale, lut_dtype, refused",
+    [(1e6, "float16", "beyond the LUT dtype's range \\(float16: \\+-65504\\)"), (1e6, "bfloat16", None),
+     (1e6, "float32", None), (1e20, "float32", "could overflow above"), (1e3, "float16", None)],
+)  # fmt: skip
+def test_values_beyond_the_lut_dtype_or_float32_distances_are_refused_by_name(scale, lut_dtype, refused):
+    """Weights above float16's range took a float16 LUT of inf: prepare and training succeeded, the model in eval
+    mode and the palettized model gave inf / NaN, silently. Weights whose squared distances overflow float32 gave
+    NaN gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[1].weight.mul_(scale)
+    config = DKMConfig(bits=4, weight_threshold=0, lut_dtype=lut_dtype)
+    if refused:
+        with pytest.raises(ValueError, match=f"^1: values up to .*{refused}"):
+            dkm_hf.prepare(model, config)
+        assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear and not hasattr(model, "dkm_config")
+        return
+    dkm_hf.prepare(model, config)
+    x = torch.randn(4, 64)
+    model.train()
+    model(x).sum().backward()
+    assert torch.isfinite(model[1].weight.grad).all()
+    dkm_hf.palettize(model)
+    assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("tau_scale, tau", [("variance", 1e-39), ("variance", 1e-45), ("absolute", 1e-40)])
+def test_a_tau_below_float32s_range_gives_finite_gradients(tau_scale, tau):
+    """tau below float32's normal range (given, or tau times a small variance) made 1 / tau infinite: NaN gradients.
+    The loop's tau has a floor (1e-30) where the softmax is an argmin anyway: the gradients are those of tau 1e-30."""
+    torch.manual_seed(0)
+    grads = []
+    for t in (tau, 1e-30):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 64))
+        dkm_hf.prepare(model, DKMConfig(bits=4, weight_threshold=0, tau=t, tau_scale=tau_scale))
+        model.train()
+        model(torch.ones(4, 64)).sum().backward()
+        grads.append(model[0].weight.grad)
+    assert torch.isfinite(grads[0]).all()
+    if tau_scale == "absolute":
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
 PER_ROW = {"granularity": "per_grouped_channel", "group_size": 1}
 
 
