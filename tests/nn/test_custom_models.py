@@ -153,7 +153,12 @@ def test_uniquified_per_row_luts_of_a_transposed_weight(dtype):
     assert model[0].weight.grad is not None
     with torch.no_grad():
         hard = model.eval()(x)
-        torch.testing.assert_close(dkm_hf.palettize(model)(x), hard, rtol=0, atol=0)
+        out = dkm_hf.palettize(model)(x)
+        # float32 input of a few rows takes the LUT gemv, whose sums run in another order than addmm's (bitwise equal
+        # on one CPU, not on another): each of the two sums is within K eps sum |x w| of the exact one, + eps |y|
+        eps, w = torch.finfo(dtype).eps, model[0].weight.float()
+        bound = 2 * eps * (x.shape[-1] * (x.float().abs() @ w.abs()) + hard.float().abs())
+        assert ((out.float() - hard.float()).abs() <= bound).all()
 
 
 class TwoProjModel(PreTrainedModel):
