@@ -141,6 +141,12 @@ def check_format(header: SafetensorsHeader, record: CheckpointRecord) -> None:
         raise PalettizedCheckpointError(
             f"safetensors metadata {VERSION_KEY}={version!r}: this dkm_hf reads versions {readable} only"
         )
+    if version is not None and version != str(record.format_version):
+        raise PalettizedCheckpointError(
+            f"config.json's quantization_config has format_version {record.format_version} (the current format where "
+            f"it gives none) but the safetensors files were written as {VERSION_KEY}={version!r}; dkm_hf writes the "
+            "two alike, so the config or the files were edited (a version's checks follow the files' own version)"
+        )
 
 
 def check_save_id(header: SafetensorsHeader, record: CheckpointRecord) -> None:
@@ -314,7 +320,8 @@ def check_values(model: nn.Module, saving: bool = False) -> None:
         if isinstance(module, DKMMixin):
             for weight in module.dkm_weights.values():
                 if weight.tied_source is None and weight.has_state:
-                    _check_finite(name, module, weight.state_names(), saving)
+                    # loaded with its centroids, the weight skips k-means' check (before a save, the callback's)
+                    _check_finite(name, module, (*weight.state_names(), *(() if saving else (weight.param,))), saving)
         if isinstance(module, PalettizedMixin):
             for weight in module.palettized_weights.values():
                 if weight.tied_source is None:
@@ -348,13 +355,13 @@ def check_loaded(model: nn.Module, metadata: dict[str, str], prefix: str | None 
 
 def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...], saving: bool = False) -> None:
     for buffer in buffers:
-        value = module._buffers.get(buffer)
-        if value is not None and not bool(torch.isfinite(value).all()):
+        value = module._buffers[buffer] if buffer in module._buffers else module._parameters.get(buffer)
+        if value is not None and not value.is_meta and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())
             message = f"{name}.{buffer}: {bad} value(s) are NaN or infinite"
             if saving:
                 message += "; nothing was saved, the checkpoint would not load"
-                if value.dtype == torch.float16:
+                if value.dtype == torch.float16 and not bool(value.isnan().any()):  # inf: an overflow, not a NaN
                     message += (
                         " (float16 holds magnitudes up to 65504: palettize with DKMConfig(lut_dtype='float32') or "
                         "'bfloat16' for larger weights)"

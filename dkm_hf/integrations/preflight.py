@@ -49,19 +49,48 @@ def preflight(
             read_headers(checkpoint_files(directory, variant))
         return
     try:
-        written = None
-        if has_weights:
-            written = read_headers(checkpoint_files(directory, variant)).metadata.get("dkm_format")
+        header = read_headers(checkpoint_files(directory, variant)) if has_weights else None
     except PalettizedCheckpointError:
         return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
+    written = header.metadata.get("dkm_format") if header is not None else None
+    stripped = _palettized_keys(header.tensors) if header is not None and written is None else []
+    if stripped:
+        raise PalettizedCheckpointError(
+            f"{directory}: the weight files hold dkm_hf palettized tensors ({', '.join(stripped[:2])}) but none of "
+            "dkm_hf's metadata (re-saved by another tool?), and the config does not declare them: they cannot load "
+            "as a dense model. Load the checkpoint dkm_hf saved"
+        )
     if written == "palettized":
         method = quant.get("quant_method") if isinstance(quant, dict) else None
+        if config is not None and _read_from(config, pretrained, directory):
+            config = None  # an Auto class's config: config.json's, as it reads on disk
         where = "the `config=` given" if config is not None else directory / "config.json"
         raise PalettizedCheckpointError(
             f"{where}: the weights are a dkm_hf palettized checkpoint but the config's quantization_config does not "
             f'declare it (quant_method={method!r}); restore `"quant_method": "dkm"` or the original config.json'
             + (" (or load without config=)" if config is not None else "")
         )
+
+
+def _palettized_keys(names) -> list[str]:
+    """The `<weight>_lut` / `<weight>_indices` pairs among tensor names: what a palettized checkpoint stores."""
+    names = set(names)
+    return [k for k in sorted(names) if k.endswith("_lut") and k[: -len("lut")] + "indices" in names]
+
+
+def _read_from(config: Any, *directories: str | os.PathLike) -> bool:
+    """Whether a config object is what transformers read from one of `directories`' config.json, unchanged since
+    (an Auto class passes the config it read as `config=`)."""
+    source = getattr(config, "name_or_path", "") if not isinstance(config, (str, os.PathLike)) else ""
+    if not source or os.path.realpath(source) not in {os.path.realpath(d) for d in directories}:
+        return False
+    try:
+        on_disk = json.loads((Path(directories[-1]) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    quant = config.quantization_config if hasattr(config, "quantization_config") else None
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
+    return isinstance(on_disk, dict) and on_disk.get("quantization_config") == quant
 
 
 def cached_snapshot(

@@ -323,7 +323,8 @@ def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -
         files = {single_name: str(directory / single_name)}
     elif index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            content = json.loads(index.read_text(encoding="utf-8"))
+            weight_map = content["weight_map"]
             names = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
             raise PalettizedCheckpointError(
@@ -332,6 +333,8 @@ def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -
         bad = next((n for n in names if not isinstance(n, str) or not n or "\0" in n), None)
         if bad is not None:
             raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {bad!r}")
+        if not isinstance(content.get("metadata"), dict):  # transformers reads it (a bare KeyError otherwise)
+            raise PalettizedCheckpointError(f"{index.name}: no 'metadata' object beside its weight_map")
         files = {f"{index.name}: weight_map entry {n!r}": str(directory / n) for n in names}
     else:
         raise PalettizedCheckpointError(f"{directory}: no {single_name} or {index_name}")

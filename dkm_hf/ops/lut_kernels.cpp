@@ -35,12 +35,15 @@ Palette palette_of(const at::Tensor& packed, const at::Tensor& lut, const std::o
     const int64_t groups = lut.size(0), n_clusters = lut.size(1), dim = lut.size(2);
     TORCH_CHECK(bits >= 1 && bits <= 8 && n_clusters == (int64_t{1} << bits), "dkm_hf native kernels: lut of shape ",
                 lut.sizes(), " does not fit bits=", bits);
+    TORCH_CHECK(channels >= 0 && features >= 0, "dkm_hf native kernels: a weight of ", channels, " x ", features);
     TORCH_CHECK(dim >= 1 && dim <= MAX_DIM && n_clusters * dim <= MAX_LUT && features % dim == 0 && groups >= 1 &&
                     channels % groups == 0,
                 "dkm_hf native kernels: lut of shape ", lut.sizes(), " does not fit a weight of ", channels, " x ",
                 features);
-    TORCH_CHECK(packed.numel() * 8 >= channels * (features / dim) * bits, "dkm_hf native kernels: packed has ",
-                packed.numel(), " bytes, too few for ", channels * (features / dim), " indices of ", bits, " bits");
+    // channels * vectors * bits <= the packed bits, without forming the product (it can wrap for huge arguments)
+    const int64_t vectors = features / dim;
+    TORCH_CHECK(vectors == 0 || channels <= packed.numel() * 8 / bits / vectors, "dkm_hf native kernels: packed has ",
+                packed.numel(), " bytes, too few for ", channels, " x ", vectors, " indices of ", bits, " bits");
     Palette p;
     p.packed = packed.data_ptr<uint8_t>();
     p.bits = bits;

@@ -243,6 +243,11 @@ CASES = {
         r"dkm_format_version='3': this dkm_hf reads versions 1 and 2 only",
     ),
     "no format version": (lambda t, m: m.pop("dkm_format_version"), r"no `dkm_format_version`"),
+    # a version 1 file's checksums are optional: relabelling the files alone must not lift version 2's checks
+    "format version relabelled": (
+        lambda t, m: m.__setitem__("dkm_format_version", "1"),
+        r"format_version 2 .* written as dkm_format_version='1'; dkm_hf writes the two alike",
+    ),
     "nan lut": (
         lambda t, m: t["transformer.h.0.attn.c_attn.weight_lut"].view(-1).__setitem__(3, float("nan")),
         r"transformer\.h\.0\.attn\.c_attn\.weight_lut: 1 value\(s\) are NaN or infinite",
@@ -349,6 +354,19 @@ def test_format_version_1_files_load_without_checksums(gpt2_checkpoint, tmp_path
     assert torch.equal(_logits(_load(path), x), _logits(model, x))
     _write_raw(path, header, _drop_all_checksums(header, data, config))
     assert torch.equal(_logits(_load(path), x), _logits(model, x))
+
+
+def test_a_training_checkpoint_with_a_non_finite_clustered_weight_is_refused_by_name(dense_dirs, tmp_path):
+    """Loaded with its centroids, a clustered weight skips k-means (which refuses NaN): a NaN in it loaded silently,
+    the model in eval mode snapped it to a centroid, and the first training forward made its LUT all NaN."""
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs["gpt2"], dkm_config=dkm_hf.DKMConfig(bits=2))
+    model.save_pretrained(tmp_path / "train")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "train") is not None
+    _rewrite(tmp_path / "train", lambda t, m: t["transformer.h.0.mlp.c_fc.weight"].view(-1).__setitem__(5, math.nan))
+    with pytest.raises(
+        PalettizedCheckpointError, match=r"^transformer\.h\.0\.mlp\.c_fc\.weight: 1 value\(s\) are NaN"
+    ):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "train")
 
 
 def test_padding_bits_must_be_zero(tmp_path):

@@ -240,12 +240,17 @@ def test_malformed_shard_index_names_the_file(palettized_checkpoint):
     """12.8: a shard index that is not JSON, or has no weight_map."""
     path, _ = palettized_checkpoint
     _shard(path)
+    valid = json.loads((path / "model.safetensors.index.json").read_text())
     for text in ("{not json", json.dumps({"metadata": {}})):
         (path / "model.safetensors.index.json").write_text(text)
         with pytest.raises(
             PalettizedCheckpointError, match=r"model\.safetensors\.index\.json: not a valid shard index"
         ):
             AUTO["llama"].from_pretrained(path)
+    # without its metadata transformers failed with a bare KeyError: 'metadata'
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": valid["weight_map"]}))
+    with pytest.raises(PalettizedCheckpointError, match=r"index\.json: no 'metadata' object beside its weight_map"):
+        AUTO["llama"].from_pretrained(path)
 
 
 def test_data_bytes_changed_after_saving_are_detected(palettized_checkpoint):

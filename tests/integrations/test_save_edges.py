@@ -137,6 +137,20 @@ def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(t
     (edited / "config.json").write_bytes((Path(dense) / "config.json").read_bytes())
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match="does not declare it"):
         LlamaForCausalLM.from_pretrained(pretrained_model_name_or_path=edited)
+    # an Auto class passes the config it read as config=: the message names config.json, as the model class's does
+    for cls in (LlamaForCausalLM, AutoModelForCausalLM):
+        with pytest.raises(dkm_hf.PalettizedCheckpointError, match=f"^{edited}/config.json: .*config.json$"):
+            cls.from_pretrained(edited)
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="config=` given"):  # read from there, then edited
+        config = AutoConfig.from_pretrained(out)
+        del config.quantization_config
+        AutoModelForCausalLM.from_pretrained(out, config=config)
+    # the files re-saved without dkm_hf's metadata as well: transformers loaded every clustered layer at random
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(edited / "model.safetensors"), edited / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"hold dkm_hf palettized tensors \(\S+_lut, "):
+        AutoModelForCausalLM.from_pretrained(edited)
     assert dkm_hf.palettized_modules(AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path=out))
 
 

@@ -131,6 +131,18 @@ def test_make_palette_refuses_what_the_kernels_do_not_cover(monkeypatch):
         native.lut_gemv(native.make_palette(packed, lut, s, 4, 8, 16, torch.float32), torch.randn(1, 16).double())
 
 
+@needs_native
+@pytest.mark.parametrize("channels, features", [(2**61, 16), (2**59, 16), (-8, 16), (8, -16)])
+def test_the_registered_operators_refuse_sizes_that_do_not_fit_the_packed_bytes(channels, features):
+    """The operators are public (torch.ops.dkm_hf): their own size check computed channels x vectors x bits in int64,
+    which wrapped to 0 for 2**61 x 16 x 8, and a row below 2**61 then read far past the 16 packed bytes (a crash)."""
+    packed, lut = torch.zeros(16, dtype=torch.uint8), torch.arange(256.0).reshape(1, 256, 1)
+    with pytest.raises(RuntimeError, match="dkm_hf native kernels: (packed has 16 bytes, too few|a weight of)"):
+        torch.ops.dkm_hf.decode_rows(packed, lut, None, 8, channels, features, torch.float32, torch.tensor([2**40]), 1)
+    with pytest.raises(RuntimeError, match="dkm_hf native kernels: (packed has 16 bytes, too few|a weight of)"):
+        torch.ops.dkm_hf.lut_gemv(packed, lut, None, 8, channels, features, torch.float32, torch.ones(1, 16), None, 1)
+
+
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
     with warnings.catch_warnings():
