@@ -22,14 +22,14 @@ constexpr int64_t kMaxBlocks = 64;      // at most this many per-block tables (5
 constexpr int64_t kGrain = 1 << 15;     // weights per task of an element-wise loop
 
 const uint16_t* key_data(const at::Tensor& keys) {
-  TORCH_CHECK(keys.scalar_type() == at::kShort && keys.dim() == 1 && keys.is_contiguous(),
-              "dkm_buckets: keys must be a contiguous 1-D int16 tensor (the bit patterns of a 16-bit weight)");
+  TORCH_CHECK(keys.scalar_type() == at::kShort && keys.dim() == 1 && keys.is_contiguous() && keys.device().is_cpu(),
+              "dkm_buckets: keys must be a contiguous 1-D int16 CPU tensor (the bit patterns of a 16-bit weight)");
   return reinterpret_cast<const uint16_t*>(keys.data_ptr<int16_t>());
 }
 
 void check_table(const at::Tensor& table, const char* name) {
-  TORCH_CHECK(table.dim() == 1 && table.numel() == kBuckets && table.is_contiguous(), "dkm_buckets: ", name,
-              " must be a contiguous table of 65536 entries, got ", table.sizes());
+  TORCH_CHECK(table.dim() == 1 && table.numel() == kBuckets && table.is_contiguous() && table.device().is_cpu(),
+              "dkm_buckets: ", name, " must be a contiguous CPU table of 65536 entries, got ", table.sizes());
 }
 
 int64_t blocks_for(int64_t n) { return std::clamp<int64_t>((n + kMinBlock - 1) / kMinBlock, 1, kMaxBlocks); }
@@ -85,7 +85,7 @@ at::Tensor bucket_gather(const at::Tensor& table, const at::Tensor& keys) {
 // sums[key] = sum of g over the weights with that key: (65536,) float32, accumulated in double.
 at::Tensor bucket_sums(const at::Tensor& keys, const at::Tensor& g) {
   const uint16_t* k = key_data(keys);
-  TORCH_CHECK(g.dim() == 1 && g.numel() == keys.numel() && g.is_contiguous(),
+  TORCH_CHECK(g.dim() == 1 && g.numel() == keys.numel() && g.is_contiguous() && g.device().is_cpu(),
               "dkm_buckets: g must be contiguous with one value per key");
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "bucket_sums", [&] {
@@ -105,7 +105,7 @@ at::Tensor bucket_grad(const at::Tensor& a, const at::Tensor& b, const at::Tenso
   check_table(b, "b");
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "dkm_buckets: float32 a and b expected");
   const uint16_t* k = key_data(keys);
-  TORCH_CHECK(g.dim() == 1 && g.numel() == keys.numel() && g.is_contiguous(),
+  TORCH_CHECK(g.dim() == 1 && g.numel() == keys.numel() && g.is_contiguous() && g.device().is_cpu(),
               "dkm_buckets: g must be contiguous with one value per key");
   auto out = at::empty_like(g);
   const float* pa = a.data_ptr<float>();
@@ -147,7 +147,10 @@ at::Tensor nearest_sorted(const at::Tensor& x, const at::Tensor& sorted_c, const
               "nearest_sorted: float32 x and centroids, int64 order expected");
   TORCH_CHECK(x.is_contiguous() && sorted_c.is_contiguous() && order.is_contiguous(),
               "nearest_sorted: contiguous tensors expected");
+  TORCH_CHECK(x.device().is_cpu() && sorted_c.device().is_cpu() && order.device().is_cpu(),
+              "nearest_sorted: CPU tensors expected");
   const int64_t G = x.size(0), n = x.size(1), k = sorted_c.size(1);
+  TORCH_CHECK(k >= 1 || x.numel() == 0, "nearest_sorted: no centroids to choose from");
   auto out = at::empty({G, n}, x.options().dtype(at::kLong));
   std::vector<float> mids(G * std::max<int64_t>(k - 1, 0));
   const float* pc = sorted_c.data_ptr<float>();

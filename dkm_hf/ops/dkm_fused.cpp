@@ -358,6 +358,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& c, const at::Tensor& ta
               "dkm_fused: float32 tensors expected");
   TORCH_CHECK(w.is_contiguous() && c.is_contiguous() && tau.is_contiguous(), "dkm_fused: contiguous tensors expected");
   TORCH_CHECK(tau.numel() == w.size(0), "dkm_fused: one tau per group expected, got ", tau.numel());
+  TORCH_CHECK(w.device().is_cpu() && c.device().is_cpu() && tau.device().is_cpu(), "dkm_fused: CPU tensors expected");
 }
 
 template <int D, int K>
@@ -404,7 +405,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& w, const at::Tensor& c0, 
       break;
     }
   }
-  for (int64_t t = T + 1; t <= max_iters; ++t) history[t].copy_(history[T]);
+  if (T < max_iters) history.narrow(0, T + 1, max_iters - T).copy_(history[T].unsqueeze(0));
   if (!whole)
     soft_output<D, K>(pw, ph + (T - 1) * G * k * d, ph + T * G * k * d, ptau, n, k, d, items, out.data_ptr<float>());
   auto c_final = history[T].clone();
@@ -643,7 +644,7 @@ at::Tensor backward_impl(const at::Tensor& w, const at::Tensor& grad, const at::
 const float* importance_data(const at::Tensor& w, const at::Tensor& importance) {
   if (importance.numel() == 0) return nullptr;
   TORCH_CHECK(importance.dim() == 2 && importance.size(0) == w.size(0) && importance.size(1) == w.size(1) &&
-                  importance.scalar_type() == at::kFloat && importance.is_contiguous(),
+                  importance.scalar_type() == at::kFloat && importance.is_contiguous() && importance.device().is_cpu(),
               "dkm_fused: importance must be a contiguous float32 (G, n) tensor for w ", w.sizes(), ", got ",
               importance.sizes());
   return importance.data_ptr<float>();
@@ -657,6 +658,12 @@ int64_t checked_backward_inputs(const at::Tensor& w, const at::Tensor& grad, con
               "dkm_fused: grad must be a contiguous float32 tensor of w's shape ", w.sizes(), ", got ", grad.sizes());
   TORCH_CHECK(history.is_contiguous() && masses.is_contiguous() && masses.scalar_type() == at::kFloat,
               "dkm_fused: contiguous float32 history and masses expected");
+  // the forward's shapes: history (T_max + 1, G, k, d), masses (T_max, G, k); the kernels read masses as (T, G, k)
+  TORCH_CHECK(history.dim() == 4 && masses.dim() == 3 && masses.size(1) == history.size(1) &&
+                  masses.size(2) == history.size(2) && masses.device().is_cpu() && grad.device().is_cpu(),
+              "dkm_fused: masses ", masses.sizes(), " do not match the history ", history.sizes());
+  TORCH_CHECK(T.numel() == 1 && !at::isFloatingType(T.scalar_type()) && T.scalar_type() != at::kBool,
+              "dkm_fused: T must be one integer");
   const int64_t t = T.item<int64_t>();
   TORCH_CHECK(t >= 1 && t < history.size(0) && t <= masses.size(0), "dkm_fused: T = ", t, " out of range");
   return t;
@@ -736,9 +743,13 @@ std::vector<at::Tensor> dkm_forward(const at::Tensor& w, const at::Tensor& c0, c
                                     const at::Tensor& epsilon, int64_t max_iters, const at::Tensor& importance) {
   check_inputs(w, c0, tau);
   const float* pf = importance_data(w, importance);
-  TORCH_CHECK(epsilon.numel() == w.size(0) && epsilon.scalar_type() == at::kFloat && epsilon.is_contiguous(),
+  TORCH_CHECK(epsilon.numel() == w.size(0) && epsilon.scalar_type() == at::kFloat && epsilon.is_contiguous() &&
+                  epsilon.device().is_cpu(),
               "dkm_fused: one float32 epsilon per group expected");
-  TORCH_CHECK(max_iters >= 1, "dkm_fused: max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK(max_iters >= 1 && max_iters <= (int64_t{1} << 24), "dkm_fused: max_iters must be in [1, 2**24], got ",
+              max_iters);
+  // a group of no vectors would leave its centroids unwritten (uninitialised history)
+  TORCH_CHECK(w.size(1) >= 1 || w.size(0) == 0, "dkm_fused: groups of no vectors, w ", w.sizes());
   const int64_t d = w.size(2), k = c0.size(1);
   if (d == 1 && k == 16) return forward_impl<1, 16>(w, c0, tau, epsilon, max_iters, pf);
   if (d == 1 && k == 8) return forward_impl<1, 8>(w, c0, tau, epsilon, max_iters, pf);
@@ -762,8 +773,8 @@ at::Tensor dkm_backward(const at::Tensor& w, const at::Tensor& grad, const at::T
 // `group_variance`, the relative tau's scale), (G,). Two passes over each group while it is in cache (the torch
 // expression takes three over the whole tensor), per-lane float sums combined in double.
 at::Tensor group_variance(const at::Tensor& v) {
-  TORCH_CHECK(v.dim() == 3 && v.scalar_type() == at::kFloat && v.is_contiguous(),
-              "group_variance: a contiguous float32 (G, n, d) tensor expected, got ", v.sizes(), " ", v.scalar_type());
+  TORCH_CHECK(v.dim() == 3 && v.scalar_type() == at::kFloat && v.is_contiguous() && v.device().is_cpu(),
+              "group_variance: a contiguous float32 (G, n, d) CPU tensor expected, got ", v.sizes(), " ", v.scalar_type());
   const int64_t G = v.size(0), n = v.size(1), d = v.size(2);
   auto out = at::empty({G}, v.options());
   const float* pv = v.data_ptr<float>();

@@ -23,6 +23,7 @@ std::tuple<at::Tensor, at::Tensor> gptq_block(at::Tensor& block, const at::Tenso
               "gptq_block: float32 tensors expected");
   TORCH_CHECK(block.is_contiguous() && lut.is_contiguous() && u.is_contiguous(), "gptq_block: contiguous tensors "
               "expected");
+  TORCH_CHECK(block.device().is_cpu() && lut.device().is_cpu() && u.device().is_cpu(), "gptq_block: CPU tensors expected");
   auto indices = at::empty({C, B}, block.options().dtype(at::kLong));
   auto errors = at::empty({C, B}, block.options());
   float* pw = block.data_ptr<float>();

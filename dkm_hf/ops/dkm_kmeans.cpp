@@ -31,6 +31,11 @@ at::Tensor lloyd_sorted(const at::Tensor& x, const at::Tensor& s1, const at::Ten
               "lloyd_sorted: double values, prefix sums and centroids and int64 bounds expected");
   TORCH_CHECK(x.is_contiguous() && s1.is_contiguous() && c.is_contiguous() && bounds.is_contiguous(),
               "lloyd_sorted: contiguous tensors expected");
+  TORCH_CHECK(x.device().is_cpu() && s1.device().is_cpu() && c.device().is_cpu() && bounds.device().is_cpu(),
+              "lloyd_sorted: CPU tensors expected");
+  // the bounds index the prefix sums
+  TORCH_CHECK(bounds.numel() == 0 || (bounds.min().item<int64_t>() >= 0 && bounds.max().item<int64_t>() <= R),
+              "lloyd_sorted: bounds must lie in [0, ", R, "]");
   auto out = c.clone();
   const double* px = x.data_ptr<double>();
   const double* ps = s1.data_ptr<double>();

@@ -57,6 +57,14 @@ _CAUSES = (
 _NOT_CAUSES = ("collect2:", "ld returned")
 
 
+def one_device(op: str, *tensors) -> None:
+    """The operators' fake implementations run for any meta input: one meta tensor among CPU ones must fail as
+    torch's own operators do, not return uninitialised CPU results."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{op}: expected all tensors to be on the same device, got {sorted(map(str, devices))}")
+
+
 def build_failure_reason(error: Exception) -> str:
     """The line of a build or load failure that says why (e.g. "/bin/sh: 1: c++: not found"), else its last line."""
     lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]

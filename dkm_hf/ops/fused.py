@@ -38,7 +38,7 @@ from types import ModuleType
 import torch
 
 from . import native
-from .extension import build_and_load, build_failure_reason, build_root, source_tag
+from .extension import build_and_load, build_failure_reason, build_root, one_device, source_tag
 
 # The Triton kernels, where they can run (triton imports in about a second: not on machines without CUDA).
 if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
@@ -126,6 +126,7 @@ def _importance(importance: torch.Tensor | None, w: torch.Tensor) -> torch.Tenso
 
 @fused_dkm.register_fake
 def _fused_dkm_fake(w, c0, tau, epsilon, max_iters, importance=None):
+    one_device("dkm_hf::fused_dkm", w, c0, tau, epsilon, importance)
     G, _, d = w.shape
     k = c0.shape[1]
     return (
@@ -156,6 +157,7 @@ def fused_dkm_backward(
 
 @fused_dkm_backward.register_fake
 def _fused_dkm_backward_fake(w, grad, history, masses, T, tau, importance=None):
+    one_device("dkm_hf::fused_dkm_backward", w, grad, history, masses, T, tau, importance)
     return torch.empty_like(w)
 
 

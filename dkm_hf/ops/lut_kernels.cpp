@@ -3,9 +3,12 @@
 // their fake (meta) implementations. The C file is compiled here as C++, in this translation unit.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <thread>
 
 #include "lut_kernels.c"
 
@@ -66,6 +69,12 @@ Palette palette_of(const at::Tensor& packed, const at::Tensor& lut, const std::o
     return p;
 }
 
+// OpenMP's team size: at least one thread, at most what the machine or torch has (a huge count crashed libgomp)
+int64_t team(int64_t threads) {
+    const int64_t most = std::max<int64_t>({at::get_num_threads(), std::thread::hardware_concurrency(), 1});
+    return std::clamp<int64_t>(threads, 1, most);
+}
+
 at::Tensor decode_rows(const at::Tensor& packed, const at::Tensor& lut, const std::optional<at::Tensor>& scale,
                        int64_t bits, int64_t channels, int64_t features, at::ScalarType dtype,
                        const std::optional<at::Tensor>& rows, int64_t threads) {
@@ -74,6 +83,8 @@ at::Tensor decode_rows(const at::Tensor& packed, const at::Tensor& lut, const st
     at::Tensor index;
     int64_t n = channels;
     if (rows.has_value()) {
+        TORCH_CHECK(rows->device().is_cpu() && at::isIntegralType(rows->scalar_type(), /*includeBool=*/false),
+                    "dkm_hf native kernels: rows must be an integer CPU tensor, got ", rows->scalar_type());
         index = rows->to(at::kLong).contiguous();
         n = index.numel();
         if (n) {
@@ -83,7 +94,8 @@ at::Tensor decode_rows(const at::Tensor& packed, const at::Tensor& lut, const st
         row_ptr = index.data_ptr<int64_t>();
     }
     at::Tensor out = at::empty({n, features}, at::TensorOptions().dtype(dtype));
-    dkm_decode_rows(&p, row_ptr, 0, n, out.data_ptr(), threads);
+    if (n == 0 || features == 0) return out;
+    dkm_decode_rows(&p, row_ptr, 0, n, out.data_ptr(), team(threads));
     return out;
 }
 
@@ -96,13 +108,15 @@ at::Tensor lut_gemv(const at::Tensor& packed, const at::Tensor& lut, const std::
     at::Tensor flat = x.reshape({-1, features}).contiguous();
     at::Tensor b;
     if (bias.has_value()) {
+        TORCH_CHECK(bias->device().is_cpu(), "dkm_hf native kernels: bias must be a CPU tensor");
         b = bias->to(at::kFloat).contiguous();
         TORCH_CHECK(b.numel() == channels, "dkm_hf native kernels: bias has ", b.numel(), " values for ", channels,
                     " rows");
     }
     at::Tensor out = at::empty({flat.size(0), channels}, at::TensorOptions().dtype(at::kFloat));
-    dkm_lut_gemv(&p, flat.data_ptr<float>(), flat.size(0), b.defined() ? b.data_ptr<float>() : nullptr,
-                 out.data_ptr<float>(), channels, threads);
+    if (flat.size(0) > 0 && channels > 0)
+        dkm_lut_gemv(&p, flat.data_ptr<float>(), flat.size(0), b.defined() ? b.data_ptr<float>() : nullptr,
+                     out.data_ptr<float>(), channels, team(threads));
     auto shape = x.sizes().vec();
     shape.back() = channels;
     return out.view(shape);

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .extension import load_extension, warn_once
+from .extension import load_extension, one_device, warn_once
 
 SOURCE = Path(__file__).with_name("lut_kernels.cpp")
 MAX_LUT = 4096  # n_clusters * cluster_dim (the C side's MAX_LUT)
@@ -77,11 +77,13 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dkm_hf::decode_rows")
     def _(packed, lut, scale, bits, channels, features, dtype, rows, threads):
+        one_device("dkm_hf::decode_rows", packed, lut, scale, rows)
         n = channels if rows is None else rows.numel()
         return packed.new_empty((n, features), dtype=dtype)
 
     @torch.library.register_fake("dkm_hf::lut_gemv")
     def _(packed, lut, scale, bits, channels, features, dtype, x, bias, threads):
+        one_device("dkm_hf::lut_gemv", packed, lut, scale, x, bias)
         return x.new_empty((*x.shape[:-1], channels), dtype=torch.float32)
 
 

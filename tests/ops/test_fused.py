@@ -301,3 +301,39 @@ def test_the_cuda_kernels_inputs_are_checked_as_the_cpu_kernels_are():
         fused_ops._check_cuda_inputs(w, c0, torch.ones(1), torch.ones(3))
     with pytest.raises(ValueError, match=r"w \(3, 10, 1\) and c0 \(2, 4, 1\)"):
         fused_ops._check_cuda_inputs(w, c0[:2], torch.ones(3), torch.ones(3))
+
+
+def test_the_kernels_refuse_inputs_their_loops_would_read_past_or_leave_unwritten():
+    """The operators are public (torch.ops.dkm_hf) and the compiled module's functions callable: masses of the wrong
+    shape were read as (T, G, k) past their end (a crash), a group of no vectors left its centroids uninitialised, a
+    huge max_iters over empty groups ran one copy per iteration (a hang), out-of-range k-means bounds and no centroids
+    at all read outside their tensors, and one meta tensor among CPU ones returned uninitialised CPU results."""
+    kernels = fused.cpu_kernels()
+    G, n, k = 2, 40, 8
+    w, c0 = torch.randn(G, n, 1), torch.randn(G, k, 1)
+    tau, eps = torch.full((G,), 0.1), torch.full((G,), 1e-6)
+    _, _, history, masses, T = torch.ops.dkm_hf.fused_dkm(w, c0, tau, eps, 5)
+    grad = torch.ones_like(w)
+    for bad in (masses[:, 0, 0].contiguous(), masses[:, :1].contiguous(), masses.reshape(-1, G * k, 1)):
+        with pytest.raises(RuntimeError, match="masses .* do not match the history"):
+            torch.ops.dkm_hf.fused_dkm_backward(w, grad, history, bad, T, tau)
+    with pytest.raises(RuntimeError, match="T must be one integer"):
+        torch.ops.dkm_hf.fused_dkm_backward(w, grad, history, masses, T.double(), tau)
+    with pytest.raises(RuntimeError, match="groups of no vectors"):
+        torch.ops.dkm_hf.fused_dkm(w[:, :0], c0, tau, eps, 1)
+    empty = torch.ops.dkm_hf.fused_dkm(w[:0], c0[:0], tau[:0], eps[:0], 10**7)  # one copy, not 10**7 of them
+    assert empty[2].shape == (10**7 + 1, 0, k, 1)
+    with pytest.raises(RuntimeError, match=r"max_iters must be in \[1, 2\*\*24\]"):
+        torch.ops.dkm_hf.fused_dkm(w, c0, tau, eps, 2**62)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.dkm_hf.fused_dkm(w, c0.to("meta"), tau, eps, 1)
+    x = torch.sort(torch.randn(1, 10, dtype=torch.float64)).values
+    s1 = torch.cat([torch.zeros(1, 1, dtype=torch.float64), x.cumsum(1)], 1)
+    c = torch.tensor([[[-1.0, 1.0]]], dtype=torch.float64)
+    for bounds in ([0, 5, 13], [-1, 5, 10]):
+        with pytest.raises(RuntimeError, match=r"bounds must lie in \[0, 10\]"):
+            kernels.lloyd_sorted(x, s1, c, torch.tensor([[bounds]]), 2)
+    with pytest.raises(RuntimeError, match="no centroids"):
+        kernels.nearest_sorted(torch.randn(1, 5), torch.empty(1, 0), torch.empty(1, 0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="CPU table"):
+        kernels.bucket_gather(torch.empty(65536, device="meta"), torch.zeros(4, dtype=torch.int16))

@@ -143,6 +143,26 @@ def test_the_registered_operators_refuse_sizes_that_do_not_fit_the_packed_bytes(
         torch.ops.dkm_hf.lut_gemv(packed, lut, None, 8, channels, features, torch.float32, torch.ones(1, 16), None, 1)
 
 
+@needs_native
+def test_the_registered_operators_clamp_threads_and_check_rows():
+    """A thread count of 10**6 went to OpenMP as it was (a crash; 2**31 aborted in libgomp), float and bool rows were
+    truncated to indices, and 0 features over 10**10 rows looped over every row."""
+    packed, lut, s = _weight(4, 1, 1024, 256, 1, False, torch.float32)
+    palette = native.make_palette(packed, lut, s, 4, 1024, 256, torch.float32)
+    x = torch.randn(3, 256)
+    assert torch.equal(native.decode_rows(palette, threads=10**6), native.decode_rows(palette, threads=1))
+    assert torch.equal(native.lut_gemv(palette, x, threads=2**31), native.lut_gemv(palette, x, threads=1))
+    for rows in (torch.tensor([7.9]), torch.tensor([True])):
+        with pytest.raises(RuntimeError, match="rows must be an integer CPU tensor"):
+            torch.ops.dkm_hf.decode_rows(*palette.arguments(), rows, 1)
+    empty_lut = torch.zeros(1, 16, 1)
+    out = torch.ops.dkm_hf.decode_rows(torch.zeros(0, dtype=torch.uint8), empty_lut, None, 4, 10**10, 0,
+                                       torch.float32, torch.tensor([5]), 1)  # fmt: skip
+    assert out.shape == (1, 0)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.dkm_hf.lut_gemv(*palette.arguments(), x.to("meta"), None, 1)
+
+
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
     with warnings.catch_warnings():
