@@ -39,6 +39,7 @@ from .weights import (
     is_whole,
     module_lock,
     only_weight,
+    refuse_tracing,
     set_tie,
     swap_class,
     variant_class,
@@ -94,8 +95,7 @@ class DKMWeight:
     def has_state(self) -> bool:
         return buffer_name(self.param, "centroids") in self.module._buffers
 
-    def state_names(self) -> tuple[str, ...]:
-        """The module's buffers of this weight's DKM state."""
+    def state_names(self) -> tuple[str, ...]:  # the module's buffers of this weight's DKM state
         return tuple(buffer_name(self.param, kind) for kind in STATE_KINDS)
 
     def register_state(self) -> None:
@@ -111,8 +111,7 @@ class DKMWeight:
         self.dkm_ready = self.tied_source is not None
         self.forget()
 
-    def forget(self) -> None:
-        """Drop the cached soft and hard weights."""
+    def forget(self) -> None:  # drop the cached soft and hard weights
         self._soft = self._hard = None
 
     @property
@@ -164,12 +163,12 @@ class DKMWeight:
 
     @torch.no_grad()
     def init_vectors(self) -> torch.Tensor:
-        """The first half of `init_centroids` (the k-means of many weights runs batched in between): creates the
-        state, sets the per-channel scales from the weight, returns the vectors to cluster."""
+        """`init_centroids` up to the k-means (batched over weights): the state, scales, and the vectors to cluster."""
         self.init_scale()
         return self.vectors()
 
-    # -- weights ---------------------------------------------------------------------------------------------------
+    # -- weights (run eagerly: under dynamo the caches' checks ran at other times, and weights clustered twice) -------
+    @torch.compiler.disable
     def clustered_weight(self) -> torch.Tensor:
         """The weight the forward uses: soft-clustered in train(), hard-assigned in eval(), dense if disabled."""
         if self.tied_source is not None:
@@ -299,8 +298,9 @@ class DKMMixin:
         swap_class(self, base_class(self))
         return self
 
-    def __reduce_ex__(self, protocol):
-        return (_rebuild, (__name__, "DKMMixin", base_class(self), type(self)._dkm_params), self.__getstate__())
+    def __reduce_ex__(self, protocol):  # not the clustered weights a copy taken inside a forward finds shadowing
+        state = {k: v for k, v in self.__getstate__().items() if k not in self.dkm_weights}
+        return (_rebuild, (__name__, "DKMMixin", base_class(self), type(self)._dkm_params), state)
 
     def _state_names(self) -> tuple[str, ...]:
         return tuple(name for w in self.dkm_weights.values() for name in w.state_names())
@@ -335,6 +335,7 @@ class DKMMixin:
         """Within the context, each clustered parameter reads as its clustered weight (an instance attribute that
         shadows the parameter; the parameter itself is untouched). Contexts nest (a parent's scope around the
         module's own forward): leaving one restores what the enclosing one set. Threads take turns (`module_lock`)."""
+        refuse_tracing(self)  # a parent's scope opens this before the module's forward
         with module_lock(self):
             active = [(p, w) for p, w in self.dkm_weights.items() if w.dkm_enabled and is_whole(w.weight)]
             shadow = {p: w.clustered_weight() for p, w in active}

@@ -44,6 +44,7 @@ from .weights import (
     buffer_name,
     describe_weights,
     only_weight,
+    refuse_tracing,
     set_tie,
     swap_class,
     variant_class,
@@ -55,8 +56,7 @@ MODES = ("dense", "packed")
 # Packed by default: the model holds its checkpoint's bytes plus one decoded weight at a time, as fast as dense mode
 DEFAULT_MODE = "packed"  # on CPU with the native kernels (README, "What packed mode costs")
 DECODE_SLICE = 1 << 18  # vectors decoded at a time (a multiple of 8)
-KINDS = ("lut", "indices", "scale")
-KEPT_DTYPE_KINDS = ("lut", "scale")
+KINDS, KEPT_DTYPE_KINDS = ("lut", "indices", "scale"), ("lut", "scale")
 GEMV_MAX_ROWS = 8  # packed Linear inputs of at most this many rows use the fused LUT gemv (CPU, float32)
 # weight -> (state key, native Palette or None); outside the objects so copies and pickles never see ctypes objects
 _PALETTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -131,8 +131,7 @@ class PalettizedWeight:
         groups = first_group + torch.arange(idx.shape[0], device=idx.device, dtype=idx.dtype)
         return idx.add_((groups * self.layout.n_clusters).unsqueeze(-1)) if per_group else idx
 
-    def _decode_dtype(self) -> torch.dtype:
-        """Gather in the compute dtype when that is exact (no scale to multiply), else in float32."""
+    def _decode_dtype(self) -> torch.dtype:  # gathered in the compute dtype where exact (no scale), else float32
         exact = not self.has_scale and self.compute_dtype in (torch.float32, torch.float16, torch.bfloat16)
         return self.compute_dtype if exact else torch.float32
 
@@ -363,6 +362,7 @@ class PalettizedMixin:
         return None
 
     def forward(self, *args, **kwargs):
+        refuse_tracing(self)
         out = self._packed_forward(args, kwargs)
         if out is not None:
             return out

@@ -46,6 +46,12 @@ class ParentScope:
     def enter(self, module: nn.Module, args) -> None:
         covered = _covered()  # shadowed already by an enclosing scope of this thread: nothing to add
         children = {id(child) for child in module.children()}
+        if not any(isinstance(child, DKMMixin) for child in module.modules() if child is not module):
+            # no DKM descendant left (a copy of a model taken inside palettized_view, which puts scopes back on
+            # exit): the hooks go, the exit hook with them
+            for handle in module.__dict__.pop("_dkm_parent_scope", ()):
+                handle.remove()
+            return
         with contextlib.ExitStack() as stack:  # a child that fails closes those opened before it, in this thread
             added = []
             for child in module.modules():

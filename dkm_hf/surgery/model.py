@@ -12,6 +12,7 @@ from torch import nn
 from ..config import CheckpointRecord, DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, palettized_modules
+from ..nn.scopes import add_parent_scopes, remove_parent_scopes
 from ..nn.weights import swap_class
 from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
 
@@ -50,6 +51,7 @@ def palettize(model: nn.Module) -> nn.Module:
     """
     if not dkm_modules(model):
         if palettized_modules(model):
+            remove_parent_scopes(model)  # a copy taken inside palettized_view keeps the view's scopes otherwise
             return model
         raise ValueError("palettize() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
     to_palettized(model)
@@ -112,4 +114,5 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
                     value.update(contents)
                 model.__dict__[key] = value
             swap_class(model, root[0])
+        add_parent_scopes(model)  # where a palettize() inside the view removed them
         model.train(was_training)
