@@ -386,7 +386,7 @@ def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:
     """Check the per-layer fields; `prefix` is "" for the defaults or "overrides['pattern']." for an override."""
     _check_int(f"{prefix}bits", v["bits"], 1, 8)
     _check_int(f"{prefix}cluster_dim", v["cluster_dim"], 1)
-    _check_int(f"{prefix}max_iters", v["max_iters"], 1)
+    _check_int(f"{prefix}max_iters", v["max_iters"], 1, 2**24)  # the fused kernels' bound
     if v["tau"] is not None:
         _check_number(f"{prefix}tau", v["tau"])
     _check_choice(f"{prefix}granularity", v["granularity"], GRANULARITIES)

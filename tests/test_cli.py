@@ -253,6 +253,23 @@ def test_inspect_reads_the_files_from_pretrained_loads(checkpoint, tmp_path, cap
     assert torch.equal(loaded(x).logits, AutoModelForCausalLM.from_pretrained(out)(x).logits)
 
 
+def test_inspect_reads_an_index_without_metadata_that_loading_refuses(checkpoint, tmp_path, capsys):
+    """transformers reads the index's "metadata" (a bare KeyError without it), so loading refuses such an index by
+    name; `inspect` never needs it and reads the checkpoint as before."""
+    import shutil
+
+    path = tmp_path / "sharded"
+    shutil.copytree(checkpoint[0], path)
+    (path / "model.safetensors").rename(path / "model-00001-of-00001.safetensors")
+    keys = read_header(path / "model-00001-of-00001.safetensors").tensors
+    index = {"weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["inspect", str(path)]) == 0
+    assert "| transformer.h.0.mlp.c_fc | 32x128 | 2 |" in capsys.readouterr().out
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"index\.json: no 'metadata' object beside"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
 def _cpu_seconds(call) -> float:
     start = time.process_time()
     call()

@@ -49,6 +49,7 @@ from dkm_hf.config import FORMAT_VERSION
         ({"modules_to_not_convert": [None]}, "modules_to_not_convert"),
         ({"weight_threshold": 1.5}, "weight_threshold"),
         ({"max_iters": True}, "max_iters"),
+        ({"max_iters": 2**24 + 1}, r"max_iters must be an integer in \[1, 16777216\]"),  # the fused kernels' bound
         ({"overrides": {".*": {"tau": float("inf")}}}, "tau"),
         ({"overrides": ["a"]}, "overrides"),
     ],

@@ -145,7 +145,8 @@ def check_format(header: SafetensorsHeader, record: CheckpointRecord) -> None:
         raise PalettizedCheckpointError(
             f"config.json's quantization_config has format_version {record.format_version} (the current format where "
             f"it gives none) but the safetensors files were written as {VERSION_KEY}={version!r}; dkm_hf writes the "
-            "two alike, so the config or the files were edited (a version's checks follow the files' own version)"
+            "two alike, so the config or the files were edited (a hand-written config.json of a version 1 checkpoint "
+            'needs "format_version": 1)'
         )
 
 

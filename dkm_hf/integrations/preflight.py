@@ -46,7 +46,7 @@ def preflight(
     has_weights = any((directory / name).is_file() for name in names)
     if isinstance(quant, dict) and quant.get("quant_method") == "dkm":
         if has_weights:
-            read_headers(checkpoint_files(directory, variant))
+            read_headers(checkpoint_files(directory, variant, loading=True))
         return
     try:
         header = read_headers(checkpoint_files(directory, variant)) if has_weights else None

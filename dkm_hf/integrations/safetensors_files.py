@@ -310,12 +310,12 @@ def saved_variant(directory: str | os.PathLike) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -> list[str]:
+def checkpoint_files(directory: str | os.PathLike, variant: str | None = None, loading: bool = False) -> list[str]:
     """The safetensors files of a saved model directory: model.safetensors when it is there, else the files its
     shard index names, the rule transformers' `from_pretrained` follows, so that every reader of a checkpoint
     (loading, `dkm-hf inspect`) sees the same files; `variant`: those of `save_pretrained(variant=...)`. Each must be
     a regular file inside the directory; nothing is opened before that is known (a FIFO would block the reader
-    forever)."""
+    forever). `loading`: a shard index must have the "metadata" object transformers reads."""
     directory = Path(directory)
     single_name, index_name = variant_name(SINGLE_NAME, variant), variant_name(INDEX_NAME, variant)
     index = directory / index_name
@@ -333,7 +333,7 @@ def checkpoint_files(directory: str | os.PathLike, variant: str | None = None) -
         bad = next((n for n in names if not isinstance(n, str) or not n or "\0" in n), None)
         if bad is not None:
             raise PalettizedCheckpointError(f"{index.name}: weight_map values must be file names, got {bad!r}")
-        if not isinstance(content.get("metadata"), dict):  # transformers reads it (a bare KeyError otherwise)
+        if loading and not isinstance(content.get("metadata"), dict):  # transformers reads it (a bare KeyError)
             raise PalettizedCheckpointError(f"{index.name}: no 'metadata' object beside its weight_map")
         files = {f"{index.name}: weight_map entry {n!r}": str(directory / n) for n in names}
     else:

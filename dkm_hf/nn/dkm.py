@@ -335,7 +335,7 @@ class DKMMixin:
         """Within the context, each clustered parameter reads as its clustered weight (an instance attribute that
         shadows the parameter; the parameter itself is untouched). Contexts nest (a parent's scope around the
         module's own forward): leaving one restores what the enclosing one set. Threads take turns (`module_lock`)."""
-        refuse_tracing(self)  # a parent's scope opens this before the module's forward
+        refuse_tracing(self, jit=True)  # a parent's scope opens this before the module's forward
         with module_lock(self):
             active = [(p, w) for p, w in self.dkm_weights.items() if w.dkm_enabled and is_whole(w.weight)]
             shadow = {p: w.clustered_weight() for p, w in active}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 
 import torch
 from torch import nn
@@ -47,10 +48,11 @@ class ParentScope:
         covered = _covered()  # shadowed already by an enclosing scope of this thread: nothing to add
         children = {id(child) for child in module.children()}
         if not any(isinstance(child, DKMMixin) for child in module.modules() if child is not module):
-            # no DKM descendant left (a copy of a model taken inside palettized_view, which puts scopes back on
-            # exit): the hooks go, the exit hook with them
-            for handle in module.__dict__.pop("_dkm_parent_scope", ()):
-                handle.remove()
+            # no DKM descendant left: the hooks go (with the exit hook) unless a palettized view below will put
+            # DKM modules back (a copy of a model taken inside the view is another object, and sheds them)
+            if not any(child in VIEWED for child in module.modules()):
+                for handle in module.__dict__.pop("_dkm_parent_scope", ()):
+                    handle.remove()
             return
         with contextlib.ExitStack() as stack:  # a child that fails closes those opened before it, in this thread
             added = []
@@ -74,6 +76,7 @@ class ParentScope:
 
 
 _THREAD = threading.local()
+VIEWED: weakref.WeakSet = weakref.WeakSet()  # the models inside an open `palettized_view`
 
 
 def _kept(module: DKMMixin) -> bool:
@@ -112,6 +115,8 @@ def remove_parent_scopes(model: nn.Module) -> None:
     holders = _dkm_ancestors(model)
     for module in model.modules():
         handles = module.__dict__.get("_dkm_parent_scope")
+        if VIEWED and any(child in VIEWED for child in module.modules()):
+            continue  # its DKM modules come back when the view closes
         if handles is not None and id(module) not in holders:
             for handle in handles:
                 handle.remove()

@@ -53,12 +53,18 @@ def module_lock(module: nn.Module) -> threading.RLock:
     return lock
 
 
-def refuse_tracing(module: nn.Module) -> None:
+def refuse_tracing(module: nn.Module, jit: bool = False) -> None:
     """torch.fx's symbolic trace and torch.export cannot follow a clustered weight: fx baked it into the graph as a
-    constant (the parameters gone from the traced module, later updates ignored), export failed inside its checks."""
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or torch.compiler.is_exporting():
+    constant (the parameters gone from the traced module, later updates ignored), export failed inside its checks;
+    `jit`: torch.jit.trace too (a traced DKM module drifted from eager in training and failed in eval)."""
+    if (
+        torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.compiler.is_exporting()
+        or (jit and torch.jit.is_tracing())
+    ):
         raise RuntimeError(
-            f"dkm_hf: a {type(module).__name__} cannot be traced by torch.fx or torch.export: its clustered weight "
+            f"dkm_hf: a {type(module).__name__} cannot be traced by torch.fx, torch.jit.trace or torch.export: its "
+            "clustered weight "
             "is computed (soft or hard in training, decoded from its LUT when palettized) and would be frozen into "
             "the graph. Trace the dense model (dkm_hf.dequantize(model)), or export to Core ML with "
             "dkm_hf.export.to_coreml, which keeps the LUTs"

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import CheckpointRecord, DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, palettized_modules
-from ..nn.scopes import add_parent_scopes, remove_parent_scopes
+from ..nn.scopes import VIEWED, add_parent_scopes, remove_parent_scopes
 from ..nn.weights import swap_class
 from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
 
@@ -99,11 +99,13 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
     if isinstance(model, DKMMixin):
         root = (type(model), {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in model.__dict__.items()})
     was_training = model.training
+    VIEWED.add(model)
     try:
         with gathered(model):
             to_palettized(model, view=True)
         yield model
     finally:
+        VIEWED.discard(model)
         for name, module in originals:
             model.set_submodule(name, module)
         if root is not None:

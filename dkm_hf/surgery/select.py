@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
@@ -148,13 +150,16 @@ def check_clusterable(name: str, weight: torch.Tensor, lut_dtype: torch.dtype) -
     the weight in float32 by k-means and the DKM loop, could overflow."""
     if weight.is_meta:
         return
-    bad = int((~torch.isfinite(weight)).sum())
-    if bad:
+    if not weight.numel():
+        return
+    low, high = float(weight.detach().amin()), float(weight.detach().amax())  # no copy of the weight; NaN propagates
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(
-            f"{name}: {bad} value(s) of the weight are NaN or infinite; k-means would make every centroid of its LUT "
-            "non-finite. Repair the weight or leave it out (modules_to_not_convert)"
+            f"{name}: {int((~torch.isfinite(weight)).sum())} value(s) of the weight are NaN or infinite; k-means "
+            "would make every centroid of its LUT non-finite. Repair the weight or leave it out "
+            "(modules_to_not_convert)"
         )
-    largest = float(weight.detach().abs().amax()) if weight.numel() else 0.0
+    largest = max(-low, high)
     if largest > torch.finfo(lut_dtype).max:
         raise ValueError(
             f"{name}: values up to {largest:.3g}, beyond the LUT dtype's range ({str(lut_dtype)[6:]}: "

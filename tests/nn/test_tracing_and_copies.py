@@ -57,7 +57,7 @@ def test_fx_and_export_refuse_clustered_weights_by_name(state):
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(RuntimeError, match=r"dkm_hf: a (DKM|Palettized)Conv2d cannot be traced .*dkm_hf\.dequantize"):
         torch.fx.symbolic_trace(net)
-    with pytest.raises(RuntimeError, match=r"cannot be traced by torch\.fx or torch\.export"):
+    with pytest.raises(RuntimeError, match=r"cannot be traced by torch\.fx, torch\.jit\.trace or torch\.export"):
         torch.export.export(net, (x,))
     dense = dkm_hf.dequantize(net)
     torch.testing.assert_close(torch.fx.symbolic_trace(dense)(x), dense(x), rtol=0, atol=0)
@@ -99,3 +99,50 @@ def test_a_copy_taken_inside_a_palettized_view_sheds_the_views_scopes(tiny_dir):
     assert [n for n in hooked(copied) if n] in ([], ["model.layers"])  # a ModuleList is never called
     assert hooked(model) == before
     torch.testing.assert_close(out, dkm_hf.palettize(copy.deepcopy(model))(**tiny_inputs("llama")).logits)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_jit_trace_refuses_dkm_modules_and_follows_palettized_ones(train):
+    """A traced DKM module drifted from eager in training (loss 3e-3 off within 3 steps) and failed at its second
+    call in eval mode; a palettized model traces as it runs (the decode is part of the graph)."""
+    net = _net().train(train)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match=r"DKMConv2d cannot be traced by torch\.fx, torch\.jit\.trace"):
+        torch.jit.trace(net, (x,))
+    pal = dkm_hf.palettize(net)
+    with torch.no_grad():
+        traced = torch.jit.trace(pal, (x,))
+        torch.testing.assert_close(traced(x + 1), pal(x + 1), rtol=0, atol=0)
+
+
+class _Mixer(nn.Module):  # reads its child's weight directly, as a Mamba mixer does
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x @ self.proj.weight.t()
+
+
+class _Top(nn.Module):  # reads a deeper weight directly, as a hand-written LM head does
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(_Mixer(), nn.ReLU(), _Mixer())
+
+    def forward(self, x):
+        return self.net(x) @ self.net[0].proj.weight
+
+
+def test_a_forward_inside_a_view_of_a_submodule_keeps_the_outer_scopes():
+    """With the view open on `net`, the outer module found no DKM module below it and removed its scopes for good:
+    afterwards it read the raw parameter, and the model in eval mode no longer equalled its palettized model."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(_Top(), dkm_hf.DKMConfig(bits=2, weight_threshold=0)).eval()
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        reference = dkm_hf.palettize(copy.deepcopy(model))(x)
+        with dkm_hf.palettized_view(model.net):
+            model(x)
+            dkm_hf.palettize(model)  # already palettized inside the view: its scopes stay too
+        assert "_dkm_parent_scope" in model.__dict__
+        torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
