@@ -321,8 +321,9 @@ def check_values(model: nn.Module, saving: bool = False) -> None:
         if isinstance(module, DKMMixin):
             for weight in module.dkm_weights.values():
                 if weight.tied_source is None and weight.has_state:
-                    # loaded with its centroids, the weight skips k-means' check (before a save, the callback's)
-                    _check_finite(name, module, (*weight.state_names(), *(() if saving else (weight.param,))), saving)
+                    # loaded with its centroids, the weight itself skips k-means' check (before a save, the callback's)
+                    names = weight.state_names() if saving else (*weight.state_names(), weight.param)
+                    _check_finite(name, module, names, saving)
         if isinstance(module, PalettizedMixin):
             for weight in module.palettized_weights.values():
                 if weight.tied_source is None:
@@ -354,8 +355,9 @@ def check_loaded(model: nn.Module, metadata: dict[str, str], prefix: str | None 
             )
 
 
-def _check_finite(name: str, module: nn.Module, buffers: tuple[str, ...], saving: bool = False) -> None:
-    for buffer in buffers:
+def _check_finite(name: str, module: nn.Module, tensors: tuple[str, ...], saving: bool = False) -> None:
+    """Each of the module's buffers or parameters `tensors` (names) is finite."""
+    for buffer in tensors:
         value = module._buffers[buffer] if buffer in module._buffers else module._parameters.get(buffer)
         if value is not None and not value.is_meta and not bool(torch.isfinite(value).all()):
             bad = int((~torch.isfinite(value)).sum())

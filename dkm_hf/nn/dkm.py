@@ -50,8 +50,9 @@ from .weights import (
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
 _SCALE_FLOOR, _VAR_FLOOR = 1e-12, 1e-24
 # tau's variance floor, of the mean squared centroid (a spread of 0.1% of the weights' size): 2 / tau of a constant
-# group (variance 0) turned float rounding into gradients of 1e11; and tau's own floor, below which the softmax is an
-_VAR_RELATIVE_FLOOR, _TAU_FLOOR = 1e-6, 1e-30  # argmin anyway and 1 / tau overflows float32 (0 * inf: NaN gradients)
+# group (variance 0) turned float rounding into gradients of 1e11. Below tau's own floor the softmax is an argmin
+# anyway, and 1 / tau overflows float32 (0 * inf: NaN gradients).
+_VAR_RELATIVE_FLOOR, _TAU_FLOOR = 1e-6, 1e-30
 
 
 class DKMWeight:
@@ -236,8 +237,7 @@ class DKMWeight:
         self._soft = None
 
     @torch.no_grad()
-    def assignments(self) -> torch.Tensor:
-        """Nearest-centroid index of every vector, (groups, n)."""
+    def assignments(self) -> torch.Tensor:  # the nearest centroid's index of every vector, (groups, n)
         return hard_assign(self.vectors(), self.centroids)
 
     @torch.no_grad()

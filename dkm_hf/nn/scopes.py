@@ -47,17 +47,13 @@ class ParentScope:
     def enter(self, module: nn.Module, args) -> None:
         covered = _covered()  # shadowed already by an enclosing scope of this thread: nothing to add
         children = {id(child) for child in module.children()}
-        if not any(isinstance(child, DKMMixin) for child in module.modules() if child is not module):
-            # no DKM descendant left: the hooks go (with the exit hook) unless a palettized view below will put
-            # DKM modules back (a copy of a model taken inside the view is another object, and sheds them)
-            if not any(child in VIEWED for child in module.modules()):
-                for handle in module.__dict__.pop("_dkm_parent_scope", ()):
-                    handle.remove()
-            return
         with contextlib.ExitStack() as stack:  # a child that fails closes those opened before it, in this thread
-            added = []
+            added, found = [], False
             for child in module.modules():
-                if child is module or not isinstance(child, DKMMixin) or id(child) in covered:
+                if child is module or not isinstance(child, DKMMixin):
+                    continue
+                found = True
+                if id(child) in covered:
                     continue
                 if id(child) not in children and not _kept(child):
                     continue  # made here, a deeper weight would live through the whole forward: its parent's scope
@@ -65,6 +61,13 @@ class ParentScope:
                     continue  # sharded by FSDP2 until its unit runs: the scopes inside that unit shadow it
                 stack.enter_context(child.clustered_parameters())
                 added.append(id(child))
+            if not found:
+                # no DKM descendant left: the hooks go (with the exit hook) unless a palettized view below will put
+                # DKM modules back (a copy of a model taken inside the view is another object, and sheds them)
+                if not any(child in VIEWED for child in module.modules()):
+                    for handle in module.__dict__.pop("_dkm_parent_scope", ()):
+                        handle.remove()
+                return
             covered.update(added)
             stack.callback(covered.difference_update, added)
             self._open().append(stack.pop_all())
@@ -115,9 +118,9 @@ def remove_parent_scopes(model: nn.Module) -> None:
     holders = _dkm_ancestors(model)
     for module in model.modules():
         handles = module.__dict__.get("_dkm_parent_scope")
-        if VIEWED and any(child in VIEWED for child in module.modules()):
-            continue  # its DKM modules come back when the view closes
-        if handles is not None and id(module) not in holders:
+        if handles is None or id(module) in holders:
+            continue
+        if not (VIEWED and any(child in VIEWED for child in module.modules())):  # its DKM modules come back if so
             for handle in handles:
                 handle.remove()
             del module.__dict__["_dkm_parent_scope"]

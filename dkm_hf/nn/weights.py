@@ -64,9 +64,8 @@ def refuse_tracing(module: nn.Module, jit: bool = False) -> None:
     ):
         raise RuntimeError(
             f"dkm_hf: a {type(module).__name__} cannot be traced by torch.fx, torch.jit.trace or torch.export: its "
-            "clustered weight "
-            "is computed (soft or hard in training, decoded from its LUT when palettized) and would be frozen into "
-            "the graph. Trace the dense model (dkm_hf.dequantize(model)), or export to Core ML with "
+            "clustered weight is computed (soft or hard in training, decoded from its LUT when palettized) and would "
+            "be frozen into the graph. Trace the dense model (dkm_hf.dequantize(model)), or export to Core ML with "
             "dkm_hf.export.to_coreml, which keeps the LUTs"
         )
 

@@ -37,6 +37,14 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def one_device(op: str, *tensors) -> None:
+    """The operators' fake implementations run for any meta input: one meta tensor among CPU ones must fail as
+    torch's own operators do, not return uninitialised CPU results."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"{op}: expected all tensors to be on the same device, got {sorted(map(str, devices))}")
+
+
 # What a failed build's output says about its cause, in order of preference: a compiler's error, then what the
 # linker could not find, a missing or refused program or file, a killed process or an exceeded limit (ninja's own
 # last line says only that it stopped, and the compiler driver's "collect2: error: ld returned 1 exit status" only
@@ -55,14 +63,6 @@ _CAUSES = (
     ("no space",),
 )
 _NOT_CAUSES = ("collect2:", "ld returned")
-
-
-def one_device(op: str, *tensors) -> None:
-    """The operators' fake implementations run for any meta input: one meta tensor among CPU ones must fail as
-    torch's own operators do, not return uninitialised CPU results."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) > 1:
-        raise RuntimeError(f"{op}: expected all tensors to be on the same device, got {sorted(map(str, devices))}")
 
 
 def build_failure_reason(error: Exception) -> str:

@@ -116,5 +116,6 @@ def palettized_view(model: nn.Module, gathered=contextlib.nullcontext) -> Iterat
                     value.update(contents)
                 model.__dict__[key] = value
             swap_class(model, root[0])
-        add_parent_scopes(model)  # where a palettize() inside the view removed them
+        # scopes inside the model that a forward or a palettize() in the view removed (those above it stay: VIEWED)
+        add_parent_scopes(model)
         model.train(was_training)
