@@ -114,7 +114,8 @@ def inspect_table(summary: CheckpointSummary, with_distinct: bool = True) -> tup
     lines += [
         "",
         f"clustered layers: {len(summary.owners)} ({clustered:,} weights) in {summary.clustered_bytes:,} bytes",
-        f"checkpoint: {total:,} bytes ({human_bytes(total)}) in {len(summary.files)} file(s)",
+        f"checkpoint: {total:,} bytes ({human_bytes(total)}) of tensors in {len(summary.files)} file(s), "
+        f"{sum(os.path.getsize(f) for f in summary.files):,} bytes with their headers",
         f"dense fp32: {fp32:,} bytes ({human_bytes(fp32)}), compression {fp32 / total:.2f}x",
         f"dense fp16: {fp16:,} bytes ({human_bytes(fp16)}), compression {fp16 / total:.2f}x",
     ]

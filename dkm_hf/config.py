@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .config_checks import (
+    check_absolute_tau,
+    check_bool,
+    check_choice,
+    check_int,
+    check_layer_fields,
+    check_number,
+    check_pattern,
+    name_matches,
+)
 from .nn.layout import LUT_DTYPES, TAU_SCALES, ClusterSettings, Layout
 from .ops.dkm import IMPLEMENTATIONS
 
@@ -26,7 +34,6 @@ logger = logging.get_logger(__name__)
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
 FORMATS = ("train", "palettized")
-GRANULARITIES = ("per_tensor", "per_grouped_channel")
 # Fields a per-module override may change.
 OVERRIDABLE = ("bits", "cluster_dim", "tau", "granularity", "group_size", "per_channel_scale", "max_iters")
 MAX_SEED = 2**63 - 1
@@ -70,7 +77,7 @@ class CheckpointRecord:
     KEYS = ("format", "format_version", "modules", "save_id")
 
     def __post_init__(self) -> None:
-        _check_choice("format", self.format, FORMATS)
+        check_choice("format", self.format, FORMATS)
         if isinstance(self.format_version, bool) or self.format_version not in READABLE_FORMAT_VERSIONS:
             readable = " or ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise ValueError(
@@ -197,38 +204,35 @@ class DKMConfig(QuantizationConfigMixin):
                 setattr(self, name, list(value))
         if self.quant_method != "dkm":
             raise ValueError(f"DKMConfig.quant_method must be 'dkm', but the value passed is {self.quant_method!r}")
-        _check_layer_fields("", {f: getattr(self, f) for f in OVERRIDABLE})
-        _check_number("epsilon", self.epsilon)
-        _check_int("weight_threshold", self.weight_threshold, 0)
-        _check_int("milestone", self.milestone, 0)
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("kmeans_restarts", self.kmeans_restarts, 1)
-        _check_bool("cluster_embeddings", self.cluster_embeddings)
-        _check_choice("implementation", self.implementation, ("auto", *IMPLEMENTATIONS))
-        _check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
-        _check_choice("tau_scale", self.tau_scale, TAU_SCALES)
-        _check_absolute_tau("tau", self.tau, self.tau_scale)
-        uniquified = self.implementation == "uniquified"
-        if uniquified and self.cluster_dim != 1:
-            raise ValueError(
-                f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but cluster_dim is {self.cluster_dim}"
-            )
+        defaults = {f: getattr(self, f) for f in OVERRIDABLE}
+        check_layer_fields("", defaults)
+        check_number("epsilon", self.epsilon)
+        check_int("weight_threshold", self.weight_threshold, 0)
+        check_int("milestone", self.milestone, 0)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_int("kmeans_restarts", self.kmeans_restarts, 1)
+        check_bool("cluster_embeddings", self.cluster_embeddings)
+        check_choice("implementation", self.implementation, ("auto", *IMPLEMENTATIONS))
+        check_choice("lut_dtype", self.lut_dtype, tuple(LUT_DTYPES))
+        check_choice("tau_scale", self.tau_scale, TAU_SCALES)
+        check_absolute_tau("tau", self.tau, self.tau_scale)
+        if (uniquified := self.implementation == "uniquified") and self.cluster_dim != 1:
+            raise ValueError(f"DKMConfig.implementation='uniquified' needs cluster_dim=1, not {self.cluster_dim}")
         pairs = isinstance(self.overrides, list) and all(isinstance(p, (list, tuple)) for p in self.overrides)
         if pairs and all(len(p) == 2 for p in self.overrides) and len(dict(self.overrides)) == len(self.overrides):
             self.overrides = dict(self.overrides)  # to_dict's [pattern, settings] pairs, in order
         if not isinstance(self.overrides, dict):
             raise ValueError(f"DKMConfig.overrides must be a dict of regex -> settings, but is {self.overrides!r}")
         for pattern, values in self.overrides.items():
-            _check_pattern(f"overrides[{pattern!r}]", pattern)
+            check_pattern(f"overrides[{pattern!r}]", pattern)
             if not isinstance(values, dict):
                 raise ValueError(f"DKMConfig.overrides[{pattern!r}] must be a dict, but is {values!r}")
-            unknown = sorted(set(values) - set(OVERRIDABLE))
-            if unknown:
+            if unknown := sorted(set(values) - set(OVERRIDABLE)):
                 raise ValueError(
                     f"DKMConfig.overrides[{pattern!r}] has unknown field(s) {unknown}; allowed: {list(OVERRIDABLE)}"
                 )
-            _check_layer_fields(f"overrides[{pattern!r}].", {f: getattr(self, f) for f in OVERRIDABLE} | values)
-            _check_absolute_tau(f"overrides[{pattern!r}]", values.get("tau", self.tau), self.tau_scale)
+            check_layer_fields(f"overrides[{pattern!r}].", defaults | values, values)
+            check_absolute_tau(f"overrides[{pattern!r}]", values.get("tau", self.tau), self.tau_scale)
             if uniquified and values.get("cluster_dim", 1) != 1:
                 what = f"overrides[{pattern!r}] sets cluster_dim={values['cluster_dim']}"
                 raise ValueError(f"DKMConfig.implementation='uniquified' needs cluster_dim=1, but {what}")
@@ -237,7 +241,7 @@ class DKMConfig(QuantizationConfigMixin):
             if patterns is not None and not isinstance(patterns, list):
                 raise ValueError(f"DKMConfig.{name} must be a list of strings, but the value passed is {patterns!r}")
             for pattern in patterns or []:
-                _check_pattern(name, pattern)
+                check_pattern(name, pattern)
 
     def update(self, **kwargs) -> dict[str, Any]:
         """Set the fields named in `kwargs` (as transformers' configs do; the others are returned), then check the
@@ -252,17 +256,34 @@ class DKMConfig(QuantizationConfigMixin):
 
     # -- per-module resolution -------------------------------------------------------------------------------------
     def _values_for(self, module_name: str) -> dict[str, Any]:
-        values = {f: getattr(self, f) for f in OVERRIDABLE}
-        for pattern, override in self.overrides.items():
+        return self._resolve(module_name)[0]
+
+    def _resolve(self, module_name: str) -> tuple[dict[str, Any], dict[str, tuple[int, str]]]:
+        """The weight's settings (the defaults, then every matching override in order) and, for each field an
+        override sets, (the position, the pattern) of the last one that does."""
+        values, sources = {f: getattr(self, f) for f in OVERRIDABLE}, {}
+        for index, (pattern, override) in enumerate(self.overrides.items()):
             if name_matches(pattern, module_name):
                 values.update(override)
-        return values
+                sources.update(dict.fromkeys(override, (index, pattern)))
+        return values, sources
 
     def layout_for(
         self, module_name: str, shape: tuple[int, ...], transposed: bool = False, channel_dims: int = 1
     ) -> Layout:
-        """The layout of weight `module_name`: defaults, then every matching override in order."""
-        v = self._values_for(module_name)
+        """The layout of weight `module_name`: defaults, then every matching override in order. A group_size is
+        needed where the result is per_grouped_channel; where it is per_tensor, a group_size set before the
+        granularity (by the defaults or an earlier override: "all grouped but X") is ignored, one set after it
+        refused."""
+        v, sources = self._resolve(module_name)
+        where = {f: f"overrides[{sources[f][1]!r}]" if f in sources else "the defaults" for f in sources | v}
+        if v["granularity"] == "per_grouped_channel" and v["group_size"] is None:
+            what = f"{where['granularity']} make(s) {module_name} per_grouped_channel"
+            raise ValueError(f"DKMConfig: {what} and {where['group_size']} give it no group_size")
+        late = sources.get("group_size", (-1,))[0] > sources.get("granularity", (-1,))[0]
+        if v["granularity"] == "per_tensor" and v["group_size"] is not None and late:
+            what = f"{where['group_size']} sets group_size {v['group_size']} for {module_name}"
+            raise ValueError(f"DKMConfig: {what}, which {where['granularity']} make(s) per_tensor")
         group_size = v["group_size"] if v["granularity"] == "per_grouped_channel" else None
         values = (v["bits"], v["cluster_dim"], group_size, v["per_channel_scale"])
         return Layout.for_weight(shape, *values, transposed, module_name, channel_dims)
@@ -270,15 +291,8 @@ class DKMConfig(QuantizationConfigMixin):
     def settings_for(self, module_name: str) -> ClusterSettings:
         v = self._values_for(module_name)
         tau = v["tau"] if v["tau"] is not None else default_tau(v["bits"])
-        return ClusterSettings(
-            tau,
-            v["max_iters"],
-            self.epsilon,
-            self.implementation,
-            self.lut_dtype,
-            self.tau_scale,
-            self.kmeans_restarts,
-        )
+        s = {f: getattr(self, f) for f in ("epsilon", "implementation", "lut_dtype", "tau_scale", "kmeans_restarts")}
+        return ClusterSettings(tau=tau, max_iters=v["max_iters"], **s)
 
     # -- serialisation -----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -332,69 +346,3 @@ class DKMConfig(QuantizationConfigMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """A module name matches a pattern if it equals it, ends with `.pattern`, or fully matches it as a regex."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
-def _check_pattern(field_name: str, pattern: Any) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"DKMConfig.{field_name} must hold strings, but the value passed is {pattern!r}")
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"DKMConfig.{field_name}: {pattern!r} is not a valid regex ({err})") from None
-
-
-def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-        raise ValueError(f"DKMConfig.{name} must be {bound}, but the value passed is {value!r}")
-
-
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"DKMConfig.{name} must be a finite number > 0, but the value passed is {value!r}")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"DKMConfig.{name} must be a bool (True or False), but the value passed is {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"DKMConfig.{name} must be one of {list(choices)}, but the value passed is {value!r}")
-
-
-def _check_absolute_tau(where: str, tau: float | None, tau_scale: str) -> None:
-    if tau is None and tau_scale == "absolute":
-        raise ValueError(
-            f"DKMConfig.{where}: tau_scale='absolute' needs an explicit tau (a scale against squared weight "
-            "distances, e.g. 1e-4 for weights of std ~0.04); tau=None only has a default for tau_scale='variance'"
-        )
-
-
-def _check_layer_fields(prefix: str, v: dict[str, Any]) -> None:
-    """Check the per-layer fields; `prefix` is "" for the defaults or "overrides['pattern']." for an override."""
-    _check_int(f"{prefix}bits", v["bits"], 1, 8)
-    _check_int(f"{prefix}cluster_dim", v["cluster_dim"], 1)
-    _check_int(f"{prefix}max_iters", v["max_iters"], 1, 2**24)  # the fused kernels' bound
-    if v["tau"] is not None:
-        _check_number(f"{prefix}tau", v["tau"])
-    _check_choice(f"{prefix}granularity", v["granularity"], GRANULARITIES)
-    if v["granularity"] == "per_grouped_channel":
-        _check_int(f"{prefix}group_size", v["group_size"], 1)
-    elif v["group_size"] is not None:
-        raise ValueError(
-            f"DKMConfig.{prefix}group_size is only used with granularity='per_grouped_channel', but it is "
-            f"{v['group_size']!r} with granularity {v['granularity']!r}"
-        )
-    _check_bool(f"{prefix}per_channel_scale", v["per_channel_scale"])

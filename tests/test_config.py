@@ -127,6 +127,62 @@ def test_override_resolution():
     assert config.layout_for("classifier", (8, 8)).cluster_dim == 2
 
 
+def test_an_override_to_per_tensor_drops_the_inherited_group_size():
+    """per_grouped_channel defaults with a per_tensor override: the layer is per tensor, the group size not carried
+    over (and refused, which it was, only where the override itself gives one)."""
+    config = DKMConfig(
+        granularity="per_grouped_channel", group_size=4, overrides={"fc": {"granularity": "per_tensor"}}
+    )
+    assert config.layout_for("fc", (16, 8)).lut_shape[0] == 1
+    assert config.layout_for("other", (16, 8)).lut_shape[0] == 4
+    assert DKMConfig.from_dict(config.to_dict()).layout_for("fc", (16, 8)).lut_shape[0] == 1
+    with pytest.raises(ValueError, match=r"overrides\['fc'\]\.group_size is only used"):
+        DKMConfig(
+            group_size=4,
+            granularity="per_grouped_channel",
+            overrides={"fc": {"granularity": "per_tensor", "group_size": 2}},
+        )
+
+
+def test_granularity_and_group_size_resolve_per_weight_after_every_matching_override():
+    """Overrides apply in order; a weight's granularity and group size are checked once all that match it applied."""
+    back = DKMConfig(
+        granularity="per_grouped_channel",
+        group_size=4,
+        overrides={".*": {"granularity": "per_tensor"}, "2": {"granularity": "per_grouped_channel"}},
+    )
+    assert back.layout_for("2", (64, 8)).lut_shape[0] == 16  # the defaults' group size, not per tensor
+    assert back.layout_for("1", (64, 8)).lut_shape[0] == 1
+    nested = DKMConfig(
+        overrides={".*": {"granularity": "per_grouped_channel", "group_size": 2}, "2": {"group_size": 4}}
+    )
+    assert (nested.layout_for("2", (64, 8)).lut_shape[0], nested.layout_for("1", (64, 8)).lut_shape[0]) == (16, 32)
+    ignored = DKMConfig(
+        granularity="per_grouped_channel",
+        group_size=4,
+        overrides={".*": {"granularity": "per_tensor"}, "2": {"group_size": 8}},
+    )
+    with pytest.raises(ValueError, match=r"overrides\['2'\] sets group_size 8 for 2, which overrides\['\.\*'\] make"):
+        ignored.layout_for("2", (64, 8))
+    missing = DKMConfig(overrides={"2": {"granularity": "per_grouped_channel"}})
+    with pytest.raises(
+        ValueError, match=r"overrides\['2'\] make\(s\) 2 per_grouped_channel and the defaults give it no"
+    ):
+        missing.layout_for("2", (64, 8))
+    # all grouped but the embedding: a group size set before the layer was made per_tensor is ignored (as it was)
+    all_but = DKMConfig(
+        overrides={
+            ".*": {"granularity": "per_grouped_channel", "group_size": 8},
+            ".*embed.*": {"granularity": "per_tensor"},
+        }
+    )
+    assert all_but.layout_for("model.embed_tokens", (64, 8)).lut_shape[0] == 1
+    assert all_but.layout_for("model.layers.0.mlp.up_proj", (64, 8)).lut_shape[0] == 8
+    # an override that changes the width only, with group_size None spelt out, on per_tensor defaults (accepted before)
+    spelt = DKMConfig(overrides={"lm_head": {"group_size": None, "bits": 3}})
+    assert DKMConfig.from_dict(spelt.to_dict()).layout_for("lm_head", (64, 8)).bits == 3
+
+
 @pytest.mark.parametrize(("bits", "tau"), [(8, 0.01), (4, 0.01), (3, 0.05), (2, 0.05), (1, 0.05)])
 def test_default_tau_follows_each_layers_bit_width(bits, tau):
     """tau=None is the measured relative tau of the layer's own bit width, overrides included; a given tau wins."""

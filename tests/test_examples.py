@@ -217,8 +217,8 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     from dkm_hf.integrations import quantizer
 
     initialised = []
-    plain_init, weighted_init = quantizer.init_centroids, dkm_hf.init_centroids
-    monkeypatch.setattr(quantizer, "init_centroids", lambda m: initialised.append(("plain", plain_init(m))))
+    plain_init, weighted_init = quantizer.kmeans_all, dkm_hf.init_centroids
+    monkeypatch.setattr(quantizer, "kmeans_all", lambda m: initialised.append(("plain", plain_init(m))))
     monkeypatch.setattr(dkm_hf, "init_centroids", lambda m, f: initialised.append(("weighted", weighted_init(m, f))))
     results = clm.main(argv.split())
     names = [row["model"] for row in results["rows"]]

@@ -17,6 +17,7 @@ LAYERS = {
     "dkm_hf.ops": 1,
     "dkm_hf.nn": 2,
     "dkm_hf.config": 3,
+    "dkm_hf.config_checks": 3,
     "dkm_hf.surgery": 4,
     "dkm_hf.integrations": 5,
     "dkm_hf.cli": 6,

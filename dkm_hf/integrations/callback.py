@@ -83,7 +83,7 @@ def cluster_health(module: DKMWeight, assign: torch.Tensor) -> dict[str, float]:
     G, n, _ = vectors.shape
     per_group = min(n, HEALTH_SAMPLE)
     groups = _sample(G, max(1, HEALTH_SAMPLE // per_group))
-    tau, _ = module.temperature(vectors[groups])  # tau of the sampled groups, from all their weights
+    tau, _ = module.temperature(vectors, groups)  # tau of the sampled groups, from all their weights
     if isinstance(tau, torch.Tensor):
         tau = tau.view(-1, 1, 1)
     a = attention(vectors[groups, _sample(n, per_group)], module.centroids[groups], tau)
@@ -123,7 +123,7 @@ def reseed_dead_centroids(module: DKMWeight, assign: torch.Tensor | None = None)
         module.centroids[g, dead[: far.numel()]] = vectors[g, far]
         reseeded += far.numel()
     if reseeded:
-        module._hard = None
+        module.forget()
     return reseeded
 
 

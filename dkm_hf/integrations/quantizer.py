@@ -26,7 +26,7 @@ from ..nn.layout import LUT_DTYPES, layouts_from_records
 from ..nn.palettized import palettized_modules
 from ..nn.weights import is_sharded, is_transposed, split_name
 from ..surgery import model as surgery
-from ..surgery.convert import init_centroids, to_dkm, to_shells, weight_layouts
+from ..surgery.convert import kmeans_all, to_dkm, to_shells, weight_layouts
 from ..surgery.select import tied_pairs
 from .checkpoint_checks import (
     carries_training_state,
@@ -56,6 +56,7 @@ class DKMHfQuantizer(HfQuantizer):
         super().__init__(config, **kwargs)
         self.file_metadata: dict[str, str] = {}
         self.init_after_load = not self.pre_quantized
+        self.fresh: set[str] = set()  # clustered weights a training checkpoint lacks: their centroids come after load
         self.state_dict_to_save: dict | None = None  # a `save_pretrained(state_dict=...)` argument, for the hook
 
     def validate_environment(self, *args, **kwargs) -> None:
@@ -165,10 +166,10 @@ class DKMHfQuantizer(HfQuantizer):
             weight.placeholder = None
         check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")
         if self.init_after_load:
-            init_centroids(model)
+            kmeans_all(model)
         else:
             for name, weight in dkm_modules(model):
-                if name in getattr(self, "fresh", ()):
+                if name in self.fresh:
                     weight.init_centroids()
                 else:
                     weight.dkm_ready = True

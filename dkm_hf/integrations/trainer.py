@@ -333,8 +333,8 @@ class DKMTrainerMixin:
         SFTTrainer tokenizes a dataset given to `evaluate`), and the metrics are logged with the hard ones."""
         soft = {}
         if description == "Evaluation" and self.dkm_option("eval_soft"):
-            modules = dkm_modules(self.model)
-            for _, module in modules:
+            saved = [(module, module.soft_eval) for _, module in dkm_modules(self.model)]
+            for module, _ in saved:
                 module.soft_eval = True
             try:
                 output = super().evaluation_loop(
@@ -345,8 +345,8 @@ class DKMTrainerMixin:
                     f"{metric_key_prefix}_soft",
                 )
             finally:
-                for _, module in modules:
-                    module.soft_eval = False
+                for module, soft_eval in saved:
+                    module.soft_eval = soft_eval
             soft = {k: v for k, v in output.metrics.items() if not k.endswith(("_runtime", "_per_second"))}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(soft)

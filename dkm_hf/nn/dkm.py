@@ -8,12 +8,11 @@ its nearest centroid, rounded to the LUT dtype: exactly what the palettized chec
 forward it is the plain parameter (for initialisation, ties, optimisers, FSDP2, state dicts): the forward reads an
 instance attribute that shadows the parameter for that call only.
 
-One soft weight per step. The soft weight is computed once and reused until its gradient has been computed (or the
-weight, the centroids or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, a
-layer recomputed by activation checkpointing) costs one DKM pass and every use sees the same tensor. The centroids
-advance only in forwards that record gradients; a `no_grad` forward in train mode reads them without moving them
-(and, while a soft weight awaits its gradient, uses it: a reentrant checkpoint's no_grad forward sees what its
-recomputation will)."""
+One soft weight per step: computed once and reused until its gradient has been computed (or the weight, the centroids
+or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, activation checkpointing's
+recomputation) costs one DKM pass and every use sees the same tensor. The centroids advance only in forwards that
+record gradients; a `no_grad` forward in train mode reads them without moving them (and, while a soft weight awaits its
+gradient, uses it: a reentrant checkpoint's no_grad forward sees what its recomputation will)."""
 
 from __future__ import annotations
 
@@ -48,7 +47,7 @@ from .weights import (
 )
 
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
-_SCALE_FLOOR, _VAR_FLOOR = 1e-12, 1e-24
+_VAR_FLOOR = 1e-24
 # tau's variance floor, of the mean squared centroid (a spread of 0.1% of the weights' size): 2 / tau of a constant
 # group (variance 0) turned float rounding into gradients of 1e11. Below tau's own floor the softmax is an argmin
 # anyway, and 1 / tau overflows float32 (0 * inf: NaN gradients).
@@ -99,6 +98,7 @@ class DKMWeight:
     def state_names(self) -> tuple[str, ...]:  # the module's buffers of this weight's DKM state
         return tuple(buffer_name(self.param, kind) for kind in STATE_KINDS)
 
+    @torch.inference_mode(False)  # normal tensors even when prepared under inference_mode: training writes them
     def register_state(self) -> None:
         options, register = {"device": self.weight.device, "dtype": torch.float32}, self.module.register_buffer
         register(buffer_name(self.param, "centroids"), torch.zeros(self.layout.lut_shape, **options))
@@ -134,13 +134,7 @@ class DKMWeight:
         if not self.has_state:
             self.register_state()
         if self.layout.per_channel_scale:
-            rows = self.layout.to_rows(self.weight.detach().float())
-            amax = rows.abs().amax(1, keepdim=True)
-            # An all-zero row (a padding token's embedding) takes the other rows' mean scale, not the floor: once
-            # training moves it, w / 1e-12 would be ~1e7 and the attention of its values overflow.
-            live = amax > _SCALE_FLOOR
-            typical = ((amax * live).sum() / live.sum().clamp_min(1)).clamp_min(_SCALE_FLOOR)
-            self.weight_scale.copy_(torch.where(live, amax, typical))
+            self.weight_scale.copy_(self.layout.initial_scale(self.weight))
 
     @torch.no_grad()
     def set_centroids(self, centroids: torch.Tensor) -> None:
@@ -188,16 +182,17 @@ class DKMWeight:
 
     def _soft_key(self) -> tuple:
         w, c, s = self.weight, self.centroids, self.settings
-        return (w._version, w.data_ptr(), c._version, c.data_ptr(), s.tau, s.tau_scale, s.epsilon, s.max_iters)
+        return (version(w), w.data_ptr(), version(c), c.data_ptr(), s.tau, s.tau_scale, s.epsilon, s.max_iters)
 
-    def temperature(self, vectors: torch.Tensor | None = None) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """(tau, epsilon) of the loop: numbers, or one value per LUT group for `tau_scale="variance"`."""
+    def temperature(self, vectors: torch.Tensor | None = None, groups: slice | None = None) -> tuple:
+        """(tau, epsilon) of the loop: numbers, or one value per LUT group (of `groups` only, where given) for
+        `tau_scale="variance"`; `vectors` are all groups' (`vectors()`), floored by the centroids' size."""
         s = self.settings
         if s.tau_scale == "absolute":
             return max(s.tau, _TAU_FLOOR), s.epsilon
-        v = self.vectors() if vectors is None else vectors.detach().float()
-        size = self.centroids if len(v) == len(self.centroids) else v  # floored by the centroids' size (or a sample's)
-        floor = size.square().mean(dim=(1, 2)).mul_(_VAR_RELATIVE_FLOOR).clamp_min_(_VAR_FLOOR)
+        v, c = self.vectors() if vectors is None else vectors.detach().float(), self.centroids
+        v, c = (v, c) if groups is None else (v[groups], c[groups])
+        floor = c.square().mean(dim=(1, 2)).mul_(_VAR_RELATIVE_FLOOR).clamp_min_(_VAR_FLOOR)
         var = torch.maximum(group_variance(v), floor)  # (G,)
         return (s.tau * var).clamp_min_(_TAU_FLOOR), s.epsilon * var.sqrt()
 
@@ -270,8 +265,7 @@ class DKMMixin:
     """The class mixed into a module holding DKM-clustered weights (`module.dkm_weights`: parameter -> DKMWeight).
 
     `isinstance(m, DKMMixin)` finds them; `type(m)` is a subclass of the module's own class. For a module with one
-    clustered weight the per-weight API (`m.layout`, `m.hard_weight()`, `m.centroids`, ...) reads that weight's.
-    """
+    clustered weight the per-weight API (`m.layout`, `m.settings`, `m.hard_weight()`, ...) reads that weight's."""
 
     prefix = "DKM"
     dkm_weights: dict[str, DKMWeight]

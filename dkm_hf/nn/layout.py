@@ -30,6 +30,7 @@ from ..errors import PalettizedCheckpointError
 from ..ops import fused
 from ..ops.packing import packed_size
 
+SCALE_FLOOR = 1e-12  # a per-channel scale below it is an all-zero row's
 RECORD_KEYS = ("bits", "cluster_dim", "groups", "shape", "per_channel_scale")
 OPTIONAL_RECORD_KEYS = ("channel_dims", "transposed")  # written only when not 1 / only for stacked experts
 LUT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -153,6 +154,15 @@ class Layout:
 
     def from_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         return vectors.reshape(self.channels, self.features)
+
+    def initial_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """The per-channel scales (channels, 1) of `weight` that initialisation sets: each row's largest |w|. An
+        all-zero row (a padding token's embedding) takes the other rows' mean, not the floor: once training moves it,
+        w / 1e-12 would be ~1e7 and the attention of its values overflow."""
+        amax = self.to_rows(weight.detach().float()).abs().amax(1, keepdim=True)
+        live = amax > SCALE_FLOOR
+        typical = ((amax * live).sum() / live.sum().clamp_min(1)).clamp_min(SCALE_FLOOR)
+        return torch.where(live, amax, typical)
 
     def weight_from_vectors(self, vectors: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The weight, in its own shape, from its (groups, n, d) vectors and the per-channel scale if any."""
@@ -288,13 +298,13 @@ class ClusterSettings:
     A tau schedule (`DKMCallback`) moves `tau` during training; `configured_tau` keeps the value it starts from.
     """
 
-    tau: float
-    max_iters: int = 3
-    epsilon: float = 1e-4
-    implementation: str = "auto"
-    lut_dtype: str = "float16"
-    tau_scale: str = "variance"
-    kmeans_restarts: int = 1
+    tau: float  # every field from `DKMConfig.settings_for`: no defaults here to differ from DKMConfig's
+    max_iters: int
+    epsilon: float
+    implementation: str
+    lut_dtype: str
+    tau_scale: str
+    kmeans_restarts: int
     configured_tau: float | None = None  # None: tau
 
     def __post_init__(self):

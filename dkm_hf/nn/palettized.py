@@ -283,7 +283,7 @@ def _weight_property(param: str) -> property:
 class PalettizedMixin:
     """The class mixed into a module holding palettized weights (`module.palettized_weights`: parameter ->
     PalettizedWeight); `isinstance(m, nn.Linear)` etc. still holds, and each palettized parameter is a property that
-    decodes it. For a module with one palettized weight, `m.layout`, `m.weight_lut`, ... read that weight's."""
+    decodes it. For a module with one palettized weight, `m.layout`, `m.decode()`, ... read that weight's."""
 
     prefix = "Palettized"
     palettized_weights: dict[str, PalettizedWeight]

@@ -143,7 +143,7 @@ def is_transposed(module: nn.Module, param: str = "weight") -> bool:
     return getattr(module, "is_transposed", False) is True or base_class(module).__name__ in INPUT_MAJOR_EXPERTS
 
 
-def channel_dims(module: nn.Module, param: str, ndim: int) -> int:
+def channel_dims(param: str, ndim: int) -> int:
     """How many leading dimensions of the parameter index its output channels: 2 for stacked experts, else 1."""
     return 2 if ndim == STACKED_NDIM and param != "weight" else 1
 
@@ -171,8 +171,8 @@ def base_class(module: nn.Module) -> type:
 
 def variant_class(mixin: type, base: type, params: tuple[str, ...]) -> type:
     """`<mixin.prefix><Base>` (a model keeps its own name): a subclass of `base` (the module's own class) and `mixin`,
-    made once per (mixin, base, clustered parameters). `mixin.weight_property(name)` makes the class attribute of each
-    clustered parameter, if the mixin needs one. Instances pickle through `_rebuild` (after `import dkm_hf`)."""
+    made once per (mixin, base, clustered parameters). `mixin.class_attributes(params)` makes the class attributes of
+    the clustered parameters, if the mixin needs them. Instances pickle through `_rebuild` (after `import dkm_hf`)."""
     key = (mixin, base, params)
     if key not in _VARIANTS:
         # a model keeps its own name: transformers records it in config.json's `architectures`

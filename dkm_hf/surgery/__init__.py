@@ -9,17 +9,15 @@ gptq.py     error-compensated snapping onto the centroids before training: gptq_
 
 from .gptq import gptq_snap
 from .importance import gradient_importance, init_centroids, set_importance
-from .model import dequantize, get_dkm_config, palettize, palettized_view, prepare, record_of, set_inference_mode
+from .model import get_dkm_config, palettize, palettized_view, record_of, set_inference_mode
 
 __all__ = [
-    "dequantize",
     "get_dkm_config",
     "gptq_snap",
     "gradient_importance",
     "init_centroids",
     "palettize",
     "palettized_view",
-    "prepare",
     "record_of",
     "set_importance",
     "set_inference_mode",

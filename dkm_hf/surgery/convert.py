@@ -1,6 +1,6 @@
 """Converting a model's weights between their dense, DKM and palettized forms: the one place where they change.
 
-    to_dkm         dense -> DKM          (`init_centroids` then runs k-means on the weights)
+    to_dkm         dense -> DKM          (`kmeans_all` then runs k-means on the weights)
     to_palettized  DKM -> palettized     (each vector snapped to its nearest centroid: LUT + packed indices)
     to_dense       DKM / palettized -> dense, the modules back in their own classes
     to_shells      empty palettized weights for a checkpoint about to load
@@ -46,7 +46,7 @@ logger = logging.get_logger(__name__)
 
 # Instance attributes accelerate's `add_hook_to_module` sets; a copied module must not inherit them.
 _HOOK_ATTRS = ("forward", "_hf_hook", "_old_forward")
-INIT_BATCH = 1 << 27  # weights per batched k-means call of `init_centroids` (their float32 vectors: 512 MB)
+INIT_BATCH = 1 << 27  # weights per batched k-means call of `kmeans_all` (their float32 vectors: 512 MB)
 
 
 def _check_not_offloaded(module: nn.Module, name: str) -> None:
@@ -71,7 +71,7 @@ def _by_module(model: nn.Module, names) -> Iterator[tuple[str, nn.Module, dict[s
 
 def layout_for(config: DKMConfig, name: str, module: nn.Module, param: str) -> Layout:
     shape = tuple(module._parameters[param].shape)
-    dims = channel_dims(module, param, len(shape))
+    dims = channel_dims(param, len(shape))
     return config.layout_for(name, shape, is_transposed(module, param), dims)
 
 
@@ -79,7 +79,7 @@ def layout_for(config: DKMConfig, name: str, module: nn.Module, param: str) -> L
 def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict[str, DKMWeight]:
     """Make every weight `config` selects a DKM weight (in place, nothing copied). Works on the meta device.
 
-    `with_state=False` creates no centroid buffers (a dense checkpoint is about to load; `init_centroids` makes them).
+    `with_state=False` creates no centroid buffers (a dense checkpoint is about to load; `kmeans_all` makes them).
     """
     names = select_weights(model, config)
     pairs = tied_pairs(model)
@@ -117,7 +117,7 @@ def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict
     return {name: done[name] for name in names}
 
 
-def init_centroids(model: nn.Module, importance: Mapping[int, torch.Tensor] | None = None) -> None:
+def kmeans_all(model: nn.Module, importance: Mapping[int, torch.Tensor] | None = None) -> None:
     """k-means initialisation of every DKM weight that owns its centroids: the weights of one LUT size, seed and
     restart count in batched calls of at most INIT_BATCH weights (`kmeans_init_many`), with a progress bar when it
     is slow. Each weight gets what its own `init_centroids` gives it. `importance`: {id of a DKM weight: the

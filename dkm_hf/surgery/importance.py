@@ -30,7 +30,7 @@ from torch import nn
 
 from ..nn.dkm import DKMWeight, dkm_modules
 from ..ops.kmeans import sample_weights
-from .convert import init_centroids as _init_centroids
+from .convert import kmeans_all
 
 
 def _to(batch, device: torch.device):
@@ -115,7 +115,7 @@ def gradient_importance(
                     raise ValueError(
                         f"gradient_importance: a batch is a {type(batch).__name__}, not a dict; pass loss_fn"
                     )
-                with torch.enable_grad():  # also when called under no_grad
+                with torch.inference_mode(False), torch.enable_grad():  # also under no_grad / inference_mode
                     if loss_fn is not None:
                         loss = loss_fn(model, batch)
                     else:
@@ -150,7 +150,7 @@ def init_centroids(model: nn.Module, importance: Mapping[str, torch.Tensor] | No
             "init_centroids() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())"
         )
     owners = [] if importance is None else _owners(model, importance)
-    _init_centroids(model, {id(state): state.importance_vectors(f) for state, f in owners})
+    kmeans_all(model, {id(state): state.importance_vectors(f) for state, f in owners})
     return model
 
 
@@ -173,13 +173,18 @@ def _owners(model: nn.Module, importance: Mapping[str, torch.Tensor]) -> list[tu
     return owners
 
 
-def set_importance(model: nn.Module, importance: Mapping[str, torch.Tensor] | None) -> nn.Module:
+def set_importance(model: nn.Module, importance: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Weigh the DKM loop of the named weights by their importance (`gradient_importance`): each centroid update is
     the importance-weighted mean C = A^T (f w) / A^T f, f = `ops.kmeans.sample_weights` of the importance (kept as one
     float32 value per weight, not saved in checkpoints); the other weights run the plain loop. `None` makes every
     loop plain again. Returns the model. Validated before anything changes."""
+    if not dkm_modules(model):
+        raise ValueError(
+            "set_importance() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())"
+        )
     owners = [] if importance is None else _owners(model, importance)
-    vectors = [(state, sample_weights(state.importance_vectors(f).sum(-1))) for state, f in owners]
+    with torch.inference_mode(False):  # kept and read in training: never inference tensors
+        vectors = [(state, sample_weights(state.importance_vectors(f).sum(-1))) for state, f in owners]
     for _, state in dkm_modules(model):
         state.importance = None
         state.forget()

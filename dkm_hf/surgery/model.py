@@ -14,7 +14,7 @@ from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, palettized_modules
 from ..nn.scopes import VIEWED, add_parent_scopes, remove_parent_scopes
 from ..nn.weights import swap_class
-from .convert import init_centroids, layouts_of, to_dense, to_dkm, to_palettized
+from .convert import kmeans_all, layouts_of, to_dense, to_dkm, to_palettized
 
 
 def get_dkm_config(model: nn.Module) -> DKMConfig | None:
@@ -39,7 +39,7 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     config.post_init()  # a config changed after it was built is checked before anything changes
     to_dkm(model, config)
     if init:
-        init_centroids(model)
+        kmeans_all(model)
     model.dkm_config = config
     return model
 
@@ -52,7 +52,7 @@ def palettize(model: nn.Module) -> nn.Module:
     if not dkm_modules(model):
         if palettized_modules(model):
             remove_parent_scopes(model)  # a copy taken inside palettized_view keeps the view's scopes otherwise
-            return model
+            return model.eval()
         raise ValueError("palettize() needs a model with DKM modules (dkm_config= / quantization_config= / prepare())")
     to_palettized(model)
     return model.eval()

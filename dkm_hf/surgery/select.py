@@ -92,11 +92,18 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
         if module._parameters[param].numel() < config.weight_threshold:
             continue
         selected.append(name)
+    prefix = getattr(model, "base_model_prefix", "")
     for pattern in config.overrides:
         if not any(name_matches(pattern, name) for name in selected):
+            hint = ""
+            if prefix and any(name_matches(pattern, f"{prefix}.{name}") for name in selected):
+                hint = (
+                    f"; it matches them with the head model's prefix {prefix!r}: a checkpoint of a model with a head "
+                    "loads into its base model as a palettized checkpoint, or into the class it was trained as"
+                )
             raise ValueError(
                 f"DKMConfig.overrides: pattern {pattern!r} matches none of the {len(selected)} weights selected for "
-                f"clustering (e.g. {selected[:3]})"
+                f"clustering (e.g. {selected[:3]}){hint}"
             )
     # A tied weight is clustered once, by its source; if either side is left out, both are.
     chosen = set(selected)
@@ -139,9 +146,6 @@ def _check_tied_overrides(config: DKMConfig, target: str, source: str) -> None:
             f"clustered once, with the settings of {source}, and these differ ({'; '.join(differ)}). Use a pattern "
             f"that matches {source} too, or untie the weights."
         )
-
-
-select_modules = select_weights  # the name of earlier releases
 
 
 def check_clusterable(name: str, weight: torch.Tensor, lut_dtype: torch.dtype) -> None:

@@ -95,6 +95,16 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     assert evals[-1]["eval_accuracy"] > 0.6
 
 
+def test_a_soft_evaluation_keeps_each_modules_own_soft_eval(toy_path, tmp_path):
+    model = _model(toy_path)
+    modules = [m for _, m in dkm_hf.dkm_modules(model)]
+    modules[0].soft_eval = True  # the user's choice for one module
+    trainer = DKMTrainer(model=model, args=_args(tmp_path, eval_soft=True), eval_dataset=ToyDataset(32))
+    metrics = trainer.evaluate()
+    assert "eval_soft_loss" in metrics and metrics["eval_soft_loss"] != metrics["eval_loss"]
+    assert [m.soft_eval for m in modules] == [True] + [False] * (len(modules) - 1)
+
+
 def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path):
     """tau=None gives each layer its width's tau: the log shows the one most layers use and the range."""
     model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
@@ -465,15 +475,23 @@ def test_cluster_health_entropy_is_measured_on_a_sample_of_groups_and_weights(ro
 
     torch.manual_seed(0)
     config = DKMConfig(bits=3, granularity="per_grouped_channel", group_size=1, weight_threshold=0)
-    model = dkm_hf.prepare(nn.Sequential(nn.Linear(256, rows)), config)
+    linear = nn.Linear(256, rows)
+    with torch.no_grad():  # a constant row: its tau is the floor, set by the size of its centroids
+        linear.weight[0] = 0.5
+    model = dkm_hf.prepare(nn.Sequential(linear), config)
     state = model[0].dkm_weights["weight"]
+    with torch.no_grad():
+        state.centroids[0] = torch.linspace(0.2, 0.8, 8).view(8, 1)
     monkeypatch.setattr(callback, "HEALTH_SAMPLE", 1024)
-    seen = []
-    monkeypatch.setattr(callback, "attention", lambda w, c, tau: seen.append(w.shape) or attention(w, c, tau))
+    seen, taus = [], []
+    monkeypatch.setattr(
+        callback, "attention", lambda w, c, tau: seen.append(w.shape) or taus.append(tau) or attention(w, c, tau)
+    )
     entropy = callback.cluster_health(state, state.assignments())["entropy"]
     assert seen[0][0] * seen[0][1] <= 1024
     vectors = state.vectors()
     tau, _ = state.temperature(vectors)
+    assert torch.equal(taus[0].flatten(), tau[:: 1 if rows == 4 else 128])  # the loop's tau of the sampled groups
     a = attention(vectors, state.centroids, tau.view(-1, 1, 1))
     per_weight = -(a * a.clamp_min(1e-30).log()).sum(1)  # (G, n)
     if rows == 4:  # 4 x 256 weights: all of them

@@ -76,12 +76,12 @@ def test_conversions_keep_ties_as_one_tensor(tiny_dir, name):
         assert torch.equal(model(**tiny_inputs(name)).logits, hard)
 
 
-def test_batched_init_centroids_gives_each_module_its_own_centroids():
-    """`init_centroids(model)` clusters the modules of one LUT size in batched calls; each module gets exactly what
+def test_batched_kmeans_gives_each_module_its_own_centroids():
+    """`kmeans_all(model)` clusters the modules of one LUT size in batched calls; each module gets exactly what
     its own `init_centroids` gives it (per-row LUTs, per-channel scales, an 8-bit per-tensor override)."""
     from conftest import TINY
 
-    from dkm_hf.surgery.convert import init_centroids, to_dkm
+    from dkm_hf.surgery.convert import kmeans_all, to_dkm
 
     cls, make_config = TINY["llama"]
     torch.manual_seed(0)
@@ -96,7 +96,7 @@ def test_batched_init_centroids_gives_each_module_its_own_centroids():
         overrides={".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}},
     )
     modules = to_dkm(model, config)
-    init_centroids(model)
+    kmeans_all(model)
     owners = {name: m for name, m in modules.items() if m.tied_source is None}
     batched = {name: (m.centroids.clone(), m.weight_scale.clone()) for name, m in owners.items()}
     assert len(batched) > 10

@@ -82,6 +82,27 @@ def test_importance_bad_input(tiny_dir):
         dkm_hf.gradient_importance(model, [])
     with pytest.raises(ValueError, match=r"down_proj'\] is \(3, 3\), not the weight's"):
         dkm_hf.init_centroids(model, {"model.layers.0.mlp.down_proj": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match=r"set_importance\(\) needs a model with DKM modules"):
+        dkm_hf.set_importance(torch.nn.Linear(4, 4), {})
+
+
+def test_prepared_and_weighted_under_inference_mode_then_trained(tiny_dir):
+    """Preparing, weighing and measuring the importance inside torch.inference_mode leave normal tensors: training
+    afterwards works and equals the same steps prepared outside it."""
+    batches = tiny_lm_batches(2)
+    models = []
+    for inside in (False, True):
+        model = AUTO["llama"].from_pretrained(tiny_dir("llama"))
+        with torch.inference_mode(inside):
+            dkm_hf.prepare(model, DKMConfig(**PER_ROW_2BIT))
+            importance = dkm_hf.gradient_importance(model, batches)
+            dkm_hf.set_importance(model, importance)
+        model.train()
+        model(**batches[0]).loss.backward()
+        models.append(model)
+    (_, a), (_, b) = dkm_hf.dkm_modules(models[0])[0], dkm_hf.dkm_modules(models[1])[0]
+    assert not b.centroids.is_inference() and not b.importance.is_inference()
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.weight.grad, b.weight.grad)
 
 
 def test_importance_of_the_wrong_layout_or_not_finite_is_refused_before_anything_changes(tiny_dir):

@@ -10,20 +10,20 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 import dkm_hf
 from dkm_hf import DKMConfig
-from dkm_hf.surgery.select import select_modules
+from dkm_hf.surgery.select import select_weights
 
 
 def test_modules_to_not_convert_skips_everything_under_a_name(tiny_dir):
     """12.6: as transformers' should_convert_module: a name skips the module and every module under it."""
     model = AUTO["llama"].from_pretrained(tiny_dir("llama"))
-    names = select_modules(model, DKMConfig(weight_threshold=0, modules_to_not_convert=["model.layers.0"]))
+    names = select_weights(model, DKMConfig(weight_threshold=0, modules_to_not_convert=["model.layers.0"]))
     assert names and not any(n.startswith("model.layers.0.") for n in names)
     assert "model.layers.1.mlp.up_proj" in names
     # a prefix only matches at a module boundary: "layers.1" does not skip "layers.10"
-    assert "model.layers.1.self_attn.q_proj" not in select_modules(
+    assert "model.layers.1.self_attn.q_proj" not in select_weights(
         model, DKMConfig(weight_threshold=0, modules_to_not_convert=["model.layers.1"])
     )
-    names = select_modules(model, DKMConfig(weight_threshold=0, modules_to_not_convert=[r".*mlp"]))
+    names = select_weights(model, DKMConfig(weight_threshold=0, modules_to_not_convert=[r".*mlp"]))
     assert not any(".mlp." in n for n in names) and any("self_attn" in n for n in names)
 
 
@@ -33,15 +33,15 @@ def test_keep_in_fp32_modules_are_respected():
     config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
     model = T5ForConditionalGeneration(config)
     assert "wo" in model._keep_in_fp32_modules
-    names = select_modules(model, DKMConfig(weight_threshold=0))
+    names = select_weights(model, DKMConfig(weight_threshold=0))
     assert names and not any(n.endswith(".wo") for n in names)
     assert any(n.endswith(".wi") for n in names)
 
 
 def test_target_modules_and_threshold():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(4, 4))
-    assert select_modules(model, DKMConfig(weight_threshold=100)) == ["0", "1"]
-    assert select_modules(model, DKMConfig(weight_threshold=0, target_modules=["1", "2"])) == ["1", "2"]
+    assert select_weights(model, DKMConfig(weight_threshold=100)) == ["0", "1"]
+    assert select_weights(model, DKMConfig(weight_threshold=0, target_modules=["1", "2"])) == ["1", "2"]
     dkm_hf.prepare(model, DKMConfig(weight_threshold=0, target_modules=[r"[02]"]))
     assert [isinstance(m, dkm_hf.DKMMixin) for m in model] == [True, False, True]
 
@@ -86,3 +86,15 @@ def test_patterns_that_match_no_weight_are_warned(tiny_dir, caplog):
     assert {n for n, _ in dkm_hf.dkm_modules(model)} == {
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"
     }  # fmt: skip
+
+
+def test_an_override_written_for_the_head_model_names_the_prefix_in_the_base_model(tiny_dir):
+    """A head model's names carry the base model's prefix ("model."); its base model's do not: the refusal says so."""
+    from transformers import AutoModel
+
+    config = DKMConfig(weight_threshold=0, overrides={"model.layers.1.mlp.down_proj": {"bits": 2}})
+    assert "model.layers.1.mlp.down_proj" in select_weights(AUTO["llama"].from_pretrained(tiny_dir("llama")), config)
+    with pytest.raises(ValueError, match=r"matches none of .* with the head model's prefix 'model'"):
+        select_weights(AutoModel.from_pretrained(tiny_dir("llama")), config)
+    with pytest.raises(ValueError, match=r"matches none of [^;]*\)$"):  # no hint where the prefix would not help
+        select_weights(AutoModel.from_pretrained(tiny_dir("llama")), DKMConfig(overrides={"nothing": {"bits": 2}}))
