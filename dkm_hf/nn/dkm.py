@@ -47,11 +47,10 @@ from .weights import (
 )
 
 STATE_KINDS = ("centroids", "scale")  # float32 buffers, whatever the weight's dtype
-_VAR_FLOOR = 1e-24
 # tau's variance floor, of the mean squared centroid (a spread of 0.1% of the weights' size): 2 / tau of a constant
 # group (variance 0) turned float rounding into gradients of 1e11. Below tau's own floor the softmax is an argmin
 # anyway, and 1 / tau overflows float32 (0 * inf: NaN gradients).
-_VAR_RELATIVE_FLOOR, _TAU_FLOOR = 1e-6, 1e-30
+_VAR_FLOOR, _VAR_RELATIVE_FLOOR, _TAU_FLOOR = 1e-24, 1e-6, 1e-30
 
 
 class DKMWeight:
@@ -119,13 +118,13 @@ class DKMWeight:
     def implementation(self) -> str:
         return self.settings.implementation  # "auto" is resolved per call by ops.dkm.choose_implementation
 
-    def vectors(self, weight: torch.Tensor | None = None, float32: bool = True) -> torch.Tensor:
-        """The (groups, n, d) vectors that are clustered (divided by the per-channel scale if any), of the parameter
-        (detached) or of `weight`; in float32, or with `float32=False` in the weight's dtype where that is a view."""
+    def vectors(self, weight=None, float32: bool = True, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The clustered (groups, n, d) vectors of the parameter (detached) or `weight`, over the per-channel scales if
+        any (the weight's, or `scale`); float32, or with `float32=False` the weight's dtype where that is a view."""
         weight = self.weight.detach() if weight is None else weight
         rows = self.layout.to_rows(weight.float() if float32 else weight)
         if self.layout.per_channel_scale:
-            rows = rows / self.weight_scale
+            rows = rows / (self.weight_scale if scale is None else scale)
         return self.layout.to_vectors(rows)
 
     @torch.no_grad()
@@ -244,12 +243,19 @@ class DKMWeight:
         key = (version(self.weight), self.weight.data_ptr(), version(self.centroids), self.centroids.data_ptr())
         if not _fresh(self._hard, key):
             with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
-                lut_dtype = self.settings.lut_torch_dtype
-                snapped = snap(self.vectors(), self.centroids, self.centroids.to(lut_dtype).float())
-                scale = self.weight_scale.to(lut_dtype).float() if self.layout.per_channel_scale else None
-                hard = self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype).contiguous()
+                hard = self.snapped(self.vectors(), self.centroids).contiguous()
             self._hard = (key, hard, version(hard))
         return self._hard[1]
+
+    @torch.no_grad()
+    def snapped(self, vectors: torch.Tensor, centroids: torch.Tensor, scale=None) -> torch.Tensor:
+        """The hard weight of `vectors` (`vectors(scale=scale)`) and `centroids`, as a palettized checkpoint holds it:
+        the LUT and, with per-channel scales, the weight's (or `scale`) in the LUT dtype."""
+        lut_dtype = self.settings.lut_torch_dtype
+        snapped = snap(vectors, centroids, centroids.to(lut_dtype).float())
+        if self.layout.per_channel_scale:
+            scale = (self.weight_scale if scale is None else scale).to(lut_dtype).float()
+        return self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype)
 
     def describe(self) -> str:
         lay, s = self.layout, self.settings

@@ -61,12 +61,8 @@ class ParentScope:
                     continue  # sharded by FSDP2 until its unit runs: the scopes inside that unit shadow it
                 stack.enter_context(child.clustered_parameters())
                 added.append(id(child))
-            if not found:
-                # no DKM descendant left: the hooks go (with the exit hook) unless a palettized view below will put
-                # DKM modules back (a copy of a model taken inside the view is another object, and sheds them)
-                if not any(child in VIEWED for child in module.modules()):
-                    for handle in module.__dict__.pop("_dkm_parent_scope", ()):
-                        handle.remove()
+            if not found:  # no DKM descendant left: the hooks go (with the exit hook)
+                _drop_scope(module)
                 return
             covered.update(added)
             stack.callback(covered.difference_update, added)
@@ -117,13 +113,16 @@ def remove_parent_scopes(model: nn.Module) -> None:
     """Remove the `ParentScope` of every module that no longer has DKM descendants."""
     holders = _dkm_ancestors(model)
     for module in model.modules():
-        handles = module.__dict__.get("_dkm_parent_scope")
-        if handles is None or id(module) in holders:
-            continue
-        if not (VIEWED and any(child in VIEWED for child in module.modules())):  # its DKM modules come back if so
-            for handle in handles:
-                handle.remove()
-            del module.__dict__["_dkm_parent_scope"]
+        if "_dkm_parent_scope" in module.__dict__ and id(module) not in holders:
+            _drop_scope(module)
+
+
+def _drop_scope(module: nn.Module) -> None:
+    """Remove the `ParentScope` hooks of a module without DKM descendants, unless a palettized view below will put
+    DKM modules back (a copy of a model taken inside the view is another object, and sheds them)."""
+    if not (VIEWED and any(child in VIEWED for child in module.modules())):
+        for handle in module.__dict__.pop("_dkm_parent_scope", ()):
+            handle.remove()
 
 
 def _dkm_ancestors(model: nn.Module) -> set[int]:

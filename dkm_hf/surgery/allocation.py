@@ -32,9 +32,8 @@ from torch import nn
 
 from ..config import DKMConfig, name_matches
 from ..nn.dkm import DKMWeight, dkm_modules
-from ..ops.attention import snap
 from ..ops.kmeans import kmeans_init_many
-from .convert import INIT_BATCH
+from .convert import kmeans_batches
 from .importance import _owners
 from .model import get_dkm_config
 from .select import check_clusterable
@@ -83,9 +82,7 @@ def allocate_bits(
     free = {
         name: (state, f)
         for name, (state, f) in owners
-        if states[name].tied_source is None
-        and state.layout.bits == config.bits
-        and "bits" not in config._resolve(name)[1]
+        if states[name].tied_source is None and "bits" not in config._resolve(name)[1]
     }
     if not free:
         raise ValueError(f"allocate_bits: no weight of the default width {config.bits} with an importance to allocate")
@@ -107,7 +104,8 @@ def allocate_bits(
     result.overrides = dict(config.overrides)
     for name, bits in widths.items():
         if bits != states[name].layout.bits:
-            result.overrides[_exact(name, states)] = {**config.overrides.get(_exact(name, states), {}), "bits": bits}
+            pattern = _exact(name, states)
+            result.overrides[pattern] = {**config.overrides.get(pattern, {}), "bits": bits}
     result.post_init()
     return result
 
@@ -131,40 +129,22 @@ def sensitivities(
 ) -> dict[str, dict]:
     """{name: {width: sum F (W - q_b(W))^2}} for `weights` ({name: (DKM weight, importance)}): the weighted k-means
     of each width, run as `init_centroids` runs it (the weights of one seed and restart count batched; `restarts`
-    replaces each weight's own count)."""
+    replaces each weight's own count), and the hard weight of its centroids (`DKMWeight.snapped`)."""
     errors: dict[str, dict[int, float]] = {name: {} for name in weights}
-    batches: dict[tuple, list[list[str]]] = {}
-    for name, (state, _) in weights.items():
-        batch = batches.setdefault((state.dkm_seed, restarts or state.settings.kmeans_restarts), [[]])
-        if sum(weights[n][0].weight.numel() for n in batch[-1]) + state.weight.numel() > INIT_BATCH and batch[-1]:
-            batch.append([])
-        batch[-1].append(name)
-    for (seed, restarts), runs in batches.items():
-        for batch in runs:
-            states = [weights[n][0] for n in batch]
-            scales = [s.layout.initial_scale(s.weight) if s.layout.per_channel_scale else None for s in states]
-            vectors = [_vectors(state, scale) for state, scale in zip(states, scales)]  # as initialisation sets them
-            factors = [state.importance_vectors(weights[n][1]) for n, state in zip(batch, states)]
-            for bits in choices:
-                found = kmeans_init_many(vectors, 2**bits, seed=seed, restarts=restarts, importance=factors)
-                for name, state, v, c, scale in zip(batch, states, vectors, found, scales):
-                    errors[name][bits] = _error(state, weights[name][1], v, c, scale)
+    name_of = {id(state): name for name, (state, _) in weights.items()}
+    key = lambda s: (s.dkm_seed, restarts or s.settings.kmeans_restarts)  # noqa: E731
+    for (seed, runs), states in kmeans_batches([state for state, _ in weights.values()], key):
+        # the scales initialisation would set, computed aside: the model's own buffers are left as they are
+        scales = [s.layout.initial_scale(s.weight) if s.layout.per_channel_scale else None for s in states]
+        vectors = [state.vectors(scale=scale) for state, scale in zip(states, scales)]
+        factors = [state.importance_vectors(weights[name_of[id(state)]][1]) for state in states]
+        for bits in choices:
+            found = kmeans_init_many(vectors, 2**bits, seed=seed, restarts=runs, importance=factors)
+            for state, v, c, scale in zip(states, vectors, found, scales):
+                f = weights[name_of[id(state)]][1]
+                error = f.to(v.device).float() * (state.weight.float() - state.snapped(v, c, scale).float()).square()
+                errors[name_of[id(state)]][bits] = float(error.sum())
     return errors
-
-
-def _vectors(state: DKMWeight, scale: torch.Tensor | None) -> torch.Tensor:
-    """`state.vectors()` with these per-channel scales (the model's own buffers are left as they are)."""
-    rows = state.layout.to_rows(state.weight.detach().float())
-    return state.layout.to_vectors(rows if scale is None else rows / scale)
-
-
-def _error(state: DKMWeight, f: torch.Tensor, vectors: torch.Tensor, centroids: torch.Tensor, scale) -> float:
-    """sum F (W - hard W)^2, the hard weight as `DKMWeight.hard_weight` makes it from these centroids."""
-    lut_dtype = state.settings.lut_torch_dtype
-    snapped = snap(vectors, centroids, centroids.to(lut_dtype).float())
-    scale = None if scale is None else scale.to(lut_dtype).float()
-    hard = state.layout.weight_from_vectors(snapped, scale).to(state.weight.dtype).float()
-    return float((f.to(hard.device).float() * (state.weight.float() - hard).square()).sum())
 
 
 def _spend(

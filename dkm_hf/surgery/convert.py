@@ -126,21 +126,26 @@ def kmeans_all(model: nn.Module, importance: Mapping[int, torch.Tensor] | None =
     for name, module in dkm_modules(model):  # a checkpoint just loaded into the model
         if module.tied_source is None:
             check_clusterable(name, module.weight, module.settings.lut_torch_dtype)
-    batches: dict[tuple, list[list[DKMWeight]]] = {}
-    for _, module in dkm_modules(model):
-        if module.tied_source is None:
-            key = (module.layout.n_clusters, module.dkm_seed, module.settings.kmeans_restarts)
-            batch = batches.setdefault(key, [[]])
-            if sum(m.weight.numel() for m in batch[-1]) + module.weight.numel() > INIT_BATCH and batch[-1]:
-                batch.append([])
-            batch[-1].append(module)
-    todo = [(key, batch) for key, runs in batches.items() for batch in runs]
+    owners = [module for _, module in dkm_modules(model) if module.tied_source is None]
+    todo = kmeans_batches(owners, lambda m: (m.layout.n_clusters, m.dkm_seed, m.settings.kmeans_restarts))
     progress = logging.tqdm(todo, desc="dkm_hf: initialising centroids", delay=2.0, leave=False)
     for (k, seed, restarts), batch in progress:
         vectors, weights = [m.init_vectors() for m in batch], [weighted.get(id(m)) for m in batch]
         centroids = kmeans_init_many(vectors, k, seed=seed, restarts=restarts, importance=weights)
         for module, c in zip(batch, centroids):
             module.set_centroids(c)
+
+
+def kmeans_batches(states: list[DKMWeight], key: Callable[[DKMWeight], tuple]) -> list[tuple[tuple, list[DKMWeight]]]:
+    """(key, batch) pairs: `states` grouped by `key` (what one batched k-means call shares), each group in batches
+    of at most INIT_BATCH weights (a larger weight alone), in the order of the states."""
+    runs: dict[tuple, list[list[DKMWeight]]] = {}
+    for state in states:
+        batches = runs.setdefault(key(state), [[]])
+        if batches[-1] and sum(s.weight.numel() for s in batches[-1]) + state.weight.numel() > INIT_BATCH:
+            batches.append([])
+        batches[-1].append(state)
+    return [(k, batch) for k, batches in runs.items() for batch in batches]
 
 
 # -- DKM -> palettized ------------------------------------------------------------------------------------------------
