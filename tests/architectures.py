@@ -231,14 +231,14 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def coverage(model: torch.nn.Module) -> tuple[float, list[str]]:
-    """Share of the elements of >= 2-D parameters (each shared one once) held by clustered weights; and the names of
-    the >= 2-D weights that are not clustered."""
+    """Share of the elements of >= 2-D parameters but biases (each shared one once) held by clustered weights; and
+    the names of the >= 2-D weights that are not clustered."""
     clustered = {id(w.weight) for _, w in dkm_hf.dkm_modules(model)}
     total = covered = 0
     left: list[str] = []
     seen: set[int] = set()
     for name, param in model.named_parameters():
-        if param.dim() < 2 or id(param) in seen:
+        if param.dim() < 2 or name.endswith("bias") or id(param) in seen:  # biases stay float (2-D: GPT-OSS's)
             continue
         seen.add(id(param))
         total += param.numel()

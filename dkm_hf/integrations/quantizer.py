@@ -189,9 +189,13 @@ class DKMHfQuantizer(HfQuantizer):
         given = state_dict if record.format == "palettized" and state_dict else None
         return state_dict, save_metadata(model, record, given)
 
+    def dequantize(self, model, dtype=None):
+        """`model.dequantize(dtype=None)`: the dense model, cast to `dtype` where one is given (without it the dense
+        weights are in the dtype the model computes in, that of a later `.to(dtype)` too)."""
+        model = super().dequantize(model)  # transformers' default dtype (the one the model was loaded in): not applied
+        return model if dtype is None else model.to(dtype)
+
     def _dequantize(self, model, dtype=None):
-        # The dense weights come out in the dtype the model computes in (that of a later `.to(dtype)` too); the
-        # `dtype` transformers passes is the one the model was loaded in (or config.json's string), not applied.
         return surgery.dequantize(model)  # the dense modules, and no DKMConfig left on the model
 
     def is_serializable(self, safe_serialization=None) -> bool:

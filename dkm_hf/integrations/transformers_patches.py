@@ -71,6 +71,7 @@ from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
 from ..nn.weights import parameter_keys
 from ..surgery.model import get_dkm_config, set_inference_mode
+from ..surgery.select import check_ties, retie
 from .model_card import write_model_card
 from .preflight import cached_snapshot, preflight
 from .saving import atomic_save, stale_single_file_guard
@@ -334,7 +335,12 @@ def _patch_ties_and_resizing() -> None:
             for t, s in mapping.items()
             if t not in palettized and s not in palettized and (t in clustered) == (s in clustered)
         }
-        return tie(self, missing_keys=missing_keys, recompute_mapping=False)
+        tied = tie(self, missing_keys=missing_keys, recompute_mapping=False)
+        weights = dkm_modules(self) + palettized_modules(self)
+        if missing_keys is not None:  # from_pretrained
+            retie(weights)
+        check_ties(weights)  # a tie that a replaced or untied side broke
+        return tied
 
     @functools.wraps(resize)
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, *args, **kwargs):

@@ -1,18 +1,17 @@
 """Training-time DKM: a clustered weight (`DKMWeight`) and the module that holds it (`DKMMixin`).
 
-A clustered weight keeps its float parameter (the optimiser trains it as usual, every state-dict key is unchanged)
-and gets a float32 centroid buffer (groups, 2**bits, cluster_dim) carried from step to step. The module keeps its own
-class and forward (`weights.variant_class`); only while its forward runs, each clustered parameter reads as the
-soft-clustered weight W~ = A C in `train()` (differentiable) or the hard weight in `eval()` (each vector snapped to
-its nearest centroid, rounded to the LUT dtype: exactly what the palettized checkpoint will hold). Outside the
-forward it is the plain parameter (for initialisation, ties, optimisers, FSDP2, state dicts): the forward reads an
-instance attribute that shadows the parameter for that call only.
+A clustered weight keeps its float parameter (the optimiser trains it, every state-dict key is unchanged) and gets a
+float32 centroid buffer (groups, 2**bits, cluster_dim) carried from step to step. The module keeps its own class and
+forward (`weights.variant_class`); only while its forward runs does each clustered parameter read as the soft weight
+W~ = A C in `train()` (differentiable) or the hard weight in `eval()` (snapped to the nearest centroids in the LUT
+dtype: what the palettized checkpoint holds), an instance attribute shadowing the parameter for that call. Outside
+it is the plain parameter (initialisation, ties, optimisers, FSDP2, state dicts).
 
 One soft weight per step: computed once and reused until its gradient has been computed (or the weight, the centroids
 or tau change), so a weight used twice in one forward (tied embeddings, a shared layer, activation checkpointing's
-recomputation) costs one DKM pass and every use sees the same tensor. The centroids advance only in forwards that
-record gradients; a `no_grad` forward in train mode reads them without moving them (and, while a soft weight awaits its
-gradient, uses it: a reentrant checkpoint's no_grad forward sees what its recomputation will)."""
+recomputation) costs one DKM pass. The centroids advance only in forwards that record gradients; a `no_grad` forward
+in train mode reads them without moving them (and uses a soft weight that awaits its gradient: a reentrant
+checkpoint's no_grad forward sees what its recomputation will)."""
 
 from __future__ import annotations
 
@@ -258,8 +257,7 @@ class DKMWeight:
         return self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype)
 
     def describe(self) -> str:
-        lay, s = self.layout, self.settings
-        tied = ", tied" if self.tied_source is not None else ""
+        lay, s, tied = self.layout, self.settings, ", tied" if self.tied_source is not None else ""
         tau = f"{s.tau:g}" + (" x var" if s.tau_scale == "variance" else "")
         return (
             f"{self.param}: dkm(bits={lay.bits}, cluster_dim={lay.cluster_dim}, groups={lay.groups}, tau={tau}, "

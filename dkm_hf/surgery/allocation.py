@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 
@@ -53,11 +54,12 @@ def allocate_bits(
 
     `model`: prepared with the config (`dkm_hf.prepare(..., init=False)` is enough: only its layouts and weights are
     read, nothing of it is changed). `importance`: `gradient_importance(model, ...)`; a weight whose importance is
-    all zero has the same (zero) sensitivity at every width and takes the narrowest. Weights an override gives a
-    width of its own and weights without an importance keep theirs; a weight tied to an allocated one gets its width
-    too (an override of its name where it changes). `restarts`: k-means runs per LUT and width (default: the
-    config's `kmeans_restarts`; the sensitivities need less precision than the initialisation, and 1 costs a
-    quarter of 4). Prepare the dense model again with the returned config; the importance's names are the same, so
+    all zero has the same (zero) sensitivity at every width and takes the narrowest (an importance zero everywhere
+    is refused). Weights an override gives a width of their own and weights without an importance keep theirs; a
+    weight tied to an allocated one follows it (an override of its own name is written where one of the config's
+    matches it alone). `restarts`: k-means runs per LUT and width (default: the config's `kmeans_restarts`; the
+    sensitivities need less precision than the initialisation, and 1 costs a quarter of 4). Prepare the dense model
+    again with the returned config; the importance's names are the same, so
     `init_centroids(model, importance)` and `set_importance` take it as it is.
     """
     config = get_dkm_config(model)
@@ -66,13 +68,19 @@ def allocate_bits(
             "allocate_bits() needs a model prepared for DKM (dkm_config= / quantization_config= / prepare()), not "
             "a dense or palettized one"
         )
-    if isinstance(choices, (int, str)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in choices):
-        raise ValueError(f"allocate_bits: choices must be bit widths such as (2, 3, 4), but got {choices!r}")
-    choices = sorted(set(choices))
+    given = choices
+    try:
+        choices = None if isinstance(choices, (numbers.Number, str)) else list(choices)  # a generator is read once
+    except TypeError:  # not iterable
+        choices = None
+    if choices is None or not all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in choices):
+        raise ValueError(f"allocate_bits: choices must be bit widths such as (2, 3, 4), but got {given!r}")
+    choices = sorted({int(b) for b in choices})  # NumPy's integers too
     budget_bits = config.bits if budget_bits is None else budget_bits
     for name, value in [("choices", b) for b in choices] + [("budget_bits", budget_bits)]:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 8:
             raise ValueError(f"allocate_bits: {name} must be bit widths in [1, 8], but got {value!r}")
+    budget_bits = int(budget_bits)
     if restarts is not None and (isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1):
         raise ValueError(f"allocate_bits: restarts must be an integer >= 1, but got {restarts!r}")
     if not choices:
@@ -86,6 +94,11 @@ def allocate_bits(
     }
     if not free:
         raise ValueError(f"allocate_bits: no weight of the default width {config.bits} with an importance to allocate")
+    if not any(bool(f.any()) for _, f in free.values()):
+        raise ValueError(
+            "allocate_bits: the importance is zero for every weight to allocate (no gradient reached them: labels all "
+            "-100, or a loss that does not depend on them?), which would put every weight at the narrowest width"
+        )
     for name, (state, _) in free.items():
         check_clusterable(name, state.weight, state.settings.lut_torch_dtype)
     sizes = {name: {b: _bytes(state, b) for b in choices} for name, (state, _) in free.items()}
@@ -95,10 +108,13 @@ def allocate_bits(
     errors = sensitivities(free, choices, restarts)
     widths = _spend(errors, sizes, budget, _search(errors, sizes, budget))
     name_of = {id(state): name for name, state in states.items()}
-    widths |= {  # the tied weights take their source's width
-        name: widths[name_of[id(state.tied_source)]]
-        for name, state in states.items()
-        if state.tied_source is not None and name_of.get(id(state.tied_source)) in widths
+    # a tied weight follows its source; an override of its own name is written only where one of the config's
+    # matches it alone (its settings must equal the source's, `select._check_tied_overrides`)
+    sources = {name: name_of.get(id(state.tied_source)) for name, state in states.items() if state.tied_source}
+    widths |= {
+        name: widths[source]
+        for name, source in sources.items()
+        if source in widths and any(name_matches(p, name) and not name_matches(p, source) for p in config.overrides)
     }
     result = copy.deepcopy(config)
     result.overrides = dict(config.overrides)
@@ -112,10 +128,14 @@ def allocate_bits(
 
 def _exact(name: str, names: Iterable[str]) -> str:
     """A pattern that matches weight `name` only: the name itself, or as an escaped regex where the name also
-    matches another (a name ends another after a dot, or a dot stands for another character)."""
-    if any(other != name and name_matches(name, other) for other in names):
-        return f"(?:{re.escape(name)})"
-    return name
+    matches another (a name ends another after a dot, or a dot stands for another character) or is no regex."""
+    try:
+        re.compile(name)
+        if not any(other != name and name_matches(name, other) for other in names):
+            return name
+    except re.error:  # a module name that is no regex (a ModuleDict key "w[")
+        pass
+    return f"(?:{re.escape(name)})"
 
 
 def _bytes(state: DKMWeight, bits: int) -> int:

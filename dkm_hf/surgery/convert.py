@@ -40,7 +40,7 @@ from ..nn.weights import (
 from ..ops.attention import hard_assign_slices
 from ..ops.kmeans import kmeans_init_many
 from ..ops.packing import pack_stream
-from .select import check_clusterable, select_weights, tied_pairs
+from .select import check_clusterable, check_ties, select_weights, tied_pairs
 
 logger = logging.get_logger(__name__)
 
@@ -181,6 +181,7 @@ def to_palettized(model: nn.Module, view: bool = False) -> dict[str, PalettizedW
     out: dict[str, PalettizedWeight] = {}
     flushed: list[str] = []  # weights whose LUT loses centroids below the LUT dtype's normal range
     small_scales: list[str] = []  # and those whose per-channel scales it loses
+    check_ties(dkm_modules(model))  # before any module changes: a tie it cannot keep fails here
     modules = [(n, m) for n, m in model.named_modules() if isinstance(m, DKMMixin)]
     # modules whose weights are all sources first, so that tied targets find theirs
     modules.sort(key=lambda item: any(s.tied_source is not None for s in item[1].dkm_weights.values()))
@@ -252,7 +253,9 @@ def _underflows(centroids: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def layouts_of(model: nn.Module) -> dict[str, Layout]:
     """{name: layout} of every palettized weight; a tied weight's layout names its source (`tied_to`)."""
-    return weight_layouts(palettized_modules(model))
+    weights = palettized_modules(model)
+    check_ties(weights)
+    return weight_layouts(weights)
 
 
 def weight_layouts(weights: Iterable[tuple[str, DKMWeight | PalettizedWeight]]) -> dict[str, Layout]:

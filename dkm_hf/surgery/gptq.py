@@ -139,10 +139,12 @@ def _supported(state: DKMWeight, tied: set[int]) -> str | None:
     layout = state.layout
     if id(state) in tied or state.tied_source is not None:
         return "shares its LUT with another weight"
+    if layout.channel_dims != 1:
+        return "stacked experts (a LUT per expert and row)"
     if state.param != "weight" or not (isinstance(state.module, nn.Linear) or layout.transposed):
         return "not the weight of a Linear or Conv1D"
-    if layout.cluster_dim != 1 or layout.channel_dims != 1:
-        return "vectors of d > 1 or stacked experts"
+    if layout.cluster_dim != 1:
+        return "vectors of d > 1"
     return None
 
 

@@ -138,6 +138,11 @@ def gradient_importance(
             p.grad = grad
     if count == 0:
         raise ValueError("gradient_importance: `batches` gave no batch")
+    if not any(bool(f.any()) for f in sums.values()):
+        raise ValueError(
+            f"gradient_importance: every gradient of the clustered weights was zero over {count} batch(es) (labels "
+            "all -100, or a loss that does not depend on them?): an importance of zeros weighs nothing"
+        )
     return sums
 
 
@@ -169,6 +174,8 @@ def _owners(model: nn.Module, importance: Mapping[str, torch.Tensor]) -> list[tu
             raise ValueError(f"importance[{name!r}] is {tuple(f.shape)}, not the weight's {tuple(state.weight.shape)}")
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"importance[{name!r}] has non-finite values (inf or nan)")
+        if bool((f < 0).any()):
+            raise ValueError(f"importance[{name!r}] has negative values (an importance is a sum of squares)")
         owners.append((state, f))
     return owners
 

@@ -15,6 +15,7 @@ from ..nn.palettized import MODES, palettized_modules
 from ..nn.scopes import VIEWED, add_parent_scopes, remove_parent_scopes
 from ..nn.weights import swap_class
 from .convert import kmeans_all, layouts_of, to_dense, to_dkm, to_palettized
+from .select import half_palettized_ties, untied_by_config
 
 
 def get_dkm_config(model: nn.Module) -> DKMConfig | None:
@@ -33,8 +34,13 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     """
     if not isinstance(config, DKMConfig):
         raise TypeError(f"config must be a dkm_hf.DKMConfig, got {type(config).__name__}")
-    if get_dkm_config(model) is not None or dkm_modules(model) or palettized_modules(model):
+    if dkm_modules(model) or palettized_modules(model):
         raise ValueError("this model is already prepared for DKM (or palettized)")
+    if get_dkm_config(model) is not None:
+        raise ValueError(
+            "this model has no DKM module but its config carries a DKMConfig (config.quantization_config: built from "
+            "a DKM model's config?); remove it (del model.config.quantization_config) before preparing"
+        )
     config = copy.deepcopy(config)
     config.post_init()  # a config changed after it was built is checked before anything changes
     to_dkm(model, config)
@@ -79,7 +85,28 @@ def record_of(model: nn.Module) -> CheckpointRecord:
     """What saving `model` now writes: a training checkpoint (DKM modules) or a palettized one (with its layouts)."""
     if dkm_modules(model) and palettized_modules(model):
         raise ValueError("the model holds both DKM and palettized modules; palettize() it before saving")
-    return CheckpointRecord.of(layouts_of(model))
+    layouts = layouts_of(model)
+    tied = {n: lay.tied_to for n, lay in layouts.items() if lay.tied_to}
+    weights = dkm_modules(model)
+    tied |= {n: name_of(weights, w.tied_source) for n, w in weights if w.tied_source is not None}
+    for target, source in untied_by_config(model, tied):
+        raise ValueError(
+            f"{target} is clustered tied to {source} (one weight, one LUT for both), but the model's config no longer "
+            "ties them (tie_word_embeddings=False): the checkpoint would not load as saved (its loader gives "
+            f"{target} a weight of its own). Set config.tie_word_embeddings = True again to save it, or "
+            "dkm_hf.dequantize(model) first; nothing was saved"
+        )
+    for target, source in half_palettized_ties(model, set(layouts)):
+        raise ValueError(
+            f"the model's config ties {target} to {source}, but only one of them is palettized (the other dequantized "
+            "alone): the checkpoint would not load as saved. Set config.tie_word_embeddings = False to store them "
+            "apart; nothing was saved"
+        )
+    return CheckpointRecord.of(layouts)
+
+
+def name_of(weights: list, weight) -> str | None:
+    return next((n for n, w in weights if w is weight), None)
 
 
 @contextlib.contextmanager

@@ -11,9 +11,9 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..config import DKMConfig, name_matches
-from ..nn.dkm import DKMMixin
-from ..nn.palettized import PalettizedMixin
-from ..nn.weights import weight_name
+from ..nn.dkm import DKMMixin, DKMWeight
+from ..nn.palettized import PalettizedMixin, PalettizedWeight
+from ..nn.weights import check_tie, weight_name
 
 logger = logging.get_logger(__name__)
 
@@ -56,6 +56,63 @@ def tied_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def check_ties(weights: list[tuple[str, DKMWeight | PalettizedWeight]]) -> None:
+    """Each tied weight of `weights` (a model's DKM or palettized weights) has its source among them and, clustered,
+    still holds its source's parameter: a ValueError naming it otherwise (called before anything changes)."""
+    names = {id(w): n for n, w in weights}
+    for name, w in weights:
+        if w.tied_source is not None and id(w.tied_source) not in names:
+            raise ValueError(
+                f"{name} is tied to a clustered weight that is not part of the model (the weight it shared was "
+                "replaced or dequantized alone after clustering, e.g. set_input_embeddings(...) or "
+                "dkm_hf.dequantize(model.model.embed_tokens); or the model given is a part of one): replace weights "
+                "before clustering, or dkm_hf.dequantize(model) as a whole and prepare it again"
+            )
+        if isinstance(w, DKMWeight):
+            check_tie(w, name, names.get(id(w.tied_source)))
+
+
+def retie(weights: list[tuple[str, DKMWeight | PalettizedWeight]]) -> None:
+    """Tie again each tied DKM weight of `weights` whose module holds a parameter of its own after transformers'
+    `tie_weights` at load: transformers leaves a declared tie untied where the checkpoint stores both sides with
+    different values, but the DKM model clusters the pair once, by its source (as it was prepared)."""
+    names = {id(w): n for n, w in weights}
+    for name, w in weights:
+        if isinstance(w, DKMWeight) and w.tied_source is not None and w.weight is not w.tied_source.weight:
+            logger.warning(
+                f"dkm_hf: the checkpoint stores {name} with values of its own, but its config ties it to "
+                f"{names.get(id(w.tied_source))} and the DKM model clusters the pair once: {name} is loaded tied, "
+                "its stored values unused"
+            )
+            w.module._parameters[w.param] = w.tied_source.weight
+
+
+def half_palettized_ties(model: nn.Module, palettized: set[str]) -> list[tuple[str, str]]:
+    """The ties the model's config declares ({target: source} weight names) with one side palettized and the other
+    not (a side dequantized alone): a checkpoint so saved would not load while the config ties them."""
+    try:
+        declared = model.get_expanded_tied_weights_keys(all_submodels=True)
+    except (AttributeError, ValueError):  # not a transformers model; a pattern over renamed (palettized) parameters
+        return []
+    pairs = [tuple(weight_name(*key.rpartition(".")[::2]) for key in pair) for pair in declared.items()]
+    return [(t, s) for t, s in pairs if (t in palettized) != (s in palettized)]
+
+
+def untied_by_config(model: nn.Module, tied: dict[str, str]) -> list[tuple[str, str]]:
+    """The pairs of `tied` ({target: source} weight names) that the model's class ties but its config no longer does
+    (`tie_word_embeddings=False`, set after the weights were tied): a model built from that config has no such tie."""
+    found = []
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "_tied_weights_keys", None)
+        if not isinstance(declared, dict) or getattr(getattr(module, "config", None), "tie_word_embeddings", True):
+            continue
+        for target, source in declared.items():
+            names = [weight_name(*f"{prefix}.{key}".strip(".").rpartition(".")[::2]) for key in (target, source)]
+            if tied.get(names[0]) == names[1]:
+                found.append((names[0], names[1]))
+    return found
+
+
 def skipped_patterns(model: nn.Module, config: DKMConfig) -> list[str]:
     """`modules_to_not_convert` plus the model's `_keep_in_fp32_modules`, as transformers' quantizers combine them."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
@@ -66,17 +123,19 @@ def skipped_patterns(model: nn.Module, config: DKMConfig) -> list[str]:
 def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     """Names of the weights `config` clusters, in model order. Raises if an override matches none of them.
 
-    Candidates are the parameters of two or more dimensions of any module. `modules_to_not_convert` skips a module
-    (or a weight) and everything under it, with transformers' `should_convert_module` rules ("model.layers.0" skips
-    "model.layers.0.mlp.up_proj"); `target_modules` and `overrides` match a weight's name (see
-    `nn.weights.weight_name`: the module's name for a `weight`) exactly, as a dotted suffix ("query") or as a full
-    regex.
+    Candidates are the parameters of two or more dimensions of any module, biases (`bias`, `*_bias`) excepted.
+    `modules_to_not_convert` skips a module (or a weight) and everything under it, with transformers'
+    `should_convert_module` rules ("model.layers.0" skips "model.layers.0.mlp.up_proj"); `target_modules` and
+    `overrides` match a weight's name (see `nn.weights.weight_name`: the module's name for a `weight`) exactly, as a
+    dotted suffix ("query") or as a full regex.
     """
     skipped = skipped_patterns(model, config)
     _warn_unmatched(model, config)
     selected = []
     for name, module_name, module, param in named_weights(model):
         if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
+            continue
+        if param == "bias" or param.endswith("_bias"):  # GPT-OSS's per-expert biases are 2-D
             continue
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and param == "weight":
             if not config.cluster_embeddings:

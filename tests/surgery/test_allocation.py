@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import AUTO, tiny_lm_batches
@@ -159,3 +160,41 @@ def test_choices_that_are_not_widths_and_a_palettized_model_are_refused(allocate
             dkm_hf.allocate_bits(model, importance, choices=choices)
     with pytest.raises(ValueError, match="not a dense or palettized one"):
         dkm_hf.allocate_bits(dkm_hf.palettize(model), importance, choices=(2, 3))
+
+
+def test_a_tied_pair_follows_its_source_without_an_override_of_its_own(tiny_dir):
+    """An embedding with settings of its own (per_tensor) tied to lm_head, which no override matches alone: an
+    override written under lm_head's name gave it the defaults' granularity, and preparing with the result was
+    refused. Generators and NumPy integers are widths too."""
+    config = DKMConfig(**PER_ROW_3BIT, overrides={".*embed_tokens": {"granularity": "per_tensor", "group_size": None}})
+    llama = _prepared(tiny_dir("llama"), config)
+    importance = dkm_hf.gradient_importance(llama, tiny_lm_batches(2))
+    mixed = dkm_hf.allocate_bits(llama, importance, choices=(b for b in (2, 3, 4)))
+    assert "lm_head" not in mixed.overrides and "model.embed_tokens" in mixed.overrides  # the source moved
+    states = dict(dkm_hf.dkm_modules(_prepared(tiny_dir("llama"), mixed)))
+    assert states["lm_head"].tied_source is states["model.embed_tokens"]
+    assert states["model.embed_tokens"].layout.bits == mixed.overrides["model.embed_tokens"]["bits"] != 3
+    assert dkm_hf.allocate_bits(llama, importance, choices=np.array([4, 2, 3])).overrides == mixed.overrides
+
+
+def test_an_importance_of_zeros_or_below_and_names_that_are_no_regex(allocated):
+    """An importance zero everywhere (no gradient reached the weights) put every weight at the narrowest width,
+    silently; a negative one was taken. A module name that is no regex ("w[") gave an override prepare refused."""
+    _, _, model, importance, _ = allocated
+    with pytest.raises(ValueError, match="the importance is zero for every weight"):
+        dkm_hf.allocate_bits(model, {n: torch.zeros_like(f) for n, f in importance.items()}, choices=(2, 3, 4))
+    with pytest.raises(ValueError, match="has negative values"):
+        dkm_hf.allocate_bits(model, {n: -f for n, f in importance.items()}, choices=(2, 3, 4))
+    with pytest.raises(ValueError, match="every gradient of the clustered weights was zero over 2 batch"):
+        dkm_hf.gradient_importance(model, tiny_lm_batches(2), loss_fn=lambda m, b: m(**b).logits.sum() * 0)
+
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"w[": torch.nn.Linear(16, 16), "v": torch.nn.Linear(16, 16)})
+    dense = copy.deepcopy(net)
+    dkm_hf.prepare(net, DKMConfig(**PER_ROW_3BIT))
+    x = torch.randn(8, 16)
+    f = dkm_hf.gradient_importance(net, [x], loss_fn=lambda m, b: (m["w["](b) * 3 + m["v"](b)).square().mean())
+    mixed = dkm_hf.allocate_bits(net, f, choices=(2, 4))
+    assert r"(?:w\[)" in mixed.overrides and "w[" not in mixed.overrides
+    widths = {n: s.layout.bits for n, s in dkm_hf.dkm_modules(dkm_hf.prepare(dense, mixed))}
+    assert widths["w["] == mixed.overrides[r"(?:w\[)"]["bits"]

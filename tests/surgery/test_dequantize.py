@@ -93,6 +93,22 @@ def test_transformers_dequantize_leaves_no_dkm_config_behind():
     assert dkm_hf.get_dkm_config(model) is None and not dkm_hf.dkm_modules(model)
     dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0))
     assert {s.layout.bits for _, s in dkm_hf.dkm_modules(model)} == {2}
+    hard = dict(dkm_hf.dkm_modules(model))["model.layers.0.self_attn.q_proj"].hard_weight()
+    model.dequantize(dtype=torch.bfloat16)  # the dtype asked for (before: ignored)
+    assert model.dtype == torch.bfloat16
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, hard.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_a_dense_model_built_from_a_dkm_models_config_is_refused_by_name(tiny_dir):
+    """`from_config(dkm_model.config)`: a dense model whose config carries the DKMConfig; prepare said "already
+    prepared for DKM"."""
+    model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=2, weight_threshold=0))
+    fresh = AUTO["llama"].from_config(model.config)
+    assert not dkm_hf.dkm_modules(fresh)
+    with pytest.raises(ValueError, match="no DKM module but its config carries a DKMConfig"):
+        dkm_hf.prepare(fresh, DKMConfig(bits=2, weight_threshold=0))
+    del fresh.config.quantization_config
+    assert dkm_hf.dkm_modules(dkm_hf.prepare(fresh, DKMConfig(bits=2, weight_threshold=0)))
 
 
 @pytest.mark.parametrize("palettized", [False, True])

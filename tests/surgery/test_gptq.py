@@ -461,6 +461,8 @@ def test_gptq_grams_leave_padding_out_of_flattened_inputs():
         dkm_hf.gptq_snap(fresh(), batches, hessians=hessians)
     shared = [name for name in grams[1] if "shared_expert" in name]
     assert len(shared) == 4
+    skipped = dkm_hf.gptq_snap(fresh(), alone)  # the stacked experts, named for what they are
+    assert skipped["model.layers.0.mlp.experts.gate_up_proj"] == "stacked experts (a LUT per expert and row)"
     for name in grams[1]:
         torch.testing.assert_close(grams[0][name], grams[1][name], rtol=1e-5, atol=1e-6)
 

@@ -98,3 +98,18 @@ def test_an_override_written_for_the_head_model_names_the_prefix_in_the_base_mod
         select_weights(AutoModel.from_pretrained(tiny_dir("llama")), config)
     with pytest.raises(ValueError, match=r"matches none of [^;]*\)$"):  # no hint where the prefix would not help
         select_weights(AutoModel.from_pretrained(tiny_dir("llama")), DKMConfig(overrides={"nothing": {"bits": 2}}))
+
+
+def test_biases_are_never_clustered_not_even_two_dimensional_ones():
+    """GPT-OSS's per-expert biases (experts, features) were clustered (one LUT across the experts) and given widths
+    by allocate_bits; the README says biases stay float."""
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 32))
+            self.gate_up_proj_bias = nn.Parameter(torch.randn(4, 32))
+            self.bias = nn.Parameter(torch.randn(8, 8))
+
+    model = nn.ModuleDict({"experts": Experts(), "proj": nn.Linear(16, 16)})
+    assert select_weights(model, DKMConfig(bits=2, weight_threshold=0)) == ["experts.gate_up_proj", "proj"]
