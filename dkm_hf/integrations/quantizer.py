@@ -34,8 +34,10 @@ from .checkpoint_checks import (
     check_loaded,
     check_palettized_headers,
     check_save_id,
+    find_tensor,
     new_save_id,
     save_metadata,
+    state_key,
 )
 from .distributed import full_state_dict
 from .model_card import TAGS
@@ -103,7 +105,8 @@ class DKMHfQuantizer(HfQuantizer):
                 for n, lay in stored.items()
                 if n in names and (lay.tied_to is None or lay.tied_to in names)
             }
-            for target, source in tied_pairs(model).items():
+            pairs = tied_pairs(model)
+            for target, source in pairs.items():
                 # a head the saving model did not have (a base model's checkpoint), tied here to a palettized
                 # embedding: it shares that embedding, as transformers ties it for a dense checkpoint
                 if (
@@ -112,12 +115,16 @@ class DKMHfQuantizer(HfQuantizer):
                     and header.tensors.find(_param_key(model, target)) is None
                 ):
                     layouts[target] = replace(layouts[source], transposed=_transposed(model, target), tied_to=source)
-            tied = [_param_key(model, name) for name, layout in layouts.items() if layout.tied_to is not None]
+            # out of transformers' tie map: the tied palettized targets, and the declared targets stored untied
+            tied = [_param_key(model, n) for n, lay in layouts.items() if lay.tied_to or pairs.get(n) in layouts]
             for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
                 weight.placeholder = mark_initialized(torch.empty(weight.layout.shape, device="meta"))
             untie(model, tied)
             return model
-        weights = to_dkm(model, config, with_state=True)
+        # a declared tie whose target the checkpoint stores with centroids of its own (T5 v1.1's head) stays untied
+        tensors = header.tensors
+        untied = [t for t in tied_pairs(model) if find_tensor(tensors, state_key(tensors, t, "centroids")) is not None]
+        weights = to_dkm(model, config, with_state=True, untied=untied)
         # weights the checkpoint does not hold (a head class's new layer), or of another shape that transformers
         # re-initialises (ignore_mismatched_sizes): their centroids come from the weights after loading
         entries = {n: header.tensors.find(_param_key(model, n)) for n, w in weights.items() if w.tied_source is None}
@@ -167,9 +174,11 @@ class DKMHfQuantizer(HfQuantizer):
         check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")
         if self.init_after_load:
             kmeans_all(model)
+            for _, weight in dkm_modules(model):
+                weight.__dict__.pop("untied_at_load", None)
         else:
             for name, weight in dkm_modules(model):
-                if name in self.fresh:
+                if name in self.fresh or weight.__dict__.pop("untied_at_load", False):
                     weight.init_centroids()
                 else:
                     weight.dkm_ready = True

@@ -70,8 +70,8 @@ from ..config import DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
 from ..nn.weights import parameter_keys
-from ..surgery.model import get_dkm_config, set_inference_mode
-from ..surgery.select import check_ties, retie
+from ..surgery.model import get_dkm_config, set_inference_mode, untie_declined
+from ..surgery.select import check_ties
 from .model_card import write_model_card
 from .preflight import cached_snapshot, preflight
 from .saving import atomic_save, stale_single_file_guard
@@ -337,8 +337,8 @@ def _patch_ties_and_resizing() -> None:
         }
         tied = tie(self, missing_keys=missing_keys, recompute_mapping=False)
         weights = dkm_modules(self) + palettized_modules(self)
-        if missing_keys is not None:  # from_pretrained
-            retie(weights)
+        if missing_keys is not None and untie_declined(self):  # from_pretrained
+            weights = dkm_modules(self) + palettized_modules(self)
         check_ties(weights)  # a tie that a replaced or untied side broke
         return tied
 

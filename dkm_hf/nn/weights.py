@@ -206,8 +206,8 @@ def untied_message(name: str, source: str | None = None) -> str:
     """The error for a clustered weight tied to `source` whose module no longer holds that weight."""
     return (
         f"{name} was clustered tied to {source or 'another weight'} (one weight and one set of centroids for both), "
-        "but its module holds a weight of its own now (untied or replaced after clustering): untie before clustering "
-        "(e.g. from_pretrained(..., tie_word_embeddings=False, dkm_config=...)), or tie it again "
+        "but its module holds a weight of its own now (untied or replaced after clustering, or loaded with "
+        "load_state_dict(assign=True)): untie the dense model before clustering it, or tie it again "
         "(config.tie_word_embeddings = True, model.tie_weights())"
     )
 

@@ -76,13 +76,16 @@ def layout_for(config: DKMConfig, name: str, module: nn.Module, param: str) -> L
 
 
 # -- dense -> DKM -----------------------------------------------------------------------------------------------------
-def to_dkm(model: nn.Module, config: DKMConfig, with_state: bool = True) -> dict[str, DKMWeight]:
+def to_dkm(
+    model: nn.Module, config: DKMConfig, with_state: bool = True, untied: Iterable[str] = ()
+) -> dict[str, DKMWeight]:
     """Make every weight `config` selects a DKM weight (in place, nothing copied). Works on the meta device.
 
     `with_state=False` creates no centroid buffers (a dense checkpoint is about to load; `kmeans_all` makes them).
+    `untied`: tied targets clustered on their own (a checkpoint stores them so).
     """
     names = select_weights(model, config)
-    pairs = tied_pairs(model)
+    pairs = {target: source for target, source in tied_pairs(model).items() if target not in set(untied)}
     done: dict[str, DKMWeight] = {}
     ordered = sorted(names, key=lambda n: pairs.get(n) in names)  # sources before their tied targets
     # every weight's layout first (a geometry error names its weight): nothing is attached before all are valid
@@ -286,12 +289,8 @@ def to_shells(model: nn.Module, layouts: dict[str, Layout], lut_dtype: torch.dty
                 f"but quantization_config.modules has no record of {other!r} (a tied weight is recorded as "
                 f"{{'tied_to': {source!r}}}); restore the checkpoint's config.json"
             )
-        if target in layouts and source in layouts and source != layouts[target].tied_to != target:
-            raise PalettizedCheckpointError(
-                f"config.json: palettized modules {target!r} and {source!r} are stored untied (a LUT and indices "
-                "each), but this model ties their weights (tie_word_embeddings?); load it with the config it was "
-                "saved with"
-            )
+        # a pair stored untied (a LUT and indices each) loads untied, as transformers leaves a declared tie whose
+        # sides are stored with different values (T5 v1.1's head: its config ties the pair whatever it says)
     done: dict[str, PalettizedWeight] = {}
     for name in sorted(layouts, key=lambda n: layouts[n].tied_to is not None):
         layout = layouts[name]

@@ -8,14 +8,17 @@ import copy
 from collections.abc import Iterator
 
 from torch import nn
+from transformers.utils import logging
 
 from ..config import CheckpointRecord, DKMConfig
-from ..nn.dkm import DKMMixin, dkm_modules
+from ..nn.dkm import DKMMixin, DKMWeight, dkm_modules
 from ..nn.palettized import MODES, palettized_modules
 from ..nn.scopes import VIEWED, add_parent_scopes, remove_parent_scopes
 from ..nn.weights import swap_class
-from .convert import kmeans_all, layouts_of, to_dense, to_dkm, to_palettized
-from .select import half_palettized_ties, untied_by_config
+from .convert import kmeans_all, layout_for, layouts_of, to_dense, to_dkm, to_palettized
+from .select import check_clusterable, half_palettized_ties, untied_by_config
+
+logger = logging.get_logger(__name__)
 
 
 def get_dkm_config(model: nn.Module) -> DKMConfig | None:
@@ -79,6 +82,31 @@ def set_inference_mode(model: nn.Module, mode: str) -> nn.Module:
     for _, weight in palettized_modules(model):
         weight.set_inference_mode(mode)
     return model
+
+
+def untie_declined(model: nn.Module) -> list[str]:
+    """At load, after transformers' `tie_weights`: each tied DKM weight whose module holds a parameter of its own
+    (transformers leaves a declared tie untied where the checkpoint stores both sides with different values: T5
+    v1.1's head, a head dequantized alone) becomes a clustered weight of its own, with the config's settings for its
+    name, its centroids to be initialised from the loaded weight (`untied_at_load`). Returns their names."""
+    config, untied = get_dkm_config(model), []
+    for name, w in dkm_modules(model) if config is not None else ():
+        own, shared = w.weight, w.tied_source.weight if w.tied_source is not None else None
+        if shared is None or own is shared or own.is_meta and shared.is_meta:
+            continue
+        module, param, settings = w.module, w.param, config.settings_for(name)
+        check_clusterable(name, own, settings.lut_torch_dtype)
+        state = DKMWeight(module, param, layout_for(config, name, module, param), settings, config.seed)
+        DKMMixin.attach(module, {param: state})
+        state.register_state()
+        state.untied_at_load = True
+        untied.append(name)
+    if untied:
+        logger.warning(
+            f"dkm_hf: {untied} stored with values of their own, though the config ties them (transformers leaves "
+            "them untied): each is clustered on its own"
+        )
+    return untied
 
 
 def record_of(model: nn.Module) -> CheckpointRecord:

@@ -72,21 +72,6 @@ def check_ties(weights: list[tuple[str, DKMWeight | PalettizedWeight]]) -> None:
             check_tie(w, name, names.get(id(w.tied_source)))
 
 
-def retie(weights: list[tuple[str, DKMWeight | PalettizedWeight]]) -> None:
-    """Tie again each tied DKM weight of `weights` whose module holds a parameter of its own after transformers'
-    `tie_weights` at load: transformers leaves a declared tie untied where the checkpoint stores both sides with
-    different values, but the DKM model clusters the pair once, by its source (as it was prepared)."""
-    names = {id(w): n for n, w in weights}
-    for name, w in weights:
-        if isinstance(w, DKMWeight) and w.tied_source is not None and w.weight is not w.tied_source.weight:
-            logger.warning(
-                f"dkm_hf: the checkpoint stores {name} with values of its own, but its config ties it to "
-                f"{names.get(id(w.tied_source))} and the DKM model clusters the pair once: {name} is loaded tied, "
-                "its stored values unused"
-            )
-            w.module._parameters[w.param] = w.tied_source.weight
-
-
 def half_palettized_ties(model: nn.Module, palettized: set[str]) -> list[tuple[str, str]]:
     """The ties the model's config declares ({target: source} weight names) with one side palettized and the other
     not (a side dequantized alone): a checkpoint so saved would not load while the config ties them."""

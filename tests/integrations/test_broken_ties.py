@@ -4,6 +4,8 @@ weight, a palettize() that stops half-way, or a checkpoint its loader refuses.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import AUTO, tiny_lm_batches
@@ -83,8 +85,9 @@ def test_a_tie_its_config_no_longer_declares_is_not_saved(tiny_dir, tmp_path, pa
 def test_a_tied_head_dequantized_alone_saves_and_loads(tiny_dir, tmp_path, palettized, caplog):
     """`dkm_hf.dequantize(model.lm_head)` (README: for peft's modules_to_save), then a save. Palettized, the loader
     refused the checkpoint (the config ties the pair, one side palettized): the save says so, and with
-    tie_word_embeddings=False the head is stored dense and loads. A training checkpoint loads tied, as the DKM model
-    clusters the pair (transformers leaves a pair stored with different values untied), with a warning."""
+    tie_word_embeddings=False the head is stored dense and loads. A training checkpoint stores both sides with
+    different values: transformers leaves them untied and the head is clustered on its own (before: tied again, its
+    values unused)."""
     model, batch = _tied_llama(tiny_dir), tiny_lm_batches(1)[0]
     model = dkm_hf.palettize(model) if palettized else model
     dkm_hf.dequantize(model.lm_head)
@@ -98,6 +101,27 @@ def test_a_tied_head_dequantized_alone_saves_and_loads(tiny_dir, tmp_path, palet
         reloaded = AUTO["llama"].from_pretrained(tmp_path / "out")
     if palettized:
         assert type(reloaded.lm_head) is torch.nn.Linear  # stored dense, untied
-    else:
-        assert "lm_head is loaded tied" in caplog.text and reloaded.lm_head.tied_source is reloaded.model.embed_tokens
+    else:  # the dequantized head takes the embedding's 4 values: clustered on its own, losslessly
+        assert "['lm_head'] stored with values of their own" in caplog.text and reloaded.lm_head.tied_source is None
     torch.testing.assert_close(_logits(reloaded.eval(), batch), expected, rtol=0, atol=1e-6)
+
+
+def test_a_head_stored_apart_from_a_tied_embedding_is_clustered_on_its_own(tiny_dir, tmp_path):
+    """A checkpoint whose config ties the head to the embedding but which stores the head with values of its own
+    (T5 v1.1, flan-T5: their configs tie the pair whatever config.json says): transformers loads the two apart; the
+    DKM model tied them again and the stored head was never used."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(tiny_dir("llama"))
+    tensors = load_file(path / "model.safetensors")
+    head = torch.randn_like(tensors["model.embed_tokens.weight"])
+    save_file({**tensors, "lm_head.weight": head}, path / "model.safetensors", metadata={"format": "pt"})
+    model = AUTO["llama"].from_pretrained(path, dkm_config=DKMConfig(bits=2, weight_threshold=0)).eval()
+    assert model.lm_head.tied_source is None and torch.equal(model.lm_head.weight, head)
+    assert model.lm_head.hard_weight().unique().numel() == 4  # its own LUT
+    batch = tiny_lm_batches(1)[0]
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path / "train")  # a training checkpoint: the head's centroids stored, loaded
+    torch.testing.assert_close(_logits(AUTO["llama"].from_pretrained(tmp_path / "train"), batch), expected)
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+    torch.testing.assert_close(_logits(AUTO["llama"].from_pretrained(tmp_path / "pal"), batch), expected)

@@ -154,7 +154,10 @@ def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(t
     assert dkm_hf.palettized_modules(AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path=out))
 
 
-def test_an_untied_checkpoint_loaded_tied_is_refused_by_name(tmp_path):
+def test_an_untied_checkpoint_loaded_into_a_tying_config_loads_as_stored(tmp_path):
+    """A palettized checkpoint that stores the head and the embedding apart, loaded with a config that ties them (T5
+    v1.1's config ties them whatever config.json says): it was refused; it loads as stored, as transformers loads a
+    dense checkpoint whose sides differ."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -164,8 +167,11 @@ def test_an_untied_checkpoint_loaded_tied_is_refused_by_name(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "dense")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dkm_config=dkm_hf.DKMConfig(weight_threshold=0))
     dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
-    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="'lm_head' and 'model.embed_tokens' are stored untied"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "pal", tie_word_embeddings=True)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pal", tie_word_embeddings=True)
+    assert reloaded.lm_head.tied_source is None
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_new_weights_in_a_trainer_checkpoint_make_its_trainer_state_stale(tiny_dir, tmp_path, monkeypatch):
