@@ -174,8 +174,6 @@ class DKMHfQuantizer(HfQuantizer):
         check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")
         if self.init_after_load:
             kmeans_all(model)
-            for _, weight in dkm_modules(model):
-                weight.__dict__.pop("untied_at_load", None)
         else:
             for name, weight in dkm_modules(model):
                 if name in self.fresh or weight.__dict__.pop("untied_at_load", False):

@@ -336,10 +336,9 @@ def _patch_ties_and_resizing() -> None:
             if t not in palettized and s not in palettized and (t in clustered) == (s in clustered)
         }
         tied = tie(self, missing_keys=missing_keys, recompute_mapping=False)
-        weights = dkm_modules(self) + palettized_modules(self)
-        if missing_keys is not None and untie_declined(self):  # from_pretrained
-            weights = dkm_modules(self) + palettized_modules(self)
-        check_ties(weights)  # a tie that a replaced or untied side broke
+        if missing_keys is not None:  # from_pretrained: the pairs transformers left untied stay so
+            untie_declined(self)
+        check_ties(dkm_modules(self) + palettized_modules(self))  # a tie that a replaced or untied side broke
         return tied
 
     @functools.wraps(resize)

@@ -202,29 +202,6 @@ def swap_class(module: nn.Module, cls: type) -> None:
         add_hook_to_module(module, hook)
 
 
-def untied_message(name: str, source: str | None = None) -> str:
-    """The error for a clustered weight tied to `source` whose module no longer holds that weight."""
-    return (
-        f"{name} was clustered tied to {source or 'another weight'} (one weight and one set of centroids for both), "
-        "but its module holds a weight of its own now (untied or replaced after clustering, or loaded with "
-        "load_state_dict(assign=True)): untie the dense model before clustering it, or tie it again "
-        "(config.tie_word_embeddings = True, model.tie_weights())"
-    )
-
-
-def check_tie(state, name: str | None = None, source: str | None = None) -> None:
-    """A tied DKM weight's module must hold its source's parameter still, or one of the same values (a load with
-    `assign=True`, `.to("meta")`, `to_empty()` give each module a parameter of its own), not one untied or replaced."""
-    if state.tied_source is None:
-        return
-    own, shared = state.module._parameters.get(state.param), state.tied_source.weight
-    if own is shared or own is not None and own.is_meta and shared.is_meta:
-        return
-    same = own is not None and (own.shape, own.dtype, own.device) == (shared.shape, shared.dtype, shared.device)
-    if not (same and torch.equal(own, shared)):
-        raise ValueError(untied_message(name or f"a {type(state.module).__name__}'s {state.param}", source))
-
-
 def set_tie(owner, source) -> None:
     """`owner.tied_source = source` without registering it as a submodule (it lives elsewhere in the model)."""
     object.__setattr__(owner, "tied_source", source)

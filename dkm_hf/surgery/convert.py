@@ -85,7 +85,8 @@ def to_dkm(
     `untied`: tied targets clustered on their own (a checkpoint stores them so).
     """
     names = select_weights(model, config)
-    pairs = {target: source for target, source in tied_pairs(model).items() if target not in set(untied)}
+    untied = set(untied)
+    pairs = {target: source for target, source in tied_pairs(model).items() if target not in untied}
     done: dict[str, DKMWeight] = {}
     ordered = sorted(names, key=lambda n: pairs.get(n) in names)  # sources before their tied targets
     # every weight's layout first (a geometry error names its weight): nothing is attached before all are valid

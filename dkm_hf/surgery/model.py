@@ -116,7 +116,8 @@ def record_of(model: nn.Module) -> CheckpointRecord:
     layouts = layouts_of(model)
     tied = {n: lay.tied_to for n, lay in layouts.items() if lay.tied_to}
     weights = dkm_modules(model)
-    tied |= {n: name_of(weights, w.tied_source) for n, w in weights if w.tied_source is not None}
+    names = {id(w): n for n, w in weights}
+    tied |= {n: names.get(id(w.tied_source)) for n, w in weights if w.tied_source is not None}
     for target, source in untied_by_config(model, tied):
         raise ValueError(
             f"{target} is clustered tied to {source} (one weight, one LUT for both), but the model's config no longer "
@@ -131,10 +132,6 @@ def record_of(model: nn.Module) -> CheckpointRecord:
             "apart; nothing was saved"
         )
     return CheckpointRecord.of(layouts)
-
-
-def name_of(weights: list, weight) -> str | None:
-    return next((n for n, w in weights if w is weight), None)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from transformers.utils import logging
 from ..config import DKMConfig, name_matches
 from ..nn.dkm import DKMMixin, DKMWeight
 from ..nn.palettized import PalettizedMixin, PalettizedWeight
-from ..nn.weights import check_tie, weight_name
+from ..nn.weights import weight_name
 
 logger = logging.get_logger(__name__)
 
@@ -40,9 +40,7 @@ def tied_pairs(model: nn.Module) -> dict[str, str]:
     pairs = {}
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in declared.items():
-        t_module, _, t_param = target.rpartition(".")
-        s_module, _, s_param = source.rpartition(".")
-        pairs[weight_name(t_module, t_param)] = weight_name(s_module, s_param)
+        pairs[_key_name(target)] = _key_name(source)
     owner: dict[int, str] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param, tensor in module._parameters.items():
@@ -56,20 +54,42 @@ def tied_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _key_name(key: str) -> str:
+    """The weight name (`nn.weights.weight_name`) of a state-dict key `module.param`."""
+    module_name, _, param = key.rpartition(".")
+    return weight_name(module_name, param)
+
+
 def check_ties(weights: list[tuple[str, DKMWeight | PalettizedWeight]]) -> None:
     """Each tied weight of `weights` (a model's DKM or palettized weights) has its source among them and, clustered,
-    still holds its source's parameter: a ValueError naming it otherwise (called before anything changes)."""
+    still holds its source's parameter or one of the same values (a load with `assign=True`, `.to("meta")` give each
+    module a parameter of its own): a ValueError naming it otherwise (called before anything changes)."""
     names = {id(w): n for n, w in weights}
     for name, w in weights:
-        if w.tied_source is not None and id(w.tied_source) not in names:
+        if w.tied_source is None:
+            continue
+        if id(w.tied_source) not in names:
             raise ValueError(
                 f"{name} is tied to a clustered weight that is not part of the model (the weight it shared was "
                 "replaced or dequantized alone after clustering, e.g. set_input_embeddings(...) or "
                 "dkm_hf.dequantize(model.model.embed_tokens); or the model given is a part of one): replace weights "
                 "before clustering, or dkm_hf.dequantize(model) as a whole and prepare it again"
             )
-        if isinstance(w, DKMWeight):
-            check_tie(w, name, names.get(id(w.tied_source)))
+        if isinstance(w, DKMWeight) and not _holds_its_source(w):
+            raise ValueError(
+                f"{name} was clustered tied to {names[id(w.tied_source)]} (one weight and one set of centroids for "
+                "both), but its module holds a weight of its own now (untied or replaced after clustering, or loaded "
+                "with load_state_dict(assign=True)): untie the dense model before clustering it, or tie it again "
+                "(config.tie_word_embeddings = True, model.tie_weights())"
+            )
+
+
+def _holds_its_source(state: DKMWeight) -> bool:
+    own, shared = state.module._parameters.get(state.param), state.tied_source.weight
+    if own is shared or own is not None and own.is_meta and shared.is_meta:
+        return True
+    same = own is not None and (own.shape, own.dtype, own.device) == (shared.shape, shared.dtype, shared.device)
+    return same and torch.equal(own, shared)
 
 
 def half_palettized_ties(model: nn.Module, palettized: set[str]) -> list[tuple[str, str]]:
@@ -79,7 +99,7 @@ def half_palettized_ties(model: nn.Module, palettized: set[str]) -> list[tuple[s
         declared = model.get_expanded_tied_weights_keys(all_submodels=True)
     except (AttributeError, ValueError):  # not a transformers model; a pattern over renamed (palettized) parameters
         return []
-    pairs = [tuple(weight_name(*key.rpartition(".")[::2]) for key in pair) for pair in declared.items()]
+    pairs = [(_key_name(t), _key_name(s)) for t, s in declared.items()]
     return [(t, s) for t, s in pairs if (t in palettized) != (s in palettized)]
 
 
@@ -92,9 +112,9 @@ def untied_by_config(model: nn.Module, tied: dict[str, str]) -> list[tuple[str, 
         if not isinstance(declared, dict) or getattr(getattr(module, "config", None), "tie_word_embeddings", True):
             continue
         for target, source in declared.items():
-            names = [weight_name(*f"{prefix}.{key}".strip(".").rpartition(".")[::2]) for key in (target, source)]
-            if tied.get(names[0]) == names[1]:
-                found.append((names[0], names[1]))
+            pair = (_key_name(f"{prefix}.{target}".strip(".")), _key_name(f"{prefix}.{source}".strip(".")))
+            if tied.get(pair[0]) == pair[1]:
+                found.append(pair)
     return found
 
 
