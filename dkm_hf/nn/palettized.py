@@ -99,21 +99,10 @@ class PalettizedWeight:
     def buffer_names(self) -> tuple[str, ...]:
         return tuple(self.buffer(kind) for kind in KINDS)
 
-    @property
-    def weight_lut(self) -> torch.Tensor:
-        return self.module._buffers[self.buffer("lut")]
-
-    @property
-    def weight_indices(self) -> torch.Tensor:
-        return self.module._buffers[self.buffer("indices")]
-
-    @property
-    def weight_scale(self) -> torch.Tensor | None:
-        return self.module._buffers.get(self.buffer("scale"))
-
-    @property
-    def has_scale(self) -> bool:
-        return self.module._buffers.get(self.buffer("scale")) is not None
+    weight_lut = property(lambda self: self.module._buffers[self.buffer("lut")])
+    weight_indices = property(lambda self: self.module._buffers[self.buffer("indices")])
+    weight_scale = property(lambda self: self.module._buffers.get(self.buffer("scale")))
+    has_scale = property(lambda self: self.weight_scale is not None)
 
     @torch.no_grad()
     def fill(self, lut: torch.Tensor, packed_indices: torch.Tensor, scale: torch.Tensor | None = None) -> None:
@@ -316,6 +305,14 @@ class PalettizedMixin:
             if tensor is not None:
                 setattr(self, param, tensor)
         return self
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("palettized_weights", ()):  # torch's own errors name no cause ("already exists")
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is decoded from its LUT and packed indices and cannot be assigned: "
+                "dequantize the model (model.dequantize()) to give it dense weights"
+            )
+        super().__setattr__(name, value)
 
     def __reduce_ex__(self, protocol):
         state = {k: v for k, v in self.__getstate__().items() if k != "_decode_scope"}

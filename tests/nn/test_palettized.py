@@ -33,6 +33,17 @@ def test_decoded_weight_is_the_dkm_hard_weight(scale, cluster_dim, group_size):
     assert "weight" not in dict(model[0].named_parameters())
 
 
+@pytest.mark.parametrize("value", ["parameter", "tensor"])
+def test_assigning_a_palettized_weight_is_refused_by_name(value):
+    model, hard = _palettized()
+    new = torch.zeros(48, 64)
+    with pytest.raises(AttributeError, match=r"PalettizedLinear.weight is decoded from its LUT .*model\.dequantize"):
+        model[0].weight = nn.Parameter(new) if value == "parameter" else new
+    assert torch.equal(model[0].weight, hard[0])  # nothing changed
+    model[0].bias = nn.Parameter(torch.ones(48))  # the module's other parameters as before
+    assert torch.equal(model[0].bias, torch.ones(48))
+
+
 def test_packed_mode_decodes_per_forward_and_matches_dense():
     model, _ = _palettized(True)
     x = torch.randn(5, 64)
