@@ -7,6 +7,9 @@ benchmarks/RESULTS.md ("Where the gap to the control is, token by token").
 decoder layer are caught once, then each decoder layer in turn gets its Gram matrices from inputs computed by the
 layers before it already snapped, is snapped, and computes the next layer's inputs. For decoder LLMs whose layers
 sit in `model.model.layers` and take the same keyword arguments each (Llama and its kind); measured, not adopted.
+`embedding-widths`: `allocate_bits` with the tied embedding (8 bits per tensor in the recipe) among the weights
+whose widths it chooses (4-8 bits per tensor for it, the recipe's choices for the per-row Linears), within the bytes
+of the recipe's widths for all of them.
 `true-fisher`: the importance (`gradient_importance`) with every token's label drawn from the dense model's own
 next-token distribution instead of the text's next token.
 Everything after the variant's name goes to examples/causal_lm/run_clm_dkm.py.
@@ -89,8 +92,45 @@ def true_fisher_importance(model, batches, loss_fn=None):
     return _gradient_importance(model, batches, loss_fn=sampled_loss)
 
 
-VARIANTS = {"sequential-gptq": gptq_snap_sequential, "true-fisher": true_fisher_importance}
-PATCHED = {"sequential-gptq": "gptq_snap", "true-fisher": "gradient_importance"}
+EMBEDDING_CHOICES = (4, 5, 6, 7, 8)
+
+
+def allocate_bits_with_embedding(model, importance, choices, budget_bits=None, restarts=None):
+    """`dkm_hf.allocate_bits` with the embedding (its width set by an override) choosing from EMBEDDING_CHOICES
+    too, the budget the bytes of every weight at the width it has (the recipe's size)."""
+    import copy
+
+    from dkm_hf.surgery import allocation
+    from dkm_hf.surgery.model import get_dkm_config
+
+    config, states = get_dkm_config(model), dict(dkm_hf.dkm_modules(model))
+    free = {name: (states[name], f) for name, f in importance.items() if states[name].tied_source is None}
+    embedding = {name for name in free if name.endswith("embed_tokens")}
+    errors = allocation.sensitivities({n: free[n] for n in embedding}, list(EMBEDDING_CHOICES), restarts)
+    errors |= allocation.sensitivities({n: v for n, v in free.items() if n not in embedding}, list(choices), restarts)
+    sizes = {name: {b: allocation._bytes(state, b) for b in errors[name]} for name, (state, _) in free.items()}
+    budget = sum(allocation._bytes(state, state.layout.bits) for state, _ in free.values())
+    widths = allocation._spend(errors, sizes, budget, allocation._search(errors, sizes, budget))
+    print("embedding-widths:", {n: widths[n] for n in embedding}, flush=True)
+    result = copy.deepcopy(config)
+    result.overrides = dict(config.overrides)
+    for name, bits in widths.items():
+        if name in embedding:
+            key = next(p for p in result.overrides if "embed_tokens" in p)
+            result.overrides[key] = {**result.overrides[key], "bits": bits}
+        elif bits != states[name].layout.bits:
+            pattern = allocation._exact(name, states)
+            result.overrides[pattern] = {**config.overrides.get(pattern, {}), "bits": bits}
+    result.post_init()
+    return result
+
+
+VARIANTS = {
+    "sequential-gptq": gptq_snap_sequential,
+    "true-fisher": true_fisher_importance,
+    "embedding-widths": allocate_bits_with_embedding,
+}
+PATCHED = {"sequential-gptq": "gptq_snap", "true-fisher": "gradient_importance", "embedding-widths": "allocate_bits"}
 
 
 def main() -> None:
