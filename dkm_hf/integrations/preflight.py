@@ -53,7 +53,8 @@ def preflight(
     except PalettizedCheckpointError:
         return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
     written = header.metadata.get("dkm_format") if header is not None else None
-    stripped = _palettized_keys(header.tensors) if header is not None and written is None else []
+    # without a quantization_config of another method: a quantizer of its own may name tensors so
+    stripped = _palettized_keys(header.tensors) if header is not None and written is None and quant is None else []
     if stripped:
         raise PalettizedCheckpointError(
             f"{directory}: the weight files hold dkm_hf palettized tensors ({', '.join(stripped[:2])}) but none of "
@@ -72,10 +73,16 @@ def preflight(
         )
 
 
-def _palettized_keys(names) -> list[str]:
-    """The `<weight>_lut` / `<weight>_indices` pairs among tensor names: what a palettized checkpoint stores."""
-    names = set(names)
-    return [k for k in sorted(names) if k.endswith("_lut") and k[: -len("lut")] + "indices" in names]
+def _palettized_keys(tensors) -> list[str]:
+    """The `<weight>_lut` / `<weight>_indices` pairs that look as a palettized checkpoint stores them (a float
+    (groups, 2**bits, cluster_dim) LUT, a flat uint8 tensor of packed indices); not any tensors of those names."""
+
+    def palettized(lut, indices) -> bool:
+        k = lut.shape[1] if len(lut.shape) == 3 else 0
+        return lut.dtype in ("F16", "BF16", "F32") and 2 <= k <= 256 and k & (k - 1) == 0 and indices.dtype == "U8"
+
+    pairs = ((k, k[: -len("lut")] + "indices") for k in sorted(tensors) if k.endswith("_lut"))
+    return [k for k, i in pairs if i in tensors and len(tensors[i].shape) == 1 and palettized(tensors[k], tensors[i])]
 
 
 def _read_from(config: Any, *directories: str | os.PathLike) -> bool:

@@ -154,6 +154,41 @@ def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(t
     assert dkm_hf.palettized_modules(AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path=out))
 
 
+def test_a_plain_checkpoint_with_tensors_named_lut_and_indices_loads(tmp_path):
+    """Only what looks like a palettized checkpoint (a float (groups, 2**bits, d) LUT beside flat uint8 indices) is
+    refused without dkm_hf's metadata; a model's own `color_lut` / `color_indices`, or the tensors of a config that
+    declares another quantization method, are transformers' to load (before: refused as dkm_hf's)."""
+    from transformers import LlamaConfig
+    from transformers.modeling_utils import PreTrainedModel
+
+    class Palette(PreTrainedModel):
+        config_class = LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.color_lut = torch.nn.Parameter(torch.randn(4, 3))
+            self.register_buffer("color_indices", torch.arange(4))
+            self.post_init()
+
+    torch.manual_seed(0)
+    Palette(LlamaConfig()).save_pretrained(tmp_path / "plain")
+    assert torch.equal(Palette.from_pretrained(tmp_path / "plain").color_indices, torch.arange(4))
+    # palettized-looking tensors, but a config of another quantization method: not dkm_hf's to judge
+    from safetensors.torch import save_file
+
+    lut, indices = torch.zeros(1, 16, 1, dtype=torch.float16), torch.zeros(8, dtype=torch.uint8)
+    state = {"layer.weight_lut": lut, "layer.weight_indices": indices}
+    save_file(state, tmp_path / "plain" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    from dkm_hf.integrations.preflight import preflight
+
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"hold dkm_hf palettized tensors \(layer.weight_lut"):
+        preflight(tmp_path / "plain")
+    config["quantization_config"] = {"quant_method": "my_lut_method"}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    preflight(tmp_path / "plain")  # nothing refused
+
+
 def test_an_untied_checkpoint_loaded_into_a_tying_config_loads_as_stored(tmp_path):
     """A palettized checkpoint that stores the head and the embedding apart, loaded with a config that ties them (T5
     v1.1's config ties them whatever config.json says): it was refused; it loads as stored, as transformers loads a
