@@ -27,7 +27,7 @@ from ..nn.palettized import palettized_modules
 from ..nn.weights import is_sharded, is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import kmeans_all, to_dkm, to_shells, weight_layouts
-from ..surgery.select import tied_pairs
+from ..surgery.select import check_clusterable, tied_pairs
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -72,7 +72,8 @@ class DKMHfQuantizer(HfQuantizer):
         config = self.quantization_config
         model.add_model_tags(TAGS)
         if not self.pre_quantized:
-            to_dkm(model, config, with_state=False)  # a dense checkpoint: centroids come from the loaded weights
+            # a dense checkpoint: centroids (and the values' checks) come from the loaded weights
+            to_dkm(model, config, with_state=False, loaded=False)
             return model
         options = LOAD_OPTIONS.get()  # from_pretrained's, which transformers does not pass to this hook
         mismatched, given = bool(options.get("ignore_mismatched_sizes")), options.get("quantization_config")
@@ -124,7 +125,7 @@ class DKMHfQuantizer(HfQuantizer):
         # a declared tie whose target the checkpoint stores with centroids of its own (T5 v1.1's head) stays untied
         tensors = header.tensors
         untied = [t for t in tied_pairs(model) if find_tensor(tensors, state_key(tensors, t, "centroids")) is not None]
-        weights = to_dkm(model, config, with_state=True, untied=untied)
+        weights = to_dkm(model, config, with_state=True, untied=untied, loaded=False)
         # weights the checkpoint does not hold (a head class's new layer), or of another shape that transformers
         # re-initialises (ignore_mismatched_sizes): their centroids come from the weights after loading
         entries = {n: header.tensors.find(_param_key(model, n)) for n, w in weights.items() if w.tied_source is None}
@@ -177,6 +178,7 @@ class DKMHfQuantizer(HfQuantizer):
         else:
             for name, weight in dkm_modules(model):
                 if name in self.fresh or weight.__dict__.pop("untied_at_load", False):
+                    check_clusterable(name, weight.weight, weight.settings.lut_torch_dtype)
                     weight.init_centroids()
                 else:
                     weight.dkm_ready = True

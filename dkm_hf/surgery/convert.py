@@ -77,12 +77,14 @@ def layout_for(config: DKMConfig, name: str, module: nn.Module, param: str) -> L
 
 # -- dense -> DKM -----------------------------------------------------------------------------------------------------
 def to_dkm(
-    model: nn.Module, config: DKMConfig, with_state: bool = True, untied: Iterable[str] = ()
+    model: nn.Module, config: DKMConfig, with_state: bool = True, untied: Iterable[str] = (), loaded: bool = True
 ) -> dict[str, DKMWeight]:
     """Make every weight `config` selects a DKM weight (in place, nothing copied). Works on the meta device.
 
     `with_state=False` creates no centroid buffers (a dense checkpoint is about to load; `kmeans_all` makes them).
-    `untied`: tied targets clustered on their own (a checkpoint stores them so).
+    `untied`: tied targets clustered on their own (a checkpoint stores them so). `loaded=False`: the weights hold no
+    values yet (before a checkpoint loads; legacy `torch.Tensor(n)` parameters hold uninitialised memory, not meta):
+    their values are checked when their centroids are made.
     """
     names = select_weights(model, config)
     untied = set(untied)
@@ -101,7 +103,8 @@ def to_dkm(
                     raise ValueError(f"{name} is tied to {pairs[name]} but their weights have different shapes")
                 state = DKMWeight(module, param, source.layout, source.settings, config.seed, source)
             else:
-                check_clusterable(name, module._parameters[param], config.settings_for(name).lut_torch_dtype)
+                if loaded:
+                    check_clusterable(name, module._parameters[param], config.settings_for(name).lut_torch_dtype)
                 layout = layout_for(config, name, module, param)
                 state = DKMWeight(module, param, layout, config.settings_for(name), config.seed)
             states[param] = done[name] = state

@@ -101,6 +101,54 @@ def test_dense_checkpoint_declaring_dkm_initialises_centroids_from_its_weights(t
     assert torch.equal(_logits(declared), _logits(explicit))
 
 
+def test_values_are_checked_once_loaded_not_before(tmp_path):
+    """A parameter built with a legacy constructor (`torch.Tensor(n)`: Wav2Vec2's codevectors, Mask2Former's
+    level_embed) holds uninitialised memory, not meta, until the checkpoint loads: the NaN / range checks ran on it
+    and refused a sound checkpoint at random. The loaded values are what is checked, at a dense load and for a
+    weight a training checkpoint lacks."""
+    from transformers import LlamaConfig
+    from transformers.modeling_utils import PreTrainedModel
+
+    class Legacy(PreTrainedModel):
+        config_class = LlamaConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            # a CPU tensor even where transformers builds the model on the meta device; NaN: garbage until loaded
+            self.table = torch.nn.Parameter(torch.Tensor(16, 8).fill_(float("nan")))
+            self.proj = torch.nn.Linear(8, 8)
+            self.post_init()
+
+        def _init_weights(self, module):  # what a new layer gets: values k-means cannot cluster
+            if module is self:
+                torch.nn.init.constant_(self.table, float("inf"))
+
+        def forward(self, ids):
+            return self.proj(self.table[ids])
+
+    torch.manual_seed(0)
+    model = Legacy(LlamaConfig())
+    with torch.no_grad():
+        model.table.copy_(torch.randn(16, 8))
+    model.save_pretrained(tmp_path / "dense")
+    loaded = Legacy.from_pretrained(tmp_path / "dense", dkm_config=DKMConfig(bits=8, weight_threshold=0))
+    assert {n for n, _ in dkm_hf.dkm_modules(loaded)} == {"table", "proj"}
+    torch.testing.assert_close(loaded.table, model.table)  # 8 bits, 128 values per LUT: every value a centroid
+    with torch.no_grad():
+        model.table[3, 4] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"^table: 1 value\(s\) of the weight are NaN or infinite"):
+        Legacy.from_pretrained(tmp_path / "broken", dkm_config=DKMConfig(bits=8, weight_threshold=0))
+    # a training checkpoint lacking the weight (a new layer): its values are the model's own, checked as they init
+    trained = Legacy.from_pretrained(tmp_path / "dense", dkm_config=DKMConfig(bits=8, weight_threshold=0))
+    trained.save_pretrained(tmp_path / "train")
+    state = {k: v for k, v in load_file(tmp_path / "train" / "model.safetensors").items() if not k.startswith("table")}
+    metadata = safe_open(tmp_path / "train" / "model.safetensors", "pt").metadata()
+    save_file(state, tmp_path / "train" / "model.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match=r"^table: 128 value\(s\) of the weight are NaN or infinite"):
+        Legacy.from_pretrained(tmp_path / "train")
+
+
 @pytest.fixture
 def palettized_checkpoint(tiny_dir, tmp_path):
     model = AUTO["llama"].from_pretrained(tiny_dir("llama"), dkm_config=DKMConfig(bits=3, weight_threshold=0))
