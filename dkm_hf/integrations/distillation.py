@@ -70,7 +70,9 @@ def distilled_loss(
     LM (`labels[..., 1:]`, the targets of the logits `[:, :-1]`)."""
     hidden = hidden_weight > 0
     outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
-    teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    # an encoder-decoder decodes the labels shifted right where a batch has no decoder inputs: the teacher too
+    decoded = getattr(teacher.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs
+    teacher_inputs = {k: v for k, v in inputs.items() if k != "labels" or decoded}
     if "use_cache" in _forward_parameters(type(teacher)):
         # no KV cache: with one, transformers builds the causal mask without looking for packed sequences in
         # position_ids, so a teacher with use_cache on would attend across them where the student (cache off) does not

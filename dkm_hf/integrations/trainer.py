@@ -252,7 +252,15 @@ class DKMTrainerMixin:
         """
         stated = getattr(self, "loss_is_scaled_for_ga", None) is not None  # transformers >= 5.19
         custom = self.compute_loss_func is not None or not self.model_accepts_loss_kwargs or stated
-        if not model.training or (custom and self.teacher is None) or "labels" not in inputs:
+        labelled = isinstance(inputs.get("labels"), torch.Tensor)  # not DETR's list of dicts, nor QA's positions
+        if model.training and self.teacher is not None and not labelled:
+            raise ValueError(
+                "DKMTrainer's distillation mixes the task loss with a KL term on the logits where labels count, and "
+                f"needs a tensor of labels in every training batch; this batch has {sorted(inputs)} (question "
+                "answering's start / end positions and detection's label dicts are not distilled). Train without "
+                "teacher_model, or give the batches labels"
+            )
+        if not model.training or (custom and self.teacher is None) or not labelled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shifted = counted_labels(self, inputs)
         targets = labels.ne(-100)

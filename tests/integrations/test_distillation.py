@@ -59,6 +59,44 @@ def test_kl_term_is_zero_for_equal_logits_and_masks_tokens():
     assert kl_term(other[:1, -1], logits[:1, -1], 2.0, None).item() == pytest.approx(manual.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_a_seq2seq_teacher_decodes_the_labels_as_the_student_does(arch):
+    """Trained the standard way (input_ids + labels: the model makes its decoder inputs from the labels), the
+    teacher had no decoder inputs: T5 raised, BART decoded shift_right(input_ids) and the KL compared other texts."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    from dkm_hf.integrations.distillation import distilled_loss
+
+    common = {"vocab_size": 99, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+    torch.manual_seed(0)
+    if arch == "t5":
+        config = T5Config(d_model=32, d_ff=40, d_kv=8, num_layers=1, num_heads=4, dropout_rate=0.0, **common)
+        model = T5ForConditionalGeneration(config).eval()
+    else:
+        config = BartConfig(
+            d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64, dropout=0.0, **common,
+        )  # fmt: skip
+        model = BartForConditionalGeneration(config).eval()
+    inputs = {"input_ids": torch.randint(3, 99, (2, 7)), "labels": torch.randint(3, 99, (2, 5))}
+    with torch.no_grad():  # the teacher is the student: the KL is zero where both decode the labels
+        loss, outputs, terms = distilled_loss(model, model, inputs, 1.0, 1.0, 0.0, inputs["labels"].ne(-100), False)
+    assert terms["distill_kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert outputs.logits.shape[:2] == (2, 5)
+
+
+def test_distillation_without_tensor_labels_is_refused_by_name(tmp_path):
+    """Question answering's start / end positions (no `labels`) fell through to the plain loss: the teacher was
+    ignored silently while `dkm_teacher_mb` was logged."""
+    path = save_toy_bert(tmp_path / "bert")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    student = AutoModelForSequenceClassification.from_pretrained(path, dkm_config=DKMConfig(bits=2))
+    data = [{k: v for k, v in row.items() if k != "labels"} for row in ToyDataset(8)]
+    trainer = DKMTrainer(model=student, args=_args(tmp_path), train_dataset=data, teacher_model=teacher)
+    with pytest.raises(ValueError, match=r"needs a tensor of labels in every training batch; this batch has \["):
+        trainer.train()
+
+
 @pytest.mark.parametrize("hidden", [0.0, 0.5])
 def test_sequence_classification_with_a_teacher(tmp_path, hidden):
     path = save_toy_bert(tmp_path / "bert")

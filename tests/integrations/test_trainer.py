@@ -833,3 +833,34 @@ def test_a_dkm_trainer_leaves_the_callers_arguments_and_callbacks_alone(toy_path
         DKMTrainer(
             model=_model(toy_path), args=_args(tmp_path), train_dataset=ToyDataset(32), callbacks=[DKMCallback()]
         )
+
+
+def test_labels_that_are_not_a_tensor_train_as_in_trainer(tmp_path):
+    """Detection models' labels are a list of dicts per image (DETR, YOLOS): DKMTrainer counted them with
+    `.ne(-100)` and failed at the first step; Trainer trains them, and so does DKMTrainer now (the model's loss)."""
+
+    class Boxes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 4)
+
+        def forward(self, x, labels, **kwargs):  # **kwargs: Trainer counts the labels for such a forward
+            boxes = self.proj(x)
+            target = torch.stack([label["boxes"] for label in labels])
+            return {"loss": torch.nn.functional.mse_loss(boxes, target), "logits": boxes}
+
+    def collate(rows):
+        return {"x": torch.stack([r["x"] for r in rows]), "labels": [{"boxes": r["boxes"]} for r in rows]}
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(16, generator=g), "boxes": torch.rand(4, generator=g)} for _ in range(8)]
+    losses = {}
+    for cls in (Trainer, DKMTrainer):
+        torch.manual_seed(0)
+        model = dkm_hf.prepare(Boxes(), DKMConfig(bits=4, weight_threshold=0))
+        args = _args(tmp_path / cls.__name__, max_steps=3, per_device_train_batch_size=4, remove_unused_columns=False)
+        trainer = cls(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.train()
+        losses[cls] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses[DKMTrainer]) == 3 and all(math.isfinite(x) for x in losses[DKMTrainer])
+    assert losses[DKMTrainer] == losses[Trainer]
