@@ -23,7 +23,7 @@ from ..config import DKMConfig
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..nn.layout import LUT_DTYPES, layouts_from_records
-from ..nn.palettized import palettized_modules
+from ..nn.palettized import KEPT_DTYPE_KINDS, PalettizedWeight, palettized_modules
 from ..nn.weights import is_sharded, is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import kmeans_all, to_dkm, to_shells, weight_layouts
@@ -172,6 +172,7 @@ class DKMHfQuantizer(HfQuantizer):
             )
         for _, weight in palettized_modules(model):
             weight.placeholder = None
+            _undo_upcast(weight, LUT_DTYPES[self.quantization_config.lut_dtype])
         check_loaded(model, self.file_metadata, getattr(model, "base_model_prefix", "") or "")
         if self.init_after_load:
             kmeans_all(model)
@@ -306,6 +307,16 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
         model.is_quantized, model.quantization_method = True, "dkm"
         model.add_model_tags(TAGS)
     return model
+
+
+def _undo_upcast(weight: PalettizedWeight, lut_dtype: torch.dtype) -> None:
+    """transformers loads what a `_keep_in_fp32_modules` module holds in float32 (T5's `wo` in a float16 model): the
+    weight decodes to float32, as the dense weight would be, and its LUT and scale keep their stored dtype (exact)."""
+    for kind in KEPT_DTYPE_KINDS:
+        buffer = weight.module._buffers.get(weight.buffer(kind))
+        if buffer is not None and buffer.dtype != lut_dtype:
+            weight.compute_dtype = buffer.dtype
+            weight.module._buffers[weight.buffer(kind)] = buffer.to(lut_dtype)
 
 
 def dequantize(model: nn.Module) -> nn.Module:

@@ -118,11 +118,12 @@ def untied_by_config(model: nn.Module, tied: dict[str, str]) -> list[tuple[str, 
     return found
 
 
-def skipped_patterns(model: nn.Module, config: DKMConfig) -> list[str]:
-    """`modules_to_not_convert` plus the model's `_keep_in_fp32_modules`, as transformers' quantizers combine them."""
+def skipped_patterns(model: nn.Module, config: DKMConfig) -> tuple[list[str], list[str]]:
+    """`modules_to_not_convert`, and the model's `_keep_in_fp32_modules` (and `_strict`), which transformers'
+    quantizers leave out too (T5's `wo`, MoE routers); `target_modules` naming such a weight clusters it."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return HfQuantizer.get_modules_to_not_convert(model, list(config.modules_to_not_convert or []), sorted(keep))
+    return HfQuantizer.get_modules_to_not_convert(model, list(config.modules_to_not_convert or [])), sorted(keep)
 
 
 def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
@@ -134,9 +135,9 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     `overrides` match a weight's name (see `nn.weights.weight_name`: the module's name for a `weight`) exactly, as a
     dotted suffix ("query") or as a full regex.
     """
-    skipped = skipped_patterns(model, config)
+    skipped, fp32 = skipped_patterns(model, config)
     _warn_unmatched(model, config)
-    selected = []
+    selected, kept = [], []
     for name, module_name, module, param in named_weights(model):
         if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
             continue
@@ -149,13 +150,23 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
                 logger.warning(f"dkm_hf: {name} has sparse gradients (sparse=True): left unclustered")
                 continue
         full = f"{module_name}.{param}" if module_name else param
-        if not (should_convert_module(module_name, skipped) and should_convert_module(full, skipped)):
+        if not all(should_convert_module(n, skipped) for n in (module_name, full)):
             continue
-        if config.target_modules is not None and not any(name_matches(p, name) for p in config.target_modules):
+        targeted = config.target_modules is not None and any(name_matches(p, name) for p in config.target_modules)
+        if config.target_modules is not None and not targeted:
             continue
         if module._parameters[param].numel() < config.weight_threshold:
             continue
+        if not targeted and not all(should_convert_module(n, fp32) for n in (module_name, full)):
+            kept.append(name)
+            continue
         selected.append(name)
+    if kept:
+        logger.warning_once(
+            f"dkm_hf: {len(kept)} weights left unclustered, as transformers' quantizers leave them: the model keeps "
+            f"them in float32 (_keep_in_fp32_modules {fp32}; e.g. {kept[:2]}). Name them in DKMConfig.target_modules "
+            "to cluster them (their dtype stays float32)"
+        )
     prefix = getattr(model, "base_model_prefix", "")
     for pattern in config.overrides:
         if not any(name_matches(pattern, name) for name in selected):

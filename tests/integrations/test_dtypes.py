@@ -56,6 +56,36 @@ def _same_clustering(a, b) -> None:
         assert all(torch.equal(buffers_x[key], buffers_y[key]) for key in buffers_x), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_targeted_keep_in_fp32_module_round_trips_in_half_precision(tmp_path, dtype):
+    """T5's `wo`, clustered by name, in a float16 model: transformers keeps it in float32 and loaded its LUT as
+    float32, so the reload failed its checksum; the reload decodes to float32 from the float16 LUT stored."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, dropout_rate=0.0,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "dense")
+    cfg = DKMConfig(bits=4, weight_threshold=0, target_modules=[".*"])
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "dense", dtype=dtype, dkm_config=cfg)
+    kept = torch.float32 if dtype == torch.float16 else dtype  # transformers' rule for _keep_in_fp32_modules
+    assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == kept
+    inputs = {"input_ids": torch.randint(0, 64, (2, 7)), "labels": torch.randint(0, 64, (2, 5))}
+    model(**inputs).loss.backward()
+    with torch.no_grad():
+        hard = model.eval()(**inputs).logits
+        model.save_pretrained(tmp_path / "train")
+        train = T5ForConditionalGeneration.from_pretrained(tmp_path / "train").eval()(**inputs).logits
+        dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
+        reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "pal")
+        wo = reloaded.encoder.block[0].layer[1].DenseReluDense.wo
+        assert wo.weight_lut.dtype == torch.float16 and wo.weight.dtype == kept
+        for logits in (train, model(**inputs).logits, reloaded(**inputs).logits):
+            torch.testing.assert_close(logits, hard, rtol=0, atol=0)
+
+
 def test_fp32_to_bf16_cast_round_trips(tiny_dir, tmp_path):
     """A DKM model cast to bf16 keeps float32 centroids and saves a training checkpoint that reloads; a palettized
     model cast to bf16 keeps its float16 LUTs and saves a checkpoint its own loader accepts, computing the same.

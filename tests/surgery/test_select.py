@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import AUTO
@@ -27,15 +29,38 @@ def test_modules_to_not_convert_skips_everything_under_a_name(tiny_dir):
     assert not any(".mlp." in n for n in names) and any("self_attn" in n for n in names)
 
 
-def test_keep_in_fp32_modules_are_respected():
-    """12.6: a model's `_keep_in_fp32_modules` (T5: the feed-forward output `wo`) is not clustered."""
+def test_keep_in_fp32_modules_are_left_out_unless_targeted(caplog):
+    """12.6: a model's `_keep_in_fp32_modules` (T5: the feed-forward output `wo`) is not clustered by default, as
+    transformers' quantizers leave it, with a warning that names them; `target_modules` naming them clusters them
+    (before, nothing could: `target_modules=["wo"]` selected nothing and the warning blamed the patterns)."""
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
     model = T5ForConditionalGeneration(config)
     assert "wo" in model._keep_in_fp32_modules
-    names = select_weights(model, DKMConfig(weight_threshold=0))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            names = select_weights(model, DKMConfig(weight_threshold=0))
+    finally:
+        hf_logging.disable_propagation()
     assert names and not any(n.endswith(".wo") for n in names)
     assert any(n.endswith(".wi") for n in names)
+    assert "2 weights left unclustered" in caplog.text and "_keep_in_fp32_modules ['wo']" in caplog.text
+    assert select_weights(model, DKMConfig(weight_threshold=0, target_modules=["wo"])) == [
+        "encoder.block.0.layer.1.DenseReluDense.wo",
+        "decoder.block.0.layer.2.DenseReluDense.wo",
+    ]
+    everything = select_weights(model, DKMConfig(weight_threshold=0, target_modules=[".*"]))
+    assert set(everything) == set(names) | {n for n in everything if n.endswith(".wo")} and len(everything) > len(
+        names
+    )
+    # modules_to_not_convert still wins over target_modules
+    assert (
+        select_weights(model, DKMConfig(weight_threshold=0, target_modules=["wo"], modules_to_not_convert=["wo"]))
+        == []
+    )
 
 
 def test_target_modules_and_threshold():
