@@ -15,8 +15,9 @@ name, so it is replaced in every peft module loaded that holds it, and in tuners
 refused too: the copy's palettized weights are buffers, so it would train nothing without a word; and so are
 `target_parameters` that name palettized weights (stacked experts): peft matches parameters only, and skipped them.
 
-dkm_hf does not import peft (an optional dependency, slow to import): the patch is applied when peft's
-`tuners.tuners_utils` is imported, or at once if it already is.
+dkm_hf itself does not import peft (an optional dependency): the patch is applied when peft's
+`tuners.tuners_utils` is imported, or at once if it already is (transformers' Trainer, which dkm_hf imports, imports
+peft where it is installed: then at once).
 """
 
 from __future__ import annotations
