@@ -18,6 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+NEEDS_LABELS = (
+    "DKMTrainer's distillation mixes the task loss with a KL term on the logits where labels count, and needs a "
+    "tensor of labels in every training batch; this batch has {keys} (question answering's start / end positions and "
+    "detection's label dicts are not distilled). Train without teacher_model, or give the batches labels"
+)
+
 
 def prepare_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The teacher, frozen, in eval mode, on the student's device and in its floating dtype."""
@@ -71,7 +77,9 @@ def distilled_loss(
     hidden = hidden_weight > 0
     outputs = model(**inputs, output_hidden_states=True) if hidden else model(**inputs)
     # an encoder-decoder decodes the labels shifted right where a batch has no decoder inputs: the teacher too
-    decoded = getattr(teacher.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs
+    decoded = (
+        getattr(getattr(teacher, "config", None), "is_encoder_decoder", False) and "decoder_input_ids" not in inputs
+    )
     teacher_inputs = {k: v for k, v in inputs.items() if k != "labels" or decoded}
     if "use_cache" in _forward_parameters(type(teacher)):
         # no KV cache: with one, transformers builds the causal mask without looking for packed sequences in

@@ -13,6 +13,7 @@ from typing import Any
 
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
 from ..errors import PalettizedCheckpointError
 from .safetensors_files import INDEX_NAME, SINGLE_NAME, checkpoint_files, read_headers, variant_name
@@ -53,8 +54,9 @@ def preflight(
     except PalettizedCheckpointError:
         return  # not ours to judge: transformers loads (or refuses) it as any other checkpoint
     written = header.metadata.get("dkm_format") if header is not None else None
-    # without a quantization_config of another method: a quantizer of its own may name tensors so
-    stripped = _palettized_keys(header.tensors) if header is not None and written is None and quant is None else []
+    # not under a quantization method transformers runs (its quantizer may name tensors so); an unknown one it skips
+    judged = header is not None and written is None and not _quantized_by_another(quant)
+    stripped = _palettized_keys(header.tensors) if judged else []
     if stripped:
         raise PalettizedCheckpointError(
             f"{directory}: the weight files hold dkm_hf palettized tensors ({', '.join(stripped[:2])}) but none of "
@@ -71,6 +73,17 @@ def preflight(
             f'declare it (quant_method={method!r}); restore `"quant_method": "dkm"` or the original config.json'
             + (" (or load without config=)" if config is not None else "")
         )
+
+
+def _quantized_by_another(quant: Any) -> bool:
+    """Whether transformers loads under `quant` (a config.json's quantization_config) with a quantizer it knows
+    (`AutoHfQuantizer.supports_quant_method`'s rule, without its warning); it loads as dense otherwise."""
+    if not isinstance(quant, dict):
+        return False
+    method = quant.get("quant_method")
+    if quant.get("load_in_8bit") or quant.get("load_in_4bit"):
+        method = f"bitsandbytes_{'4bit' if quant.get('load_in_4bit') else '8bit'}"
+    return method in AUTO_QUANTIZATION_CONFIG_MAPPING
 
 
 def _palettized_keys(tensors) -> list[str]:

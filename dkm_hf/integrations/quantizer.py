@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import replace
 
 import torch
@@ -118,8 +119,10 @@ class DKMHfQuantizer(HfQuantizer):
                     layouts[target] = replace(layouts[source], transposed=_transposed(model, target), tied_to=source)
             # out of transformers' tie map: the tied palettized targets, and the declared targets stored untied
             tied = [_param_key(model, n) for n, lay in layouts.items() if lay.tied_to or pairs.get(n) in layouts]
-            for weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).values():
+            for name, weight in to_shells(model, layouts, LUT_DTYPES[config.lut_dtype]).items():
                 weight.placeholder = mark_initialized(torch.empty(weight.layout.shape, device="meta"))
+                if _kept_in_fp32(model, _param_key(model, name), weight.compute_dtype):
+                    weight.compute_dtype = torch.float32  # decoded as transformers loads the dense weight
             untie(model, tied)
             return model
         # a declared tie whose target the checkpoint stores with centroids of its own (T5 v1.1's head) stays untied
@@ -309,13 +312,22 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     return model
 
 
+def _kept_in_fp32(model: nn.Module, key: str, dtype: torch.dtype) -> bool:
+    """transformers' rule for the parameters it loads in float32 whatever the model's dtype (`_get_dtype_plan`):
+    `_keep_in_fp32_modules` in a float16 model (T5's `wo`), `_keep_in_fp32_modules_strict` in float16 or bfloat16
+    (DeepSeek's routers); its patterns searched in the state-dict key, `*` any characters."""
+    patterns = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return any(re.search(pattern.replace("*", ".*"), key) for pattern in patterns)
+
+
 def _undo_upcast(weight: PalettizedWeight, lut_dtype: torch.dtype) -> None:
-    """transformers loads what a `_keep_in_fp32_modules` module holds in float32 (T5's `wo` in a float16 model): the
-    weight decodes to float32, as the dense weight would be, and its LUT and scale keep their stored dtype (exact)."""
+    """The LUT and scale of a weight `_kept_in_fp32` keep their stored dtype (transformers loads them in float32 with
+    the module; the cast back is exact)."""
     for kind in KEPT_DTYPE_KINDS:
         buffer = weight.module._buffers.get(weight.buffer(kind))
         if buffer is not None and buffer.dtype != lut_dtype:
-            weight.compute_dtype = buffer.dtype
             weight.module._buffers[weight.buffer(kind)] = buffer.to(lut_dtype)
 
 

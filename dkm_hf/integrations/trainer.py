@@ -26,7 +26,7 @@ from transformers.utils import logging
 from ..nn.dkm import dkm_modules
 from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
-from .distillation import distilled_loss, model_bytes, prepare_teacher
+from .distillation import NEEDS_LABELS, distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_state_dict, full_weights, saves_no_full_model
 from .resume import checkpoint_initial_model, model_problem, resolve_resume
 from .transformers_patches import accumulated_batch_share, counted_labels
@@ -254,12 +254,7 @@ class DKMTrainerMixin:
         custom = self.compute_loss_func is not None or not self.model_accepts_loss_kwargs or stated
         labelled = isinstance(inputs.get("labels"), torch.Tensor)  # not DETR's list of dicts, nor QA's positions
         if model.training and self.teacher is not None and not labelled:
-            raise ValueError(
-                "DKMTrainer's distillation mixes the task loss with a KL term on the logits where labels count, and "
-                f"needs a tensor of labels in every training batch; this batch has {sorted(inputs)} (question "
-                "answering's start / end positions and detection's label dicts are not distilled). Train without "
-                "teacher_model, or give the batches labels"
-            )
+            raise ValueError(NEEDS_LABELS.format(keys=sorted(inputs)))
         if not model.training or (custom and self.teacher is None) or not labelled:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels, shifted = counted_labels(self, inputs)

@@ -314,3 +314,9 @@ class ClusterSettings:
     @property
     def lut_torch_dtype(self) -> torch.dtype:
         return LUT_DTYPES[self.lut_dtype]
+
+
+def vector_groups(start: int, stop: int, per_group: int, device: torch.device) -> torch.Tensor:
+    """The LUT group of vectors start..stop (int32: groups * 2**bits fits), counted in int64 (stacked experts pass
+    2**31 vectors: DeepSeek-V3's 256 x 4096 x 7168)."""
+    return torch.arange(start, stop, device=device, dtype=torch.int64).floor_divide_(per_group).to(torch.int32)

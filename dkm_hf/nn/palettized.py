@@ -36,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 from ..ops import native
 from ..ops.linear import recomputed_linear
 from ..ops.packing import unpack_bytes
-from .layout import Layout
+from .layout import Layout, vector_groups
 from .weights import (
     _rebuild,
     apply_keeping_dtype,
@@ -150,8 +150,7 @@ class PalettizedWeight:
             if lay.groups > 1 and unit % per_group == 0:
                 idx = self._lut_rows(idx.view(-1, per_group), start // per_group, per_group).view(-1)
             elif lay.groups > 1:
-                group = torch.arange(start, stop, device=idx.device, dtype=torch.int32) // per_group
-                idx += group * lay.n_clusters
+                idx += vector_groups(start, stop, per_group, idx.device) * lay.n_clusters
             torch.index_select(lut, 0, idx, out=vectors[start:stop])
         scale = self.weight_scale.float() if self.has_scale else None
         return lay.weight_from_vectors(vectors, scale).to(self.compute_dtype).contiguous()

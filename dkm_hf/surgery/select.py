@@ -163,9 +163,9 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
         selected.append(name)
     if kept:
         logger.warning_once(
-            f"dkm_hf: {len(kept)} weights left unclustered, as transformers' quantizers leave them: the model keeps "
-            f"them in float32 (_keep_in_fp32_modules {fp32}; e.g. {kept[:2]}). Name them in DKMConfig.target_modules "
-            "to cluster them (their dtype stays float32)"
+            f"dkm_hf: {len(kept)} weight(s) left unclustered, as transformers' quantizers leave the modules a model "
+            f"keeps in float32 in half precision ({fp32}; e.g. {kept[:2]}). Name them in DKMConfig.target_modules "
+            "to cluster them"
         )
     prefix = getattr(model, "base_model_prefix", "")
     for pattern in config.overrides:

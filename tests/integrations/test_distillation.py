@@ -11,6 +11,7 @@ from conftest import AUTO, U, assert_within, first_step_change, tiny_inputs
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification
 
+import dkm_hf
 from dkm_hf import DKMConfig, DKMTrainer, DKMTrainingArguments
 from dkm_hf.integrations.distillation import kl_term
 
@@ -83,6 +84,30 @@ def test_a_seq2seq_teacher_decodes_the_labels_as_the_student_does(arch):
         loss, outputs, terms = distilled_loss(model, model, inputs, 1.0, 1.0, 0.0, inputs["labels"].ne(-100), False)
     assert terms["distill_kl"].item() == pytest.approx(0.0, abs=1e-6)
     assert outputs.logits.shape[:2] == (2, 5)
+
+
+def test_a_plain_module_teacher_distils(tmp_path):
+    """A teacher without a transformers config (any nn.Module returning logits) trains as before."""
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 2)
+
+        def forward(self, x, labels=None, **kwargs):
+            logits = self.layer(x)
+            loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    teacher = Net()
+    student = dkm_hf.prepare(copy.deepcopy(teacher), DKMConfig(bits=2, weight_threshold=0))
+    data = [{"x": torch.randn(8), "labels": torch.tensor(i % 2)} for i in range(8)]
+    args = _args(tmp_path, max_steps=2, remove_unused_columns=False, distill_alpha=0.5)
+    trainer = DKMTrainer(model=student, args=args, train_dataset=data, teacher_model=teacher)
+    trainer.train()
+    assert all(math.isfinite(e["distill_kl"]) for e in trainer.state.log_history if "loss" in e)
 
 
 def test_distillation_without_tensor_labels_is_refused_by_name(tmp_path):

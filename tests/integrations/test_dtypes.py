@@ -56,10 +56,13 @@ def _same_clustering(a, b) -> None:
         assert all(torch.equal(buffers_x[key], buffers_y[key]) for key in buffers_x), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_a_targeted_keep_in_fp32_module_round_trips_in_half_precision(tmp_path, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "lut_dtype"), [(torch.float16, "float16"), (torch.float16, "float32"), (torch.bfloat16, "float16")]
+)
+def test_a_targeted_keep_in_fp32_module_round_trips_in_half_precision(tmp_path, dtype, lut_dtype):
     """T5's `wo`, clustered by name, in a float16 model: transformers keeps it in float32 and loaded its LUT as
-    float32, so the reload failed its checksum; the reload decodes to float32 from the float16 LUT stored."""
+    float32, so the reload failed its checksum; the reload decodes to float32 from the LUT as stored (a float32 LUT
+    too, which transformers leaves as it is)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
@@ -68,7 +71,7 @@ def test_a_targeted_keep_in_fp32_module_round_trips_in_half_precision(tmp_path, 
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )  # fmt: skip
     T5ForConditionalGeneration(config).save_pretrained(tmp_path / "dense")
-    cfg = DKMConfig(bits=4, weight_threshold=0, target_modules=[".*"])
+    cfg = DKMConfig(bits=4, weight_threshold=0, target_modules=[".*"], lut_dtype=lut_dtype)
     model = T5ForConditionalGeneration.from_pretrained(tmp_path / "dense", dtype=dtype, dkm_config=cfg)
     kept = torch.float32 if dtype == torch.float16 else dtype  # transformers' rule for _keep_in_fp32_modules
     assert model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == kept
@@ -81,7 +84,7 @@ def test_a_targeted_keep_in_fp32_module_round_trips_in_half_precision(tmp_path, 
         dkm_hf.palettize(model).save_pretrained(tmp_path / "pal")
         reloaded = T5ForConditionalGeneration.from_pretrained(tmp_path / "pal")
         wo = reloaded.encoder.block[0].layer[1].DenseReluDense.wo
-        assert wo.weight_lut.dtype == torch.float16 and wo.weight.dtype == kept
+        assert str(wo.weight_lut.dtype) == f"torch.{lut_dtype}" and wo.weight.dtype == kept
         for logits in (train, model(**inputs).logits, reloaded(**inputs).logits):
             torch.testing.assert_close(logits, hard, rtol=0, atol=0)
 

@@ -157,7 +157,8 @@ def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(t
 def test_a_plain_checkpoint_with_tensors_named_lut_and_indices_loads(tmp_path):
     """Only what looks like a palettized checkpoint (a float (groups, 2**bits, d) LUT beside flat uint8 indices) is
     refused without dkm_hf's metadata; a model's own `color_lut` / `color_indices`, or the tensors of a config that
-    declares another quantization method, are transformers' to load (before: refused as dkm_hf's)."""
+    declares another quantization method transformers runs, are transformers' to load (before: refused as dkm_hf's);
+    under a method transformers does not know (it loads the model dense) they are refused still."""
     from transformers import LlamaConfig
     from transformers.modeling_utils import PreTrainedModel
 
@@ -184,9 +185,13 @@ def test_a_plain_checkpoint_with_tensors_named_lut_and_indices_loads(tmp_path):
 
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"hold dkm_hf palettized tensors \(layer.weight_lut"):
         preflight(tmp_path / "plain")
-    config["quantization_config"] = {"quant_method": "my_lut_method"}
+    config["quantization_config"] = {"quant_method": "my_lut_method"}  # unknown: transformers loads it as dense
     (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
-    preflight(tmp_path / "plain")  # nothing refused
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=r"hold dkm_hf palettized tensors"):
+        preflight(tmp_path / "plain")
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    preflight(tmp_path / "plain")  # nothing refused: fp8's quantizer loads it
 
 
 def test_an_untied_checkpoint_loaded_into_a_tying_config_loads_as_stored(tmp_path):

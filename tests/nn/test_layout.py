@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dkm_hf import PalettizedCheckpointError
-from dkm_hf.nn.layout import Layout, layouts_from_records
+from dkm_hf.nn.layout import Layout, layouts_from_records, vector_groups
 
 
 def test_geometry_of_linear_conv_and_transposed():
@@ -115,3 +115,13 @@ def test_gpt_oss_experts_get_one_lut_per_output_row(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, hard)
     record = reloaded.config.quantization_config.record.modules["model.layers.0.mlp.experts.gate_up_proj"]
     assert record["transposed"] is True
+
+
+def test_vector_groups_past_two_to_the_31():
+    """The torch decode's LUT group of each vector: counted in int32, stacked experts past 2**31 vectors (DeepSeek-V3's
+    256 x 7168 x 2048 down_proj, one LUT per expert) asked for negative LUT rows, then other experts' rows."""
+    per_group = 7168 * 2048
+    for start in (0, 2**31 - 5, 2**32 + 3):
+        got = vector_groups(start, start + 10, per_group, torch.device("cpu"))
+        want = torch.arange(start, start + 10, dtype=torch.int64) // per_group
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want)

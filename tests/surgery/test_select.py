@@ -47,7 +47,7 @@ def test_keep_in_fp32_modules_are_left_out_unless_targeted(caplog):
         hf_logging.disable_propagation()
     assert names and not any(n.endswith(".wo") for n in names)
     assert any(n.endswith(".wi") for n in names)
-    assert "2 weights left unclustered" in caplog.text and "_keep_in_fp32_modules ['wo']" in caplog.text
+    assert "2 weight(s) left unclustered" in caplog.text and "in half precision (['wo']; e.g." in caplog.text
     assert select_weights(model, DKMConfig(weight_threshold=0, target_modules=["wo"])) == [
         "encoder.block.0.layer.1.DenseReluDense.wo",
         "decoder.block.0.layer.2.DenseReluDense.wo",
