@@ -233,10 +233,11 @@ def check_clusterable(name: str, weight: torch.Tensor, lut_dtype: torch.dtype) -
         return
     low, high = float(weight.detach().amin()), float(weight.detach().amax())  # no copy of the weight; NaN propagates
     if not (math.isfinite(low) and math.isfinite(high)):
+        cast = " (a float16 weight: values beyond float16's range become inf in a cast; load in float32 or bfloat16)"
         raise ValueError(
-            f"{name}: {int((~torch.isfinite(weight)).sum())} value(s) of the weight are NaN or infinite; k-means "
-            "would make every centroid of its LUT non-finite. Repair the weight or leave it out "
-            "(modules_to_not_convert)"
+            f"{name}: {int((~torch.isfinite(weight)).sum())} value(s) of the weight are NaN or infinite"
+            f"{cast if weight.dtype == torch.float16 and not weight.isnan().any() else ''}; k-means would make every "
+            "centroid of its LUT non-finite. Repair the weight or leave it out (modules_to_not_convert)"
         )
     largest = max(-low, high)
     if largest > torch.finfo(lut_dtype).max:

@@ -148,6 +148,11 @@ def test_a_non_finite_weight_is_refused_by_name_before_anything_converts():
     w[0, 7] = float("nan")
     with pytest.raises(ValueError, match="weight 0 has non-finite values"):
         kmeans_init(w, 4)
+    # an inf in a float16 weight is what a cast of a larger float32 value gives: the message says so
+    model[1].weight.data = model[1].weight.data.clamp(-1, 1)
+    model[1].weight.data[2, 2] = 7e4
+    with pytest.raises(ValueError, match=r"^1: 1 value\(s\) .* infinite \(a float16 weight: values beyond"):
+        dkm_hf.prepare(model.half(), DKMConfig(bits=4, weight_threshold=0))
 
 
 @pytest.mark.parametrize(
