@@ -28,7 +28,7 @@ from ..nn.palettized import KEPT_DTYPE_KINDS, PalettizedWeight, palettized_modul
 from ..nn.weights import is_sharded, is_transposed, split_name
 from ..surgery import model as surgery
 from ..surgery.convert import kmeans_all, to_dkm, to_shells, weight_layouts
-from ..surgery.select import check_clusterable, tied_pairs
+from ..surgery.select import check_clusterable, fp32_patterns, tied_pairs
 from .checkpoint_checks import (
     carries_training_state,
     check_format,
@@ -313,13 +313,9 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
 
 
 def _kept_in_fp32(model: nn.Module, key: str, dtype: torch.dtype) -> bool:
-    """transformers' rule for the parameters it loads in float32 whatever the model's dtype (`_get_dtype_plan`):
-    `_keep_in_fp32_modules` in a float16 model (T5's `wo`), `_keep_in_fp32_modules_strict` in float16 or bfloat16
-    (DeepSeek's routers); its patterns searched in the state-dict key, `*` any characters."""
-    patterns = set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-    if dtype in (torch.float16, torch.bfloat16):
-        patterns |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return any(re.search(pattern.replace("*", ".*"), key) for pattern in patterns)
+    """Whether transformers loads the parameter of state-dict key `key` in float32 in a model of `dtype`: one of the
+    model's `fp32_patterns` for that dtype found in the key, `*` any characters (its dtype plan's matching)."""
+    return any(re.search(pattern.replace("*", ".*"), key) for pattern in fp32_patterns(model, dtype))
 
 
 def _undo_upcast(weight: PalettizedWeight, lut_dtype: torch.dtype) -> None:

@@ -789,28 +789,26 @@ at::Tensor group_variance(const at::Tensor& v) {
         // (an 8B model's embedding: variance 8% low with one float sum per lane)
         constexpr int64_t kFlush = 4096 * V;
         const int64_t whole = n / V * V;
-        double sum = 0.0;
-        for (int64_t b = 0; b < whole; b += kFlush) {
-          vf acc = vf{};
-          for (int64_t i = b, e = std::min(whole, b + kFlush); i < e; i += V) {
-            vf x;
-            std::memcpy(&x, p + i, sizeof x);
-            acc += x;
+        auto lane_sums = [&](auto term) {  // the sum of term(x) over the whole vectors x of the group
+          double total = 0.0;
+          for (int64_t b = 0; b < whole; b += kFlush) {
+            vf acc = vf{};
+            for (int64_t i = b, e = std::min(whole, b + kFlush); i < e; i += V) {
+              vf x;
+              std::memcpy(&x, p + i, sizeof x);
+              acc += term(x);
+            }
+            for (int v = 0; v < V; ++v) total += acc[v];
           }
-          for (int v = 0; v < V; ++v) sum += acc[v];
-        }
+          return total;
+        };
+        double sum = lane_sums([](vf x) { return x; });
         for (int64_t i = whole; i < n; ++i) sum += p[i];
         const float m = static_cast<float>(sum / n);
-        for (int64_t b = 0; b < whole; b += kFlush) {
-          vf acc = vf{};
-          for (int64_t i = b, e = std::min(whole, b + kFlush); i < e; i += V) {
-            vf x;
-            std::memcpy(&x, p + i, sizeof x);
-            x -= m;
-            acc += x * x;
-          }
-          for (int v = 0; v < V; ++v) ss += acc[v];
-        }
+        ss = lane_sums([m](vf x) {
+          x -= m;
+          return x * x;
+        });
         for (int64_t i = whole; i < n; ++i) ss += static_cast<double>(p[i] - m) * (p[i] - m);
       } else {
         std::fill(mean.begin(), mean.end(), 0.0);

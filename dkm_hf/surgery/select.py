@@ -118,12 +118,23 @@ def untied_by_config(model: nn.Module, tied: dict[str, str]) -> list[tuple[str, 
     return found
 
 
+def fp32_patterns(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """The model's `_keep_in_fp32_modules` and `_keep_in_fp32_modules_strict` patterns (T5's `wo`, MoE routers);
+    with `dtype`, those transformers loads in float32 in a model of that dtype (`_get_dtype_plan`: the first list
+    in float16, the strict one in float16 and bfloat16)."""
+    plain = getattr(model, "_keep_in_fp32_modules", None) or ()
+    strict = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    if dtype is not None:
+        plain = plain if dtype == torch.float16 else ()
+        strict = strict if dtype in (torch.float16, torch.bfloat16) else ()
+    return sorted({*plain, *strict})
+
+
 def skipped_patterns(model: nn.Module, config: DKMConfig) -> tuple[list[str], list[str]]:
-    """`modules_to_not_convert`, and the model's `_keep_in_fp32_modules` (and `_strict`), which transformers'
-    quantizers leave out too (T5's `wo`, MoE routers); `target_modules` naming such a weight clusters it."""
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    return HfQuantizer.get_modules_to_not_convert(model, list(config.modules_to_not_convert or [])), sorted(keep)
+    """`modules_to_not_convert`, and the model's `fp32_patterns`, which transformers' quantizers leave out too;
+    `target_modules` naming such a weight clusters it."""
+    skipped = HfQuantizer.get_modules_to_not_convert(model, list(config.modules_to_not_convert or []))
+    return skipped, fp32_patterns(model)
 
 
 def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
