@@ -232,9 +232,10 @@ class DKMHfQuantizer(HfQuantizer):
 def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
     """{recorded weight name: the name of that weight in `model`}. A checkpoint of a model with a head loads into its
     base model and the other way round (as transformers maps their keys through `base_model_prefix`), and into
-    another head class of the same base model: a name is kept, or its prefix dropped or added. A recorded weight of a
-    head the model does not have (outside its base model) is left out (its tensors are then unexpected keys, which
-    transformers reports, as for a dense checkpoint); any other name is kept, for `to_shells` to refuse by name."""
+    another head class of the same base model: a name is kept, or its prefix dropped or added. A recorded weight the
+    model does not have (a head's, loading into the base model or another head; a pooler that `add_pooling_layer=False`
+    leaves out; a layer another head class replaces with `Identity`) is left out: its tensors are then unexpected
+    keys, which transformers reports, as for a dense checkpoint."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     has_base = bool(prefix) and hasattr(model, prefix)
     names = {}
@@ -242,10 +243,6 @@ def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
         found = next((c for c in _candidates(prefix, has_base, name) if _resolves(model, c)), None)
         if found is not None:
             names[name] = found
-        elif prefix and not name.startswith(prefix + "."):
-            continue  # a head's weight, loading into the base model or into another head
-        else:
-            names[name] = name
     return names
 
 

@@ -15,6 +15,8 @@ import os
 import re
 
 from accelerate.utils import save_fsdp_model
+from torch import nn
+from transformers import PreTrainedModel
 from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -33,6 +35,7 @@ from transformers.utils import (
 from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..surgery.convert import weight_layouts
+from ..surgery.model import get_dkm_config
 from .checkpoint_checks import carries_training_state
 from .safetensors_files import checkpoint_files, read_headers
 
@@ -145,6 +148,9 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     names = os.listdir(directory)
     if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
         return None  # sharded FSDP or .bin weights: transformers' loading checks those
+    model = saved_model(model)
+    if model is None:
+        return None  # no one transformers model holds the DKM weights: the files' names are not known here
     try:
         header = read_headers(checkpoint_files(directory))
     except PalettizedCheckpointError as err:
@@ -163,6 +169,34 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     if missing:
         return f"it lacks the clustered weight(s) {missing[:3]} (the files were altered or belong to another model)"
     return None
+
+
+def saved_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model whose own weight names a training checkpoint of `model` holds: `model`, or the one
+    transformers model holding every DKM weight of a module that wraps it (a SentenceTransformer saves its
+    transformer's weights under that model's names); None otherwise."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    outer = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(name.startswith(o + ".") for o in outer):
+            outer[name] = module
+    inner = list(outer.values())
+    if len(inner) == 1 and len(dkm_modules(inner[0])) == len(dkm_modules(model)):
+        return inner[0]
+    return None
+
+
+def wrapper_hint(model: nn.Module) -> str:
+    """For a module that is no DKM model but holds one (a custom head around a DKM backbone), what to do instead."""
+    inner = [name for name, m in model.named_modules() if name and get_dkm_config(m) is not None]
+    if not inner:
+        return ""
+    return (
+        f"; this {type(model).__name__} holds one ({inner[0]!r}), whose checkpoints DKMTrainer could neither resume "
+        "nor save palettized: train it with Trainer(..., callbacks=[dkm_hf.DKMCallback()]) and save the DKM model "
+        f"with dkm_hf.palettize(model.{inner[0]}).save_pretrained(path)"
+    )
 
 
 def checkpoint_initial_model(trainer, metrics: dict[str, float]) -> None:

@@ -28,7 +28,7 @@ from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import NEEDS_LABELS, distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_state_dict, full_weights, saves_no_full_model
-from .resume import checkpoint_initial_model, model_problem, resolve_resume
+from .resume import checkpoint_initial_model, model_problem, resolve_resume, wrapper_hint
 from .transformers_patches import accumulated_batch_share, counted_labels
 
 logger = logging.get_logger(__name__)
@@ -180,6 +180,7 @@ class DKMTrainerMixin:
             raise ValueError(
                 f"{type(self).__name__} needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
                 "dkm_hf.prepare(model, DKMConfig(...))"
+                + wrapper_hint(self.model)
             )
         if self.args.torch_compile:  # plain TrainingArguments / SFTConfig carry no DKM fields to refuse it
             raise ValueError(NO_COMPILE)

@@ -347,6 +347,31 @@ def test_a_palettized_checkpoint_loads_into_its_base_model_and_the_base_into_a_h
 
 
 @torch.no_grad()
+def test_a_palettized_checkpoint_loads_into_a_model_without_one_of_its_layers(tiny_dir, tmp_path):
+    """A sequence classifier's pooler is palettized; token classification and `add_pooling_layer=False` build BERT
+    without one. As with the dense checkpoint, the pooler's tensors are unexpected keys and the rest loads palettized
+    (before: refused, "config.json lists palettized module 'bert.pooler.dense', which this model does not have")."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_dir("bert"), dkm_config=DKMConfig(bits=3, weight_threshold=0)
+    )
+    dkm_hf.palettize(model.eval()).save_pretrained(tmp_path / "head")
+    assert "bert.pooler.dense" in dict(dkm_hf.palettized_modules(model))
+    encoder = {n for n, _ in dkm_hf.palettized_modules(model) if n.startswith("bert.") and "pooler" not in n}
+    inputs = tiny_inputs("bert")
+    for load, prefix, head in (  # the token classifier has the sequence classifier's name and shape: it loads too
+        (lambda p: AutoModelForTokenClassification.from_pretrained(p), "bert.", {"classifier"}),
+        (lambda p: AutoModel.from_pretrained(p, add_pooling_layer=False), "", set()),
+    ):
+        other = load(tmp_path / "head").eval()
+        expected = {prefix + n.removeprefix("bert.") for n in encoder} | head
+        assert {n for n, _ in dkm_hf.palettized_modules(other)} == expected
+        hidden = (other.bert if prefix else other)(**inputs).last_hidden_state
+        assert torch.equal(hidden, model.bert(**inputs).last_hidden_state)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("tie", [True, False])
 def test_a_palettized_causal_lm_loads_into_another_head(tiny_dir, tmp_path, tie):
     """As a dense checkpoint does, a palettized causal LM loads into the sequence-classification class of its

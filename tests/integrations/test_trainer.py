@@ -569,6 +569,32 @@ def test_resuming_into_a_model_of_another_dkm_config_is_refused(toy_path, tmp_pa
                train_dataset=ToyDataset(64)).train(resume_from_checkpoint=checkpoint)  # fmt: skip
 
 
+def test_the_resume_check_reads_a_wrapped_model_by_its_own_names(toy_path, tmp_path):
+    """A SentenceTransformer saves its transformer's weights under that model's own names: the resume check compares
+    them with the wrapped model's DKM weights (before: every centroid "not clustered by config.json", so a resume of
+    `DKMTrainerMixin` on SentenceTransformerTrainer was always refused)."""
+    from dkm_hf.integrations.resume import model_problem
+
+    _model(toy_path).save_pretrained(tmp_path / "checkpoint")
+    wrap = lambda model: torch.nn.Sequential(torch.nn.ModuleDict({"auto_model": model}))  # noqa: E731
+    assert model_problem(tmp_path / "checkpoint", wrap(_model(toy_path))) is None
+    problem = model_problem(tmp_path / "checkpoint", wrap(_model(toy_path, bits=2)))
+    assert "expected a float tensor of shape" in problem
+
+
+def test_a_module_wrapping_a_dkm_model_is_refused_naming_what_to_use(toy_path, tmp_path):
+    """Trainer saves a plain module as a bare state dict, which DKMTrainer could neither resume (no config.json) nor
+    save palettized for any loader: refused naming the wrapped DKM model and the plain Trainer with DKMCallback."""
+
+    class Head(torch.nn.Module):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone, self.head = backbone, torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match=r"holds one \('backbone'\).*DKMCallback.*palettize\(model.backbone\)"):
+        DKMTrainer(model=Head(_model(toy_path)), args=_args(tmp_path), train_dataset=ToyDataset(8))
+
+
 def test_a_checkpoint_without_a_clustered_weight_is_refused(toy_path, tmp_path):
     """Transformers loads a checkpoint that lacks a weight with a warning and keeps the model's starting value: the
     resume check names the missing clustered weight instead."""
