@@ -34,9 +34,12 @@ from .integrations.model_card import human_bytes
 from .integrations.safetensors_files import SafetensorsHeader, checkpoint_files, read_tensor, saved_variant
 from .integrations.summary import CheckpointSummary, summarize
 from .nn.layout import Layout
-from .ops.packing import unpack_indices
+from .ops.packing import unpack_indices, unpack_range
 
 MAX_PLOTS = 16
+
+
+INDEX_CHUNK = 2**22  # indices per step of `entry_counts` (a multiple of 8)
 
 
 def load_summary(directory: str) -> CheckpointSummary:
@@ -54,18 +57,25 @@ def _tensor(summary: CheckpointSummary, name: str, buffer: str) -> torch.Tensor 
     return None if entry is None else read_tensor(entry)
 
 
-def _indices(summary: CheckpointSummary, name: str) -> torch.Tensor:
+def entry_counts(summary: CheckpointSummary, name: str) -> torch.Tensor:
+    """How many of the layer's weights (vectors) point at each LUT entry: (groups * 2**bits,) int64, in the LUT's
+    order. Reads a chunk of indices at a time: the memory of a chunk, not of the weight."""
     layout = summary.layouts[name]
     packed = _tensor(summary, name, "weight_indices")
-    return unpack_indices(packed, layout.bits, layout.vectors).view(layout.groups, -1)
+    k, per_group = 2**layout.bits, layout.vectors // layout.groups
+    counts = torch.zeros(layout.groups * k, dtype=torch.int64)
+    for start in range(0, layout.vectors, INDEX_CHUNK):
+        stop = min(start + INDEX_CHUNK, layout.vectors)
+        keys = torch.arange(start, stop) // per_group * k + unpack_range(packed, layout.bits, start, stop)
+        counts += torch.bincount(keys, minlength=counts.numel())
+    return counts
 
 
 def distinct_values(summary: CheckpointSummary, name: str) -> int:
     """How many distinct centroids (values, or vectors when cluster_dim > 1) the layer's weights actually use."""
     layout = summary.layouts[name]
-    lut = _tensor(summary, name, "weight_lut")
-    used = lut[torch.arange(layout.groups).unsqueeze(1), _indices(summary, name)]
-    return int(torch.unique(used.reshape(-1, layout.cluster_dim), dim=0).shape[0])
+    lut = _tensor(summary, name, "weight_lut").reshape(-1, layout.cluster_dim)
+    return int(torch.unique(lut[entry_counts(summary, name) > 0], dim=0).shape[0])
 
 
 def problems(summary: CheckpointSummary, name: str) -> list[str]:
@@ -169,13 +179,13 @@ def plot(directory: str, out: str, layers: str | None = None, original: str | No
         dense = _original_weight(original, name) if original else None
         if dense is not None and dense.numel() == layout.numel:
             if scale is not None:
-                rows_ = layout.to_rows(dense)
-                dense = rows_ / scale.float()
-            values, label = dense.reshape(-1), "original"
-        else:
-            values = lut[torch.arange(layout.groups).unsqueeze(1), _indices(summary, name)].reshape(-1)
-            label = "palettized"
-        ax.hist(values.numpy(), bins=120, color="tab:blue", alpha=0.7, label=label)
+                dense = layout.to_rows(dense) / scale.float()
+            values, weights, label = dense.reshape(-1).numpy(), None, "original"
+        else:  # each LUT value as often as the weights use it
+            counts = entry_counts(summary, name).repeat_interleave(layout.cluster_dim)
+            used = counts > 0
+            values, weights, label = lut.reshape(-1)[used].numpy(), counts[used].numpy(), "palettized"
+        ax.hist(values, bins=120, weights=weights, color="tab:blue", alpha=0.7, label=label)
         for c in lut.reshape(-1).unique().tolist():
             ax.axvline(c, color="tab:red", linewidth=0.6, alpha=0.6 if layout.groups == 1 else 0.25)
         unit = " / channel scale" if scale is not None else ""

@@ -85,6 +85,29 @@ def test_inspect_refuses_a_dense_checkpoint(checkpoint, capsys):
     assert "does not describe a dkm_hf palettized checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("chunk", [8, 24, 2**22])
+def test_entry_counts_read_in_chunks_match_the_whole_indices(checkpoint, monkeypatch, chunk):
+    """`dkm-hf inspect` counts the LUT entries a layer uses a chunk of indices at a time (it unpacked a layer's
+    indices whole as int64, then gathered and sorted a value per weight: gigabytes for a checkpoint of megabytes);
+    chunks that end inside a LUT group count as the whole."""
+    from dkm_hf import cli
+    from dkm_hf.ops.packing import unpack_indices
+
+    monkeypatch.setattr(cli, "INDEX_CHUNK", chunk)
+    summary = cli.load_summary(str(checkpoint[0]))
+    for name, layout in summary.layouts.items():
+        if layout.tied_to is not None:
+            continue
+        packed = cli._tensor(summary, name, "weight_indices")
+        index = unpack_indices(packed, layout.bits, layout.vectors).view(layout.groups, -1)
+        keys = torch.arange(layout.groups).unsqueeze(1) * 2**layout.bits + index
+        expected = torch.bincount(keys.reshape(-1), minlength=layout.groups * 2**layout.bits)
+        assert torch.equal(cli.entry_counts(summary, name), expected)
+        lut = cli._tensor(summary, name, "weight_lut")
+        values = lut[torch.arange(layout.groups).unsqueeze(1), index].reshape(-1, layout.cluster_dim)
+        assert cli.distinct_values(summary, name) == torch.unique(values, dim=0).shape[0]
+
+
 @pytest.mark.parametrize("with_original", [True, False])
 def test_plot_writes_a_png(checkpoint, tmp_path, capsys, with_original):
     out, dense = checkpoint
