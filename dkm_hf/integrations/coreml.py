@@ -40,7 +40,7 @@ from torch import nn
 from ..nn.dkm import dkm_modules
 from ..nn.palettized import PalettizedWeight, palettized_modules
 from ..nn.weights import weight_name
-from ..ops.packing import unpack_indices
+from ..ops.packing import unpack_uint8
 from ..surgery.convert import plain_modules
 from .safetensors_files import saved_variant
 
@@ -129,7 +129,7 @@ def coreml_weight(module: PalettizedWeight, index_bits: int) -> CoreMLWeight:
     """`module`'s LUT, indices and scale laid out on its weight's own axes (`index_bits` >= its bits: padded LUT)."""
     lay = module.layout
     rank, k = len(lay.shape), lay.n_clusters
-    rows = unpack_indices(module.weight_indices, lay.bits, lay.vectors).view(lay.channels, -1).numpy()
+    rows = unpack_uint8(module.weight_indices, lay.bits, lay.vectors).view(lay.channels, -1).numpy()
     lut = module.weight_lut.detach().cpu()
     lut = (lut.numpy() if lut.dtype in (torch.float16, torch.float32) else lut.float().numpy()).copy()
     lut = np.concatenate([lut, np.zeros((lay.groups, 2**index_bits - k, lay.cluster_dim), lut.dtype)], axis=1)
@@ -145,7 +145,7 @@ def coreml_weight(module: PalettizedWeight, index_bits: int) -> CoreMLWeight:
     if module.has_scale:
         scale = module.weight_scale.detach().float().cpu().numpy().reshape(scale_shape)
     return CoreMLWeight(
-        np.ascontiguousarray(indices).astype(np.uint8),
+        np.ascontiguousarray(indices),
         lut.reshape(*lut_shape, 2**index_bits, lay.cluster_dim),
         axis if lay.cluster_dim > 1 else None,
         scale,

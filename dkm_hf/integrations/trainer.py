@@ -179,8 +179,7 @@ class DKMTrainerMixin:
         if get_dkm_config(self.model) is None or not dkm_modules(self.model):
             raise ValueError(
                 f"{type(self).__name__} needs a DKM model: from_pretrained(path, dkm_config=DKMConfig(...)) or "
-                "dkm_hf.prepare(model, DKMConfig(...))"
-                + wrapper_hint(self.model)
+                "dkm_hf.prepare(model, DKMConfig(...))" + wrapper_hint(self.model)
             )
         if self.args.torch_compile:  # plain TrainingArguments / SFTConfig carry no DKM fields to refuse it
             raise ValueError(NO_COMPILE)

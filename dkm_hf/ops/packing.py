@@ -74,6 +74,21 @@ def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_range(packed, bits, 0, n)
 
 
+def unpack_uint8(packed: torch.Tensor, bits: int, n: int, chunk: int = 2**20) -> torch.Tensor:
+    """`unpack_indices` as uint8, a byte per index rather than eight. 1, 2, 4 and 8 bits unpack in uint8 at once;
+    the widths whose indices straddle bytes go through int64 `chunk` indices (a multiple of 8) at a time."""
+    if packed.numel() != packed_size(n, bits):
+        raise ValueError(f"{n} indices at {bits} bits take {packed_size(n, bits)} bytes, got {packed.numel()}")
+    if 8 % bits == 0:
+        out = unpack_bytes(packed, bits)[:n]
+        return out.clone() if bits == 8 else out  # not the packed tensor itself
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = unpack_range(packed, bits, start, stop)
+    return out
+
+
 def unpack_range(packed: torch.Tensor, bits: int, start: int, stop: int) -> torch.Tensor:
     """Indices [start, stop) as int64, reading only their bytes; `start` must be a multiple of 8."""
     if start % 8:

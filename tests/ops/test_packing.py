@@ -7,7 +7,7 @@ import torch
 
 from dkm_hf.ops import attention
 from dkm_hf.ops.attention import gather_centroids, hard_assign, hard_assign_slices, snap
-from dkm_hf.ops.packing import pack_indices, pack_stream, packed_size, unpack_indices, unpack_range
+from dkm_hf.ops.packing import pack_indices, pack_stream, packed_size, unpack_indices, unpack_range, unpack_uint8
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -98,3 +98,16 @@ def test_snap_gathers_the_nearest_centroids_a_slice_at_a_time(monkeypatch, shape
     for size in (4, 16, 1000):
         monkeypatch.setattr(attention, "ASSIGN_SLICE", size)
         assert torch.equal(snap(w, c, lut), expected)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("chunk", [8, 24, 2**22])
+def test_unpack_uint8_is_unpack_indices_in_bytes(bits, chunk):
+    """What the Core ML export reads: the same indices, a byte each, unpacked a chunk at a time."""
+    indices = torch.randint(0, 2**bits, (101,), generator=torch.Generator().manual_seed(bits))
+    packed = pack_indices(indices, bits)
+    out = unpack_uint8(packed, bits, 101, chunk)
+    assert out.dtype == torch.uint8 and torch.equal(out.long(), unpack_indices(packed, bits, 101))
+    assert out.data_ptr() != packed.data_ptr()
+    with pytest.raises(ValueError, match="take"):
+        unpack_uint8(packed[:-1], bits, 101)
