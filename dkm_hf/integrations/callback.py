@@ -28,7 +28,7 @@ from transformers.utils import logging
 from ..config import default_tau_end_ratio
 from ..nn.dkm import DKMWeight, dkm_modules
 from ..nn.weights import is_whole
-from ..ops.attention import attention
+from ..ops.attention import all_finite, attention
 from ..surgery.model import get_dkm_config
 from .distributed import gathered_by_unit
 
@@ -140,7 +140,7 @@ def check_centroids_finite(modules: list[tuple[str, DKMWeight]], step: int, weig
         checks += [(n, m.weight) for n, m in modules if is_whole(m.weight) and m.weight.is_floating_point()]
     if not checks:
         return
-    finite = torch.stack([torch.isfinite(tensor).all().to(checks[0][1].device) for _, tensor in checks])
+    finite = torch.stack([all_finite(tensor).to(checks[0][1].device) for _, tensor in checks])
     if bool(finite.all()):
         return
     name, tensor = next(check for check, ok in zip(checks, finite.tolist()) if not ok)

@@ -156,9 +156,10 @@ class DKMWeight:
 
     @torch.no_grad()
     def init_vectors(self) -> torch.Tensor:
-        """`init_centroids` up to the k-means (batched over weights): the state, scales, and the vectors to cluster."""
+        """`init_centroids` up to the k-means (batched over weights): the state, scales, and the vectors to cluster (a
+        16-bit weight's own, which k-means reads in float32 a batch of rows at a time)."""
         self.init_scale()
-        return self.vectors()
+        return self.vectors(float32=False)
 
     # -- weights (run eagerly: under dynamo the caches' checks ran at other times, and weights clustered twice) -------
     @torch.compiler.disable
@@ -242,7 +243,7 @@ class DKMWeight:
         key = (version(self.weight), self.weight.data_ptr(), version(self.centroids), self.centroids.data_ptr())
         if not _fresh(self._hard, key):
             with torch.inference_mode(False):  # a normal tensor even under inference_mode: it is kept (and versioned)
-                hard = self.snapped(self.vectors(), self.centroids).contiguous()
+                hard = self.snapped(self.vectors(float32=False), self.centroids).contiguous()
             self._hard = (key, hard, version(hard))
         return self._hard[1]
 
@@ -250,11 +251,11 @@ class DKMWeight:
     def snapped(self, vectors: torch.Tensor, centroids: torch.Tensor, scale=None) -> torch.Tensor:
         """The hard weight of `vectors` (`vectors(scale=scale)`) and `centroids`, as a palettized checkpoint holds it:
         the LUT and, with per-channel scales, the weight's (or `scale`) in the LUT dtype."""
-        lut_dtype = self.settings.lut_torch_dtype
-        snapped = snap(vectors, centroids, centroids.to(lut_dtype).float())
-        if self.layout.per_channel_scale:
-            scale = (self.weight_scale if scale is None else scale).to(lut_dtype).float()
-        return self.layout.weight_from_vectors(snapped, scale).to(self.weight.dtype)
+        lut = centroids.to(self.settings.lut_torch_dtype)
+        if not self.layout.per_channel_scale:  # the LUT values in the weight dtype, as a float32 detour rounds them
+            return self.layout.weight_from_vectors(snap(vectors, centroids, lut.to(self.weight.dtype)), None)
+        scale = (self.weight_scale if scale is None else scale).to(lut.dtype).float()
+        return self.layout.weight_from_vectors(snap(vectors, centroids, lut.float()), scale).to(self.weight.dtype)
 
     def describe(self) -> str:
         lay, s, tied = self.layout, self.settings, ", tied" if self.tied_source is not None else ""

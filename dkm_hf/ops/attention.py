@@ -1,4 +1,4 @@
-"""Distances, the DKM attention softmax and nearest-centroid assignment, batched over LUT groups.
+"""Distances, the DKM attention softmax and nearest-centroid assignment, batched over LUT groups; `all_finite`.
 
 Shapes: vectors `w` are (G, m, d) (G LUT groups, m vectors of d = cluster_dim values), centroids `c` are (G, k, d).
 Attention is returned centroid-major, (G, k, m): the softmax over the k centroids then runs along a leading
@@ -25,6 +25,15 @@ CHUNK_ELEMENTS_ACCELERATOR = 1 << 24  # CUDA and other devices: 64 MB per float3
 # Logits more than this far below the largest one are clamped before exp: their weight (< 2e-35) is far below float
 # precision, and exp is ~30x slower on arguments whose results are denormal.
 EXP_FLOOR = -80.0
+
+
+def all_finite(t: torch.Tensor) -> torch.Tensor:
+    """Whether every value of `t` is finite, as a 0-dim bool tensor on its device (no host synchronisation): its
+    smallest and largest values, which NaN propagates to. `torch.isfinite(t).all()` builds several temporaries of
+    t's size (+670 MB for a 100M-value float32 weight)."""
+    if not t.is_floating_point() or not t.numel():
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    return torch.isfinite(torch.stack([t.amin(), t.amax()])).all()
 
 
 def chunk_elements(device: torch.device | str | None) -> int:
@@ -106,23 +115,25 @@ def assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = N
     """(groups, vectors, indices) of `hard_assign(w, centroids)` in pieces of about `size` vectors (ASSIGN_SLICE), in
     order: whole groups at a time, or parts of one group where a group is larger; `groups` and `vectors` are the
     slices of w that `indices` (int64, their shape) assigns. A weight's indices then never exist at once as int64 (8
-    bytes a weight, and as many again in each step of packing them or gathering their centroids)."""
+    bytes a weight, and as many again in each step of packing them or gathering their centroids). A 16-bit w is
+    assigned in float32 a slice at a time (its values exactly; no float32 copy of the whole weight)."""
     G, n, _ = w.shape
     size = size or ASSIGN_SLICE
+    exact = lambda x: x.float() if x.element_size() < 4 else x  # noqa: E731
     if w.is_meta or not bool(torch.isfinite(centroids).all()):
         # hard_assign picks its method from the centroids it is given: slices of broken centroids (NaN, inf) could
         # then be assigned otherwise than the whole, which decides the ties of all-infinite distances
-        yield slice(None), slice(None), hard_assign(w, centroids)
+        yield slice(None), slice(None), hard_assign(exact(w), centroids)
         return
     if n <= size:
         step = max(1, size // max(n, 1))
         for g in range(0, G, step):
-            yield slice(g, g + step), slice(None), hard_assign(w[g : g + step], centroids[g : g + step])
+            yield slice(g, g + step), slice(None), hard_assign(exact(w[g : g + step]), centroids[g : g + step])
         return
     for g in range(G):
         for i in range(0, n, size):
             rows, part = slice(g, g + 1), slice(i, i + size)
-            yield rows, part, hard_assign(w[rows, part], centroids[rows])
+            yield rows, part, hard_assign(exact(w[rows, part]), centroids[rows])
 
 
 def hard_assign_slices(w: torch.Tensor, centroids: torch.Tensor, size: int | None = None) -> Iterator[torch.Tensor]:

@@ -70,9 +70,10 @@ class Buckets(NamedTuple):
     """The buckets of a weight w (G, n) and the map between weights and buckets.
 
     values (G, U) and counts (G, U) as `unique_buckets` gives them. `index` is either its inverse (G * n,) int32 into
-    the flattened (G * U) buckets (`present` None), or, where the CPU kernels of dkm_buckets.cpp serve (G = 1), the
-    weights' 16-bit keys (n,) int16 with `present` (U,) the key of each bucket: the per-weight loops then read 2 bytes
-    per weight and index a 65,536-entry table directly (several times faster than torch's gathers and scatters).
+    the flattened (G * U) buckets (`present` None), or, where the CPU kernels of dkm_buckets.cpp serve, the weights'
+    16-bit keys (G * n,) int16 with `present` (G, U) the key of each bucket (0 where the count is 0): the per-weight
+    loops then read 2 bytes per weight and index a 65,536-entry table per group directly (several times faster than
+    torch's gathers and scatters, and no 4-byte inverse nor 8-byte sort keys per weight).
     """
 
     values: torch.Tensor
@@ -84,38 +85,71 @@ class Buckets(NamedTuple):
         """Each weight's entry of per_bucket (G * U,): (G * n,)."""
         if self.present is None:
             return per_bucket.index_select(0, self.index)
-        return fused.cpu_kernels().bucket_gather(self._table(per_bucket, per_bucket.dtype), self.index)
+        kernels, groups = fused.cpu_kernels(), self._groups()
+        per_bucket = per_bucket.view(self.counts.shape)
+        tables = (self._table(present, per_bucket[g], per_bucket.dtype) for g, (_, present) in enumerate(groups))
+        if len(groups) == 1:
+            return kernels.bucket_gather(next(tables), groups[0][0])
+        out = torch.empty(self.index.numel(), dtype=per_bucket.dtype).view(len(groups), -1)
+        for row, table, (keys, _) in zip(out, tables, groups):
+            row.copy_(kernels.bucket_gather(table, keys))
+        return out.view(-1)
 
     def sums(self, g: torch.Tensor) -> torch.Tensor:
         """The sum of g (G * n,) over each bucket's weights: (G * U,) in g's dtype."""
         if self.present is None:
             return torch.zeros(self.values.numel(), dtype=g.dtype, device=g.device).index_add_(0, self.index, g)
-        return fused.cpu_kernels().bucket_sums(self.index, g.contiguous()).index_select(0, self.present).to(g.dtype)
+        kernels, groups = fused.cpu_kernels(), self._groups()
+        out = torch.zeros(self.counts.shape, dtype=g.dtype)
+        for row, part, (keys, present) in zip(out, g.contiguous().view(len(groups), -1), groups):
+            row[: present.numel()] = kernels.bucket_sums(keys, part).index_select(0, present)
+        return out.view(-1)
 
     def grad(self, a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """a[bucket] * g + b[bucket] for every weight, from per-bucket a and b (G * U,) and g (G * n,)."""
         if self.present is None:
             # two gathers from small tables (one gather of (a, b) pairs is ~5x slower on CPU than both)
             return a.index_select(0, self.index).mul_(g).add_(b.index_select(0, self.index))
-        tables = (self._table(x, torch.float32) for x in (a, b))
-        return fused.cpu_kernels().bucket_grad(*tables, self.index, g.contiguous())
+        kernels, groups = fused.cpu_kernels(), self._groups()
+        a, b, g = a.view(self.counts.shape), b.view(self.counts.shape), g.contiguous().view(len(groups), -1)
+        parts = []
+        for i, (keys, present) in enumerate(groups):
+            tables = (self._table(present, x[i], torch.float32) for x in (a, b))
+            parts.append(kernels.bucket_grad(*tables, keys, g[i]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _table(self, per_bucket: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _groups(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group: its weights' keys (n,) and the keys of its buckets (U_g,)."""
+        G = self.counts.shape[0]
+        used = (self.counts > 0).sum(1).tolist()
+        return [(keys, self.present[g, : used[g]]) for g, keys in enumerate(self.index.view(G, -1))]
+
+    @staticmethod
+    def _table(present: torch.Tensor, per_bucket: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A group's 65,536-entry table: per_bucket's (first) entries at their buckets' keys."""
         table = torch.zeros(65536, dtype=dtype, device=per_bucket.device)
-        return table.index_copy_(0, self.present, per_bucket.to(dtype))
+        return table.index_copy_(0, present, per_bucket[: present.numel()].to(dtype))
 
 
 def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:
-    """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (G = 1 on CPU, a
-    weight of at most 32 bits: their tables are float32), else by `unique_buckets`' inverse."""
-    served = w.shape[0] == 1 and w.device.type == "cpu" and w.element_size() <= 4
+    """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (a CPU weight of at
+    most 32 bits: their tables are float32; a loop over the groups), else by `unique_buckets`' inverse."""
+    served = w.device.type == "cpu" and w.element_size() <= 4
     kernels = fused.cpu_kernels() if served else None  # dkm_buckets.cpp
     if kernels is None:
         return Buckets(*unique_buckets(w, bucket_dtype), None)
-    keys = w.detach().reshape(-1).to(bucket_dtype).view(torch.int16)  # a view, no copy, of a weight in bucket_dtype
-    counts = kernels.bucket_counts(keys)
-    if bucket_dtype == torch.float16 and w.dtype != torch.float16 and bool(counts[list(_FP16_INF)].any()):
-        return bucket_index(w, torch.bfloat16)  # beyond float16's range
-    present = counts.nonzero().squeeze(1)
-    counts = counts.index_select(0, present).unsqueeze(0)
-    return Buckets(_key_values(present.unsqueeze(0), counts, bucket_dtype, w.dtype), counts, keys, present)
+    keys = w.detach().contiguous().to(bucket_dtype).view(torch.int16)  # no copy of a contiguous weight in bucket_dtype
+    rounded = bucket_dtype == torch.float16 and w.dtype != torch.float16
+    present, counts = [], []
+    for row in keys:  # a group at a time: one 65,536-entry histogram alive
+        histogram = kernels.bucket_counts(row)
+        if rounded and bool(histogram[list(_FP16_INF)].any()):
+            return bucket_index(w, torch.bfloat16)  # beyond float16's range
+        present.append(histogram.nonzero().squeeze(1))
+        counts.append(histogram.index_select(0, present[-1]))
+    shape = (len(present), max(p.numel() for p in present))
+    bucket_keys, bucket_counts = torch.zeros(shape, dtype=torch.int64), torch.zeros(shape, dtype=torch.int64)
+    for g, (p, c) in enumerate(zip(present, counts)):
+        bucket_keys[g, : p.numel()], bucket_counts[g, : p.numel()] = p, c
+    values = _key_values(bucket_keys, bucket_counts, bucket_dtype, w.dtype)
+    return Buckets(values, bucket_counts, keys.view(-1), bucket_keys)

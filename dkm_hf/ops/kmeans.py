@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 
 from . import fused
-from .attention import CHUNK_ELEMENTS, hard_assign
-from .buckets import bucket_dtype_for, unique_buckets
+from .attention import CHUNK_ELEMENTS, all_finite, hard_assign
+from .buckets import bucket_dtype_for, bucket_index, unique_buckets
 
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
@@ -249,8 +249,11 @@ def _init_whole(
     with `f` (G, n) the sample weights of the values (vectors) from their importance."""
     G, n, d = w.shape
     if d == 1:
-        values, counts, inverse = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
-        if f is not None:  # a bucket weighs the importance of its values instead of their count
+        if f is None:  # the counts alone: the CPU kernels count the 16-bit keys in place (no inverse, no sort)
+            buckets = bucket_index(w.squeeze(-1), bucket_dtype_for(w))
+            values, counts = buckets.values, buckets.counts
+        else:  # a bucket weighs the importance of its values instead of their count
+            values, _, inverse = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
             mass = torch.zeros(values.numel(), dtype=torch.float64, device=w.device)
             counts = mass.index_add_(0, inverse.long(), f.reshape(-1).double()).view_as(values)
         x, order = values.float().sort(1)
@@ -316,7 +319,7 @@ def kmeans_init_many(
     for i, w in enumerate(weights):
         if w.dim() != 3 or 0 in w.shape:
             raise ValueError(f"kmeans_init_many: weight {i} has shape {tuple(w.shape)}; expected (groups, n, d) > 0")
-        if not bool(torch.isfinite(w).all()):  # one inf would make every centroid of its group inf
+        if not bool(all_finite(w)):  # one inf would make every centroid of its group inf
             raise ValueError(f"kmeans_init_many: weight {i} has non-finite values (NaN or inf)")
         f = importance[i]
         if f is not None:
@@ -324,7 +327,7 @@ def kmeans_init_many(
                 raise ValueError(
                     f"kmeans_init_many: importance {i} has shape {tuple(f.shape)}, its weight {tuple(w.shape)}"
                 )
-            if not bool(torch.isfinite(f).all()):
+            if not bool(all_finite(f)):
                 raise ValueError(f"kmeans_init_many: importance {i} has non-finite values")
             out[i] = _init_weighted(w.detach().float(), f.to(w.device), k, seed, lloyd_iters, max_rows, restarts)
         elif w.shape[2] == 1 and w.shape[1] <= HISTOGRAM_FROM:

@@ -172,7 +172,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 def _packed_indices(state: DKMWeight) -> torch.Tensor:
     """The packed nearest-centroid indices of a weight, assigned and packed a slice at a time."""
-    vectors = state.vectors()
+    vectors = state.vectors(float32=False)  # a 16-bit weight's own values: assigned in float32 a slice at a time
     pieces = hard_assign_slices(vectors, state.centroids)
     return pack_stream(pieces, vectors.shape[0] * vectors.shape[1], state.layout.bits, vectors.device)
 

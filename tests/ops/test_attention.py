@@ -94,3 +94,18 @@ def test_hard_assign_1d_kernel_equals_the_torch_steps(monkeypatch):
 def test_the_triton_kernel_floors_logits_where_attention_does():
     source = (Path(attention.__file__).parent / "fused_triton.py").read_text()
     assert f"EXP_FLOOR = {attention.EXP_FLOOR}" in source
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_sees_nan_and_inf_anywhere(dtype):
+    """The finite check that k-means and the checkpoint guard run on whole weights (no temporaries of their size)."""
+    from dkm_hf.ops.attention import all_finite
+
+    w = torch.randn(3, 1000).to(dtype)
+    assert all_finite(w).dtype == torch.bool and bool(all_finite(w))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0), (1, 517), (2, 999)):
+            v = w.clone()
+            v[where] = bad
+            assert not bool(all_finite(v)), (bad, where)
+    assert bool(all_finite(torch.empty(0))) and bool(all_finite(torch.arange(5)))
