@@ -31,7 +31,7 @@ import torch
 
 from . import fused
 from .attention import CHUNK_ELEMENTS, all_finite, hard_assign
-from .buckets import bucket_dtype_for, bucket_index, unique_buckets
+from .buckets import bucket_dtype_for, bucket_index
 
 _TINY = 1e-30
 HISTOGRAM_FROM = 1 << 15  # groups with more values than this are reduced to their distinct 16-bit values first
@@ -249,13 +249,11 @@ def _init_whole(
     with `f` (G, n) the sample weights of the values (vectors) from their importance."""
     G, n, d = w.shape
     if d == 1:
-        if f is None:  # the counts alone: the CPU kernels count the 16-bit keys in place (no inverse, no sort)
-            buckets = bucket_index(w.squeeze(-1), bucket_dtype_for(w))
-            values, counts = buckets.values, buckets.counts
-        else:  # a bucket weighs the importance of its values instead of their count
-            values, _, inverse = unique_buckets(w.squeeze(-1), bucket_dtype_for(w))
-            mass = torch.zeros(values.numel(), dtype=torch.float64, device=w.device)
-            counts = mass.index_add_(0, inverse.long(), f.reshape(-1).double()).view_as(values)
+        # on CPU the kernels key the 16-bit values in place (no per-weight inverse index, no sort)
+        buckets = bucket_index(w.squeeze(-1), bucket_dtype_for(w))
+        values, counts = buckets.values, buckets.counts
+        if f is not None:  # a bucket weighs the importance of its values instead of their count
+            counts = buckets.sums(f.reshape(-1).double()).view_as(values)
         x, order = values.float().sort(1)
         u = _uniform(seed, G, restarts, k, w.device)
         return _kmeans_1d(x, counts.gather(1, order).float(), u, lloyd_iters).unsqueeze(-1)
