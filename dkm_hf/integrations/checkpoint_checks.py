@@ -193,10 +193,12 @@ def check_palettized_headers(
     lut_dtype: str,
     model: nn.Module | None = None,
     ignore_mismatched_sizes: bool = False,
+    left_out: tuple[str, ...] = (),
 ) -> None:
     """Every recorded module stores exactly its LUT, packed indices and scale, with the dtypes and shapes its layout
     implies; no other palettized buffer and no dense weight of a palettized module is stored. With the meta-device
-    model at hand, every other tensor's shape and kind is checked too."""
+    model at hand, every other tensor's shape and kind is checked too. `left_out`: recorded modules the model does not
+    have, whose tensors stay unexpected keys."""
     tensors = header.tensors
     lut = LUT_SAFETENSORS_DTYPES[lut_dtype]
     claimed: set[str] = set()
@@ -233,8 +235,9 @@ def check_palettized_headers(
                     f"{entry.name}: shape {list(entry.shape)}, expected {list(shape)} for bits={layout.bits}, "
                     f"cluster_dim={layout.cluster_dim}, groups={layout.groups}, weight shape {list(layout.shape)}"
                 )
+    skipped = tuple(f"{m}." for m in left_out)
     for name in tensors:
-        if is_palettized_key(name) and name not in claimed:
+        if is_palettized_key(name) and name not in claimed and not name.startswith(skipped):
             raise PalettizedCheckpointError(
                 f"{name}: a palettized buffer of a module that config.json does not list as palettized"
             )

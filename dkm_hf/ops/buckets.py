@@ -14,6 +14,10 @@ import torch
 from . import fused
 
 _FP16_INF = (0x7C00, 0xFC00)
+# Several LUT groups are keyed one group at a time, each with 65,536-entry tables: from this many weights per group
+# (stacked experts); smaller groups keep unique_buckets' inverse, whose cost is not per group (16,384 groups of 1,024
+# weights took 3x as long in backward keyed, on one thread).
+KEYED_GROUP = 1 << 16
 
 
 def bucket_dtype_for(w: torch.Tensor) -> torch.dtype:
@@ -133,8 +137,9 @@ class Buckets(NamedTuple):
 
 def bucket_index(w: torch.Tensor, bucket_dtype: torch.dtype) -> Buckets:
     """`Buckets` of w (G, n): keyed by the 16-bit patterns themselves where the CPU kernels serve (a CPU weight of at
-    most 32 bits: their tables are float32; a loop over the groups), else by `unique_buckets`' inverse."""
-    served = w.device.type == "cpu" and w.element_size() <= 4
+    most 32 bits: their tables are float32; one LUT group, or groups of at least KEYED_GROUP weights, a loop over
+    them), else by `unique_buckets`' inverse."""
+    served = w.device.type == "cpu" and w.element_size() <= 4 and (w.shape[0] == 1 or w.shape[1] >= KEYED_GROUP)
     kernels = fused.cpu_kernels() if served else None  # dkm_buckets.cpp
     if kernels is None:
         return Buckets(*unique_buckets(w, bucket_dtype), None)

@@ -4,6 +4,7 @@ right model, never in a model with uninitialised or random weights."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -369,6 +370,35 @@ def test_a_palettized_checkpoint_loads_into_a_model_without_one_of_its_layers(ti
         assert {n for n, _ in dkm_hf.palettized_modules(other)} == expected
         hidden = (other.bert if prefix else other)(**inputs).last_hidden_state
         assert torch.equal(hidden, model.bert(**inputs).last_hidden_state)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("lut", ["per_row", "per_channel_scale"])
+def test_a_model_with_fewer_layers_loads_the_ones_it_has_and_names_the_rest(tmp_path, caplog, lut):
+    """GPT-2 (Conv1D: stored transposed) palettized with two blocks, loaded with one: the left-out block's records
+    are neither laid out nor checked (their geometry was computed untransposed: per-row LUTs and scales were refused
+    as the wrong shape), its tensors are unexpected keys, and a warning names them (a layer the model names
+    otherwise would keep its initial weight)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=16)).save_pretrained(
+        tmp_path / "dense"
+    )
+    per_row = {"granularity": "per_grouped_channel", "group_size": 1}
+    extra = {"per_channel_scale": True} if lut == "per_channel_scale" else per_row
+    config = DKMConfig(bits=3, weight_threshold=0, modules_to_not_convert=["wte", "wpe", "lm_head"], **extra)
+    model = dkm_hf.palettize(GPT2LMHeadModel.from_pretrained(tmp_path / "dense", dkm_config=config).eval())
+    model.save_pretrained(tmp_path / "palettized")
+    with caplog.at_level(logging.WARNING, logger="dkm_hf"):
+        short = GPT2LMHeadModel.from_pretrained(tmp_path / "palettized", n_layer=1).eval()
+    assert {n for n, _ in dkm_hf.palettized_modules(short)} == {
+        n for n, _ in dkm_hf.palettized_modules(model) if ".h.0." in n
+    }
+    assert "transformer.h.1.attn.c_attn" in caplog.text and "are not weights of this GPT2LMHeadModel" in caplog.text
+    for name in ("attn.c_attn", "mlp.c_proj"):
+        a, b = short.get_submodule(f"transformer.h.0.{name}"), model.get_submodule(f"transformer.h.0.{name}")
+        assert torch.equal(a.weight, b.weight)
 
 
 @torch.no_grad()

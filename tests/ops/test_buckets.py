@@ -66,5 +66,8 @@ def test_keyed_buckets_fall_back_to_bfloat16_beyond_float16_range():
 
 
 def test_weights_the_kernels_do_not_serve_keep_the_inverse():
-    w = torch.tensor([[0.5, 0.5, 0.25, 0.5], [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    """float64 (the kernels' tables are float32), and several groups smaller than KEYED_GROUP (65,536-entry tables
+    per group would cost more than they save)."""
+    w = torch.tensor([[0.5, 0.5, 0.25, 0.5], [1.0, 2.0, 3.0, 4.0]])
+    assert bucket_index(w.double(), torch.float16).present is None
     assert bucket_index(w, torch.float16).present is None
