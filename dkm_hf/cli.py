@@ -37,8 +37,6 @@ from .nn.layout import Layout
 from .ops.packing import unpack_indices, unpack_range
 
 MAX_PLOTS = 16
-
-
 INDEX_CHUNK = 2**22  # indices per step of `entry_counts` (a multiple of 8)
 
 

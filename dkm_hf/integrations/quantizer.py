@@ -103,9 +103,8 @@ class DKMHfQuantizer(HfQuantizer):
         self.file_metadata = header.metadata
         if config.record.format == "palettized":
             names = _model_names(model, config.record.modules)
-            records = _kept_records(model, config.record.modules, names)
+            records, left_out = _kept_records(model, config.record.modules, names)
             stored = layouts_from_records(records, lambda name: _transposed(model, names.get(name)))
-            left_out = tuple(n for n in config.record.modules if n not in records)
             check_palettized_headers(header, stored, config.lut_dtype, model, mismatched, left_out)
             layouts = {
                 names[n]: replace(lay, tied_to=names.get(lay.tied_to)) if lay.tied_to else lay
@@ -251,12 +250,13 @@ def _model_names(model: nn.Module, records: dict) -> dict[str, str]:
     return names
 
 
-def _kept_records(model: nn.Module, records, names: dict[str, str]):
-    """The records of the weights `model` has (`_model_names`), a tie kept with its source; a record of a weight the
-    base model lacks (not a head's) is warned about by name: a renamed layer would otherwise load only as missing and
-    unexpected keys. Records that are not a dict are returned as they are, for `layouts_from_records` to refuse."""
+def _kept_records(model: nn.Module, records, names: dict[str, str]) -> tuple:
+    """(the records of the weights `model` has (`_model_names`), a tie kept with its source; the names of the others,
+    whose tensors stay unexpected keys). A record of a weight the base model lacks (not a head's) is warned about by
+    name: a renamed layer would otherwise load only as missing and unexpected keys. Records that are not a dict are
+    returned as they are, for `layouts_from_records` to refuse."""
     if not isinstance(records, dict):
-        return records
+        return records, ()
     prefix = getattr(model, "base_model_prefix", "") or ""
 
     def dropped_source(record) -> bool:  # a tie to a recorded module the model does not have (malformed ties: kept)
@@ -264,14 +264,15 @@ def _kept_records(model: nn.Module, records, names: dict[str, str]):
         return isinstance(source, str) and source in records and source not in names
 
     kept = {n: r for n, r in records.items() if n in names and not dropped_source(r)}
-    lacking = [n for n in records if n not in kept and (not prefix or n.startswith(prefix + "."))]
+    left_out = tuple(n for n in records if n not in kept)
+    lacking = [n for n in left_out if not prefix or n.startswith(prefix + ".")]
     if lacking:
         logger.warning(
             f"dkm_hf: config.json's palettized module(s) {lacking[:5]} are not weights of this "
             f"{type(model).__name__}: their tensors are not loaded (a layer this model leaves out, as a pooler with "
             "add_pooling_layer=False; if the model names it otherwise, its weight stays as initialised)"
         )
-    return kept
+    return kept, left_out
 
 
 def _candidates(prefix: str, has_base: bool, name: str) -> list[str]:
