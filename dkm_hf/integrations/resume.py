@@ -16,7 +16,7 @@ import re
 
 from accelerate.utils import save_fsdp_model
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, Trainer
 from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -46,8 +46,9 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _FSDP_WEIGHTS = re.compile(r"^pytorch_model_fsdp_\d+$")
 
 
-def checkpoint_problem(directory: str | os.PathLike) -> str | None:
-    """Why `directory` is not a complete training checkpoint to resume from, or None when it is one."""
+def checkpoint_problem(directory: str | os.PathLike, bare: bool = False) -> str | None:
+    """Why `directory` is not a complete training checkpoint to resume from, or None when it is one. `bare`: the model
+    is saved as a bare state dict, without config.json (`saves_state_dict_only`)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return "it is not a directory"
@@ -58,7 +59,7 @@ def checkpoint_problem(directory: str | os.PathLike) -> str | None:
         with open(os.path.join(directory, CONFIG_NAME), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        if not adapter and not _fsdp_sharded(directory):
+        if not adapter and not bare and not _fsdp_sharded(directory):
             return f"it has no readable {CONFIG_NAME} (the model was not saved completely)"
         config = None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
@@ -106,7 +107,7 @@ def _weights_problem(directory: str) -> str | None:
     return f"it has no model weights ({SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or {WEIGHTS_NAME})"
 
 
-def newest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+def newest_complete_checkpoint(output_dir: str | os.PathLike, bare: bool = False) -> str | None:
     """The `checkpoint-N` of highest N under `output_dir` that is complete; each newer one is skipped with a warning
     that says why. None when there is none."""
     output_dir = os.fspath(output_dir)
@@ -114,33 +115,35 @@ def newest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     steps = sorted((int(m.group(1)), m.group(0)) for m in found if m)
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)
-        problem = checkpoint_problem(path)
+        problem = checkpoint_problem(path, bare)
         if problem is None:
             return path
         logger.warning(f"dkm_hf: not resuming from {path}: {problem}; trying the previous checkpoint")
     return None
 
 
-def resolve_resume(resume_from_checkpoint: str | os.PathLike | bool | None, output_dir: str) -> str | None:
+def resolve_resume(
+    resume_from_checkpoint: str | os.PathLike | bool | None, output_dir: str, bare: bool = False
+) -> str | None:
     """What Trainer gets as `resume_from_checkpoint`: for True, the newest complete checkpoint in `output_dir`; for a
     path, the path once it is a complete training checkpoint. Raises a ValueError that says what is wrong."""
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
     if resume_from_checkpoint is True:
-        path = newest_complete_checkpoint(output_dir)
+        path = newest_complete_checkpoint(output_dir, bare)
         if path is None:
             raise ValueError(
                 f"resume_from_checkpoint=True: no complete training checkpoint ({PREFIX_CHECKPOINT_DIR}-N) in "
                 f"{output_dir} to resume from"
             )
         return path
-    problem = checkpoint_problem(resume_from_checkpoint)
+    problem = checkpoint_problem(resume_from_checkpoint, bare)
     if problem is not None:
         raise ValueError(f"cannot resume training from {os.fspath(resume_from_checkpoint)}: {problem}")
     return os.fspath(resume_from_checkpoint)
 
 
-def model_problem(directory: str | os.PathLike, model) -> str | None:
+def model_problem(directory: str | os.PathLike, model, bare: bool = False) -> str | None:
     """Why the DKM state saved in training checkpoint `directory` does not fit `model`'s DKM weights (a DKMConfig
     other than the one it was trained with: other bits, LUT groups or per-channel scales, other weights clustered),
     or None. Loading would only warn about missing or unexpected keys and train on mismatched centroids."""
@@ -148,7 +151,7 @@ def model_problem(directory: str | os.PathLike, model) -> str | None:
     names = os.listdir(directory)
     if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
         return None  # sharded FSDP or .bin weights: transformers' loading checks those
-    model = saved_model(model)
+    model = model if bare else saved_model(model)  # a bare state dict holds the model's own names
     if model is None:
         return None  # no one transformers model holds the DKM weights: the files' names are not known here
     try:
@@ -185,6 +188,14 @@ def saved_model(model: nn.Module) -> nn.Module | None:
     if len(inner) == 1 and len(dkm_modules(inner[0])) == len(dkm_modules(model)):
         return inner[0]
     return None
+
+
+def saves_state_dict_only(trainer) -> bool:
+    """Whether `trainer` saves its model as a bare state dict, without config.json: Trainer does so for a module that
+    is neither a PreTrainedModel nor a peft model (a model built in code) unless the subclass saves its own way."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    whole = isinstance(model, PreTrainedModel) or hasattr(model, "peft_config")
+    return not whole and type(trainer)._save is Trainer._save
 
 
 def wrapper_hint(model: nn.Module) -> str:

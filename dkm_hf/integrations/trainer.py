@@ -28,7 +28,7 @@ from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
 from .distillation import NEEDS_LABELS, distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_state_dict, full_weights, saves_no_full_model
-from .resume import checkpoint_initial_model, model_problem, resolve_resume, wrapper_hint
+from .resume import checkpoint_initial_model, model_problem, resolve_resume, saves_state_dict_only, wrapper_hint
 from .transformers_patches import accumulated_batch_share, counted_labels
 
 logger = logging.get_logger(__name__)
@@ -224,8 +224,9 @@ class DKMTrainerMixin:
         """Trainer's `train`; `resume_from_checkpoint=True` takes the newest complete `checkpoint-N` (a run killed
         while saving leaves an incomplete one, skipped with a warning), and a directory that cannot be resumed from
         (a palettized checkpoint, an incomplete one) is refused saying why."""
-        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        problem = model_problem(resume, self.model) if resume is not None else None
+        bare = saves_state_dict_only(self)  # a model built in code: Trainer saves no config.json
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir, bare)
+        problem = model_problem(resume, self.model, bare) if resume is not None else None
         if problem is not None:
             raise ValueError(f"cannot resume training from {resume}: {problem}")
         # step 0's hard evaluation, for this run only: the caller's arguments stay as they were (a control run may

@@ -890,3 +890,51 @@ def test_labels_that_are_not_a_tensor_train_as_in_trainer(tmp_path):
         losses[cls] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses[DKMTrainer]) == 3 and all(math.isfinite(x) for x in losses[DKMTrainer])
     assert losses[DKMTrainer] == losses[Trainer]
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_model_built_in_code_resumes_and_saves_a_palettized_state_dict(tmp_path, with_config):
+    """Trainer saves a model that is no PreTrainedModel as a bare state dict, without config.json: DKMTrainer refused
+    every resume of one ("no readable config.json"), also for a module that copies its backbone's `config`. It resumes
+    to the losses of the uninterrupted run now, a resume with other bits is refused, and save_model's palettized state
+    dict loads into the same model palettized."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 4)
+            if with_config:  # a head of one's own that copies its backbone's config
+                self.config = BertConfig()
+
+        def forward(self, x, labels=None):
+            y = self.proj(x)
+            return {"logits": y} if labels is None else {"loss": torch.nn.functional.mse_loss(y, labels), "logits": y}
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(16, generator=g), "labels": torch.rand(4, generator=g)} for _ in range(32)]
+
+    def run(resume=None, bits=4):
+        torch.manual_seed(0)
+        model = dkm_hf.prepare(Net(), DKMConfig(bits=bits, weight_threshold=0))
+        args = _args(tmp_path, max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
+        trainer = DKMTrainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    trainer, losses = run()
+    assert not (tmp_path / "out" / "checkpoint-2" / "config.json").exists()
+    resumed, resumed_losses = run(resume=str(tmp_path / "out" / "checkpoint-2"))
+    assert resumed_losses == losses
+    with pytest.raises(ValueError, match="checkpoint-2: its DKM state does not fit"):
+        run(resume=str(tmp_path / "out" / "checkpoint-2"), bits=2)
+
+    trainer.save_model(str(tmp_path / "final"))
+    torch.manual_seed(0)
+    shipped = dkm_hf.palettize(dkm_hf.prepare(Net(), DKMConfig(bits=4, weight_threshold=0)))
+    shipped.load_state_dict(load_file(tmp_path / "final" / "model.safetensors"))
+    x = torch.stack([row["x"] for row in data])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(shipped(x)["logits"], trainer.model(x)["logits"])
