@@ -369,6 +369,31 @@ def test_a_training_checkpoint_with_a_non_finite_clustered_weight_is_refused_by_
         AutoModelForCausalLM.from_pretrained(tmp_path / "train")
 
 
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (
+            {"per_channel_scale": False},
+            r"per-channel scales \(\['transformer\.wte\.weight_scale'.*trained with per_channel_scale=True",
+        ),
+        ({"bits": 2}, r"centroids: F32 of shape \[1, 8, 1\], expected a float tensor of shape \[1, 4, 1\]"),
+    ],
+    ids=["scales-of-a-config-without", "centroids-of-other-bits"],
+)
+def test_a_training_checkpoint_under_an_edited_config_is_refused_naming_the_state(dense_dirs, tmp_path, edit, error):
+    """A training checkpoint's DKM state that its config.json no longer describes: per-channel scales of a config
+    without them (they would be dropped and the weights trained unscaled), centroids of other bits (transformers'
+    generic size mismatch otherwise)."""
+    config = dkm_hf.DKMConfig(bits=3, weight_threshold=0, per_channel_scale=True)
+    AutoModelForCausalLM.from_pretrained(dense_dirs["gpt2"], dkm_config=config).save_pretrained(tmp_path / "train")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "train") is not None
+    config = json.loads((tmp_path / "train" / "config.json").read_text())
+    config["quantization_config"].update(edit)
+    (tmp_path / "train" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PalettizedCheckpointError, match=error):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "train")
+
+
 def test_padding_bits_must_be_zero(tmp_path):
     """74 indices of 3 bits fill 9 blocks of 8 and 2 of a 10th: its last 18 bits are padding and must stay zero."""
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -116,10 +117,14 @@ def test_a_state_dict_argument_is_what_the_checksums_cover(tiny_dir, tmp_path):
     pal.save_pretrained(tmp_path / "edited", state_dict=dict(state))  # transformers empties the dict it is given
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
     torch.testing.assert_close(reloaded.state_dict()[key], state[key])
-    del state[key]
+    lut = state.pop(key)
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match=f"{key} is missing"):
         pal.save_pretrained(tmp_path / "partial", state_dict=dict(state))
     assert not (tmp_path / "partial").exists()
+    state[key] = lut.float()  # a LUT its loader would refuse (float16 expected): refused at the save
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match=re.escape(key)):
+        pal.save_pretrained(tmp_path / "float32", state_dict=dict(state))
+    assert not (tmp_path / "float32").exists()
 
 
 def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(tiny_dir, tmp_path):

@@ -57,6 +57,19 @@ def test_plain_trainer_updates_every_clustered_weight_and_centroids(toy_path, tm
         assert not torch.equal(before[name][1], module.centroids), name
 
 
+def test_tau_schedules_by_their_formulas():
+    """The schedules' values written out, not computed by the code under test: flat until the milestone, then
+    linear or cosine from tau_start to tau_end over the remaining steps, tau_end after them."""
+    assert [tau_at(s, 0, 4, "linear", 0.1, 0.02) for s in (0, 1, 2, 4, 9)] == pytest.approx(
+        [0.1, 0.08, 0.06, 0.02, 0.02]
+    )
+    assert [tau_at(s, 2, 6, "linear", 0.1, 0.02) for s in (0, 2, 3, 6)] == pytest.approx([0.1, 0.1, 0.08, 0.02])
+    cosine = [tau_at(s, 0, 4, "cosine", 0.1, 0.02) for s in range(5)]
+    half = (2 + 2**0.5) / 4  # (1 + cos(pi / 4)) / 2
+    assert cosine == pytest.approx([0.1, 0.02 + 0.08 * half, 0.06, 0.02 + 0.08 * (1 - half), 0.02])
+    assert tau_at(3, 0, 4, "constant", 0.1, 0.02) == 0.1
+
+
 def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     model = _model(toy_path)
     args = _args(
@@ -80,7 +93,7 @@ def test_dkm_trainer_learns_logs_tau_and_hard_metrics(toy_path, tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 30
     taus = [entry["dkm_tau"] for entry in logs]
-    assert taus == pytest.approx([tau_at(s, 0, 30, "linear", 0.1, 0.025) for s in range(30)])
+    assert taus == pytest.approx([0.1 - 0.075 * s / 30 for s in range(30)])  # linear from tau_start to tau_end
     assert all(math.isfinite(e["loss"]) for e in logs)
     assert sum(e["loss"] for e in logs[-5:]) < sum(e["loss"] for e in logs[:5])
     assert all("dkm_entropy" in e and "dkm_empty_clusters" in e for e in logs)
@@ -105,16 +118,18 @@ def test_a_soft_evaluation_keeps_each_modules_own_soft_eval(toy_path, tmp_path):
     assert [m.soft_eval for m in modules] == [True] + [False] * (len(modules) - 1)
 
 
-def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path):
-    """tau=None gives each layer its width's tau: the log shows the one most layers use and the range."""
-    model = _model(toy_path, tau=None, overrides={".*embeddings.*": {"bits": 8}})
+@pytest.mark.parametrize(("bits", "embedding_bits", "most"), [(3, 8, 0.05), (8, 3, 0.01)])
+def test_logged_tau_with_mixed_bit_widths(toy_path, tmp_path, bits, embedding_bits, most):
+    """tau=None gives each layer its width's tau: the log shows the one most layers use (the larger or the smaller)
+    and the range."""
+    model = _model(toy_path, tau=None, bits=bits, overrides={".*embeddings.*": {"bits": embedding_bits}})
     taus = [m.settings.tau for _, m in dkm_hf.dkm_modules(model)]
-    assert sorted(set(taus)) == [0.01, 0.05] and taus.count(0.05) > taus.count(0.01)
+    assert sorted(set(taus)) == [0.01, 0.05] and taus.count(most) > len(taus) / 2
     args = _args(tmp_path, max_steps=2, tau_schedule="constant")
     trainer = DKMTrainer(model=model, args=args, train_dataset=ToyDataset(32))
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert [(e["dkm_tau"], e["dkm_tau_min"], e["dkm_tau_max"]) for e in logs] == [(0.05, 0.01, 0.05)] * 2
+    assert [(e["dkm_tau"], e["dkm_tau_min"], e["dkm_tau_max"]) for e in logs] == [(most, 0.01, 0.05)] * 2
 
 
 class _RecordTaus(TrainerCallback):
@@ -773,6 +788,47 @@ def test_an_epoch_strategy_save_checks_the_weights_too(toy_path, tmp_path):
     with pytest.raises(FloatingPointError, match=rf"{layer}: 1 value\(s\) became NaN .* at step 4"):
         trainer.train()
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("reseed", [False, True])
+def test_cluster_health_values_by_construction(reseed):
+    """The health metrics' values on a layer built for them: one centroid far from every weight is one empty
+    cluster (re-seeded onto a weight when re-seeding is on, then no longer empty); without a step in between nothing
+    changes; moving one centroid of k by d moves the mean absolute drift by d / k and changes exactly the
+    assignments that `assignments()` says."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(torch.nn.Sequential(torch.nn.Linear(64, 32)), DKMConfig(bits=3, weight_threshold=0))
+    (_, module), k = dkm_hf.dkm_modules(model)[0], 8
+    with torch.no_grad():
+        module.centroids[0, 3] = 100.0  # no weight is nearest to it
+    callback = DKMCallback(log_cluster_health=True, reseed_dead_centroids=reseed)
+    args, state = SimpleNamespace(logging_steps=1), SimpleNamespace(global_step=1, max_steps=10)
+
+    def check(step):
+        state.global_step = step
+        callback.pending.clear()
+        callback._health(args, state, model, logging=True)
+        return callback.pending
+
+    logs = check(1)
+    assert logs["dkm_empty_clusters"] == 1 and logs["dkm_reseeded"] == (1 if reseed else 0)
+    assert "dkm_changed_fraction" not in logs
+    assert (module.centroids[0, 3, 0] == 100.0) != reseed  # re-seeded onto a weight
+    before = module.assignments().clone()
+    logs = check(2)  # no step in between: what changed is the re-seeding's (the weights now nearest to it)
+    assert logs["dkm_empty_clusters"] == (0 if reseed else 1) and logs["dkm_reseeded"] == 0
+    assert logs["dkm_centroid_drift"] == 0 and (logs["dkm_changed_fraction"] > 0) == reseed
+    logs = check(3)
+    assert logs["dkm_changed_fraction"] == 0 and logs["dkm_centroid_drift"] == 0
+    with torch.no_grad():
+        module.centroids[0, 5] += 0.25
+    after = module.assignments()
+    assert not torch.equal(after, before)  # the move changes some assignments
+    logs = check(4)
+    assert logs["dkm_centroid_drift"] == pytest.approx(0.25 / k)
+    assert logs["dkm_changed_fraction"] == pytest.approx((after != before).float().mean().item())
 
 
 def test_cluster_health_at_every_step_that_logs(toy_path, tmp_path):

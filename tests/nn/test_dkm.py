@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -544,3 +545,44 @@ def test_a_constant_weight_gets_the_gradient_of_its_mean(dtype):
     exact = x.float().sum(0).mean()  # d/dw of sum(x @ (w 1)^T) spread evenly: each weight moves with the centroid
     assert bool(torch.isfinite(grad).all())
     torch.testing.assert_close(grad, torch.full_like(grad, exact.item()), rtol=0.05, atol=0.05)
+
+
+def test_centroids_from_load_state_dict_are_used_as_they_are():
+    """A model prepared without initialisation that loads a trained model's state (its centroids) uses them: no
+    k-means at its first forward replaces them."""
+    config = DKMConfig(bits=3, weight_threshold=0)
+    torch.manual_seed(0)
+    trained = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 48)), config)
+    trained(torch.randn(4, 64)).square().sum().backward()  # a training forward: the centroids leave k-means'
+    torch.manual_seed(1)
+    fresh = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 48)), config, init=False)
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
+    assert torch.equal(fresh[0].centroids, trained[0].centroids)
+
+
+def test_epsilon_is_in_units_of_each_groups_standard_deviation():
+    """The early stop compares each centroid move with epsilon times the group's standard deviation (tau is relative
+    to its variance): the same layer scaled by 8 (exactly, a power of two) stops at the same iteration, with
+    centroids 8 times as large. A stop in units of the variance would stop the scaled layer at another one."""
+    torch.manual_seed(0)
+    layer, x = nn.Linear(256, 64), torch.randn(2, 256)
+
+    def centroids(scale, epsilon=0.05, max_iters=6):
+        model = copy.deepcopy(nn.Sequential(layer))
+        with torch.no_grad():
+            model[0].weight.mul_(scale)
+        config = DKMConfig(bits=3, weight_threshold=0, max_iters=max_iters, epsilon=epsilon)
+        model = dkm_hf.init_centroids(dkm_hf.prepare(model, config, init=False))
+        with torch.no_grad():
+            model[0].centroids.mul_(1.05)  # off the optimum: the loop moves them
+        model(x).sum().backward()
+        return model[0].centroids / scale
+
+    stopped = centroids(1.0)
+    # the stop falls between the first and the last iteration, where the scale could move it
+    assert not torch.equal(stopped, centroids(1.0, max_iters=1))
+    assert not torch.equal(stopped, centroids(1.0, epsilon=1e-30))
+    torch.testing.assert_close(centroids(8.0), stopped, rtol=1e-5, atol=0)

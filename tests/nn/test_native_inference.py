@@ -53,16 +53,20 @@ def test_native_decode_is_the_torch_decode(bits, scale, cluster_dim, group_size)
 
 
 @needs_native
+@torch.no_grad()  # inference: a bias that needs its gradient takes F.linear's path
 @pytest.mark.parametrize(("bits", "scale", "cluster_dim", "group_size"), CASES)
 def test_packed_forward_matches_dense(bits, scale, cluster_dim, group_size):
     model = _model(bits, scale, cluster_dim, group_size)
     head = nn.Sequential(model[0], model[1], model[2])
     big, small = torch.randn(3, 7, 64), torch.randn(1, 5, 64)
+    dkm_hf.set_inference_mode(model, "dense")  # palettize() leaves packed mode: the reference is the dense one
+    assert model[0].inference_mode == model[2].inference_mode == "dense"
     dense_big, dense_small = head(big), head(small)
     dkm_hf.set_inference_mode(model, "packed")
     assert torch.equal(head(big), dense_big)  # 21 rows: the weight decoded just in time, the module's own forward
     got = head(small)  # 5 rows: the fused gemv
     torch.testing.assert_close(got, dense_small, rtol=1e-5, atol=1e-5)
+    assert model[0].palettized_weights["weight"].packed_linear(small, model[0].bias) is not None
     assert (
         model[0].palettized_weights["weight"]._dense is None and model[2].palettized_weights["weight"]._dense is None
     )
@@ -94,6 +98,7 @@ def test_tied_lm_head_uses_the_embedding_palette():
     assert model.lm_head.tied_source is model.model.embed_tokens
     ids = torch.randint(0, 96, (1, 6))
     with torch.no_grad():
+        dkm_hf.set_inference_mode(model, "dense")  # palettize() leaves packed mode: the reference is the dense one
         dense = model(ids).logits
         dkm_hf.set_inference_mode(model, "packed")
         assert model.lm_head.palettized_weights["weight"]._native_palette() is not None
@@ -108,6 +113,7 @@ def test_tied_lm_head_uses_the_embedding_palette():
 def test_torch_path_when_disabled(monkeypatch):
     model = _model(3, True, 1, 6)
     x = torch.randn(2, 64)
+    dkm_hf.set_inference_mode(model, "dense")
     dense = model[0](x)
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
     dkm_hf.set_inference_mode(model, "packed")
@@ -185,16 +191,17 @@ def test_a_model_palettized_under_inference_mode_runs(tiny_dir):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("scale", [False, True])
 @pytest.mark.parametrize("shape_bits", [(50, 10, 4, 1), (99, 36, 8, 2), (64, 10, 3, 1)])
-def test_torch_path_embedding_rows_with_padded_indices_and_bad_ids(monkeypatch, shape_bits):
+def test_torch_path_embedding_rows_with_padded_indices_and_bad_ids(monkeypatch, shape_bits, scale):
     """The packed Embedding without the native kernels (GPUs, DKM_HF_NATIVE=0): a weight whose packed indices end
     in padding bytes decodes the looked-up rows (before: a view of the padded buffer failed), and a negative id is an
-    IndexError as in nn.Embedding (before: the last row, silently)."""
+    IndexError as in nn.Embedding (before: the last row, silently). With per-channel scales, each row's scale."""
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
     tokens, features, bits, d = shape_bits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(tokens, features))
-    config = dkm_hf.DKMConfig(bits=bits, cluster_dim=d, weight_threshold=0)
+    config = dkm_hf.DKMConfig(bits=bits, cluster_dim=d, weight_threshold=0, per_channel_scale=scale)
     hard = dkm_hf.prepare(model, config).eval()
     ids = torch.tensor([[1, 2, tokens - 1, 1]])
     expected = hard(ids)

@@ -44,13 +44,18 @@ def test_assigning_a_palettized_weight_is_refused_by_name(value):
     assert torch.equal(model[0].bias, torch.ones(48))
 
 
+@torch.no_grad()  # inference: a bias that needs its gradient takes F.linear's path, not the fused gemv
 def test_packed_mode_decodes_per_forward_and_matches_dense():
-    model, _ = _palettized(True)
+    model, hard = _palettized(True)
     x = torch.randn(5, 64)
+    dkm_hf.set_inference_mode(model, "dense")  # palettize() leaves packed mode: the reference is the dense one
+    assert model[0].inference_mode == "dense"
     dense = model[0](x)
+    assert torch.allclose(dense, nn.functional.linear(x, hard[0], model[0].bias), rtol=0, atol=1e-5)
     dkm_hf.set_inference_mode(model, "packed")
     assert model[0].inference_mode == "packed" and model[0].palettized_weights["weight"]._dense is None
-    assert torch.equal(model[0](x), dense) and model[0].palettized_weights["weight"]._dense is None
+    torch.testing.assert_close(model[0](x), dense, rtol=1e-5, atol=1e-5)  # the fused gemv: another summation order
+    assert model[0].palettized_weights["weight"]._dense is None
     with pytest.raises(ValueError, match="inference mode must be one of"):
         dkm_hf.set_inference_mode(model, "sparse")
 
@@ -97,8 +102,30 @@ def test_packed_embedding_decodes_only_the_rows_it_looks_up(features, bits, clus
     )
     model = dkm_hf.palettize(dkm_hf.prepare(nn.Sequential(nn.Embedding(40, features)), config))
     ids = torch.tensor([[3, 7, 3, 39], [0, 1, 2, 7]])
+    dkm_hf.set_inference_mode(model, "dense")  # palettize() leaves packed mode: the reference is the dense one
     dense = model(ids)
     layer = model[0]
+    assert layer.inference_mode == "dense" and torch.equal(dense, layer.weight[ids])
     assert torch.equal(layer.palettized_weights["weight"].decode_rows(torch.tensor([39, 3])), layer.weight[[39, 3]])
     dkm_hf.set_inference_mode(model, "packed")
     assert torch.equal(model(ids), dense)
+
+
+def test_dense_mode_follows_a_load_state_dict():
+    """Dense mode keeps the decoded weight between forwards; loading other LUTs and indices replaces it (a stale
+    decoded weight would keep the old model's output)."""
+
+    def palettized(seed):
+        torch.manual_seed(seed)
+        model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 48)), dkm_hf.DKMConfig(bits=3, weight_threshold=0))
+        return dkm_hf.palettize(model.eval())
+
+    model, other = palettized(0), palettized(1)
+    dkm_hf.set_inference_mode(model, "dense")
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.load_state_dict(other.state_dict())
+        after = model(x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, nn.functional.linear(x, other[0].weight, other[0].bias))

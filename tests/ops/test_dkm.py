@@ -100,16 +100,19 @@ def test_device_loop_without_host_synchronisation_matches_the_host_loop(monkeypa
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
-def test_per_group_tau_and_epsilon_match_the_reference_group_by_group(implementation):
+@pytest.mark.parametrize(
+    ("epsilon", "iterations"), [([1e9, 1e9, 1e9], 1), ([1e9, 1e-30, 1e9], 5), ([1e-30, 1e9, 1e9], 5)]
+)
+def test_per_group_tau_and_epsilon_match_the_reference_group_by_group(implementation, epsilon, iterations):
     """tau and epsilon given per LUT group act as each group's own: every group equals a reference run with its
-    scalar values (the early stop looks at every group's centroid move against its own epsilon)."""
+    scalar tau (the early stop looks at every group's centroid move against its own epsilon, and the loop runs
+    until every group has converged: one group that has not keeps all iterating)."""
     w = weights(3, 2000, 1)
     c0 = kmeans_init(w, 8, seed=0)
     tau = torch.tensor([1e-3, 4e-3, 2e-4])
-    epsilon = torch.tensor([1e9, 1e9, 1e9])  # every group converged after one iteration
-    y, c = dkm_cluster(w, c0, tau, 5, epsilon, implementation)
+    y, c = dkm_cluster(w, c0, tau, 5, torch.tensor(epsilon), implementation)
     for g in range(3):
-        y_ref, c_ref = naive_dkm(w[g : g + 1], c0[g : g + 1], float(tau[g]), 1, 0.0)
+        y_ref, c_ref = naive_dkm(w[g : g + 1], c0[g : g + 1], float(tau[g]), iterations, 0.0)
         assert _rel(y[g : g + 1], y_ref) < 1e-5 and _rel(c[g : g + 1], c_ref) < 1e-5
 
 
@@ -118,15 +121,25 @@ def test_the_attention_cache_changes_nothing(monkeypatch, implementation):
     w = weights(2, 3000, 1)
     c0 = kmeans_init(w, 16, seed=0)
     grad = torch.randn_like(w)
-    results = []
+    results, calls = [], []
+    counted = dkm.attention
+
+    def attention(*args):
+        calls[-1] += 1
+        return counted(*args)
+
+    monkeypatch.setattr(dkm, "attention", attention)
+    monkeypatch.setattr(fused, "cpu_kernels", lambda: None)  # the uniquified loop in torch, where the cache is
     for budget in (1 << 30, 0):
         monkeypatch.setattr(dkm, "ATTENTION_CACHE_BYTES", budget)
+        calls.append(0)
         x = w.clone().requires_grad_()
         y, c = dkm_cluster(x, c0, 1e-3, 3, 0.0, implementation)
         (y * grad).sum().backward()
         results.append((y.detach(), c, x.grad))
     for cached, recomputed in zip(*results):
         assert torch.equal(cached, recomputed)
+    assert 0 < calls[0] < calls[1]  # the cache saved attention evaluations
 
 
 def _importance(w: torch.Tensor, seed: int = 5) -> torch.Tensor:
@@ -214,3 +227,20 @@ def test_uniquified_keys_float32_weights_relative_to_their_magnitude(std):
     assert ((soft_u - soft_e).norm() / soft_e.norm()).item() < 2e-3
     assert ((g_u - g_e).norm() / g_e.norm()).item() < 0.04
     assert ((c_u - c_e).abs().max() / c_e.abs().max()).item() < 2e-3
+
+
+@pytest.mark.parametrize("epsilon", [1e-3, 3e-3, 1e-2])
+def test_uniquified_early_stop_is_the_chunked_one(epsilon):
+    """The uniquified path keys float32 weights at a power-of-two scale: tau and epsilon follow that scale, so the
+    loop stops at the iteration the chunked path stops at (an epsilon left unscaled stopped it elsewhere)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1, 20000, 1, generator=g) * 0.02
+    c0 = kmeans_init(w, 16, seed=0) * 1.05  # off the optimum: the loop moves them
+    tau = 0.05 * w.var().item()
+
+    def stop(implementation):
+        _, c = dkm_cluster(w, c0, tau, 10, epsilon, implementation)
+        runs = [dkm_cluster(w, c0, tau, t, 0.0, implementation)[1] for t in range(1, 11)]
+        return [t for t, c_t in enumerate(runs, 1) if torch.equal(c_t, c)][0]
+
+    assert stop("uniquified") == stop("chunked") < 10
