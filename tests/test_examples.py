@@ -426,7 +426,7 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
 
     four_model, four_dkm, four_train = recipe(4)
     assert (four_train.learning_rate, four_train.max_steps) == (3e-4, 3)
-    assert four_dkm.config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.01
+    assert four_dkm.config(4).settings_for("model.layers.0.mlp.up_proj").tau == 0.004  # DKMConfig's own: 0.01
     assert four_train.tau_end_ratio == 0.1  # 4 bits anneals tau too (DKMTrainer's default keeps it flat there)
     assert four_model.gptq and model_args.gptq  # GPTQ's snapping at every width by default
     assert not four_model.gptq_act_order
@@ -437,10 +437,10 @@ def test_causal_lm_example_recipe_per_bit_width(tmp_path):
     # 3 bits takes its measured learning rate and tau; --max_steps on the command line wins over the recipe's 30
     assert (three_train.learning_rate, three_train.max_steps) == (5e-4, 3) and three_model.gptq
     assert three_model.gptq_act_order and not recipe(3, ["--gptq_act_order", "false"])[0].gptq_act_order
-    assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.02  # DKMConfig's own: 0.05
+    assert three_dkm.config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.005  # DKMConfig's own: 0.05
     assert three_dkm.config(3).kmeans_restarts == 4  # the example's choice for per-row LUTs
     # the recipe's tau is one tau for every layer, the 8-bit embedding's too (as measured)
-    assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.02
+    assert three_dkm.config(3).settings_for("model.embed_tokens").tau == 0.005
     assert recipe(3, ["--tau", "0.05"])[1].config(3).settings_for("model.layers.0.mlp.up_proj").tau == 0.05
     # an option given on the command line is left as parsed
     given = recipe(3, ["--learning_rate=1e-3"])[2]

@@ -100,8 +100,8 @@ DKM_TRAINING_DEFAULTS = {
 # 1.61-1.66x). Both widths take a width per layer within their size (allocate_bits; README "Decoder LLMs": tweets
 # 1.095x -> 1.04x at 4 bits, 1.61x -> 1.40x at 3 bits, seed 42). Applied unless given on the command line.
 BITS_RECIPES = {
-    4: {"tau_end_ratio": 0.1, "bit_choices": "3 4 5 6"},
-    3: {"learning_rate": 5e-4, "max_steps": 30, "tau": 0.02, "gptq_act_order": True, "bit_choices": "2 3 4"},
+    4: {"tau": 0.004, "tau_end_ratio": 0.1, "bit_choices": "3 4 5 6"},
+    3: {"learning_rate": 5e-4, "max_steps": 30, "tau": 0.005, "gptq_act_order": True, "bit_choices": "2 3 4"},
 }
 
 
