@@ -252,6 +252,10 @@ CASES = {
         lambda t, m: t["transformer.h.0.attn.c_attn.weight_lut"].view(-1).__setitem__(3, float("nan")),
         r"transformer\.h\.0\.attn\.c_attn\.weight_lut: 1 value\(s\) are NaN or infinite",
     ),
+    "unclustered tensor of integers": (
+        lambda t, m: t.__setitem__("transformer.ln_f.weight", t["transformer.ln_f.weight"].to(torch.int32)),
+        r"transformer\.ln_f\.weight: dtype I32 in the checkpoint, the model has torch\.float32",
+    ),
     "inf scale": (
         lambda t, m: t["transformer.wte.weight_scale"].view(-1).__setitem__(0, float("inf")),
         r"transformer\.wte\.weight_scale: 1 value\(s\) are NaN or infinite",
@@ -392,6 +396,20 @@ def test_a_training_checkpoint_under_an_edited_config_is_refused_naming_the_stat
     (tmp_path / "train" / "config.json").write_text(json.dumps(config))
     with pytest.raises(PalettizedCheckpointError, match=error):
         AutoModelForCausalLM.from_pretrained(tmp_path / "train")
+
+
+def test_a_scale_of_a_module_config_json_declares_unscaled_is_refused(gpt2_checkpoint, tmp_path):
+    """Palettized files with a per-channel scale for a module whose record in config.json was edited to
+    per_channel_scale=False: the scale would be dropped and the weight decoded unscaled."""
+    path = _copy(gpt2_checkpoint[0], tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["modules"]["transformer.h.0.attn.c_proj"]["per_channel_scale"] = False
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        PalettizedCheckpointError,
+        match=r"c_proj\.weight_scale: module 'transformer\.h\.0\.attn\.c_proj' has per_channel_scale=False",
+    ):
+        _load(path)
 
 
 def test_padding_bits_must_be_zero(tmp_path):
