@@ -103,6 +103,16 @@ def first_step_change(trainer) -> tuple[torch.Tensor, float]:
     return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, trainer.model.parameters())]), loss
 
 
+def linear_rounding(x, weight, bias=None):
+    """Elementwise bound on how far two float32 evaluations of x W^T + b can differ by summation order alone: each is
+    within gamma_n (|x| |W|^T + |b|) of the exact value (n: the products and the bias summed; gamma_n = n U / (1 -
+    n U)), so the two within twice that."""
+    n = x.shape[-1] + (bias is not None)
+    gamma = n * U / (1 - n * U)
+    exact = x.double().abs() @ weight.double().abs().T + (0 if bias is None else bias.double().abs())
+    return 2 * gamma * exact
+
+
 def free_port() -> int:
     """A port nothing listens on now, for a torch.distributed.run rendezvous (a fixed one can still be held by the
     previous launch's sockets)."""

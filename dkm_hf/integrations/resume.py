@@ -16,7 +16,7 @@ import re
 
 from accelerate.utils import save_fsdp_model
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 from transformers.distributed.fsdp import get_fsdp_ckpt_kwargs
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -36,7 +36,7 @@ from ..errors import PalettizedCheckpointError
 from ..nn.dkm import dkm_modules
 from ..surgery.convert import weight_layouts
 from ..surgery.model import get_dkm_config
-from .checkpoint_checks import carries_training_state
+from .checkpoint_checks import FORMAT_KEY, carries_training_state
 from .safetensors_files import checkpoint_files, read_headers
 
 logger = logging.get_logger(__name__)
@@ -48,7 +48,7 @@ _FSDP_WEIGHTS = re.compile(r"^pytorch_model_fsdp_\d+$")
 
 def checkpoint_problem(directory: str | os.PathLike, bare: bool = False) -> str | None:
     """Why `directory` is not a complete training checkpoint to resume from, or None when it is one. `bare`: the model
-    is saved as a bare state dict, without config.json (`saves_state_dict_only`)."""
+    may be saved as a bare state dict, without config.json (`saves_state_dict_only`)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         return "it is not a directory"
@@ -151,6 +151,7 @@ def model_problem(directory: str | os.PathLike, model, bare: bool = False) -> st
     names = os.listdir(directory)
     if SAFE_WEIGHTS_NAME not in names and SAFE_WEIGHTS_INDEX_NAME not in names:
         return None  # sharded FSDP or .bin weights: transformers' loading checks those
+    bare = bare and CONFIG_NAME not in names  # Trainer's bare state dict (SentenceTransformerTrainer: its own)
     model = model if bare else saved_model(model)  # a bare state dict holds the model's own names
     if model is None:
         return None  # no one transformers model holds the DKM weights: the files' names are not known here
@@ -159,12 +160,15 @@ def model_problem(directory: str | os.PathLike, model, bare: bool = False) -> st
     except PalettizedCheckpointError as err:
         return f"its weight files are missing or damaged ({err})"
     header.tensors.prefix = getattr(model, "base_model_prefix", "") or ""
+    if bare:  # written by Trainer from a DKM model, without dkm_hf's metadata: its DKM state must be complete
+        header.metadata = {**header.metadata, FORMAT_KEY: "train"}
     try:
         carries_training_state(header, weight_layouts(dkm_modules(model)))
     except PalettizedCheckpointError as err:
+        where = "" if bare else " (its config.json's quantization_config)"
         return (
             f"its DKM state does not fit this model's DKM weights ({err}). Build the model with the DKMConfig the "
-            "checkpoint was trained with (its config.json's quantization_config)"
+            f"checkpoint was trained with{where}"
         )
     # a clustered weight the files lack would keep its starting value (transformers only reports missing keys)
     keys = [f"{n}.weight" if s.param == "weight" else n for n, s in dkm_modules(model) if s.tied_source is None]
@@ -191,11 +195,11 @@ def saved_model(model: nn.Module) -> nn.Module | None:
 
 
 def saves_state_dict_only(trainer) -> bool:
-    """Whether `trainer` saves its model as a bare state dict, without config.json: Trainer does so for a module that
-    is neither a PreTrainedModel nor a peft model (a model built in code) unless the subclass saves its own way."""
+    """Whether `trainer`'s checkpoints may hold its model as a bare state dict, without config.json: Trainer saves so
+    a module that is neither a PreTrainedModel nor a peft model (a model built in code). A subclass may save it its
+    own way (SentenceTransformerTrainer: config.json and the transformer's names); `model_problem` reads which."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    whole = isinstance(model, PreTrainedModel) or hasattr(model, "peft_config")
-    return not whole and type(trainer)._save is Trainer._save
+    return not (isinstance(model, PreTrainedModel) or hasattr(model, "peft_config"))
 
 
 def wrapper_hint(model: nn.Module) -> str:
@@ -204,9 +208,10 @@ def wrapper_hint(model: nn.Module) -> str:
     if not inner:
         return ""
     return (
-        f"; this {type(model).__name__} holds one ({inner[0]!r}), whose checkpoints DKMTrainer could neither resume "
-        "nor save palettized: train it with Trainer(..., callbacks=[dkm_hf.DKMCallback()]) and save the DKM model "
-        f"with dkm_hf.palettize(model.{inner[0]}).save_pretrained(path)"
+        f"; this {type(model).__name__} holds one ({inner[0]!r}): train it with Trainer(..., "
+        "callbacks=[dkm_hf.DKMCallback()]) and save the DKM model with "
+        f"dkm_hf.palettize(model.{inner[0]}).save_pretrained(path), or build the module on the dense model and "
+        "prepare the whole module (dkm_hf.prepare(module, DKMConfig(...)))"
     )
 
 

@@ -960,31 +960,42 @@ def test_a_model_built_in_code_resumes_and_saves_a_palettized_state_dict(tmp_pat
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.proj = torch.nn.Linear(16, 4)
+            self.a, self.proj = torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
             if with_config:  # a head of one's own that copies its backbone's config
                 self.config = BertConfig()
 
         def forward(self, x, labels=None):
-            y = self.proj(x)
+            y = self.proj(self.a(x))
             return {"logits": y} if labels is None else {"loss": torch.nn.functional.mse_loss(y, labels), "logits": y}
 
     g = torch.Generator().manual_seed(0)
     data = [{"x": torch.randn(16, generator=g), "labels": torch.rand(4, generator=g)} for _ in range(32)]
 
-    def run(resume=None, bits=4):
+    class LoggingTrainer(DKMTrainer):  # a subclass that adds to Trainer's save, which still writes a bare state dict
+        def _save(self, output_dir=None, state_dict=None):
+            super()._save(output_dir, state_dict)
+
+    def run(resume=None, trainer_class=DKMTrainer, **config):
         torch.manual_seed(0)
-        model = dkm_hf.prepare(Net(), DKMConfig(bits=bits, weight_threshold=0))
+        model = dkm_hf.prepare(Net(), DKMConfig(**{"bits": 4, "weight_threshold": 0, **config}))
         args = _args(tmp_path, max_steps=4, per_device_train_batch_size=4, save_strategy="steps", save_steps=2)
-        trainer = DKMTrainer(model=model, args=args, train_dataset=data)
+        trainer = trainer_class(model=model, args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume)
         return trainer, [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
     trainer, losses = run()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
     assert not (tmp_path / "out" / "checkpoint-2" / "config.json").exists()
-    resumed, resumed_losses = run(resume=str(tmp_path / "out" / "checkpoint-2"))
-    assert resumed_losses == losses
-    with pytest.raises(ValueError, match="checkpoint-2: its DKM state does not fit"):
-        run(resume=str(tmp_path / "out" / "checkpoint-2"), bits=2)
+    assert run(resume=checkpoint)[1] == losses
+    assert run(resume=checkpoint, trainer_class=LoggingTrainer)[1] == losses
+    # a DKM state the model does not have is refused, as for a training checkpoint with config.json
+    for config, error in [
+        ({"bits": 2}, r"a\.centroids: F32 of shape \[1, 16, 1\], expected"),
+        ({"per_channel_scale": True}, r"without the DKM state of 2 tensor\(s\), e\.g\. \['a\.weight_scale'"),
+        ({"modules_to_not_convert": ["proj"]}, r"centroids of 1 weight\(s\) .* e\.g\. \['proj\.centroids'\]"),
+    ]:
+        with pytest.raises(ValueError, match="checkpoint-2: its DKM state does not fit .*" + error):
+            run(resume=checkpoint, **config)
 
     trainer.save_model(str(tmp_path / "final"))
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from conftest import linear_rounding
 from torch import nn
 
 import dkm_hf
@@ -64,8 +65,12 @@ def test_packed_forward_matches_dense(bits, scale, cluster_dim, group_size):
     dense_big, dense_small = head(big), head(small)
     dkm_hf.set_inference_mode(model, "packed")
     assert torch.equal(head(big), dense_big)  # 21 rows: the weight decoded just in time, the module's own forward
-    got = head(small)  # 5 rows: the fused gemv
-    torch.testing.assert_close(got, dense_small, rtol=1e-5, atol=1e-5)
+    got = head(small)  # 5 rows: the fused gemv, another summation order
+    # the first layer's rounding, carried through ReLU and the second layer, plus the second layer's own
+    w0, w2 = model[0].weight, model[2].weight
+    first = linear_rounding(small, w0, model[0].bias)
+    bound = first @ w2.double().abs().T + linear_rounding(torch.relu(model[0](small)), w2)
+    assert ((got - dense_small).abs() <= bound).all()
     assert model[0].palettized_weights["weight"].packed_linear(small, model[0].bias) is not None
     assert (
         model[0].palettized_weights["weight"]._dense is None and model[2].palettized_weights["weight"]._dense is None

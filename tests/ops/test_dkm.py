@@ -244,3 +244,27 @@ def test_uniquified_early_stop_is_the_chunked_one(epsilon):
         return [t for t, c_t in enumerate(runs, 1) if torch.equal(c_t, c)][0]
 
     assert stop("uniquified") == stop("chunked") < 10
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "uniquified"])
+def test_each_group_stops_against_its_own_epsilon(implementation):
+    """Groups 0 and 2 (weights 64 times larger) converge at once against their epsilons, group 1 at its third
+    iteration: the loop stops there for all of them. Against one epsilon for all (group 1's), groups 0 and 2 would
+    keep moving more than it and the loop would run on."""
+    w = weights(3, 2000, 1)
+    scale = torch.tensor([64.0, 1.0, 64.0]).view(3, 1, 1)
+    w, c0 = w * scale, kmeans_init(w, 8, seed=0) * scale
+    tau = torch.tensor([1e-3, 4e-3, 2e-4]) * scale.view(3) ** 2
+
+    def moves(g):  # the largest centroid move of each iteration of group g, by the reference
+        cs = [c0[g : g + 1]] + [naive_dkm(w[g : g + 1], c0[g : g + 1], float(tau[g]), t, 0.0)[1] for t in range(1, 6)]
+        return [(b - a).abs().max().item() for a, b in zip(cs, cs[1:])]
+
+    m0, m1, m2 = moves(0), moves(1), moves(2)
+    eps1 = (m1[1] + m1[2]) / 2  # above its third move, below its second
+    assert m1[2] < eps1 < m1[1] and min(m0[2], m2[2]) > eps1  # with eps1 for all, groups 0 and 2 run on
+    epsilon = torch.tensor([max(m0), eps1, max(m2)])
+    y, c = dkm_cluster(w, c0, tau, 5, epsilon, implementation)
+    for g in range(3):
+        y_ref, c_ref = naive_dkm(w[g : g + 1], c0[g : g + 1], float(tau[g]), 3, 0.0)
+        assert _rel(y[g : g + 1], y_ref) < 1e-5 and _rel(c[g : g + 1], c_ref) < 1e-5
