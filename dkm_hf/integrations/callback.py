@@ -212,7 +212,7 @@ class DKMCallback(TrainerCallback):
         for _, module in gathered_by_unit(model, uninitialised):
             module.init_centroids()
         step = state.global_step
-        resumed = step > 0 and step >= milestone and step % self._health_every(args, state) == 0
+        resumed = step > milestone and step % self._health_every(args, state) == 0
         if self.log_cluster_health and resumed and all(m.dkm_ready for _, m in self._modules(model)):
             # a resume from a step that measured cluster health (saves every k logging steps): its samples, taken
             # again from the checkpoint's weights and centroids, so that the first log after the resume has
@@ -255,7 +255,8 @@ class DKMCallback(TrainerCallback):
         # logs (Trainer's flow callback has decided: every logging_steps, the first step, each epoch's end), every
         # logging_steps whatever the strategy (the re-seeding's pace) and at the last step; once a step.
         step = state.global_step
-        if not (self.log_cluster_health or self.reseed) or step < self._milestone(model) or step == self._checked:
+        # the step that ends at a milestone > 0 trained dense: its centroids are made at the next step's beginning
+        if not (self.log_cluster_health or self.reseed) or step <= self._milestone(model) or step == self._checked:
             return
         if not (logging or step % self._health_every(args, state) == 0 or step == state.max_steps):
             return

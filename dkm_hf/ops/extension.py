@@ -4,7 +4,8 @@
 headers and flags; a file lock in the build directory so concurrent processes build once) into
 `$XDG_CACHE_HOME/dkm_hf/torch_extensions/<torch version>-<python>/<name>-<sources hash>` (default ~/.cache/...;
 one folder per content of the sources: ninja rebuilds by timestamps, and an upgrade can install sources older than
-the objects of the previous version's build, which would then be loaded as they are), loads the
+the objects of the previous version's build, which would then be loaded as they are; the sources are compiled from
+copies in that folder, so that two checkouts of one version share its build), loads the
 library, whose `TORCH_LIBRARY` blocks register its operators under `torch.ops`, and returns its path. When it cannot
 (no compiler or ninja, a failed build), it warns once, naming the reason, and returns None: the caller takes its
 torch path. `warn_once` is that warning for any other fallback. `guarded_build` is what every build runs inside:
@@ -87,11 +88,30 @@ def build_root() -> Path:
 
 
 def source_tag(sources: list[Path]) -> str:
-    """12 hex digits of the sources' names and contents: the part of a build folder's name that follows the code."""
+    """12 hex digits of the sources' names and contents (the files they include too): the part of a build folder's
+    name that follows the code."""
     digest = hashlib.sha1()
     for path in sources:
         digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
     return digest.hexdigest()[:12]
+
+
+def staged(directory: Path, files: list[Path]) -> list[Path]:
+    """Copies of `files` in `directory`/src, written only where missing or different. ninja's build file names each
+    source by its absolute path: compiled from the copies, two checkouts (or installs) of the same code share one
+    build instead of rebuilding it each time the other one loaded it; an unchanged copy keeps its timestamp, which is
+    all ninja compares. The files a source includes by a relative path go in `files` too."""
+    folder = directory / "src"
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for path in map(Path, files):
+        copy, data = folder / path.name, path.read_bytes()
+        if not copy.is_file() or copy.read_bytes() != data:
+            partial = folder / f".{path.name}.{os.getpid()}.partial"
+            partial.write_bytes(data)
+            os.replace(partial, copy)
+        copies.append(copy)
+    return copies
 
 
 @contextlib.contextmanager
@@ -141,11 +161,18 @@ def prebuilt(directory: Path, name: str) -> Path | None:
 
 
 def build_and_load(
-    directory: Path, name: str, sources: list[Path], cflags: list[str], ldflags: list[str], module: bool
+    directory: Path,
+    name: str,
+    sources: list[Path],
+    cflags: list[str],
+    ldflags: list[str],
+    module: bool,
+    includes: list[Path] = (),
 ):
-    """Library `name` of `sources` built in `directory` (`guarded_build`) and loaded, or a read-only folder's build
-    loaded as it is (`prebuilt`): the Python module with `module`, else the library's path (its operators
-    registered). Raises what the build or the load raises."""
+    """Library `name` of `sources` built in `directory` (`guarded_build`, from their `staged` copies there, with the
+    `includes` they name by a relative path) and loaded, or a read-only folder's build loaded as it is (`prebuilt`):
+    the Python module with `module`, else the library's path (its operators registered). Raises what the build or
+    the load raises."""
     ready = prebuilt(directory, name)
     if ready is not None and module:
         spec = importlib.util.spec_from_file_location(name, ready)
@@ -159,9 +186,10 @@ def build_and_load(
 
     directory.mkdir(parents=True, exist_ok=True)
     with guarded_build(directory, name):
+        copies = staged(directory, [*sources, *includes])[: len(sources)]
         return cpp_extension.load(
             name=name,
-            sources=[str(s) for s in sources],
+            sources=[str(s) for s in copies],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             build_directory=str(directory),
@@ -181,16 +209,20 @@ def load_extension(
     extra_ldflags: list[str] | None = None,
     what: str = "",
     warn: bool = True,
+    includes: list[Path] = (),
 ) -> str | None:
     """The path of the built and loaded library `name` (its operators registered), or None after a warning that
     names the reason. Built once per process (and cached on disk across processes); `what` says in the warning what
-    the fallback costs; `warn=False` for an attempt that has another behind it."""
+    the fallback costs; `warn=False` for an attempt that has another behind it; `includes`: the files the sources
+    include by a relative path."""
     if name in _LOADED:
         return _LOADED[name]
     path = None
     try:
-        directory = build_root() / f"{name}-{source_tag(sources)}"
-        path = build_and_load(directory, name, sources, extra_cflags or [], extra_ldflags or [], module=False)
+        directory = build_root() / f"{name}-{source_tag([*sources, *includes])}"
+        path = build_and_load(
+            directory, name, sources, extra_cflags or [], extra_ldflags or [], module=False, includes=includes
+        )
     except Exception as error:  # noqa: BLE001 - any failure to build or load means the fallback, said once
         reason = build_failure_reason(error)
         if warn:

@@ -23,6 +23,7 @@ import torch
 from .extension import load_extension, one_device, warn_once
 
 SOURCE = Path(__file__).with_name("lut_kernels.cpp")
+INCLUDED = SOURCE.with_name("lut_kernels.c")  # the kernels themselves, in C; SOURCE registers them with torch
 MAX_LUT = 4096  # n_clusters * cluster_dim (the C side's MAX_LUT)
 MAX_DIM = 16  # cluster_dim (the C side's MAX_DIM)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,9 +97,10 @@ def library() -> bool:
     if _LOADED is None:
         name = f"dkm_hf_lut_kernels_{arch().lower()}"
         flags = ["-O3", *arch_flags()]
-        path = load_extension(f"{name}_omp", [SOURCE], [*flags, "-fopenmp"], ["-fopenmp"], warn=False)
+        omp = ([*flags, "-fopenmp"], ["-fopenmp"])
+        path = load_extension(f"{name}_omp", [SOURCE], *omp, warn=False, includes=[INCLUDED])
         if path is None:  # a compiler without OpenMP: one thread
-            path = load_extension(name, [SOURCE], flags, what=_SLOWER)
+            path = load_extension(name, [SOURCE], flags, what=_SLOWER, includes=[INCLUDED])
         _LOADED = path is not None
         if _LOADED:
             _register_fakes()

@@ -150,6 +150,11 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     _warn_unmatched(model, config)
     selected, kept = [], []
     for name, module_name, module, param in named_weights(model):
+        if not module_name and param == "weight":
+            logger.warning(  # weights are named by the module that holds them; a bare nn.Linear's has no name
+                "dkm_hf: the `weight` of the module given to prepare itself is left dense: give prepare a module "
+                "that holds this one (e.g. nn.Sequential(layer)) to cluster it"
+            )
         if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
             continue
         if param == "bias" or param.endswith("_bias"):  # GPT-OSS's per-expert biases are 2-D

@@ -222,6 +222,30 @@ def _losses(trainer):
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
+def test_cluster_health_starts_with_the_milestone_centroids(toy_path, tmp_path):
+    """Steps 1-2 train dense (milestone 2) and the centroids are made as step 3 begins: the log of step 2 has no
+    cluster health (before: the entropy and empty clusters of centroids about to be replaced, here never made, with
+    init=False), step 3's compares with nothing, step 4's with step 3's centroids."""
+    model = dkm_hf.prepare(
+        AutoModelForSequenceClassification.from_pretrained(toy_path), DKMConfig(**CONFIG, milestone=2), init=False
+    )
+    trainer = DKMTrainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=ToyDataset(64))
+    centroids = {}
+
+    class Keep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            centroids[state.global_step] = {n: m.centroids.clone() for n, m in dkm_hf.dkm_modules(model)}
+
+    trainer.add_callback(Keep())
+    trainer.train()
+    logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    assert [logs[s]["dkm_enabled"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 1.0, 1.0]
+    assert not any(k in logs[s] for s in (1, 2) for k in ("dkm_entropy", "dkm_empty_clusters", "dkm_reseeded"))
+    assert "dkm_entropy" in logs[3] and "dkm_changed_fraction" not in logs[3]
+    drift = [(centroids[4][n] - centroids[3][n]).abs().mean().item() for n in centroids[4]]
+    assert logs[4]["dkm_centroid_drift"] == pytest.approx(sum(drift) / len(drift), rel=1e-5)
+
+
 @pytest.mark.parametrize("milestone", [0, 4, 2])
 def test_resume_reproduces_the_loss_sequence(toy_path, tmp_path, milestone):
     """Resuming from checkpoint-4 equals the uninterrupted run, also when step 4 is the milestone (12.5: the

@@ -218,7 +218,14 @@ def test_skips_and_warning_when_nothing_replaced(caplog):
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
         dkm_hf.prepare(nn.Sequential(nn.Linear(4, 4)), DKMConfig())
-    assert "no weight was selected" in caplog.text
+    assert "no weight was selected" in caplog.text and "given to prepare itself" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a bare layer: its weight has no module name; the warning says so
+        bare = dkm_hf.prepare(nn.Linear(64, 64), DKMConfig(weight_threshold=0))
+    assert type(bare) is nn.Linear and "`weight` of the module given to prepare itself is left dense" in caplog.text
+    assert type(dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(weight_threshold=0))[0]).__name__ == (
+        "DKMLinear"
+    )
 
 
 def test_mixed_precision_overrides(tiny_dir):

@@ -238,6 +238,49 @@ def test_build_directory_changes_with_the_sources(tmp_path):
     assert fused.KMEANS_SOURCE in fused.sources() and fused.GPTQ_SOURCE in fused.sources()
 
 
+def test_a_file_the_sources_include_is_part_of_the_build_folders_name(tmp_path, monkeypatch):
+    """lut_kernels.cpp includes lut_kernels.c, which holds the kernels: a change there alone must not meet the
+    objects of the build before (the folder's name followed lut_kernels.cpp only)."""
+    from dkm_hf.ops import extension
+
+    folders = []
+    monkeypatch.setattr(extension, "build_and_load", lambda directory, *args, **kwargs: folders.append(directory))
+    monkeypatch.setattr(extension, "_LOADED", {})
+    source, included = tmp_path / "k.cpp", tmp_path / "k.c"
+    source.write_text('#include "k.c"\n')
+    for body in ("int k() { return 1; }\n", "int k() { return 2; }\n"):
+        included.write_text(body)
+        extension._LOADED.clear()
+        extension.load_extension("k", [source], includes=[included])
+    assert len(folders) == 2 and folders[0] != folders[1]
+    assert native.INCLUDED.name == "lut_kernels.c" and '#include "lut_kernels.c"' in native.SOURCE.read_text()
+
+
+@needs_native
+def test_two_checkouts_of_the_same_sources_share_one_build(tmp_path):
+    """ninja's build file names each source by its absolute path: compiled where they lay, two checkouts of one
+    version sharing a virtual environment rebuilt the shared build each time the other one had loaded it (60-140 s
+    each for the fused kernels). Compiled from copies in the build folder, loading from the second checkout, and from
+    the first again, rebuilds nothing."""
+    import ctypes
+
+    from dkm_hf.ops import extension
+
+    build, built = tmp_path / "build", None
+    for checkout in ("a", "b", "a"):
+        source, header = tmp_path / checkout / "tiny.cpp", tmp_path / checkout / "tiny.h"
+        source.parent.mkdir(exist_ok=True)
+        source.write_text('#include "tiny.h"\nextern "C" int tiny() { return TINY; }\n')
+        header.write_text("#define TINY 7\n")
+        extension.build_and_load(build, "tiny", [source], [], [], module=False, includes=[header])
+        built = built or (build / "tiny.so").stat().st_mtime_ns
+        assert (build / "tiny.so").stat().st_mtime_ns == built, checkout
+    ninja = (build / "build.ninja").read_text()
+    assert str(build / "src" / "tiny.cpp") in ninja and str(tmp_path / "a") not in ninja
+    assert sorted(p.name for p in (build / "src").iterdir()) == ["tiny.cpp", "tiny.h"]
+    assert ctypes.CDLL(str(build / "tiny.so")).tiny() == 7
+
+
 @needs_native
 def test_operators_have_fake_implementations():
     """The registered operators give their result's shape and dtype on the meta device (torch.compile's view)."""
