@@ -273,3 +273,34 @@ def test_a_config_directory_with_a_subfolder_is_read_where_transformers_reads_it
     model = LlamaForCausalLM.from_pretrained(parent, subfolder="sub", config=str(parent))  # Auto* loads it itself
     assert dkm_hf.palettized_modules(model)
     torch.testing.assert_close(_logits(model, inputs), _logits(dkm, inputs))
+
+
+def test_misuses_are_refused_by_name_and_write_nothing(tiny_dir, tmp_path):
+    """A model half palettized (one block palettized, the rest still DKM) has no single format to save: refused
+    before anything is written, the folder's own file kept. A DKMConfig read from a palettized checkpoint describes
+    that checkpoint and cannot compress a dense one; DKMCallback on a model without DKM weights is refused."""
+    from transformers import Trainer, TrainingArguments
+
+    dense = tiny_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig(bits=2, weight_threshold=0))
+    dkm_hf.palettize(model.model.layers[0].mlp)
+    assert dkm_hf.dkm_modules(model) and dkm_hf.palettized_modules(model)
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="both DKM and palettized modules; palettize"):
+        model.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "palettized")
+    saved = AutoConfig.from_pretrained(tmp_path / "palettized").quantization_config
+    with pytest.raises(ValueError, match="describes a saved palettized checkpoint"):
+        AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig.from_dict(saved))
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_steps=1)
+    ids = torch.randint(0, 64, (4, 8))
+    data = [{"input_ids": i, "labels": i} for i in ids]
+    trainer = Trainer(model=LlamaForCausalLM.from_pretrained(dense), args=args, train_dataset=data)
+    trainer.add_callback(dkm_hf.DKMCallback())
+    with pytest.raises(ValueError, match="DKMCallback needs a model with DKM modules"):
+        trainer.train()

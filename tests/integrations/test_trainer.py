@@ -853,6 +853,11 @@ def test_cluster_health_values_by_construction(reseed):
     logs = check(4)
     assert logs["dkm_centroid_drift"] == pytest.approx(0.25 / k)
     assert logs["dkm_changed_fraction"] == pytest.approx((after != before).float().mean().item())
+    # without the health logs the re-seeding keeps its pace, and nothing is logged
+    callback = DKMCallback(log_cluster_health=False, reseed_dead_centroids=reseed)
+    with torch.no_grad():
+        module.centroids[0, 3] = 100.0
+    assert check(5) == {} and (module.centroids[0, 3, 0] == 100.0) != reseed
 
 
 def test_cluster_health_at_every_step_that_logs(toy_path, tmp_path):

@@ -89,6 +89,32 @@ def test_an_override_of_the_tied_side_alone_is_refused(tiny_dir):
     prepared({"lm_head": {"bits": 4}})  # the same settings as the source's: nothing to refuse
 
 
+@pytest.mark.parametrize(
+    "leave_out", [{"target_modules": ["lm_head", "q_proj"]}, {"modules_to_not_convert": ["model.embed_tokens"]}]
+)
+def test_a_tied_pair_with_one_side_selected_is_left_dense_and_tied(tiny_dir, tmp_path, caplog, leave_out):
+    """A tied weight is clustered once, by its source: with one side selected neither is clustered (a warning names
+    both), the tie stays one tensor, and the palettized save reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_dir("llama"), dkm_config=DKMConfig(bits=2, weight_threshold=0, **leave_out)
+        )
+    assert "lm_head and model.embed_tokens share a weight but only one is selected" in caplog.text
+    names = [n for n, _ in dkm_hf.dkm_modules(model)]
+    assert names and "lm_head" not in names and "model.embed_tokens" not in names
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    dkm_hf.palettize(model).save_pretrained(tmp_path / "palettized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "palettized")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
 def test_patterns_that_match_no_weight_are_warned(tiny_dir, caplog):
     """A misspelt modules_to_not_convert entry would cluster the layer it meant to keep: every target_modules /
     modules_to_not_convert pattern that names no weight is warned by name; the ones that match are not."""
