@@ -7,6 +7,7 @@ import re
 import struct
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +350,41 @@ def test_inspect_reads_a_config_without_a_format_version(checkpoint, tmp_path, c
     the record's fields by position, took the modules for the version and refused the checkpoint."""
     path = _damage(checkpoint[0], tmp_path, edit_config=lambda q: q.pop("format_version"))
     assert main(["inspect", str(path)]) == 0, capsys.readouterr().err
+
+
+FORMAT1 = Path(__file__).resolve().parent / "fixtures" / "format1" / "palettized"
+
+
+def test_inspect_reads_a_format_1_checkpoint_as_undamaged(capsys):
+    """Format 1 checksums cover the bytes only: `inspect` checks them as such, not as version 2's (which would flag
+    every layer of an intact checkpoint as damaged)."""
+    assert main(["inspect", str(FORMAT1)]) == 0
+    out = capsys.readouterr().out
+    assert "DAMAGED" not in out and "| ok |" in out
+
+
+def test_example_inputs_may_fill_the_models_positions_exactly():
+    import pytest
+    from transformers import LlamaConfig
+
+    from dkm_hf.cli import example_inputs
+
+    config = LlamaConfig(vocab_size=50, max_position_embeddings=16)
+    assert example_inputs(config, {"input_ids": (1, 16)})["input_ids"].shape == (1, 16)
+    assert example_inputs(config, {})["input_ids"].shape == (1, 16)  # the default 128 capped at the model's 16
+    with pytest.raises(ValueError, match="17 tokens, more than the model's max_position_embeddings \\(16\\)"):
+        example_inputs(config, {"input_ids": (1, 17)})
+
+
+def test_an_unknown_lut_dtype_exits_2_with_one_line(tmp_path, capsys):
+    import json
+    import shutil
+
+    target = tmp_path / "ckpt"
+    shutil.copytree(FORMAT1, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"]["lut_dtype"] = "int8"
+    (target / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown lut_dtype 'int8'" in err[0]

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoQuantizationConfig
 from transformers.utils import logging as hf_logging
@@ -12,6 +13,7 @@ from transformers.utils import logging as hf_logging
 import dkm_hf
 from dkm_hf import DKMConfig
 from dkm_hf.config import FORMAT_VERSION
+from dkm_hf.surgery.select import select_weights
 
 
 @pytest.mark.parametrize(
@@ -320,3 +322,36 @@ def test_prepare_leaves_a_config_shared_with_another_model_alone(tmp_path):
     student.save_pretrained(tmp_path / "student")
     teacher.save_pretrained(tmp_path / "teacher")
     assert not dkm_hf.dkm_modules(AutoModelForCausalLM.from_pretrained(tmp_path / "teacher"))
+
+
+@pytest.mark.parametrize(
+    ("record", "field"),
+    [
+        ({"format_version": True}, "format_version"),  # JSON true is not version 1
+        ({"save_id": 5}, "save_id"),
+        ({"modules": []}, "modules"),
+    ],
+)
+def test_malformed_checkpoint_record_fields_are_refused_by_name(record, field):
+    with pytest.raises(ValueError, match=f"DKMConfig.{field}"):
+        DKMConfig.from_dict({"quant_method": "dkm", **record})
+
+
+def test_override_pairs_that_repeat_a_pattern_are_refused():
+    """to_dict's [pattern, settings] pairs become a dict only when no pattern repeats: two pairs for one pattern
+    would silently drop the first."""
+    with pytest.raises(ValueError, match="overrides must be a dict"):
+        DKMConfig(overrides=[["a", {"bits": 2}], ["a", {"bits": 3}]])
+    assert DKMConfig(overrides=[["a", {"bits": 2}], ["b", {"bits": 3}]]).overrides == {
+        "a": {"bits": 2},
+        "b": {"bits": 3},
+    }
+
+
+def test_a_suffix_pattern_matches_at_a_dot_only():
+    """ "proj" names `proj` and `block.proj`, not `up_proj` (a dotted suffix, or a full regex)."""
+    model = nn.ModuleDict({"proj": nn.Linear(8, 8), "up_proj": nn.Linear(8, 8)})
+    model.add_module("block", nn.ModuleDict({"proj": nn.Linear(8, 8)}))
+    assert select_weights(model, DKMConfig(weight_threshold=0, target_modules=["proj"])) == ["proj", "block.proj"]
+    config = DKMConfig(weight_threshold=0, overrides={"proj": {"bits": 2}})
+    assert config.layout_for("up_proj", (8, 8)).bits == 4 and config.layout_for("block.proj", (8, 8)).bits == 2

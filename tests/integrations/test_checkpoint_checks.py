@@ -28,8 +28,9 @@ from transformers.utils import logging
 
 import dkm_hf
 from dkm_hf import PalettizedCheckpointError
-from dkm_hf.integrations.checkpoint_checks import check_palettized_headers, checksum
-from dkm_hf.integrations.safetensors_files import NameTable, read_header, read_headers
+from dkm_hf.config import CheckpointRecord
+from dkm_hf.integrations.checkpoint_checks import check_palettized_headers, check_save_id, checksum
+from dkm_hf.integrations.safetensors_files import NameTable, SafetensorsHeader, TensorEntry, read_header, read_headers
 from dkm_hf.integrations.summary import summarize
 from dkm_hf.nn.layout import layouts_from_records
 from dkm_hf.ops.packing import packed_size
@@ -564,3 +565,58 @@ def test_dense_models_save_as_before(dense_dirs, tmp_path):
         "generation_config.json",
         "model.safetensors",
     ]
+
+
+def test_format_2_files_without_a_save_id_are_refused():
+    """Since format version 2 every file carries the save id: files of version 2 without one (and a config.json
+    without one either) were not written whole by dkm_hf; version 1 files load without."""
+    tensors = {"w.weight_lut": TensorEntry("w.weight_lut", "F16", (1, 4, 1), 0, 8, "model.safetensors")}
+    record = CheckpointRecord("palettized", 2, {}, None)
+    header = SafetensorsHeader(tensors, {"dkm_format": "palettized", "dkm_format_version": "2"})
+    with pytest.raises(PalettizedCheckpointError, match="no `dkm_save_id` in the safetensors metadata of a format 2"):
+        check_save_id(header, record)
+    check_save_id(SafetensorsHeader(tensors, {"dkm_format": "palettized", "dkm_format_version": "1"}), record)
+
+
+def _palettized_and_prepared():
+    import torch
+    from torch import nn
+
+    import dkm_hf
+    from dkm_hf import DKMConfig
+
+    torch.manual_seed(0)
+    config = DKMConfig(bits=2, weight_threshold=0)
+    prepared = dkm_hf.prepare(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), config)
+    palettized = dkm_hf.palettize(dkm_hf.prepare(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), config))
+    return palettized, prepared
+
+
+def test_version_1_files_with_a_save_id_must_carry_every_checksum():
+    """Files written with a save id carry a checksum for every palettized tensor, whatever their version says."""
+    from dkm_hf.integrations.checkpoint_checks import check_loaded
+
+    palettized, _ = _palettized_and_prepared()
+    with pytest.raises(PalettizedCheckpointError, match=r"0\.weight_lut: no `dkm_crc32:0\.weight_lut`"):
+        check_loaded(palettized, {"dkm_format_version": "1", "dkm_save_id": "x"})
+    check_loaded(palettized, {"dkm_format_version": "1"})  # written before checksums and save ids
+
+
+def test_training_checkpoint_centroids_must_be_float():
+    from dkm_hf.integrations.checkpoint_checks import carries_training_state
+    from dkm_hf.nn.dkm import dkm_modules
+    from dkm_hf.surgery.convert import weight_layouts
+
+    _, prepared = _palettized_and_prepared()
+    layouts = weight_layouts(dkm_modules(prepared))
+
+    def header(dtype):
+        tensors = {
+            f"{n}.centroids": TensorEntry(f"{n}.centroids", dtype, tuple(lay.lut_shape), 0, 0, "m")
+            for n, lay in layouts.items()
+        }
+        return SafetensorsHeader(tensors, {"dkm_format": "train"})
+
+    assert carries_training_state(header("F32"), layouts)
+    with pytest.raises(PalettizedCheckpointError, match="expected a float tensor"):
+        carries_training_state(header("I32"), layouts)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import AUTO, U, assert_within, first_step_change, tiny_inputs
+from torch import nn
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification
 
 import dkm_hf
 from dkm_hf import DKMConfig, DKMTrainer, DKMTrainingArguments
-from dkm_hf.integrations.distillation import kl_term
+from dkm_hf.integrations.distillation import distilled_loss, hidden_term, kl_term
 
 # Evaluate and checkpoint every 3 steps (and at step 0), keep the best model by eval loss.
 BEST_BY_LOSS = {
@@ -305,3 +307,44 @@ def test_gradient_is_the_same_for_every_accumulation_split(tmp_path, tiny_dir, t
         split, split_loss = _step_gradient(path, model_cls, data, tmp_path, batch, accumulation, teacher)
         assert split_loss == pytest.approx(loss, rel=1e-6)  # a sum of <= 4 positive terms reordered: 3 U relative
         assert_within(split, whole, 48 * 10 * U, whole.abs().max().item(), f"gradient of {batch} x {accumulation}")
+
+
+def test_the_kl_term_averages_over_the_positions_its_mask_keeps():
+    """With a mask the KL is the mean over the kept positions (as the task loss counts its labelled tokens), not
+    the sum over them divided by every position."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.zeros(2, 5)
+    mask[0, 1] = mask[1, 3] = 1
+    kept = kl_term(student[mask.bool()], teacher[mask.bool()], 2.0, None)
+    assert kl_term(student, teacher, 2.0, mask).item() == pytest.approx(kept.item(), rel=1e-6)
+
+
+def test_the_hidden_term_is_the_mean_over_layers():
+    student = (torch.zeros(2, 3), torch.zeros(2, 3))
+    teacher = (torch.ones(2, 3), torch.full((2, 3), 3.0**0.5))
+    assert hidden_term(student, teacher).item() == pytest.approx(2.0)  # (1 + 3) / 2
+
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 6)
+        self.calls = []
+
+    def forward(self, x, labels=None, use_cache=True, output_hidden_states=False):
+        self.calls.append(use_cache)
+        logits = self.head(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return SimpleNamespace(logits=logits, loss=loss, hidden_states=None)
+
+
+def test_the_teacher_runs_without_its_kv_cache():
+    """A teacher whose forward takes `use_cache` gets use_cache=False (with a cache transformers builds the causal
+    mask without looking for packed sequences in position_ids)."""
+    torch.manual_seed(0)
+    student, teacher = _LM(), _LM()
+    x, labels = torch.randn(2, 3, 4), torch.randint(0, 6, (2, 3))
+    loss, _, terms = distilled_loss(student, teacher, {"x": x, "labels": labels}, 0.5, 2.0, 0.0, labels >= 0, False)
+    assert teacher.calls == [False]
+    assert torch.isfinite(loss) and set(terms) == {"distill_task_loss", "distill_kl"}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers.modeling_utils as modeling_utils
+from conftest import tiny_inputs
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.utils import logging
 
@@ -54,8 +55,10 @@ def test_a_save_leaves_other_variants_and_the_users_own_weight_files(tiny_dir, t
 def test_the_mount_table_finds_a_mount_point_inside_the_target(tmp_path):
     table = tmp_path / "mountinfo"
     inside, outside = tmp_path / "out dir" / "data", tmp_path / "out dir2"
-    escaped = str(inside).replace(" ", "\\040")
-    table.write_text(f"36 35 98:0 / {escaped} rw - tmpfs tmpfs rw\n37 35 98:0 / {outside} rw - tmpfs tmpfs rw\n")
+    escaped, escaped_outside = (str(p).replace(" ", "\\040") for p in (inside, outside))  # as mountinfo writes them
+    table.write_text(
+        f"36 35 98:0 / {escaped} rw - tmpfs tmpfs rw\n37 35 98:0 / {escaped_outside} rw - tmpfs tmpfs rw\n"
+    )
     assert saving._holds_mount(tmp_path / "out dir", str(table))
     assert not saving._holds_mount(tmp_path / "out dir2", str(table))  # the target itself is a mount point: EXDEV
     assert not saving._holds_mount(tmp_path / "elsewhere", str(table))
@@ -304,3 +307,41 @@ def test_misuses_are_refused_by_name_and_write_nothing(tiny_dir, tmp_path):
     trainer.add_callback(dkm_hf.DKMCallback())
     with pytest.raises(ValueError, match="DKMCallback needs a model with DKM modules"):
         trainer.train()
+
+
+logging.set_verbosity_error()
+logging.disable_progress_bar()
+
+
+def test_a_save_of_a_variant_leaves_the_default_variants_weight_files(tiny_dir, tmp_path):
+    """`save_pretrained(variant="v1")` replaces the v1 weight files only: the default variant's model.safetensors
+    stays (the other direction, a default save beside a variant, is test_save_edges'); both load."""
+    dense = tiny_dir("llama")
+    out = tmp_path / "out"
+    AutoModelForCausalLM.from_pretrained(dense).save_pretrained(out)
+    before = (out / "model.safetensors").read_bytes()
+    dkm = AutoModelForCausalLM.from_pretrained(dense, dkm_config=dkm_hf.DKMConfig(bits=4, weight_threshold=0))
+    dkm_hf.palettize(dkm).save_pretrained(out, variant="v1")
+    names = set(os.listdir(out))
+    assert {"model.safetensors", "model.v1.safetensors"} <= names
+    assert (out / "model.safetensors").read_bytes() == before
+    reloaded = AutoModelForCausalLM.from_pretrained(out, variant="v1")
+    assert dkm_hf.palettized_modules(reloaded)
+    inputs = tiny_inputs("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**inputs).logits, dkm.eval()(**inputs).logits)
+
+
+def test_a_mount_beside_the_target_whose_name_extends_it_is_not_inside(tmp_path):
+    """`ckpt2` is not inside `ckpt` (a prefix of the path is not a parent); nor is the target itself a mount it
+    holds."""
+    from dkm_hf.integrations import saving
+
+    table = tmp_path / "mountinfo"
+    lines = [f"3{i} 35 98:0 / {str(p).replace(' ', chr(92) + '040')} rw - tmpfs tmpfs rw" for i, p in
+             enumerate([tmp_path / "ckpt2", tmp_path / "out dir2"])]  # fmt: skip
+    table.write_text("\n".join(lines) + "\n")
+    assert not saving._holds_mount(tmp_path / "ckpt", str(table))
+    assert not saving._holds_mount(tmp_path / "out dir", str(table))
+    assert not saving._holds_mount(tmp_path / "out dir2", str(table))
+    assert saving._holds_mount(tmp_path, str(table))

@@ -217,3 +217,52 @@ def test_importance_edge_cases_and_bad_input():
         kmeans_init(w, 4, importance=torch.full_like(w, float("nan")))
     with pytest.raises(ValueError, match="2 importance tensors for 1 weights"):
         kmeans_init_many([w], 4, importance=[None, None])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_by_kmeans_itself(bad):
+    """kmeans_init's own check (one inf would make every centroid of its group inf), not only the callers'."""
+    w = weights(2, 64, 1)
+    w[1, 5, 0] = bad
+    with pytest.raises(ValueError, match="weight 1 has non-finite values"):
+        kmeans_init_many([weights(1, 64, 1), w], 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        kmeans_init(w.view(2, 32, 2), 4)  # d > 1 too
+
+
+def test_values_without_importance_keep_a_share_of_the_centroids():
+    """`sample_weights`' floor (1e-3 of the group's mean importance) keeps every value in play: two heavy values and
+    many values of zero importance, 4 centroids: the two spare centroids go to the light values instead of
+    duplicating the heavy ones (without the floor the light values weigh nothing)."""
+    g = torch.Generator().manual_seed(0)
+    light = torch.rand(1, 200, 1, generator=g) * 0.1 + 1.0  # in [1.0, 1.1]
+    w = torch.cat([torch.tensor([-1.0, 0.0]).view(1, 2, 1), light], 1)
+    f = torch.zeros_like(w)
+    f[:, :2] = 1.0
+    assert (kmeans.sample_weights(f[..., 0]) > 0).all()
+    c = kmeans_init(w, 4, seed=0, importance=f)[0, :, 0]
+    assert c.unique().numel() == 4
+    assert ((c > 0.99) & (c < 1.11)).sum() == 2  # two centroids among the light values
+
+
+def test_weighted_kmeans_of_vectors_reports_the_weighted_inertia():
+    """d > 1: the inertia `_best_of` keeps the best restart by is sum f ||x - nearest||^2, the importance-weighted
+    objective, not the plain one."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 2, generator=g)
+    f = torch.rand(3, 50, generator=g) * 10
+    c, inertia = kmeans._weighted_kmeans(x, f, 4, torch.Generator().manual_seed(0), 20)
+    nearest = gather_centroids(hard_assign(x, c), c)
+    expected = (f.double() * (x - nearest).square().sum(-1).double()).sum(1)
+    assert torch.allclose(inertia, expected, rtol=1e-6)
+
+
+def test_fewer_distinct_vectors_than_centroids_invents_no_vector():
+    """d > 1 with 3 distinct vectors for 8 centroids: every centroid is one of the vectors (an empty cluster keeps
+    its centroid instead of moving to the origin)."""
+    data = torch.tensor([[1.0, 2.0], [3.0, -1.0], [-2.0, 0.5]])
+    w = data.repeat(10, 1).unsqueeze(0)  # (1, 30, 2)
+    c = kmeans_init(w, 8, seed=0)
+    assert c.shape == (1, 8, 2)
+    distance = torch.cdist(c[0], data).amin(1)
+    assert distance.max().item() < 1e-5

@@ -12,7 +12,7 @@ from conftest import AUTO, tiny_lm_batches
 
 import dkm_hf
 from dkm_hf import DKMConfig
-from dkm_hf.surgery.allocation import sensitivities
+from dkm_hf.surgery.allocation import _spend, sensitivities
 
 PER_ROW_3BIT = {"bits": 3, "granularity": "per_grouped_channel", "group_size": 1, "weight_threshold": 0}
 EMBEDDING_8BIT = {".*embed_tokens": {"bits": 8, "granularity": "per_tensor", "group_size": None}}
@@ -198,3 +198,49 @@ def test_an_importance_of_zeros_or_below_and_names_that_are_no_regex(allocated):
     assert r"(?:w\[)" in mixed.overrides and "w[" not in mixed.overrides
     widths = {n: s.layout.bits for n, s in dkm_hf.dkm_modules(dkm_hf.prepare(dense, mixed))}
     assert widths["w["] == mixed.overrides[r"(?:w\[)"]["bits"]
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+
+
+def test_a_sensitivity_with_per_channel_scales_is_what_the_scaled_initialisation_leaves():
+    """With per_channel_scale, s(W, b) uses the scales initialisation would set from the current weights (computed
+    aside), so it is sum F (W - hard W)^2 of `init_centroids(model, importance)` at that width; not the model's
+    own scales, stale once the weights moved (as in training)."""
+    config = DKMConfig(bits=2, weight_threshold=0, per_channel_scale=True)  # one LUT per weight, scaled rows
+    model = dkm_hf.prepare(_net(), config)
+    with torch.no_grad():  # moved since initialisation, each row by its own factor
+        for _, state in dkm_hf.dkm_modules(model):
+            state.weight.mul_(torch.linspace(0.5, 3.0, state.weight.shape[0])[:, None])
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    importance = dkm_hf.gradient_importance(model, [x], loss_fn=lambda m, b: m(b).square().mean())
+    states = dict(dkm_hf.dkm_modules(model))
+    table = sensitivities({n: (states[n], importance[n]) for n in importance}, [2])
+    dkm_hf.init_centroids(model, importance)
+    for name, state in dkm_hf.dkm_modules(model):
+        expected = (importance[name] * (state.weight - state.hard_weight()).square()).sum().item()
+        assert table[name][2] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_weight_without_importance_takes_the_narrowest_width_even_with_bytes_to_spare():
+    """Its sensitivity is zero at every width: neither the Lagrangian pick (ties go to the narrower width) nor the
+    spending of the bytes left (only widenings that lower the sum) widens it."""
+    model = dkm_hf.prepare(_net(), DKMConfig(**PER_ROW_3BIT), init=False)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+    importance = dkm_hf.gradient_importance(model, [x], loss_fn=lambda m, b: m(b).square().mean())
+    importance["0"] = torch.zeros_like(importance["0"])
+    mixed = dkm_hf.allocate_bits(model, importance, choices=(2, 4), budget_bits=4)
+    assert mixed.overrides["0"]["bits"] == 2
+    assert mixed.overrides.get("1", {}).get("bits", 3) == 4
+
+
+def test_the_bytes_left_are_spent_on_a_widening_that_fits_exactly():
+    """A widening that needs exactly the bytes left fits."""
+    errors = {"a": {2: 10.0, 4: 1.0}, "b": {2: 5.0, 4: 4.0}}
+    sizes = {"a": {2: 100, 4: 200}, "b": {2: 100, 4: 200}}
+    assert _spend(errors, sizes, 300, {"a": 2, "b": 2}) == {"a": 4, "b": 2}
+    assert _spend(errors, sizes, 299, {"a": 2, "b": 2}) == {"a": 2, "b": 2}
+    # no gain, no widening, whatever is left
+    assert _spend({"a": {2: 0.0, 4: 0.0}}, {"a": {2: 100, 4: 200}}, 10_000, {"a": 2}) == {"a": 2}

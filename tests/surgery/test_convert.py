@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
 from conftest import AUTO, tiny_inputs
 from torch import nn
+from transformers.utils import logging as hf_logging
 
 import dkm_hf
 from dkm_hf import DKMConfig
@@ -229,3 +232,41 @@ def test_palettizing_assigns_and_packs_a_slice_at_a_time(monkeypatch, config):
     assert 0 < max(seen) <= 40 and len(seen) > len(states)
     for weight, packed in zip(palettized.values(), expected):
         assert torch.equal(weight.weight_indices, packed)
+
+
+PER_ROW_2BIT_ALL = {"bits": 2, "granularity": "per_grouped_channel", "group_size": 1, "weight_threshold": 0}
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+
+
+def test_dequantizing_before_the_milestone_keeps_the_dense_weight():
+    """A DKM weight whose clustering is off (before the milestone) computes with its dense weight; dequantize keeps
+    that weight, not its hard-clustered one. A frozen weight stays frozen."""
+    model = dkm_hf.prepare(_model(), DKMConfig(**PER_ROW_2BIT_ALL))
+    states = dict(dkm_hf.dkm_modules(model))
+    states["0"].dkm_enabled = False
+    states["1"].weight.requires_grad_(False)
+    dense, hard = states["0"].weight.detach().clone(), states["1"].hard_weight().detach().clone()
+    assert not torch.equal(dense, states["0"].hard_weight())
+    plain = dkm_hf.dequantize(model)
+    assert torch.equal(plain[0].weight.detach(), dense) and plain[0].weight.requires_grad
+    assert torch.equal(plain[1].weight.detach(), hard) and not plain[1].weight.requires_grad
+
+
+def test_an_all_zero_lut_group_is_not_warned_as_lost_precision(caplog):
+    """A row of zeros has a LUT of zeros, which float16 stores exactly: no warning about centroids below its normal
+    range (that warning is for LUTs whose every centroid is a subnormal)."""
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[3] = 0.0
+    dkm_hf.prepare(model, DKMConfig(**PER_ROW_2BIT_ALL))
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            dkm_hf.palettize(model)
+    finally:
+        hf_logging.disable_propagation()
+    assert "below the LUT dtype's normal range" not in caplog.text

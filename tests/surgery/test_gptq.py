@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import AUTO, PER_ROW_2BIT, tiny_lm_batches
+from torch import nn
 
 import dkm_hf
 from dkm_hf import DKMConfig
-from dkm_hf.surgery.gptq import snap_rows
+from dkm_hf.surgery.gptq import inverse_factor, snap_rows
 
 
 def _snap(rows, lut, hessian, **kwargs):
@@ -492,3 +493,41 @@ def test_gptq_and_importance_restore_every_modules_mode_and_refuse_what_they_can
     for call in (dkm_hf.gptq_snap, dkm_hf.gradient_importance):
         with pytest.raises(ValueError, match=r"needs the model's weights in memory; \['model.embed_tokens.weight'"):
             call(meta, tiny_lm_batches(2))
+
+
+class _TiedLinears(nn.Module):
+    """Two Linear layers sharing one weight, fed different inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)) * 3)
+
+
+def test_the_source_of_a_tied_linear_pair_is_left_as_it_is():
+    """GPTQ compensates for one layer's inputs; a weight that two layers share (as the source of the tie, not only
+    its tied side) serves inputs of both, so it is reported and left unchanged."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(_TiedLinears(), DKMConfig(**PER_ROW_2BIT))
+    states = dict(dkm_hf.dkm_modules(model))
+    assert states["b"].tied_source is states["a"]
+    before = model.a.weight.detach().clone()
+    x = torch.randn(32, 16)
+    skipped = dkm_hf.gptq_snap(model, [x], forward=lambda m, batch: m(batch))
+    assert skipped == {"a": "shares its LUT with another weight", "b": "shares its LUT with another weight"}
+    assert torch.equal(model.a.weight.detach(), before)
+
+
+def test_damping_is_raised_tenfold_up_to_three_times():
+    """From damp=0: 1e-4, 1e-3 then 1e-2 of the mean diagonal before giving up. An H whose smallest eigenvalue is
+    -0.5% of its mean diagonal needs the third raise."""
+    hessian = torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.005]))
+    u, order = inverse_factor(hessian, damp=0)
+    assert order is None and torch.isfinite(u).all()
+    indices = snap_rows(torch.randn(3, 4), torch.randn(3, 2), hessian, damp=0)
+    assert indices.shape == (3, 4)
+    with pytest.raises(ValueError, match="not positive definite even with 0.01 x"):
+        inverse_factor(torch.diag(torch.tensor([1.0, 1.0, 1.0, -0.05])), damp=0)

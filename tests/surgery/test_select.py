@@ -9,6 +9,7 @@ import torch
 from conftest import AUTO
 from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
+from transformers.utils import logging as hf_logging
 
 import dkm_hf
 from dkm_hf import DKMConfig
@@ -33,7 +34,6 @@ def test_keep_in_fp32_modules_are_left_out_unless_targeted(caplog):
     """12.6: a model's `_keep_in_fp32_modules` (T5: the feed-forward output `wo`) is not clustered by default, as
     transformers' quantizers leave it, with a warning that names them; `target_modules` naming them clusters them
     (before, nothing could: `target_modules=["wo"]` selected nothing and the warning blamed the patterns)."""
-    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
@@ -96,7 +96,6 @@ def test_a_tied_pair_with_one_side_selected_is_left_dense_and_tied(tiny_dir, tmp
     """A tied weight is clustered once, by its source: with one side selected neither is clustered (a warning names
     both), the tie stays one tensor, and the palettized save reloads to the same logits."""
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     hf_logging.enable_propagation()
     with caplog.at_level(logging.WARNING):
@@ -121,7 +120,6 @@ def test_patterns_that_match_no_weight_are_warned(tiny_dir, caplog):
     import logging
 
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     hf_logging.enable_propagation()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("llama"))
@@ -164,3 +162,25 @@ def test_biases_are_never_clustered_not_even_two_dimensional_ones():
 
     model = nn.ModuleDict({"experts": Experts(), "proj": nn.Linear(16, 16)})
     assert select_weights(model, DKMConfig(bits=2, weight_threshold=0)) == ["experts.gate_up_proj", "proj"]
+
+
+def test_a_weight_of_exactly_weight_threshold_elements_is_clustered():
+    """ "Weights with fewer elements stay uncompressed": one of exactly that many is clustered."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(3, 5))  # 16 and 15 weights
+    assert select_weights(model, DKMConfig(weight_threshold=16)) == ["0"]
+    assert select_weights(model, DKMConfig(weight_threshold=15)) == ["0", "1"]
+
+
+def test_values_whose_squared_distances_could_overflow_are_refused_at_the_bound():
+    """k-means and the DKM loop sum n squared distances (w - c)^2 <= (2 max|w|)^2 in float32: a weight is refused
+    above sqrt(float32 max / (4 n)); for 16 values that is 2.3e18, so 3e18 is refused and 2e18 is not."""
+    import pytest
+
+    from dkm_hf.surgery.select import check_clusterable
+
+    weight = torch.zeros(4, 4)
+    weight[0, 0] = 3e18
+    with pytest.raises(ValueError, match="could overflow above 2.31e\\+18"):
+        check_clusterable("w", weight, torch.float32)
+    weight[0, 0] = 2e18
+    check_clusterable("w", weight, torch.float32)
