@@ -239,11 +239,14 @@ def test_damaged_values_are_flagged_not_printed_as_normal(checkpoint, tmp_path, 
     assert ("checksum mismatch" if damage == "checksum" else "NaN/inf in weight_lut") in damaged[0]
 
 
-def test_set_padding_bits_are_flagged(tmp_path, capsys):
-    """74 3-bit indices leave 18 padding bits in the last block; a set one is flagged (here without checksums, as in
-    a checkpoint written before they existed)."""
+@pytest.mark.parametrize("padding", ["last", "first"])
+def test_set_padding_bits_are_flagged(tmp_path, capsys, padding):
+    """74 3-bit indices leave 18 padding bits in the last block; a set one is flagged, the last one and the first
+    (here without checksums, as in a checkpoint written before they existed)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel, BertConfig, BertModel
+
+    from dkm_hf.ops.packing import pack_indices, unpack_indices
 
     torch.manual_seed(0)
     config = BertConfig(
@@ -253,7 +256,14 @@ def test_set_padding_bits_are_flagged(tmp_path, capsys):
     dkm = dkm_hf.DKMConfig(bits=3, cluster_dim=16, weight_threshold=0, target_modules=["intermediate.dense"])
     dkm_hf.palettize(AutoModel.from_pretrained(tmp_path / "dense", dkm_config=dkm)).save_pretrained(tmp_path / "p")
     tensors = load_file(tmp_path / "p" / "model.safetensors")
-    tensors["encoder.layer.0.intermediate.dense.weight_indices"][-1] |= 0x80
+    packed = tensors["encoder.layer.0.intermediate.dense.weight_indices"]
+    if padding == "last":
+        packed[-1] |= 0x80
+    else:  # index 2 of the last block of 8 (74 = 9 * 8 + 2) is the first that pads
+        block = unpack_indices(packed[-3:].clone(), 3, 8)
+        assert not block[2:].any()
+        block[2] = 1
+        packed[-3:] = pack_indices(block, 3)
     save_file(tensors, tmp_path / "p" / "model.safetensors", {"dkm_format": "palettized", "dkm_format_version": "1"})
     assert main(["inspect", str(tmp_path / "p")]) == 1
     assert "DAMAGED: padding bits set" in capsys.readouterr().out
