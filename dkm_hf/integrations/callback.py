@@ -270,9 +270,11 @@ class DKMCallback(TrainerCallback):
             if name in self._previous:
                 changed.append((self._sample_of(assign) != self._previous[name]).float().mean().item())
                 drift.append((module.centroids - self._centroids[name]).abs().mean().item())
-            if self.reseed:
-                reseeded += reseed_dead_centroids(module, assign)
-            self._remember(name, module, assign)
+            moved = reseed_dead_centroids(module, assign) if self.reseed else 0
+            reseeded += moved
+            # the next log compares with what training goes on from (as after a resume from this step): the moves
+            # of the re-seeding are counted in dkm_reseeded, not in the next dkm_changed_fraction
+            self._remember(name, module, module.assignments() if moved else assign)
         if self.log_cluster_health:
             self.pending.update(
                 {

@@ -90,7 +90,7 @@ def build_root() -> Path:
 def source_tag(sources: list[Path]) -> str:
     """12 hex digits of the sources' names and contents (the files they include too): the part of a build folder's
     name that follows the code."""
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(b"staged\0")  # built from copies in the folder (`staged`): not the folders of before
     for path in sources:
         digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes() + b"\0")
     return digest.hexdigest()[:12]
@@ -142,8 +142,9 @@ def guarded_build(directory: Path, name: str):
             if library.exists() and (not record.exists() or record.read_text().strip() != _sha256(library)):
                 library.unlink()
                 record.unlink(missing_ok=True)
+            built = library.stat().st_mtime_ns if library.exists() else None
             yield
-            if library.exists() and not record.exists():
+            if library.exists() and (not record.exists() or library.stat().st_mtime_ns != built):  # (re)built now
                 record.write_text(_sha256(library))
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -49,7 +49,8 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
     to_dkm(model, config)
     if init:
         kmeans_all(model)
-    model.dkm_config = config
+    if dkm_modules(model):  # with nothing selected (warned) the model stays as it was, to be prepared again
+        model.dkm_config = config
     return model
 
 

@@ -150,12 +150,7 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
     _warn_unmatched(model, config)
     selected, kept = [], []
     for name, module_name, module, param in named_weights(model):
-        if not module_name and param == "weight":
-            logger.warning(  # weights are named by the module that holds them; a bare nn.Linear's has no name
-                "dkm_hf: the `weight` of the module given to prepare itself is left dense: give prepare a module "
-                "that holds this one (e.g. nn.Sequential(layer)) to cluster it"
-            )
-        if not module_name and param == "weight" or isinstance(module, (DKMMixin, PalettizedMixin)):
+        if isinstance(module, (DKMMixin, PalettizedMixin)):
             continue
         if param == "bias" or param.endswith("_bias"):  # GPT-OSS's per-expert biases are 2-D
             continue
@@ -175,6 +170,12 @@ def select_weights(model: nn.Module, config: DKMConfig) -> list[str]:
             continue
         if not targeted and not all(should_convert_module(n, fp32) for n in (module_name, full)):
             kept.append(name)
+            continue
+        if not module_name and param == "weight":  # weights are named by the module holding them; a bare layer's not
+            logger.warning(
+                "dkm_hf: the `weight` of the module given to prepare itself is left dense: give prepare a module "
+                "that holds this one (e.g. nn.Sequential(layer)) to cluster it"
+            )
             continue
         selected.append(name)
     if kept:

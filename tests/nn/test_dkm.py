@@ -223,6 +223,15 @@ def test_skips_and_warning_when_nothing_replaced(caplog):
     with caplog.at_level(logging.WARNING):  # a bare layer: its weight has no module name; the warning says so
         bare = dkm_hf.prepare(nn.Linear(64, 64), DKMConfig(weight_threshold=0))
     assert type(bare) is nn.Linear and "`weight` of the module given to prepare itself is left dense" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # wrapped, it would not be clustered either: no advice to wrap it
+        dkm_hf.prepare(nn.Linear(4, 4), DKMConfig(weight_threshold=100))
+        dkm_hf.prepare(nn.Linear(64, 64), DKMConfig(weight_threshold=0, modules_to_not_convert=["weight"]))
+    assert "given to prepare itself" not in caplog.text
+    layer = nn.Sequential(nn.Linear(64, 64))  # nothing selected leaves nothing behind: it can be prepared again
+    dkm_hf.prepare(layer, DKMConfig(weight_threshold=10**6))
+    assert dkm_hf.get_dkm_config(layer) is None and not dkm_hf.dkm_modules(layer)
+    assert dkm_hf.dkm_modules(dkm_hf.prepare(layer, DKMConfig(weight_threshold=0)))
     assert type(dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64)), DKMConfig(weight_threshold=0))[0]).__name__ == (
         "DKMLinear"
     )

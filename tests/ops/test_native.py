@@ -362,6 +362,11 @@ def test_a_library_whose_bytes_differ_from_its_record_is_built_again(tmp_path, r
         if not library.exists():
             library.write_bytes(b"\x7fELF rebuilt")  # what torch's build writes
     assert (tmp_path / "lib.sha256").read_text() == hashlib.sha256(library.read_bytes()).hexdigest()
+    # a build that replaces a recorded library (ninja saw a changed command or source) records the new one: a stale
+    # record made the next process remove the library and link it again, and a read-only cache fall back to torch
+    with guarded_build(tmp_path, "lib"):
+        library.write_bytes(b"\x7fELF relinked")
+    assert (tmp_path / "lib.sha256").read_text() == hashlib.sha256(b"\x7fELF relinked").hexdigest()
 
 
 def test_the_built_extension_carries_its_record():
