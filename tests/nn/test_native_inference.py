@@ -197,16 +197,20 @@ def test_a_model_palettized_under_inference_mode_runs(tiny_dir):
 
 @torch.no_grad()
 @pytest.mark.parametrize("scale", [False, True])
-@pytest.mark.parametrize("shape_bits", [(50, 10, 4, 1), (99, 36, 8, 2), (64, 10, 3, 1)])
+@pytest.mark.parametrize(
+    "shape_bits", [(50, 10, 4, 1), (99, 36, 8, 2), (64, 10, 3, 1), (96, 32, 2, 1, 8), (48, 16, 3, 2, 12)]
+)
 def test_torch_path_embedding_rows_with_padded_indices_and_bad_ids(monkeypatch, shape_bits, scale):
     """The packed Embedding without the native kernels (GPUs, DKM_HF_NATIVE=0): a weight whose packed indices end
     in padding bytes decodes the looked-up rows (before: a view of the padded buffer failed), and a negative id is an
-    IndexError as in nn.Embedding (before: the last row, silently). With per-channel scales, each row's scale."""
+    IndexError as in nn.Embedding (before: the last row, silently). With per-channel scales, each row's scale; with
+    grouped LUTs (the last two shapes: rows of whole bytes, a LUT per group of 8 / 12 tokens), each row's LUT."""
     monkeypatch.setenv("DKM_HF_NATIVE", "0")
-    tokens, features, bits, d = shape_bits
+    tokens, features, bits, d, *group = shape_bits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(tokens, features))
-    config = dkm_hf.DKMConfig(bits=bits, cluster_dim=d, weight_threshold=0, per_channel_scale=scale)
+    grouped = {"granularity": "per_grouped_channel", "group_size": group[0]} if group else {}
+    config = dkm_hf.DKMConfig(bits=bits, cluster_dim=d, weight_threshold=0, per_channel_scale=scale, **grouped)
     hard = dkm_hf.prepare(model, config).eval()
     ids = torch.tensor([[1, 2, tokens - 1, 1]])
     expected = hard(ids)
