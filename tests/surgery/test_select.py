@@ -34,7 +34,6 @@ def test_keep_in_fp32_modules_are_left_out_unless_targeted(caplog):
     """12.6: a model's `_keep_in_fp32_modules` (T5: the feed-forward output `wo`) is not clustered by default, as
     transformers' quantizers leave it, with a warning that names them; `target_modules` naming them clusters them
     (before, nothing could: `target_modules=["wo"]` selected nothing and the warning blamed the patterns)."""
-
     torch.manual_seed(0)
     config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
     model = T5ForConditionalGeneration(config)
