@@ -46,10 +46,10 @@ def prepare(model: nn.Module, config: DKMConfig, init: bool = True) -> nn.Module
         )
     config = copy.deepcopy(config)
     config.post_init()  # a config changed after it was built is checked before anything changes
-    to_dkm(model, config)
+    converted = to_dkm(model, config)
     if init:
         kmeans_all(model)
-    if dkm_modules(model):  # with nothing selected (warned) the model stays as it was, to be prepared again
+    if converted:  # with nothing selected (warned) the model stays as it was, to be prepared again
         model.dkm_config = config
     return model
 
