@@ -12,6 +12,9 @@ whose widths it chooses (4-8 bits per tensor for it, the recipe's choices for th
 of the recipe's widths for all of them.
 `true-fisher`: the importance (`gradient_importance`) with every token's label drawn from the dense model's own
 next-token distribution instead of the text's next token.
+`tempered-importance:floor=F,power=P`: the importance (`gradient_importance`) tempered before it weighs anything (the
+k-means, the widths, the DKM loop): each weight's f ** P plus F times its row's mean of that (dkm_hf's own: P 1, a
+floor of 1e-3 in `ops.kmeans.sample_weights`).
 Everything after the variant's name goes to examples/causal_lm/run_clm_dkm.py.
 """
 
@@ -92,6 +95,19 @@ def true_fisher_importance(model, batches, loss_fn=None):
     return _gradient_importance(model, batches, loss_fn=sampled_loss)
 
 
+def tempered_importance(floor: float = 0.0, power: float = 1.0):
+    """`dkm_hf.gradient_importance` whose result is f ** power + floor * (its row's mean of f ** power)."""
+
+    def importance(model, batches, loss_fn=None):
+        out = {}
+        for name, f in _gradient_importance(model, batches, loss_fn=loss_fn).items():
+            f = f.clamp_min(0).pow(power)
+            out[name] = f + floor * f.mean(-1, keepdim=True)
+        return out
+
+    return importance
+
+
 EMBEDDING_CHOICES = (4, 5, 6, 7, 8)
 
 
@@ -130,13 +146,24 @@ VARIANTS = {
     "true-fisher": true_fisher_importance,
     "embedding-widths": allocate_bits_with_embedding,
 }
-PATCHED = {"sequential-gptq": "gptq_snap", "true-fisher": "gradient_importance", "embedding-widths": "allocate_bits"}
+PATCHED = {
+    "sequential-gptq": "gptq_snap",
+    "true-fisher": "gradient_importance",
+    "embedding-widths": "allocate_bits",
+    "tempered-importance": "gradient_importance",
+}
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
-        sys.exit(f"usage: python benchmarks/clm_variants.py {{{','.join(VARIANTS)}}} [example arguments]")
-    setattr(dkm_hf, PATCHED[sys.argv[1]], VARIANTS[sys.argv[1]])  # the example calls dkm_hf.<name>
+    name, _, params = sys.argv[1].partition(":") if len(sys.argv) > 1 else ("", "", "")
+    if name not in VARIANTS and name != "tempered-importance":
+        names = ",".join([*VARIANTS, "tempered-importance:floor=F,power=P"])
+        sys.exit(f"usage: python benchmarks/clm_variants.py {{{names}}} [example arguments]")
+    if name == "tempered-importance":
+        variant = tempered_importance(**{k: float(v) for k, v in (p.split("=") for p in params.split(",") if p)})
+    else:
+        variant = VARIANTS[name]
+    setattr(dkm_hf, PATCHED[name], variant)  # the example calls dkm_hf.<name>
     sys.path.insert(0, str(ROOT / "examples"))
     from causal_lm.run_clm_dkm import main as example
 
