@@ -15,6 +15,8 @@ next-token distribution instead of the text's next token.
 `tempered-importance:floor=F,power=P`: the importance (`gradient_importance`) tempered before it weighs anything (the
 k-means, the widths, the DKM loop): each weight's f ** P plus F times its row's mean of that (dkm_hf's own: P 1, a
 floor of 1e-3 in `ops.kmeans.sample_weights`).
+`frozen-embedding`: every row (the control and DKM alike) trains with the (tied) token embedding frozen: a weight
+whose name holds `embed_tokens` keeps the values it starts the phase with (DKM: its snapped 8-bit centroids).
 Everything after the variant's name goes to examples/causal_lm/run_clm_dkm.py.
 """
 
@@ -108,6 +110,23 @@ def tempered_importance(floor: float = 0.0, power: float = 1.0):
     return importance
 
 
+def frozen_embedding_train():
+    """`Trainer.train` that first freezes every parameter whose name holds `embed_tokens`."""
+    import transformers
+
+    train = transformers.Trainer.train
+
+    def patched(self, *args, **kwargs):
+        frozen = [n for n, p in self.model.named_parameters() if "embed_tokens" in n and p.requires_grad]
+        for name, p in self.model.named_parameters():
+            if name in frozen:
+                p.requires_grad_(False)
+        print("frozen-embedding:", frozen, flush=True)
+        return train(self, *args, **kwargs)
+
+    transformers.Trainer.train = patched
+
+
 EMBEDDING_CHOICES = (4, 5, 6, 7, 8)
 
 
@@ -150,20 +169,21 @@ PATCHED = {
     "sequential-gptq": "gptq_snap",
     "true-fisher": "gradient_importance",
     "embedding-widths": "allocate_bits",
-    "tempered-importance": "gradient_importance",
 }
 
 
 def main() -> None:
     name, _, params = sys.argv[1].partition(":") if len(sys.argv) > 1 else ("", "", "")
-    if name not in VARIANTS and name != "tempered-importance":
-        names = ",".join([*VARIANTS, "tempered-importance:floor=F,power=P"])
-        sys.exit(f"usage: python benchmarks/clm_variants.py {{{names}}} [example arguments]")
-    if name == "tempered-importance":
-        variant = tempered_importance(**{k: float(v) for k, v in (p.split("=") for p in params.split(",") if p)})
+    if name == "frozen-embedding":
+        frozen_embedding_train()
+    elif name == "tempered-importance":
+        floor_power = {k: float(v) for k, v in (p.split("=") for p in params.split(",") if p)}
+        dkm_hf.gradient_importance = tempered_importance(**floor_power)
+    elif name in VARIANTS:
+        setattr(dkm_hf, PATCHED[name], VARIANTS[name])  # the example calls dkm_hf.<name>
     else:
-        variant = VARIANTS[name]
-    setattr(dkm_hf, PATCHED[name], variant)  # the example calls dkm_hf.<name>
+        names = ",".join([*VARIANTS, "tempered-importance:floor=F,power=P", "frozen-embedding"])
+        sys.exit(f"usage: python benchmarks/clm_variants.py {{{names}}} [example arguments]")
     sys.path.insert(0, str(ROOT / "examples"))
     from causal_lm.run_clm_dkm import main as example
 
