@@ -15,6 +15,7 @@ from torch import nn
 from transformers.utils import logging
 
 import dkm_hf
+from dkm_hf import DKMConfig
 from dkm_hf.cli import main
 from dkm_hf.export import to_coreml
 from dkm_hf.integrations.coreml import METADATA_KEY
@@ -337,3 +338,71 @@ def test_export_replaces_a_package_but_never_another_directory(tmp_path):
     to_coreml(model, tiny_inputs("bert", 1), tmp_path / "link.mlpackage")
     check_package(model, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.mlpackage", "model.mlpackage", "work.mlpackage"]
+
+
+# Behaviours of dkm_hf/integrations/coreml.py no other test pinned (a mutation review)
+
+
+def _coreml_model(**config):
+    pytest.importorskip("coremltools")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    return dkm_hf.palettize(dkm_hf.prepare(model, DKMConfig(bits=2, weight_threshold=0, **config)))
+
+
+def test_wide_luts_do_not_warn_under_float32_compute_precision(tmp_path):
+    """The fp16-precision warning for float32 LUTs is the advice to pass compute_precision=FLOAT32; once passed,
+    nothing is said."""
+    import warnings
+
+    import coremltools as ct
+
+    from dkm_hf.integrations.coreml import to_coreml
+
+    model = _coreml_model(lut_dtype="float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="example_inputs must be a non-empty dict"):
+            to_coreml(model, {}, str(tmp_path / "m.mlpackage"), compute_precision=ct.precision.FLOAT32)
+    with pytest.warns(UserWarning, match="float32 / bfloat16 LUTs"):
+        with pytest.raises(ValueError, match="example_inputs must be a non-empty dict"):
+            to_coreml(model, {}, str(tmp_path / "m.mlpackage"))
+
+
+def test_coreml_export_refuses_16_bit_parameters(tmp_path):
+    """A bf16 model (its biases bf16) is refused before torch.export, naming model.float()."""
+    from dkm_hf.integrations.coreml import to_coreml
+
+    model = _coreml_model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"Core ML export needs float32 parameters \(model.float\(\)\)"):
+        to_coreml(model, {"input": torch.randn(1, 16)}, str(tmp_path / "m.mlpackage"))
+
+
+def test_coreml_export_gives_the_model_back_in_its_training_mode(tmp_path):
+    """The export runs the model in eval mode and gives it back in training mode, here after an export that failed in
+    torch.export."""
+    from dkm_hf.integrations.coreml import to_coreml
+
+    model = _coreml_model().train()
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.export raises for an input of the wrong width
+        to_coreml(model, {"input": torch.randn(1, 7)}, str(tmp_path / "m.mlpackage"))
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_coreml_export_of_a_dkm_training_model_says_to_palettize_it(tmp_path):
+    """A DKM training model is refused as such (the message without palettized modules also says "palettize")."""
+    from dkm_hf.integrations.coreml import to_coreml
+
+    pytest.importorskip("coremltools")
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(16, 4)), DKMConfig(bits=2, weight_threshold=0))
+    with pytest.raises(ValueError, match=r"still holds DKM \(training\) modules; dkm_hf.palettize\(model\) it first"):
+        to_coreml(model, {"input": torch.randn(1, 16)}, str(tmp_path / "m.mlpackage"))
+
+
+def test_coreml_example_inputs_the_forward_does_not_take_are_refused_by_name(tmp_path):
+    """An example input the forward has no parameter for is refused by name, not left to fail inside torch.export."""
+    from dkm_hf.integrations.coreml import to_coreml
+
+    model = _coreml_model()
+    with pytest.raises(ValueError, match=r"example_inputs\['input_ids'\]: Sequential.forward takes no 'input_ids'"):
+        to_coreml(model, {"input_ids": torch.randn(1, 16)}, str(tmp_path / "m.mlpackage"))

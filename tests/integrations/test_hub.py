@@ -9,10 +9,12 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
+from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
 
 import dkm_hf
+from dkm_hf import DKMConfig
 from dkm_hf.integrations.model_card import DKM_MARKER, auto_class_name
 from dkm_hf.integrations.summary import summarize
 
@@ -222,3 +224,170 @@ def test_a_partly_downloaded_repo_is_left_to_transformers(palettized, tmp_path):
     assert cached_snapshot("org/sharded", "", cache, None, None) == str(snapshot)
     (snapshot / shards[-1].name).unlink()
     assert cached_snapshot("org/sharded", "", cache, None, None) is None
+
+
+# Behaviours of dkm_hf/integrations/summary.py no other test pinned (a mutation review)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_bound_bytes_of_owners_and_tied_weights(tmp_path):
+    """`bound_bytes` (the information bound benchmarks/size_inference.py reports): N*b/(8d) index bytes plus the LUT
+    and scale bytes, 0 for a tied weight."""
+    from dkm_hf.integrations.summary import summarize
+
+    model = dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0)))
+    model.save_pretrained(tmp_path / "p")
+    summary = summarize(tmp_path / "p")
+    tied = [n for n, lay in summary.layouts.items() if lay.tied_to is not None]
+    assert tied == ["lm_head"] and summary.bound_bytes("lm_head") == 0.0
+    for name, layout in summary.owners.items():
+        stored = summary.stored(name)
+        others = sum(e.nbytes for kind, e in stored.items() if kind != "weight_indices")
+        assert summary.bound_bytes(name) == layout.numel * 3 / 8 + others
+        assert summary.bound_bytes(name) < summary.bytes_on_disk(name) + 1
+
+
+def test_dense_bytes_count_integer_tensors_at_their_own_size(tmp_path):
+    """An integer tensor of the checkpoint (a step counter, token ids) counts at its own size in the dense sizes, not
+    at the float width."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from dkm_hf.integrations.summary import summarize
+
+    class TinyConfig(PretrainedConfig):
+        model_type = "dkm_hf_test_counter"
+
+    class Counter(PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = nn.Linear(16, 16, bias=False)
+            self.register_buffer("ids", torch.arange(8))  # int64, persistent
+            self.post_init()
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = dkm_hf.palettize(dkm_hf.prepare(Counter(TinyConfig()), DKMConfig(bits=2, weight_threshold=0)))
+    model.save_pretrained(tmp_path / "p")
+    summary = summarize(tmp_path / "p")
+    assert summary.tensors["ids"].dtype == "I64"
+    assert summary.dense_bytes(4) == 16 * 16 * 4 + 8 * 8
+    assert summary.dense_bytes(2) == 16 * 16 * 2 + 8 * 8
+
+
+def test_summarize_refuses_a_training_checkpoint(tmp_path):
+    """A DKM training checkpoint (float weights and centroids) is not summarised as if it were palettized."""
+    from dkm_hf.integrations.summary import summarize
+
+    model = dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0))
+    model.save_pretrained(tmp_path / "train")
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="does not describe a dkm_hf palettized checkpoint"):
+        summarize(tmp_path / "train")
+
+
+# Behaviours of dkm_hf/integrations/model_card.py no other test pinned (a mutation review)
+
+
+@pytest.fixture(scope="module")
+def palettized_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("card") / "p"
+    dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0))).save_pretrained(path)
+    return path
+
+
+def test_human_bytes():
+    """Sizes in the card are decimal units, whole bytes below 1 KB."""
+    from dkm_hf.integrations.model_card import human_bytes
+
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(1500) == "1.50 KB"
+    assert human_bytes(2_500_000) == "2.50 MB"
+    assert human_bytes(3_000_000_000_000) == "3000.00 GB"
+
+
+def test_card_of_remote_code_names_the_auto_class_its_auto_map_gives(palettized_dir):
+    """A model of its own code (an architecture transformers does not map) loads through the Auto class its auto_map
+    names, not AutoModel."""
+    from dkm_hf.integrations.model_card import model_card
+    from dkm_hf.integrations.summary import summarize
+
+    summary = summarize(palettized_dir)
+    summary.config = {
+        **summary.config,
+        "architectures": ["MyModelForCausalLM"],
+        "auto_map": {"AutoConfig": "my.MyConfig", "AutoModelForCausalLM": "my.MyModelForCausalLM"},
+    }
+    card = model_card(summary, None, "me/tiny")
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny", trust_remote_code=True)' in card
+
+
+def test_card_names_no_local_path_as_its_hub_base_model(palettized_dir, tmp_path, monkeypatch):
+    """A model loaded from a relative local folder ("checkpoints/base", which also reads as a repo id) is not declared
+    the card's Hub `base_model`; a repo id is."""
+    from dkm_hf.integrations.model_card import model_card
+    from dkm_hf.integrations.summary import summarize
+
+    (tmp_path / "checkpoints" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    summary = summarize(palettized_dir)
+    local = model_card(summary, "checkpoints/base", "me/tiny")
+    assert "base_model" not in local.split("\n---", 1)[0]
+    hub = model_card(summary, "org/base", "me/tiny")
+    assert "base_model: org/base" in hub
+
+
+def test_card_keeps_the_extra_tags(palettized_dir):
+    """The tags of the card a push replaces (transformers' generated one) are kept after dkm_hf's own, none twice."""
+    from dkm_hf.integrations.model_card import TAGS, model_card
+    from dkm_hf.integrations.summary import summarize
+
+    card = model_card(summarize(palettized_dir), None, "me/tiny", ["text-generation", "dkm"])
+    header = card.split("\n---", 1)[0]
+    for tag in TAGS + ["text-generation"]:
+        assert f"- {tag}" in header
+    assert header.count("- dkm\n") == 1
+
+
+def test_auto_class_of_an_architecture_listed_in_a_tuple():
+    """transformers maps some model types to several classes (deit: DeiTForImageClassification and ...WithTeacher);
+    each of them names its Auto class."""
+    from dkm_hf.integrations.model_card import auto_class_name
+
+    assert auto_class_name("DeiTForImageClassificationWithTeacher") == "AutoModelForImageClassification"
+    assert auto_class_name("FunnelBaseModel") == "AutoModel"
+    assert auto_class_name("LlamaForCausalLM") == "AutoModelForCausalLM"
+
+
+def test_replacing_a_generated_card_keeps_its_tags(palettized_dir, tmp_path):
+    """A push replaces transformers' generated README.md with dkm_hf's card and keeps the tags it had (e.g. the
+    Trainer's)."""
+    import shutil
+
+    from dkm_hf.integrations.model_card import GENERATED_MARKER, write_model_card
+
+    folder = tmp_path / "upload"
+    shutil.copytree(palettized_dir, folder)
+    generated = (
+        f"---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n- my-tag\n---\n\n{GENERATED_MARKER}.\n"
+    )
+    (folder / "README.md").write_text(generated)
+    assert write_model_card(nn.Module(), str(folder), repo="me/tiny", replace_generated=True)
+    header = (folder / "README.md").read_text().split("\n---", 1)[0]
+    assert "- generated_from_trainer" in header and "- my-tag" in header and "- dkm" in header

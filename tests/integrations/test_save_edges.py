@@ -345,3 +345,56 @@ def test_a_mount_beside_the_target_whose_name_extends_it_is_not_inside(tmp_path)
     assert not saving._holds_mount(tmp_path / "out dir", str(table))
     assert not saving._holds_mount(tmp_path / "out dir2", str(table))
     assert saving._holds_mount(tmp_path, str(table))
+
+
+# Behaviours of dkm_hf/integrations/preflight.py no other test pinned (a mutation review)
+
+
+def _lut_checkpoint(directory, k: int, quantization_config=None):
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    lut, indices = torch.zeros(1, k, 1, dtype=torch.float16), torch.zeros(8, dtype=torch.uint8)
+    save_file({"layer.weight_lut": lut, "layer.weight_indices": indices}, directory / "model.safetensors")
+    config = {"model_type": "llama"}
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_a_bitsandbytes_config_is_a_quantization_method_transformers_runs(tmp_path):
+    """A bitsandbytes checkpoint (quant_method "bitsandbytes" with load_in_8bit / load_in_4bit, which transformers maps
+    to bitsandbytes_8bit / _4bit) whose tensors look palettized is transformers' to load, not refused as dkm_hf's."""
+    from dkm_hf.integrations.preflight import preflight
+
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="hold dkm_hf palettized tensors"):
+        preflight(_lut_checkpoint(tmp_path / "none", 16))
+    for option in ("load_in_8bit", "load_in_4bit"):
+        bnb = {"quant_method": "bitsandbytes", option: True}
+        preflight(_lut_checkpoint(tmp_path / option, 16, bnb))  # transformers' bitsandbytes quantizer loads it
+
+
+def test_a_lut_whose_entries_are_no_power_of_two_is_no_palettized_tensor(tmp_path):
+    """A model's own (1, 3, 1) `*_lut` beside flat uint8 `*_indices` is not taken for a palettized checkpoint:
+    dkm_hf's LUTs hold 2**bits entries."""
+    from dkm_hf.integrations.preflight import preflight
+
+    preflight(_lut_checkpoint(tmp_path / "three", 3))
+    with pytest.raises(dkm_hf.PalettizedCheckpointError, match="hold dkm_hf palettized tensors"):
+        preflight(_lut_checkpoint(tmp_path / "four", 4))
+
+
+def test_a_damaged_plain_checkpoint_is_left_to_transformers(tmp_path):
+    """The files of a checkpoint that is not dkm_hf's (its config declares no dkm quantization) are transformers' to
+    load or refuse: a damaged model.safetensors there is no dkm_hf PalettizedCheckpointError."""
+    import json
+
+    from dkm_hf.integrations.preflight import preflight
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "plain" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    preflight(tmp_path / "plain")  # no error of dkm_hf's

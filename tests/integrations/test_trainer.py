@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -7,7 +8,9 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_within, free_port, weight_rounding
+from torch import nn
 from toy import ToyDataset, accuracy, save_toy_bert
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
@@ -1034,3 +1037,133 @@ def test_a_model_built_in_code_resumes_and_saves_a_palettized_state_dict(tmp_pat
     trainer.model.eval()
     with torch.no_grad():
         assert torch.equal(shipped(x)["logits"], trainer.model(x)["logits"])
+
+
+# Behaviours of dkm_hf/integrations/trainer.py no other test pinned (a mutation review)
+
+
+def _plain_args(tmp_path, **kw):
+    base = {
+        "output_dir": str(tmp_path / "out"),
+        "use_cpu": True,
+        "report_to": [],
+        "disable_tqdm": True,
+        "save_strategy": "no",
+    }
+    return DKMTrainingArguments(**{**base, **kw})
+
+
+class _ItemClassifier(nn.Module):
+    """A classifier whose forward takes **kwargs (Trainer then counts num_items_in_batch) and whose loss ignores
+    labels of -100 (so a micro-batch without a labelled item has a nan mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, x, labels=None, **kwargs):
+        logits = self.proj(x)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def _item_data(n=8):
+    g = torch.Generator().manual_seed(0)
+    return [{"x": torch.randn(16, generator=g), "labels": torch.tensor(i % 4)} for i in range(n)]
+
+
+def test_distill_temperature_zero_is_refused(tmp_path):
+    """A distillation temperature of 0 (which would divide the logits by zero) is refused; any positive one is not."""
+    with pytest.raises(ValueError, match="distill_temperature must be > 0"):
+        _plain_args(tmp_path, distill_temperature=0.0)
+    _plain_args(tmp_path, distill_temperature=1e-3)  # any positive one is fine
+
+
+def test_teacher_and_compute_loss_func_together_are_refused(tmp_path):
+    """teacher_model and compute_loss_func both define the training loss: given together they are refused (the
+    distillation loss would silently ignore the user's function)."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(_ItemClassifier(), DKMConfig(bits=2, weight_threshold=0))
+    teacher = _ItemClassifier()
+    with pytest.raises(ValueError, match="teacher_model and compute_loss_func both define the training loss"):
+        DKMTrainer(
+            model=model,
+            args=_plain_args(tmp_path),
+            train_dataset=_item_data(),
+            teacher_model=teacher,
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs["loss"],
+        )
+
+
+def test_a_micro_batch_without_labelled_items_adds_nothing_to_the_step(tmp_path):
+    """A micro-batch whose labels are all -100 has a nan mean: its share of the accumulated step (0) is exactly 0, not
+    nan; a labelled one gives its mean times its share of the step's items."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(_ItemClassifier(), DKMConfig(bits=2, weight_threshold=0))
+    trainer = DKMTrainer(model=model, args=_plain_args(tmp_path), train_dataset=_item_data())
+    assert trainer.model_accepts_loss_kwargs
+    model.train()
+    unlabelled = {"x": torch.randn(4, 16), "labels": torch.full((4,), -100)}
+    loss = trainer.compute_loss(model, unlabelled, num_items_in_batch=torch.tensor(8))
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    labelled = {"x": torch.randn(4, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    loss = trainer.compute_loss(model, labelled, num_items_in_batch=torch.tensor(8))
+    mean = F.cross_entropy(model(labelled["x"])["logits"], labelled["labels"])
+    torch.testing.assert_close(loss, mean * 4 / 8)  # the micro-batch's share of the step's 8 items
+
+
+def test_a_subclass_stating_its_loss_is_scaled_gets_the_distillation_loss_as_its_share(tmp_path):
+    """With a teacher, a Trainer subclass stating `loss_is_scaled_for_ga = True` (Trainer then leaves the loss
+    undivided) gets the distillation loss as the micro-batch's share of the accumulated batch, not its mean
+    (`accumulation` times too large a step)."""
+    from transformers import Trainer
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class Net(_ItemClassifier):
+        def forward(self, x, labels=None, **kwargs):
+            logits = self.proj(x)
+            loss = F.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    class Stated(Trainer):
+        loss_is_scaled_for_ga = True
+
+    class Mixed(dkm_hf.DKMTrainerMixin, Stated):
+        pass
+
+    torch.manual_seed(0)
+    teacher = Net()
+    model = dkm_hf.prepare(copy.deepcopy(teacher), DKMConfig(bits=2, weight_threshold=0))
+    trainer = Mixed(model=model, args=_plain_args(tmp_path), train_dataset=_item_data(), teacher_model=teacher)
+    model.train()
+    inputs = {"x": torch.randn(4, 16), "labels": torch.tensor([0, 1, 2, 3])}
+    whole = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(4))  # the step's only micro-batch
+    half = trainer.compute_loss(model, inputs, num_items_in_batch=torch.tensor(8))  # half of the step's items
+    assert whole.item() > 0
+    torch.testing.assert_close(half, whole / 2)
+
+
+def test_step_zero_best_model_with_a_dict_of_eval_datasets(tmp_path):
+    """With a dict of eval datasets Trainer calls evaluate once per dataset with its partial metrics; the step-0
+    best-model check runs on the merged ones only (metric_for_best_model, of another dataset, is missing from the
+    partial ones). test_trl's two-eval-sets case covers this where trl is installed; this one needs no trl."""
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(_ItemClassifier(), DKMConfig(bits=2, weight_threshold=0))
+    args = _plain_args(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_b_loss",
+        greater_is_better=False,
+    )
+    evals = {"a": _item_data(4), "b": _item_data(8)}
+    trainer = DKMTrainer(model=model, args=args, train_dataset=_item_data(), eval_dataset=evals)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "eval_b_loss" in e]
+    assert [e["step"] for e in logged] == [0, 2]
+    assert trainer.state.best_model_checkpoint is not None

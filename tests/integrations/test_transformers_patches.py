@@ -6,12 +6,14 @@ instead of somewhere deep in a load or a save.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 
 import pytest
 import torch
 from conftest import AUTO, TINY, tiny_inputs
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
 from transformers.utils.hub import PushToHubMixin
@@ -222,3 +224,125 @@ def test_resize_token_embeddings_to_the_same_size_goes_through(tiny_dir):
     model.resize_token_embeddings()
     with pytest.raises(ValueError, match="resize_token_embeddings"):
         model.resize_token_embeddings(99, pad_to_multiple_of=64)  # 128 rows
+
+
+# Behaviours of dkm_hf/integrations/transformers_patches.py no other test pinned (a mutation review)
+
+
+def test_register_replaces_another_dkm_config_and_quantizer_class():
+    """Registering another DKMConfig / quantizer class (a reload of dkm_hf.config makes a new DKMConfig) replaces the
+    mapping's entries rather than raising transformers' "already registered" (test_patch_6 reloads dkm_hf only,
+    whose DKMConfig stays the same class)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    from dkm_hf import DKMHfQuantizer
+    from dkm_hf.integrations.transformers_patches import register
+
+    class OtherConfig(DKMConfig):
+        pass
+
+    class OtherQuantizer(DKMHfQuantizer):
+        pass
+
+    try:
+        register(OtherConfig, OtherQuantizer)
+        assert AUTO_QUANTIZATION_CONFIG_MAPPING["dkm"] is OtherConfig
+        assert AUTO_QUANTIZER_MAPPING["dkm"] is OtherQuantizer
+    finally:
+        AUTO_QUANTIZATION_CONFIG_MAPPING["dkm"], AUTO_QUANTIZER_MAPPING["dkm"] = DKMConfig, DKMHfQuantizer
+
+
+def test_dkm_config_and_quantization_config_together_are_refused():
+    """dkm_config= together with quantization_config= is refused: the one would silently replace the other."""
+    from transformers import LlamaForCausalLM
+
+    with pytest.raises(ValueError, match="pass the DKM configuration once"):
+        LlamaForCausalLM.from_pretrained("unused", dkm_config=DKMConfig(), quantization_config=DKMConfig(bits=2))
+
+
+def test_the_batch_share_is_scaled_by_the_processes_the_count_was_summed_over():
+    """With average_tokens_across_devices (Trainer's default) the item count is summed over the processes and DDP
+    averages their gradients, so each process's share is multiplied back by their number (over the tensor-parallel
+    size). The two-process tests train with AdamW, which would hide a gradient scale."""
+    from types import SimpleNamespace
+
+    from dkm_hf.integrations.transformers_patches import accumulated_batch_share
+
+    def trainer(average, processes, tp=1):
+        return SimpleNamespace(
+            args=SimpleNamespace(average_tokens_across_devices=average),
+            accelerator=SimpleNamespace(num_processes=processes),
+            get_tp_size=lambda: tp,
+        )
+
+    items = torch.tensor(3)
+    assert accumulated_batch_share(trainer(True, 1), items, 12).item() == 0.25
+    assert accumulated_batch_share(trainer(True, 4), items, torch.tensor(12)).item() == 1.0
+    assert accumulated_batch_share(trainer(True, 4, tp=2), items, 12).item() == 0.5
+    assert accumulated_batch_share(trainer(False, 4), items, 12).item() == 0.25
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_num_parameters_without_embeddings_counts_no_palettized_embedding():
+    """num_parameters(exclude_embeddings=True) of a palettized model leaves its palettized embedding out, as for the
+    dense model."""
+    dense = _tiny_llama()
+    model = dkm_hf.palettize(dkm_hf.prepare(copy.deepcopy(dense), DKMConfig(bits=4, weight_threshold=0)))
+    assert dkm_hf.palettized_modules(model)
+    assert model.num_parameters(exclude_embeddings=True) == dense.num_parameters(exclude_embeddings=True)
+    assert model.num_parameters() == dense.num_parameters()
+
+
+def test_dtype_and_device_of_a_model_without_float_parameters():
+    """A PreTrainedModel whose every float parameter is palettized has no parameter to read its dtype and device from;
+    they come from its palettized weights and buffers."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class TinyConfig(PretrainedConfig):
+        model_type = "dkm_hf_test_all_palettized"
+
+    class Tiny(PreTrainedModel):
+        config_class = TinyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = nn.Linear(16, 16, bias=False)
+            self.post_init()
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = dkm_hf.palettize(dkm_hf.prepare(Tiny(TinyConfig()), DKMConfig(bits=2, weight_threshold=0)))
+    assert not list(model.parameters()) and dkm_hf.palettized_modules(model)
+    assert model.dtype == torch.float32
+    assert model.device == torch.device("cpu")
+
+
+def test_dkm_inference_mode_applies_with_output_loading_info(tmp_path):
+    """dkm_inference_mode= applies when from_pretrained returns (model, info) (output_loading_info=True)."""
+    from transformers import LlamaForCausalLM
+
+    from dkm_hf.nn.palettized import PalettizedMixin
+
+    model = dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=4, weight_threshold=0)))
+    model.save_pretrained(tmp_path / "p")
+    loaded, info = LlamaForCausalLM.from_pretrained(
+        tmp_path / "p", dkm_inference_mode="dense", output_loading_info=True
+    )
+    modes = {m.inference_mode for m in loaded.modules() if isinstance(m, PalettizedMixin)}
+    assert modes == {"dense"} and not info["missing_keys"]

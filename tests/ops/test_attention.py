@@ -109,3 +109,33 @@ def test_all_finite_sees_nan_and_inf_anywhere(dtype):
             v[where] = bad
             assert not bool(all_finite(v)), (bad, where)
     assert bool(all_finite(torch.empty(0))) and bool(all_finite(torch.arange(5)))
+
+
+# Behaviours of dkm_hf/ops/attention.py no other test pinned (a mutation review)
+
+
+def test_16_bit_weights_are_assigned_against_float32_centroids():
+    """A bf16 weight is assigned against its float32 centroids, not their bf16 rounding, which would merge centroids
+    closer than bf16's step (here 1.0 and 1.001: the weight 1.0078125 is nearer to 1.001)."""
+    from dkm_hf.ops import attention
+
+    w = torch.tensor([1.0078125, 0.75], dtype=torch.bfloat16).view(1, 2, 1)
+    c = torch.tensor([1.0, 1.001, 0.0, 2.0]).view(1, 4, 1)
+    expected = attention.hard_assign(w.float(), c)
+    assert expected.tolist() == [[1, 0]]
+    pieces = list(attention.assign_slices(w, c))
+    assert len(pieces) == 1 and torch.equal(pieces[0][2], expected)
+    lut = c.clone()
+    torch.testing.assert_close(attention.snap(w, c, lut), torch.tensor([1.001, 1.0]).view(1, 2, 1))
+
+
+def test_16_bit_hard_assign_breaks_ties_as_argmin():
+    """16-bit weights break ties as argmin does (the lowest index) when bf16 rounds several centroids to one distance
+    (here all three near 1.0, seen from -100), which the sorted binary search would not."""
+    from dkm_hf.ops import attention
+
+    c = torch.tensor([1.015625, 1.0078125, 1.0, 5.0], dtype=torch.bfloat16).view(1, 4, 1)
+    w = torch.tensor([-100.0, 1.0], dtype=torch.bfloat16).view(1, 2, 1)
+    expected = attention.squared_distance(w, c).argmin(1)
+    assert expected.tolist() == [[0, 2]]
+    assert torch.equal(attention.hard_assign(w, c), expected)

@@ -71,3 +71,50 @@ def test_weights_the_kernels_do_not_serve_keep_the_inverse():
     w = torch.tensor([[0.5, 0.5, 0.25, 0.5], [1.0, 2.0, 3.0, 4.0]])
     assert bucket_index(w.double(), torch.float16).present is None
     assert bucket_index(w, torch.float16).present is None
+
+
+# Behaviours of dkm_hf/ops/buckets.py no other test pinned (a mutation review)
+
+
+def test_several_groups_beyond_float16_range_fall_back_to_bfloat16_keys():
+    """A float32 weight of several LUT groups with values beyond float16's range is keyed in bfloat16, not by its
+    float16 rounding (inf)."""
+    from dkm_hf.ops.buckets import unique_buckets
+
+    w = torch.tensor([[1e5, -2e5, 0.5, 0.25], [0.5, 0.5, 3.0, -7e4]])
+    values, counts, inverse = unique_buckets(w, torch.float16)
+    assert torch.isfinite(values).all()
+    assert torch.equal(values.view(-1)[inverse.long()], w.view(-1).to(torch.bfloat16).float())
+
+
+def test_a_float16_weight_keeps_exact_buckets_even_with_an_infinite_value():
+    """A float16 weight is its own key (exact, inf included), not re-keyed by bfloat16."""
+    from dkm_hf.ops.buckets import unique_buckets
+
+    w = torch.tensor([[0.1, 0.2, float("inf"), 0.1, 0.3]], dtype=torch.float16)
+    values, counts, inverse = unique_buckets(w, torch.float16)
+    assert torch.equal(values.view(-1)[inverse.long()], w.view(-1))
+
+
+def test_keyed_buckets_of_groups_with_zeros_and_padding():
+    """Per-group keyed buckets of groups of different sizes: the padding keys (0, the key of +0.0) do not overwrite the
+    real +0.0 bucket, so weights equal to 0.0 read their own entry."""
+    from dkm_hf.ops import fused
+    from dkm_hf.ops.buckets import KEYED_GROUP, bucket_index, unique_buckets
+
+    if fused.cpu_kernels() is None:
+        pytest.skip("the CPU kernels could not be built")
+    n = KEYED_GROUP
+    gen = torch.Generator().manual_seed(0)
+    few = torch.tensor([0.0, 0.5, -0.25])[torch.randint(0, 3, (n,), generator=gen)]
+    many = torch.randn(n, generator=gen)
+    w = torch.stack([few, many])  # group 0: 3 buckets, padded to group 1's count
+    keyed = bucket_index(w, torch.float16)
+    assert keyed.present is not None
+    values, counts, inverse = unique_buckets(w, torch.float16)
+    per_bucket = torch.randn(values.numel(), generator=gen)
+    assert torch.equal(keyed.gather(per_bucket), per_bucket[inverse.long()])
+    g = torch.randn(w.numel(), generator=gen)
+    expected = torch.zeros(values.numel(), dtype=torch.float64).index_add_(0, inverse, g.double())
+    torch.testing.assert_close(keyed.sums(g).double(), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(keyed.sums(g).view(2, -1)[counts == 0], torch.zeros(int((counts == 0).sum())))

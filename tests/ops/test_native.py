@@ -467,3 +467,146 @@ def test_a_read_only_cache_with_a_verified_build_is_used_as_it_is(monkeypatch, t
     monkeypatch.setattr(os, "access", real_access)
     (tmp_path / "x.sha256").write_text(extension._sha256(library))
     assert extension.prebuilt(tmp_path, "x") is None  # a folder it can write: built and locked as usual
+
+
+# Behaviours of dkm_hf/ops/native.py no other test pinned (a mutation review)
+
+
+def _native_weight(bits=4, channels=8, features=16, lut_dtype=torch.float16, scale=True):
+    from dkm_hf.ops.packing import pack_indices
+
+    g = torch.Generator().manual_seed(0)
+    lut = torch.randn(1, 2**bits, 1, generator=g).to(lut_dtype)
+    idx = torch.randint(0, 2**bits, (channels * features,), generator=g)
+    s = (torch.rand(channels, generator=g) + 0.5).to(lut_dtype) if scale else None
+    return pack_indices(idx, bits), lut, s
+
+
+def _needs_native():
+    from dkm_hf.ops import native
+
+    if not native.available():
+        pytest.skip("native kernels unavailable")
+    return native
+
+
+def test_make_palette_refuses_non_contiguous_tensors_other_index_dtypes_and_misfit_scales(monkeypatch):
+    """A non-contiguous LUT, indices of another dtype than uint8 and a scale of another length than the channels are
+    cases the kernels do not cover: make_palette gives None with its warning (the torch decode follows), and never
+    reaches the operator."""
+    import warnings
+
+    from dkm_hf.ops import extension
+
+    native = _needs_native()
+    monkeypatch.setattr(extension, "_WARNED", set())
+    packed, lut, s = _native_weight()
+    assert native.make_palette(packed, lut, s, 4, 8, 16, torch.float32) is not None
+    lut_view = torch.randn(1, 32, 1, dtype=torch.float16)[:, ::2]  # every other entry: a strided view
+    assert lut_view.shape == lut.shape and not lut_view.is_contiguous()
+    with pytest.warns(RuntimeWarning, match="non-contiguous LUT, indices or scale"):
+        assert native.make_palette(packed, lut_view, s, 4, 8, 16, torch.float32) is None
+    with pytest.warns(RuntimeWarning, match="indices of dtype torch.int32"):
+        assert native.make_palette(packed.to(torch.int32), lut, s, 4, 8, 16, torch.float32) is None
+    with pytest.warns(RuntimeWarning, match=r"a weight of 8 x 16 with LUT \(1, 16, 1\)"):
+        assert native.make_palette(packed, lut, s[:4], 4, 8, 16, torch.float32) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.make_palette(packed, lut, s, 4, 8, 16, torch.float32) is not None
+
+
+def test_decode_rows_refuses_rows_out_of_range_by_index_error():
+    """Rows outside the weight (one past the last, negative) are an IndexError naming the row count, before the
+    operator runs."""
+    native = _needs_native()
+    packed, lut, s = _native_weight()
+    palette = native.make_palette(packed, lut, s, 4, 8, 16, torch.float32)
+    assert native.decode_rows(palette, torch.tensor([0, 7])).shape == (2, 16)
+    for rows in ([8], [0, 8], [-1], [3, -8]):
+        with pytest.raises(IndexError, match="rows out of range for a weight of 8 rows"):
+            native.decode_rows(palette, torch.tensor(rows))
+
+
+def test_lut_gemv_refuses_input_of_another_width():
+    """An input of another width than the weight's features is a ValueError naming both."""
+    native = _needs_native()
+    packed, lut, s = _native_weight()
+    palette = native.make_palette(packed, lut, s, 4, 8, 16, torch.float32)
+    assert native.lut_gemv(palette, torch.randn(2, 16)).shape == (2, 8)
+    for width in (8, 15, 32):
+        with pytest.raises(ValueError, match=r"lut_gemv needs float32 CPU input of 16 features"):
+            native.lut_gemv(palette, torch.randn(2, width))
+
+
+def test_decode_rows_fake_refuses_rows_on_another_device():
+    """decode_rows' fake (meta) implementation refuses rows on another device, as the operator does."""
+    _needs_native()
+    packed, lut, s = _native_weight()
+    meta = [t.to("meta") for t in (packed, lut, s)]
+    out = torch.ops.dkm_hf.decode_rows(*meta, 4, 8, 16, torch.float32, torch.tensor([0, 1], device="meta"), 1)
+    assert out.shape == (2, 16) and out.device.type == "meta"
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.dkm_hf.decode_rows(*meta, 4, 8, 16, torch.float32, torch.tensor([0, 1]), 1)
+
+
+# Behaviours of dkm_hf/ops/extension.py no other test pinned (a mutation review)
+
+
+def test_staged_copies_are_rewritten_only_when_their_sources_change(tmp_path):
+    """The staged copies of the sources are rewritten only when their bytes change: ninja compares timestamps, and a
+    copy rewritten at every load would rebuild the extension in every process."""
+    from dkm_hf.ops.extension import staged
+
+    source = tmp_path / "kernel.cpp"
+    source.write_text("int f() { return 1; }\n")
+    (copy_,) = staged(tmp_path / "build", [source])
+    assert copy_.read_text() == source.read_text()
+    old = copy_.stat().st_mtime_ns - 10**9
+    os.utime(copy_, ns=(old, old))
+    (again,) = staged(tmp_path / "build", [source])
+    assert again == copy_ and again.stat().st_mtime_ns == old  # unchanged: not written
+    source.write_text("int f() { return 2; }\n")
+    (changed,) = staged(tmp_path / "build", [source])
+    assert changed.read_text() == source.read_text() and changed.stat().st_mtime_ns != old
+
+
+def test_load_extension_builds_once_per_process_and_warns_only_when_asked(tmp_path, monkeypatch):
+    """An extension is built (or its failure recorded) once per process, and a failure warns only when asked (the
+    OpenMP attempt, which has a fallback behind it, does not)."""
+    import warnings
+
+    from dkm_hf.ops import extension
+
+    source = tmp_path / "k.cpp"
+    source.write_text("// kernel\n")
+    monkeypatch.setattr(extension, "_LOADED", {})
+    monkeypatch.setattr(extension, "_WARNED", set())
+    monkeypatch.setattr(extension, "build_root", lambda: tmp_path / "root")
+    calls = []
+
+    def build(directory, name, *args, **kwargs):
+        calls.append(name)
+        if name.startswith("bad"):
+            raise RuntimeError("c++: error: no compiler here")
+        return f"/lib/{name}.so"
+
+    monkeypatch.setattr(extension, "build_and_load", build)
+    assert extension.load_extension("good", [source]) == "/lib/good.so"
+    assert extension.load_extension("good", [source]) == "/lib/good.so"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extension.load_extension("bad_omp", [source], warn=False) is None
+        assert extension.load_extension("bad_omp", [source], warn=False) is None
+    with pytest.warns(RuntimeWarning, match=r"bad_plain could not be built or loaded \(c\+\+: error: no compiler"):
+        assert extension.load_extension("bad_plain", [source]) is None
+    assert calls == ["good", "bad_omp", "bad_plain"]
+
+
+def test_a_build_failure_without_a_known_cause_is_reported_by_its_last_line():
+    """With no line naming a known cause, a build failure's reason is the output's last line (where ninja and torch
+    say how it ended), not its first (the command line)."""
+    from dkm_hf.ops.extension import build_failure_reason
+
+    output = "[1/2] c++ -O3 -c kernel.cpp\n\nsomething odd happened\nbuild stopped: subcommand failed.\n"
+    assert build_failure_reason(RuntimeError(output)) == "build stopped: subcommand failed."
+    assert build_failure_reason(RuntimeError("")) == "RuntimeError"
