@@ -117,11 +117,10 @@ def frozen_embedding_train():
     train = transformers.Trainer.train
 
     def patched(self, *args, **kwargs):
-        frozen = [n for n, p in self.model.named_parameters() if "embed_tokens" in n and p.requires_grad]
-        for name, p in self.model.named_parameters():
-            if name in frozen:
-                p.requires_grad_(False)
-        print("frozen-embedding:", frozen, flush=True)
+        frozen = {n: p for n, p in self.model.named_parameters() if "embed_tokens" in n and p.requires_grad}
+        for p in frozen.values():
+            p.requires_grad_(False)
+        print("frozen-embedding:", list(frozen), flush=True)
         return train(self, *args, **kwargs)
 
     transformers.Trainer.train = patched
@@ -165,11 +164,7 @@ VARIANTS = {
     "true-fisher": true_fisher_importance,
     "embedding-widths": allocate_bits_with_embedding,
 }
-PATCHED = {
-    "sequential-gptq": "gptq_snap",
-    "true-fisher": "gradient_importance",
-    "embedding-widths": "allocate_bits",
-}
+PATCHED = {"sequential-gptq": "gptq_snap", "true-fisher": "gradient_importance", "embedding-widths": "allocate_bits"}
 
 
 def main() -> None:
