@@ -121,11 +121,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def save_tiny(name: str, path) -> str:
+def tiny_model(name: str):
+    """The tiny `name` model of TINY, its weights drawn from seed 0."""
     cls, make_config = TINY[name]
     torch.manual_seed(0)
-    model = cls(make_config())
-    model.save_pretrained(path)
+    return cls(make_config())
+
+
+def save_tiny(name: str, path) -> str:
+    tiny_model(name).save_pretrained(path)
     return str(path)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
@@ -229,28 +230,12 @@ def test_a_partly_downloaded_repo_is_left_to_transformers(palettized, tmp_path):
 # Behaviours of dkm_hf/integrations/summary.py no other test pinned (a mutation review)
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_bound_bytes_of_owners_and_tied_weights(tmp_path):
     """`bound_bytes` (the information bound benchmarks/size_inference.py reports): N*b/(8d) index bytes plus the LUT
     and scale bytes, 0 for a tied weight."""
     from dkm_hf.integrations.summary import summarize
 
-    model = dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0)))
+    model = dkm_hf.palettize(dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=3, weight_threshold=0)))
     model.save_pretrained(tmp_path / "p")
     summary = summarize(tmp_path / "p")
     tied = [n for n, lay in summary.layouts.items() if lay.tied_to is not None]
@@ -296,7 +281,7 @@ def test_summarize_refuses_a_training_checkpoint(tmp_path):
     """A DKM training checkpoint (float weights and centroids) is not summarised as if it were palettized."""
     from dkm_hf.integrations.summary import summarize
 
-    model = dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0))
+    model = dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=3, weight_threshold=0))
     model.save_pretrained(tmp_path / "train")
     with pytest.raises(dkm_hf.PalettizedCheckpointError, match="does not describe a dkm_hf palettized checkpoint"):
         summarize(tmp_path / "train")
@@ -308,7 +293,7 @@ def test_summarize_refuses_a_training_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def palettized_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("card") / "p"
-    dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=3, weight_threshold=0))).save_pretrained(path)
+    dkm_hf.palettize(dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=3, weight_threshold=0))).save_pretrained(path)
     return path
 
 

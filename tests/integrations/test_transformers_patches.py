@@ -12,7 +12,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import AUTO, TINY, tiny_inputs
+from conftest import AUTO, TINY, tiny_inputs, tiny_model
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import auto as quantizers_auto
@@ -282,26 +282,10 @@ def test_the_batch_share_is_scaled_by_the_processes_the_count_was_summed_over():
     assert accumulated_batch_share(trainer(False, 4), items, 12).item() == 0.25
 
 
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_num_parameters_without_embeddings_counts_no_palettized_embedding():
     """num_parameters(exclude_embeddings=True) of a palettized model leaves its palettized embedding out, as for the
     dense model."""
-    dense = _tiny_llama()
+    dense = tiny_model("llama")
     model = dkm_hf.palettize(dkm_hf.prepare(copy.deepcopy(dense), DKMConfig(bits=4, weight_threshold=0)))
     assert dkm_hf.palettized_modules(model)
     assert model.num_parameters(exclude_embeddings=True) == dense.num_parameters(exclude_embeddings=True)
@@ -339,7 +323,7 @@ def test_dkm_inference_mode_applies_with_output_loading_info(tmp_path):
 
     from dkm_hf.nn.palettized import PalettizedMixin
 
-    model = dkm_hf.palettize(dkm_hf.prepare(_tiny_llama(), DKMConfig(bits=4, weight_threshold=0)))
+    model = dkm_hf.palettize(dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=4, weight_threshold=0)))
     model.save_pretrained(tmp_path / "p")
     loaded, info = LlamaForCausalLM.from_pretrained(
         tmp_path / "p", dkm_inference_mode="dense", output_loading_info=True
