@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, tiny_inputs
+from conftest import TINY, tiny_inputs, tiny_model
 from torch import nn
 from transformers.utils import logging
 
@@ -32,9 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 
 def palettized(name: str, **config) -> nn.Module:
-    cls, make_config = TINY[name]
-    torch.manual_seed(0)
-    model = cls(make_config()).eval()
+    model = tiny_model(name).eval()
     dkm_hf.prepare(model, dkm_hf.DKMConfig(weight_threshold=256, **config))
     return dkm_hf.palettize(model)
 

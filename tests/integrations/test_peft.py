@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import AUTO, tiny_inputs
+from conftest import AUTO, tiny_inputs, tiny_model
 from safetensors.torch import load_file
 
 import dkm_hf
@@ -218,15 +218,12 @@ def test_lora_on_a_dkm_model_resumes_from_its_adapter_checkpoints(tmp_path, capl
     """Trainer saves a peft model's checkpoints as its adapter (no config.json, no model weights); DKMTrainer's
     resume check refused every one as "not saved completely". A resume now continues the uninterrupted run; and
     save_model, which writes the adapter only, says that the palettized base is not in it."""
-    from conftest import TINY
     from transformers import TrainingArguments
 
     data = _lm_rows(16)
 
     def run(out, resume=None):
-        cls, make_config = TINY["llama"]
-        torch.manual_seed(0)
-        model = dkm_hf.prepare(cls(make_config()), DKMConfig(bits=3, weight_threshold=0))
+        model = dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=3, weight_threshold=0))
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
         args = TrainingArguments(
             output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from conftest import TINY, U, assert_within, first_step_change
+from conftest import U, assert_within, first_step_change, save_tiny
 
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
@@ -65,11 +65,7 @@ def chat_data(n: int, seed: int) -> Dataset:
 
 @pytest.fixture
 def llama(tmp_path):
-    cls, make_config = TINY["llama"]
-    torch.manual_seed(0)
-    path = tmp_path / "llama"
-    cls(make_config()).save_pretrained(path)
-    return str(path)
+    return save_tiny("llama", tmp_path / "llama")
 
 
 def _args(tmp_path, **kw) -> trl.SFTConfig:

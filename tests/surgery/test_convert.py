@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from accelerate.hooks import AlignDevicesHook, ModelHook, add_hook_to_module
-from conftest import AUTO, tiny_inputs
+from conftest import AUTO, tiny_inputs, tiny_model
 from torch import nn
 from transformers.utils import logging as hf_logging
 
@@ -82,13 +82,9 @@ def test_conversions_keep_ties_as_one_tensor(tiny_dir, name):
 def test_batched_kmeans_gives_each_module_its_own_centroids():
     """`kmeans_all(model)` clusters the modules of one LUT size in batched calls; each module gets exactly what
     its own `init_centroids` gives it (per-row LUTs, per-channel scales, an 8-bit per-tensor override)."""
-    from conftest import TINY
-
     from dkm_hf.surgery.convert import kmeans_all, to_dkm
 
-    cls, make_config = TINY["llama"]
-    torch.manual_seed(0)
-    model = cls(make_config())
+    model = tiny_model("llama")
     config = DKMConfig(
         bits=3,
         granularity="per_grouped_channel",
