@@ -301,6 +301,11 @@ class DKMConfig(QuantizationConfigMixin):
         settings["overrides"] = [[pattern, values] for pattern, values in self.overrides.items()]
         return copy.deepcopy(settings | asdict(self.record))
 
+    def differing_settings(self, other: DKMConfig) -> list[str]:
+        """The settings (not the checkpoint record) in which `other` differs from this config."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [key for key in mine if key not in CheckpointRecord.KEYS and mine[key] != theirs.get(key)]
+
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 

@@ -44,7 +44,7 @@ from .checkpoint_checks import (
 from .distributed import full_state_dict
 from .model_card import TAGS
 from .safetensors_files import SafetensorsHeader, check_inside, read_headers
-from .transformers_patches import LOAD_OPTIONS, mark_initialized, untie
+from .transformers_patches import LOAD_OPTIONS, SAVE_STATE_DICT, mark_initialized, untie
 
 logger = logging.get_logger(__name__)
 
@@ -63,7 +63,6 @@ class DKMHfQuantizer(HfQuantizer):
         self.file_metadata: dict[str, str] = {}
         self.init_after_load = not self.pre_quantized
         self.fresh: set[str] = set()  # clustered weights a training checkpoint lacks: their centroids come after load
-        self.state_dict_to_save: dict | None = None  # a `save_pretrained(state_dict=...)` argument, for the hook
 
     def validate_environment(self, *args, **kwargs) -> None:
         if self.quantization_config.record.format == "palettized" and not self.pre_quantized:
@@ -90,6 +89,14 @@ class DKMHfQuantizer(HfQuantizer):
                 "this checkpoint is already palettized (LUTs and packed indices): a DKMConfig cannot cluster it again "
                 "(load it without one, turn it dense with dkm_hf.dequantize(model) and prepare it with "
                 "dkm_hf.prepare(model, DKMConfig(...)))"
+            )
+        changed = config.differing_settings(given) if isinstance(given, DKMConfig) else []
+        if config.record.format == "train" and changed:
+            raise ValueError(
+                f"this checkpoint was saved by a DKM model whose DKMConfig differs from the one given in "
+                f"{', '.join(changed)}, and transformers would keep the checkpoint's: load it without a config to go "
+                "on at its settings, or for new ones turn it dense (dkm_hf.dequantize(model)) and prepare it again "
+                "(dkm_hf.prepare(model, DKMConfig(...)))"
             )
         if options.get("key_mapping"):
             raise ValueError(
@@ -198,7 +205,7 @@ class DKMHfQuantizer(HfQuantizer):
         config = surgery.get_dkm_config(model)
         if config is not None:
             config.record = record
-        state_dict, self.state_dict_to_save = self.state_dict_to_save, None
+        state_dict = SAVE_STATE_DICT.get()  # `save_pretrained(state_dict=...)`'s
         if state_dict is None and is_sharded(model):
             # FSDP2: the modules' own state dicts hold shards; save the gathered one (every rank calls save_pretrained)
             state_dict = full_state_dict(model)

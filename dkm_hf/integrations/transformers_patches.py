@@ -8,12 +8,11 @@ what it relies on.
 1. `from_pretrained(..., dkm_config=, dkm_inference_mode=)`: transformers passes keyword arguments it does not know to
    the model's __init__, which fails; the wrapper of `PreTrainedModel.from_pretrained` takes them off first. For a
    local dkm_hf checkpoint it also checks the shard index and headers before transformers parses them.
-2. `save_pretrained`: a save of a DKM or palettized model is atomic (see `saving`); a palettized one writes a model
-   card; there is no hook around the
-   whole save, so `PreTrainedModel.save_pretrained` is wrapped. Any other save that writes shards over a single-file
-   checkpoint removes that file (transformers' clean-up only knows shard names, and loading reads the single file
-   first: the old weights, or an error naming two checkpoints). For a quantized model transformers replaces a
-   `state_dict=` argument by what the quantizer returns; the wrapper hands the argument to the quantizer.
+2. `save_pretrained` (no hook covers the whole save, so it is wrapped): a save of a DKM or palettized model is atomic
+   (see `saving`), a palettized one writes a model card; any other save that writes shards over a single-file
+   checkpoint removes that file (transformers' clean-up only knows shard names; loading reads the single file first).
+   transformers replaces a quantized model's `state_dict=` argument by what the quantizer's hook returns: the wrapper
+   hands it over in a context variable, and one model's saves take turns (each records its id in the model's config).
 3. `push_to_hub`'s card: transformers writes its placeholder README.md after `save_pretrained`, just before the
    upload; its private `_upload_modified_files` is the last point where dkm_hf's card can replace it.
 4. `untie`: palettized tied modules share LUT buffers, not a `weight` parameter; loading would look the parameter up
@@ -69,7 +68,7 @@ from transformers.trainer_callback import CallbackHandler
 from ..config import DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
-from ..nn.weights import parameter_keys
+from ..nn.weights import module_lock, parameter_keys
 from ..surgery.model import get_dkm_config, set_inference_mode, untie_declined
 from ..surgery.select import check_ties
 from .model_card import write_model_card
@@ -77,8 +76,9 @@ from .preflight import cached_snapshot, preflight
 from .saving import atomic_save, stale_single_file_guard
 
 _MARK = "_dkm_hf_patched"
-# from_pretrained's options that transformers keeps from the quantizer's hooks, for the load under way
+# from_pretrained's options and save_pretrained's `state_dict=` that transformers keeps from the quantizer's hooks
 LOAD_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("dkm_hf_load_options", default={})
+SAVE_STATE_DICT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dkm_hf_save_state_dict", default=None)
 _SAVE_PARAMETERS: frozenset[str] = frozenset()
 
 
@@ -180,11 +180,15 @@ def _patch_save_pretrained() -> None:
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
+        with module_lock(self):  # one save of a model at a time; `state_dict=` (Trainer's FSDP path) for the hook
+            token = SAVE_STATE_DICT.set(kwargs.get("state_dict"))
+            try:
+                return save(self, save_directory, *args, **kwargs)
+            finally:
+                SAVE_STATE_DICT.reset(token)
+
+    def save(self, save_directory, *args, **kwargs):
         quantizer = getattr(self, "hf_quantizer", None)
-        if kwargs.get("state_dict") is not None and hasattr(quantizer, "state_dict_to_save"):
-            # transformers replaces `state_dict=` by what the quantizer's hook returns: hand it over (Trainer's FSDP
-            # path passes the gathered state dict this way)
-            quantizer.state_dict_to_save = kwargs["state_dict"]
         if "save_original_format" in _SAVE_PARAMETERS and (dkm_modules(self) or palettized_modules(self)):
             # LUTs, packed indices and centroids have no "original format": transformers' reverse key conversion
             # would rename (or split, for stacked experts) them apart from config.json's records. dkm_hf checkpoints
@@ -327,7 +331,6 @@ def _patch_ties_and_resizing() -> None:
                 mapping = self.get_expanded_tied_weights_keys(all_submodels=True)
             except ValueError:
                 pass  # the map loading or an earlier call kept
-
         # palettized ties are the shared LUT and indices already; a side dequantized alone
         # (`dkm_hf.dequantize(model.lm_head)`) holds its own copy: no longer tied
         self.all_tied_weights_keys = {
@@ -377,10 +380,8 @@ def _patch_log_order() -> None:
 
     @functools.wraps(original)
     def on_log(self, args, state, control, logs, **kwargs):
-        for callback in self.callbacks:
-            merge = getattr(callback, "_dkm_merge_logs", None)
-            if merge is not None:
-                merge(logs)
+        for merge in filter(None, (getattr(callback, "_dkm_merge_logs", None) for callback in self.callbacks)):
+            merge(logs)
         return original(self, args, state, control, logs, **kwargs)
 
     setattr(on_log, _MARK, True)

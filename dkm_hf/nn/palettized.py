@@ -10,8 +10,8 @@ and the weight is W = from_rows(lut[g, idx] * scale). The module keeps its own c
 subclass (`weights.variant_class`) in which `p` is a property returning the decoded weight, so the module's own
 forward (and anything else reading `m.p`) sees the weight the checkpoint holds. Two inference modes:
 
-    "packed"  (the default) keep only LUT + indices in memory and decode in every forward (once per forward, however
-              often the forward reads the weight): the smallest memory;
+    "packed"  (the default) keep only LUT + indices and decode in every forward (once, however often it reads the
+              weight; each thread its own): the smallest memory;
     "dense"   decode once, on the first forward, and keep the decoded weight: the forward costs the original's, the
               memory the decoded weight's on top of the checkpoint's.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 
 import torch
@@ -60,8 +61,8 @@ KINDS, KEPT_DTYPE_KINDS = ("lut", "indices", "scale"), ("lut", "scale")
 GEMV_MAX_ROWS = 8  # packed Linear inputs of at most this many rows use the fused LUT gemv (CPU, float32)
 # weight -> (state key, native Palette or None); outside the objects so copies and pickles never see ctypes objects
 _PALETTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# The forwards the packed fast paths compute themselves (a subclass with its own forward keeps it).
-_LINEAR_FORWARDS = (nn.Linear.forward, Conv1D.forward)
+_LINEAR_FORWARDS = (nn.Linear.forward, Conv1D.forward)  # what the packed fast paths compute (not a subclass's own)
+_THREAD = threading.local()  # .scopes: module -> {param: its weight decoded in this thread's forward} (decode_scope)
 
 
 class PalettizedWeight:
@@ -91,10 +92,11 @@ class PalettizedWeight:
         if self.tied_source is not None:
             return
         layout, register = self.layout, self.module.register_buffer
-        register(self.buffer("lut"), torch.empty(layout.lut_shape, dtype=lut_dtype, device=device))
-        register(self.buffer("indices"), torch.empty(layout.packed_bytes, dtype=torch.uint8, device=device))
-        if layout.per_channel_scale:
-            register(self.buffer("scale"), torch.empty(layout.scale_shape, dtype=lut_dtype, device=device))
+        with torch.inference_mode(False):  # normal tensors even under inference_mode: writes must bump their versions
+            register(self.buffer("lut"), torch.empty(layout.lut_shape, dtype=lut_dtype, device=device))
+            register(self.buffer("indices"), torch.empty(layout.packed_bytes, dtype=torch.uint8, device=device))
+            if layout.per_channel_scale:
+                register(self.buffer("scale"), torch.empty(layout.scale_shape, dtype=lut_dtype, device=device))
 
     def buffer_names(self) -> tuple[str, ...]:
         return tuple(self.buffer(kind) for kind in KINDS)
@@ -258,12 +260,10 @@ class PalettizedWeight:
 
 def _weight_property(param: str) -> property:
     def get(module):
-        scope = module.__dict__.get("_decode_scope")
-        if scope is not None:  # inside a forward: decode once however often the forward reads the weight
-            if param not in scope:
-                scope[param] = module.palettized_weights[param].value()
-            return scope[param]
-        return module.palettized_weights[param].value()
+        scope = getattr(_THREAD, "scopes", {}).get(module)  # in a forward: decoded once, however often it is read
+        if scope is None:
+            return module.palettized_weights[param].value()
+        return scope[param] if param in scope else scope.setdefault(param, module.palettized_weights[param].value())
 
     return property(get, doc=f"`{param}`, decoded from its LUT and packed indices")
 
@@ -298,7 +298,6 @@ class PalettizedMixin:
             for name in state.buffer_names():
                 self._buffers.pop(name, None)
         del self.palettized_weights
-        self.__dict__.pop("_decode_scope", None)
         swap_class(self, base_class(self))
         for param, tensor in weights.items():
             if tensor is not None:
@@ -314,8 +313,7 @@ class PalettizedMixin:
         super().__setattr__(name, value)
 
     def __reduce_ex__(self, protocol):
-        state = {k: v for k, v in self.__getstate__().items() if k != "_decode_scope"}
-        return (_rebuild, (__name__, "PalettizedMixin", base_class(self), type(self)._dkm_params), state)
+        return (_rebuild, (__name__, "PalettizedMixin", base_class(self), type(self)._dkm_params), self.__getstate__())
 
     def _apply(self, fn, recurse=True):
         kept = tuple(w.buffer(kind) for w in self.palettized_weights.values() for kind in KEPT_DTYPE_KINDS)
@@ -326,17 +324,23 @@ class PalettizedMixin:
             state.compute_dtype, state._dense = dtype, None
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):  # a buffer written without a version bump drops the kept decode
+        super()._load_from_state_dict(*args, **kwargs)
+        for state in self.palettized_weights.values():
+            state._dense = None
+
     @contextlib.contextmanager
     def decode_scope(self):
         """Within the context each palettized parameter is decoded at most once (e.g. a loop over experts)."""
-        if "_decode_scope" in self.__dict__:
+        scopes = vars(_THREAD).setdefault("scopes", {})  # per thread: another's decodes may be inference tensors
+        if self in scopes:
             yield
             return
-        self.__dict__["_decode_scope"] = {}
+        scopes[self] = {}
         try:
             yield
         finally:
-            self.__dict__.pop("_decode_scope", None)
+            del scopes[self]
 
     def _packed_forward(self, args, kwargs) -> torch.Tensor | None:
         """The packed fast paths of plain Linear / Conv1D / Embedding forwards, or None."""

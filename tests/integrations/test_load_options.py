@@ -72,6 +72,23 @@ def test_a_dkm_config_given_for_a_palettized_checkpoint_is_refused(saved):
     assert dkm_hf.palettized_modules(again)
 
 
+def test_a_different_dkm_config_given_for_a_training_checkpoint_is_refused(saved):
+    """A training checkpoint (a DKM model's save, a Trainer's checkpoint-N) given another DKMConfig: transformers kept
+    the checkpoint's, so a second phase at 2 bits trained at its 3 (before: only transformers' generic warning). The
+    error names the settings that differ; the checkpoint's own settings load it, and dequantize + prepare is the way
+    to new ones."""
+    with pytest.raises(ValueError, match=r"differs from the one given in bits, milestone, .*dkm_hf.dequantize"):
+        AutoModelForSequenceClassification.from_pretrained(
+            saved["train"], dkm_config=dkm_hf.DKMConfig(bits=2, weight_threshold=1000, milestone=3)
+        )
+    same = dkm_hf.DKMConfig(bits=3, weight_threshold=1000)
+    again = AutoModelForSequenceClassification.from_pretrained(saved["train"], quantization_config=same)
+    assert {w.layout.bits for _, w in dkm_hf.dkm_modules(again)} == {3}
+    dkm_hf.dequantize(again)
+    dkm_hf.prepare(again, dkm_hf.DKMConfig(bits=2, weight_threshold=1000))
+    assert {w.layout.bits for _, w in dkm_hf.dkm_modules(again)} == {2}
+
+
 def test_a_model_built_from_a_dkm_config_saves_and_loads_with_clear_errors(saved, tmp_path):
     """from_config on a palettized checkpoint's config builds plain layers under a config that declares palettized
     files: it saves as the dense model it is (before: under that config, and its reload blamed an interrupted save);

@@ -130,6 +130,48 @@ def test_a_state_dict_argument_is_what_the_checksums_cover(tiny_dir, tmp_path):
     assert not (tmp_path / "float32").exists()
 
 
+def test_a_state_dict_argument_belongs_to_its_own_save(tiny_dir, tmp_path):
+    """`state_dict=` reaches the quantizer's hook in the context of its own call: a save that returned before the hook
+    (transformers logs that the path is a file) left it on the quantizer, and the next plain save wrote it instead of
+    the model; two threads saving one model with their own state dicts wrote each other's (the saves now take turns,
+    each recording its own save id)."""
+    import threading
+
+    _, dkm, inputs = _models(tiny_dir)
+    pal = dkm_hf.palettize(dkm)
+    state = pal.state_dict()
+    edited = {k: v.flip(1) if k.endswith("weight_lut") else v for k, v in state.items()}
+    (tmp_path / "a_file").touch()
+    pal.save_pretrained(tmp_path / "a_file", state_dict=dict(edited))  # nothing saved
+    pal.save_pretrained(tmp_path / "plain")
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), inputs), _logits(pal, inputs))
+
+    expected = {}
+    for name, given in (("own", state), ("edited", edited)):
+        copy = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+        copy.load_state_dict(given)
+        expected[name] = _logits(copy, inputs)
+    assert not torch.equal(expected["own"], expected["edited"])
+    barrier, errors = threading.Barrier(2), []
+
+    def save(name, given):
+        barrier.wait()
+        try:
+            pal.save_pretrained(tmp_path / name, state_dict=dict(given))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=save, args=pair) for pair in (("own", state), ("edited", edited))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        for name in expected:
+            assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / name), inputs), expected[name])
+
+
 def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(tiny_dir, tmp_path):
     """The path as a keyword, and a `config=` without the DKM quantization_config, are refused like the positional
     path with an edited config.json (before: every clustered layer loaded with random weights)."""

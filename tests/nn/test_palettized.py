@@ -113,21 +113,53 @@ def test_packed_embedding_decodes_only_the_rows_it_looks_up(features, bits, clus
     assert torch.equal(model(ids), dense)
 
 
-def test_dense_mode_follows_a_load_state_dict():
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_dense_mode_follows_a_load_state_dict(context):
     """Dense mode keeps the decoded weight between forwards; loading other LUTs and indices replaces it (a stale
-    decoded weight would keep the old model's output)."""
+    decoded weight would keep the old model's output). Under inference_mode too: palettized there, the buffers were
+    inference tensors, which a load there writes without bumping a version (before: the stale weight stayed)."""
 
     def palettized(seed):
         torch.manual_seed(seed)
         model = dkm_hf.prepare(nn.Sequential(nn.Linear(64, 48)), dkm_hf.DKMConfig(bits=3, weight_threshold=0))
-        return dkm_hf.palettize(model.eval())
+        with context():
+            return dkm_hf.palettize(model.eval())
 
     model, other = palettized(0), palettized(1)
     dkm_hf.set_inference_mode(model, "dense")
     x = torch.randn(16, 64)
-    with torch.no_grad():
+    with context():
         before = model(x)
         model.load_state_dict(other.state_dict())
         after = model(x)
     assert not torch.equal(after, before)
     assert torch.equal(after, nn.functional.linear(x, other[0].weight, other[0].bias))
+
+
+def test_each_thread_decodes_in_a_scope_of_its_own():
+    """A forward decodes each weight once, in a scope of its own thread: the scope was the module's, so a forward under
+    inference_mode in one thread handed its decoded weights (inference tensors) to another thread's forward, whose
+    autograd could not save them ("Inference tensors cannot be saved for backward")."""
+    import threading
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Conv2d(4, 8, 3)), dkm_hf.DKMConfig(bits=3, weight_threshold=0))
+    conv = dkm_hf.palettize(model.eval())[0]
+    x, outcome = torch.randn(1, 4, 6, 6, requires_grad=True), {}
+
+    def backward():
+        try:
+            conv(x).sum().backward()
+        except RuntimeError as error:
+            outcome["error"] = error
+
+    with torch.inference_mode(), conv.decode_scope():
+        held = conv.weight
+        assert held.is_inference() and conv.weight is held  # decoded once within the scope
+        thread = threading.Thread(target=backward)
+        thread.start()
+        thread.join()
+    assert "error" not in outcome, outcome
+    reference = x.detach().requires_grad_()
+    nn.functional.conv2d(reference, conv.weight, conv.bias).sum().backward()
+    assert torch.equal(x.grad, reference.grad)
