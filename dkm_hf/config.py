@@ -200,8 +200,8 @@ class DKMConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-            elif isinstance(value, (tuple, set)):
-                setattr(self, name, list(value))
+            elif isinstance(value, (tuple, set)):  # a set's order is the hash seed's: sorted, config.json stays one
+                setattr(self, name, sorted(value, key=str) if isinstance(value, set) else list(value))
         if self.quant_method != "dkm":
             raise ValueError(f"DKMConfig.quant_method must be 'dkm', but the value passed is {self.quant_method!r}")
         defaults = {f: getattr(self, f) for f in OVERRIDABLE}
@@ -302,8 +302,12 @@ class DKMConfig(QuantizationConfigMixin):
         return copy.deepcopy(settings | asdict(self.record))
 
     def differing_settings(self, other: DKMConfig) -> list[str]:
-        """The settings (not the checkpoint record) in which `other` differs from this config."""
+        """The settings (not the checkpoint record) in which `other` differs from this config; module lists match in
+        any order."""
         mine, theirs = self.to_dict(), other.to_dict()
+        for settings in (mine, theirs):
+            for key in ("target_modules", "modules_to_not_convert"):
+                settings[key] = None if settings[key] is None else set(settings[key])
         return [key for key in mine if key not in CheckpointRecord.KEYS and mine[key] != theirs.get(key)]
 
     def to_diff_dict(self) -> dict[str, Any]:

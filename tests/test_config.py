@@ -355,3 +355,10 @@ def test_a_suffix_pattern_matches_at_a_dot_only():
     assert select_weights(model, DKMConfig(weight_threshold=0, target_modules=["proj"])) == ["proj", "block.proj"]
     config = DKMConfig(weight_threshold=0, overrides={"proj": {"bits": 2}})
     assert config.layout_for("up_proj", (8, 8)).bits == 4 and config.layout_for("block.proj", (8, 8)).bits == 2
+
+
+def test_module_lists_given_as_sets_are_sorted():
+    """A set's order is the hash seed's: kept as given, config.json changed between processes for one config."""
+    names = [f"layers.{i}.proj" for i in range(10, 22)]  # 12 names: a set's order is sorted once in 12! seeds
+    config = DKMConfig(target_modules=set(names), modules_to_not_convert={"lm_head", "a"})
+    assert config.target_modules == names and config.modules_to_not_convert == ["a", "lm_head"]

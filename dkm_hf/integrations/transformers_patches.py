@@ -68,7 +68,7 @@ from transformers.trainer_callback import CallbackHandler
 from ..config import DKMConfig
 from ..nn.dkm import DKMMixin, dkm_modules
 from ..nn.palettized import MODES, PalettizedMixin, palettized_modules
-from ..nn.weights import module_lock, parameter_keys
+from ..nn.weights import parameter_keys, save_lock
 from ..surgery.model import get_dkm_config, set_inference_mode, untie_declined
 from ..surgery.select import check_ties
 from .model_card import write_model_card
@@ -79,7 +79,6 @@ _MARK = "_dkm_hf_patched"
 # from_pretrained's options and save_pretrained's `state_dict=` that transformers keeps from the quantizer's hooks
 LOAD_OPTIONS: contextvars.ContextVar[dict] = contextvars.ContextVar("dkm_hf_load_options", default={})
 SAVE_STATE_DICT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("dkm_hf_save_state_dict", default=None)
-_SAVE_PARAMETERS: frozenset[str] = frozenset()
 
 
 def register(config_cls: type, quantizer_cls: type) -> None:
@@ -175,13 +174,13 @@ def _patch_save_pretrained() -> None:
     original = PreTrainedModel.save_pretrained
     if getattr(original, _MARK, False):
         return
-    global _SAVE_PARAMETERS
-    _SAVE_PARAMETERS = frozenset(inspect.signature(original).parameters)
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def save_pretrained(self, save_directory, *args, **kwargs):
-        with module_lock(self):  # one save of a model at a time; `state_dict=` (Trainer's FSDP path) for the hook
-            token = SAVE_STATE_DICT.set(kwargs.get("state_dict"))
+        given = signature.bind_partial(self, save_directory, *args, **kwargs).arguments
+        with save_lock(self):  # one save of a model at a time; `state_dict=` (Trainer's FSDP path) for the hook
+            token = SAVE_STATE_DICT.set(given.get("state_dict"))
             try:
                 return save(self, save_directory, *args, **kwargs)
             finally:
@@ -189,7 +188,7 @@ def _patch_save_pretrained() -> None:
 
     def save(self, save_directory, *args, **kwargs):
         quantizer = getattr(self, "hf_quantizer", None)
-        if "save_original_format" in _SAVE_PARAMETERS and (dkm_modules(self) or palettized_modules(self)):
+        if "save_original_format" in signature.parameters and (dkm_modules(self) or palettized_modules(self)):
             # LUTs, packed indices and centroids have no "original format": transformers' reverse key conversion
             # would rename (or split, for stacked experts) them apart from config.json's records. dkm_hf checkpoints
             # keep the model's own parameter names, which transformers loads as they are.

@@ -68,6 +68,8 @@ _THREAD = threading.local()  # .scopes: module -> {param: its weight decoded in 
 class PalettizedWeight:
     """One palettized parameter `param` of `module`: layout, LUT, packed indices and the decode."""
 
+    loads = 0  # state dicts loaded into the module: part of the state key (inference tensors bump no version)
+
     def __init__(
         self,
         module: nn.Module,
@@ -217,10 +219,8 @@ class PalettizedWeight:
     def _state_key(self) -> tuple:
         """Changes whenever a buffer is replaced or written (loading a checkpoint does either)."""
         source = self.tied_source if self.tied_source is not None else self
-        buffers = source.module._buffers
-        return tuple(
-            (t.data_ptr(), version(t)) for t in (buffers.get(n) for n in source.buffer_names()) if t is not None
-        )
+        tensors = (source.module._buffers.get(n) for n in source.buffer_names())
+        return (source.loads, *((t.data_ptr(), version(t)) for t in tensors if t is not None))
 
     def value(self) -> torch.Tensor:
         """The weight the module reads: decoded once and kept ("dense"), or decoded now ("packed")."""
@@ -324,10 +324,10 @@ class PalettizedMixin:
             state.compute_dtype, state._dense = dtype, None
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):  # a buffer written without a version bump drops the kept decode
+    def _load_from_state_dict(self, *args, **kwargs):  # a new state key, the tied weights' too (`_state_key`)
         super()._load_from_state_dict(*args, **kwargs)
         for state in self.palettized_weights.values():
-            state._dense = None
+            state.loads += 1
 
     @contextlib.contextmanager
     def decode_scope(self):

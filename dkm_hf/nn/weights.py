@@ -38,19 +38,26 @@ except ImportError:  # pragma: no cover - older torch: no FSDP2, nothing to gath
 STACKED_NDIM = 3  # a 3-D parameter not called `weight`: stacked experts, one LUT (at least) per expert
 
 _VARIANTS: dict[tuple[type, type, tuple[str, ...]], type] = {}
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its forward's lock (module_lock)
+_SAVE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its saves' lock (save_lock)
 _LOCKS_GUARD = threading.Lock()
 
 
-def module_lock(module: nn.Module) -> threading.RLock:
+def module_lock(module: nn.Module, _locks: weakref.WeakKeyDictionary = _LOCKS) -> threading.RLock:
     """The re-entrant lock of a module whose parameters are shadowed during a forward: two threads running one model
     take turns in that module (each shadow is an instance attribute every thread sees). Kept outside the module, so
     copies and pickles of it are unaffected and each copy has its own."""
-    lock = _LOCKS.get(module)
+    lock = _locks.get(module)
     if lock is None:
         with _LOCKS_GUARD:
-            lock = _LOCKS.setdefault(module, threading.RLock())
+            lock = _locks.setdefault(module, threading.RLock())
     return lock
+
+
+def save_lock(model: nn.Module) -> threading.RLock:
+    """The re-entrant lock two threads saving one model take turns with (each save records its id in the model's
+    config); apart from `module_lock`, so forwards go on during a save."""
+    return module_lock(model, _SAVE_LOCKS)
 
 
 def refuse_tracing(module: nn.Module, jit: bool = False) -> None:

@@ -83,6 +83,9 @@ def test_a_different_dkm_config_given_for_a_training_checkpoint_is_refused(saved
         )
     same = dkm_hf.DKMConfig(bits=3, weight_threshold=1000)
     again = AutoModelForSequenceClassification.from_pretrained(saved["train"], quantization_config=same)
+    listed = dkm_hf.DKMConfig(target_modules=["a", "b"])  # module lists match in any order
+    assert not listed.differing_settings(dkm_hf.DKMConfig(target_modules=["b", "a"]))
+    assert listed.differing_settings(dkm_hf.DKMConfig(target_modules=["a"])) == ["target_modules"]
     assert {w.layout.bits for _, w in dkm_hf.dkm_modules(again)} == {3}
     dkm_hf.dequantize(again)
     dkm_hf.prepare(again, dkm_hf.DKMConfig(bits=2, weight_threshold=1000))

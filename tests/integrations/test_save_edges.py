@@ -144,6 +144,7 @@ def test_a_state_dict_argument_belongs_to_its_own_save(tiny_dir, tmp_path):
     (tmp_path / "a_file").touch()
     pal.save_pretrained(tmp_path / "a_file", state_dict=dict(edited))  # nothing saved
     pal.save_pretrained(tmp_path / "plain")
+    pal.save_pretrained(tmp_path / "positional", True, dict(edited))  # (save_directory, is_main_process, state_dict)
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), inputs), _logits(pal, inputs))
 
     expected = {}
@@ -152,6 +153,8 @@ def test_a_state_dict_argument_belongs_to_its_own_save(tiny_dir, tmp_path):
         copy.load_state_dict(given)
         expected[name] = _logits(copy, inputs)
     assert not torch.equal(expected["own"], expected["edited"])
+    positional = AutoModelForCausalLM.from_pretrained(tmp_path / "positional")
+    assert torch.equal(_logits(positional, inputs), expected["edited"])  # before: the model's own state was saved
     barrier, errors = threading.Barrier(2), []
 
     def save(name, given):

@@ -330,3 +330,32 @@ def test_vmap_over_a_dkm_model_in_eval_mode():
     model = dkm_hf.prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), CONFIG).eval()
     x = torch.randn(5, 3, 8)
     torch.testing.assert_close(torch.func.vmap(model)(x), model(x))
+
+
+def test_a_save_goes_on_while_another_thread_runs_a_model_clustered_at_its_root(tmp_path):
+    """Saves of one model take turns with each other, not with its forwards: on a model whose root module holds a
+    clustered parameter, the save waited for the forward lock every forward of the root holds (before: a save from
+    another thread waited for the forward, and one the forward waited on never finished)."""
+    import threading
+
+    model = dkm_hf.prepare(PosModel(TinyConfig()), dkm_hf.DKMConfig(bits=4))
+    inside, release, saved = threading.Event(), threading.Event(), threading.Event()
+
+    def wait_inside(module, args):
+        inside.set()
+        release.wait(30)
+
+    handle = model.blk.register_forward_pre_hook(wait_inside)
+    worker = threading.Thread(target=lambda: model(torch.randn(1, 64, 64)))
+    worker.start()
+    assert inside.wait(30)  # the root's forward, holding its lock, waits in the hook
+    saver = threading.Thread(target=lambda: (model.save_pretrained(tmp_path / "out"), saved.set()))
+    saver.start()
+    saver.join(30)
+    saved_during_the_forward = saved.is_set()
+    release.set()
+    worker.join(30)
+    saver.join(30)
+    handle.remove()
+    assert saved_during_the_forward
+    assert PosModel.from_pretrained(tmp_path / "out").pos_embed.shape == (1, 64, 64)

@@ -163,3 +163,32 @@ def test_each_thread_decodes_in_a_scope_of_its_own():
     reference = x.detach().requires_grad_()
     nn.functional.conv2d(reference, conv.weight, conv.bias).sum().backward()
     assert torch.equal(x.grad, reference.grad)
+
+
+def test_a_tied_weight_follows_a_load_into_its_source_alone():
+    """A palettized head tied to the embedding decodes the embedding's LUT and indices: dense mode kept the head's
+    decoded weight after a load_state_dict of the embedding alone into inference tensors (a copy made under
+    inference_mode), which bumps no version, so the head left the tie."""
+    import copy
+
+    from conftest import tiny_model
+    from transformers import LlamaForCausalLM
+
+    def palettized(seed):
+        model = tiny_model("llama")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.add_(torch.randn_like(model.model.embed_tokens.weight))
+        return dkm_hf.palettize(dkm_hf.prepare(model, dkm_hf.DKMConfig(bits=3, weight_threshold=0)).eval())
+
+    model, other = palettized(0), palettized(1)
+    assert isinstance(model, LlamaForCausalLM) and model.lm_head.tied_source is model.model.embed_tokens
+    with torch.inference_mode():
+        model = copy.deepcopy(model)
+        embedding, head = model.model.embed_tokens, model.lm_head
+        assert embedding.weight_lut.is_inference()
+        dkm_hf.set_inference_mode(model, "dense")
+        stale = head.weight.clone()
+        embedding.load_state_dict(other.model.embed_tokens.state_dict())
+        assert torch.equal(embedding.weight, other.model.embed_tokens.weight)
+        assert torch.equal(head.weight, embedding.weight) and not torch.equal(head.weight, stale)
