@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def accuracy_metric():
 
 
 def peak_rss_mb(reset: bool = False) -> float:
-    """The process's peak resident memory in MiB since the last reset (Linux: VmHWM, reset via clear_refs)."""
+    """The process's peak resident memory in MiB since the last reset (Linux: VmHWM, reset via clear_refs; elsewhere
+    the process's peak, which no reset lowers; NaN where the platform reports none, as on Windows)."""
     try:
         if reset:
             with open("/proc/self/clear_refs", "w") as f:
@@ -108,9 +110,12 @@ def peak_rss_mb(reset: bool = False) -> float:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     except OSError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        try:
+            import resource
+        except ImportError:
+            return float("nan")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
 
 
 def checkpoint_bytes(folder: str) -> int:

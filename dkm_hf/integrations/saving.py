@@ -101,6 +101,8 @@ def _must_stay(target: Path) -> bool:
     if _TRAINER_CHECKPOINT.fullmatch(target.name):
         return True
     info = target.stat()
+    if not hasattr(os, "geteuid"):  # Windows: no owners to keep
+        return _holds_mount(target)
     if os.geteuid() != 0 and (info.st_uid != os.geteuid() or info.st_gid not in (os.getegid(), *os.getgroups())):
         return True
     return _holds_mount(target)
@@ -128,6 +130,8 @@ def _unescape(field: str) -> str:
 
 
 def _copy_owner(source: Path, destination: Path) -> None:
+    if not hasattr(os, "geteuid"):  # Windows
+        return
     info = source.stat()
     mine = destination.stat()
     if (info.st_uid, info.st_gid) != (mine.st_uid, mine.st_gid):

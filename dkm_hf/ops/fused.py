@@ -77,19 +77,22 @@ def cpu_kernels() -> ModuleType | None:
         _CPU_TRIED = True
         if not native.enabled():
             return None
-        try:
-            directory = build_dir()
-            flags = ["-O3", "-fopenmp", *native.arch_flags()]
-            module = build_and_load(directory, "dkm_hf_fused", sources(), flags, ["-fopenmp"], module=True)
-            if module.abi_version() != ABI_VERSION:
-                raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
-            _CPU = module
-        except Exception as error:  # noqa: BLE001 - any build or load failure: keep the torch path
-            reason = build_failure_reason(error)
+        for omp in (["-fopenmp"], []):  # then without OpenMP (Apple's clang): at::parallel_for runs serially
+            directory = build_dir() if omp else build_dir().with_name(f"{build_dir().name}-serial")
+            try:
+                module = build_and_load(
+                    directory, "dkm_hf_fused", sources(), ["-O3", *omp, *native.arch_flags()], omp, module=True
+                )
+                if module.abi_version() != ABI_VERSION:
+                    raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")
+                _CPU = module
+                break
+            except Exception as error:  # noqa: BLE001 - any build or load failure: keep the torch path
+                reason = build_failure_reason(error)
+        if _CPU is None or not omp:
+            what = "could not be built, using the torch path" if _CPU is None else "was built without OpenMP (slower)"
             warnings.warn(
-                f"dkm_hf: the fused CPU DKM kernel ({SOURCE.name}) could not be built, using the torch path: {reason}",
-                RuntimeWarning,
-                stacklevel=3,
+                f"dkm_hf: the fused CPU DKM kernel ({SOURCE.name}) {what}: {reason}", RuntimeWarning, stacklevel=3
             )
         return _CPU
 

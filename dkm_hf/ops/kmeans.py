@@ -40,6 +40,7 @@ LLOYD_ITERS = 50
 # Sorted values per batched 1-D call (about 40 bytes each with their prefix sums and temporaries).
 SORTED_BATCH_CPU = 1 << 22
 SORTED_BATCH_ACCELERATOR = 1 << 25
+NO_FLOAT64 = ("mps",)  # devices without float64 (Apple GPUs): k-means runs on CPU copies of their weights
 
 
 class _Prefix:
@@ -309,6 +310,10 @@ def kmeans_init_many(
     importance (>= 0; a vector of d > 1 by the sum of its values'), see the module docstring; weighted weights are
     clustered one at a time.
     """
+    if any(w.device.type in NO_FLOAT64 for w in weights):  # k-means sums in float64: on CPU copies
+        on_cpu = [None if f is None else f.cpu() for f in importance] if importance is not None else None
+        cpu = kmeans_init_many([w.cpu() for w in weights], k, seed, restarts, lloyd_iters, max_rows, on_cpu)
+        return [c.to(w.device) for c, w in zip(cpu, weights)]
     out: list[torch.Tensor | None] = [None] * len(weights)
     importance = [None] * len(weights) if importance is None else list(importance)
     if len(importance) != len(weights):

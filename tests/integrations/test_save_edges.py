@@ -175,6 +175,19 @@ def test_a_state_dict_argument_belongs_to_its_own_save(tiny_dir, tmp_path):
             assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / name), inputs), expected[name])
 
 
+def test_a_save_over_a_checkpoint_without_posix_owners(tiny_dir, tmp_path, monkeypatch):
+    """Windows has no os.geteuid: a second save into one directory asked for the owner to keep and failed (before:
+    AttributeError); the first checkpoint is replaced by the second."""
+    _, dkm, inputs = _models(tiny_dir)
+    dkm.save_pretrained(tmp_path / "out")
+    pal = dkm_hf.palettize(dkm)
+    for name in ("geteuid", "getegid", "getgroups"):
+        monkeypatch.delattr(os, name)
+    pal.save_pretrained(tmp_path / "out")
+    monkeypatch.undo()
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), inputs), _logits(pal, inputs))
+
+
 def test_palettized_files_never_load_under_a_config_that_does_not_declare_them(tiny_dir, tmp_path):
     """The path as a keyword, and a `config=` without the DKM quantization_config, are refused like the positional
     path with an edited config.json (before: every clustered layer loaded with random weights)."""

@@ -228,6 +228,29 @@ def test_a_failed_build_warns_once_and_keeps_the_torch_path(tmp_path, monkeypatc
         assert choose_implementation("auto", w) == "chunked"
 
 
+def test_a_compiler_without_openmp_builds_the_kernel_serial(tmp_path, monkeypatch):
+    """Apple's clang has no -fopenmp: the kernel is built again without it, in a folder of its own, with a warning
+    (before: the torch path)."""
+    import types
+
+    calls = []
+
+    def build_and_load(directory, name, sources, flags, ldflags, module):
+        calls.append((directory.name, "-fopenmp" in flags, ldflags))
+        if "-fopenmp" in flags:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return types.SimpleNamespace(abi_version=lambda: fused.ABI_VERSION)
+
+    monkeypatch.setattr(fused, "build_and_load", build_and_load)
+    monkeypatch.setattr(fused, "build_dir", lambda: tmp_path / "fused-x")
+    monkeypatch.setattr(fused, "_CPU", None)
+    monkeypatch.setattr(fused, "_CPU_TRIED", False)
+    with pytest.warns(RuntimeWarning, match=r"built without OpenMP \(slower\): .*unsupported option '-fopenmp'"):
+        kernels = fused.cpu_kernels()
+    assert kernels is not None and fused.cpu_kernels() is kernels
+    assert calls == [("fused-x", True, ["-fopenmp"]), ("fused-x-serial", False, [])]
+
+
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86's flush-to-zero mode")
 @pytest.mark.parametrize("n", [700, 3001])  # one pass per iteration, two passes
 def test_the_kernels_flush_denormals_and_restore_the_callers_mode(n):
