@@ -12,12 +12,19 @@ directly would otherwise mark the layer merged and drop its adapter from the out
 name, so it is replaced in every peft module loaded that holds it, and in tuners_utils before the others load.
 
 `modules_to_save` (a trainable copy of a whole module, e.g. the LM head) of a module holding palettized weights is
-refused too: the copy's palettized weights are buffers, so it would train nothing without a word; and so are
-`target_parameters` that name palettized weights (stacked experts): peft matches parameters only, and skipped them.
+refused for training (an adapter loaded for inference keeps its copy): the copy's palettized weights are buffers, so
+it would train nothing without a word; and so are `target_parameters` that name palettized weights (stacked experts):
+peft matches parameters only, and skipped them. Both are refused before the model changes.
 
-dkm_hf itself does not import peft (an optional dependency): the patch is applied when peft's
-`tuners.tuners_utils` is imported, or at once if it already is (transformers' Trainer, which dkm_hf imports, imports
-peft where it is installed: then at once).
+Three more places where peft assumes a weight is a parameter: `unload()` of a tuner without its own replacement (IA3,
+LoHa, ...) assigns the base layer's weight to itself, which a palettized module refuses (here: the base layer is put
+back as it is); prompt tuning looks for the word embeddings by a parameter of the vocabulary's size (here: the
+model's input embeddings when they are palettized); and a layer built as `type(base_layer)(...)` (LoRA's Conv2d
+adapters) is built as the base layer's own class (`weights.variant_class`).
+
+dkm_hf itself does not import peft (an optional dependency): each patch is applied when its peft module
+(`tuners.tuners_utils`, `peft_model`) is imported, or at once if it already is (transformers' Trainer, which dkm_hf
+imports, imports peft where it is installed: then at once).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from torch import nn
 from ..nn.palettized import PalettizedMixin
 from ..nn.weights import parameter_keys
 
-TARGET = "peft.tuners.tuners_utils"
+TARGET, MODEL_TARGET = "peft.tuners.tuners_utils", "peft.peft_model"
 _MARK = "_dkm_hf_patched"
 
 
@@ -44,6 +51,37 @@ def palettized_base_layers(model: nn.Module, tuner_layer: type) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, tuner_layer) and isinstance(module.get_base_layer(), PalettizedMixin)
     ]
+
+
+def adapter_layers(model: nn.Module) -> list[str]:
+    """Names of peft's adapter layers inside `model` (each holds the module it adapts as `base_layer`)."""
+    return [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.") and hasattr(m, "base_layer")]
+
+
+def _refuse_untrainable(model: nn.Module, peft_config) -> None:
+    """`modules_to_save` of modules holding palettized weights (to be trained) and `target_parameters` naming
+    palettized weights: refused before peft changes the model."""
+    targets = list(getattr(peft_config, "target_parameters", None) or [])
+    held = parameter_keys(model, "palettized_weights")
+    hit = [n for n in held if any(n == t or n.endswith(f".{t}") for t in targets)]
+    if hit:
+        raise ValueError(
+            f"target_parameters name palettized weights ({hit[0]}{' and more' if len(hit) > 1 else ''}): a "
+            "palettized weight is a LUT + packed indices (buffers), not a parameter peft can adapt. Decode it "
+            "first (dkm_hf.dequantize(model.<module>)) or target other weights"
+        )
+    copies = list(getattr(peft_config, "modules_to_save", None) or [])
+    if getattr(peft_config, "inference_mode", False) or not copies:
+        return
+    matches = sys.modules["peft.utils.other"]._is_valid_match
+    for name, module in model.named_modules():
+        held = [n or "itself" for n, m in module.named_modules() if isinstance(m, PalettizedMixin)]
+        if held and any(matches(name, target) for target in copies):
+            raise ValueError(
+                f"modules_to_save: {name}, a {type(module).__name__} holding palettized weights ({held[0]}), "
+                "cannot be trained as a copy: its palettized weights are buffers (LUT + packed indices), not "
+                "parameters. Decode that module first (dkm_hf.dequantize(model.<module>)) or leave it out"
+            )
 
 
 def _refuse_merge(names: list[str]) -> None:
@@ -85,45 +123,76 @@ def _patch(tuners_utils: ModuleType) -> None:
             module.check_adapters_to_merge = check_adapters_to_merge
     tuners_utils.check_adapters_to_merge = check_adapters_to_merge
 
-    original_inject = base_tuner._inject_parameters
+    original_inject = base_tuner.inject_adapter
 
     @functools.wraps(original_inject)
-    def inject_parameters(self, peft_config, model, *args, **kwargs):
-        targets = list(getattr(peft_config, "target_parameters", None) or [])
-        held = parameter_keys(model, "palettized_weights")
-        hit = [n for n in held if any(n == t or n.endswith(f".{t}") for t in targets)]
-        if hit:
-            raise ValueError(
-                f"target_parameters name palettized weights ({hit[0]}{' and more' if len(hit) > 1 else ''}): a "
-                "palettized weight is a LUT + packed indices (buffers), not a parameter peft can adapt. Decode it "
-                "first (dkm_hf.dequantize(model.<module>)) or target other weights"
-            )
-        return original_inject(self, peft_config, model, *args, **kwargs)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        _refuse_untrainable(model, self.peft_config[adapter_name])
+        return original_inject(self, model, adapter_name, *args, **kwargs)
 
-    base_tuner._inject_parameters = inject_parameters
+    base_tuner.inject_adapter = inject_adapter
 
-    wrapper = sys.modules["peft.utils.other"].ModulesToSaveWrapper  # imported by tuners_utils
-    original_update = wrapper.update
+    other = sys.modules["peft.utils.other"]  # imported by tuners_utils; prompt learning adds its copies here only
+    original_additional = other.set_additional_trainable_modules
 
-    @functools.wraps(original_update)
-    def update(self, adapter_name, *args, **kwargs):
-        held = [name or "itself" for name, m in self.original_module.named_modules() if isinstance(m, PalettizedMixin)]
-        if held:
-            raise ValueError(
-                f"modules_to_save: a {type(self.original_module).__name__} holding palettized weights ({held[0]}) "
-                "cannot be trained as a copy: its palettized weights are buffers (LUT + packed indices), not "
-                "parameters. Decode that module first (dkm_hf.dequantize(model.<module>)) or leave it out"
-            )
-        return original_update(self, adapter_name, *args, **kwargs)
+    @functools.wraps(original_additional)
+    def set_additional_trainable_modules(model, peft_config, *args, **kwargs):
+        _refuse_untrainable(model, peft_config)
+        return original_additional(model, peft_config, *args, **kwargs)
 
-    wrapper.update = update
+    for name, module in list(sys.modules.items()):
+        if (name == "peft" or name.startswith("peft.")) and getattr(
+            module, "set_additional_trainable_modules", None
+        ) is original_additional:
+            module.set_additional_trainable_modules = set_additional_trainable_modules
+
+    original_replace = base_tuner._replace_module
+
+    @functools.wraps(original_replace)
+    def replace_module(self, parent, child_name, new_module, child):
+        if isinstance(new_module, PalettizedMixin) and new_module is getattr(child, "base_layer", None):
+            setattr(parent, child_name, new_module)  # unload(): the base layer back as it is (its weight is its own)
+            return
+        original_replace(self, parent, child_name, new_module, child)
+
+    base_tuner._replace_module = replace_module
+
+
+def _patch_model(peft_model: ModuleType) -> None:
+    """Prompt tuning's word embeddings: found by name or by a parameter of the vocabulary's size, which a palettized
+    embedding (LUT + indices: buffers) is not; then lent under the name peft looks for first."""
+    model_class = peft_model.PeftModel
+    original = model_class._setup_prompt_encoder
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def setup_prompt_encoder(self, adapter_name):
+        base = self.base_model
+        getter = getattr(base, "get_input_embeddings", None)
+        embeddings = getter() if getter is not None else None
+        if not isinstance(embeddings, PalettizedMixin) or hasattr(base, "embeddings"):
+            return original(self, adapter_name)
+        holder = nn.Module()
+        holder.word_embeddings = embeddings
+        base.embeddings = holder  # `embeddings.word_embeddings`, as in BERT
+        try:
+            return original(self, adapter_name)
+        finally:
+            del base.embeddings
+
+    setattr(setup_prompt_encoder, _MARK, True)
+    model_class._setup_prompt_encoder = setup_prompt_encoder
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Applies the patch once TARGET is imported: finds its spec with the other finders, wraps its loader."""
+    """Applies `patch` once `target` is imported: finds its spec with the other finders, wraps its loader."""
+
+    def __init__(self, target: str, patch) -> None:
+        self.target, self.patch = target, patch
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
+        if fullname != self.target:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
@@ -132,7 +201,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
             def exec_and_patch(module: ModuleType) -> None:
                 exec_module(module)
-                _patch(module)
+                self.patch(module)
 
             spec.loader.exec_module = exec_and_patch
         return spec
@@ -140,7 +209,8 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Patch peft now if it is imported, else when it is (idempotent)."""
-    if TARGET in sys.modules:
-        _patch(sys.modules[TARGET])
-    elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport())
+    for target, patch in ((TARGET, _patch), (MODEL_TARGET, _patch_model)):
+        if target in sys.modules:
+            patch(sys.modules[target])
+        elif not any(isinstance(f, _AfterImport) and f.target == target for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(target, patch))

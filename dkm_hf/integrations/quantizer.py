@@ -43,6 +43,7 @@ from .checkpoint_checks import (
 )
 from .distributed import full_state_dict
 from .model_card import TAGS
+from .peft_patches import adapter_layers
 from .safetensors_files import SafetensorsHeader, check_inside, read_headers
 from .transformers_patches import LOAD_OPTIONS, SAVE_STATE_DICT, mark_initialized, untie
 
@@ -200,6 +201,14 @@ class DKMHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
+        adapters = adapter_layers(model)
+        if adapters and not getattr(model, "_hf_peft_config_loaded", False):  # transformers' add_adapter saves them
+            # alone; here their base layers would be stored as `<name>.base_layer`, which the model's class lacks
+            raise ValueError(
+                f"the model holds peft adapter layers ({adapters[0]}{' and more' if len(adapters) > 1 else ''}): save "
+                "the adapters with peft_model.save_pretrained and the model without them, peft_model.unload() (a copy "
+                "of it: copy.deepcopy(peft_model).unload()), or merge into a dequantized model first"
+            )
         record = replace(surgery.record_of(model), save_id=new_save_id())
         self.quantization_config.record = record  # config.json is written after this hook
         config = surgery.get_dkm_config(model)

@@ -378,8 +378,7 @@ class DKMTrainerMixin:
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             logger.warning(
                 "dkm_hf: save_model of a peft model writes its adapter only; the palettized base it was trained "
-                "on is not saved: write it with dkm_hf.palettize(copy.deepcopy(model.get_base_model()))"
-                ".save_pretrained(path)"
+                "on is not saved: write it with dkm_hf.palettize(copy.deepcopy(model).unload()).save_pretrained(path)"
             )
         with palettized_view(model, gathered=full_weights):
             if saves_no_full_model(self):

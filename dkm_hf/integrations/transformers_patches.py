@@ -194,8 +194,8 @@ def _patch_save_pretrained() -> None:
             # keep the model's own parameter names, which transformers loads as they are.
             kwargs["save_original_format"] = False
         is_main = kwargs.get("is_main_process", args[0] if args else True)
-        palettized = is_palettized(self)
-        ours = palettized or bool(dkm_modules(self))
+        palettized = is_palettized(self)  # (transformers' add_adapter: its adapters alone are saved, as peft's)
+        ours = (palettized or bool(dkm_modules(self))) and not getattr(self, "_hf_peft_config_loaded", False)
         declared = getattr(self.config, "quantization_config", None)
         declared = declared.to_dict() if isinstance(declared, DKMConfig) else declared
         if not ours and isinstance(declared, dict) and declared.get("quant_method") == "dkm" and not quantizer:

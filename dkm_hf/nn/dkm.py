@@ -16,6 +16,7 @@ checkpoint's no_grad forward sees what its recomputation will)."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -224,11 +225,11 @@ class DKMWeight:
                     self.centroids.copy_(centroids)
                 self._hard = None
             self._soft = (self._soft_key(), out, version(out))
-            out.register_hook(self._release_soft)
+            # holding this state weakly: a bound method made a cycle through the graph (out -> its node's hooks ->
+            # self -> _soft -> out) that gc cannot see, leaking a dropped model whose last forward had no backward
+            ref = weakref.ref(self)
+            out.register_hook(lambda grad: setattr(ref(), "_soft", None) if ref() is not None else None)
         return out
-
-    def _release_soft(self, grad: torch.Tensor) -> None:
-        self._soft = None
 
     @torch.no_grad()
     def assignments(self) -> torch.Tensor:  # the nearest centroid's index of every vector, (groups, n)

@@ -235,10 +235,7 @@ class PalettizedWeight:
             self._dense = ((key, weight._version), weight)
         return self._dense[1]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight, as the module reads it (`value()`)."""
-        return self.value()
+    weight = property(lambda self: self.value(), doc="The weight, as the module reads it (`value()`).")
 
     @property
     def decoded_bytes(self) -> int:
@@ -322,12 +319,14 @@ class PalettizedMixin:
         dtype = apply_keeping_dtype(self, fn, kept, apply, first.compute_dtype).dtype
         for state in self.palettized_weights.values():
             state.compute_dtype, state._dense = dtype, None
+            _PALETTES.pop(state, None)  # it holds the buffers it was made from (on CPU before a move)
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # a new state key, the tied weights' too (`_state_key`)
         super()._load_from_state_dict(*args, **kwargs)
         for state in self.palettized_weights.values():
             state.loads += 1
+            _PALETTES.pop(state, None)
 
     @contextlib.contextmanager
     def decode_scope(self):

@@ -84,7 +84,9 @@ def version(tensor: torch.Tensor) -> int:
 
 
 def _pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
-    return tensor, tensor._version
+    # detached (the same storage and version counter): an op's own output saved with its grad_fn holds that node, a
+    # cycle in C++ that only backward breaks (a forward without backward leaked its graph)
+    return tensor.detach(), tensor._version
 
 
 def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
@@ -185,9 +187,19 @@ def variant_class(mixin: type, base: type, params: tuple[str, ...]) -> type:
         # a model keeps its own name: transformers records it in config.json's `architectures`
         name = base.__name__ if issubclass(base, PreTrainedModel) else f"{mixin.prefix}{base.__name__}"
         namespace = {"__module__": mixin.__module__, "__qualname__": name, "_dkm_base": base, "_dkm_params": params}
+        namespace["__new__"] = _new_as_base
         namespace.update(mixin.class_attributes(params))
         _VARIANTS[key] = type(name, (mixin, base), namespace)
     return _VARIANTS[key]
+
+
+def _new_as_base(cls, *args, **kwargs):
+    """A variant class called with arguments builds its base class (peft makes LoRA's Conv2d adapters as
+    `type(base_layer)(...)`): only dkm_hf's conversions give a module clustered or palettized weights. Without them
+    (pickling, `nn.DataParallel`'s replicas) it makes the variant itself."""
+    if args or kwargs:
+        return cls._dkm_base(*args, **kwargs)
+    return super(cls, cls).__new__(cls)
 
 
 def _rebuild(mixin_module: str, mixin_name: str, base: type, params: tuple[str, ...]) -> nn.Module:

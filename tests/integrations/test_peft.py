@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -178,11 +179,15 @@ def test_the_merge_check_is_installed_whichever_package_is_imported_first(order)
 
 def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(palettized_dir):
     """A trainable copy (`modules_to_save`) of a module with palettized weights would train nothing (they are
-    buffers), silently; refused, naming the way out, which then trains a dense copy."""
+    buffers), silently; refused before the model changes (before: after q_proj's adapters were in), naming the way
+    out, which then trains a dense copy."""
     config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"], lora_dropout=0.0)
     model = AUTO["llama"].from_pretrained(palettized_dir)
-    with pytest.raises(ValueError, match=r"modules_to_save: a \w+ holding palettized weights.*dkm_hf.dequantize"):
+    modules = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(ValueError, match=r"modules_to_save: model.layers.0.self_attn.o_proj, a PalettizedLinear .*"
+                       r"dkm_hf.dequantize"):  # fmt: skip
         peft.get_peft_model(model, config)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
     model = AUTO["llama"].from_pretrained(palettized_dir)
     for layer in model.model.layers:
         dkm_hf.dequantize(layer.self_attn.o_proj)
@@ -239,6 +244,114 @@ def test_lora_on_a_dkm_model_resumes_from_its_adapter_checkpoints(tmp_path, capl
     with caplog.at_level("WARNING"):
         full.save_model(str(tmp_path / "adapter"))
     assert (tmp_path / "adapter" / "adapter_config.json").exists() and "writes its adapter only" in caplog.text
+    expected = _logits(full.model)
+    base = dkm_hf.palettize(copy.deepcopy(full.model.get_base_model()))  # with the adapters' layers in it: refused
+    with pytest.raises(ValueError, match=r"holds peft adapter layers \(model.layers.0.self_attn.q_proj and more"):
+        base.save_pretrained(tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+    dkm_hf.palettize(copy.deepcopy(full.model).unload()).save_pretrained(tmp_path / "base")  # the warning's recipe
+    reloaded = peft.PeftModel.from_pretrained(AUTO["llama"].from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded), expected)
+
+
+def test_a_dkm_models_copy_to_save_reloads_for_inference_onto_the_palettized_base(tmp_path):
+    """`modules_to_save` of a clustered module on a DKM model trains a DKM copy, which palettizes with the model; its
+    adapter (the copy's LUT and indices) loads onto the palettized base for inference (before: refused as a copy to
+    train), equal to the trained model."""
+    model = dkm_hf.prepare(tiny_model("llama"), DKMConfig(bits=3, weight_threshold=0))
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["o_proj"], init_lora_weights=False)
+    lora = peft.get_peft_model(model, config)
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.1)
+    inputs = tiny_inputs("llama", batch=4)
+    lora.train()
+    for _ in range(2):
+        lora(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    dkm_hf.palettize(lora.get_base_model())
+    expected = _logits(lora)
+    lora.save_pretrained(tmp_path / "adapter")
+    base = copy.deepcopy(lora).unload()
+    base.save_pretrained(tmp_path / "base")
+    reloaded = peft.PeftModel.from_pretrained(AUTO["llama"].from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.equal(_logits(reloaded), expected)
+
+
+@pytest.mark.parametrize("tuner", ["ia3", "loha"])
+def test_unload_of_other_tuners_puts_the_palettized_layers_back(palettized_dir, tuner):
+    """`unload()` of a tuner without its own replacement assigned the base layer's weight to itself, which a
+    palettized module refuses: it failed half-way, the model half unloaded. Now the base model comes back exactly."""
+    configs = {
+        "ia3": peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        "loha": peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
+    }
+    model = AUTO["llama"].from_pretrained(palettized_dir)
+    expected = _logits(model)
+    unloaded = peft.get_peft_model(model, configs[tuner]).unload()
+    assert not dkm_hf.integrations.peft_patches.adapter_layers(unloaded)
+    assert torch.equal(_logits(unloaded), expected)
+
+
+def test_lora_on_palettized_and_clustered_convolutions():
+    """peft builds a Conv2d's adapters as `type(base_layer)(...)`: dkm_hf's generated class, built without clustered
+    or palettized weights, failed at its first `.to()`. It now builds the base class; the adapters train and only
+    they change."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    for palettize in (False, True):
+        model = dkm_hf.prepare(copy.deepcopy(net), DKMConfig(bits=3, weight_threshold=0))
+        model = dkm_hf.palettize(model) if palettize else model
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
+        assert type(lora.base_model.model[0].lora_A["default"]) is torch.nn.Conv2d
+        frozen = {n: t.clone() for n, t in lora.state_dict().items() if "lora_" not in n}
+        optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for _ in range(3):
+            loss = lora(x).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        after = lora.state_dict()
+        assert all(torch.equal(after[n], t) for n, t in frozen.items() if not n.endswith("centroids"))
+
+
+@pytest.mark.parametrize("init", ["RANDOM", "SAMPLE_VOCAB"])
+def test_prompt_tuning_finds_a_palettized_embedding(palettized_dir, init):
+    """peft looks for the word embeddings by name or by a parameter of the vocabulary's size: a palettized one (LUT
+    and indices) was not found, and the first forward failed ('NoneType' object is not callable)."""
+    model = AUTO["llama"].from_pretrained(palettized_dir)
+    before = _palettized_buffers(model)
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init=init)
+    prompt = peft.get_peft_model(model, config)
+    assert prompt.word_embeddings is model.get_input_embeddings() and not hasattr(model, "embeddings")
+    inputs = tiny_inputs("llama", batch=4)
+    optimizer = torch.optim.SGD([p for p in prompt.parameters() if p.requires_grad], lr=1.0)
+    losses = []
+    for _ in range(3):
+        loss = prompt(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, before[n]) for n, b in _palettized_buffers(model).items())
+
+
+def test_adapters_added_through_transformers_save_alone(palettized_dir, tmp_path):
+    """transformers' own `add_adapter` on a palettized model: its save_pretrained writes the adapter only, which
+    dkm_hf's save took for a palettized checkpoint (and failed reading the config.json it had not written)."""
+    model = AUTO["llama"].from_pretrained(palettized_dir)
+    model.add_adapter(peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    reloaded = AUTO["llama"].from_pretrained(palettized_dir)
+    reloaded.load_adapter(str(tmp_path / "adapter"))
+    assert torch.equal(_logits(reloaded), expected)
 
 
 def _lm_rows(count: int) -> list[dict]:

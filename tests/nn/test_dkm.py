@@ -602,3 +602,39 @@ def test_epsilon_is_in_units_of_each_groups_standard_deviation():
     assert not torch.equal(stopped, centroids(1.0, max_iters=1))
     assert not torch.equal(stopped, centroids(1.0, epsilon=1e-30))
     torch.testing.assert_close(centroids(8.0), stopped, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "fused"])
+def test_a_training_forward_without_backward_leaves_nothing_behind(implementation):
+    """A training forward whose backward never runs (an error between them, a skipped step, a loss looked at):
+    the fused op's saved outputs held its own node (a cycle in C++ that only backward breaks), and the soft weight's
+    release hook held the weight's state (a cycle through the graph that gc cannot see), so each such forward left
+    its graph behind and a dropped model its tensors."""
+    import gc
+    import weakref
+
+    if implementation == "fused" and fused.cpu_kernels() is None:
+        pytest.skip("the fused CPU kernel could not be built")
+
+    def tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        config = DKMConfig(bits=3, weight_threshold=0, implementation=implementation)
+        return dkm_hf.prepare(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), config).train()
+
+    x = torch.randn(4, 64)
+    kept = model()
+    kept(x).sum().backward()
+    kept.train()
+    start = tensors()
+    for _ in range(3):
+        kept(x).square().mean()  # no backward
+        kept.train()  # drops the cached soft weights
+    dropped = model()
+    dropped(x).sum()
+    weight = weakref.ref(dropped[0].weight)
+    del dropped
+    assert tensors() == start and weight() is None

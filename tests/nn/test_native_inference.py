@@ -247,3 +247,26 @@ def test_the_lut_gemv_leaves_a_bias_on_another_device_to_f_linear():
     layer.bias = nn.Parameter(torch.empty(8, device="meta"), requires_grad=False)
     with pytest.raises(RuntimeError, match="meta"):
         layer(torch.randn(1, 32))
+
+
+@needs_native
+def test_a_moved_or_reloaded_model_lets_its_old_buffers_go():
+    """The native kernels' view of a weight, kept per weight, holds the buffers it was made from: after a CPU
+    forward, `load_state_dict(..., assign=True)` and `model.to(...)` kept every old LUT and index tensor alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48))
+    model = dkm_hf.palettize(dkm_hf.prepare(model, dkm_hf.DKMConfig(bits=3, weight_threshold=0))).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        expected = model(x)
+        old = weakref.ref(model[0].weight_lut)
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        gc.collect()
+        assert old() is None and torch.equal(model(x), expected)
+        old = weakref.ref(model[0].weight_indices)
+        model.to("meta")  # as to another device
+        gc.collect()
+        assert old() is None
