@@ -37,7 +37,7 @@ from types import ModuleType
 
 from torch import nn
 
-from ..nn.palettized import PalettizedMixin
+from ..nn.palettized import KINDS, PalettizedMixin
 from ..nn.weights import parameter_keys
 
 TARGET, MODEL_TARGET = "peft.tuners.tuners_utils", "peft.peft_model"
@@ -146,16 +146,29 @@ def _patch(tuners_utils: ModuleType) -> None:
         ) is original_additional:
             module.set_additional_trainable_modules = set_additional_trainable_modules
 
-    original_replace = base_tuner._replace_module
+    _keep_base_layers(base_tuner)
 
-    @functools.wraps(original_replace)
+
+def _keep_base_layers(tuner: type) -> None:
+    """`unload()`: a palettized base layer is put back as it is (peft assigns its weight to itself, which a palettized
+    module refuses), by `tuner`'s own `_replace_module` (BaseTuner's, or a subclass's such as MixedModel's)."""
+    original = tuner.__dict__.get("_replace_module")
+    if original is None or getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
     def replace_module(self, parent, child_name, new_module, child):
         if isinstance(new_module, PalettizedMixin) and new_module is getattr(child, "base_layer", None):
-            setattr(parent, child_name, new_module)  # unload(): the base layer back as it is (its weight is its own)
+            setattr(parent, child_name, new_module)
             return
-        original_replace(self, parent, child_name, new_module, child)
+        original(self, parent, child_name, new_module, child)
 
-    base_tuner._replace_module = replace_module
+    setattr(replace_module, _MARK, True)
+    tuner._replace_module = replace_module
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def _patch_model(peft_model: ModuleType) -> None:
@@ -183,6 +196,26 @@ def _patch_model(peft_model: ModuleType) -> None:
 
     setattr(setup_prompt_encoder, _MARK, True)
     model_class._setup_prompt_encoder = setup_prompt_encoder
+
+    original_load = peft_model.set_peft_model_state_dict
+
+    @functools.wraps(original_load)
+    def set_peft_model_state_dict(model, state_dict, *args, **kwargs):
+        try:
+            return original_load(model, state_dict, *args, **kwargs)
+        except KeyError as error:  # a copy (modules_to_save) trained dense, palettized here: its LUT is looked up
+            key = str(error.args[0]) if error.args else ""
+            if not key.endswith(tuple(f"_{kind}" for kind in KINDS)):
+                raise
+            raise ValueError(
+                f"the adapter holds no {key}: it was trained with a dense copy of a module (modules_to_save) that is "
+                "palettized here. Decode that module on the base first (dkm_hf.dequantize(model.<module>)), as it "
+                "was when the adapter was trained"
+            ) from error
+
+    peft_model.set_peft_model_state_dict = set_peft_model_state_dict
+    for tuner in _subclasses(sys.modules[TARGET].BaseTuner):  # loaded with peft.tuners (MixedModel's own, ...)
+        _keep_base_layers(tuner)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

@@ -199,7 +199,8 @@ def _new_as_base(cls, *args, **kwargs):
     (pickling, `nn.DataParallel`'s replicas) it makes the variant itself."""
     if args or kwargs:
         return cls._dkm_base(*args, **kwargs)
-    return super(cls, cls).__new__(cls)
+    variant = next(c for c in cls.__mro__ if "_dkm_base" in c.__dict__)  # cls may subclass it (torch's parametrize)
+    return super(variant, cls).__new__(cls)
 
 
 def _rebuild(mixin_module: str, mixin_name: str, base: type, params: tuple[str, ...]) -> nn.Module:

@@ -79,9 +79,10 @@ def cpu_kernels() -> ModuleType | None:
             return None
         for omp in (["-fopenmp"], []):  # then without OpenMP (Apple's clang): at::parallel_for runs serially
             directory = build_dir() if omp else build_dir().with_name(f"{build_dir().name}-serial")
+            name = "dkm_hf_fused" if omp else "dkm_hf_fused_serial"  # (one name per library: torch's `_v1` otherwise)
             try:
                 module = build_and_load(
-                    directory, "dkm_hf_fused", sources(), ["-O3", *omp, *native.arch_flags()], omp, module=True
+                    directory, name, sources(), ["-O3", *omp, *native.arch_flags()], omp, module=True
                 )
                 if module.abi_version() != ABI_VERSION:
                     raise RuntimeError(f"{directory} holds ABI {module.abi_version()}, expected {ABI_VERSION}")

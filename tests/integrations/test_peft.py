@@ -169,15 +169,18 @@ def test_the_merge_check_is_installed_whichever_package_is_imported_first(order)
     first, second = ("dkm_hf", "peft") if order == "dkm_hf first" else ("peft", "dkm_hf")
     code = (
         f"import {first}, {second}, peft.tuners.tuners_utils as t, peft.tuners.lora.layer as lora; "
+        "import peft.peft_model as p, peft.tuners.mixed.model as mixed; "
         "print(getattr(t.BaseTuner._check_merge_allowed, '_dkm_hf_patched', False), "
         "lora.check_adapters_to_merge is t.check_adapters_to_merge, "
-        "getattr(t.check_adapters_to_merge, '_dkm_hf_patched', False))"
+        "getattr(t.check_adapters_to_merge, '_dkm_hf_patched', False), "
+        "getattr(p.PeftModel._setup_prompt_encoder, '_dkm_hf_patched', False), "
+        "getattr(mixed.MixedModel._replace_module, '_dkm_hf_patched', False))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True True True", out.stderr
+    assert out.stdout.strip() == "True True True True True", out.stderr
 
 
-def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(palettized_dir):
+def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(palettized_dir, tmp_path):
     """A trainable copy (`modules_to_save`) of a module with palettized weights would train nothing (they are
     buffers), silently; refused before the model changes (before: after q_proj's adapters were in), naming the way
     out, which then trains a dense copy."""
@@ -194,6 +197,9 @@ def test_modules_to_save_of_a_palettized_module_is_refused_until_it_is_decoded(p
     lora = peft.get_peft_model(model, config)
     copies = [n for n, p in lora.named_parameters() if p.requires_grad and "o_proj.modules_to_save" in n]
     assert len(copies) == len(model.model.layers)
+    lora.save_pretrained(tmp_path / "adapter")  # its dense copies meet palettized modules: named, not a KeyError
+    with pytest.raises(ValueError, match=r"holds no .*o_proj.weight_lut: it was trained with a dense copy"):
+        peft.PeftModel.from_pretrained(AUTO["llama"].from_pretrained(palettized_dir), tmp_path / "adapter")
 
 
 def test_target_parameters_naming_palettized_experts_are_refused():
@@ -277,17 +283,23 @@ def test_a_dkm_models_copy_to_save_reloads_for_inference_onto_the_palettized_bas
     assert torch.equal(_logits(reloaded), expected)
 
 
-@pytest.mark.parametrize("tuner", ["ia3", "loha"])
+@pytest.mark.parametrize("tuner", ["ia3", "loha", "mixed"])
 def test_unload_of_other_tuners_puts_the_palettized_layers_back(palettized_dir, tuner):
-    """`unload()` of a tuner without its own replacement assigned the base layer's weight to itself, which a
-    palettized module refuses: it failed half-way, the model half unloaded. Now the base model comes back exactly."""
+    """`unload()` of a tuner without its own replacement (or with MixedModel's) assigned the base layer's weight to
+    itself, which a palettized module refuses: it failed half-way, the model half unloaded. Now the base model comes
+    back exactly."""
     configs = {
         "ia3": peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
         "loha": peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False),
     }
     model = AUTO["llama"].from_pretrained(palettized_dir)
     expected = _logits(model)
-    unloaded = peft.get_peft_model(model, configs[tuner]).unload()
+    if tuner == "mixed":
+        mixed = peft.get_peft_model(model, configs["loha"], mixed=True)
+        mixed.add_adapter("lora", peft.LoraConfig(r=4, target_modules=["k_proj"], init_lora_weights=False))
+        unloaded = mixed.unload()
+    else:
+        unloaded = peft.get_peft_model(model, configs[tuner]).unload()
     assert not dkm_hf.integrations.peft_patches.adapter_layers(unloaded)
     assert torch.equal(_logits(unloaded), expected)
 

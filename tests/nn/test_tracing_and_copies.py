@@ -146,3 +146,26 @@ def test_a_forward_inside_a_view_of_a_submodule_keeps_the_outer_scopes():
             dkm_hf.palettize(model)  # already palettized inside the view: its scopes stay too
         assert "_dkm_parent_scope" in model.__dict__
         torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("state", ["dkm", "palettized"])
+def test_a_module_of_a_subclass_of_its_variant_copies(state):
+    """torch's parametrize makes a subclass of the module's class (`ParametrizedDKMLinear`), whose copies and
+    replicas call `cls.__new__(cls)`; a variant class's own `__new__` (which builds the base class when called with
+    arguments, as peft does) recursed there. Called with arguments, a variant builds a plain module."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, bias):
+            return 2 * bias
+
+    torch.manual_seed(0)
+    model = dkm_hf.prepare(nn.Sequential(nn.Linear(16, 8)), dkm_hf.DKMConfig(bits=2, weight_threshold=0)).eval()
+    model = dkm_hf.palettize(model) if state == "palettized" else model
+    assert type(type(model[0])(16, 8)) is nn.Linear
+    parametrize.register_parametrization(model[0], "bias", Double())
+    x = torch.randn(3, 16)
+    copied = copy.deepcopy(model)
+    replica = model[0]._replicate_for_data_parallel()
+    with torch.no_grad():
+        assert torch.equal(copied(x), model(x)) and torch.equal(replica(x), model[0](x))
