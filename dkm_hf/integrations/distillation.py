@@ -20,9 +20,34 @@ from torch import nn
 
 NEEDS_LABELS = (
     "DKMTrainer's distillation mixes the task loss with a KL term on the logits where labels count, and needs a "
-    "tensor of labels in every training batch; this batch has {keys} (question answering's start / end positions and "
-    "detection's label dicts are not distilled). Train without teacher_model, or give the batches labels"
+    "tensor of labels in every training batch; this batch has {keys} (question answering's start / end positions, "
+    "detection's label dicts and the pairs of TRL's reward and preference trainers are not distilled). Train without "
+    "teacher_model, or give the batches labels"
 )
+
+
+def check_teacher(trainer) -> None:
+    """What `teacher_model=` cannot be mixed with, refused before training: another definition of the loss, or
+    a loss that is not the model's own cross-entropy, which the distillation loss takes as its task term."""
+    args, name = trainer.args, type(trainer).__name__
+    if trainer.compute_loss_func is not None:
+        raise ValueError(
+            f"teacher_model and compute_loss_func both define the training loss: {name}'s distillation loss would "
+            "ignore compute_loss_func; pass one of them"
+        )
+    loss_type = getattr(args, "loss_type", None)  # TRL's SFTConfig: "nll" (the model's own) or "dft"
+    if loss_type is not None and loss_type not in ("nll", "dft"):  # DPO's, KTO's, GRPO's own objectives
+        raise ValueError(
+            f"teacher_model: {name} trains its own objective (loss_type={loss_type!r}), not the model's "
+            "cross-entropy on labels, which the distillation loss mixes with the teacher's KL term; train without "
+            "teacher_model"
+        )
+    if args.label_smoothing_factor or loss_type == "dft":
+        raise ValueError(
+            f"teacher_model: the distillation loss takes the model's own cross-entropy as its task term, so "
+            f"label_smoothing_factor={args.label_smoothing_factor} and loss_type={loss_type!r} would apply in "
+            "evaluation only, not in training; drop them or the teacher"
+        )
 
 
 def prepare_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

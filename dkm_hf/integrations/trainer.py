@@ -24,9 +24,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ..nn.dkm import dkm_modules
+from ..surgery.importance import dense_eval
 from ..surgery.model import get_dkm_config, palettized_view
 from .callback import DEFAULT_TAU_SCHEDULE, DKMCallback, check_tau_schedule
-from .distillation import NEEDS_LABELS, distilled_loss, model_bytes, prepare_teacher
+from .distillation import NEEDS_LABELS, check_teacher, distilled_loss, model_bytes, prepare_teacher
 from .distributed import full_state_dict, full_weights, saves_no_full_model
 from .resume import checkpoint_initial_model, model_problem, resolve_resume, saves_state_dict_only, wrapper_hint
 from .transformers_patches import accumulated_batch_share, counted_labels
@@ -200,21 +201,19 @@ class DKMTrainerMixin:
         self.add_callback(self.dkm_callback)
         a = self.args
         if teacher_model is not None:
-            if self.compute_loss_func is not None:
-                raise ValueError(
-                    f"teacher_model and compute_loss_func both define the training loss: {type(self).__name__}'s "
-                    "distillation loss would ignore compute_loss_func; pass one of them"
-                )
-            loss_type = getattr(a, "loss_type", None)  # TRL's SFTConfig: "nll" (the model's own) or "dft"
-            if a.label_smoothing_factor or loss_type not in (None, "nll"):
-                raise ValueError(
-                    f"teacher_model: the distillation loss takes the model's own cross-entropy as its task term, so "
-                    f"label_smoothing_factor={a.label_smoothing_factor} and loss_type={loss_type!r} would apply in "
-                    "evaluation only, not in training; drop them or the teacher"
-                )
+            check_teacher(self)
             student = next(self.model.parameters())
             self.teacher = prepare_teacher(teacher_model, a.device, student.dtype)
             self.dkm_callback.pending["dkm_teacher_mb"] = model_bytes(self.teacher) / 2**20
+        reference = getattr(self, "ref_model", None)  # TRL's (DPO, KTO, GRPO): loaded with the policy's dkm_config?
+        for _, weight in dkm_modules(self.accelerator.unwrap_model(reference)) if reference is not None else ():
+            weight.dkm_enabled = False  # dense, as TRL loads it from a policy instance and precomputes it here
+
+    def compute_ref_log_probs(self, model, *args, **kwargs):
+        """TRL's DPO reference, precomputed from the policy: its dense model, as the reference TRL loads (before: the
+        hard model here, the dense one there; a reference loaded with the policy's dkm_config: dense as well)."""
+        with dense_eval(self.accelerator.unwrap_model(model)):
+            return super().compute_ref_log_probs(model, *args, **kwargs)
 
     def dkm_option(self, name: str):
         """The DKM field `name` of the trainer's arguments; its `DKMTrainingFields` default when they lack it."""

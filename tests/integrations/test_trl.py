@@ -321,3 +321,69 @@ def test_gradient_is_the_same_for_every_accumulation_split(llama, tmp_path, teac
         split, split_loss = _step_gradient(llama, data, tmp_path, batch, accumulation, teacher, **kw)
         assert split_loss == pytest.approx(loss, rel=1e-6)
         assert_within(split, whole, 48 * 10 * U, whole.abs().max().item(), f"gradient of {batch} x {accumulation}")
+
+
+class DKMDPOTrainer(DKMTrainerMixin, trl.DPOTrainer):
+    pass
+
+
+def _preferences(n: int, seed: int) -> Dataset:
+    prompt, chosen, rejected = (sentences(n, seed + i, 2, 5) for i in range(3))
+    return Dataset.from_dict({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+
+
+@pytest.mark.parametrize("build", ["loaded", "precomputed", "loaded clustered"])
+def test_dpo_measures_against_the_dense_reference_however_trl_builds_it(llama, tmp_path, build):
+    """With `ref_model=None` TRL loads the reference from the policy's path (dense), precomputes it from the policy
+    (its hard model, before), or loads it with `model_init_kwargs` that carry the policy's dkm_config (a second DKM
+    model, hard as well): the DPO objective changed with a memory option. The reference is the dense model in all
+    three: the step-0 evaluation is the same, and equals one computed against a dense reference by hand."""
+    options = {"precomputed": {"precompute_ref_log_probs": True}}.get(build, {})
+    if build == "loaded clustered":
+        options["model_init_kwargs"] = {"dkm_config": DKMConfig(**CONFIG)}
+    base = {k: v for k, v in _args(tmp_path).to_dict().items() if k in ("output_dir", "per_device_train_batch_size")}
+    args = with_dkm_arguments(trl.DPOConfig)(
+        **base, per_device_eval_batch_size=8, max_length=32, max_steps=1, eval_strategy="steps", eval_steps=1,
+        report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, **options,
+    )  # fmt: skip
+    trainer = DKMDPOTrainer(
+        model=llama if build == "loaded clustered" else _student(llama),
+        args=args,
+        train_dataset=_preferences(8, 0),
+        eval_dataset=_preferences(8, 10),
+        processing_class=tokenizer(),
+    )
+    batch = next(iter(trainer.get_eval_dataloader()))
+    dense = AutoModelForCausalLM.from_pretrained(llama).eval()
+    trl.trainer.utils.add_fused_lm_head(dense)  # TRL's log-probs, as it computes them
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        kwargs = {"attention_mask": batch["attention_mask"], "labels": labels, "use_cache": False}
+        expected = dense(input_ids=batch["input_ids"], fused_lm_head=True, **kwargs).log_probs.sum(1)
+    if build == "precomputed":
+        reference = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    else:
+        reference = torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, batch))
+    # the same computation on the same weights (the hard model is 0.15 away); sums of <= 32 tokens' log-probs in
+    # whatever order the batch's shapes give: within a few U of the sum's magnitude
+    assert_within(reference, expected, 64 * U, expected.abs().max().item(), "the reference's log-probs")
+    trainer.train()
+    step_0 = next(e for e in trainer.state.log_history if "eval_loss" in e)
+    assert step_0["eval_loss"] != pytest.approx(math.log(2), abs=1e-6)  # the hard policy against the dense reference
+
+
+def test_a_teacher_for_a_trainer_with_its_own_objective_is_refused(llama, tmp_path):
+    """DPO's loss is its preference objective (`loss_type=["sigmoid"]`), not the model's cross-entropy that
+    distillation mixes with the teacher's KL: refused naming the trainer's objective (before: blamed as an option that
+    "would apply in evaluation only")."""
+    args = with_dkm_arguments(trl.DPOConfig)(
+        output_dir=str(tmp_path / "out"), max_length=32, report_to=[], use_cpu=True, save_strategy="no"
+    )
+    with pytest.raises(ValueError, match=r"DKMDPOTrainer trains its own objective \(loss_type=\['sigmoid'\]\)"):
+        DKMDPOTrainer(
+            model=_student(llama),
+            args=args,
+            train_dataset=_preferences(8, 0),
+            processing_class=tokenizer(),
+            teacher_model=AutoModelForCausalLM.from_pretrained(llama),
+        )
