@@ -16,11 +16,12 @@ refused for training (an adapter loaded for inference keeps its copy): the copy'
 it would train nothing without a word; and so are `target_parameters` that name palettized weights (stacked experts):
 peft matches parameters only, and skipped them. Both are refused before the model changes.
 
-Three more places where peft assumes a weight is a parameter: `unload()` of a tuner without its own replacement (IA3,
-LoHa, ...) assigns the base layer's weight to itself, which a palettized module refuses (here: the base layer is put
-back as it is); prompt tuning looks for the word embeddings by a parameter of the vocabulary's size (here: the
-model's input embeddings when they are palettized); and a layer built as `type(base_layer)(...)` (LoRA's Conv2d
-adapters) is built as the base layer's own class (`weights.variant_class`).
+More places where peft assumes a weight is a parameter: `unload()` of a tuner without its own replacement (IA3,
+LoHa, ..., and MixedModel's) assigns the base layer's weight to itself, which a palettized module refuses (here: the
+base layer is put back as it is); prompt tuning looks for the word embeddings by a parameter of the vocabulary's size
+(here: the model's input embeddings when they are palettized); an adapter whose `modules_to_save` copy was trained
+dense meets a palettized module at its load (here: refused by name, not a KeyError); and a layer built as
+`type(base_layer)(...)` (LoRA's Conv2d adapters) is built as the base layer's own class (`weights.variant_class`).
 
 dkm_hf itself does not import peft (an optional dependency): each patch is applied when its peft module
 (`tuners.tuners_utils`, `peft_model`) is imported, or at once if it already is (transformers' Trainer, which dkm_hf
@@ -117,10 +118,7 @@ def _patch(tuners_utils: ModuleType) -> None:
         return original_check(module, adapter_names)
 
     setattr(check_adapters_to_merge, _MARK, True)
-    for name, module in list(sys.modules.items()):
-        holds = getattr(module, "check_adapters_to_merge", None) is original_check
-        if (name == "peft" or name.startswith("peft.")) and holds:
-            module.check_adapters_to_merge = check_adapters_to_merge
+    _replace_in_peft("check_adapters_to_merge", original_check, check_adapters_to_merge)
     tuners_utils.check_adapters_to_merge = check_adapters_to_merge
 
     original_inject = base_tuner.inject_adapter
@@ -140,13 +138,16 @@ def _patch(tuners_utils: ModuleType) -> None:
         _refuse_untrainable(model, peft_config)
         return original_additional(model, peft_config, *args, **kwargs)
 
-    for name, module in list(sys.modules.items()):
-        if (name == "peft" or name.startswith("peft.")) and getattr(
-            module, "set_additional_trainable_modules", None
-        ) is original_additional:
-            module.set_additional_trainable_modules = set_additional_trainable_modules
+    _replace_in_peft("set_additional_trainable_modules", original_additional, set_additional_trainable_modules)
 
     _keep_base_layers(base_tuner)
+
+
+def _replace_in_peft(name: str, original, replacement) -> None:
+    """`replacement` for `original` in every loaded peft module that holds it as `name` (imported by name)."""
+    for module_name, module in list(sys.modules.items()):
+        if (module_name == "peft" or module_name.startswith("peft.")) and getattr(module, name, None) is original:
+            setattr(module, name, replacement)
 
 
 def _keep_base_layers(tuner: type) -> None:
