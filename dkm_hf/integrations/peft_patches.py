@@ -76,8 +76,10 @@ def _refuse_untrainable(model: nn.Module, peft_config) -> None:
         return
     matches = sys.modules["peft.utils.other"]._is_valid_match
     for name, module in model.named_modules():
+        if not any(matches(name, target) for target in copies):
+            continue
         held = [n or "itself" for n, m in module.named_modules() if isinstance(m, PalettizedMixin)]
-        if held and any(matches(name, target) for target in copies):
+        if held:
             raise ValueError(
                 f"modules_to_save: {name}, a {type(module).__name__} holding palettized weights ({held[0]}), "
                 "cannot be trained as a copy: its palettized weights are buffers (LUT + packed indices), not "
@@ -214,7 +216,7 @@ def _patch_model(peft_model: ModuleType) -> None:
                 "was when the adapter was trained"
             ) from error
 
-    peft_model.set_peft_model_state_dict = set_peft_model_state_dict
+    _replace_in_peft("set_peft_model_state_dict", original_load, set_peft_model_state_dict)
     for tuner in _subclasses(sys.modules[TARGET].BaseTuner):  # loaded with peft.tuners (MixedModel's own, ...)
         _keep_base_layers(tuner)
 

@@ -91,8 +91,8 @@ class DKMHfQuantizer(HfQuantizer):
                 "(load it without one, turn it dense with dkm_hf.dequantize(model) and prepare it with "
                 "dkm_hf.prepare(model, DKMConfig(...)))"
             )
-        changed = config.differing_settings(given) if isinstance(given, DKMConfig) else []
-        if config.record.format == "train" and changed:
+        training = config.record.format == "train" and isinstance(given, DKMConfig)
+        if training and (changed := config.differing_settings(given)):
             raise ValueError(
                 f"this checkpoint was saved by a DKM model whose DKMConfig differs from the one given in "
                 f"{', '.join(changed)}, and transformers would keep the checkpoint's: load it without a config to go "

@@ -228,7 +228,7 @@ class DKMWeight:
             # holding this state weakly: a bound method made a cycle through the graph (out -> its node's hooks ->
             # self -> _soft -> out) that gc cannot see, leaking a dropped model whose last forward had no backward
             ref = weakref.ref(self)
-            out.register_hook(lambda grad: setattr(ref(), "_soft", None) if ref() is not None else None)
+            out.register_hook(lambda grad: (state := ref()) is not None and setattr(state, "_soft", None))
         return out
 
     @torch.no_grad()

@@ -43,21 +43,26 @@ _SAVE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model ->
 _LOCKS_GUARD = threading.Lock()
 
 
-def module_lock(module: nn.Module, _locks: weakref.WeakKeyDictionary = _LOCKS) -> threading.RLock:
-    """The re-entrant lock of a module whose parameters are shadowed during a forward: two threads running one model
-    take turns in that module (each shadow is an instance attribute every thread sees). Kept outside the module, so
-    copies and pickles of it are unaffected and each copy has its own."""
-    lock = _locks.get(module)
+def _lock(registry: weakref.WeakKeyDictionary, module: nn.Module) -> threading.RLock:
+    """`module`'s re-entrant lock in `registry`: kept outside the module, so copies and pickles of it are unaffected
+    and each copy has its own."""
+    lock = registry.get(module)
     if lock is None:
         with _LOCKS_GUARD:
-            lock = _locks.setdefault(module, threading.RLock())
+            lock = registry.setdefault(module, threading.RLock())
     return lock
 
 
+def module_lock(module: nn.Module) -> threading.RLock:
+    """The lock of a module whose parameters are shadowed during a forward: two threads running one model take turns
+    in that module (each shadow is an instance attribute every thread sees)."""
+    return _lock(_LOCKS, module)
+
+
 def save_lock(model: nn.Module) -> threading.RLock:
-    """The re-entrant lock two threads saving one model take turns with (each save records its id in the model's
-    config); apart from `module_lock`, so forwards go on during a save."""
-    return module_lock(model, _SAVE_LOCKS)
+    """The lock two threads saving one model take turns with (each save records its id in the model's config); apart
+    from `module_lock`, so forwards go on during a save."""
+    return _lock(_SAVE_LOCKS, model)
 
 
 def refuse_tracing(module: nn.Module, jit: bool = False) -> None:

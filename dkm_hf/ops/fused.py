@@ -77,8 +77,9 @@ def cpu_kernels() -> ModuleType | None:
         _CPU_TRIED = True
         if not native.enabled():
             return None
+        base = build_dir()
         for omp in (["-fopenmp"], []):  # then without OpenMP (Apple's clang): at::parallel_for runs serially
-            directory = build_dir() if omp else build_dir().with_name(f"{build_dir().name}-serial")
+            directory = base if omp else base.with_name(f"{base.name}-serial")
             name = "dkm_hf_fused" if omp else "dkm_hf_fused_serial"  # (one name per library: torch's `_v1` otherwise)
             try:
                 module = build_and_load(

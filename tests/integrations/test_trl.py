@@ -341,10 +341,10 @@ def test_dpo_measures_against_the_dense_reference_however_trl_builds_it(llama, t
     options = {"precomputed": {"precompute_ref_log_probs": True}}.get(build, {})
     if build == "loaded clustered":
         options["model_init_kwargs"] = {"dkm_config": DKMConfig(**CONFIG)}
-    base = {k: v for k, v in _args(tmp_path).to_dict().items() if k in ("output_dir", "per_device_train_batch_size")}
     args = with_dkm_arguments(trl.DPOConfig)(
-        **base, per_device_eval_batch_size=8, max_length=32, max_steps=1, eval_strategy="steps", eval_steps=1,
-        report_to=[], use_cpu=True, bf16=False, save_strategy="no", disable_tqdm=True, **options,
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8, max_length=32,
+        max_steps=1, eval_strategy="steps", eval_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+        disable_tqdm=True, **options,
     )  # fmt: skip
     trainer = DKMDPOTrainer(
         model=llama if build == "loaded clustered" else _student(llama),
